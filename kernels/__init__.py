@@ -1,0 +1,55 @@
+"""The eager / fused switch, in one place.
+
+Every kernel family in this package exposes a public function (`fused_attention`, `relu2_mlp`, `newton_schulz`,
+`paged_decode_attention`, `write_kv`) that dispatches on the mode set here, and a `reference_*` twin in plain
+PyTorch. Flip one switch and the whole stack (model, optimizer, engine) runs on the references:
+
+    kernels.set_mode("eager")          # or "fused", or "auto"
+    TRITONCHAT_KERNELS=eager python -m train.base ...
+    python -m train.base --kernels eager
+
+"auto" = fused when CUDA is available, else eager. Fused on CPU runs the Triton kernels under the interpreter
+and therefore needs TRITON_INTERPRET=1 set *before* triton is imported (slow; for tests only).
+"""
+import os
+
+import torch
+
+MODES = ("eager", "fused", "auto")
+_mode = None  # resolved mode: "eager" or "fused"
+
+
+def _resolve(mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "fused" if torch.cuda.is_available() else "eager"
+    if mode == "fused" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("fused kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before starting Python "
+                           "(slow, for tests) or use --kernels eager")
+    return mode
+
+
+def set_mode(mode):
+    """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto'. Returns the resolved mode."""
+    global _mode
+    _mode = _resolve(mode)
+    return _mode
+
+
+def get_mode():
+    """The resolved mode ('eager' or 'fused'); the first call reads $TRITONCHAT_KERNELS (default 'auto')."""
+    if _mode is None:
+        set_mode(os.environ.get("TRITONCHAT_KERNELS", "auto"))
+    return _mode
+
+
+def use_fused():
+    return get_mode() == "fused"
+
+
+def add_argument(parser):
+    """The `--kernels eager|fused|auto` flag every entry point shares."""
+    parser.add_argument("--kernels", choices=MODES, default=os.environ.get("TRITONCHAT_KERNELS", "auto"),
+                        help="eager = PyTorch references, fused = Triton kernels, auto = fused on CUDA else eager")
+    return parser
