@@ -1,0 +1,227 @@
+"""The one benchmark harness every suite uses.
+
+A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (rows built with `row()`) that ends with
+`if __name__ == "__main__": harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a
+short perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the
+baseline provider, prints a table, and writes bench/results/<suite>-<device>-<date>.json (+ a PNG). Every file
+records the device, driver, CUDA, torch, triton versions, the git commit and the date, so a number never travels
+without the machine that made it. On CPU the suites run tiny smoke shapes: the JSON says "cpu", and those timings
+are not GPU claims.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def on_gpu():
+    return torch.cuda.is_available()
+
+
+def _sync():
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def bench(fn, quick=False, warmup=None, rep=None):
+    """Time fn() in milliseconds -> {"ms": median, "ms_p20", "ms_p80"}."""
+    if on_gpu():
+        import triton.testing
+        q = triton.testing.do_bench(fn, warmup=warmup or (5 if quick else 25), rep=rep or (20 if quick else 100),
+                                    quantiles=[0.5, 0.2, 0.8])
+        return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+    fn()  # warm-up (and compilation / interpreter caches)
+    times = []
+    for _ in range(rep or (2 if quick else 5)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "ms_p20": times[len(times) // 5], "ms_p80": times[(4 * len(times)) // 5]}
+
+
+def peak_memory_mb(fn):
+    """Peak CUDA memory allocated while fn() runs, above what was allocated before (None on CPU)."""
+    if not on_gpu():
+        return None
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def row(suite, case, provider, pass_, ms, flops=None, bytes_=None, peak_mb=None, **extra):
+    """One result row. flops / bytes_ are the explicit counts of the work; rates are derived from them."""
+    r = {"suite": suite, "case": dict(case), "provider": provider, "pass": pass_, "ms": ms,
+         "tflops": flops / (ms * 1e-3) / 1e12 if flops and ms else None,
+         "gbps": bytes_ / (ms * 1e-3) / 1e9 if bytes_ and ms else None,
+         "peak_mb": peak_mb}
+    r.update(extra)
+    return r
+
+
+def case_key(r):
+    return json.dumps(r["case"], sort_keys=True), r["pass"]
+
+
+def add_ratios(rows, baseline):
+    """ratio = baseline ms / this row's ms for the same case and pass (> 1 means faster than the baseline)."""
+    base = {case_key(r): r["ms"] for r in rows if r["provider"] == baseline}
+    for r in rows:
+        b = base.get(case_key(r))
+        r["ratio"] = b / r["ms"] if b and r["ms"] else None
+    return rows
+
+
+def measure_peaks(quick=False):
+    """The device's reachable peaks measured in this run: a bf16 matmul (TFLOP/s) and a device copy (GB/s)."""
+    if not on_gpu():
+        n, dtype = 512, torch.float32
+    else:
+        n, dtype = (4096 if quick else 8192), torch.bfloat16
+    dev = "cuda" if on_gpu() else "cpu"
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    mm = bench(lambda: a @ b, quick=quick)["ms"]
+    numel = (1 << 28 if on_gpu() else 1 << 22)
+    src = torch.empty(numel, device=dev, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    cp = bench(lambda: dst.copy_(src), quick=quick)["ms"]
+    return {"matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "copy_gbps": 2 * src.numel() * 4 / (cp * 1e-3) / 1e9}
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def device_info():
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "host": platform.node()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if on_gpu():
+        p = torch.cuda.get_device_properties(0)
+        info.update(kind="cuda", device=p.name, cuda=torch.version.cuda, sm_count=p.multi_processor_count,
+                    memory_gb=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # nvidia-ml-py missing or NVML unusable: say so, don't fail the run
+            info["driver"] = "unavailable"
+    else:
+        info.update(kind="cpu", device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                    cuda=None, driver=None, note="CPU smoke run: tiny shapes, not GPU performance")
+    return info
+
+
+def _slug(s):
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
+
+
+def print_table(rows):
+    cols = ["case", "provider", "pass", "ms", "tflops", "gbps", "ratio", "peak_mb"]
+    fmt = lambda v: ("-" if v is None else f"{v:.3g}" if isinstance(v, float) else
+                     ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+    table = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(x.ljust(w) for x, w in zip(t, widths)))
+
+
+def plot(suite, rows, path):
+    """One bar group per case: the speed ratio of every provider to the baseline (1.0 = baseline)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows if r.get("ratio") is not None]
+    if not rows:
+        return None
+    labels = sorted({f"{fmt_case(r['case'])} {r['pass']}" for r in rows}, key=str)
+    providers = sorted({r["provider"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4))
+    w = 0.8 / len(providers)
+    for i, p in enumerate(providers):
+        vals = {f"{fmt_case(r['case'])} {r['pass']}": r["ratio"] for r in rows if r["provider"] == p}
+        ax.bar([j + i * w for j in range(len(labels))], [vals.get(l, 0) for l in labels], w, label=p)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed vs baseline (x)")
+    ax.set_title(suite)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fmt_case(case):
+    return ",".join(f"{k}={v}" for k, v in case.items())
+
+
+def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True):
+    """Write <out_dir>/<suite>-<device>-<date>.json (+ .png); returns the JSON path."""
+    info = info or device_info()
+    out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"{suite}-{_slug(info['device'] if info['kind'] == 'cuda' else 'cpu')}-{info['date'][:10]}"
+    path = os.path.join(out_dir, stem + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"suite": suite, "info": info, "peaks": peaks, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)  # reruns on the same day replace the old file whole
+    if png:
+        plot(suite, rows, os.path.join(out_dir, stem + ".png"))
+    return path
+
+
+def main(suite, run, argv=None):
+    """`python -m bench.<suite> [--quick] [--out DIR] [--no-png]`."""
+    ap = argparse.ArgumentParser(description=f"benchmark suite: {suite}")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CPU always runs tiny ones)")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--no-png", action="store_true", help="skip the plot")
+    args = ap.parse_args(argv)
+    return run_suite(suite, run, quick=args.quick, out_dir=args.out, png=not args.no_png)
+
+
+def run_suite(suite, run, quick=False, out_dir=None, png=True):
+    info = device_info()
+    print(f"[{suite}] {info['device']}  torch {info['torch']}  triton {info['triton']}  commit {info['git_commit']}")
+    peaks = measure_peaks(quick=quick or not on_gpu())
+    rows = run(quick or not on_gpu())
+    for r in rows:
+        if r.get("tflops") and on_gpu():
+            r["pct_peak_matmul"] = 100 * r["tflops"] / peaks["matmul_tflops"]
+        if r.get("gbps"):
+            r["pct_peak_copy"] = 100 * r["gbps"] / peaks["copy_gbps"]
+    print_table(rows)
+    path = write_results(suite, rows, info, peaks, out_dir, png)
+    print(f"[{suite}] wrote {path}")
+    return path

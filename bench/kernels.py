@@ -1,0 +1,40 @@
+"""Run the kernel benchmark suites side by side: `python -m bench.kernels --suite all|<name>[,<name>] [--quick]`.
+
+Each suite is bench/<name>.py with run(quick) -> rows (see bench/harness.py). On a CUDA GPU the suites sweep the
+shapes their issues name; on CPU they run tiny smoke shapes so the code path stays tested, and the JSON says "cpu".
+"""
+import argparse
+import importlib
+import sys
+
+from bench import harness
+
+SUITES = ["attention", "relu2_mlp", "newton_schulz", "paged_decode", "tokenizer"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="all", help=f"all, or a comma list of: {', '.join(SUITES)}")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--no-png", action="store_true")
+    args = ap.parse_args(argv)
+    names = SUITES if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
+    unknown = [s for s in names if s not in SUITES]
+    if unknown:
+        sys.exit(f"bench.kernels: unknown suite(s) {', '.join(unknown)}; choose from all, {', '.join(SUITES)}")
+    paths, failed = [], []
+    for name in names:
+        try:
+            mod = importlib.import_module(f"bench.{name}")
+            paths.append(harness.run_suite(name, mod.run, quick=args.quick, out_dir=args.out, png=not args.no_png))
+        except Exception as e:  # one broken suite must not hide the others' numbers
+            print(f"[{name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            failed.append(name)
+    print("results:", *paths, sep="\n  ")
+    if failed:
+        sys.exit(f"bench.kernels: suite(s) failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
