@@ -1,0 +1,60 @@
+"""The benchmark harness on CPU: schema, ratio arithmetic, the report table, the suite runner's error path."""
+import json
+
+import pytest
+import torch
+
+from bench import harness, report
+
+
+def _fake_run(quick):
+    rows = [harness.row("fake", {"n": 8}, "eager", "fwd", 2.0, flops=4e9),
+            harness.row("fake", {"n": 8}, "fused", "fwd", 0.5, flops=4e9, bytes_=1e9),
+            harness.row("fake", {"n": 8}, "fused", "bwd", 1.0)]  # no eager bwd -> no ratio
+    return harness.add_ratios(rows, "eager")
+
+
+def test_row_rates_and_ratios():
+    rows = _fake_run(True)
+    assert rows[0]["tflops"] == pytest.approx(4e9 / 2e-3 / 1e12)   # 2 TFLOP/s
+    assert rows[1]["gbps"] == pytest.approx(1e9 / 0.5e-3 / 1e9)     # 2000 GB/s
+    assert rows[0]["ratio"] == pytest.approx(1.0)
+    assert rows[1]["ratio"] == pytest.approx(4.0)                   # 2.0 ms / 0.5 ms
+    assert rows[2]["ratio"] is None
+
+
+def test_bench_cpu_timing():
+    t = harness.bench(lambda: torch.randn(64, 64) @ torch.randn(64, 64), quick=True)
+    assert 0 < t["ms_p20"] <= t["ms"] <= t["ms_p80"]
+    assert harness.peak_memory_mb(lambda: None) is None  # no CUDA here
+
+
+def test_run_suite_json_schema_and_report(tmp_path):
+    path = harness.run_suite("fake", _fake_run, quick=True, out_dir=str(tmp_path), png=True)
+    data = json.load(open(path))
+    assert data["suite"] == "fake" and len(data["rows"]) == 3
+    info = data["info"]
+    for key in ("device", "kind", "torch", "triton", "git_commit", "date", "driver", "cuda"):
+        assert key in info
+    assert info["kind"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert data["peaks"]["matmul_tflops"] > 0 and data["peaks"]["copy_gbps"] > 0
+    assert (tmp_path / (path.split("/")[-1][:-5] + ".png")).exists()
+    md = report.to_markdown(report.load_newest(str(tmp_path)))
+    assert "| n=8 | fwd | fused | 0.5 | 8 | 2e+03 | 4.00 |" in md
+
+
+def test_report_keeps_newest_per_suite_and_device(tmp_path):
+    for date, ms in (("2026-01-01T00:00:00Z", 1.0), ("2026-02-01T00:00:00Z", 3.0)):
+        info = {"device": "gpu-x", "date": date, "kind": "cuda"}
+        rows = [harness.row("s", {"n": 1}, "eager", "fwd", ms)]
+        (tmp_path / f"s-{date[:10]}.json").write_text(json.dumps({"suite": "s", "info": info, "rows": rows}))
+    (tmp_path / "junk.json").write_text("{not json")
+    newest = report.load_newest(str(tmp_path))
+    assert len(newest) == 1 and newest[0]["rows"][0]["ms"] == 3.0
+
+
+def test_unknown_suite_is_a_clear_error(capsys):
+    from bench import kernels
+    with pytest.raises(SystemExit) as e:
+        kernels.main(["--suite", "nope"])
+    assert "unknown suite" in str(e.value)
