@@ -6,7 +6,10 @@
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results}"; export OUT
+# The device tool returns at most 8 files from $OUT: there, collect everything in one folder and tar it at the end.
+FINAL="${OUT:-}"
+if [ -n "$FINAL" ]; then OUT="$FINAL/r"; else OUT=bench/results; fi
+export OUT
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
@@ -26,4 +29,5 @@ step gpu_tests 200 "$PY" -m pytest tests -m gpu -q -x --no-header -p no:cachepro
 step kernels 270 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode --quick --out "$OUT"
 step train 110 "$PY" -m bench.train --depth 20 --kernels eager,fused --steps 5 --warmup 2 --out "$OUT"
 ls -la "$OUT"
+if [ -n "$FINAL" ]; then tar czf "$FINAL/gpu_check.tgz" -C "$OUT" . && rm -rf "$OUT"; fi
 exit $status
