@@ -58,3 +58,35 @@ def test_unknown_suite_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         kernels.main(["--suite", "nope"])
     assert "unknown suite" in str(e.value)
+
+
+def test_mfu_and_projection_arithmetic():
+    from bench.train import device_peak_flops, mfu, project_speedrun
+    # 500 tok/s x 1e9 FLOP/tok = 5e11 FLOP/s on a 1e12 peak = 50 %; two devices halve it.
+    assert mfu(500, 1e9, 1e12) == pytest.approx(50.0)
+    assert mfu(500, 1e9, 1e12, world_size=2) == pytest.approx(25.0)
+    assert mfu(500, 1e9, None) is None
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H200") == 989e12
+    assert device_peak_flops("Some New GPU", measured=123.0) == 123.0
+    # d20 (561 M params) at 20 tokens/param = 11.22 B tokens; 8 GPUs at 50 k tok/s each = 400 k tok/s -> 7.79 h
+    p = project_speedrun(561e6, 50_000)
+    assert p["tokens"] == pytest.approx(11.22e9)
+    assert p["hours"] == pytest.approx(11.22e9 / 400_000 / 3600)
+
+
+def test_telemetry_unavailable_is_reported_not_raised(monkeypatch):
+    import builtins
+    from bench.train import Telemetry
+    real_import = builtins.__import__
+
+    def no_pynvml(name, *a, **k):
+        if name == "pynvml":
+            raise ImportError("No module named 'pynvml'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pynvml)
+    with Telemetry(interval=0.01) as t:
+        pass
+    s = t.summary()
+    assert s["status"] == "unavailable" and "pynvml" in s["reason"]
