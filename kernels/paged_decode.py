@@ -7,29 +7,272 @@ Contract (DESIGN.md):
     (the new token's k/v already written).
   write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D), block_table (N, max_blocks) int32,
     positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
-The Triton kernels land with their own issue; until then fused mode raises NotImplementedError.
+
+The maths. One decode step of sequence b, query head h (kv head g = h // (H / Hkv)), context length L:
+    s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
+Decode is memory bound: each step reads every cached K/V byte once and does ~2 flops per byte. Two things decide the
+speed, and this kernel does both:
+  1. GQA sharing. A program owns one (sequence, kv head) and puts ALL H/Hkv query heads of the group in its q tile
+     (padded to 16 rows so tl.dot runs on tensor cores), so each K/V page is read from HBM once, not once per query
+     head (the eager path materialises the gathered K/V and, with GQA, expands it per head).
+  2. Split-KV (flash-decoding). With batch 1 and Hkv = 4 there would be only 4 programs for 132 SMs, so each
+     sequence's context is also split into `num_splits` chunks handled by separate programs (grid
+     (B, Hkv, num_splits)). Each runs an online softmax over its chunk and writes a partial
+     o_s = softmax_s(s) v (normalised within the chunk) plus its log-sum-exp lse_s (base 2). A second small kernel
+     combines them exactly: y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split
+     the first kernel writes y directly and the combine is skipped.
+The number of splits grows with the context and shrinks with batch * Hkv (enough programs to fill the GPU, chunks of
+at least `_MIN_SPLIT_TOKENS`); each sequence divides ITS OWN length into the splits, so mixed lengths stay balanced.
+A K/V tile is BLOCK_N = max(64, block_size) tokens, i.e. several pages when block_size = 16: the page id of every
+row is looked up in the block table, and rows past seq_len are masked, so unused block-table entries (and the tail
+of a partial page) are never read.
+
+write_kv: one program per new token (grid (N,)) copies its (Hkv, D) k and v rows into their slot.
+Under TRITON_INTERPRET=1 (CPU) everything runs in fp32/fp16; on GPU in bf16/fp16 (fp32 accumulation).
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import kernels
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+@triton.jit
+def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
+                        stride_qb, stride_qh,
+                        stride_kblk, stride_ktok, stride_kh,
+                        stride_vblk, stride_vtok, stride_vh,
+                        stride_btb, stride_ob, stride_oh,
+                        num_splits, qk_scale,
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SL + b)
+    # This split's token range, in whole BLOCK_N tiles, of this sequence's own length.
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)                      # query heads of this kv group
+    cols = tl.arange(0, D_PAD)
+    row_ok = rows < GROUP
+    col_ok = cols < D
+    heads = g * GROUP + rows
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        valid = pos < end
+        # Page id of each row (a tile spans BLOCK_N // BLOCK_SIZE pages); masked rows never touch the table.
+        blk = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & col_ok[None, :]
+        k = tl.load(K + blk[:, None] * stride_kblk + slot[:, None] * stride_ktok + g * stride_kh + cols[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + blk[:, None] * stride_vblk + slot[:, None] * stride_vtok + g * stride_vh + cols[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale           # (GROUP_PAD, BLOCK_N), base-2 logits
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if SINGLE_SPLIT:
+        y = acc / l_i[:, None]
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + cols[None, :], y.to(O.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        # Empty split (short sequence): l_i = 0 -> write o = 0, lse = -inf so the combine gives it weight 0.
+        has = l_i > 0
+        y = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        # partials: OP (B, H, num_splits, D) fp32, LSE (B, H, num_splits) fp32, both contiguous
+        bh = b * (tl.num_programs(1) * GROUP) + heads
+        tl.store(OP + (bh[:, None] * num_splits + split) * D + cols[None, :], y, mask=out_mask)
+        tl.store(LSE + bh * num_splits + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _paged_decode_combine(OP, LSE, O, stride_ob, stride_oh, H, num_splits,
+                          D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    bh = b * H + h
+    offs_s = tl.arange(0, SPLITS_PAD)
+    cols = tl.arange(0, D_PAD)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE + bh * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)                                  # finite: split 0 is never empty (seq_len >= 1)
+    w = tl.exp2(lse - m)
+    o = tl.load(OP + (bh * num_splits + offs_s[:, None]) * D + cols[None, :],
+                mask=s_ok[:, None] & (cols[None, :] < D), other=0.0)
+    y = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + b * stride_ob + h * stride_oh + cols, y.to(O.dtype.element_ty), mask=cols < D)
+
+
+@triton.jit
+def _write_kv_kernel(K, V, KC, VC, BT, POS,
+                     stride_kn, stride_kh, stride_vn, stride_vh,
+                     stride_kcblk, stride_kctok, stride_kch,
+                     stride_vcblk, stride_vctok, stride_vch, stride_btn,
+                     HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
+    i = tl.program_id(0)
+    pos = tl.load(POS + i).to(tl.int64)
+    blk = tl.load(BT + i * stride_btn + pos // BLOCK_SIZE).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    hs = tl.arange(0, HKV_PAD)
+    cols = tl.arange(0, D_PAD)
+    mask = (hs[:, None] < HKV) & (cols[None, :] < D)
+    k = tl.load(K + i * stride_kn + hs[:, None] * stride_kh + cols[None, :], mask=mask)
+    v = tl.load(V + i * stride_vn + hs[:, None] * stride_vh + cols[None, :], mask=mask)
+    tl.store(KC + blk * stride_kcblk + slot * stride_kctok + hs[:, None] * stride_kch + cols[None, :],
+             k.to(KC.dtype.element_ty), mask=mask)
+    tl.store(VC + blk * stride_vcblk + slot * stride_vctok + hs[:, None] * stride_vch + cols[None, :],
+             v.to(VC.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+
+def _check_cache(k_cache, v_cache, name):
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name}: k_cache and v_cache must both be (num_blocks, block_size, Hkv, D), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"{name}: cache dtype must be one of fp16/bf16/fp32 and equal for k and v, got "
+                        f"{k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"{name}: the last (D) dim of the caches must be contiguous")
+    if k_cache.shape[1] not in (16, 32, 64):
+        raise ValueError(f"{name}: block_size must be 16, 32 or 64, got {k_cache.shape[1]}")
+
+
+def choose_num_splits(batch, n_kv_head, max_context, device=None):
+    """Splits per sequence: enough programs (batch * Hkv * splits) for ~2 waves on the GPU, each split at least
+    _MIN_SPLIT_TOKENS long; a power of two so the kernels compile for few distinct values."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
+    want = max(1, (2 * sms) // max(1, batch * n_kv_head))
+    cap = max(1, max_context // _MIN_SPLIT_TOKENS)
+    n = min(want, cap)
+    return 1 << (n.bit_length() - 1)   # round down to a power of two
+
+
+def _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_splits=None):
+    _check_cache(k_cache, v_cache, "paged_decode_attention")
+    if q.dim() != 3:
+        raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
+    B, H, D = q.shape
+    num_blocks, block_size, Hkv, Dc = k_cache.shape
+    if Dc != D:
+        raise ValueError(f"paged_decode_attention: head dim of q ({D}) != head dim of the cache ({Dc})")
+    if H % Hkv != 0:
+        raise ValueError(f"paged_decode_attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"paged_decode_attention: q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged_decode_attention: block_table must be int32 (B={B}, max_blocks), got "
+                         f"{tuple(block_table.shape)} {block_table.dtype}")
+    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged_decode_attention: seq_lens must be int32 (B={B},), got {tuple(seq_lens.shape)} "
+                         f"{seq_lens.dtype}")
+    q = q.contiguous()
+    block_table = block_table.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    group = H // Hkv
+    block_n = max(64, block_size)
+    max_context = block_table.shape[1] * block_size     # an upper bound, known without a device sync
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_context, q.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_context, block_n)))
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    d_pad = triton.next_power_of_2(D)
+    if num_splits > 1:
+        o_part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse = out  # unused
+    # Memory-bound: 4 warps, 2 stages is enough to keep a (64, 128) K and V tile in flight per program.
+    _paged_decode_split[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        num_splits, scale * 1.4426950408889634,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _paged_decode_combine[(B, H)](o_part, lse, out, out.stride(0), out.stride(1), H, num_splits,
+                                      D=D, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def _write_kv(k_cache, v_cache, k, v, block_table, positions):
+    _check_cache(k_cache, v_cache, "write_kv")
+    _, block_size, Hkv, D = k_cache.shape
+    if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
+        raise ValueError(f"write_kv: k and v must be (N, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    N = k.shape[0]
+    if block_table.dim() != 2 or block_table.shape[0] != N or positions.shape != (N,):
+        raise ValueError(f"write_kv: block_table must be (N={N}, max_blocks) and positions (N,), got "
+                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
+    if N == 0:
+        return
+    k, v = k.contiguous(), v.contiguous()
+    block_table, positions = block_table.contiguous(), positions.contiguous()
+    _write_kv_kernel[(N,)](k, v, k_cache, v_cache, block_table, positions,
+                           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
+                           HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D, D_PAD=triton.next_power_of_2(D),
+                           BLOCK_SIZE=block_size, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions (no autograd: inference only)
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
     if kernels.use_fused():
-        raise NotImplementedError("kernels.paged_decode: the fused Triton paged decode kernel is not implemented "
-                                  "yet; use --kernels eager")
+        return _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
     return reference_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
 
 
 def write_kv(k_cache, v_cache, k, v, block_table, positions):
     if kernels.use_fused():
-        raise NotImplementedError("kernels.paged_decode: the fused Triton write_kv kernel is not implemented yet; "
-                                  "use --kernels eager")
+        return _write_kv(k_cache, v_cache, k, v, block_table, positions)
     return reference_write_kv(k_cache, v_cache, k, v, block_table, positions)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# References: readable eager PyTorch, the ground truth.
 
 def reference_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
     B, H, D = q.shape

@@ -1,0 +1,134 @@
+"""Paged decode attention + write_kv: Triton (interpreter on CPU, fp32/fp16) vs the PyTorch references."""
+import pytest
+import torch
+
+import kernels
+from kernels.paged_decode import (_paged_decode, choose_num_splits, paged_decode_attention,
+                                  reference_paged_decode_attention, reference_write_kv, write_kv)
+
+torch.manual_seed(0)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fused():
+    old = kernels.get_mode()
+    kernels.set_mode("fused")
+    yield
+    kernels.set_mode(old)
+
+
+def make_case(B, H, Hkv, D, block_size, seq_lens, dtype, extra_blocks=5, garbage=True):
+    """A pool with more blocks than needed, each sequence's pages taken from a shuffled permutation (non-contiguous,
+    out of order), and unused block-table entries filled with garbage ids that must never be read."""
+    g = torch.Generator().manual_seed(sum(seq_lens) * 7 + B + H + D + block_size)
+    max_blocks = max(-(-n // block_size) for n in seq_lens) + 1
+    num_blocks = B * max_blocks + extra_blocks
+    k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(DEVICE, dtype)
+    perm = torch.randperm(num_blocks, generator=g)[:B * max_blocks].view(B, max_blocks)
+    table = perm.clone()
+    for b, n in enumerate(seq_lens):
+        used = -(-n // block_size)
+        if garbage:
+            table[b, used:] = -1 if b % 2 else 10 ** 6   # out of range: a read would fault or differ
+    q = torch.randn(B, H, D, generator=g).to(DEVICE, dtype)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, table.to(DEVICE, torch.int32), seq
+
+
+def reference(q, k_cache, v_cache, table, seq):
+    # The reference gathers every table entry (clamped), so give it the fp32 cache and a clean table.
+    table = torch.where(table < 0, 0, table).clamp(max=k_cache.shape[0] - 1)
+    return reference_paged_decode_attention(q.float(), k_cache.float(), v_cache.float(), table, seq)
+
+
+SEQS = {1: [[1], [17], [100]], 3: [[1, 15, 16], [17, 100, 1], [16, 100, 15]]}
+CPU_DTYPES = [(torch.float32, 2e-5, 2e-5)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("B,seq_lens", [(B, s) for B in SEQS for s in SEQS[B]])
+def test_paged_decode_vs_reference(fused, B, seq_lens, H, Hkv, D, dtype, atol, rtol):
+    q, kc, vc, table, seq = make_case(B, H, Hkv, D, 16, seq_lens, dtype)
+    out = paged_decode_attention(q, kc, vc, table, seq)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("block_size,seq_lens", [(32, [1, 33, 100]), (64, [64, 65, 1]), (16, [7])])
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+@pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES + [(torch.float16, 2e-3, 2e-3)])
+def test_paged_decode_splits_and_block_sizes(block_size, seq_lens, num_splits, dtype, atol, rtol):
+    # Explicit split counts, including splits that are empty for the short sequences (combine weight 0).
+    q, kc, vc, table, seq = make_case(len(seq_lens), 8, 2, 64, block_size, seq_lens, dtype)
+    out = _paged_decode(q, kc, vc, table, seq, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
+
+
+def test_paged_decode_scale_and_odd_group(fused):
+    # H / Hkv = 3 (not a power of two), custom scale.
+    q, kc, vc, table, seq = make_case(2, 6, 2, 64, 16, [40, 3], torch.float32)
+    out = paged_decode_attention(q, kc, vc, table, seq, scale=0.3)
+    t = torch.where(table < 0, 0, table).clamp(max=kc.shape[0] - 1)
+    ref = reference_paged_decode_attention(q, kc, vc, t, seq, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_num_splits_heuristic():
+    # More splits for small batch / long context, one split when the batch alone fills the GPU.
+    assert choose_num_splits(1, 4, 32768) > choose_num_splits(8, 4, 32768) >= choose_num_splits(256, 16, 32768) == 1
+    assert choose_num_splits(1, 4, 256) == 1
+    for args in [(1, 1, 10 ** 6), (3, 2, 1000), (64, 4, 4096)]:
+        n = choose_num_splits(*args)
+        assert n >= 1 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_vs_reference(fused, block_size, dtype):
+    N, Hkv, D = 7, 3, 64   # Hkv = 3: padded head tile
+    num_blocks = 20
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(N, Hkv, D, generator=g).to(DEVICE)
+    v = torch.randn(N, Hkv, D, generator=g).to(DEVICE)
+    table = torch.randperm(num_blocks, generator=g)[:N * 2].view(N, 2).to(DEVICE, torch.int32)
+    positions = torch.tensor([0, 1, block_size - 1, block_size, block_size + 5, 2 * block_size - 1, 3],
+                             device=DEVICE)
+    caches = [torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    ours = [c.clone() for c in caches]
+    write_kv(*ours, k, v, table, positions)
+    reference_write_kv(*caches, k, v, table, positions)
+    assert torch.equal(ours[0], caches[0]) and torch.equal(ours[1], caches[1])
+
+
+def test_clear_errors(fused):
+    q, kc, vc, table, seq = make_case(2, 8, 2, 64, 16, [5, 9], torch.float32)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        paged_decode_attention(q[:, :7], kc, vc, table, seq)
+    with pytest.raises(ValueError, match="head dim"):
+        paged_decode_attention(q[..., :32], kc, vc, table, seq)
+    with pytest.raises(TypeError, match="dtype"):
+        paged_decode_attention(q.half(), kc, vc, table, seq)
+    with pytest.raises(ValueError, match="block_table"):
+        paged_decode_attention(q, kc, vc, table[:1], seq)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_attention(q, kc, vc, table, seq[:1])
+    with pytest.raises(ValueError, match="block_size"):
+        paged_decode_attention(q, kc[:, :8], vc[:, :8], table, seq)
+    with pytest.raises(ValueError, match="write_kv"):
+        write_kv(kc, vc, q[:, :2], q[:, :2, :32], table, seq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("H,Hkv,D", [(16, 16, 128), (16, 4, 128), (8, 2, 64)])
+@pytest.mark.parametrize("seq_lens", [[1, 15, 17, 100], [4096, 1, 777], [32768]])
+def test_paged_decode_gpu(fused, dtype, block_size, H, Hkv, D, seq_lens):
+    q, kc, vc, table, seq = make_case(len(seq_lens), H, Hkv, D, block_size, seq_lens, dtype)
+    out = paged_decode_attention(q, kc, vc, table, seq)
+    # bf16 inputs, fp32 accumulation; the partial P is rounded to bf16 before P.V (as flash attention does).
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=2e-2, rtol=2e-2)
