@@ -1,0 +1,242 @@
+"""The GPT model: nanochat's architecture, with attention and MLP running on our kernels.
+
+Architecture choices (as nanochat's first release):
+- token embedding untied from lm_head; no biases anywhere
+- RMSNorm without learned weights: after the embedding, pre-norm in every block, before lm_head, on q and k
+- rotary position embeddings (RoPE, base 10 000, half-split convention), then QK-norm
+- grouped-query attention (n_kv_head divides n_head; the recipe uses n_kv_head == n_head)
+- ReLU^2 MLP with hidden width 4C
+- logits soft-capped in fp32: 15 * tanh(logits / 15); cross-entropy ignores targets == -1
+- init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
+  projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (train/optim.py)
+
+Attention calls only kernels.attention.fused_attention (raw q/k/v: the kernel rotates and normalises) or, during
+inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp. The kernel mode switch
+(kernels.set_mode) therefore flips the whole model between the Triton kernels and the eager references.
+
+Built on the meta device and sharded with FSDP2 (train/distributed.py), then `to_empty` + `init_weights()`: the
+init draws every full tensor with the same RNG stream and keeps the local shard, so the weights do not depend on
+the world size; the rotary buffers are recomputed there.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import fused_attention
+from kernels.relu2_mlp import relu2_mlp
+
+SOFTCAP = 15.0
+ROPE_BASE = 10000
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10      # query heads
+    n_kv_head: int = 10   # key/value heads (GQA when < n_head)
+    n_embd: int = 1280
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig: n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"GPTConfig: head dim n_embd/n_head = {self.head_dim} must be even for rotary")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth, **overrides):
+        """nanochat's one-knob model size: n_layer = depth, width 64*depth, head dim 128 (64 when the width is not
+        a multiple of 128, i.e. odd depths, so head dims stay kernel-friendly). d20 = 1280 wide, 10 heads."""
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"GPTConfig.from_depth: depth must be an integer >= 1, got {depth!r}")
+        n_embd = 64 * depth
+        n_head = n_embd // 128 if n_embd % 128 == 0 else n_embd // 64
+        kwargs = dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head)
+        if "n_head" in overrides and "n_kv_head" not in overrides:
+            kwargs["n_kv_head"] = overrides["n_head"]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def norm(x):
+    """RMSNorm without a learned weight."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def precompute_rotary(seq_len, head_dim, base=ROPE_BASE, device=None):
+    """cos, sin of shape (seq_len, head_dim/2), fp32: angle[t, i] = t * base^(-2i/head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if kv_cache is None:
+            y = fused_attention(q, k, v, cos, sin)  # rotary + QK-norm + causal flash attention in one kernel
+        else:
+            y = kv_cache.attend(self.layer_idx, q, k, v)  # the cache rotates at its own positions
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training length so the engine can generate past it. Non-persistent: they are
+        # recomputed in init_weights (they would be garbage after a meta-device build + to_empty).
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = precompute_rotary(self.rotary_len, config.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # -- init ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's first-release init; works on plain tensors and on FSDP2-sharded DTensors alike."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                _fill_normal(module.weight, std)
+            elif isinstance(module, nn.Embedding):
+                _fill_normal(module.weight, 1.0)
+        self.lm_head.weight.zero_()
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        device = _local(self.transformer.wte.weight).device
+        self.cos, self.sin = precompute_rotary(self.rotary_len, self.config.head_dim, device=device)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------------
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # DTensor.numel() is the global count
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd; the embedding is a lookup, not a matmul) plus
+        the attention scores and values: 12 * n_layer * n_head * head_dim * T (causality ignored, as nanochat)."""
+        c = self.config
+        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """[AdamW(lm_head, wte), Muon(2-D block matrices)]; Adam lrs scaled by (n_embd/768)^-0.5 as nanochat.
+        Every group carries "initial_lr" (the loop scales lr from it); Muon groups carry "momentum"."""
+        from train.optim import Muon, make_adamw
+        scale = (self.config.n_embd / 768) ** -0.5
+        adamw = make_adamw([
+            dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
+            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
+        ], weight_decay=weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
+        for opt in (adamw, muon):
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return [adamw, muon]
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        if T > self.rotary_len:
+            raise ValueError(f"GPT: sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = self.cos[:T], self.sin[:T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive sampling (full forward each step, no cache): yields token ids. The Engine does this properly."""
+        device = _local(self.transformer.wte.weight).device
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids[:, -self.rotary_len:])[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+def _local(t):
+    """The local tensor of a DTensor (FSDP2 shard), else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fill_normal(p, std):
+    """p ~ N(0, std^2). A DTensor gets its shard of the full tensor drawn from the same RNG stream, so the model is
+    the same whatever the world size (each rank draws the full tensor, then keeps its slice)."""
+    if not hasattr(p, "device_mesh"):
+        p.normal_(0.0, std)
+        return
+    from torch.distributed.tensor import distribute_tensor
+    full = torch.empty(p.shape, dtype=p.dtype, device=_local(p).device).normal_(0.0, std)
+    p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))

@@ -1,0 +1,149 @@
+"""Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and lm_head (nanochat's split).
+
+Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
+    buf = momentum * buf + (1 - momentum) * G                  # momentum (as a lerp)
+    U   = (1 - momentum) * G + momentum * buf                  # Nesterov look-ahead
+    O   = newton_schulz(U)                                      # ~ U V^T of the SVD: all singular values ~ 1
+    W  -= lr * max(1, rows/cols)^0.5 * O
+Newton-Schulz runs through kernels.newton_schulz (Triton or its reference), in bf16 on CUDA as nanochat, fp32 on CPU.
+The loop warms the momentum from 0.85 to 0.95 over the first 300 steps: group["momentum"] = muon_momentum(step).
+
+Distributed (FSDP2: parameters and gradients are DTensors sharded on dim 0). The momentum update is elementwise,
+so it runs on the local shard. Newton-Schulz needs whole matrices, and orthogonalising every matrix on every rank
+would waste W-fold compute, so the ranks split the work:
+  - matrices of the same shape form a group (one param group per shape), in a fixed order i = 0..n-1;
+  - matrix i is owned by rank i % W (i.e. chunks of W matrices, one per rank);
+  - one all_to_all per group sends every rank's shard of matrix i to its owner, which now holds its k <= ceil(n/W)
+    full matrices and orthogonalises them with ONE batched (k, rows, cols) newton_schulz call;
+  - a second all_to_all sends each orthogonalised matrix back, shard by shard, to the ranks that hold it.
+Shards follow torch.chunk along dim 0 (FSDP2's layout) and are zero-padded to ceil(rows/W) rows in the buffers.
+World size 1 and plain (non-distributed) tensors take the same math without communication. The collectives of all
+groups are issued asynchronously so communication of one group overlaps Newton-Schulz of another.
+"""
+import torch
+import torch.distributed as dist
+
+from kernels.newton_schulz import newton_schulz
+
+
+def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
+    """nanochat's Muon momentum warmup: linear from `start` to `end` over the first `warmup_steps` steps."""
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def make_adamw(param_groups, weight_decay=0.0):
+    """AdamW as nanochat uses it for embedding and lm_head: betas (0.8, 0.95), eps 1e-10, fused on CUDA.
+    Works on FSDP2 DTensor parameters (the optimizer state is sharded like the parameters, ZeRO style)."""
+    first = next(p for g in param_groups for p in g["params"])
+    fused = _local(first).device.type == "cuda"
+    return torch.optim.AdamW(param_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon over 2-D matrices; plain tensors or FSDP2 DTensors sharded on dim 0 (see the module docstring).
+
+    One param group per matrix shape (same-shape matrices are orthogonalised as one batch); each group has
+    lr, momentum, nesterov, ns_steps. `self.ns_matrices` counts the matrices this rank has orthogonalised (a spy for
+    tests: under W ranks each rank does about 1/W of them)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        params = list(params)
+        by_shape = {}
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon: only 2-D matrices are supported, got a parameter of shape {tuple(p.shape)}; "
+                                 "put embeddings, vectors and scalars in AdamW")
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__([dict(params=ps) for ps in by_shape.values()], defaults)
+        self.ns_matrices = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = []
+        for group in self.param_groups:
+            params = group["params"]
+            if all(p.grad is None for p in params):
+                continue
+            updates = [self._momentum_update(p, group) for p in params]
+            pending.append((group, self._start_orthogonalize(params, updates, group["ns_steps"])))
+        for group, job in pending:
+            outs = job()
+            for p, o in zip(group["params"], outs):
+                rows, cols = p.shape
+                _local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+        return loss
+
+    def _momentum_update(self, p, group):
+        """Elementwise on the local shard; returns the (local) Nesterov update, the gradient left untouched."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a DTensor param: checkpoints shard it
+        buf = _local(state["momentum_buffer"])
+        g = _local(p.grad) if p.grad is not None else torch.zeros_like(buf)
+        buf.lerp_(g, 1 - group["momentum"])
+        return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
+
+    def _ns(self, x, steps):
+        """One batched Newton-Schulz call on (k, rows, cols), counted by the spy."""
+        self.ns_matrices += x.size(0)
+        return newton_schulz(x, steps=steps)
+
+    def _start_orthogonalize(self, params, updates, steps):
+        """Starts orthogonalising the group's (local) updates; returns a function giving the local results."""
+        p0 = params[0]
+        ns_dtype = torch.bfloat16 if updates[0].device.type == "cuda" else torch.float32
+        mesh = getattr(p0, "device_mesh", None)
+        world = mesh.size() if mesh is not None else 1
+        if world == 1:  # every matrix is whole here: one batched call, no communication
+            return lambda: self._ns(torch.stack(updates).to(ns_dtype), steps).unbind(0)
+        return self._start_sharded(params, updates, steps, mesh, ns_dtype)
+
+    def _start_sharded(self, params, updates, steps, mesh, ns_dtype):
+        from torch.distributed.tensor import Shard
+        p0 = params[0]
+        if mesh.ndim != 1 or tuple(p0.placements) != (Shard(0),):
+            raise ValueError(f"Muon: expected parameters sharded on dim 0 over a 1-D mesh (FSDP2), "
+                             f"got placements {p0.placements} on a {mesh.ndim}-D mesh")
+        pg = mesh.get_group()
+        W, r = dist.get_world_size(pg), dist.get_rank(pg)
+        rows, cols = p0.shape
+        n = len(params)
+        P = -(-rows // W)                 # shard rows (torch.chunk), padded to equal size in the buffers
+        my_rows = max(0, min(P, rows - r * P))
+        k = -(-n // W)                    # matrices per owner (padded)
+        k_mine = len(range(r, n, W))      # matrices this rank really owns
+
+        # send[o, j] = my shard of matrix j*W + o (owned by rank o)
+        send = torch.zeros(W, k, P, cols, dtype=ns_dtype, device=updates[0].device)
+        for i, u in enumerate(updates):
+            if u.shape != (my_rows, cols):
+                raise ValueError(f"Muon: local shard of shape {tuple(u.shape)}, expected ({my_rows}, {cols}) "
+                                 f"(dim-0 chunks of a ({rows}, {cols}) matrix over {W} ranks)")
+            send[i % W, i // W, :my_rows] = u
+        recv = torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
+
+        def finish():
+            work.wait()
+            # recv[s, j] = rank s's shard of my j-th matrix -> full matrices (k_mine, rows, cols)
+            full = recv[:, :k_mine].permute(1, 0, 2, 3).reshape(k_mine, W * P, cols)[:, :rows]
+            back = torch.zeros(k, W * P, cols, dtype=ns_dtype, device=send.device)
+            if k_mine > 0:
+                back[:k_mine, :rows] = self._ns(full, steps)
+            back = back.view(k, W, P, cols).permute(1, 0, 2, 3).contiguous()  # back[s, j] = rank s's rows
+            out = torch.empty_like(back)
+            dist.all_to_all_single(out, back, group=pg)
+            # out[o, j] = my rows of matrix j*W + o
+            return [out[i % W, i // W, :my_rows] for i in range(n)]
+
+        return finish
