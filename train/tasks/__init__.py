@@ -1,0 +1,59 @@
+"""Tasks: datasets of conversations with a score. `get_task(name, split)` builds one by name; `build_mixture(spec)`
+builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5" (weight = epochs).
+
+Real tasks download on first use (see common.py); embedded tasks are generated offline from a seed
+(train and test use different seeds, so test problems are unseen).
+"""
+from train.tasks.common import Task, TaskError, TaskMixture
+
+EMBEDDED = ("arithmetic", "spelling", "identity", "number_mc")
+REAL = ("smoltalk", "mmlu", "mmlu_aux", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
+TASKS = EMBEDDED + REAL
+
+
+def get_task(name, split="train", n=None, files=None, **kwargs):
+    """One task by name. split: train | test (| validation for ARC). n: size of an embedded task (or a cap)."""
+    from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
+    if name in EMBEDDED:
+        cls = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
+               "number_mc": embedded.NumberMC}[name]
+        size = n or (2000 if split == "train" else 200)
+        return cls(n=size, seed={"train": 0, "test": 1, "validation": 2}[split], **kwargs)
+    if name not in REAL:
+        raise TaskError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+    kw = dict(files=files, stop=n, **kwargs)
+    if name == "smoltalk":
+        return smoltalk.SmolTalk(split=split, **kw)
+    if name == "mmlu":
+        return mmlu.MMLU(subset="all", split=split, **kw)
+    if name == "mmlu_aux":
+        return mmlu.MMLU(subset="auxiliary_train", split="train", **kw)
+    if name in ("arc_easy", "arc_challenge"):
+        return arc.ARC(subset="ARC-Easy" if name == "arc_easy" else "ARC-Challenge", split=split, **kw)
+    if name == "gsm8k":
+        return gsm8k.GSM8K(split=split, **kw)
+    return humaneval.HumanEval(split="test", **kw)
+
+
+def parse_spec(spec):
+    """"a:2,b" -> [("a", 2.0), ("b", 1.0)]."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, w = item.partition(":")
+        try:
+            out.append((name, float(w) if w else 1.0))
+        except ValueError:
+            raise TaskError(f"bad weight in task spec item {item!r} (want name or name:weight)") from None
+    if not out:
+        raise TaskError(f"empty task spec {spec!r}")
+    return out
+
+
+def build_mixture(spec, split="train", stage="?", n=None, seed=42):
+    """A TaskMixture from a spec string; any task error is re-raised naming the stage."""
+    try:
+        items = parse_spec(spec)
+        tasks = [get_task(name, split, n=n) for name, _ in items]
+        return TaskMixture(tasks, [w for _, w in items], seed=seed)
+    except TaskError as e:
+        raise TaskError(f"[{stage}] {e}") from e

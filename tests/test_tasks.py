@@ -1,0 +1,178 @@
+"""Task loaders against fixture files served by a local http.server (never the internet), the GSM8K tool-call
+conversion, the mixture, the embedded tasks, and every reward on right, wrong and malformed answers."""
+import functools
+import http.server
+import json
+import os
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from train.tasks import TaskError, build_mixture, get_task, parse_spec
+from train.tasks.common import TaskMixture, hf_rows
+from train.tasks.gsm8k import extract_answer, solution_parts
+from train.tasks.humaneval import extract_program
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
+# fixture file -> (repo, config, split) in Hugging Face's parquet-export layout
+LAYOUT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"), "mmlu": ("cais/mmlu", "all", "test"),
+          "mmlu_aux": ("cais/mmlu", "auxiliary_train", "train"), "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+          "gsm8k": ("openai/gsm8k", "main", "test"), "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test")}
+
+
+def rows_of(name):
+    with open(os.path.join(FIX, f"{name}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    hits = []
+
+    def log_message(self, *args):
+        Quiet.hits.append(self.path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for name, (repo, config, split) in LAYOUT.items():
+        d = root / repo / "resolve" / "refs" / "convert" / "parquet" / config / split  # server unquotes %2F
+        d.mkdir(parents=True)
+        rows = rows_of(name)
+        if name == "gsm8k":  # two shards, to check the 0000, 0001, ... 404-terminated walk
+            pq.write_table(pa.Table.from_pylist(rows[:1]), d / "0000.parquet")
+            pq.write_table(pa.Table.from_pylist(rows[1:]), d / "0001.parquet")
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), d / "0000.parquet")
+    (root / "files").mkdir()
+    for f in os.listdir(FIX):
+        (root / "files" / f).write_bytes(open(os.path.join(FIX, f), "rb").read())
+    (root / "files" / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    old = {k: os.environ.get(k) for k in ("TRITONCHAT_DATA_URL", "TRITONCHAT_HOME")}
+    os.environ["TRITONCHAT_DATA_URL"] = f"http://127.0.0.1:{httpd.server_port}"
+    os.environ["TRITONCHAT_HOME"] = str(tmp_path_factory.mktemp("home"))
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_loaders_download_parse_and_cache(server):
+    st = get_task("smoltalk")
+    assert len(st) == 3 and st[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    mm = get_task("mmlu", split="test")
+    assert len(mm) == 3 and mm[0]["messages"][1]["content"] == "B" and mm[0]["letters"] == ("A", "B", "C", "D")
+    assert "- 5=B\n" in mm[0]["messages"][0]["content"]
+    aux = get_task("mmlu_aux")
+    assert len(aux) == 2 and aux[0]["messages"][1]["content"] == "B"
+    arc = get_task("arc_easy", split="test")
+    assert arc[0]["messages"][1]["content"] == "B"
+    assert arc[1]["messages"][1]["content"] == "A" and arc[1]["letters"] == ("A", "B", "C")  # "1" -> A
+    gsm = get_task("gsm8k", split="test")
+    assert len(gsm) == 2  # both shards
+    he = get_task("humaneval")
+    assert he[0]["entry_point"] == "add"
+    # second load is served from the cache: no new HTTP requests
+    Quiet.hits.clear()
+    assert len(get_task("gsm8k", split="test")) == 2 and Quiet.hits == []
+
+
+def test_files_option_jsonl_and_bad_files(server):
+    mm = get_task("mmlu", split="test", files=[f"{server}/files/mmlu.jsonl"])
+    assert len(mm) == 3
+    with pytest.raises(TaskError, match="broken.jsonl"):
+        hf_rows("x", "y", "z", files=[f"{server}/files/broken.jsonl"])
+    with pytest.raises(TaskError, match="garbage.parquet"):
+        hf_rows("x", "y", "z", files=[f"{server}/files/garbage.parquet"])
+    with pytest.raises(TaskError, match="404"):
+        hf_rows("x", "y", "z", files=[f"{server}/files/missing.jsonl"])
+    with pytest.raises(TaskError, match="row 0"):  # parses, but is not a GSM8K file
+        get_task("gsm8k", files=[os.path.join(FIX, "mmlu.jsonl")])
+    with pytest.raises(TaskError, match="no data"):
+        hf_rows("nobody/nothing", "default", "train")
+
+
+def test_gsm8k_annotations_become_tool_calls():
+    parts = solution_parts(rows_of("gsm8k")[0]["answer"])
+    assert parts[:4] == [{"type": "text", "text": "Natalia sold 48/2 = "}, {"type": "python", "text": "48/2"},
+                         {"type": "python_output", "text": "24"}, {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "}]
+    assert parts[-1]["text"].endswith("#### 72") and sum(p["type"] == "python" for p in parts) == 2
+    assert extract_answer("so #### 2,400") == "2400" and extract_answer("no marker 42") is None
+
+
+def test_rewards_right_wrong_malformed(server):
+    gsm = get_task("gsm8k", split="test")
+    conv = gsm[1]  # answer "#### 2,400"
+    assert gsm.reward(conv, "It sells 2400 pens.\n#### 2400") == 1.0
+    assert gsm.reward(conv, "#### 2,400") == 1.0
+    assert gsm.reward(conv, "#### 2401") == 0.0
+    assert gsm.reward(conv, "2400") == 0.0 and gsm.reward(conv, "") == 0.0 and gsm.reward(conv, "#### ") == 0.0
+    mm = get_task("mmlu", split="test")
+    assert mm.evaluate(mm[0], "B") == 1 and mm.evaluate(mm[0], " B\n") == 1
+    assert mm.evaluate(mm[0], "A") == 0 and mm.evaluate(mm[0], "B) five") == 0 and mm.evaluate(mm[0], "") == 0
+
+
+def test_humaneval_runs_tests_in_sandbox(server):
+    pytest.importorskip("model.sandbox")
+    he = get_task("humaneval")
+    conv = he[0]
+    assert he.evaluate(conv, "```python\ndef add(a, b):\n    return a + b\n```") == 1
+    assert he.evaluate(conv, "    return a + b\n") == 1  # body only: the prompt is prepended
+    assert he.evaluate(conv, "def add(a, b):\n    return a - b\n") == 0
+    assert he.evaluate(conv, "def add(a, b) return") == 0  # syntax error
+    assert extract_program("text\n```python\nx = 1\n```\nmore") == "x = 1\n"
+
+
+def test_embedded_tasks_deterministic_and_scored():
+    a1, a2 = get_task("arithmetic"), get_task("arithmetic")
+    assert a1[7] == a2[7] and a1[7] != get_task("arithmetic", split="test")[7]
+    for i in range(20):
+        conv = a1[i]
+        parts = conv["messages"][1]["content"]
+        py = [p["text"] for p in parts if p["type"] == "python"][0]
+        out = [p["text"] for p in parts if p["type"] == "python_output"][0]
+        assert str(eval(py)) == out  # the tool call really produces the answer
+        assert a1.reward(conv, f"#### {out}") == 1.0 and a1.reward(conv, f"#### {int(out) + 1}") == 0.0
+        assert a1.reward(conv, "I don't know") == 0.0
+    sp = get_task("spelling")
+    kinds = {sp[i].get("kind") for i in range(30)}
+    assert kinds == {"spell", "count"}
+    for i in range(30):
+        conv = sp[i]
+        if conv["kind"] == "spell":
+            word = conv["messages"][1]["content"]
+            assert sp.evaluate(conv, word) == 1 and sp.evaluate(conv, word + "-x") == 0
+        else:
+            n = conv["messages"][1]["content"][-1]["text"].split("#### ")[1]
+            assert sp.evaluate(conv, f"#### {n}") == 1 and sp.evaluate(conv, "####") == 0
+    idt = get_task("identity")
+    assert idt.evaluate(idt[0], "I am tritonchat.") == 1 and idt.evaluate(idt[0], "I am GPT") == 0
+    mc = get_task("number_mc")
+    assert mc.eval_type == "categorical" and get_task("arithmetic").eval_type == "generative"
+    conv = mc[0]
+    nums = [int(c) for c in conv["choices"]]
+    assert conv["messages"][1]["content"] == "ABCD"[nums.index(max(nums))]
+
+
+def test_mixture_weights_and_errors():
+    assert parse_spec("arithmetic:2, spelling,identity:0.5") == [("arithmetic", 2.0), ("spelling", 1.0), ("identity", 0.5)]
+    mix = build_mixture("arithmetic:2,spelling,identity:0.5", n=10)
+    assert len(mix) == 20 + 10 + 5
+    counts = {}
+    for t, _ in mix.index_map:
+        counts[t] = counts.get(t, 0) + 1
+    assert counts == {0: 20, 1: 10, 2: 5}
+    assert mix.index_map[:10] != sorted(mix.index_map[:10])  # shuffled
+    assert [mix[i] for i in range(5)] == [build_mixture("arithmetic:2,spelling,identity:0.5", n=10)[i] for i in range(5)]
+    with pytest.raises(TaskError, match=r"\[sft\] unknown task 'nope'"):
+        build_mixture("arithmetic,nope", stage="sft")
+    with pytest.raises(TaskError, match="bad weight"):
+        build_mixture("arithmetic:x")
+    with pytest.raises(TaskError):
+        TaskMixture([get_task("identity", n=3)], weights=[-1])
+    with pytest.raises(IndexError):
+        get_task("identity", n=3)[3]

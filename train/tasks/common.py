@@ -1,0 +1,198 @@
+"""What every task shares: the Task base class, the mixture, multiple-choice rendering, and the dataset downloader.
+
+A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), has an `eval_type`
+("categorical" for multiple choice, "generative" otherwise) and scores a completion with
+`task.evaluate(conversation, completion_text) -> 0|1` (RL uses `task.reward(...) -> float`).
+
+Real datasets come from Hugging Face's parquet export, one URL scheme for all of them:
+    {base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet
+with base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets). Shards are fetched 0, 1, 2, ... until
+the server answers 404, with retries and exponential backoff, into a temp file renamed into the cache at
+$TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given `files=[...]`: local paths or
+URLs of .parquet or .jsonl files. Tests serve small fixtures with http.server on 127.0.0.1.
+"""
+import hashlib
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+
+DEFAULT_DATA_URL = "https://huggingface.co/datasets"
+
+
+class TaskError(RuntimeError):
+    """Bad task input: unknown task, a file that does not parse, a download that failed, a reward that raised."""
+
+
+class Task:
+    """A lightweight view (start/stop/step) over a dataset of conversations."""
+    eval_type = "generative"
+    name = "task"
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0 and step >= 1 and (stop is None or stop >= start), (start, stop, step)
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, (stop - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} examples")
+        return self.get_example(self.start + index * self.step)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def evaluate(self, conversation, completion):
+        raise NotImplementedError(f"{self.name} has no evaluation")
+
+    def reward(self, conversation, completion):
+        return float(self.evaluate(conversation, completion))
+
+
+class TaskMixture(Task):
+    """Several tasks mixed by a deterministic shuffle. `weights` (or `epochs`) repeat a task: a weight of 2 puts
+    every example in twice, 0.5 half of them (the first half of a seeded permutation)."""
+    name = "mixture"
+
+    def __init__(self, tasks, weights=None, seed=42, **kwargs):
+        super().__init__(**kwargs)
+        weights = [1.0] * len(tasks) if weights is None else list(weights)
+        if len(weights) != len(tasks) or any(w < 0 for w in weights):
+            raise TaskError(f"mixture: need one non-negative weight per task, got {weights} for {len(tasks)} tasks")
+        self.tasks, self.weights = tasks, weights
+        rng = random.Random(seed)
+        self.index_map = []
+        for t, (task, w) in enumerate(zip(tasks, weights)):
+            n = len(task)
+            whole, frac = int(w), w - int(w)
+            idx = [i for _ in range(whole) for i in range(n)]
+            perm = list(range(n))
+            rng.shuffle(perm)
+            idx += perm[:int(round(frac * n))]
+            self.index_map += [(t, i) for i in idx]
+        rng.shuffle(self.index_map)
+
+    def num_examples(self):
+        return len(self.index_map)
+
+    def get_example(self, index):
+        t, i = self.index_map[index]
+        return self.tasks[t][i]
+
+
+def render_mc(question, letters, choices):
+    """nanochat's multiple-choice prompt: the letter comes *after* each choice with no space before it (small models
+    bind better), and the answer is that bare letter."""
+    query = f"Multiple Choice question: {question}\n"
+    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return query + "\nRespond only with the letter of the correct answer."
+
+
+def mc_conversation(question, choices, answer_idx, letters="ABCDEFGHIJ"):
+    letters = tuple(letters[:len(choices)])
+    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
+                         {"role": "assistant", "content": letters[answer_idx]}],
+            "letters": letters, "question": question, "choices": list(choices), "answer": answer_idx}
+
+
+class MCTask(Task):
+    """Multiple choice: conversations carry "letters"; a completion is right when it is exactly the answer letter."""
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        answer = conversation["messages"][-1]["content"]
+        return int(completion.strip() == answer)
+
+
+# ------------------------------------------------------------------------------------------------ downloading
+def data_url():
+    return os.environ.get("TRITONCHAT_DATA_URL", DEFAULT_DATA_URL).rstrip("/")
+
+
+def cache_dir(*parts):
+    from model.common import home_dir
+    path = os.path.join(home_dir(), "data", "tasks", *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def download(url, path, retries=5, backoff=0.5, timeout=60):
+    """Fetch url to path (temp file + rename, so a crash never leaves a half file). Returns path, or None on 404.
+    Other failures are retried with exponential backoff, then raise TaskError naming the URL."""
+    if os.path.exists(path):
+        return path
+    tmp = f"{path}.tmp{os.getpid()}"
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+            os.replace(tmp, path)
+            return path
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            err = e
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            err = e
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if attempt + 1 < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise TaskError(f"download failed after {retries} tries: {url}: {err}")
+
+
+def read_rows(path):
+    """Rows (list of dicts) of a .parquet or .jsonl file; TaskError naming the file when it does not parse."""
+    try:
+        if path.endswith(".jsonl") or path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - any parse failure becomes one clear message
+        raise TaskError(f"cannot parse task file {path}: {type(e).__name__}: {e}") from e
+
+
+def hf_rows(repo, config, split, files=None):
+    """All rows of one split: from `files` (paths or URLs) if given, else from the HF parquet export shards."""
+    if files:
+        rows = []
+        for f in files:
+            if "://" in f:
+                local = os.path.join(cache_dir("urls"), f"{hashlib.sha1(f.encode()).hexdigest()[:12]}_{os.path.basename(f)}")
+                if download(f, local) is None:
+                    raise TaskError(f"not found (404): {f}")
+                f = local
+            if not os.path.exists(f):
+                raise TaskError(f"task file not found: {f}")
+            rows += read_rows(f)
+        return rows
+    folder = cache_dir(repo.replace("/", "__"), config, split)
+    done = os.path.join(folder, "COMPLETE")  # written once the 404 after the last shard was seen
+    if os.path.exists(done):
+        n = int(open(done).read())
+        return [row for i in range(n) for row in read_rows(os.path.join(folder, f"{i:04d}.parquet"))]
+    rows, i = [], 0
+    while True:
+        url = f"{data_url()}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
+        path = download(url, os.path.join(folder, f"{i:04d}.parquet"))
+        if path is None:
+            if i == 0:
+                raise TaskError(f"no data for {repo} {config}/{split}: 404 at {url}")
+            with open(done, "w") as f:
+                f.write(str(i))
+            return rows
+        rows += read_rows(path)
+        i += 1
