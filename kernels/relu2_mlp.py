@@ -1,19 +1,176 @@
-"""Fused ReLU^2 MLP: relu(x W_fc^T)^2 W_proj^T.
+"""Fused ReLU^2 MLP: y = relu(x W_fc^T)^2 W_proj^T, forward and backward.
 
-Contract (DESIGN.md): relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C).
-The Triton kernel lands with its own issue; until then fused mode raises NotImplementedError.
+Contract (DESIGN.md): relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear weight layout, no
+bias) -> (..., C); differentiable w.r.t. x, w_fc and w_proj. Inputs are flattened to M = prod(...) tokens.
+
+Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
+    forward    y  = a W_proj^T
+    backward   dW_proj = dy^T a          dA = dy W_proj          dh = dA * 2 r
+               dW_fc   = dh^T x          dx = dh W_fc
+
+What is fused and what is saved:
+  * forward GEMM 1 (Triton, `_matmul_kernel` with ACT=RELU2): h is accumulated in fp32 and the epilogue writes only
+    a = relu(h)^2 in the input dtype. h and r never reach memory.
+  * the projection y = a W_proj^T is a plain GEMM with no epilogue: it goes to cuBLAS (torch.matmul). A Triton GEMM
+    without anything to fuse is at best as fast as cuBLAS on Hopper; this choice is made without a GPU measurement
+    (none was available when this was written) -- bench/relu2_mlp.py is where to check it.
+  * saved for backward: x and a -- ONE (M, F) activation tensor. The ReLU^2 derivative needs r = relu(h), and
+    since r >= 0 it is recovered exactly as r = sqrt(a) (in fp32, in the epilogue below). Storing a rather than h
+    or r is the right one to keep because dW_proj = dy^T a needs a itself; storing h would force recomputing a (a
+    second (M, F) tensor or a Triton GEMM with a prologue) in backward. Precision: a rounded to bf16 has relative
+    error <= 2^-9, so sqrt(a) has <= 2^-10 + rounding -- no worse than eager, which stores r rounded to bf16. (In
+    fp16, a underflows for |h| < ~2.4e-4 exactly as eager's forward does; those units get a zero derivative.)
+  * backward GEMM dA = dy W_proj (Triton, ACT=DRELU2): the epilogue loads the a tile and writes dh = dA * 2 sqrt(a)
+    directly; dA never reaches memory. The weight gradients and dx are plain GEMMs -> cuBLAS.
+
+Why it beats eager: eager runs linear -> relu -> square -> linear, writing/reading h, r and a (three (M, F) tensors
+through HBM in the forward and again for relu/square backward) and keeps two of them (r and a) alive for backward;
+its forward peak holds h, r and a at once. Fused: one (M, F) write in the forward (a), one in the backward (dh),
+and one (M, F) tensor saved -> roughly half the MLP's activation memory (F = 4C, so the saved bytes per token go
+from C + 8C to C + 4C elements). Test `test_saved_tensor_bytes` counts them with saved_tensors_hooks.
 """
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import kernels
 
+ACT_NONE, ACT_RELU2, ACT_DRELU2 = 0, 1, 2
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreter costs ~ms per program x loop step regardless of tile size: one small fixed config
+    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+else:
+    # Hopper (H100/H200) bf16 GEMM configs; tl.dot lowers to wgmma for these tile shapes
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "ACT"])
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+                   ACT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = epilogue(A @ B), A (M, K), B (K, N), any strides. ACT_RELU2: C = relu(acc)^2.
+    ACT_DRELU2: C = acc * 2 sqrt(aux), aux (M, N) = the saved a = relu(h)^2."""
+    # grouped ("super-grouping") tile order: GROUP_M row-tiles share each B column panel while it sits in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # wrap the row/col indices instead of masking them in the inner loop; the store below is masked
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACT == 1:  # forward epilogue: a = relu(h)^2
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    elif ACT == 2:  # backward epilogue: dh = dA * 2 relu(h), relu(h) = sqrt(a) since relu(h) >= 0
+        aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+        acc = acc * (2.0 * tl.sqrt(aux.to(tl.float32)))
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _matmul(a, b, act=ACT_NONE, aux=None):
+    """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`; fp32 accumulation."""
+    assert a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0], (a.shape, b.shape)
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return c
+    if aux is None:
+        aux = c  # unused by ACT != DRELU2; any pointer will do
+    assert aux.shape == (M, N), (aux.shape, (M, N))
+    # fp32 inputs: full-precision dot (as eager without TF32); bf16/fp16: tensor cores, fp32 accumulation
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _matmul_kernel[grid](a, b, c, aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         c.stride(0), c.stride(1), aux.stride(0), aux.stride(1), ACT=act, PRECISION=precision)
+    return c
+
+
+def _check(x, w_fc, w_proj):
+    if x.ndim < 1 or w_fc.ndim != 2 or w_proj.ndim != 2:
+        raise ValueError(f"relu2_mlp: expected x (..., C), w_fc (F, C), w_proj (C, F); got {tuple(x.shape)}, "
+                         f"{tuple(w_fc.shape)}, {tuple(w_proj.shape)}")
+    C = x.shape[-1]
+    Fh = w_fc.shape[0]
+    if w_fc.shape[1] != C or tuple(w_proj.shape) != (C, Fh):
+        raise ValueError(f"relu2_mlp: shape mismatch: x (..., {C}) needs w_fc (F, {C}) and w_proj ({C}, F); got "
+                         f"w_fc {tuple(w_fc.shape)}, w_proj {tuple(w_proj.shape)}")
+    if not (x.dtype == w_fc.dtype == w_proj.dtype) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"relu2_mlp: x, w_fc, w_proj must share one dtype among fp32/fp16/bf16; got {x.dtype}, "
+                        f"{w_fc.dtype}, {w_proj.dtype}")
+    if not (x.device == w_fc.device == w_proj.device):
+        raise ValueError(f"relu2_mlp: tensors on different devices: {x.device}, {w_fc.device}, {w_proj.device}")
+
+
+class _ReLU2MLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj):
+        x2 = x.reshape(-1, x.shape[-1])                       # (M, C), a view when possible
+        a = _matmul(x2, w_fc.t(), act=ACT_RELU2)              # (M, F) = relu(x W_fc^T)^2
+        y = torch.matmul(a, w_proj.t())                       # (M, C), cuBLAS
+        ctx.save_for_backward(x2, w_fc, w_proj, a)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], w_proj.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w_fc, w_proj, a = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])                     # (M, C)
+        dx = dw_fc = dw_proj = None
+        if ctx.needs_input_grad[2]:
+            dw_proj = torch.matmul(dy.t(), a)                 # (C, F)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dh = _matmul(dy, w_proj, act=ACT_DRELU2, aux=a)   # (M, F) = (dy W_proj) * 2 sqrt(a)
+            if ctx.needs_input_grad[1]:
+                dw_fc = torch.matmul(dh.t(), x2)              # (F, C)
+            if ctx.needs_input_grad[0]:
+                dx = torch.matmul(dh, w_fc).view(ctx.x_shape)  # (..., C)
+        return dx, dw_fc, dw_proj
+
 
 def relu2_mlp(x, w_fc, w_proj):
-    if kernels.use_fused():
-        raise NotImplementedError("kernels.relu2_mlp: the fused Triton ReLU^2 MLP kernel is not implemented yet; "
-                                  "use --kernels eager")
-    return reference_relu2_mlp(x, w_fc, w_proj)
+    """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C). Fused Triton path in fused mode."""
+    if not kernels.use_fused():
+        return reference_relu2_mlp(x, w_fc, w_proj)
+    if torch.is_autocast_enabled(x.device.type):  # the kernel runs in one dtype: apply autocast's cast ourselves
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
+    _check(x, w_fc, w_proj)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ReLU2MLP.apply(x, w_fc, w_proj)
 
 
 def reference_relu2_mlp(x, w_fc, w_proj):
