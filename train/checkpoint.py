@@ -1,0 +1,250 @@
+"""Checkpoints: model + optimizers (sharded, via torch.distributed.checkpoint) + meta.json, written atomically.
+
+Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/
+    *.distcp, .metadata   DCP files: every rank writes its own shards of {"model": ..., "optim": ...}; DCP reshards
+                          on load, so a checkpoint saved by N ranks loads into M ranks or one plain nn.Module.
+    meta.json             {"config": GPTConfig dict, "step", "stage", "kernels", "world_size",
+                           "loader_states": [state of rank 0, rank 1, ...], "rng_states": [base64 pickle per rank],
+                           ... plus whatever the stage adds (args, val metrics, tokenizer dir)}
+
+Atomicity: everything is written into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then the directory is
+renamed into place (one rename on one file system). On any failure the temp dir is removed, so a step_* directory
+either is complete or does not exist. Before writing, the free disk space is checked against an estimate of the
+checkpoint size (sum of all state tensors + 10 %); too little space -> UserError, nothing written.
+
+    save_checkpoint(path, step, model, optimizers, meta, loader_state)   (call on every rank)
+    meta = load_checkpoint(path, model, optimizers=None)                  (every rank; returns meta.json)
+    find_last_checkpoint(stage, run=None) -> path | None
+    model, tokenizer, meta = load_model(stage, device="cpu", run=None)   (one process, no FSDP: inference, next stage)
+"""
+import base64
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from model.common import home_dir
+
+
+class UserError(RuntimeError):
+    """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, corrupt shard, ...).
+    Entry points print its message alone, without a traceback, and exit with status 2."""
+
+
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def _dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank():
+    return dist.get_rank() if _dist() else 0
+
+
+def _world():
+    return dist.get_world_size() if _dist() else 1
+
+
+def checkpoint_dir(stage, run="default"):
+    """$TRITONCHAT_HOME/checkpoints/<stage>/<run>/ (a step_XXXXXX/ directory per saved step lives inside)."""
+    return os.path.join(home_dir(), "checkpoints", stage, run)
+
+
+def step_dir(stage, run, step):
+    return os.path.join(checkpoint_dir(stage, run), f"step_{step:06d}")
+
+
+def rng_state():
+    """This process's RNG states (torch CPU, CUDA, python, numpy) as a base64 string for meta.json."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return base64.b64encode(pickle.dumps(state)).decode("ascii")
+
+
+def set_rng_state(encoded):
+    state = pickle.loads(base64.b64decode(encoded))  # our own file: written by rng_state() above
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        np.random.set_state(state["numpy"])
+
+
+def _as_list(optimizers):
+    if optimizers is None:
+        return []
+    return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+
+
+def _state_dicts(model, optimizers):
+    opts = _as_list(optimizers)
+    if not opts:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, opts)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _nbytes(obj):
+    """Bytes of all tensors in a (nested) state dict, counted at their global (unsharded) size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()  # a DTensor reports its global shape
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def estimate_checkpoint_bytes(model, optimizers=None):
+    return int(_nbytes(_state_dicts(model, optimizers)) * 1.1) + (1 << 20)
+
+
+def _all_gather(obj):
+    if not _dist():
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
+    """Atomically write a checkpoint of `step` to `path` (a step_XXXXXX dir). Collective: call on every rank.
+
+    meta: dict saved to meta.json (must be JSON-serialisable: GPTConfig as a dict, stage, kernels mode, ...);
+    "step", "world_size", "loader_states" (gathered from every rank) and "rng_states" are added here."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp")
+    state = _state_dicts(model, optimizers)
+    loader_states = _all_gather(loader_state)
+    rng_states = _all_gather(rng_state())
+    ok = torch.tensor([1])
+    if _rank() == 0:
+        os.makedirs(parent, exist_ok=True)
+        need = int(_nbytes(state) * 1.1) + (1 << 20)
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            ok[0] = 0
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    if _dist():
+        dist.broadcast(ok, 0)
+    if not ok.item():
+        raise UserError(f"not enough disk space for the checkpoint in {parent}: need about {need / 2**30:.2f} GiB, "
+                        f"{free / 2**30:.2f} GiB free. Free some space or point $TRITONCHAT_HOME elsewhere."
+                        if _rank() == 0 else "not enough disk space for the checkpoint (see rank 0)")
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        if _rank() == 0:
+            full_meta = dict(meta or {}, step=step, world_size=_world(), loader_states=loader_states,
+                             rng_states=rng_states)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(full_meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        if _dist():
+            dist.barrier()
+        if _rank() == 0:
+            if os.path.exists(path):  # re-saving the same step: swap the old one out
+                old = os.path.join(parent, f".{name}.old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _dist():
+        dist.barrier()
+    return path
+
+
+def read_meta(path):
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise UserError(f"{path} is not a checkpoint (no meta.json)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path, model, optimizers=None):
+    """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model. Collective.
+    Returns meta.json as a dict; the caller restores loader state and RNG from it (see train/loop.py)."""
+    meta = read_meta(path)
+    opts = _as_list(optimizers)
+    state = _state_dicts(model, opts)
+    if opts and not os.path.exists(os.path.join(path, ".metadata")):
+        raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
+    dcp.load(state, checkpoint_id=path)
+    if opts:
+        set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(model, state["model"])
+    return meta
+
+
+def find_last_checkpoint(stage, run=None):
+    """Newest complete step_* dir of `run` (default: the most recently modified run of the stage), or None."""
+    stage_dir = os.path.join(home_dir(), "checkpoints", stage)
+    if run is None:
+        runs = [os.path.join(stage_dir, r) for r in os.listdir(stage_dir)] if os.path.isdir(stage_dir) else []
+        runs = [r for r in runs if os.path.isdir(r) and not os.path.basename(r).startswith(".")]
+        if not runs:
+            return None
+        run_dir = max(runs, key=os.path.getmtime)
+    else:
+        run_dir = os.path.join(stage_dir, run)
+    if not os.path.isdir(run_dir):
+        return None
+    steps = [(int(m.group(1)), d) for d in os.listdir(run_dir) if (m := _STEP_RE.match(d))
+             and os.path.exists(os.path.join(run_dir, d, "meta.json"))]
+    return os.path.join(run_dir, max(steps)[1]) if steps else None
+
+
+def load_model(stage, device="cpu", run=None, path=None):
+    """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`), as a plain single-process GPT in
+    eval mode on `device` (fp32). The tokenizer is loaded from meta["tokenizer_dir"] if recorded, else
+    $TRITONCHAT_HOME/tokenizer (None if the tokenizer module is not available)."""
+    from model.gpt import GPT, GPTConfig
+    path = path or find_last_checkpoint(stage, run)
+    if path is None:
+        raise UserError(f"no {stage} checkpoint found under {os.path.join(home_dir(), 'checkpoints', stage)}; "
+                        f"train the {stage} stage first")
+    meta = read_meta(path)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # also fills the non-persistent rotary buffers
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    model.load_state_dict(state["model"])
+    model.eval()
+    tokenizer = None
+    try:
+        from model.tokenizer import Tokenizer, get_tokenizer
+        tok_dir = meta.get("tokenizer_dir")
+        tokenizer = Tokenizer.load(tok_dir) if tok_dir and os.path.isdir(tok_dir) else get_tokenizer()
+    except (ImportError, OSError, FileNotFoundError):
+        pass
+    return model, tokenizer, meta

