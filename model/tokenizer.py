@@ -1,0 +1,252 @@
+"""The tritonchat tokenizer: byte-level BPE trained by `rustbpe` (Rust), encoded and decoded by `tiktoken`.
+
+    tok = Tokenizer.train(texts, vocab_size=65536)      # rustbpe: GPT-4 split pattern, numbers in 1-2 digit groups
+    tok.save(dir); tok = Tokenizer.load(dir)            # tokenizer.tiktoken (base64 token + rank) + tokenizer.json
+    tok = get_tokenizer()                               # loads $TRITONCHAT_HOME/tokenizer (python -m train.tokenizer)
+    ids = tok.encode("hello", prepend="<|bos|>")        # or a list of texts -> list of lists, encoded in threads
+    ids, mask = tok.render_conversation(conversation)   # chat format with the loss mask (1 = learn this token)
+
+Vocabulary: ids 0..255 are the raw bytes, then the learned merges in order (rank = id), then the 9 special tokens.
+`vocab_size` counts all of them, so `Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the
+corpus runs out of pairs: check `tok.vocab_size`).
+
+Chat format (as nanochat): <|bos|> then for each turn <|user_start|> text <|user_end|> or
+<|assistant_start|> parts <|assistant_end|>; an assistant part is plain text, a tool call
+<|python_start|> code <|python_end|>, or the tool's answer <|output_start|> output <|output_end|>. A system message
+(only as the first message) is merged into the first user message. Mask: 1 on every assistant token the model must
+produce (text, python calls with their delimiters, <|assistant_end|>), 0 on <|assistant_start|>, on tool outputs with
+their delimiters (the engine forces those), and on everything else.
+"""
+import base64
+import copy
+import json
+import os
+
+import tiktoken
+
+from model.common import home_dir
+
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+# GPT-4's split pattern, numbers in groups of 1-2 (nanochat); the same string as rustbpe.GPT4_PATTERN.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+RANKS_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
+FORMAT = "tritonchat-tokenizer-1"
+
+
+class Tokenizer:
+    """A tiktoken Encoding with the learned ranks and SPECIAL_TOKENS appended after them."""
+
+    def __init__(self, mergeable_ranks, pattern=SPLIT_PATTERN):
+        n = len(mergeable_ranks)
+        if sorted(mergeable_ranks.values()) != list(range(n)) or n < 256:
+            raise ValueError(f"mergeable ranks must be the ids 0..n-1 with n >= 256 (got {n} ranks)")
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name="tritonchat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_token_id = self.special_tokens["<|bos|>"]
+
+    # ---------------------------------------------------------------------------------------------- train/save/load
+    @classmethod
+    def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
+        """Train with rustbpe on an iterable of str. vocab_size includes the 256 bytes and the 9 special tokens."""
+        import rustbpe  # built by `pip install -e .` (maturin); see rustbpe/
+
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer.train expects an iterable of str (documents), not one str")
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must be an int >= {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern or SPLIT_PATTERN,
+                                buffer_size=buffer_size, num_threads=num_threads)
+        return cls(dict(bpe.get_mergeable_ranks()), bpe.get_pattern())
+
+    def save(self, directory):
+        """Write tokenizer.tiktoken (tiktoken's `base64(token) rank` lines) and tokenizer.json, each atomically."""
+        os.makedirs(directory, exist_ok=True)
+        ranks = "".join(f"{base64.b64encode(tok).decode()} {rank}\n"
+                        for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
+        meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "vocab_size": self.vocab_size}
+        for name, text in ((RANKS_FILE, ranks), (META_FILE, json.dumps(meta, indent=1) + "\n")):
+            tmp = os.path.join(directory, name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(directory, name))
+
+    @classmethod
+    def load(cls, directory):
+        ranks_path, meta_path = os.path.join(directory, RANKS_FILE), os.path.join(directory, META_FILE)
+        for p in (ranks_path, meta_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"no tokenizer at {directory} ({os.path.basename(p)} missing); "
+                                        f"train one with `python -m train.tokenizer`")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: unknown tokenizer format {meta.get('format')!r} (expected {FORMAT})")
+        ranks = {}
+        with open(ranks_path) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok)] = int(rank)
+                    except ValueError as e:
+                        raise ValueError(f"{ranks_path}:{lineno}: malformed line {line.strip()!r}") from e
+        tok = cls(ranks, meta["pattern"])
+        if meta.get("special_tokens") != tok.special_tokens:
+            raise ValueError(f"{meta_path}: special tokens {meta.get('special_tokens')} do not match this version's "
+                             f"{tok.special_tokens}")
+        return tok
+
+    # ------------------------------------------------------------------------------------------------ encode/decode
+    @property
+    def vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_vocab_size(self):
+        return self.vocab_size
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode_special(self, name):
+        if name not in self.special_tokens:
+            raise ValueError(f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}")
+        return self.special_tokens[name]
+
+    def _token_id(self, tok):
+        return self.encode_special(tok) if isinstance(tok, str) else int(tok)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """str -> list[int]; list[str] -> list[list[int]] (tiktoken's threaded batch). Special-token text in the
+        input is encoded as ordinary text, never as the special token. prepend/append: a token id or special name."""
+        pre = None if prepend is None else self._token_id(prepend)
+        post = None if append is None else self._token_id(append)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if pre is not None:
+                ids.insert(0, pre)
+            if post is not None:
+                ids.append(post)
+            return ids
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+        batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+        if pre is not None:
+            batch = [[pre] + ids for ids in batch]
+        if post is not None:
+            for ids in batch:
+                ids.append(post)
+        return batch
+
+    __call__ = encode
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def id_to_token(self, i):
+        return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+
+    def token_bytes(self):
+        """list[int] (vocab_size,): the exact byte length of every token (0 for special tokens); for bits per byte.
+        (decode([i]).encode() overcounts tokens that hold part of a UTF-8 character.)"""
+        special = set(self.special_tokens.values())
+        return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
+
+    # ------------------------------------------------------------------------------------------------ conversations
+    def _messages(self, conversation):
+        """Validate; return the messages with a leading system message merged into the first user message."""
+        if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+            raise ValueError('a conversation must be a dict {"messages": [...]}, got '
+                             f"{type(conversation).__name__}" + (f" with keys {list(conversation)}"
+                                                                 if isinstance(conversation, dict) else ""))
+        messages = conversation["messages"]
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f'message {i} must be a dict with "role" and "content", got {m!r:.200}')
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"message {i}: unknown role {m['role']!r} (system, user or assistant)")
+            content = m["content"]
+            if isinstance(content, list):
+                for j, part in enumerate(content):
+                    if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+                        raise ValueError(f'message {i} part {j}: a part is {{"type": ..., "text": str}}, '
+                                         f"got {part!r:.200}")
+                    if part.get("type") not in ("text", "python", "python_output"):
+                        raise ValueError(f"message {i} part {j}: unknown part type {part.get('type')!r} "
+                                         f"(text, python or python_output)")
+                    if m["role"] != "assistant" and part["type"] != "text":
+                        raise ValueError(f"message {i} part {j}: only assistant messages hold {part['type']} parts")
+            elif not isinstance(content, str):
+                raise ValueError(f"message {i}: content must be a str or a list of parts, "
+                                 f"got {type(content).__name__}")
+        if messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            merged = copy.deepcopy(messages[1])
+            merged["content"] = _text(messages[0]["content"]) + "\n\n" + _text(merged["content"])
+            messages = [merged] + messages[2:]
+        for i, m in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if m["role"] != expected:
+                if m["role"] == "system":
+                    raise ValueError(f"message {i}: a system message may only come first")
+                raise ValueError(f"message {i} (after merging a system message) has role {m['role']!r}, expected "
+                                 f"{expected!r}: turns alternate user, assistant, user, ...")
+        return messages
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """-> (ids, mask), both lists of the same length, truncated to max_tokens (None: no limit)."""
+        ids, mask = [self.bos_token_id], [0]
+
+        def add(tokens, m):
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self.special_tokens
+        for m in self._messages(conversation):
+            if m["role"] == "user":
+                add([sp["<|user_start|>"]] + self.encode(_text(m["content"])) + [sp["<|user_end|>"]], 0)
+                continue
+            add([sp["<|assistant_start|>"]], 0)
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            for part in parts:
+                body = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(body, 1)
+                elif part["type"] == "python":
+                    add([sp["<|python_start|>"]] + body + [sp["<|python_end|>"]], 1)
+                else:  # python_output: produced by the tool, forced by the engine, not learned
+                    add([sp["<|output_start|>"]] + body + [sp["<|output_end|>"]], 0)
+            add([sp["<|assistant_end|>"]], 1)
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def render_for_completion(self, conversation):
+        """Prompt ids for the engine: the conversation (without its last message if that is the assistant's
+        answer, as nanochat does for RL) followed by <|assistant_start|>. Must then end with a user turn."""
+        messages = self._messages(conversation)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError("render_for_completion needs a user message to answer")
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
+        return ids + [self.special_tokens["<|assistant_start|>"]]
+
+
+def _text(content):
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def get_tokenizer(directory=None):
+    """The trained tokenizer at $TRITONCHAT_HOME/tokenizer (or `directory`)."""
+    return Tokenizer.load(directory or os.path.join(home_dir(), "tokenizer"))

@@ -1,0 +1,72 @@
+"""Train the tokenizer on the configured corpus and report its compression on held-out text.
+
+    python -m train.tokenizer                                  # vocab 65536 on the embedded Shakespeare corpus
+    python -m train.tokenizer --vocab-size 4096 --max-chars 1000000
+
+Corpus: train/data.py's embedded corpus (`load_corpus("train")`, documents capped at --doc-cap characters, the
+stream stopped after --max-chars characters, as nanochat does with 2 B characters of FineWeb-Edu). Held-out:
+`load_corpus("val")` (a play never seen in training). Saves to $TRITONCHAT_HOME/tokenizer (or --out) and prints
+bytes per token. A small corpus can run out of pairs before the requested vocab size; the printed vocab size is
+the real one. Single process (rustbpe uses every core itself); under torchrun only rank 0 should call it.
+"""
+import argparse
+import os
+import time
+
+from model.common import home_dir, print0
+from model.tokenizer import Tokenizer
+
+
+def bytes_per_token(tok, docs):
+    ids = tok.encode(list(docs))
+    return sum(len(d.encode("utf-8")) for d in docs) / max(1, sum(len(x) for x in ids))
+
+
+def capped_docs(docs, max_chars=None, doc_cap=10_000):
+    """Yield documents cut to doc_cap characters until max_chars characters were yielded in total."""
+    total = 0
+    for doc in docs:
+        doc = doc[:doc_cap]
+        if max_chars is not None:
+            if total >= max_chars:
+                return
+            doc = doc[:max_chars - total]
+        total += len(doc)
+        yield doc
+
+
+def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=None, num_threads=None):
+    """Train, save and evaluate; returns (tokenizer, stats dict)."""
+    from train.data import load_corpus
+
+    train_docs, val_docs = load_corpus("train"), load_corpus("val")
+    docs = list(capped_docs(train_docs, max_chars, doc_cap))
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(iter(docs), vocab_size, num_threads=num_threads)
+    train_s = time.perf_counter() - t0
+    out_dir = out_dir or os.path.join(home_dir(), "tokenizer")
+    tok.save(out_dir)
+    stats = {"vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "train_chars": sum(map(len, docs)),
+             "train_seconds": round(train_s, 3), "val_bytes_per_token": round(bytes_per_token(tok, val_docs), 4),
+             "train_bytes_per_token": round(bytes_per_token(tok, docs[:200]), 4), "dir": out_dir}
+    return tok, stats
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab-size", type=int, default=65536, help="total vocabulary incl. 256 bytes + 9 specials")
+    p.add_argument("--max-chars", type=int, default=None, help="characters of training text (default: all)")
+    p.add_argument("--doc-cap", type=int, default=10_000, help="characters kept of each document")
+    p.add_argument("--num-threads", type=int, default=None, help="rustbpe threads (default: all cores)")
+    p.add_argument("--out", default=None, help="output directory (default: $TRITONCHAT_HOME/tokenizer)")
+    args = p.parse_args(argv)
+    tok, s = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap, args.out, args.num_threads)
+    note = "" if s["vocab_size"] == args.vocab_size else f" (the corpus ran out of pairs before {args.vocab_size})"
+    print0(f"trained on {s['train_chars']:,} chars in {s['train_seconds']:.2f} s: vocab {s['vocab_size']:,}{note}")
+    print0(f"bytes/token: held-out {s['val_bytes_per_token']:.3f}, train {s['train_bytes_per_token']:.3f}")
+    print0(f"saved to {s['dir']}")
+    return s
+
+
+if __name__ == "__main__":
+    main()
