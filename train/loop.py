@@ -200,7 +200,8 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     model.train()
     while True:
         last = step == num_iterations
-        if eval_fn is not None and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        resumed_here = args.resume and step == start_step  # already evaluated before that checkpoint was saved
+        if eval_fn is not None and not resumed_here and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
             last_val = _forked(eval_fn, model, step) or {}
             model.train()
             print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items()))

