@@ -1,0 +1,161 @@
+"""rustbpe (the Rust BPE trainer) against a slow, obviously-correct pure-Python trainer, plus bad inputs.
+
+Tie-break rule (both trainers): merge the pair with the highest count; among equal counts the lexicographically
+smallest pair of token ids (left, right). rustbpe is part of the install (`pip install -e .` builds it): if it is
+missing these tests fail on the import, they never skip.
+"""
+import random
+from collections import Counter
+
+import pytest
+import regex
+import tiktoken
+
+import rustbpe
+from model.tokenizer import SPLIT_PATTERN
+
+random.seed(0)
+
+
+def reference_train(texts, vocab_size, pattern=SPLIT_PATTERN):
+    """Byte-level BPE the slow way: recount every pair of every chunk before each merge."""
+    chunks = Counter(m for t in texts for m in regex.findall(pattern, t))
+    words = [(list(c.encode("utf-8")), n) for c, n in chunks.items()]
+    merges = []
+    for new_id in range(256, vocab_size):
+        counts = Counter()
+        for ids, n in words:
+            for pair in zip(ids, ids[1:]):
+                counts[pair] += n
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))  # highest count, then the smallest pair
+        merges.append(best)
+        for k, (ids, n) in enumerate(words):
+            out, i = [], 0
+            while i < len(ids):
+                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(ids[i])
+                    i += 1
+            words[k] = (out, n)
+    return merges
+
+
+def zipf_corpus(n_docs, seed, words_per_doc=60):
+    """Documents from a Zipf-distributed vocabulary of made-up words, numbers and punctuation."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlucmfwypvbgkqjxz"
+    vocab = ["".join(rng.choice(letters[: rng.randint(6, 26)]) for _ in range(rng.randint(1, 9)))
+             for _ in range(400)]
+    weights = [1 / (r + 1) for r in range(len(vocab))]
+    docs = []
+    for _ in range(n_docs):
+        ws = rng.choices(vocab, weights, k=words_per_doc)
+        for j in range(0, len(ws), 7):
+            ws[j] = ws[j].capitalize() + rng.choice([",", ".", "", "", "'s", "!"])
+        if rng.random() < 0.5:
+            ws.append(str(rng.randint(0, 99999)))
+        docs.append(" ".join(ws) + rng.choice(["\n", "\n\n", "  \n", ""]))
+    return docs
+
+
+CORPORA = {
+    "english": ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world! Hello, hello; HELLO.",
+                "It's what we've said: they'll do it, we're sure, I'd think, you'd be 12345 or 3.14159."],
+    "repeats": ["aaaa aaa aa a aaaaaaa", "abababab ababa bab", "zzzz" * 10, "aaa" + "b" * 9],
+    "unicode": ["naïve café — résumé", "日本語のテキスト、日本語！", "emoji 😀😀 👩‍💻 🇫🇷🇫🇷 ok",
+                "Zalgo z̷a̶l̴g̸o", "Ελληνικά και русский текст", "tabs\tand\nnewlines\r\n  spaces   end"],
+    "zipf": zipf_corpus(40, seed=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CORPORA))
+@pytest.mark.parametrize("vocab_size", [256, 300, 420])
+def test_matches_reference(name, vocab_size):
+    texts = CORPORA[name]
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(texts), vocab_size)
+    ref = reference_train(texts, vocab_size)
+    assert tok.get_merges() == ref
+    assert tok.get_vocab_size() == 256 + len(ref)
+
+
+def test_matches_reference_custom_pattern_and_buffering():
+    texts = zipf_corpus(30, seed=2)
+    pattern = r"\w+|[^\w\s]+|\s+"
+    ref = reference_train(texts, 350, pattern)
+    for buffer_size in (1, 7, 8192):  # batches of the stream must not change the counts
+        tok = rustbpe.Tokenizer()
+        tok.train_from_iterator(iter(texts), 350, pattern=pattern, buffer_size=buffer_size)
+        assert tok.get_merges() == ref
+        assert tok.get_pattern() == pattern
+
+
+def test_threads_do_not_change_the_result():
+    texts = zipf_corpus(600, seed=3)
+    results = []
+    for threads in (1, 2, 4):
+        tok = rustbpe.Tokenizer()
+        tok.train_from_iterator(iter(texts), 2000, buffer_size=64, num_threads=threads)
+        results.append(tok.get_merges())
+    assert len(results[0]) == 2000 - 256
+    assert results[0] == results[1] == results[2]
+
+
+def test_mergeable_ranks_and_encode_match_tiktoken():
+    texts = zipf_corpus(200, seed=4) + CORPORA["unicode"] + CORPORA["english"]
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(texts, 1200)
+    ranks = tok.get_mergeable_ranks()
+    assert [r for _, r in ranks] == list(range(1200))
+    assert all(isinstance(b, bytes) for b, _ in ranks) and ranks[97] == (b"a", 97)
+    vocab = [b for b, _ in ranks]
+    for k, (a, b) in enumerate(tok.get_merges()):
+        assert vocab[256 + k] == vocab[a] + vocab[b]
+    assert tok.get_pattern() == SPLIT_PATTERN == rustbpe.GPT4_PATTERN
+    enc = tiktoken.Encoding("t", pat_str=tok.get_pattern(), mergeable_ranks=dict(ranks), special_tokens={})
+    samples = zipf_corpus(20, seed=5) + CORPORA["unicode"] + ["", " ", "\n\n\n", "x" * 1000, "1234567 89"]
+    for s in samples:
+        ids = tok.encode(s)
+        assert ids == enc.encode_ordinary(s)
+        assert enc.decode(ids) == s
+
+
+def test_runs_out_of_pairs_and_empty_inputs():
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(["ab ab", ""], 1000)  # chunks "ab", " ab": 2 merges possible ((a,b), then (32, ab))
+    assert tok.get_merges() == [(97, 98), (32, 256)]
+    tok.train_from_iterator(iter([]), 500)
+    assert tok.get_vocab_size() == 256 and len(tok.get_mergeable_ranks()) == 256
+
+
+def _gen_then_fail():
+    yield "fine text"
+    raise RuntimeError("boom from the iterator")
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda t: t.train_from_iterator(["a"], 255), ValueError, "vocab_size"),
+    (lambda t: t.train_from_iterator(["a"], -5), ValueError, "vocab_size"),
+    (lambda t: t.train_from_iterator(["a"], 2**24 + 1), ValueError, "vocab_size"),
+    (lambda t: t.train_from_iterator(["a"], "300"), TypeError, "vocab_size"),
+    (lambda t: t.train_from_iterator(["ok", 3], 300), TypeError, "item 1 is int"),
+    (lambda t: t.train_from_iterator(["ok", b"bytes"], 300), TypeError, "item 1 is bytes"),
+    (lambda t: t.train_from_iterator(["ok", None], 300, buffer_size=1), TypeError, "item 1 is NoneType"),
+    (lambda t: t.train_from_iterator(42, 300), TypeError, "iterable of str"),
+    (lambda t: t.train_from_iterator(["a"], 300, pattern="(unclosed"), ValueError, "invalid split pattern"),
+    (lambda t: t.train_from_iterator(["a"], 300, pattern="[z-a]"), ValueError, "invalid split pattern"),
+    (lambda t: t.train_from_iterator(["a"], 300, buffer_size=0), ValueError, "buffer_size"),
+    (lambda t: t.train_from_iterator(["a"], 300, num_threads=0), ValueError, "num_threads"),
+    (lambda t: t.train_from_iterator(_gen_then_fail(), 300), RuntimeError, "boom"),
+    (lambda t: t.train_from_iterator(["bad \ud800 surrogate"], 300), UnicodeEncodeError, "surrogate"),
+])
+def test_bad_inputs_raise_python_errors(call, exc, match):
+    tok = rustbpe.Tokenizer()
+    with pytest.raises(exc, match=match):
+        call(tok)
+    tok.train_from_iterator(["still usable after an error"], 260)  # no panic, the object still works
+    assert tok.get_vocab_size() == 260
