@@ -12,9 +12,10 @@ Distributed (FSDP2: parameters and gradients are DTensors sharded on dim 0). The
 so it runs on the local shard. Newton-Schulz needs whole matrices, and orthogonalising every matrix on every rank
 would waste W-fold compute, so the ranks split the work:
   - matrices of the same shape form a group (one param group per shape), in a fixed order i = 0..n-1;
-  - matrix i is owned by rank i % W (i.e. chunks of W matrices, one per rank);
-  - one all_to_all per group sends every rank's shard of matrix i to its owner, which now holds its k <= ceil(n/W)
-    full matrices and orthogonalises them with ONE batched (k, rows, cols) newton_schulz call;
+  - Muon matrix number i (counted over all groups) is owned by rank i % W (chunks of W matrices, one per rank;
+    counting across groups spreads small groups over the ranks);
+  - one all_to_all per group sends every rank's shard of each matrix to its owner, which now holds its
+    k ~ n/W full matrices and orthogonalises them with ONE batched (k, rows, cols) newton_schulz call;
   - a second all_to_all sends each orthogonalised matrix back, shard by shard, to the ranks that hold it.
 Shards follow torch.chunk along dim 0 (FSDP2's layout) and are zero-padded to ceil(rows/W) rows in the buffers.
 World size 1 and plain (non-distributed) tensors take the same math without communication. The collectives of all
@@ -69,13 +70,13 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = []
+        pending, base = [], 0
         for group in self.param_groups:
             params = group["params"]
-            if all(p.grad is None for p in params):
-                continue
-            updates = [self._momentum_update(p, group) for p in params]
-            pending.append((group, self._start_orthogonalize(params, updates, group["ns_steps"])))
+            if any(p.grad is not None for p in params):
+                updates = [self._momentum_update(p, group) for p in params]
+                pending.append((group, self._start_orthogonalize(params, updates, group["ns_steps"], base)))
+            base += len(params)  # owners continue round-robin across groups, so small groups spread over ranks
         for group, job in pending:
             outs = job()
             for p, o in zip(group["params"], outs):
@@ -98,7 +99,7 @@ class Muon(torch.optim.Optimizer):
         self.ns_matrices += x.size(0)
         return newton_schulz(x, steps=steps)
 
-    def _start_orthogonalize(self, params, updates, steps):
+    def _start_orthogonalize(self, params, updates, steps, base=0):
         """Starts orthogonalising the group's (local) updates; returns a function giving the local results."""
         p0 = params[0]
         ns_dtype = torch.bfloat16 if updates[0].device.type == "cuda" else torch.float32
@@ -106,9 +107,9 @@ class Muon(torch.optim.Optimizer):
         world = mesh.size() if mesh is not None else 1
         if world == 1:  # every matrix is whole here: one batched call, no communication
             return lambda: self._ns(torch.stack(updates).to(ns_dtype), steps).unbind(0)
-        return self._start_sharded(params, updates, steps, mesh, ns_dtype)
+        return self._start_sharded(params, updates, steps, base, mesh, ns_dtype)
 
-    def _start_sharded(self, params, updates, steps, mesh, ns_dtype):
+    def _start_sharded(self, params, updates, steps, base, mesh, ns_dtype):
         from torch.distributed.tensor import Shard
         p0 = params[0]
         if mesh.ndim != 1 or tuple(p0.placements) != (Shard(0),):
@@ -120,30 +121,34 @@ class Muon(torch.optim.Optimizer):
         n = len(params)
         P = -(-rows // W)                 # shard rows (torch.chunk), padded to equal size in the buffers
         my_rows = max(0, min(P, rows - r * P))
-        k = -(-n // W)                    # matrices per owner (padded)
-        k_mine = len(range(r, n, W))      # matrices this rank really owns
+        # matrix i (global index base + i) is owned by rank (base + i) % W and sits in slot (base % W + i) // W
+        owner = [(base + i) % W for i in range(n)]
+        slot = [(base % W + i) // W for i in range(n)]
+        k = slot[-1] + 1                  # slots per owner in the buffers
+        mine = [slot[i] for i in range(n) if owner[i] == r]   # a contiguous range of slots
+        lo, hi = (mine[0], mine[-1] + 1) if mine else (0, 0)
 
-        # send[o, j] = my shard of matrix j*W + o (owned by rank o)
+        # send[o, j] = my shard of the matrix that rank o owns in slot j
         send = torch.zeros(W, k, P, cols, dtype=ns_dtype, device=updates[0].device)
         for i, u in enumerate(updates):
             if u.shape != (my_rows, cols):
                 raise ValueError(f"Muon: local shard of shape {tuple(u.shape)}, expected ({my_rows}, {cols}) "
                                  f"(dim-0 chunks of a ({rows}, {cols}) matrix over {W} ranks)")
-            send[i % W, i // W, :my_rows] = u
+            send[owner[i], slot[i], :my_rows] = u
         recv = torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
 
         def finish():
             work.wait()
-            # recv[s, j] = rank s's shard of my j-th matrix -> full matrices (k_mine, rows, cols)
-            full = recv[:, :k_mine].permute(1, 0, 2, 3).reshape(k_mine, W * P, cols)[:, :rows]
+            # recv[s, j] = rank s's shard of my matrix in slot j -> my full matrices (hi - lo, rows, cols)
+            full = recv[:, lo:hi].permute(1, 0, 2, 3).reshape(hi - lo, W * P, cols)[:, :rows]
             back = torch.zeros(k, W * P, cols, dtype=ns_dtype, device=send.device)
-            if k_mine > 0:
-                back[:k_mine, :rows] = self._ns(full, steps)
+            if hi > lo:
+                back[lo:hi, :rows] = self._ns(full, steps)
             back = back.view(k, W, P, cols).permute(1, 0, 2, 3).contiguous()  # back[s, j] = rank s's rows
             out = torch.empty_like(back)
             dist.all_to_all_single(out, back, group=pg)
-            # out[o, j] = my rows of matrix j*W + o
-            return [out[i % W, i // W, :my_rows] for i in range(n)]
+            # out[o, j] = my rows of the matrix rank o owns in slot j
+            return [out[owner[i], slot[i], :my_rows] for i in range(n)]
 
         return finish

@@ -1,0 +1,100 @@
+"""Process group setup and FSDP2 model construction, in one place.
+
+    python -m train.base ...                               # single process (CPU or one GPU)
+    torchrun --nproc_per_node=8 -m train.base ...          # one process per GPU (NCCL)
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base --preset tiny   # CPU, gloo
+
+One code path for every world size: a single process without torchrun still gets a process group (world size 1,
+backed by an in-memory HashStore, so no port is needed) and the model is sharded with FSDP2 exactly as under
+torchrun. Parameters are therefore always DTensors after build_model; optimizers (train/optim.py), checkpoints
+(torch.distributed.checkpoint) and the loop see the same types whatever the world size.
+
+build_model: GPT on the meta device (no memory) -> fully_shard every block, then the root -> to_empty(device) ->
+init_weights(). On CUDA the FSDP2 MixedPrecisionPolicy computes in bf16 (params gathered in bf16, gradients
+reduced in fp32, fp32 master weights in the optimizer); on CPU everything stays fp32 (the Triton interpreter and
+the tight cross-world-size tests need fp32).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model.common import print0  # noqa: F401  (re-exported: rank-0 printing for the entry points)
+
+
+@dataclass
+class DistInfo:
+    is_dist: bool          # launched by torchrun (RANK/WORLD_SIZE set)
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(device_type=None):
+    """Initialise (or reuse) the default process group and pick this rank's device -> DistInfo.
+
+    device_type: "cuda" | "cpu" | None (= cuda when available). NCCL on CUDA, gloo on CPU. Without torchrun this
+    creates a 1-rank group (HashStore, no network). Idempotent: an existing group is reused."""
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"init_distributed: device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("init_distributed: CUDA requested but no GPU is visible; use device_type='cpu'")
+    is_dist = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"init_distributed: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
+                               "launch at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if is_dist:
+            kwargs = dict(device_id=device) if device_type == "cuda" else {}
+            dist.init_process_group(backend, **kwargs)  # env:// rendezvous from torchrun
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(f"init_distributed: process group has {dist.get_world_size()} ranks, "
+                           f"WORLD_SIZE says {world_size}")
+    return DistInfo(is_dist, rank, local_rank, world_size, device)
+
+
+def build_model(config, dist_info):
+    """GPT(config) sharded with FSDP2 over all ranks and initialised; identical weights for any world size."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from model.gpt import GPT
+
+    device = dist_info.device
+    if not dist.is_initialized():
+        raise RuntimeError("build_model: call init_distributed() first")
+    with torch.device("meta"):
+        model = GPT(config)
+    mesh = init_device_mesh(device.type, (dist_info.world_size,))
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()  # fp32 throughout on CPU
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def cleanup():
+    """Destroy the process group (safe to call when none exists)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
