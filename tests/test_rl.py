@@ -76,3 +76,103 @@ def test_pass_at_k():
     assert pass_at_k([1, 0, 0, 0], 1) == pytest.approx(0.25)
     assert pass_at_k([1, 0, 0, 0], 4) == 1.0
     assert pass_at_k([1, 1, 0, 0], 2) == pytest.approx(1 - 1 / 6)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+class SmallTok:
+    """Six letters + the nine special tokens: a uniform policy samples 'a' often enough to learn from."""
+    letters = "abcdef"
+    vocab_size = 6 + len(SPECIALS)
+    bos_token_id = 6
+
+    def encode(self, text, prepend=None, append=None):
+        return [self.letters.index(c) for c in text if c in self.letters]
+
+    def encode_special(self, name):
+        return 6 + SPECIALS.index(name)
+
+    def decode(self, ids):
+        return "".join(self.letters[i] if i < 6 else ("Error: x" if i == 99 else SPECIALS[i - 6]) for i in ids)
+
+    def render_for_completion(self, conv):
+        return [6, 7] + self.encode(conv["messages"][0]["content"]) + [8, 9]
+
+
+class PreferA:
+    name = "prefer_a"
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"messages": [{"role": "user", "content": "abc"[: i % 3 + 1]}]}
+
+    def reward(self, conv, text):
+        letters = [c for c in text if c in "abcdef"]
+        return letters.count("a") / max(len(letters), 1)
+
+
+def _args(**kw):
+    import argparse
+    d = dict(num_samples=8, std_scale=False, device_batch_size=16, clip_eps=None, inner_steps=1, kl_coef=0.0,
+             reduction="token", grad_clip=1.0)
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+def test_batch_masks_prompt_forced_and_padding():
+    from train.rl import _batch
+    samples = [dict(ids=[6, 7, 0, 9, 1, 2, 10], mask=[0, 0, 0, 0, 1, 0, 1]), dict(ids=[6, 9, 3], mask=[0, 0, 1])]
+    x, y, m = _batch(samples, "cpu", pad_id=6)
+    assert x.tolist() == [[6, 7, 0, 9, 1, 2], [6, 9, 6, 6, 6, 6]]
+    assert y.tolist() == [[-1, -1, -1, 1, -1, 10], [-1, 3, -1, -1, -1, -1]]
+    assert m.sum().item() == 3
+
+
+def test_tool_crash_scores_zero_and_reward_errors_name_the_stage():
+    from train.rl import rollout
+    from train.tasks import TaskError
+    tok = SmallTok()
+
+    class Eng:
+        def generate_many(self, prompts, num_samples, **kw):
+            ok = prompts[0] + [0, 0, 0]                            # "aaa"
+            crash = prompts[0] + [0, 11, 0, 12, 13, 99, 14, 0]     # a <py>a</py> <out>Error: x</out> a
+            return [([ok, crash], [[0] * len(prompts[0]) + [1] * 3, [0] * len(prompts[0]) + [1, 1, 1, 1, 0, 0, 0, 1]])]
+
+    out = rollout(Eng(), tok, PreferA(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
+    assert [o["reward"] for o in out] == [1.0, 0.0] and [o["crashed"] for o in out] == [False, True]
+    assert out[0]["ids"][-1] == tok.encode_special("<|assistant_end|>")  # stopped by itself: stop token learned
+
+    class Bad(PreferA):
+        def reward(self, conv, text):
+            raise ZeroDivisionError("oops")
+
+    with pytest.raises(TaskError, match=r"\[rl\] reward function of task prefer_a raised: ZeroDivisionError"):
+        rollout(Eng(), tok, Bad(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
+
+
+def test_reward_preferring_one_token_rises():
+    from model.engine import Engine
+    from model.gpt import GPT, GPTConfig
+    from train.rl import grpo_update, rollout
+    torch.manual_seed(0)
+    tok, task = SmallTok(), PreferA()
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, betas=(0.9, 0.95))
+    engine = Engine(model, tok)
+    args = _args()
+    rewards = []
+    for step in range(12):
+        samples = rollout(engine, tok, task, [step % 4, (step + 1) % 4], args.num_samples, max_tokens=6,
+                          temperature=1.0, top_k=None, seed=step)
+        model.train()
+        grpo_update(model, [opt], samples, args)
+        rewards.append(sum(s["reward"] for s in samples) / len(samples))
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # uniform start: E[reward] = 1/6
+    assert first < 0.4 and last > first + 0.3, rewards

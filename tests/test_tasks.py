@@ -159,7 +159,9 @@ def test_embedded_tasks_deterministic_and_scored():
 
 
 def test_mixture_weights_and_errors():
-    assert parse_spec("arithmetic:2, spelling,identity:0.5") == [("arithmetic", 2.0), ("spelling", 1.0), ("identity", 0.5)]
+    assert parse_spec("arithmetic:2, spelling,identity:0.5@7") == [("arithmetic", 2.0, None), ("spelling", 1.0, None),
+                                                                   ("identity", 0.5, 7)]
+    assert len(build_mixture("identity:2@7,spelling@3")) == 17
     mix = build_mixture("arithmetic:2,spelling,identity:0.5", n=10)
     assert len(mix) == 20 + 10 + 5
     counts = {}
@@ -170,7 +172,7 @@ def test_mixture_weights_and_errors():
     assert [mix[i] for i in range(5)] == [build_mixture("arithmetic:2,spelling,identity:0.5", n=10)[i] for i in range(5)]
     with pytest.raises(TaskError, match=r"\[sft\] unknown task 'nope'"):
         build_mixture("arithmetic,nope", stage="sft")
-    with pytest.raises(TaskError, match="bad weight"):
+    with pytest.raises(TaskError, match="bad task spec"):
         build_mixture("arithmetic:x")
     with pytest.raises(TaskError):
         TaskMixture([get_task("identity", n=3)], weights=[-1])

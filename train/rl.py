@@ -86,3 +86,304 @@ def pass_at_k(correct, k):
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+def tool_crashed(tokenizer, completion):
+    """True when a forced tool output in the completion reports an error (the Engine writes 'Error: ...')."""
+    start, end = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>")
+    inside, out = False, []
+    for t in completion:
+        if t == start:
+            inside, out = True, []
+        elif t == end and inside:
+            if "Error:" in tokenizer.decode(out):
+                return True
+            inside = False
+        elif inside:
+            out.append(t)
+    return False
+
+
+def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed, stage="rl"):
+    """Sample num_samples completions for each task example in `indices` and score them.
+    Returns a list of dicts (prompt-major): ids (prompt + completion [+ <|assistant_end|> when it stopped]),
+    mask (1 on sampled tokens), reward, prompt index, completion length, crashed."""
+    convs = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
+    end_id = tokenizer.encode_special("<|assistant_end|>")
+    results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed)
+    out = []
+    for p, (conv, prompt, (seqs, masks)) in enumerate(zip(convs, prompts, results)):
+        for seq, mask in zip(seqs, masks):
+            comp = seq[len(prompt):]
+            if len(comp) < max_tokens:  # it stopped by itself: reinforce the stop token too
+                seq, mask = seq + [end_id], mask + [1]
+            crashed = tool_crashed(tokenizer, comp)
+            if crashed:
+                reward = 0.0
+            else:
+                try:
+                    reward = float(task.reward(conv, tokenizer.decode(comp)))
+                except Exception as e:  # noqa: BLE001
+                    from train.tasks import TaskError
+                    raise TaskError(f"[{stage}] reward function of task {getattr(task, 'name', task)} raised: "
+                                    f"{type(e).__name__}: {e}") from e
+            out.append(dict(ids=seq, mask=mask, reward=reward, prompt=p, length=len(comp), crashed=crashed))
+    return out
+
+
+def _batch(samples, device, pad_id):
+    """Right-padded (x, y, m): y = ids[1:] with -1 where the target was not sampled (prompt, tool output, pad)."""
+    T = max(len(s["ids"]) for s in samples) - 1
+    x = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(samples), T), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids, m = torch.tensor(s["ids"]), torch.tensor(s["mask"])
+        n = len(ids) - 1
+        x[i, :n] = ids[:-1]
+        y[i, :n] = torch.where(m[1:] == 1, ids[1:], torch.full_like(ids[1:], -1))
+    return x.to(device), y.to(device), (y >= 0).to(device)
+
+
+def token_logp(model, x, y):
+    """log p(y_t | x_<=t) for every position (0 where y == -1), shape (B, T)."""
+    return -model(x, y, loss_reduction="none")
+
+
+def _device_of(model):
+    p = next(model.parameters())
+    return p.to_local().device if hasattr(p, "to_local") else p.device
+
+
+def grpo_update(model, optimizers, samples, args, ref_model=None):
+    """One GRPO update from scored samples (prompt-major, args.num_samples per prompt): advantages, then
+    args.inner_steps optimizer steps over micro-batches of args.device_batch_size. Returns stats."""
+    device = _device_of(model)
+    rewards = torch.tensor([s["reward"] for s in samples])
+    adv = group_advantages(rewards, args.num_samples, std_scale=args.std_scale)
+    pad = samples[0]["ids"][0]
+    B = args.device_batch_size
+    chunks = [list(range(i, min(i + B, len(samples)))) for i in range(0, len(samples), B)]
+    batches = [_batch([samples[i] for i in c], device, pad) for c in chunks]
+    n_tokens = sum(int(m.sum()) for _, _, m in batches)
+    normalizer = max(n_tokens, 1) if args.reduction == "token" else len(samples)
+    need_old = args.clip_eps is not None or args.inner_steps > 1
+    with torch.no_grad():
+        old = [token_logp(model, x, y) for x, y, _ in batches] if need_old else [None] * len(batches)
+        ref = [token_logp(ref_model, x, y) for x, y, _ in batches] if args.kl_coef else [None] * len(batches)
+    stats = {}
+    for _ in range(args.inner_steps):
+        total = 0.0
+        for c, (x, y, m), o, r in zip(chunks, batches, old, ref):
+            logp = token_logp(model, x, y)
+            loss, st = policy_loss(logp, m, adv[c].to(device), old_logp=o, ref_logp=r, clip_eps=args.clip_eps,
+                                   kl_coef=args.kl_coef, reduction=args.reduction, normalizer=normalizer)
+            loss.backward()
+            total += loss.item()
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v / len(batches)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    stats["loss"] = total
+    return stats
+
+
+@torch.no_grad()
+def sync_sampler(model, sampler):
+    """Copy the (possibly FSDP-sharded) training weights into the plain sampling copy (collective under FSDP)."""
+    for p, q in zip(model.parameters(), sampler.parameters()):
+        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def plain_copy(model):
+    """A plain (unsharded) GPT with the model's config and current weights: the Engine's sampler / KL reference."""
+    from model.gpt import GPT
+    with torch.device("meta"):
+        copy = GPT(model.config)
+    copy.to_empty(device=_device_of(model))
+    copy.init_weights()  # fills the rotary buffers
+    sync_sampler(model, copy)
+    copy.eval()
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return copy
+
+
+def _reduce(values):
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed, stage="rl"):
+    """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
+    from train.evaluate import _rank_world
+    rank, world = _rank_world()
+    idx = list(range(rank, min(num_examples, len(task)), world))
+    p1 = pk = 0.0
+    if idx:
+        samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed, stage)
+        for j in range(len(idx)):
+            correct = [int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]]
+            p1 += pass_at_k(correct, 1)
+            pk += pass_at_k(correct, k)
+    p1, pk, n = _reduce([p1, pk, len(idx)])
+    return {"pass@1": p1 / max(n, 1), f"pass@{k}": pk / max(n, 1)}
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+PRESETS = {
+    "tiny": dict(task="arithmetic", num_iterations=8, prompts_per_step=4, num_samples=4, max_new_tokens=48,
+                 device_batch_size=16, eval_every=0, eval_examples=8, eval_k=4, top_k=50),
+    "d20": dict(task="gsm8k", num_iterations=-1, prompts_per_step=16, num_samples=16, max_new_tokens=256,
+                device_batch_size=8, eval_every=60, eval_examples=400, eval_k=8, top_k=50),
+}
+
+
+def parse_args(argv=None):
+    from train.loop import add_train_args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    g = p.add_argument_group("rl")
+    g.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    g.add_argument("--source", default="sft", help="stage whose newest checkpoint we start from")
+    g.add_argument("--source-run", default=None)
+    g.add_argument("--task", help="task with a verifiable reward: arithmetic | gsm8k | spelling | ...")
+    g.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
+    g.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step, over all ranks")
+    g.add_argument("--num-samples", type=int, help="completions per prompt (the GRPO group)")
+    g.add_argument("--max-new-tokens", type=int, help="completion budget")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--std-scale", action="store_true", help="divide advantages by the group std (default: off)")
+    g.add_argument("--clip-eps", type=float, default=None, help="PPO ratio clipping epsilon (default: none)")
+    g.add_argument("--inner-steps", type=int, default=1, help="optimizer steps per rollout batch (default 1)")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL penalty to the starting model (default 0)")
+    g.add_argument("--reduction", choices=("token", "sequence"), default="token", help="loss mean (default token)")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="LRs x this, then linear decay to 0 (nanochat)")
+    g.add_argument("--eval-examples", type=int, help="test prompts for pass@k")
+    g.add_argument("--eval-k", type=int, help="k of pass@k")
+    g.add_argument("--epochs", type=float, default=1.0, help="with --num-iterations -1: passes over the train task")
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[pre.preset])
+    args = p.parse_args(argv)
+    if args.data_url:
+        os.environ["TRITONCHAT_DATA_URL"] = args.data_url
+    return args
+
+
+def run(argv=None):
+    import kernels
+    from model.engine import Engine
+    from train.checkpoint import (UserError, find_last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                                  step_dir)
+    from train.distributed import cleanup, init_distributed
+    from train.sft import load_source, write_summary
+    from train.tasks import get_task
+    from model.common import print0
+    args = parse_args(argv)
+    kernels.set_mode(args.kernels)
+    torch.manual_seed(args.seed)
+    info = init_distributed()
+    if args.prompts_per_step % info.world_size:
+        raise UserError(f"[rl] --prompts-per-step {args.prompts_per_step} must be divisible by the world size "
+                        f"{info.world_size}")
+    model, tokenizer, src_meta, src_path = load_source("rl", args, info)
+    try:
+        train_task, test_task = get_task(args.task, "train"), get_task(args.task, "test")
+    except Exception as e:
+        raise UserError(f"[rl] {e}") from e
+    per_rank = args.prompts_per_step // info.world_size
+    if args.num_iterations < 1:
+        args.num_iterations = max(1, int(args.epochs * len(train_task) / args.prompts_per_step))
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+    meta = {"config": src_meta["config"], "tokenizer_dir": src_meta.get("tokenizer_dir"), "source": src_path,
+            "stage": "rl", "kernels": kernels.get_mode(), "task": args.task,
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    start, ckpt = 0, None
+    if args.resume:
+        ckpt = find_last_checkpoint("rl", args.run)
+        if ckpt is None:
+            raise UserError(f"[rl] --resume: no rl checkpoint for run {args.run!r}; run without --resume first")
+        saved = load_checkpoint(ckpt, model, optimizers)
+        start = saved["step"]
+        set_rng_state(saved["rng_states"][info.rank])
+        print0(f"[rl] resumed from {ckpt} at step {start}")
+    sampler = plain_copy(model)  # the Engine samples from an unsharded copy; ranks roll out independently
+    ref_model = plain_copy(model) if args.kl_coef else None
+    engine = Engine(sampler, tokenizer)
+    print0(f"[rl] {args.num_iterations} steps x {args.prompts_per_step} prompts x {args.num_samples} samples of "
+           f"{args.task}, max {args.max_new_tokens} new tokens, kernels {kernels.get_mode()}")
+    history, t_total, last_eval = [], 0.0, {}
+    step = start
+    while True:
+        last = step == args.num_iterations
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            sync_sampler(model, sampler)
+            last_eval = evaluate_pass_at_k(engine, tokenizer, test_task, args.eval_examples, args.eval_k,
+                                           args.max_new_tokens, 1.0, args.top_k, seed=10_000)
+            print0(f"[rl] step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if step > start and args.save_every >= 0 and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            ckpt = save_checkpoint(step_dir("rl", args.run, step), step, model, optimizers,
+                                   dict(meta, val=last_eval), {"step": step})
+            print0(f"[rl] saved {ckpt}")
+        if last:
+            break
+        t0 = time.perf_counter()
+        lrm = 1.0 - step / args.num_iterations
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        sync_sampler(model, sampler)
+        base = step * args.prompts_per_step + info.rank * per_rank
+        idx = [(base + j) % len(train_task) for j in range(per_rank)]
+        samples = rollout(engine, tokenizer, train_task, idx, args.num_samples, args.max_new_tokens,
+                          args.temperature, args.top_k, seed=args.seed + 7919 * step + 104729 * info.rank)
+        model.train()
+        stats = grpo_update(model, optimizers, samples, args, ref_model)
+        G = args.num_samples
+        solved = [max(s["reward"] for s in samples[j * G:(j + 1) * G]) > 0 for j in range(per_rank)]
+        r_sum, n, l_sum, crash, solved_n = _reduce([sum(s["reward"] for s in samples), len(samples),
+                                                    sum(s["length"] for s in samples),
+                                                    sum(s["crashed"] for s in samples), sum(solved)])
+        step += 1
+        dt = time.perf_counter() - t0
+        t_total += dt
+        rec = {"step": step, "reward": r_sum / n, f"pass@{args.num_samples}": solved_n / args.prompts_per_step,
+               "seq_len": l_sum / n, "tool_crashes": int(crash), "loss": stats["loss"], "dt": dt}
+        rec.update({k: v for k, v in stats.items() if k != "loss"})
+        history.append(rec)
+        print0(f"[rl] step {step:05d}/{args.num_iterations:05d} | reward {rec['reward']:.4f} | "
+               f"pass@{args.num_samples} {rec[f'pass@{args.num_samples}']:.3f} | len {rec['seq_len']:.1f} | "
+               f"crashes {rec['tool_crashes']} | loss {rec['loss']:+.5f} | dt {dt:.2f}s")
+    summary = {"stage": "rl", "run": args.run, "steps": args.num_iterations, "steps_this_run": step - start,
+               "time_s": t_total, "task": args.task,
+               "tokens": sum(h["seq_len"] for h in history) * args.prompts_per_step * args.num_samples,
+               "first_reward": history[0]["reward"] if history else None,
+               "final_reward": history[-1]["reward"] if history else None,
+               "mean_reward": sum(h["reward"] for h in history) / len(history) if history else None,
+               "val": last_eval, "history": history, "checkpoint": ckpt}
+    write_summary("rl", args.run, summary)
+    cleanup()
+    return summary
+
+
+def main(argv=None):
+    from train.loop import run_main
+    return run_main(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
 """Tasks: datasets of conversations with a score. `get_task(name, split)` builds one by name; `build_mixture(spec)`
-builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5" (weight = epochs).
+builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5,smoltalk@10000"
+(":w" = weight in epochs, "@n" = only the first n examples).
 
 Real tasks download on first use (see common.py); embedded tasks are generated offline from a seed
 (train and test use different seeds, so test problems are unseen).
@@ -36,14 +37,15 @@ def get_task(name, split="train", n=None, files=None, **kwargs):
 
 
 def parse_spec(spec):
-    """"a:2,b" -> [("a", 2.0), ("b", 1.0)]."""
+    """"a:2,b@100" -> [("a", 2.0, None), ("b", 1.0, 100)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, w = item.partition(":")
+        head, _, n = item.partition("@")
+        name, _, w = head.partition(":")
         try:
-            out.append((name, float(w) if w else 1.0))
+            out.append((name, float(w) if w else 1.0, int(n) if n else None))
         except ValueError:
-            raise TaskError(f"bad weight in task spec item {item!r} (want name or name:weight)") from None
+            raise TaskError(f"bad task spec item {item!r} (want name, name:weight, name@count)") from None
     if not out:
         raise TaskError(f"empty task spec {spec!r}")
     return out
@@ -53,7 +55,7 @@ def build_mixture(spec, split="train", stage="?", n=None, seed=42):
     """A TaskMixture from a spec string; any task error is re-raised naming the stage."""
     try:
         items = parse_spec(spec)
-        tasks = [get_task(name, split, n=n) for name, _ in items]
-        return TaskMixture(tasks, [w for _, w in items], seed=seed)
+        tasks = [get_task(name, split, n=k or n) for name, _, k in items]
+        return TaskMixture(tasks, [w for _, w, _ in items], seed=seed)
     except TaskError as e:
         raise TaskError(f"[{stage}] {e}") from e
