@@ -1,0 +1,116 @@
+"""Benchmark: Newton-Schulz (5 steps), eager reference vs torch.compile of it vs the fused Triton kernels.
+
+    python -m bench.newton_schulz [--quick]
+
+GPU (bf16, fp32 accumulation): (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a batch of
+20 x (1280, 1280) -- the shapes of the d12/d20/d32 block matrices -- pass "ns5"; the symmetric Gram product X X^T alone
+(torch matmul vs `_syrk`), pass "gram"; and the whole Muon step (train/optim.py) over the block matrices of a d20
+model (shapes from GPTConfig.from_depth(20) -> GPT on the meta device), eager vs fused, pass "muon_step".
+TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3 with m <= n; Gram 2 m^2 n), so
+the symmetric kernels show up as a higher effective rate. --quick keeps the shapes the GPU check has time for.
+CPU: tiny fp32 shapes, eager and fused under the Triton interpreter (interpreter timings, not kernel performance).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
+
+import kernels  # noqa: E402
+from bench import harness  # noqa: E402
+from kernels.newton_schulz import _syrk, newton_schulz, reference_newton_schulz  # noqa: E402
+from model.gpt import GPT, GPTConfig  # noqa: E402
+
+SUITE = "newton_schulz"
+STEPS = 5
+
+
+def _ns_flops(batch, rows, cols, steps=STEPS):
+    m, n = min(rows, cols), max(rows, cols)
+    return batch * steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def _fused_ns(G):
+    kernels.set_mode("fused")
+    return newton_schulz(G, steps=STEPS)
+
+
+def _can_fuse():
+    return harness.on_gpu() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_matrix_shapes(depth):
+    """The shapes of the Muon-optimised matrices of a model of this depth (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth))
+    return [tuple(p.shape) for p in model.transformer.h.parameters() if p.ndim == 2]
+
+
+def _muon_step_rows(depth, dev, quick):
+    from train.optim import Muon
+    shapes = _block_matrix_shapes(depth)
+    g = torch.Generator(device=dev).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, device=dev, generator=g) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=dev, generator=g)
+    opt = Muon(params, lr=0.02, momentum=0.95)
+    case = {"op": "muon_step", "depth": depth, "matrices": len(shapes)}
+    flops = sum(_ns_flops(1, *s) for s in shapes)
+    rows = []
+    for name in ("eager", "fused") if _can_fuse() else ("eager",):
+        kernels.set_mode(name)
+        t = harness.bench(opt.step, quick=quick, rep=None if harness.on_gpu() else 1)  # CPU: interpreter, slow
+        rows.append(harness.row(SUITE, case, name, "muon_step", t["ms"], flops=flops, ms_p20=t["ms_p20"],
+                                ms_p80=t["ms_p80"]))
+    return rows
+
+
+def run(quick):
+    gpu = harness.on_gpu()
+    dev = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if not gpu:
+        ns_shapes, gram_shapes, depth = [(1, 64, 96), (2, 32, 48)], [(1, 64, 96)], 1
+    elif quick:
+        ns_shapes, gram_shapes, depth = [(1, 1280, 5120), (20, 1280, 1280), (1, 4096, 4096)], [(1, 4096, 4096)], 20
+    else:
+        ns_shapes = [(1, 768, 768), (1, 1280, 1280), (1, 1280, 5120), (1, 5120, 1280), (1, 4096, 4096),
+                     (20, 1280, 1280)]
+        gram_shapes, depth = [(1, 1280, 1280), (1, 1280, 5120), (1, 4096, 4096), (20, 1280, 1280)], 20
+    providers = {"eager": lambda G: reference_newton_schulz(G, steps=STEPS)}
+    if gpu:
+        compiled = torch.compile(reference_newton_schulz, dynamic=False)
+        providers["compile"] = lambda G: compiled(G, steps=STEPS)
+    if _can_fuse():
+        providers["fused"] = _fused_ns
+
+    prev = kernels.get_mode()
+    rows = []
+    try:
+        for batch, m, n in ns_shapes:
+            G = torch.randn(batch, m, n, device=dev, dtype=dtype).squeeze(0)
+            case = {"op": "ns5", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
+            for name, fn in providers.items():
+                t = harness.bench(lambda: fn(G), quick=quick)
+                rows.append(harness.row(SUITE, case, name, "ns5", t["ms"], flops=_ns_flops(batch, m, n),
+                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+        for batch, m, n in gram_shapes:  # the Gram product X X^T alone (m <= n)
+            X = torch.randn(batch, m, n, device=dev, dtype=dtype)
+            A = torch.empty(batch, m, m, device=dev, dtype=dtype)
+            case = {"op": "gram", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
+            gram = {"eager": lambda: torch.bmm(X, X.mT, out=A)}
+            if _can_fuse():
+                gram["fused"] = lambda: _syrk(X, A)
+            for name, fn in gram.items():
+                t = harness.bench(fn, quick=quick)
+                rows.append(harness.row(SUITE, case, name, "gram", t["ms"], flops=2 * batch * m * m * n,
+                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+        rows += _muon_step_rows(depth, dev, quick)
+    finally:
+        kernels.set_mode(prev)
+    return harness.add_ratios(rows, "eager")
+
+
+if __name__ == "__main__":
+    harness.main(SUITE, run)
