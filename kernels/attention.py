@@ -61,13 +61,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
     # Hopper (H100/H200), D = 64/128, bf16. Invariants: fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0
-    # (the causal diagonal then falls in whole blocks). Unmeasured picks, from the Triton tutorial's Hopper settings.
+    # (the causal diagonal then falls in whole blocks). Unmeasured picks around the Triton tutorial's Hopper settings;
+    # 8-warp variants because D = 128 accumulators (dk + dv, or dq) need many registers. Configs that exceed shared
+    # memory are dropped by the autotuner (OutOfResources -> not chosen).
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                     for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)]]
     _DKDV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                     for bm, bn, w, s in [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]]
+                     for bm, bn, w, s in [(32, 128, 4, 5), (32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)]]
     _DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in [(128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]]
+                   for bm, bn, w, s in [(128, 32, 4, 5), (128, 32, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)]]
+# T is not specialised (do_not_specialize): one compiled variant serves every length.
 # Autotune key: T rounded up to a power of two (so the engine's varying prompt lengths don't retune every call),
 # the head dim and causality; Triton adds the tensor dtypes.
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
@@ -171,7 +174,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -262,7 +265,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, lo, hi, col
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H, HKV, T_BUCKET, sm_scale,
                    CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -282,12 +285,12 @@ def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     # query blocks: [lo, mid) masked (the diagonal, causal only), [mid, t_full) unmasked, [tail, T) ragged tail
+    t_full = (T // BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo, mid = n_start, tl.minimum(n_start + BLOCK_N, T)
+        tail = tl.maximum(mid, t_full)
     else:
-        lo, mid = 0, 0
-    t_full = (T // BLOCK_M) * BLOCK_M
-    tail = tl.maximum(mid, t_full)
+        lo, mid, tail = 0, 0, t_full
     for g in range(group):
         h = hkv * group + g
         q_base = b.to(tl.int64) * T * stride_qt + h * HEAD_DIM
@@ -336,7 +339,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV, T_BUCKET, sm_scale,
                  CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -145,15 +145,16 @@ def assert_as_good_as_eager(B, T, H, Hkv, D, causal, factor=2.0, atol=1e-3):
         assert err <= factor * err_eager + atol, f"{name}: max err {err:.3g} vs eager bf16 {err_eager:.3g}"
 
 
+# Same (pruned) shapes as on CPU: the GPU check runs every team's gpu tests in ~200 s, and each new
+# (T bucket, D, causal) key costs an autotuning sweep.
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,D,T,H,Hkv,causal", [(B, D, T, H, Hkv, c) for B, D in BD for T in T_VALUES
-                                                for (H, Hkv) in HEADS for c in (True, False)])
+@pytest.mark.parametrize("B,D,T,H,Hkv,causal", CPU_CASES)
 def test_attention_bf16_gpu(B, D, T, H, Hkv, causal):
     assert_as_good_as_eager(B, T, H, Hkv, D, causal)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [255, 1024, 2048, 4096, 8192])
+@pytest.mark.parametrize("T", [1000, 2048, 8192])
 @pytest.mark.parametrize("H,Hkv", [(16, 16), (16, 4)])
 def test_attention_bf16_gpu_long(T, H, Hkv):
     assert_as_good_as_eager(1, T, H, Hkv, 128, causal=True)

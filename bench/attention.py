@@ -1,0 +1,116 @@
+"""Benchmark: fused RoPE + QK-norm flash attention vs eager (torch ops + SDPA), torch.compile, FlexAttention.
+
+    python -m bench.attention [--quick]
+
+GPU (bf16, D = 128, causal, B*T = 32k tokens): T in {1k, 2k, 4k, 8k} (B = 32k / T), H = 16 with Hkv = 16 (MHA) and
+Hkv = 4 (GQA); --quick keeps T = 2k MHA only (the GPU check's time budget). Providers:
+  eager    reference_attention: apply_rotary + rms_norm as torch ops, then SDPA forced to the flash backend
+           (falls back to SDPA's own choice, recorded in the row as sdpa_backend, if flash refuses the inputs)
+  compile  torch.compile of the same function
+  flex     torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops)
+  fused    kernels.attention.triton_attention (ours)
+TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T D)):
+  forward  = 2 matmuls x 2*T*T*D per (batch, head), halved by the causal mask = 2 * B * H * T^2 * D
+  backward = 2.5 x forward (5 matmuls instead of 2: the FlashAttention convention), fwd+bwd = 3.5 x forward.
+Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs.
+CPU: tiny fp32 shapes, eager vs fused under the Triton interpreter -- exercises the code path only; those timings
+measure the interpreter, not the kernel.
+"""
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
+
+from bench import harness  # noqa: E402
+from kernels.attention import apply_rotary, reference_attention, rms_norm, triton_attention  # noqa: E402
+
+SUITE = "attention"
+TOKENS, HEADS, HEAD_DIM = 32768, 16, 128
+
+
+def _flash_or_default(q, k, v, cos, sin):
+    """Which SDPA backend the eager row gets: flash if it accepts these inputs, else SDPA's default choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            reference_attention(q, k, v, cos, sin)
+        return "flash", lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    except RuntimeError:
+        return "default", contextlib.nullcontext
+
+
+def _flex_provider(T, H, Hkv, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    block_mask = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, None, None, T, T, device=device)
+
+    def flex(q, k, v, cos, sin):
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           enable_gqa=H != Hkv)
+        return y.transpose(1, 2)
+    return torch.compile(flex)
+
+
+def _providers(inputs, T, H, Hkv):
+    """name -> (fn, extra row fields)"""
+    if not harness.on_gpu():
+        return {"eager": (reference_attention, {}), "fused": (triton_attention, {})}
+    backend, ctx = _flash_or_default(*inputs)
+
+    def eager(*a):
+        with ctx():
+            return reference_attention(*a)
+    compiled = torch.compile(reference_attention)
+
+    def compile_(*a):
+        with ctx():
+            return compiled(*a)
+    return {"eager": (eager, {"sdpa_backend": backend}), "compile": (compile_, {"sdpa_backend": backend}),
+            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}), "fused": (triton_attention, {})}
+
+
+def _cases(quick):
+    if not harness.on_gpu():
+        return [(1, 64, 4, 4, 64), (1, 64, 4, 2, 64)], torch.float32
+    if quick:  # one case: compiling the compile / flex providers dominates a quick GPU run
+        return [(TOKENS // 2048, 2048, HEADS, HEADS, HEAD_DIM)], torch.bfloat16
+    return [(TOKENS // T, T, HEADS, hkv, HEAD_DIM) for T in (1024, 2048, 4096, 8192) for hkv in (HEADS, 4)], \
+        torch.bfloat16
+
+
+def causal_flops(B, T, H, D):
+    return 2 * B * H * T * T * D  # forward: (QK^T + PV) = 4*T*T*D per head, halved by the causal mask
+
+
+def run(quick):
+    dev = "cuda" if harness.on_gpu() else "cpu"
+    cases, dtype = _cases(quick)
+    rows = []
+    for B, T, H, Hkv, D in cases:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(B, T, n, D, generator=g).to(dev, dtype).requires_grad_(True) for n in (H, Hkv, Hkv))
+        dy = torch.randn(B, T, H, D, generator=g).to(dev, dtype)
+        base = torch.arange(T, dtype=torch.float32)[:, None] / 10000 ** (torch.arange(0, D, 2) / D)
+        cos, sin = base.cos().to(dev), base.sin().to(dev)
+        inputs = (q, k, v, cos, sin)
+        case = {"B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype).replace("torch.", "")}
+        flops = causal_flops(B, T, H, D)
+        for name, (fn, extra) in _providers(inputs, T, H, Hkv).items():
+            fwd = lambda: fn(*inputs)
+            y = fwd()
+            bwd = lambda: torch.autograd.grad(y, (q, k, v), dy, retain_graph=True)
+            both = lambda: torch.autograd.grad(fwd(), (q, k, v), dy)
+            for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
+                t = harness.bench(f, quick=quick)
+                peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
+                rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
+                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], **extra))
+            del y
+    return harness.add_ratios(rows, "eager")
+
+
+if __name__ == "__main__":
+    harness.main(SUITE, run)
