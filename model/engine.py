@@ -1,0 +1,494 @@
+"""Inference engine: paged KV cache, batched prefill + decode, sampling, tool use, continuous batching.
+
+The KV cache is one pool of fixed-size pages ("blocks") for all layers: k and v tensors of shape
+(n_layer, num_blocks, block_size, n_kv_head, head_dim), a free list, and a refcount per block. Each running sequence
+owns a block table (a list of block ids); block j holds its tokens j*block_size ... (j+1)*block_size - 1. The
+`num_samples` continuations of one prompt are forked from ONE prefill: they share the prompt's blocks (refcount =
+num_samples); the first write into a shared, partially filled last block copies it first (copy-on-write), so full
+prompt pages are stored once however many samples run. A finished sequence returns its blocks at once, and the pool
+grows (doubles) if it ever runs dry.
+
+Each engine step = admit + prefill the waiting requests (one right-padded batch, all prompts at positions 0..n-1,
+attention by kernels.attention.fused_attention; the rotated + normalised K and V are scattered into the pages with
+kernels.paged_decode.write_kv), then one decode step for every running sequence of every request (one token each,
+rotary at each sequence's own position, write_kv, then kernels.paged_decode.paged_decode_attention). The model calls
+`cache.attend(layer_idx, q, k, v)` with raw q/k/v (model/gpt.py); the cache knows the current plan. Both paths follow
+kernels.set_mode: eager = the PyTorch references, fused = the Triton kernels.
+
+Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) so a request's samples do not depend
+on what else is in the batch; stop on <|assistant_end|> or <|bos|>, or after max_tokens. Tool use (DESIGN.md): the
+tokens between <|python_start|> and <|python_end|> are decoded and run with model.sandbox.run_python (a bare
+expression, or a trailing expression statement, is printed as a REPL would); the output is then forced, one token per
+step, as <|output_start|> result <|output_end|> with mask 0 (sampled tokens have mask 1).
+
+API
+    engine = Engine(model, tokenizer, block_size=16, num_blocks=None)
+    # one prompt, streaming (CONTRACTS.md): one (token_column, mask_column) per step, one entry per sample;
+    # an entry is None once that sample has finished. The stop token itself is yielded.
+    for tokens, masks in engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        ...
+    # one prompt, all at once: prompt + completion per sample, the stop token dropped (as nanochat);
+    # masks are 0 on the prompt and forced tool output, 1 on sampled tokens.
+    sequences, masks = engine.generate_batch(ids, num_samples=4, max_tokens=64)
+    # many prompts in one batch: [(sequences, masks) per prompt]
+    results = engine.generate_many([ids1, ids2], num_samples=1, max_tokens=64)
+    # continuous batching (the server): requests join between decode steps
+    req = engine.submit(ids, num_samples=1, max_tokens=256, temperature=0.8, top_k=50, seed=0)  # thread-safe
+    engine.step()                     # drive it yourself (one prefill of the newcomers + one decode step) ...
+    engine.start()                    # ... or let a background thread step while there is work (engine.stop())
+    for tokens, masks in req.stream(): ...   # blocking iterator over req's columns (any thread)
+    req.done, req.completions, req.completion_masks, req.finish_reasons ("stop" | "length" | "cancelled")
+    engine.cancel(req)                # frees its blocks at the next step (a closed generate() cancels itself)
+engine.stats counts prefill/decode tokens, steps and copy-on-write copies; engine.cache.num_free() the free blocks.
+"""
+import ast
+import importlib
+import math
+import queue
+import threading
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import apply_rotary, fused_attention, rms_norm
+from kernels.paged_decode import paged_decode_attention, write_kv
+
+QK_NORM_EPS = 1e-6  # as kernels.attention.fused_attention, so the prefill and decode paths normalise alike
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paged KV cache
+
+class PagedKVCache:
+    """Block pool for all layers + free list + refcounts; `attend` is what the model calls during a forward."""
+
+    def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin):
+        if block_size not in (16, 32, 64):
+            raise ValueError(f"PagedKVCache: block_size must be 16, 32 or 64, got {block_size}")
+        self.block_size = block_size
+        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refcount = [0] * num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
+        self.cos, self.sin = cos, sin                    # the model's rotary tables (rotary_len, head_dim/2)
+        self.plan = None                                 # set by the engine around each forward
+
+    @property
+    def num_blocks(self):
+        return self.k.shape[1]
+
+    def num_free(self):
+        return len(self.free)
+
+    def _grow(self):
+        old = self.num_blocks
+        new_shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
+        for name in ("k", "v"):
+            t = torch.zeros(new_shape, dtype=self.k.dtype, device=self.k.device)
+            t[:, :old] = getattr(self, name)
+            setattr(self, name, t)
+        self.refcount += [0] * old
+        self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
+
+    def allocate(self):
+        if not self.free:
+            self._grow()
+        b = self.free.pop()
+        self.refcount[b] = 1
+        return b
+
+    def incref(self, b):
+        self.refcount[b] += 1
+
+    def decref(self, b):
+        self.refcount[b] -= 1
+        assert self.refcount[b] >= 0, f"block {b} freed twice"
+        if self.refcount[b] == 0:
+            self.free.append(b)
+
+    def writable(self, blocks, pos):
+        """Make sure token position `pos` of a sequence with block table `blocks` can be written: append a fresh
+        block at a page boundary, copy a shared block first (copy-on-write). Returns True if it copied."""
+        j = pos // self.block_size
+        if j == len(blocks):
+            blocks.append(self.allocate())
+        elif self.refcount[blocks[j]] > 1:
+            new = self.allocate()
+            self.k[:, new] = self.k[:, blocks[j]]
+            self.v[:, new] = self.v[:, blocks[j]]
+            self.decref(blocks[j])
+            blocks[j] = new
+            return True
+        return False
+
+    def table(self, tables, device):
+        """List of block lists -> (B, max_blocks) int32 (padding 0: never read, seq_lens masks it)."""
+        width = max(1, max(len(t) for t in tables))
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+
+    # -- what the model calls ------------------------------------------------------------------------------------
+    def attend(self, layer_idx, q, k, v):
+        """q (B, T, H, D), k, v (B, T, Hkv, D) raw -> y (B, T, H, D). Prefill: T prompt tokens at positions 0..T-1
+        (right padded); decode: T = 1 at position plan['positions'][b]."""
+        p = self.plan
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        if p["kind"] == "prefill":
+            T = q.shape[1]
+            cos, sin = self.cos[:T], self.sin[:T]
+            y = fused_attention(q, k, v, cos, sin, eps=QK_NORM_EPS)  # causal: right padding is never attended
+            k = rms_norm(apply_rotary(k, cos, sin), QK_NORM_EPS)
+            rows, cols = p["rows"], p["cols"]                       # the valid (row, position) pairs
+            write_kv(kc, vc, k[rows, cols], v[rows, cols], p["token_tables"], cols)
+            return y
+        pos = p["positions"]                                         # (B,) long
+        cos, sin = self.cos[pos], self.sin[pos]                      # (B, D/2): a "time" axis of length B
+        q = rms_norm(apply_rotary(q.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]  # (B, H, D)
+        k = rms_norm(apply_rotary(k.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]
+        write_kv(kc, vc, k, v[:, 0], p["tables"], pos)
+        y = paged_decode_attention(q.to(kc.dtype).contiguous(), kc, vc, p["tables"], p["seq_lens"])
+        return y.to(v.dtype)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requests and sequences
+
+class Request:
+    """One prompt with num_samples continuations. Filled in by the engine; read from any thread."""
+
+    def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
+        self.prompt = list(prompt_ids)
+        self.num_samples, self.max_tokens = num_samples, max_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.completions = [[] for _ in range(num_samples)]       # generated tokens (incl. forced, incl. stop)
+        self.completion_masks = [[] for _ in range(num_samples)]  # 1 sampled, 0 forced
+        self.finish_reasons = [None] * num_samples
+        self.done = False
+        self.cancelled = False
+        self.events = queue.Queue()                               # (tokens, masks) columns, then None
+        self.generator = None
+        self.seqs = []
+
+    def stream(self, timeout=None):
+        """Blocking iterator over this request's (token_column, mask_column) steps until it is done."""
+        while True:
+            item = self.events.get(timeout=timeout)
+            if item is None:
+                return
+            yield item
+
+    def _drain(self):
+        """Non-blocking: the columns produced so far (the engine's own generate loop)."""
+        while True:
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                yield item
+
+
+class _Seq:
+    def __init__(self, req, index, tokens, blocks, num_cached):
+        self.req, self.index = req, index
+        self.tokens, self.blocks, self.num_cached = tokens, blocks, num_cached
+        self.forced = deque()
+        self.in_python, self.python_tokens = False, []
+        self.done = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+class Engine:
+    def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=16384,
+                 tool_timeout=5.0, tool_memory_mb=256):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        self.max_context = min(model.cos.shape[0], 10 * cfg.sequence_len)
+        if num_blocks is None:  # 8 full-length sequences; the pool doubles on demand
+            num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
+        self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
+                                  param.dtype, self.device, model.cos, model.sin)
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.tool_timeout, self.tool_memory_mb = tool_timeout, tool_memory_mb
+        special = tokenizer.encode_special
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.waiting = deque()
+        self.running = []            # requests with live sequences
+        self.lock = threading.RLock()  # engine state (step, cancel)
+        self.cond = threading.Condition(threading.Lock())  # the waiting queue + background wake-ups
+        self.thread, self.stopping = None, False
+        self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0)
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("Engine: the prompt must hold at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"Engine: prompt of {len(prompt_ids)} tokens leaves no room in the context "
+                             f"({self.max_context})")
+        if num_samples < 1 or max_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"Engine: bad sampling parameters num_samples={num_samples} max_tokens={max_tokens} "
+                             f"temperature={temperature} top_k={top_k}")
+        req = Request(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+        with self.cond:
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def cancel(self, req):
+        req.cancelled = True
+        if self.thread is None:
+            with self.lock:
+                self._reap()
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self):
+        """Admit + prefill waiting requests, then one decode step for all running sequences."""
+        with self.lock:
+            self._reap()
+            self._admit()
+            self._decode()
+            self._reap()
+
+    def start(self):
+        """Step in a background thread whenever there is work (for the server)."""
+        if self.thread is not None:
+            return
+        self.stopping = False
+
+        def loop():
+            while True:
+                with self.cond:
+                    while not self.has_work() and not self.stopping:
+                        self.cond.wait()
+                    if self.stopping:
+                        return
+                self.step()
+
+        self.thread = threading.Thread(target=loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread is None:
+            return
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+        self.thread = None
+
+    def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        """Yields (token_column, mask_column) per step; entries are None for samples that already finished."""
+        req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+        try:
+            if self.thread is not None:
+                yield from req.stream()
+                return
+            while not req.done:
+                self.step()
+                yield from req._drain()
+            yield from req._drain()
+        finally:
+            if not req.done:
+                self.cancel(req)
+
+    def generate_batch(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        """-> (sequences, masks): prompt + completion per sample, without the stop token; mask 0 on the prompt."""
+        return self.generate_many([prompt_ids], num_samples, max_tokens, temperature, top_k, seed)[0]
+
+    def generate_many(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        """Several prompts in one batch -> [(sequences, masks)] per prompt; prompt i is seeded with seed + i."""
+        reqs = [self.submit(p, num_samples, max_tokens, temperature, top_k, seed + i) for i, p in enumerate(prompts)]
+        if self.thread is not None:  # the background loop steps; wait for each request's end of stream
+            for r in reqs:
+                for _ in r.stream():
+                    pass
+        while not all(r.done for r in reqs):
+            self.step()
+        return [self._result(r) for r in reqs]
+
+    def _result(self, req):
+        seqs, masks = [], []
+        for comp, mask, reason in zip(req.completions, req.completion_masks, req.finish_reasons):
+            n = len(comp) - 1 if reason == "stop" else len(comp)
+            seqs.append(req.prompt + comp[:n])
+            masks.append([0] * len(req.prompt) + mask[:n])
+        return seqs, masks
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _admit(self):
+        """Prefill the waiting requests that fit (batch and prefill-token budget) in one padded batch."""
+        batch, n_running = [], sum(sum(not s.done for s in r.seqs) for r in self.running)
+        with self.cond:
+            while self.waiting:
+                req = self.waiting[0]
+                longest = max([len(r.prompt) for r in batch] + [len(req.prompt)])
+                if ((batch or n_running) and n_running + req.num_samples > self.max_batch) or \
+                        (batch and longest * (len(batch) + 1) > self.max_prefill_tokens):
+                    break
+                self.waiting.popleft()
+                if req.cancelled or req.max_tokens == 0:
+                    self._finish_request(req, "cancelled" if req.cancelled else "length")
+                    continue
+                batch.append(req)
+                n_running += req.num_samples
+        if not batch:
+            return
+        cache, dev = self.cache, self.device
+        T = max(len(r.prompt) for r in batch)
+        prefix = []
+        for r in batch:
+            blocks = [cache.allocate() for _ in range(math.ceil(len(r.prompt) / cache.block_size))]
+            prefix.append(blocks)
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, r in enumerate(batch):
+            idx[i, :len(r.prompt)] = torch.tensor(r.prompt)
+        lens = torch.tensor([len(r.prompt) for r in batch])
+        rows = torch.repeat_interleave(torch.arange(len(batch)), lens)
+        cols = torch.cat([torch.arange(n) for n in lens.tolist()])
+        tables = cache.table(prefix, dev)
+        cache.plan = dict(kind="prefill", rows=rows.to(dev), cols=cols.to(dev), token_tables=tables[rows.to(dev)])
+        try:
+            logits = self.model(idx.to(dev), kv_cache=cache)         # (R, T, V)
+        finally:
+            cache.plan = None
+        last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)
+        self.stats["prefill_tokens"] += int(lens.sum())
+        self.stats["prefill_batches"] += 1
+        for i, r in enumerate(batch):
+            n = len(r.prompt)
+            r.generator = torch.Generator(device=dev).manual_seed(r.seed)
+            # Fork: sample 0 owns the prefix blocks, the others share them (refcount); COW on the first write.
+            for s in range(r.num_samples):
+                blocks = prefix[i] if s == 0 else list(prefix[i])
+                if s > 0:
+                    for b in blocks:
+                        cache.incref(b)
+                r.seqs.append(_Seq(r, s, list(r.prompt), blocks, n))
+            self.running.append(r)
+            self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r))
+
+    def _decode(self):
+        seqs = [s for r in self.running for s in r.seqs if not s.done]
+        if not seqs:
+            return
+        cache, dev = self.cache, self.device
+        for s in seqs:
+            self.stats["cow_copies"] += cache.writable(s.blocks, s.num_cached)
+        positions = torch.tensor([s.num_cached for s in seqs], device=dev)
+        cache.plan = dict(kind="decode", positions=positions, tables=cache.table([s.blocks for s in seqs], dev),
+                          seq_lens=(positions + 1).to(torch.int32))
+        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
+        try:
+            logits = self.model(idx, kv_cache=cache)[:, 0]           # (B, V)
+        finally:
+            cache.plan = None
+        for s in seqs:
+            s.num_cached += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        start = 0
+        for r in list(self.running):                                  # rows are grouped by request, in order
+            live = [s for s in r.seqs if not s.done]
+            if live:
+                self._emit(r, live, self._sample(logits[start:start + len(live)], r))
+                start += len(live)
+
+    def _sample(self, logits, req):
+        """logits (n, V) fp32 -> n token ids (list), with the request's own generator."""
+        if req.temperature == 0:
+            return logits.argmax(-1).tolist()
+        logits = logits.float()
+        if req.top_k is not None and req.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, req.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits / req.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=req.generator)[:, 0].tolist()
+
+    def _emit(self, req, seqs, sampled):
+        """Append one token to each of `seqs` (forced tool output overrides the sample), run the tool state
+        machine, finish sequences, and push the request's column."""
+        col, mcol = [None] * req.num_samples, [None] * req.num_samples
+        for s, tok in zip(seqs, sampled):
+            forced = bool(s.forced)
+            if forced:
+                tok = s.forced.popleft()
+            s.tokens.append(tok)
+            req.completions[s.index].append(tok)
+            req.completion_masks[s.index].append(0 if forced else 1)
+            col[s.index], mcol[s.index] = tok, 0 if forced else 1
+            if tok == self.python_start:
+                s.in_python, s.python_tokens = True, []
+            elif tok == self.python_end and s.in_python:
+                s.in_python = False
+                if s.python_tokens:
+                    out = self._run_tool(self.tokenizer.decode(s.python_tokens))
+                    s.forced.extend([self.output_start] + self.tokenizer.encode(out) + [self.output_end])
+                s.python_tokens = []
+            elif s.in_python:
+                s.python_tokens.append(tok)
+            if tok in self.stop_ids and not forced:
+                self._finish_seq(s, "stop")
+            elif len(req.completions[s.index]) >= req.max_tokens or len(s.tokens) >= self.max_context:
+                self._finish_seq(s, "length")
+        req.events.put((col, mcol))
+        if all(s.done for s in req.seqs):
+            self._finish_request(req, None)
+
+    def _run_tool(self, code):
+        """Run the tool call in the sandbox; a trailing expression is printed (calculator-style calls)."""
+        try:
+            tree = ast.parse(code)
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = tree.body[-1]
+                tree.body[-1] = ast.Expr(ast.Call(ast.Name("print", ast.Load()), [last.value], []))
+                code = ast.unparse(ast.fix_missing_locations(tree))
+        except SyntaxError:
+            pass  # let the sandbox report it
+        sandbox = importlib.import_module("model.sandbox")  # lazy: the engine works without the sandbox module
+        res = sandbox.run_python(code, timeout=self.tool_timeout, memory_mb=self.tool_memory_mb)
+        if res.success:
+            return res.stdout.rstrip("\n")
+        err = "timed out" if res.timed_out else (res.error or "error")
+        return (res.stdout + "Error: " + err).strip()
+
+    def _finish_seq(self, s, reason):
+        if s.done:
+            return
+        s.done = True
+        s.req.finish_reasons[s.index] = reason
+        for b in s.blocks:
+            self.cache.decref(b)
+        s.blocks = []
+
+    def _finish_request(self, req, reason):
+        for s in req.seqs:
+            self._finish_seq(s, reason)
+        for i in range(req.num_samples):
+            if req.finish_reasons[i] is None:
+                req.finish_reasons[i] = reason
+        if not req.done:
+            req.done = True
+            req.events.put(None)
+        if req in self.running:
+            self.running.remove(req)
+
+    def _reap(self):
+        """Drop cancelled requests (running or waiting) and return their blocks."""
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish_request(req, "cancelled")
+        with self.cond:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self._finish_request(req, "cancelled")
