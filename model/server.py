@@ -1,0 +1,490 @@
+"""Web chat UI + OpenAI-compatible API for a tritonchat checkpoint (FastAPI + uvicorn).
+
+    python -m model.server                          # newest SFT checkpoint, http://127.0.0.1:8000  (make serve)
+    python -m model.server --source rl --port 8080 --host 0.0.0.0 --kernels eager
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="tritonchat", messages=[{"role": "user", "content": "Hi"}], stream=True)
+
+Endpoints
+- POST /v1/chat/completions: messages (roles system / developer (= system) / user / assistant; content a str or a
+  list of {"type": "text", "text": ...} parts; the last message must be the user's), temperature (0..2, 0 = greedy),
+  max_tokens or max_completion_tokens, n (samples of one prompt share its prefilled KV pages), seed, stream
+  (server-sent events in OpenAI's chat.completion.chunk format, then `data: [DONE]`), stream_options.include_usage.
+  top_p is accepted and validated but IGNORED (the engine samples with temperature + top-k); top_k is an extension.
+  Other OpenAI fields (model, stop, presence_penalty, ...) are accepted and ignored. Tool calls of the model
+  (<|python_start|> ... <|python_end|> and the forced <|output_start|> ... <|output_end|>) appear in the content
+  as those literal markers.
+- GET /v1/models, GET /health, GET / (a one-file web chat page that streams).
+
+Robustness: every bad request (malformed JSON, wrong types, empty or unknown-role messages, a prompt + max_tokens
+beyond the context, a body over --max-body-bytes) gets a 4xx with OpenAI's error body
+{"error": {"message", "type", "param", "code"}}; more than --max-concurrency requests in flight get 429; a client
+that disconnects mid-stream cancels its request (its KV blocks are freed); an engine failure is a 500, never a dead
+server.
+
+Batching: with the Engine's continuous-batching API (submit / start / Request.stream), requests arriving at any
+time join the running decode batch between steps ("continuous", the default). An engine without it is driven with
+one lock around `engine.generate` ("lock", one request at a time). GET /health says which.
+"""
+import argparse
+import asyncio
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class APIError(Exception):
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status, message, type_="invalid_request_error", param=None, code=None):
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+# ------------------------------------------------------------------------------------------------- validation
+def _number(body, name, default, lo, hi, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:50]}",
+                       param=name, code="invalid_type")
+    if not lo <= value <= hi:
+        raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
+                       code="invalid_value")
+    return value
+
+
+def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
+    """Validated generation parameters + prompt ids from a chat-completions JSON body; APIError(400) otherwise."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_type")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty array of {role, content}", param="messages",
+                       code="invalid_type" if not isinstance(messages, list) else "empty_array")
+    conv = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role {json.dumps(role)[:50]} is not supported: use one of "
+                                f"{', '.join(ROLES)}", param=f"messages[{i}].role", code="invalid_value")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": str}}",
+                               param=f"messages[{i}].content", code="invalid_type")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
+                           param=f"messages[{i}].content", code="invalid_type")
+        conv.append({"role": ROLES[role], "content": content})
+    if conv[-1]["role"] != "user":
+        raise APIError(400, "the last message must be the user's", param="messages", code="invalid_value")
+    try:
+        prompt = tokenizer.render_for_completion({"messages": conv})
+    except ValueError as e:  # alternation, misplaced system message, ...
+        raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    _number(body, "top_p", 1.0, 0.0, 1.0)  # accepted, validated, ignored (documented)
+    top_k = _number(body, "top_k", None, 1, 1 << 30, integer=True)
+    n = _number(body, "n", 1, 1, max_n, integer=True)
+    seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, None, 1, max_tokens_limit, integer=True)
+    room = max_context - len(prompt)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {max_context}",
+                       param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(max_tokens_limit, room)
+    elif max_tokens > room:
+        raise APIError(400, f"prompt ({len(prompt)} tokens) + {key} ({max_tokens}) exceeds the context "
+                            f"({max_context} tokens)", param=key, code="context_length_exceeded")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+    return dict(prompt=prompt, temperature=temperature, top_k=top_k, n=n,
+                seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+                max_tokens=max_tokens, stream=bool(stream), include_usage=bool(opts.get("include_usage")))
+
+
+# ------------------------------------------------------------------------------------------------- generation
+class _Detok:
+    """Incremental detokenizer for one sample: emits only complete UTF-8 text (a token may end mid-character)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tok, self.stop_ids, self.ids, self.sent = tokenizer, stop_ids, [], 0
+
+    def add(self, token, final=False):
+        if token is not None and token not in self.stop_ids:
+            self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+
+class _LockedJob:
+    """The fallback for an engine without continuous batching: one generation at a time under a lock, in a thread,
+    with the same surface as engine.Request (events queue of columns then None, finish_reasons, completions)."""
+
+    def __init__(self, engine, lock, p, stop_ids):
+        self.events, self.cancelled, self.done = queue.Queue(), False, False
+        self.finish_reasons = [None] * p["n"]
+        self.completions = [[] for _ in range(p["n"])]
+        threading.Thread(target=self._run, args=(engine, lock, p, stop_ids), daemon=True).start()
+
+    def _run(self, engine, lock, p, stop_ids):
+        try:
+            with lock:
+                gen = engine.generate(p["prompt"], num_samples=p["n"], max_tokens=p["max_tokens"],
+                                      temperature=p["temperature"], top_k=p["top_k"], seed=p["seed"])
+                for col, mcol in gen:
+                    if self.cancelled:
+                        gen.close()
+                        break
+                    for i, t in enumerate(col):
+                        if t is not None and self.finish_reasons[i] is None:
+                            self.completions[i].append(t)
+                            if t in stop_ids:
+                                self.finish_reasons[i] = "stop"
+                    self.events.put((col, mcol))
+            self.finish_reasons = [r or ("cancelled" if self.cancelled else "length") for r in self.finish_reasons]
+        except Exception as e:  # reported to the client as a 500
+            self.events.put(e)
+        finally:
+            self.done = True
+            self.events.put(None)
+
+
+class ChatService:
+    """Owns the engine and the admission control; turns validated requests into completions / chunk streams."""
+
+    def __init__(self, engine, tokenizer, model_name="tritonchat", max_concurrency=8, max_tokens_limit=1024,
+                 max_n=8, max_body_bytes=1 << 20, batching="auto"):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.max_concurrency, self.max_tokens_limit = max_concurrency, max_tokens_limit
+        self.max_n, self.max_body_bytes = max_n, max_body_bytes
+        continuous = all(hasattr(engine, a) for a in ("submit", "start", "cancel"))
+        if batching == "continuous" and not continuous:
+            raise ValueError("this engine has no continuous-batching API (submit/start/cancel); use batching='lock'")
+        self.batching = "continuous" if continuous and batching != "lock" else "lock"
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.slots = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrency + 2, thread_name_prefix="chat-wait")
+        special = tokenizer.encode_special
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
+        # the context the model was trained at (the engine's rotary tables reach further, the model's skill not)
+        model = getattr(engine, "model", None)
+        limits = [getattr(getattr(model, "config", None), "sequence_len", None), getattr(engine, "max_context", None)]
+        self.max_context = min(x for x in limits if x)
+        if self.batching == "continuous":
+            engine.start()
+
+    def close(self):
+        if self.batching == "continuous":
+            self.engine.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # admission control: a fixed number of requests in flight, the rest are told to come back (429)
+    def acquire(self):
+        with self.slots:
+            if self.in_flight >= self.max_concurrency:
+                raise APIError(429, f"the server is busy ({self.in_flight} requests in flight); retry shortly",
+                               type_="rate_limit_error", code="too_many_requests")
+            self.in_flight += 1
+        return _Slot(self)
+
+    def start(self, p):
+        if self.batching == "continuous":
+            return self.engine.submit(p["prompt"], num_samples=p["n"], max_tokens=p["max_tokens"],
+                                      temperature=p["temperature"], top_k=p["top_k"], seed=p["seed"])
+        return _LockedJob(self.engine, self.lock, p, self.stop_ids)
+
+    def cancel(self, job):
+        if job.done:
+            return
+        if self.batching == "continuous":
+            self.engine.cancel(job)
+        else:
+            job.cancelled = True
+
+    def _next(self, job):
+        """Blocking: the job's next column, None at the end; raises if the engine died."""
+        while True:
+            try:
+                item = job.events.get(timeout=0.5)
+            except queue.Empty:
+                thread = getattr(self.engine, "thread", None)
+                if self.batching == "continuous" and (thread is None or not thread.is_alive()):
+                    raise RuntimeError("the engine stopped")
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    async def columns(self, job):
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await loop.run_in_executor(self.pool, self._next, job)
+            if item is None:
+                return
+            yield item
+
+
+class _Slot:
+    def __init__(self, service):
+        self.service, self.held = service, True
+
+    def release(self):
+        with self.service.slots:
+            if self.held:
+                self.held = False
+                self.service.in_flight -= 1
+
+
+def _finish_reason(reason):
+    return "length" if reason in (None, "length") else "stop" if reason in ("stop", "cancelled") else reason
+
+
+# ------------------------------------------------------------------------------------------------- the app
+def create_app(service):
+    app = FastAPI(title="tritonchat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e):
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    @app.get("/health")
+    async def health():
+        s = service
+        return {"status": "ok", "model": s.model_name, "batching": s.batching, "in_flight": s.in_flight,
+                "max_concurrency": s.max_concurrency, "context": s.max_context,
+                "engine": dict(getattr(s.engine, "stats", {}))}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "tritonchat"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(PAGE.replace("__MODEL__", service.model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        s = service
+        slot = s.acquire()  # 429 when full, before reading anything
+        try:
+            body = await _read_json(request, s.max_body_bytes)
+            p = parse_request(body, s.tokenizer, s.max_context, s.max_tokens_limit, s.max_n)
+            job = s.start(p)
+        except BaseException:
+            slot.release()
+            raise
+        meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=s.model_name)
+        if p["stream"]:
+            return StreamingResponse(_stream(s, job, p, meta, slot), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(_cleanup, s, job, slot))
+        try:
+            detoks = [_Detok(s.tokenizer, s.stop_ids) for _ in range(p["n"])]
+            texts = [""] * p["n"]
+            async for col, _ in s.columns(job):
+                for i, t in enumerate(col):
+                    if t is not None:
+                        texts[i] += detoks[i].add(t)
+            texts = [texts[i] + detoks[i].add(None, final=True) for i in range(p["n"])]
+        finally:
+            _cleanup(s, job, slot)
+        completion_tokens = sum(len(c) for c in job.completions)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                    "finish_reason": _finish_reason(job.finish_reasons[i])} for i in range(p["n"])]
+        usage = {"prompt_tokens": len(p["prompt"]), "completion_tokens": completion_tokens,
+                 "total_tokens": len(p["prompt"]) + completion_tokens}
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+
+    return app
+
+
+def _cleanup(service, job, slot):
+    service.cancel(job)  # no-op when finished; frees the KV blocks of an abandoned stream
+    slot.release()
+
+
+async def _read_json(request, limit):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}", code="body_too_large")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+async def _stream(s, job, p, meta, slot):
+    """Server-sent events in OpenAI's chunk format: a role chunk per choice, content deltas, a finish chunk per
+    choice, an optional usage chunk, then [DONE]."""
+    def chunk(choices, **extra):
+        return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
+
+    n = p["n"]
+    detoks = [_Detok(s.tokenizer, s.stop_ids) for _ in range(n)]
+    finished = [False] * n
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        async for col, _ in s.columns(job):
+            out = []
+            for i, t in enumerate(col):
+                if t is None or finished[i]:
+                    continue
+                text = detoks[i].add(t)
+                if text:
+                    out.append({"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+            if out:
+                yield chunk(out)
+        for i in range(n):
+            tail = detoks[i].add(None, final=True)
+            delta = {"content": tail} if tail else {}
+            yield chunk([{"index": i, "delta": delta, "logprobs": None,
+                          "finish_reason": _finish_reason(job.finish_reasons[i])}])
+        if p["include_usage"]:
+            c = sum(len(x) for x in job.completions)
+            yield chunk([], usage={"prompt_tokens": len(p["prompt"]), "completion_tokens": c,
+                                   "total_tokens": len(p["prompt"]) + c})
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the headers are gone: report in-band, as OpenAI does
+        yield "data: " + json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
+                                               "param": None, "code": None}}) + "\n\n"
+    finally:
+        _cleanup(s, job, slot)
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tritonchat</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,sans-serif;max-width:760px;margin:0 auto;padding:1rem;background:#fafafa}
+#log .msg{white-space:pre-wrap;padding:.6rem .8rem;margin:.4rem 0;border-radius:8px}
+.user{background:#dbeafe;margin-left:15%}.assistant{background:#fff;border:1px solid #ddd;margin-right:15%}
+.error{background:#fee2e2}form{display:flex;gap:.5rem;margin-top:1rem}textarea{flex:1;height:3.5rem}
+small{color:#666}
+</style></head><body>
+<h3>tritonchat <small>__MODEL__</small></h3>
+<div id="log"></div>
+<form id="f"><textarea id="q" placeholder="Say something (Enter sends, Shift+Enter for a new line)"></textarea>
+<button>Send</button><button type="button" id="clear">Clear</button></form>
+<small>temperature <input id="temp" type="number" value="0.8" step="0.1" min="0" max="2" style="width:4em">
+max tokens <input id="maxtok" type="number" value="256" min="1" style="width:5em"></small>
+<script>
+const log = document.getElementById("log"), q = document.getElementById("q"), messages = [];
+function add(role, text) {
+  const d = document.createElement("div"); d.className = "msg " + role; d.textContent = text;
+  log.appendChild(d); d.scrollIntoView(); return d;
+}
+async function send() {
+  const text = q.value.trim(); if (!text) return;
+  q.value = ""; messages.push({role: "user", content: text}); add("user", text);
+  const out = add("assistant", ""); let reply = "";
+  try {
+    const r = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({messages, stream: true, temperature: +document.getElementById("temp").value,
+                            max_tokens: +document.getElementById("maxtok").value})});
+    if (!r.ok) throw new Error((await r.json()).error.message);
+    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read(); if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let i; while ((i = buf.indexOf("\\n\\n")) >= 0) {
+        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const ev = JSON.parse(line.slice(6));
+        if (ev.error) throw new Error(ev.error.message);
+        for (const c of ev.choices) if (c.delta && c.delta.content) { reply += c.delta.content; out.textContent = reply; }
+      }
+    }
+    messages.push({role: "assistant", content: reply});
+  } catch (e) { out.className = "msg error"; out.textContent = "Error: " + e.message; messages.pop(); }
+}
+document.getElementById("f").onsubmit = e => { e.preventDefault(); send(); };
+q.onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
+document.getElementById("clear").onclick = () => { messages.length = 0; log.innerHTML = ""; };
+</script></body></html>
+"""
+
+
+def main(argv=None):
+    import kernels
+    parser = argparse.ArgumentParser(description="tritonchat web UI + OpenAI-compatible API",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    parser.add_argument("--run", default=None, help="checkpoint run name (default: the newest run)")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-concurrency", type=int, default=16, help="requests in flight; more get 429")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens accepted")
+    parser.add_argument("--max-n", type=int, default=8, help="the largest n accepted")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "lock"])
+    kernels.add_argument(parser)
+    args = parser.parse_args(argv)
+    kernels.set_mode(args.kernels)
+
+    from model.chat import load_chat_model
+    model, tokenizer, meta = load_chat_model(args.source, args.device, args.run)
+    from model.engine import Engine
+    service = ChatService(Engine(model, tokenizer), tokenizer, model_name=f"tritonchat-{args.source}",
+                          max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
+                          max_n=args.max_n, max_body_bytes=args.max_body_bytes, batching=args.batching)
+    import uvicorn
+    print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}, "
+          f"{service.batching} batching) on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    finally:
+        service.close()
+
+
+if __name__ == "__main__":
+    main()
