@@ -1,0 +1,85 @@
+"""train/distributed.py + sharded Muon: one process vs `torchrun --nproc_per_node=2` (gloo, CPU, fp32).
+
+Both runs execute tests/_dist_worker.py: an FSDP2 tiny GPT trained a few steps on the same global batches (each rank
+its slice), plus Muon on odd matrix shapes (uneven and empty dim-0 shards). Same forward, same losses, same
+parameters; each rank orthogonalises only its share of the matrices."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests._dist_worker import MUON_SHAPES, STEPS
+from tests.test_optim import straightforward_muon
+
+torch.manual_seed(0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(out, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITONCHAT_KERNELS="eager", PYTHONPATH=ROOT)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    if nproc == 1:  # plain single process: the 1-rank process group path
+        cmd = [sys.executable, WORKER, out]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", WORKER, out]
+    return cmd, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    outs = {n: str(tmp / f"world{n}.pt") for n in (1, 2)}
+    procs = {n: start_worker(outs[n], n) for n in outs}  # both at once: the wall time is mostly imports
+    for n, (cmd, proc) in procs.items():
+        try:
+            log, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            log, _ = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} timed out:\n{log[-3000:]}")
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-5000:]}"
+    return {n: torch.load(out) for n, out in outs.items()}
+
+
+def test_forward_identical_across_world_sizes(runs):
+    torch.testing.assert_close(runs[2]["logits0"], runs[1]["logits0"], atol=0, rtol=0)
+
+
+def test_training_same_losses_and_params(runs):
+    one, two = runs[1], runs[2]
+    assert len(one["losses"]) == STEPS
+    # fp32; the only difference is the batch split (per-rank means averaged by FSDP's reduce-scatter)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=0, rtol=1e-5)
+    assert one["params"].keys() == two["params"].keys()
+    for name, p in one["params"].items():
+        torch.testing.assert_close(two["params"][name], p, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_each_rank_orthogonalizes_its_share(runs):
+    n_matrices = 2 * 6  # tiny config: 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj)
+    assert runs[1]["ns_counts"] == [STEPS * n_matrices]
+    assert runs[2]["ns_counts"] == [STEPS * n_matrices // 2] * 2
+    assert runs[1]["muon"]["counts"] == [3 * len(MUON_SHAPES)]
+    assert runs[2]["muon"]["counts"] == [3 * len(MUON_SHAPES) // 2] * 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_muon_matches_straightforward(runs, world):
+    m = runs[world]["muon"]
+    moms = [0.9] * len(m["grads"])
+    want = straightforward_muon(m["init"], m["grads"], 0.1, moms)
+    for got, w, shape in zip(m["final"], want, MUON_SHAPES):
+        assert got.shape == shape
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
