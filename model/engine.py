@@ -37,7 +37,8 @@ API
     engine.step()                     # drive it yourself (one prefill of the newcomers + one decode step) ...
     engine.start()                    # ... or let a background thread step while there is work (engine.stop())
     for tokens, masks in req.stream(): ...   # blocking iterator over req's columns (any thread)
-    req.done, req.completions, req.completion_masks, req.finish_reasons ("stop" | "length" | "cancelled")
+    req.done, req.completions, req.completion_masks, req.finish_reasons ("stop" | "length" | "cancelled" | "error"),
+    req.error (the exception text if the background loop failed: every request in flight then ends with "error")
     engine.cancel(req)                # frees its blocks at the next step (a closed generate() cancels itself)
 engine.stats counts prefill/decode tokens, steps and copy-on-write copies; engine.cache.num_free() the free blocks.
 """
@@ -46,6 +47,7 @@ import importlib
 import math
 import queue
 import threading
+import traceback
 from collections import deque
 
 import torch
@@ -166,6 +168,7 @@ class Request:
         self.finish_reasons = [None] * num_samples
         self.done = False
         self.cancelled = False
+        self.error = None                                         # set if the background loop failed
         self.events = queue.Queue()                               # (tokens, masks) columns, then None
         self.generator = None
         self.seqs = []
@@ -202,7 +205,7 @@ class _Seq:
 # The engine
 
 class Engine:
-    def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=16384,
+    def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
                  tool_timeout=5.0, tool_memory_mb=256):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
@@ -274,7 +277,11 @@ class Engine:
                         self.cond.wait()
                     if self.stopping:
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # never leave a client waiting on a dead loop: fail what is in flight
+                    traceback.print_exc()
+                    self._fail_all(f"{type(e).__name__}: {e}")
 
         self.thread = threading.Thread(target=loop, name="engine", daemon=True)
         self.thread.start()
@@ -483,6 +490,14 @@ class Engine:
             req.events.put(None)
         if req in self.running:
             self.running.remove(req)
+
+    def _fail_all(self, error):
+        with self.lock:
+            with self.cond:
+                reqs, self.waiting = list(self.running) + list(self.waiting), deque()
+            for req in reqs:
+                req.error = error
+                self._finish_request(req, "error")
 
     def _reap(self):
         """Drop cancelled requests (running or waiting) and return their blocks."""

@@ -195,6 +195,23 @@ def test_background_thread(model):
     assert_all_free(engine)
 
 
+def test_background_failure_ends_requests(model, monkeypatch):
+    engine = Engine(model, TOK)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "_decode", boom)
+    engine.start()
+    try:
+        req = engine.submit(PROMPTS[0], max_tokens=8, temperature=0)
+        list(req.stream(timeout=60))  # ends instead of hanging
+        assert req.done and req.finish_reasons == ["error"] and "boom" in req.error
+    finally:
+        engine.stop()
+    assert_all_free(engine)
+
+
 class ScriptedGPT(GPT):
     """A real GPT (the cache is exercised) whose logits are pushed towards a scripted next token: SCRIPT[last]."""
     SCRIPT = {}
