@@ -45,8 +45,8 @@ def load_chat_model(source, device=None, run=None):
 class StreamPrinter:
     """Incremental detokenization: print only complete UTF-8 text (a token can end mid-character)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.sent = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.sent = tokenizer, out or sys.stdout, [], 0
 
     def add(self, token, final=False):
         if token is not None:
@@ -62,10 +62,11 @@ class StreamPrinter:
         return self.tokenizer.decode(self.ids)
 
 
-def respond(engine, tokenizer, conversation, args, out=sys.stdout):
+def respond(engine, tokenizer, conversation, args, out=None):
     """Stream the assistant's answer to `conversation` to `out`; returns the answer text (stop token dropped)."""
     stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     prompt = tokenizer.render_for_completion(conversation)
+    out = out or sys.stdout
     printer = StreamPrinter(tokenizer, out)
     for tokens, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
                                      temperature=args.temperature, top_k=args.top_k, seed=args.seed):
@@ -128,9 +129,8 @@ def main(argv=None):
             conversation["messages"].pop()
             continue
         conversation["messages"].append({"role": "assistant", "content": answer})
-        seq = tokenizer.render_for_completion(conversation | {"messages": conversation["messages"] + [
-            {"role": "user", "content": ""}]})
-        if len(seq) + args.max_tokens >= engine.max_context:
+        used = len(tokenizer.render_conversation(conversation, max_tokens=None)[0])
+        if used + args.max_tokens >= engine.max_context:
             print(f"(the conversation fills the context of {engine.max_context} tokens: starting a new one)")
             conversation = {"messages": []}
 

@@ -31,6 +31,9 @@ def tiny():
     model = GPT(GPTConfig(sequence_len=CONTEXT, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
                           n_embd=64))
     model.init_weights()
+    with torch.no_grad():  # nanochat's init zeroes lm_head (every logit 0): make the random model say something
+        for param in model.parameters():
+            param.normal_(0, 0.5)
     model.eval()
     yield model, tok
     kernels.set_mode(old)
