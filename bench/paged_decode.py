@@ -119,8 +119,8 @@ def _engine_rows(quick):
     gpu = harness.on_gpu()
     dev = "cuda" if gpu else "cpu"
     if gpu:
-        cfg, prompt_len, steps, batches = GPTConfig.from_depth(12, sequence_len=2048), 256, (32 if quick else 128), (1, 64)
-        dtype = torch.bfloat16
+        cfg = GPTConfig.from_depth(12, sequence_len=2048)
+        prompt_len, steps, batches, dtype = 256, (32 if quick else 128), (1, 64), torch.bfloat16
     else:
         cfg = GPTConfig(sequence_len=64, vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
         prompt_len, steps, batches, dtype = 16, 3, (1, 4), torch.float32

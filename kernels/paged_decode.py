@@ -56,7 +56,8 @@ def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
                         stride_btb, stride_ob, stride_oh,
                         num_splits, qk_scale,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                        PREC: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -90,13 +91,13 @@ def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + blk[:, None] * stride_vblk + slot[:, None] * stride_vtok + g * stride_vh + cols[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale           # (GROUP_PAD, BLOCK_N), base-2 logits
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (GROUP_PAD, BLOCK_N), base-2 logits
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     out_mask = row_ok[:, None] & col_ok[None, :]
@@ -227,7 +228,9 @@ def _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_sp
         block_table.stride(0), out.stride(0), out.stride(1),
         num_splits, scale * 1.4426950408889634,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots, not TF32
+        num_warps=4, num_stages=2)
     if num_splits > 1:
         _paged_decode_combine[(B, H)](o_part, lse, out, out.stride(0), out.stride(1), H, num_splits,
                                       D=D, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
