@@ -155,7 +155,7 @@ def profile_mode(mode, args, dist_info):
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            loss = step()
+            loss = step().detach()
         _sync(device)
         step_ms = 1e3 * (time.perf_counter() - t0) / args.steps
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -168,7 +168,7 @@ def profile_mode(mode, args, dist_info):
     return {"mode": mode, "step_ms": step_ms, "phases_ms": phases, "comm_ms": comm_ms,
             "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / dist_info.world_size,
             "flops_per_token": flops_tok, "num_params": model.num_params(), "peak_mem_gib": peak_mem,
-            "loss": float(loss), "telemetry": telemetry.summary(), "top_kernels": top}
+            "loss": loss.item(), "telemetry": telemetry.summary(), "top_kernels": top}
 
 
 def _profile_one_step(step, mode, args, device):

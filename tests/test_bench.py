@@ -90,3 +90,16 @@ def test_telemetry_unavailable_is_reported_not_raised(monkeypatch):
         pass
     s = t.summary()
     assert s["status"] == "unavailable" and "pynvml" in s["reason"]
+
+
+def test_train_profiler_runs_on_cpu(tmp_path):
+    import json as _json
+    from bench import train as bench_train
+    rows = bench_train.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "256",
+                             "--steps", "1", "--warmup", "1", "--kernels", "eager", "--out", str(tmp_path)])
+    (r,) = rows
+    assert r["provider"] == "eager" and r["ratio"] == pytest.approx(1.0)
+    assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["ms"] / 1e3))
+    assert set(r["phases_ms"]) == {"forward", "backward", "optimizer"}
+    assert r["telemetry"]["status"] in ("ok", "unavailable")
+    assert _json.load(open(next(tmp_path.glob("train-*.json"))))["rows"][0]["flops_per_token"] > 0
