@@ -275,3 +275,26 @@ def test_fused_engine_matches_eager(model):
         kernels.set_mode("eager")
     assert fused == eager
     assert_all_free(engine)
+
+
+@pytest.mark.gpu
+def test_fused_engine_gpu_bf16():
+    """bf16 on the GPU, all Triton kernels: every emitted token's logits match a full eager forward of its sequence
+    (greedy tokens could legitimately differ on near-ties, the logits may not)."""
+    model = tiny_model().cuda().to(torch.bfloat16)
+    kernels.set_mode("fused")
+    try:
+        engine = Engine(model, TOK, block_size=16)
+        log = record_logits(engine)
+        reqs = [engine.submit(p, num_samples=2, max_tokens=40, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS)]
+        while engine.has_work():
+            engine.step()
+    finally:
+        kernels.set_mode("eager")
+    with torch.inference_mode():
+        for r, i, pos, logits in log:
+            seq = (r.prompt + r.completions[i])[:pos]
+            full = model(torch.tensor([seq], device="cuda"))[0, -1]
+            torch.testing.assert_close(logits.float(), full.float(), atol=0.1, rtol=0.05)  # bf16 activations
+    assert len(log) == sum(len(c) for r in reqs for c in r.completions)
+    assert_all_free(engine)

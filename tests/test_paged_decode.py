@@ -123,9 +123,9 @@ def test_clear_errors(fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("H,Hkv,D", [(16, 16, 128), (16, 4, 128), (8, 2, 64)])
+@pytest.mark.parametrize("H,Hkv,D,dtype", [(16, 16, 128, torch.bfloat16), (16, 4, 128, torch.bfloat16),
+                                           (8, 2, 64, torch.bfloat16), (16, 4, 128, torch.float16)])
 @pytest.mark.parametrize("seq_lens", [[1, 15, 17, 100], [4096, 1, 777], [32768]])
 def test_paged_decode_gpu(fused, dtype, block_size, H, Hkv, D, seq_lens):
     q, kc, vc, table, seq = make_case(len(seq_lens), H, Hkv, D, block_size, seq_lens, dtype)
