@@ -3,9 +3,8 @@
     python -m bench.relu2_mlp [--quick]
 
 GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps
-(8k tokens, d20) and (32k tokens, d32) only (the GPU check's
-time budget). TFLOP/s from the explicit count 4*M*C*F per forward GEMM pair (two GEMMs of
-2*M*C*F) and twice that for the backward (four GEMMs). Peak memory = torch.cuda.max_memory_allocated above the inputs
+(8k tokens, d20) and (32k tokens, d32) only (the GPU check's time budget). TFLOP/s from the explicit count
+4*M*C*F for the forward (two GEMMs of 2*M*C*F) and twice that for the backward (four GEMMs). Peak memory = torch.cuda.max_memory_allocated above the inputs
 while the pass runs (the "fwd" row holds the autograd graph, i.e. the saved activations).
 CPU: a tiny fp32 smoke case, eager and fused under the Triton interpreter (no compile: too slow for a smoke run);
 those timings measure the interpreter, not the kernel.

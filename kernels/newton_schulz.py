@@ -6,8 +6,9 @@ X = G / (||G||_F + eps), transposed when m > n so the Gram matrix is the small o
 On the singular values s of X each step applies p(s) = a s + b s^3 + c s^5 (U and V are untouched), so the result is
 U phi(S) V^T with phi = p applied `steps` times to s = sigma / ||G||_F. Measured on that scalar map: after 5 steps,
 every s >= 0.01 lands in [0.682, 1.134] and every s >= 0.0015 in [0.68, 1.203] (the maximum of p on [0, 1]);
-smaller ones stay small (p'(0) = a, so s grows ~3.44x per step). After 1 step the band is [a s_min-ish, 1.203].
-Tests check the fused result's singular values against phi directly.
+smaller ones stay small (p'(0) = a, so s grows ~3.44x per step); after 1 step the band is [p(s_min), 1.203].
+Tests check the fused result's singular values against phi directly. Like Muon needs, the fused path is not
+differentiable (it runs under no_grad); the reference is.
 
 What the kernels do (per step, m <= n, all three in one launch each for the whole batch: grid axis 1 = batch):
   1. `_syrk_kernel`  A = X X^T. A is symmetric, so only the tiles (i, j) with i <= j are computed (T(T+1)/2 of T^2
@@ -165,6 +166,7 @@ def _update(b, x, out, a_coef):
     return out
 
 
+@torch.no_grad()
 def _newton_schulz_triton(G, steps, eps):
     squeeze = G.ndim == 2
     G3 = G.unsqueeze(0) if squeeze else G

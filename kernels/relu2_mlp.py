@@ -56,9 +56,10 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "ACT"])
+# tuned per power-of-two bucket of M, not per M: the engine's prefill/decode calls come with ever-changing token counts
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "ACT"])
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
                    ACT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -74,7 +75,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K,
     pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
     pid_n = (pid % pids_per_group) // group_size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: M * F can pass 2^31 elements at 64k+ tokens and large F
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # wrap the row/col indices instead of masking them in the inner loop; the store below is masked
@@ -114,7 +116,7 @@ def _matmul(a, b, act=ACT_NONE, aux=None):
     # fp32 inputs: full-precision dot (as eager without TF32); bf16/fp16: tensor cores, fp32 accumulation
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _matmul_kernel[grid](a, b, c, aux, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    _matmul_kernel[grid](a, b, c, aux, M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          c.stride(0), c.stride(1), aux.stride(0), aux.stride(1), ACT=act, PRECISION=precision)
     return c
 

@@ -126,6 +126,29 @@ def test_eager_mode_is_reference():
         kernels.set_mode(prev)
 
 
+def test_model_mlp_fused_matches_eager():
+    """model.gpt.MLP (nn.Linear weights, (B, T, C) input) in fused vs eager mode: output and all gradients."""
+    gpt = pytest.importorskip("model.gpt")
+    torch.manual_seed(5)
+    mlp = gpt.MLP(gpt.GPTConfig.from_depth(1))             # C = 64, F = 256
+    x = torch.randn(2, 11, 64)
+    dy = torch.randn(2, 11, 64)
+    results = {}
+    prev = kernels.get_mode()
+    try:
+        for mode in ("eager", "fused"):
+            kernels.set_mode(mode)
+            mlp.zero_grad()
+            xs = x.clone().requires_grad_(True)
+            y = mlp(xs)
+            y.backward(dy)
+            results[mode] = (y.detach(), xs.grad, mlp.c_fc.weight.grad.clone(), mlp.c_proj.weight.grad.clone())
+    finally:
+        kernels.set_mode(prev)
+    for e, f in zip(results["eager"], results["fused"]):
+        torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth", [12, 20, 26])
