@@ -384,7 +384,7 @@ class Engine:
                         cache.incref(b)
                 r.seqs.append(_Seq(r, s, list(r.prompt), blocks, n))
             self.running.append(r)
-            self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r))
+            self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
 
     def _decode(self):
         seqs = [s for r in self.running for s in r.seqs if not s.done]
@@ -405,23 +405,27 @@ class Engine:
             s.num_cached += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(seqs)
-        start = 0
+        groups, picks, start = [], [], 0
         for r in list(self.running):                                  # rows are grouped by request, in order
             live = [s for s in r.seqs if not s.done]
             if live:
-                self._emit(r, live, self._sample(logits[start:start + len(live)], r))
+                groups.append((r, live, start))
+                picks.append(self._sample(logits[start:start + len(live)], r))
                 start += len(live)
+        tokens = torch.cat(picks).tolist()                            # one device->host sync per step
+        for r, live, start in groups:
+            self._emit(r, live, tokens[start:start + len(live)])
 
     def _sample(self, logits, req):
-        """logits (n, V) fp32 -> n token ids (list), with the request's own generator."""
+        """logits (n, V) fp32 -> n token ids (a tensor), with the request's own generator."""
         if req.temperature == 0:
-            return logits.argmax(-1).tolist()
+            return logits.argmax(-1)
         logits = logits.float()
         if req.top_k is not None and req.top_k < logits.shape[-1]:
             kth = torch.topk(logits, req.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = F.softmax(logits / req.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=req.generator)[:, 0].tolist()
+        return torch.multinomial(probs, 1, generator=req.generator)[:, 0]
 
     def _emit(self, req, seqs, sampled):
         """Append one token to each of `seqs` (forced tool output overrides the sample), run the tool state

@@ -102,7 +102,7 @@ def record_logits(engine):
         return sample(logits, req)
 
     def _emit(req, seqs, sampled):
-        logits = pending.pop()
+        logits = pending.pop(0)  # _sample calls come in the same order as the _emit calls
         for row, s in enumerate(seqs):
             log.append((req, s.index, len(s.tokens), logits[row]))
         return emit(req, seqs, sampled)
