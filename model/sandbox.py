@@ -15,8 +15,9 @@ Defense in depth; any one layer failing still leaves the others:
 3. A PEP 578 audit hook (sys.addaudithook; it cannot be removed) installed before user code: it refuses
    sockets, subprocess / os.system / os.exec* / os.spawn* / os.fork / os.posix_spawn / os.kill, ctypes, imports
    of socket / ctypes / subprocess machinery, open() for writing and remove / rename / mkdir / chmod / symlink
-   outside the temp dir (the cwd), setrlimit, and the introspection that could reach the hook's frames
-   (sys._getframe, gc.get_referrers, tb_frame). Dangerous os functions are replaced by stubs that raise.
+   outside the temp dir (the cwd; chdir is refused), setrlimit, gc introspection, and re-assigning a function's
+   __defaults__ / __code__ (all the hook's state lives in its default arguments, so code that walks frames to the
+   bootstrap's globals still cannot loosen it). Dangerous os functions are replaced by stubs that raise.
 4. An OS-level jail when bubblewrap (`bwrap`) is installed and works: new network namespace (no interfaces
    but a down-or-empty loopback: nothing to connect to), new PID namespace (everything dies with it), IPC and
    UTS namespaces, a root made of read-only binds of /usr and the Python install only (no /home, /root, /etc,
@@ -162,12 +163,11 @@ sys.modules["__main__"] = _main
 try:
     exec(compile(_code, "<sandbox>", "exec"), _main.__dict__)
 except BaseException as e:
-    tb, line = e.__traceback__, None
-    while tb is not None:  # the deepest line number of the user's top level (no frame access needed)
-        line = tb.tb_lineno if line is None or tb.tb_next is not None else line
-        tb = tb.tb_next
     name = type(e).__name__
-    msg = (f"{name}: {e}" if str(e) else name) if not isinstance(e, SystemExit) else f"SystemExit({e.code}): exiting is not allowed"
+    if isinstance(e, SystemExit):
+        msg = f"SystemExit({e.code}): exiting is not allowed"
+    else:
+        msg = f"{name}: {e}" if str(e) else name
     try: sys.stdout.flush()
     except BaseException: pass
     _report(msg)
@@ -254,7 +254,7 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         # can still read the Python install (a Python under /root cannot be: then the hook has to do).
         drop = rlimits and os.getuid() == 0 and (ok or _world_readable(os.path.dirname(os.__file__)))
         layers = json.dumps({"audit": audit, "rlimits": rlimits, "drop": drop})
-        cmd = [_python(), "-I", "-S", "-c", _BOOTSTRAP, str(w_fd), workdir, str(timeout), str(memory_mb),
+        cmd = [_python(), "-I", "-S", "-B", "-c", _BOOTSTRAP, str(w_fd), workdir, str(timeout), str(memory_mb),
                str(FILE_SIZE_LIMIT), layers]
         if ok:
             cmd = _bwrap_args(workdir) + cmd
@@ -271,6 +271,8 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         out, err, timed_out, overflow = _collect(proc, timeout, max_output)
         _kill_group(proc)  # anything the program left behind dies with it
         rc = proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
         report = _read_all(r_fd)
     finally:
         if w_fd is not None:

@@ -46,6 +46,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+class EngineError(RuntimeError):
+    pass
+
+
 class APIError(Exception):
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
         super().__init__(message)
@@ -152,7 +156,7 @@ class _LockedJob:
     with the same surface as engine.Request (events queue of columns then None, finish_reasons, completions)."""
 
     def __init__(self, engine, lock, p, stop_ids):
-        self.events, self.cancelled, self.done = queue.Queue(), False, False
+        self.events, self.cancelled, self.done, self.error = queue.Queue(), False, False, None
         self.finish_reasons = [None] * p["n"]
         self.completions = [[] for _ in range(p["n"])]
         threading.Thread(target=self._run, args=(engine, lock, p, stop_ids), daemon=True).start()
@@ -174,7 +178,7 @@ class _LockedJob:
                     self.events.put((col, mcol))
             self.finish_reasons = [r or ("cancelled" if self.cancelled else "length") for r in self.finish_reasons]
         except Exception as e:  # reported to the client as a 500
-            self.events.put(e)
+            self.error = f"{type(e).__name__}: {e}"
         finally:
             self.done = True
             self.events.put(None)
@@ -241,10 +245,8 @@ class ChatService:
             except queue.Empty:
                 thread = getattr(self.engine, "thread", None)
                 if self.batching == "continuous" and (thread is None or not thread.is_alive()):
-                    raise RuntimeError("the engine stopped")
+                    raise EngineError("the engine stopped")
                 continue
-            if isinstance(item, Exception):
-                raise item
             return item
 
     async def columns(self, job):
@@ -252,6 +254,8 @@ class ChatService:
         while True:
             item = await loop.run_in_executor(self.pool, self._next, job)
             if item is None:
+                if getattr(job, "error", None):  # the engine failed this request (e.g. out of GPU memory)
+                    raise EngineError(job.error)
                 return
             yield item
 
@@ -284,6 +288,10 @@ def create_app(service):
     async def _http_error(request, e):
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error_response(e.status_code, str(e.detail), type_)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request, e):
+        return error_response(500, f"generation failed: {e}", "server_error")
 
     @app.exception_handler(Exception)
     async def _internal(request, e):

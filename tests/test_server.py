@@ -246,6 +246,29 @@ def test_abandoned_stream_frees_blocks(server, monkeypatch):
     assert engine.cache.num_free() == engine.cache.num_blocks
 
 
+def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeypatch, capsys):
+    from openai import InternalServerError
+    service, url = server
+    engine = service.engine
+    real = engine._decode
+    boom = {"left": 1}
+
+    def failing_decode():
+        if boom["left"]:
+            boom["left"] -= 1
+            raise RuntimeError("simulated CUDA out of memory")
+        return real()
+
+    monkeypatch.setattr(engine, "_decode", failing_decode)
+    with pytest.raises(InternalServerError) as e:
+        client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=8)
+    assert "simulated CUDA out of memory" in str(e.value)
+    expected, _ = _greedy(tiny, MESSAGES, 5)  # the next request is served normally
+    assert client.chat.completions.create(model="x", messages=MESSAGES, temperature=0,
+                                          max_tokens=5).choices[0].message.content == expected
+    assert service.in_flight == 0 and engine.cache.num_free() == engine.cache.num_blocks
+
+
 def test_lock_fallback(tiny):
     """An engine without the continuous-batching API is driven under one lock (same answers)."""
     model, tok = tiny
