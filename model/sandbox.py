@@ -65,9 +65,7 @@ sys.stdin = open(os.devnull)
 def _report(err):
     try: os.write(_fd, json.dumps({"error": err}).encode()[:4096])
     except Exception: pass
-# Modules user code commonly needs, imported while the stdlib is surely readable (before dropping privileges).
-import math, re, json, random, itertools, functools, collections, string, heapq, bisect, fractions, decimal
-import datetime, statistics, copy, typing, dataclasses, hashlib, operator, io, traceback, textwrap, time, pathlib
+import pathlib  # the hook accepts pathlib paths; privileges are only dropped where nobody can read the stdlib
 if _layers["rlimits"]:
     _t = int(float(sys.argv[3])) + 1
     for _r, _v in ((resource.RLIMIT_CPU, (_t, _t + 1)), (resource.RLIMIT_AS, (int(sys.argv[4]) << 20,) * 2),
@@ -117,13 +115,13 @@ if _layers["audit"]:
     # user code that reaches this module's globals (frames are not hidden) still cannot loosen it.
     def _hook(event, args, _B=_BANNED_EVENTS, _M=_BANNED_MODULES, _FA=_FUNC_ATTRS, _P=_PATH_EVENTS,
               _in=_inside, _W=_W, _D=os.O_DIRECTORY, _stat=os.stat, _isdir=stat.S_ISDIR, _any=any,
-              _isinstance=isinstance, _int=int, _E=PermissionError):
+              _isinstance=isinstance, _int=int, _E=PermissionError, _SELF=()):
         if event in _B:
             raise _E(f"sandbox: {event} is not allowed")
         if event == "import" and (args[0] in _M or args[0].split(".")[0] in _M):
             raise ImportError(f"sandbox: import of {args[0]} is not allowed")
-        if event == "object.__setattr__" and args[1] in _FA:
-            raise _E(f"sandbox: access to .{args[1]} is not allowed")
+        if event == "object.__setattr__" and args[1] in _FA and _any(args[0] is f for f in _SELF):
+            raise _E(f"sandbox: changing the sandbox's .{args[1]} is not allowed")
         if event == "open" and args[0] is not None:
             writing = (args[2] or 0) & _W or _any(c in (args[1] or "") for c in "wax+")
             if writing and not _in(args[0]):
@@ -138,6 +136,8 @@ if _layers["audit"]:
             for p in paths:
                 if p is not None and not _in(p):
                     raise _E(f"sandbox: {event} of {p!r} outside the temp dir is not allowed")
+    _hook.__defaults__ = _hook.__defaults__[:-1] + ((_hook, _inside),)  # the functions whose state is guarded
+
     def _deny(name):
         def stub(*a, **k):
             raise PermissionError(f"sandbox: {name} is disabled")

@@ -162,6 +162,8 @@ def test_sys_exit_and_kill():
 
 def test_hook_cannot_be_loosened():
     for code in ["import sys\ng = sys._getframe(0).f_back.f_globals\ng['_hook'].__defaults__ = ()",
+                 "import sys\ng = sys._getframe(0).f_back.f_globals\n"
+                 "g['_inside'].__code__ = (lambda *a, **k: True).__code__\nopen('/pwned_sbx', 'w')",
                  "import sys\ndel sys.modules['posix']\nimport posix\nposix.system('echo pwned')",
                  "import os\nos.path.realpath = lambda p: p\nopen('/pwned_sbx', 'w')"]:
         r = run_python(code)
@@ -171,6 +173,7 @@ def test_hook_cannot_be_loosened():
 
 def test_stdlib_still_usable():
     r = run_python("import collections, dataclasses, json, re, fractions, unittest, shutil\n"
+                   "@dataclasses.dataclass\nclass A:\n    x: int = 1\nassert A().x == 1\n"
                    "P = collections.namedtuple('P', 'x y')\nprint(json.dumps(P(1, 2)._asdict()))")
     assert r.success, r.error
     assert r.stdout == '{"x": 1, "y": 2}\n'
