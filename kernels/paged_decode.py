@@ -48,7 +48,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
-@triton.jit
+# The block-table width and the split count change as sequences grow: don't compile a variant per value.
+@triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
                         stride_qb, stride_qh,
                         stride_kblk, stride_ktok, stride_kh,
@@ -116,7 +117,7 @@ def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
         tl.store(LSE + bh * num_splits + split, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_combine(OP, LSE, O, stride_ob, stride_oh, H, num_splits,
                           D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
     b = tl.program_id(0)
@@ -134,7 +135,7 @@ def _paged_decode_combine(OP, LSE, O, stride_ob, stride_oh, H, num_splits,
     tl.store(O + b * stride_ob + h * stride_oh + cols, y.to(O.dtype.element_ty), mask=cols < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btn"])
 def _write_kv_kernel(K, V, KC, VC, BT, POS,
                      stride_kn, stride_kh, stride_vn, stride_vh,
                      stride_kcblk, stride_kctok, stride_kch,
