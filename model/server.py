@@ -320,7 +320,10 @@ def create_app(service):
         try:
             body = await _read_json(request, s.max_body_bytes)
             p = parse_request(body, s.tokenizer, s.max_context, s.max_tokens_limit, s.max_n)
-            job = s.start(p)
+            try:
+                job = s.start(p)
+            except ValueError as e:  # the engine refused the parameters
+                raise APIError(400, str(e)) from None
         except BaseException:
             slot.release()
             raise
@@ -365,8 +368,9 @@ async def _read_json(request, limit):
             raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise APIError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}"[:300],
+                       code="invalid_json") from None
 
 
 async def _stream(s, job, p, meta, slot):

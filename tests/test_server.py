@@ -147,6 +147,8 @@ def test_bad_requests_get_4xx_and_server_survives(server, client, tiny):
     cases = [
         (b"{not json", 400, "invalid_json", None),
         (b"[1, 2]", 400, None, None),
+        (b"[" * 15_000, 400, "invalid_json", None),
+        (b"\xff\xfe\x00garbage", 400, "invalid_json", None),
         ({"messages": []}, 400, "empty_array", "messages"),
         ({"messages": "hi"}, 400, "invalid_type", "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
