@@ -35,8 +35,12 @@ def load_chat_model(source, device=None, run=None):
         where = f"{home_dir()}/checkpoints/{source}" + (f"/{run}" if run else "")
         raise NoCheckpoint(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
                            f"\n(or point TRITONCHAT_HOME at the directory that holds your checkpoints)")
+    from train.checkpoint import UserError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, meta = load_model(source, device=device, run=run)
+    try:
+        model, tokenizer, meta = load_model(source, device=device, run=run)
+    except UserError as e:  # a corrupt or incomplete checkpoint: the message says what to do
+        raise NoCheckpoint(str(e)) from None
     if tokenizer is None:
         raise NoCheckpoint(f"no tokenizer found for the {source} checkpoint; train one: python -m train.tokenizer")
     return model, tokenizer, meta
@@ -58,12 +62,33 @@ class StreamPrinter:
         self.out.flush()
         self.sent = len(text)
 
-    def text(self):
-        return self.tokenizer.decode(self.ids)
+
+def assistant_content(tokenizer, ids):
+    """Completion ids (no stop token) -> message content: a str, or parts when the model used the python tool, so
+    the next turn renders the tool call and its forced output exactly as the model produced them."""
+    sp = tokenizer.special_tokens
+    kinds = {sp["<|python_start|>"]: ("python", sp["<|python_end|>"]),
+             sp["<|output_start|>"]: ("python_output", sp["<|output_end|>"])}
+    parts, text, kind, end = [], [], "text", None
+    for t in ids:
+        if kind == "text" and t in kinds:
+            parts.append({"type": "text", "text": tokenizer.decode(text)})
+            (kind, end), text = kinds[t], []
+        elif kind != "text" and t == end:
+            parts.append({"type": kind, "text": tokenizer.decode(text)})
+            kind, text = "text", []
+        else:
+            text.append(t)
+    parts.append({"type": kind, "text": tokenizer.decode(text)})  # an unterminated tool call gets closed
+    parts = [p for p in parts if p["text"] or p["type"] != "text"]
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
 def respond(engine, tokenizer, conversation, args, out=None):
-    """Stream the assistant's answer to `conversation` to `out`; returns the answer text (stop token dropped)."""
+    """Stream the assistant's answer to `conversation` to `out`; returns the message content (stop token dropped;
+    a str, or parts if the python tool was used)."""
     stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     prompt = tokenizer.render_for_completion(conversation)
     out = out or sys.stdout
@@ -77,7 +102,7 @@ def respond(engine, tokenizer, conversation, args, out=None):
     printer.add(None, final=True)
     out.write("\n")
     out.flush()
-    return printer.text()
+    return assistant_content(tokenizer, printer.ids)
 
 
 def main(argv=None):

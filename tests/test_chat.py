@@ -92,3 +92,20 @@ def test_stream_printer_holds_partial_utf8(home):
     printer.add(None, final=True)
     assert out.getvalue() == "héllo wörld ✓"
     assert all("\ufffd" not in s for s in seen)  # never printed half a character
+
+
+def test_tool_use_round_trips_into_the_next_turn(home):
+    """An answer with a python call + forced output becomes parts, which render back to exactly those tokens."""
+    from model.chat import assistant_content
+    _, _, tok = home
+    sp = tok.special_tokens
+    ids = (tok.encode("So: ") + [sp["<|python_start|>"]] + tok.encode("12 * 7") + [sp["<|python_end|>"]] +
+           [sp["<|output_start|>"]] + tok.encode("84") + [sp["<|output_end|>"]] + tok.encode(" it is 84."))
+    parts = assistant_content(tok, ids)
+    assert parts == [{"type": "text", "text": "So: "}, {"type": "python", "text": "12 * 7"},
+                     {"type": "python_output", "text": "84"}, {"type": "text", "text": " it is 84."}]
+    conv = {"messages": [{"role": "user", "content": "12 * 7?"}, {"role": "assistant", "content": parts}]}
+    rendered, _ = tok.render_conversation(conv, max_tokens=None)
+    prompt = tok.render_for_completion({"messages": conv["messages"][:1]})
+    assert rendered == prompt + ids + [sp["<|assistant_end|>"]]
+    assert assistant_content(tok, tok.encode("plain")) == "plain"
