@@ -47,6 +47,7 @@ else:
         triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # few tiles, long K (1280 x 5120)
     ]
     _UPDATE_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
