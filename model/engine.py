@@ -368,6 +368,13 @@ class Engine:
         cache.plan = dict(kind="prefill", rows=rows.to(dev), cols=cols.to(dev), token_tables=tables[rows.to(dev)])
         try:
             logits = self.model(idx.to(dev), kv_cache=cache)         # (R, T, V)
+        except Exception as e:                                        # e.g. out of memory: give the blocks back
+            for r, blocks in zip(batch, prefix):
+                for b in blocks:
+                    cache.decref(b)
+                r.error = f"{type(e).__name__}: {e}"
+                self._finish_request(r, "error")
+            raise
         finally:
             cache.plan = None
         last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)

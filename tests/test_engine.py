@@ -212,6 +212,14 @@ def test_background_failure_ends_requests(model, monkeypatch):
     assert_all_free(engine)
 
 
+def test_failed_prefill_returns_blocks(model, monkeypatch):
+    engine = Engine(model, TOK)
+    monkeypatch.setattr(engine, "model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError, match="oom"):
+        engine.generate_batch(PROMPTS[1], num_samples=2, max_tokens=4)
+    assert_all_free(engine)
+
+
 class ScriptedGPT(GPT):
     """A real GPT (the cache is exercised) whose logits are pushed towards a scripted next token: SCRIPT[last]."""
     SCRIPT = {}
