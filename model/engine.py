@@ -19,7 +19,9 @@ Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) 
 on what else is in the batch; stop on <|assistant_end|> or <|bos|>, or after max_tokens. Tool use (DESIGN.md): the
 tokens between <|python_start|> and <|python_end|> are decoded and run with model.sandbox.run_python (a bare
 expression, or a trailing expression statement, is printed as a REPL would); the output is then forced, one token per
-step, as <|output_start|> result <|output_end|> with mask 0 (sampled tokens have mask 1).
+step, as <|output_start|> result <|output_end|> with mask 0 (sampled tokens have mask 1). A failed call forces its
+stdout followed by "Error: <reason>" ("Error: timed out"). The sandbox runs synchronously inside the step (limits:
+Engine(tool_timeout=5.0, tool_memory_mb=256)), so a slow tool call pauses the whole batch for that long.
 
 API
     engine = Engine(model, tokenizer, block_size=16, num_blocks=None)
@@ -30,7 +32,7 @@ API
     # one prompt, all at once: prompt + completion per sample, the stop token dropped (as nanochat);
     # masks are 0 on the prompt and forced tool output, 1 on sampled tokens.
     sequences, masks = engine.generate_batch(ids, num_samples=4, max_tokens=64)
-    # many prompts in one batch: [(sequences, masks) per prompt]
+    # many prompts in one batch: [(sequences, masks) per prompt]; prompt i gets seed + i
     results = engine.generate_many([ids1, ids2], num_samples=1, max_tokens=64)
     # continuous batching (the server): requests join between decode steps
     req = engine.submit(ids, num_samples=1, max_tokens=256, temperature=0.8, top_k=50, seed=0)  # thread-safe
