@@ -18,8 +18,9 @@ What is fused and what is saved:
     since r >= 0 it is recovered exactly as r = sqrt(a) (in fp32, in the epilogue below). Storing a rather than h
     or r is the right one to keep because dW_proj = dy^T a needs a itself; storing h would force recomputing a (a
     second (M, F) tensor or a Triton GEMM with a prologue) in backward. Precision: a rounded to bf16 has relative
-    error <= 2^-9, so sqrt(a) has <= 2^-10 + rounding -- no worse than eager, which stores r rounded to bf16. (In
-    fp16, a underflows for |h| < ~2.4e-4 exactly as eager's forward does; those units get a zero derivative.)
+    error <= 2^-8, so sqrt(a) has <= 2^-9 -- better than eager, which stores r itself rounded to bf16 (2^-8). (In
+    fp16, a = h^2 is subnormal for |h| < ~8e-3 and zero below ~1.7e-4, as in eager's forward; there the derivative
+    2 sqrt(a) < 0.016 loses relative precision or becomes 0, where eager's 2 r would not.)
   * backward GEMM dA = dy W_proj (Triton, ACT=DRELU2): the epilogue loads the a tile and writes dh = dA * 2 sqrt(a)
     directly; dA never reaches memory. The weight gradients and dx are plain GEMMs -> cuBLAS.
 
