@@ -14,8 +14,8 @@ CONFIG="$ROOT/.cargo/config.toml"
 LOCK="$ROOT/rustbpe/Cargo.lock"
 MARK="# written by rustbpe/offline.sh"
 REGISTRY=/usr/share/cargo/registry
-PACKAGES="librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-ahash-dev"
-CRATES="pyo3-0.17.3 rayon-1.6.1 fancy-regex-0.7.1 ahash-0.7.6"
+PACKAGES="librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-ahash-dev librust-regex-syntax-dev"
+CRATES="pyo3-0.17.3 rayon-1.6.1 fancy-regex-0.7.1 ahash-0.7.6 regex-syntax-0.6.27"
 
 ours() { [ -f "$CONFIG" ] && head -n 1 "$CONFIG" | grep -qF "$MARK"; }
 

@@ -72,6 +72,26 @@ CORPORA = {
 }
 
 
+SPLIT_POOL = (list("abcXYZ \u00e9\u00df\u017f'sdmtlLvVeErRSDMT0123456789\u0663\u00b2\u00bd\u216b.,;:!?\"-()[]{}<>")
+              + ["'", "'", " ", " ", "  ", "\n", "\r", "\r\n", "\t", "\x0b", "\x0c", "\x85", "\xa0", "\u2028",
+                 "\u3000", "\x1c", "\x00", "\x7f", "\u0301", "\u200d", "\ufe0f", "\U0001f600", "\U0001f1eb",
+                 "\u65e5", "\u0639", "\u0939", "\u093f", "\u03a9", "\u0436", "\u1f88"])
+
+
+def test_gpt4_scanner_equals_the_regex():
+    """The hand-written GPT-4 splitter == fancy-regex on the same pattern == Python's `regex` module."""
+    rng = random.Random(7)
+    samples = ["", "'s 'S '\u017f 'll 'LL 'lL 've 'Re 'x 'l", "a  b   c\n\n  d \r\n\r\n x  ", "  \t\n", "x   ",
+               "1234567 \u0663\u0663\u0663 \u00bd\u00bd\u00bd", "...\n\n!!", " ...", " (a", "\u00a0\u00a0a"]
+    samples += ["".join(rng.choice(SPLIT_POOL) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    fast_all, regex_all = rustbpe.split_texts(samples), rustbpe.split_texts(samples, force_regex=True)
+    for s, fast, slow in zip(samples, fast_all, regex_all):
+        assert fast == slow, repr(s)
+        assert "".join(fast) == s
+        if "\x1c" not in s and "\x85" not in s:  # Python's regex counts these as \s, Rust's Unicode tables do not
+            assert fast == regex.findall(SPLIT_PATTERN, s), repr(s)
+
+
 @pytest.mark.parametrize("name", list(CORPORA))
 @pytest.mark.parametrize("vocab_size", [256, 300, 420])
 def test_matches_reference(name, vocab_size):

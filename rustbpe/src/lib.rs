@@ -2,8 +2,11 @@
 //!
 //! Training in three steps:
 //! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings. For each batch the GIL is
-//!    released and rayon splits every text with the GPT-4 pattern (fancy-regex; numbers in groups of 1-2 as
-//!    nanochat) and counts the chunks in per-thread maps that are then reduced into one map chunk -> count.
+//!    released and rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2 as nanochat) and
+//!    counts the chunks in per-thread maps that are then reduced into one map chunk -> count. The default pattern
+//!    runs through a hand-written scanner (`gpt4_chunk_end`) that is equivalent to the regex and several times
+//!    faster than fancy-regex's backtracking VM (tests compare both on random Unicode); any other pattern goes
+//!    through fancy-regex.
 //! 2. Count pairs once: every unique chunk becomes a word (its bytes as token ids 0..255). Adjacent pairs are
 //!    counted in parallel (weighted by the chunk count), and for every pair we remember the set of words that
 //!    contain it.
@@ -24,7 +27,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use fancy_regex::Regex;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -38,12 +41,22 @@ const MAX_VOCAB: i64 = 1 << 24;
 
 type Pair = (u32, u32);
 
-/// A heap entry: ordered by count, then by the smaller pair (so `BinaryHeap::pop` follows the tie-break rule).
-#[derive(PartialEq, Eq)]
+/// A heap entry: a pair, its count when pushed, and the words that may contain it (a superset: words that lost
+/// the pair are simply skipped when merging). Ordered by count, then by the smaller pair, so `BinaryHeap::pop`
+/// follows the tie-break rule; the word set travels with the entry, so no global pair -> words map is needed.
 struct Entry {
     count: i64,
     pair: Pair,
+    words: Vec<u32>,
 }
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.pair == other.pair
+    }
+}
+
+impl Eq for Entry {}
 
 impl Ord for Entry {
     fn cmp(&self, other: &Self) -> Ordering {
@@ -62,8 +75,13 @@ impl PartialOrd for Entry {
 fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, deltas: &mut Vec<(Pair, i64)>) {
     let (a, b) = pair;
     let n = ids.len();
+    // Words listed for a pair they no longer hold (stale entries) are left untouched, without allocating.
+    let mut i = match ids.windows(2).position(|w| w[0] == a && w[1] == b) {
+        Some(i) => i,
+        None => return,
+    };
     let mut out: Vec<u32> = Vec::with_capacity(n);
-    let mut i = 0;
+    out.extend_from_slice(&ids[..i]);
     while i < n {
         if i + 1 < n && ids[i] == a && ids[i + 1] == b {
             if let Some(&left) = out.last() {
@@ -88,17 +106,21 @@ fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, deltas: &mut Vec<(Pai
 
 /// The BPE merge loop over unique words with counts. Returns the merges in order (merge k creates id 256 + k).
 fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Vec<Pair> {
-    // One parallel pass: pair counts and, for each pair, the words that contain it.
-    let (mut pair_counts, mut pair_words) = words
+    // One parallel pass: pair counts and, for each pair, the words that contain it (word ids in increasing order:
+    // each fold covers a contiguous, ordered range of words and the reduce keeps the ranges in order).
+    let (mut pair_counts, pair_words) = words
         .par_iter()
         .enumerate()
         .fold(
-            || (AHashMap::<Pair, i64>::new(), AHashMap::<Pair, AHashSet<u32>>::new()),
+            || (AHashMap::<Pair, i64>::new(), AHashMap::<Pair, Vec<u32>>::new()),
             |(mut pc, mut pw), (w, ids)| {
                 for win in ids.windows(2) {
                     let p = (win[0], win[1]);
                     *pc.entry(p).or_insert(0) += counts[w];
-                    pw.entry(p).or_default().insert(w as u32);
+                    let list = pw.entry(p).or_default();
+                    if list.last() != Some(&(w as u32)) {
+                        list.push(w as u32);
+                    }
                 }
                 (pc, pw)
             },
@@ -109,28 +131,22 @@ fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Ve
                 for (p, c) in pc2 {
                     *pc.entry(p).or_insert(0) += c;
                 }
-                for (p, s) in pw2 {
-                    let dst = pw.entry(p).or_default();
-                    if dst.is_empty() {
-                        *dst = s;
-                    } else {
-                        dst.extend(s);
-                    }
+                for (p, list) in pw2 {
+                    pw.entry(p).or_insert_with(Vec::new).extend(list);
                 }
                 (pc, pw)
             },
         );
 
-    let mut heap: BinaryHeap<Entry> = pair_counts
-        .iter()
-        .filter(|(_, &c)| c > 0)
-        .map(|(&pair, &count)| Entry { count, pair })
+    let mut heap: BinaryHeap<Entry> = pair_words
+        .into_iter()
+        .map(|(pair, words)| Entry { count: pair_counts[&pair], pair, words })
         .collect();
 
     let mut merges: Vec<Pair> = Vec::with_capacity(num_merges);
     let mut deltas: Vec<(Pair, i64)> = Vec::new();
     while merges.len() < num_merges {
-        let top = match heap.pop() {
+        let mut top = match heap.pop() {
             Some(top) => top,
             None => break,
         };
@@ -139,48 +155,269 @@ fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Ve
             continue; // the pair disappeared
         }
         if current != top.count {
-            heap.push(Entry { count: current, pair: top.pair }); // stale: re-queue with the current count
+            top.count = current; // stale: re-queue with the current count
+            heap.push(top);
             continue;
         }
         let pair = top.pair;
         let new_id = 256 + merges.len() as u32;
         merges.push(pair);
 
-        let mut new_pairs: AHashSet<Pair> = AHashSet::new();
-        let touched = pair_words.remove(&pair).unwrap_or_default();
-        for &w in touched.iter() {
+        // Words gaining a pair (all new pairs contain new_id), in increasing word order.
+        let mut new_pairs: AHashMap<Pair, Vec<u32>> = AHashMap::new();
+        for &w in top.words.iter() {
             deltas.clear();
             merge_word(&mut words[w as usize], pair, new_id, &mut deltas);
             let c = counts[w as usize];
             for &(p, d) in deltas.iter() {
                 *pair_counts.entry(p).or_insert(0) += d * c;
                 if d > 0 {
-                    pair_words.entry(p).or_default().insert(w);
-                    new_pairs.insert(p);
+                    let list = new_pairs.entry(p).or_default();
+                    if list.last() != Some(&w) {
+                        list.push(w);
+                    }
                 }
             }
         }
         pair_counts.remove(&pair);
-        // New pairs all contain new_id; their counts only shrink from now on, so one entry each suffices.
-        for p in new_pairs {
+        // A new pair's count only shrinks from now on, so one entry pushed with its final count is exact.
+        for (p, words) in new_pairs {
             let c = pair_counts.get(&p).copied().unwrap_or(0);
             if c > 0 {
-                heap.push(Entry { count: c, pair: p });
+                heap.push(Entry { count: c, pair: p, words });
             }
         }
     }
     merges
 }
 
-/// Split every text with `re` and count the chunks (parallel over texts).
-fn count_chunks<'t>(re: &Regex, texts: &'t [String]) -> Result<AHashMap<&'t str, i64>, String> {
+/// Character classes of the GPT-4 pattern, taken from regex-syntax's Unicode tables (the ones fancy-regex uses),
+/// so the scanner and the regex agree character for character.
+struct Classes {
+    letter: Vec<(char, char)>,
+    number: Vec<(char, char)>,
+    space: Vec<(char, char)>,
+    sdmt: Vec<(char, char)>, // (?i:[sdmt]) includes U+017F (long s)
+    l: Vec<(char, char)>,
+    v: Vec<(char, char)>,
+    e: Vec<(char, char)>,
+    r: Vec<(char, char)>,
+    ascii: [u8; 128],
+}
+
+const LET: u8 = 1;
+const NUM: u8 = 2;
+const SPC: u8 = 4;
+
+fn class_ranges(class: &str) -> Vec<(char, char)> {
+    use regex_syntax::hir::{Class, Hir, HirKind, Literal};
+    fn ranges(hir: &Hir) -> Vec<(char, char)> {
+        match hir.kind() {
+            HirKind::Class(Class::Unicode(c)) => c.ranges().iter().map(|r| (r.start(), r.end())).collect(),
+            HirKind::Literal(Literal::Unicode(c)) => vec![(*c, *c)],
+            HirKind::Group(g) => ranges(&g.hir),
+            _ => panic!("not a character class: {hir:?}"),
+        }
+    }
+    ranges(&regex_syntax::Parser::new().parse(class).expect("fixed character class"))
+}
+
+fn in_ranges(ranges: &[(char, char)], c: char) -> bool {
+    ranges
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                Ordering::Less
+            } else if lo > c {
+                Ordering::Greater
+            } else {
+                Ordering::Equal
+            }
+        })
+        .is_ok()
+}
+
+impl Classes {
+    fn new() -> Self {
+        let mut c = Classes {
+            letter: class_ranges(r"\p{L}"),
+            number: class_ranges(r"\p{N}"),
+            space: class_ranges(r"\s"),
+            sdmt: class_ranges(r"(?i:[sdmt])"),
+            l: class_ranges(r"(?i:[l])"),
+            v: class_ranges(r"(?i:[v])"),
+            e: class_ranges(r"(?i:[e])"),
+            r: class_ranges(r"(?i:[r])"),
+            ascii: [0; 128],
+        };
+        for b in 0..128u8 {
+            c.ascii[b as usize] = c.slow_flags(b as char);
+        }
+        c
+    }
+
+    fn slow_flags(&self, ch: char) -> u8 {
+        (if in_ranges(&self.letter, ch) { LET } else { 0 })
+            | (if in_ranges(&self.number, ch) { NUM } else { 0 })
+            | (if in_ranges(&self.space, ch) { SPC } else { 0 })
+    }
+
+    #[inline]
+    fn flags(&self, ch: char) -> u8 {
+        if (ch as u32) < 128 {
+            self.ascii[ch as usize]
+        } else {
+            self.slow_flags(ch)
+        }
+    }
+}
+
+#[inline]
+fn char_at(text: &str, i: usize) -> Option<char> {
+    text[i..].chars().next()
+}
+
+/// End (byte offset) of the GPT-4-pattern match starting at `pos`, alternative by alternative in the regex's
+/// leftmost-first order:
+///   '(?i:[sdmt]|ll|ve|re) | [^\r\n\p{L}\p{N}]?+\p{L}+ | \p{N}{1,2} | ' '?[^\s\p{L}\p{N}]++[\r\n]* | \s*[\r\n] |
+///   \s+(?!\S) | \s+
+/// Every character starts some alternative, so the matches tile the text and none is empty.
+fn gpt4_chunk_end(cl: &Classes, text: &str, pos: usize) -> usize {
+    let c = char_at(text, pos).unwrap();
+    let after_c = pos + c.len_utf8();
+    let fc = cl.flags(c);
+    let letters_from = |mut i: usize| {
+        while let Some(ch) = char_at(text, i) {
+            if cl.flags(ch) & LET == 0 {
+                break;
+            }
+            i += ch.len_utf8();
+        }
+        i
+    };
+    // 1. contractions
+    if c == '\'' {
+        if let Some(c1) = char_at(text, after_c) {
+            let after_c1 = after_c + c1.len_utf8();
+            if in_ranges(&cl.sdmt, c1) {
+                return after_c1;
+            }
+            if let Some(c2) = char_at(text, after_c1) {
+                let two = (in_ranges(&cl.l, c1) && in_ranges(&cl.l, c2))
+                    || (in_ranges(&cl.v, c1) && in_ranges(&cl.e, c2))
+                    || (in_ranges(&cl.r, c1) && in_ranges(&cl.e, c2));
+                if two {
+                    return after_c1 + c2.len_utf8();
+                }
+            }
+        }
+    }
+    // 2. an optional non-letter/number/CR/LF (possessive) then letters
+    if fc & LET != 0 {
+        return letters_from(after_c);
+    }
+    if fc & NUM == 0 && c != '\r' && c != '\n' {
+        if let Some(c1) = char_at(text, after_c) {
+            if cl.flags(c1) & LET != 0 {
+                return letters_from(after_c);
+            }
+        }
+    }
+    // 3. one or two numbers
+    if fc & NUM != 0 {
+        if let Some(c1) = char_at(text, after_c) {
+            if cl.flags(c1) & NUM != 0 {
+                return after_c + c1.len_utf8();
+            }
+        }
+        return after_c;
+    }
+    // 4. an optional space, other characters (possessive), then CR/LF
+    let other = |f: u8| f & (LET | NUM | SPC) == 0;
+    let mut start = None;
+    if other(fc) {
+        start = Some(pos);
+    } else if c == ' ' {
+        if let Some(c1) = char_at(text, after_c) {
+            if other(cl.flags(c1)) {
+                start = Some(after_c);
+            }
+        }
+    }
+    if let Some(mut i) = start {
+        while let Some(ch) = char_at(text, i) {
+            if !other(cl.flags(ch)) {
+                break;
+            }
+            i += ch.len_utf8();
+        }
+        let b = text.as_bytes();
+        while i < b.len() && (b[i] == b'\r' || b[i] == b'\n') {
+            i += 1;
+        }
+        return i;
+    }
+    // 5-7. c is whitespace: scan its run, remembering the last CR/LF and the start of the last character
+    let (mut i, mut last_crlf, mut last_start) = (pos, None, pos);
+    while let Some(ch) = char_at(text, i) {
+        if cl.flags(ch) & SPC == 0 {
+            break;
+        }
+        last_start = i;
+        i += ch.len_utf8();
+        if ch == '\r' || ch == '\n' {
+            last_crlf = Some(i);
+        }
+    }
+    if i == pos {
+        return after_c; // unreachable for this pattern; never loop forever
+    }
+    if let Some(end) = last_crlf {
+        return end; // 5. \s*[\r\n]: up to the last CR/LF of the run
+    }
+    if i == text.len() || last_start == pos {
+        return i; // 6. the run ends the text, or 7. a single whitespace character
+    }
+    last_start // 6. leave the last whitespace character to the next chunk (" word")
+}
+
+/// How text is cut into chunks: the GPT-4 scanner for the default pattern, fancy-regex for any other.
+enum Splitter {
+    Gpt4(Classes),
+    Regex(Regex),
+}
+
+impl Splitter {
+    fn new(pattern: &str, force_regex: bool) -> PyResult<Splitter> {
+        let re = compile(pattern)?; // validates every pattern, including the default
+        Ok(if pattern == GPT4_PATTERN && !force_regex { Splitter::Gpt4(Classes::new()) } else { Splitter::Regex(re) })
+    }
+
+    fn for_each<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
+        match self {
+            Splitter::Gpt4(cl) => {
+                let mut pos = 0;
+                while pos < text.len() {
+                    let end = gpt4_chunk_end(cl, text, pos);
+                    f(&text[pos..end]);
+                    pos = end;
+                }
+            }
+            Splitter::Regex(re) => {
+                for m in re.find_iter(text) {
+                    f(m.map_err(|e| format!("regex error while splitting text: {e}"))?.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Split every text and count the chunks (parallel over texts).
+fn count_chunks<'t>(sp: &Splitter, texts: &'t [String]) -> Result<AHashMap<&'t str, i64>, String> {
     texts
         .par_iter()
         .try_fold(AHashMap::<&'t str, i64>::new, |mut m, text| {
-            for mat in re.find_iter(text) {
-                let mat = mat.map_err(|e| format!("regex error while splitting text: {e}"))?;
-                *m.entry(mat.as_str()).or_insert(0) += 1;
-            }
+            sp.for_each(text, |chunk| *m.entry(chunk).or_insert(0) += 1)?;
             Ok(m)
         })
         .try_reduce(AHashMap::new, |a, b| {
@@ -213,15 +450,15 @@ pub struct Tokenizer {
     pattern: String,
     merges: Vec<Pair>,
     ranks: AHashMap<Pair, u32>,
-    compiled: Option<Regex>,
+    splitter: Option<Splitter>,
 }
 
 impl Tokenizer {
-    fn regex(&mut self) -> PyResult<&Regex> {
-        if self.compiled.is_none() {
-            self.compiled = Some(compile(&self.pattern)?);
+    fn splitter(&mut self) -> PyResult<&Splitter> {
+        if self.splitter.is_none() {
+            self.splitter = Some(Splitter::new(&self.pattern, false)?);
         }
-        Ok(self.compiled.as_ref().unwrap())
+        Ok(self.splitter.as_ref().unwrap())
     }
 
     fn token_bytes(&self) -> Vec<Vec<u8>> {
@@ -258,7 +495,7 @@ impl Tokenizer {
 impl Tokenizer {
     #[new]
     fn new() -> Self {
-        Tokenizer { pattern: GPT4_PATTERN.to_string(), merges: Vec::new(), ranks: AHashMap::new(), compiled: None }
+        Tokenizer { pattern: GPT4_PATTERN.to_string(), merges: Vec::new(), ranks: AHashMap::new(), splitter: None }
     }
 
     /// Train on an iterator of str. vocab_size in [256, 2**24]; pattern=None means the GPT-4 pattern
@@ -284,7 +521,7 @@ impl Tokenizer {
             return Err(PyValueError::new_err(format!("buffer_size must be >= 1, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN.to_string());
-        let re = compile(&pattern)?;
+        let sp = Splitter::new(&pattern, false)?;
         let pool = thread_pool(num_threads)?;
 
         // 1. Stream the iterator in batches; count chunks with the GIL released.
@@ -320,9 +557,9 @@ impl Tokenizer {
                 }
             }
             if !batch.is_empty() {
-                let (re, batch_ref, counts_ref, pool) = (&re, &batch, &mut counts, &pool);
+                let (sp, batch_ref, counts_ref, pool) = (&sp, &batch, &mut counts, &pool);
                 py.allow_threads(move || -> Result<(), String> {
-                    let local = pool.install(|| count_chunks(re, batch_ref))?;
+                    let local = pool.install(|| count_chunks(sp, batch_ref))?;
                     for (k, v) in local {
                         match counts_ref.get_mut(k) {
                             Some(c) => *c += v,
@@ -356,7 +593,7 @@ impl Tokenizer {
         self.ranks = merges.iter().enumerate().map(|(i, &p)| (p, 256 + i as u32)).collect();
         self.merges = merges;
         self.pattern = pattern;
-        self.compiled = Some(re);
+        self.splitter = Some(sp);
         Ok(())
     }
 
@@ -388,12 +625,8 @@ impl Tokenizer {
     /// use tiktoken for real encoding.
     fn encode(&mut self, text: &str) -> PyResult<Vec<u32>> {
         let chunks: Vec<String> = {
-            let re = self.regex()?;
             let mut v = Vec::new();
-            for m in re.find_iter(text) {
-                let m = m.map_err(|e| PyValueError::new_err(format!("regex error while splitting text: {e}")))?;
-                v.push(m.as_str().to_owned());
-            }
+            self.splitter()?.for_each(text, |c| v.push(c.to_owned())).map_err(PyValueError::new_err)?;
             v
         };
         let mut out = Vec::with_capacity(text.len());
@@ -404,9 +637,25 @@ impl Tokenizer {
     }
 }
 
+/// Split each text into chunks with `pattern` (default: GPT-4's, through the hand-written scanner unless
+/// force_regex=True, which uses fancy-regex). For tests and inspection.
+#[pyfunction(pattern = "None", force_regex = "false")]
+#[pyo3(text_signature = "(texts, pattern=None, force_regex=False)")]
+fn split_texts(texts: Vec<String>, pattern: Option<&str>, force_regex: bool) -> PyResult<Vec<Vec<String>>> {
+    let sp = Splitter::new(pattern.unwrap_or(GPT4_PATTERN), force_regex)?;
+    let mut out = Vec::with_capacity(texts.len());
+    for text in &texts {
+        let mut chunks = Vec::new();
+        sp.for_each(text, |c| chunks.push(c.to_owned())).map_err(PyValueError::new_err)?;
+        out.push(chunks);
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn rustbpe(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
+    m.add_function(wrap_pyfunction!(split_texts, m)?)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     Ok(())
 }

@@ -1,0 +1,236 @@
+"""Tokenizer benchmark: BPE training time, encode throughput and compression.
+
+    python -m bench.tokenizer            # full: whole embedded corpus, vocab 65536 and 8192 (a few CPU minutes)
+    python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
+
+Training (same corpus, same split pattern, same vocab size incl. the 256 bytes; the median of a few runs, timed
+around the training call only):
+  "ours"          rustbpe from this repository (rustbpe/src/lib.rs)
+  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's). Its module name clashes with ours, so it is
+                  installed with `pip install --target /tmp/pypi_rustbpe rustbpe` and timed in a subprocess with that
+                  path first; skipped with a note when it cannot be installed.
+  "hf_tokenizers" HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
+Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long
+string ("encode") and the list of documents in threads ("encode_batch"). Compression: bytes per token on the held-out
+play. Tokenizer training is CPU work, so unlike the kernel suites the full run is meaningful on a CPU: only --quick
+(or bench.kernels, which always passes quick off-GPU) selects the small run.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import tiktoken
+
+from bench import harness
+
+SUITE = "tokenizer"
+PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE", "/tmp/pypi_rustbpe")
+
+_PYPI_WORKER = r"""
+import hashlib, json, sys, time
+import rustbpe, tiktoken
+docs, val = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+vocab, reps, pattern = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+times = []
+for _ in range(reps):
+    tok = rustbpe.Tokenizer()
+    t0 = time.perf_counter()
+    tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
+    times.append(time.perf_counter() - t0)
+ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
+enc = tiktoken.Encoding("p", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+ntok = sum(len(x) for x in enc.encode_ordinary_batch(val))
+digest = hashlib.sha256(b"".join(k for k, _ in sorted(ranks.items(), key=lambda kv: kv[1]))).hexdigest()
+print(json.dumps({"module": rustbpe.__file__, "times": times, "vocab": len(ranks), "ntok": ntok, "digest": digest}))
+"""
+
+
+def load_texts(quick):
+    """(train docs, held-out docs, corpus name): the embedded corpus, or a synthetic one when it is unavailable."""
+    try:
+        from train.data import load_corpus
+        docs, val, name = load_corpus("train"), load_corpus("val"), "shakespeare"
+    except Exception as e:  # noqa: BLE001 - no network / no cache: still exercise the code path
+        print(f"[{SUITE}] embedded corpus unavailable ({type(e).__name__}: {e}); using a synthetic corpus")
+        rng = random.Random(0)
+        words = ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(1, 9))) for _ in range(3000)]
+        weights = [1 / (r + 1) for r in range(len(words))]
+        make = lambda n: [" ".join(rng.choices(words, weights, k=300)) + "\n" for _ in range(n)]
+        docs, val, name = make(2000), make(40), "synthetic"
+    if quick:
+        out, total = [], 0
+        for d in docs:
+            out.append(d)
+            total += len(d)
+            if total >= 500_000:
+                break
+        docs = out
+    return docs, val, name
+
+
+def _median(times):
+    return statistics.median(times) * 1e3
+
+
+def _digest(ranks_by_rank):
+    return hashlib.sha256(b"".join(ranks_by_rank)).hexdigest()
+
+
+def _utf8(docs):
+    return sum(len(d.encode("utf-8")) for d in docs)
+
+
+def train_ours(docs, vocab, reps, pattern):
+    import rustbpe
+    times = []
+    for _ in range(reps):
+        tok = rustbpe.Tokenizer()
+        t0 = time.perf_counter()
+        tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
+        times.append(time.perf_counter() - t0)
+    ranks = dict(tok.get_mergeable_ranks())
+    enc = tiktoken.Encoding("ours", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return times, enc, _digest([b for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
+
+
+def ensure_pypi_rustbpe():
+    """Path of the PyPI rustbpe install (installing it once), or None with a printed reason."""
+    if os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
+        return PYPI_DIR
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", PYPI_DIR, "rustbpe"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"[{SUITE}] skipping pypi_rustbpe: could not run pip ({e})")
+        return None
+    if proc.returncode != 0 or not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
+        print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --target {PYPI_DIR} rustbpe` failed: "
+              f"{proc.stderr.strip()[-300:]}")
+        return None
+    return PYPI_DIR
+
+
+def train_pypi(docs, val, vocab, reps, pattern):
+    path = ensure_pypi_rustbpe()
+    if path is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        fd, fv = os.path.join(tmp, "docs.json"), os.path.join(tmp, "val.json")
+        json.dump(docs, open(fd, "w"))
+        json.dump(val, open(fv, "w"))
+        env = dict(os.environ, PYTHONPATH=path)  # PYTHONPATH precedes site-packages, where our rustbpe lives
+        proc = subprocess.run([sys.executable, "-c", _PYPI_WORKER, fd, fv, str(vocab), str(reps), pattern],
+                              capture_output=True, text=True, env=env, cwd=tmp, timeout=1800)
+    if proc.returncode != 0:
+        print(f"[{SUITE}] pypi_rustbpe run failed: {proc.stderr.strip()[-500:]}")
+        return None
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["module"].startswith(path):
+        print(f"[{SUITE}] pypi_rustbpe: imported {out['module']} instead of the PyPI package; skipped")
+        return None
+    return out
+
+
+def train_hf(docs, vocab, reps, pattern):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    times = []
+    for _ in range(reps):
+        tk = Tokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
+        tk.normalizer = None
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False, min_frequency=0, special_tokens=[],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        t0 = time.perf_counter()
+        tk.train_from_iterator(docs, trainer)
+        times.append(time.perf_counter() - t0)
+    return times, tk
+
+
+def time_encode(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def run(quick=False):
+    from model.tokenizer import SPLIT_PATTERN as pattern
+    docs, val, corpus = load_texts(quick)
+    vocabs = [512] if quick else [65536, 8192]
+    reps = 1 if quick else 3
+    nbytes, val_bytes = _utf8(docs), _utf8(val)
+    threads = os.cpu_count()
+    rows = []
+    for vocab in vocabs:
+        case = {"corpus": corpus, "corpus_mb": round(nbytes / 1e6, 2), "vocab": vocab}
+        times, enc, digest = train_ours(docs, vocab, reps, pattern)
+        rows.append(harness.row(SUITE, case, "ours", "train", _median(times), bytes_=nbytes,
+                                vocab_reached=enc.n_vocab, val_bytes_per_token=val_bytes / sum(
+                                    len(x) for x in enc.encode_ordinary_batch(val)), times_s=times))
+        pypi = train_pypi(docs, val, vocab, reps, pattern)
+        if pypi:
+            rows.append(harness.row(SUITE, case, "pypi_rustbpe", "train", _median(pypi["times"]), bytes_=nbytes,
+                                    vocab_reached=pypi["vocab"], val_bytes_per_token=val_bytes / pypi["ntok"],
+                                    same_vocab_as_ours=pypi["digest"] == digest, times_s=pypi["times"]))
+        hf_times, hf = train_hf(docs, vocab, reps, pattern)
+        hf_val = sum(len(e.ids) for e in hf.encode_batch(val))
+        rows.append(harness.row(SUITE, case, "hf_tokenizers", "train", _median(hf_times), bytes_=nbytes,
+                                vocab_reached=hf.get_vocab_size(), val_bytes_per_token=val_bytes / hf_val,
+                                times_s=hf_times))
+        # encode throughput: one long string, and the document list in threads
+        text = "".join(docs)
+        assert enc.decode(enc.encode_ordinary(val[0])) == val[0] and hf.decode(hf.encode(val[0]).ids) == val[0]
+        for pass_, ours_fn, hf_fn in (
+                ("encode", lambda: enc.encode_ordinary(text), lambda: hf.encode(text)),
+                ("encode_batch", lambda: enc.encode_ordinary_batch(docs, num_threads=threads),
+                 lambda: hf.encode_batch(docs))):
+            for provider, fn in (("ours", ours_fn), ("hf_tokenizers", hf_fn)):
+                ms = time_encode(fn, reps)
+                rows.append(harness.row(SUITE, case, provider, pass_, ms, bytes_=nbytes,
+                                        mb_per_s=nbytes / 1e6 / (ms * 1e-3)))
+    harness.add_ratios(rows, "hf_tokenizers")  # ratio = HF time / this time (> 1: faster than HF)
+    by = {(json.dumps(r["case"], sort_keys=True), r["pass"], r["provider"]): r for r in rows}
+    for r in rows:  # ours vs the PyPI package directly
+        if r["provider"] == "ours":
+            p = by.get((json.dumps(r["case"], sort_keys=True), r["pass"], "pypi_rustbpe"))
+            r["speedup_vs_pypi_rustbpe"] = p["ms"] / r["ms"] if p else None
+    return rows
+
+
+def main(argv=None):
+    # Not harness.main: harness.run_suite forces the quick run off-GPU (right for kernels, whose CPU numbers mean
+    # nothing), but tokenizer training is CPU work, so here only --quick selects the small run.
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="500 kB of the corpus, vocab 512")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--no-png", action="store_true", help="skip the plot")
+    args = ap.parse_args(argv)
+    info = harness.device_info()
+    info["note"] = f"tokenizer suite: {'quick' if args.quick else 'full'} CPU run; {os.cpu_count()} cores"
+    print(f"[{SUITE}] {info['device']}  commit {info['git_commit']}")
+    rows = run(args.quick)
+    harness.print_table(rows)
+    for r in rows:
+        extra = {k: r[k] for k in ("vocab_reached", "val_bytes_per_token", "mb_per_s", "speedup_vs_pypi_rustbpe",
+                                   "same_vocab_as_ours") if r.get(k) is not None}
+        print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
+              + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+    path = harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
+    print(f"[{SUITE}] wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
