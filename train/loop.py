@@ -275,6 +275,8 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
 
 def token_bytes(tokenizer):
     """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
+    if hasattr(tokenizer, "token_bytes"):  # model.tokenizer.Tokenizer knows the exact bytes of partial characters
+        return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
     special = set()
     for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or _special_names():
         try:

@@ -1,0 +1,209 @@
+"""Base pretraining: next-token prediction on raw text, nanochat's recipe, FSDP2 on any number of processes.
+
+    python -m train.base --preset tiny                              # CPU, embedded Shakespeare corpus, ~3 minutes
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base --preset tiny       # the same on 2 CPU ranks (gloo)
+    torchrun --nproc_per_node=8 -m train.base --preset d20          # the speedrun model on FineWeb-Edu (8 GPUs)
+    python -m train.base --preset tiny --resume                     # continue the newest checkpoint bit-for-bit
+
+Presets (PRESETS below; any flag overrides them):
+  tiny  depth 2 (128 wide, 1 head of 128, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the
+        corpus if $TRITONCHAT_HOME/tokenizer is missing), 16 x 256 tokens per micro-batch, 60 steps of 4096 tokens
+        on the embedded corpus; val bpb on 16 k tokens of the held-out play every 20 steps; greedy samples at the end.
+  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 32 x 2048 tokens per
+        GPU, 524 288 tokens per step, steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240,
+        the last one is the validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens;
+        samples every 2000 steps. If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
+Shared loop flags (batch sizes, schedule, eval/save cadence, --resume, --kernels): see train/loop.py.
+Bits per byte = sum of nats / (ln 2 x UTF-8 bytes of the target tokens), special tokens left out (nanochat).
+A summary (losses, val bpb, tokens/s, MFU) is written to $TRITONCHAT_HOME/reports/base_<run>.json.
+"""
+import argparse
+import itertools
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from model.common import home_dir, print0
+from train.checkpoint import UserError
+from train.loop import add_train_args, evaluate_bpb, run_main, token_bytes, train
+
+PRESETS = {
+    "tiny": dict(depth=2, max_seq_len=256, vocab_size=2048, device_batch_size=16, total_batch_size=4096,
+                 num_iterations=60, target_param_data_ratio=-1, eval_every=20, eval_tokens=4 * 256 * 16,
+                 sample_every=0, sample_tokens=48, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
+                 data="shakespeare", num_shards=0),
+    "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=32, total_batch_size=524288,
+                num_iterations=-1, target_param_data_ratio=20, eval_every=250, eval_tokens=20 * 524288,
+                sample_every=2000, sample_tokens=16, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
+                data="fineweb", num_shards=240),
+}
+SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "If 5*x + 3 = 13, then x is"]
+
+
+def parse_args(argv=None):
+    """Two-phase parse: --preset picks the defaults, every other flag may override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    p = argparse.ArgumentParser(description="Base pretraining (see the module docstring of train/base.py)")
+    p.add_argument("--preset", default="tiny", help=f"defaults for everything below: {' | '.join(PRESETS)}")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--depth", type=int, help="number of layers; width 64*depth")
+    g.add_argument("--max-seq-len", type=int, help="tokens per sequence")
+    g.add_argument("--vocab-size", type=int, help="vocab of the tokenizer trained when none exists yet")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    g.add_argument("--data", choices=["shakespeare", "fineweb"], help="embedded corpus or FineWeb-Edu shards")
+    g.add_argument("--num-shards", type=int, help="FineWeb-Edu shards to download (the last one is validation)")
+    g.add_argument("--data-url", default=None, help="base URL of the shards (default $TRITONCHAT_FINEWEB_URL or HF)")
+    g.add_argument("--checksums", default=None, help="sha256sum-format list of the shards (else: parse check)")
+    g.add_argument("--target-param-data-ratio", type=float, help="with --num-iterations -1: tokens per parameter")
+    g.add_argument("--eval-tokens", type=int, help="validation tokens per bpb evaluation")
+    g.add_argument("--sample-tokens", type=int, help="tokens per greedy sample")
+    add_train_args(p)
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if args.depth is None or args.depth < 1:
+        raise UserError(f"--depth must be an integer >= 1 (got {args.depth})")
+    if args.max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
+    if args.device_batch_size < 1:
+        raise UserError(f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
+    if args.data == "fineweb" and args.num_shards < 2:
+        raise UserError(f"--num-shards must be >= 2 (training shards + 1 validation shard), got {args.num_shards}")
+    if args.num_iterations == -1 and args.target_param_data_ratio <= 0:
+        raise UserError("set --num-iterations, or --num-iterations -1 with --target-param-data-ratio > 0")
+    return args
+
+
+def _launch_id():
+    """The same string on every rank of one launch (torchrun's run id + the agent's pid)."""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'single')}-{os.getppid()}"
+
+
+def _rank0_first(rank, fn, marker):
+    """Run fn on rank 0 while the others poll for `marker` (a file) — no collective, so a download of any length
+    cannot hit a process-group timeout. Rank 0 writes marker + '.failed' if fn fails."""
+    if rank == 0:
+        for stale in (marker, marker + ".failed"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        try:
+            out = fn()
+        except BaseException as e:
+            open(marker + ".failed", "w").write(str(e))
+            raise
+        open(marker, "w").write("ok")
+        return out
+    while not os.path.exists(marker):
+        if os.path.exists(marker + ".failed"):
+            raise UserError("rank 0 failed to prepare the data (see its message)")
+        time.sleep(1)
+    return fn()  # everything is on disk now: fn only reads
+
+
+def prepare_data(args, rank):
+    """-> (train source, val source): lists of documents (shakespeare) or ParquetSources (fineweb)."""
+    from train import data
+    os.makedirs(os.path.join(home_dir(), "data"), exist_ok=True)
+    marker = os.path.join(home_dir(), "data", f".ready-{_launch_id()}")
+    if args.data == "shakespeare":
+        return _rank0_first(rank, lambda: (data.load_corpus("train"), data.load_corpus("val")), marker)
+    paths = _rank0_first(rank, lambda: data.download_shards(args.num_shards, base_url=args.data_url,
+                                                            checksums=args.checksums), marker)
+    return data.ParquetSource(paths[:-1]), data.ParquetSource(paths[-1:])
+
+
+def prepare_tokenizer(args, rank, train_source):
+    """Load $TRITONCHAT_HOME/tokenizer, training one (rank 0) first when it does not exist yet."""
+    from model.tokenizer import Tokenizer, get_tokenizer
+    tok_dir = os.path.join(home_dir(), "tokenizer")
+
+    def load_or_train():
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            from train.tokenizer import capped_docs
+            if isinstance(train_source, list):
+                docs = train_source
+            else:  # nanochat: the first 2 B characters of FineWeb-Edu, documents capped at 10 000 characters
+                docs = (d for u in range(train_source.num_units()) for d in train_source.read_unit(u))
+            print0(f"training a tokenizer with vocab {args.vocab_size} -> {tok_dir}")
+            tok = Tokenizer.train(capped_docs(docs, max_chars=2_000_000_000), args.vocab_size)
+            tok.save(tok_dir)
+        return get_tokenizer(tok_dir)
+
+    marker = os.path.join(home_dir(), f".tok-ready-{_launch_id()}")
+    tok = _rank0_first(rank, load_or_train, marker)
+    return tok, tok_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    kernels.set_mode(args.kernels)
+    from model.gpt import GPTConfig
+    from train.data import TokenLoader
+    from train.distributed import build_model, cleanup, init_distributed
+
+    device_type = None if args.device == "auto" else args.device
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    info = init_distributed(device_type)
+    torch.manual_seed(args.seed)
+    train_src, val_src = prepare_data(args, info.rank)
+    tok, tok_dir = prepare_tokenizer(args, info.rank, train_src)
+    try:
+        config = GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=args.max_seq_len)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model = build_model(config, info)  # a collective: every rank is past the markers now
+    if info.rank == 0:
+        for m in (os.path.join(home_dir(), "data", f".ready-{_launch_id()}"),
+                  os.path.join(home_dir(), f".tok-ready-{_launch_id()}")):
+            if os.path.exists(m):
+                os.remove(m)
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    num_params = model.num_params()
+    if args.num_iterations == -1:
+        tbs = args.total_batch_size if args.total_batch_size > 0 else \
+            info.world_size * args.device_batch_size * args.max_seq_len
+        args.num_iterations = max(1, int(args.target_param_data_ratio * num_params) // tbs)
+    print0(f"model: depth {args.depth}, width {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
+           f"{num_params:,} params, {model.estimate_flops():.3e} FLOPs/token; device {info.device}, "
+           f"world {info.world_size}")
+
+    B, T = args.device_batch_size, args.max_seq_len
+    loader = TokenLoader(tok, train_src, B, T, rank=info.rank, world_size=info.world_size, device=info.device)
+    tbytes = token_bytes(tok)
+    eval_steps = max(1, args.eval_tokens // (B * T * info.world_size))
+
+    def eval_fn(model, step):
+        val = TokenLoader(tok, val_src, B, T, rank=info.rank, world_size=info.world_size, device=info.device,
+                          loop=False)
+        return {"val_bpb": evaluate_bpb(model, itertools.islice(val, eval_steps), tbytes)}
+
+    def sample_fn(model, step):
+        model.eval()
+        for prompt in SAMPLE_PROMPTS:
+            ids = tok.encode(prompt, prepend="<|bos|>")
+            out = list(model.generate(ids, max_tokens=args.sample_tokens, temperature=0.0))
+            print0(f"sample | {tok.decode(ids[1:] + out)!r}")
+
+    meta = {"config": vars(config).copy(), "stage": "base", "kernels": kernels.get_mode(), "tokenizer_dir": tok_dir,
+            "preset": args.preset}
+    summary = train("base", model, optimizers, loader, args, eval_fn=eval_fn, sample_fn=sample_fn, meta=meta)
+    summary.update(preset=args.preset, num_params=num_params, config=meta["config"], world_size=info.world_size)
+    if info.rank == 0:
+        os.makedirs(os.path.join(home_dir(), "reports"), exist_ok=True)
+        with open(os.path.join(home_dir(), "reports", f"base_{args.run}.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
