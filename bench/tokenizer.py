@@ -38,17 +38,18 @@ import hashlib, json, sys, time
 import rustbpe, tiktoken
 docs, val = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 vocab, reps, pattern = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-times = []
+times, cpu = [], []
 for _ in range(reps):
     tok = rustbpe.Tokenizer()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
 ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
 enc = tiktoken.Encoding("p", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
 ntok = sum(len(x) for x in enc.encode_ordinary_batch(val))
 digest = hashlib.sha256(b"".join(k for k, _ in sorted(ranks.items(), key=lambda kv: kv[1]))).hexdigest()
-print(json.dumps({"module": rustbpe.__file__, "times": times, "vocab": len(ranks), "ntok": ntok, "digest": digest}))
+print(json.dumps({"module": rustbpe.__file__, "times": times, "cpu": cpu, "vocab": len(ranks), "ntok": ntok, "digest": digest}))
 """
 
 
@@ -89,15 +90,16 @@ def _utf8(docs):
 
 def train_ours(docs, vocab, reps, pattern):
     import rustbpe
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
         tok = rustbpe.Tokenizer()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     ranks = dict(tok.get_mergeable_ranks())
     enc = tiktoken.Encoding("ours", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    return times, enc, _digest([b for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
+    return times, cpu, enc, _digest([b for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
 
 
 def ensure_pypi_rustbpe():
@@ -140,7 +142,7 @@ def train_pypi(docs, val, vocab, reps, pattern):
 
 def train_hf(docs, vocab, reps, pattern):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
         tk = Tokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
         tk.normalizer = None
@@ -150,10 +152,11 @@ def train_hf(docs, vocab, reps, pattern):
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False, min_frequency=0, special_tokens=[],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tk.train_from_iterator(docs, trainer)
         times.append(time.perf_counter() - t0)
-    return times, tk
+        cpu.append(time.process_time() - c0)
+    return times, cpu, tk
 
 
 def time_encode(fn, reps):
@@ -175,37 +178,44 @@ def run(quick=False):
     rows = []
     for vocab in vocabs:
         case = {"corpus": corpus, "corpus_mb": round(nbytes / 1e6, 2), "vocab": vocab}
-        times, enc, digest = train_ours(docs, vocab, reps, pattern)
+        times, cpu, enc, digest = train_ours(docs, vocab, reps, pattern)
         rows.append(harness.row(SUITE, case, "ours", "train", _median(times), bytes_=nbytes,
                                 vocab_reached=enc.n_vocab, val_bytes_per_token=val_bytes / sum(
-                                    len(x) for x in enc.encode_ordinary_batch(val)), times_s=times))
+                                    len(x) for x in enc.encode_ordinary_batch(val)), times_s=times,
+                                cpu_s=statistics.median(cpu)))
         pypi = train_pypi(docs, val, vocab, reps, pattern)
         if pypi:
             rows.append(harness.row(SUITE, case, "pypi_rustbpe", "train", _median(pypi["times"]), bytes_=nbytes,
                                     vocab_reached=pypi["vocab"], val_bytes_per_token=val_bytes / pypi["ntok"],
-                                    same_vocab_as_ours=pypi["digest"] == digest, times_s=pypi["times"]))
-        hf_times, hf = train_hf(docs, vocab, reps, pattern)
+                                    same_vocab_as_ours=pypi["digest"] == digest, times_s=pypi["times"],
+                                    cpu_s=statistics.median(pypi["cpu"])))
+        hf_times, hf_cpu, hf = train_hf(docs, vocab, reps, pattern)
         hf_val = sum(len(e.ids) for e in hf.encode_batch(val))
         rows.append(harness.row(SUITE, case, "hf_tokenizers", "train", _median(hf_times), bytes_=nbytes,
                                 vocab_reached=hf.get_vocab_size(), val_bytes_per_token=val_bytes / hf_val,
-                                times_s=hf_times))
-        # encode throughput: one long string, and the document list in threads
-        text = "".join(docs)
+                                times_s=hf_times, cpu_s=statistics.median(hf_cpu)))
+        # encode throughput: one long string (the first ~1 MB: HF is slow on huge strings), and the document list
+        text = "".join(docs)[:1_000_000]
+        tbytes = len(text.encode("utf-8"))
         assert enc.decode(enc.encode_ordinary(val[0])) == val[0] and hf.decode(hf.encode(val[0]).ids) == val[0]
         for pass_, ours_fn, hf_fn in (
                 ("encode", lambda: enc.encode_ordinary(text), lambda: hf.encode(text)),
                 ("encode_batch", lambda: enc.encode_ordinary_batch(docs, num_threads=threads),
                  lambda: hf.encode_batch(docs))):
+            nb = tbytes if pass_ == "encode" else nbytes
             for provider, fn in (("ours", ours_fn), ("hf_tokenizers", hf_fn)):
                 ms = time_encode(fn, reps)
-                rows.append(harness.row(SUITE, case, provider, pass_, ms, bytes_=nbytes,
-                                        mb_per_s=nbytes / 1e6 / (ms * 1e-3)))
+                rows.append(harness.row(SUITE, case, provider, pass_, ms, bytes_=nb, mb_per_s=nb / 1e6 / (ms * 1e-3),
+                                        input_mb=round(nb / 1e6, 2)))
     harness.add_ratios(rows, "hf_tokenizers")  # ratio = HF time / this time (> 1: faster than HF)
     by = {(json.dumps(r["case"], sort_keys=True), r["pass"], r["provider"]): r for r in rows}
-    for r in rows:  # ours vs the PyPI package directly
+    for r in rows:  # ours vs the peers directly, in wall time and in CPU time (robust on a shared, loaded machine)
         if r["provider"] == "ours":
-            p = by.get((json.dumps(r["case"], sort_keys=True), r["pass"], "pypi_rustbpe"))
-            r["speedup_vs_pypi_rustbpe"] = p["ms"] / r["ms"] if p else None
+            for peer in ("pypi_rustbpe", "hf_tokenizers"):
+                p = by.get((json.dumps(r["case"], sort_keys=True), r["pass"], peer))
+                r[f"speedup_vs_{peer}"] = p["ms"] / r["ms"] if p else None
+                if p and r.get("cpu_s") and p.get("cpu_s"):
+                    r[f"cpu_speedup_vs_{peer}"] = p["cpu_s"] / r["cpu_s"]
     return rows
 
 
@@ -223,8 +233,9 @@ def main(argv=None):
     rows = run(args.quick)
     harness.print_table(rows)
     for r in rows:
-        extra = {k: r[k] for k in ("vocab_reached", "val_bytes_per_token", "mb_per_s", "speedup_vs_pypi_rustbpe",
-                                   "same_vocab_as_ours") if r.get(k) is not None}
+        extra = {k: r[k] for k in ("cpu_s", "vocab_reached", "val_bytes_per_token", "mb_per_s",
+                                   "speedup_vs_pypi_rustbpe", "cpu_speedup_vs_pypi_rustbpe", "speedup_vs_hf_tokenizers",
+                                   "cpu_speedup_vs_hf_tokenizers", "same_vocab_as_ours") if r.get(k) is not None}
         print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
               + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
     path = harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
