@@ -209,14 +209,15 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 cannot gather its parameters into inference tensors
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive sampling (full forward each step, no cache): yields token ids. The Engine does this properly."""
+        """Naive sampling (full forward each step, no cache): yields token ids. The Engine does this properly.
+        Under FSDP every rank must call it with the same arguments (each forward gathers parameters)."""
         device = _local(self.transformer.wte.weight).device
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self.forward(ids[:, -self.rotary_len:])[:, -1, :]
+            logits = self(ids[:, -self.rotary_len:])[:, -1, :]  # self(): FSDP hooks gather the params
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

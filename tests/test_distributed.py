@@ -83,3 +83,46 @@ def test_sharded_muon_matches_straightforward(runs, world):
     for got, w, shape in zip(m["final"], want, MUON_SHAPES):
         assert got.shape == shape
         torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
+
+
+def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
+    """World size 1 in this process: FSDP2 model == plain GPT, even with forwards without backward (eval, sampling)
+    between backward and the optimizer step, which go stale if the root keeps its parameters gathered."""
+    import kernels
+    from model.gpt import GPT, GPTConfig
+    from train.distributed import build_model, cleanup, init_distributed
+    from tests._dist_worker import CONFIG
+    prev, threads = kernels.get_mode(), torch.get_num_threads()
+    kernels.set_mode("eager")
+    torch.set_num_threads(1)  # tiny shapes; spinning OpenMP threads on a shared 2-core box cost 10x
+    info = init_distributed("cpu")
+    try:
+        assert (info.is_dist, info.rank, info.world_size, info.device.type) == (False, 0, 1, "cpu")
+        cfg = GPTConfig(**CONFIG)
+        torch.manual_seed(0)
+        model = build_model(cfg, info)
+        assert hasattr(model.lm_head.weight, "device_mesh") and not model.cos.is_meta
+        plain = GPT(cfg)
+        torch.manual_seed(0)
+        plain.init_weights()
+        x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1))
+        with torch.no_grad():
+            model(x[:, :-1])  # a forward before setup_optimizers
+        pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
+        samples = []
+        for _ in range(3):
+            for m, opts in pairs:
+                m(x[:, :-1], x[:, 1:]).backward()
+                with torch.no_grad():
+                    m(x[:, :5])
+                for opt in opts:
+                    opt.step()
+                m.zero_grad(set_to_none=True)
+                samples.append(list(m.generate([1, 2, 3], max_tokens=3, temperature=0.0)))
+        assert samples[0::2] == samples[1::2]
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        cleanup()
+        kernels.set_mode(prev)
+        torch.set_num_threads(threads)

@@ -87,7 +87,10 @@ def build_model(config, dist_info):
         mp = MixedPrecisionPolicy()  # fp32 throughout on CPU
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # reshard_after_forward=True on the root too (FSDP2 otherwise keeps the root's wte/lm_head gathered after a
+    # forward, which goes stale if a forward without backward - eval, sampling - precedes an optimizer step).
+    # Costs one extra all-gather of wte + lm_head per step; buys a model that is safe to evaluate at any point.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     model.to_empty(device=device)
     model.init_weights()
     return model

@@ -70,15 +70,21 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending, base = [], 0
+        # Each group's job is a generator that stops at its communication points; driving all groups stage by stage
+        # lets one group's all_to_all run while another group is orthogonalised.
+        jobs, base = [], 0
         for group in self.param_groups:
             params = group["params"]
             if any(p.grad is not None for p in params):
                 updates = [self._momentum_update(p, group) for p in params]
-                pending.append((group, self._start_orthogonalize(params, updates, group["ns_steps"], base)))
+                jobs.append((group, self._orthogonalize(params, updates, group["ns_steps"], base)))
             base += len(params)  # owners continue round-robin across groups, so small groups spread over ranks
-        for group, job in pending:
-            outs = job()
+        for _, job in jobs:
+            next(job)  # stage 1: shards sent to their owners (async)
+        for _, job in jobs:
+            next(job)  # stage 2: owners orthogonalise their full matrices, results sent back (async)
+        for group, job in jobs:
+            outs = next(job)  # stage 3: this rank's rows of every orthogonalised matrix
             for p, o in zip(group["params"], outs):
                 rows, cols = p.shape
                 _local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
@@ -99,19 +105,18 @@ class Muon(torch.optim.Optimizer):
         self.ns_matrices += x.size(0)
         return newton_schulz(x, steps=steps)
 
-    def _start_orthogonalize(self, params, updates, steps, base=0):
-        """Starts orthogonalising the group's (local) updates; returns a function giving the local results."""
+    def _orthogonalize(self, params, updates, steps, base):
+        """Generator over the three stages of step(); finally yields the local orthogonalised updates."""
         p0 = params[0]
         ns_dtype = torch.bfloat16 if updates[0].device.type == "cuda" else torch.float32
         mesh = getattr(p0, "device_mesh", None)
-        world = mesh.size() if mesh is not None else 1
-        if world == 1:  # every matrix is whole here: one batched call, no communication
-            return lambda: self._ns(torch.stack(updates).to(ns_dtype), steps).unbind(0)
-        return self._start_sharded(params, updates, steps, base, mesh, ns_dtype)
-
-    def _start_sharded(self, params, updates, steps, base, mesh, ns_dtype):
+        if mesh is None or mesh.size() == 1:  # every matrix is whole here: one batched call, no communication
+            yield
+            out = self._ns(torch.stack(updates).to(ns_dtype), steps)
+            yield
+            yield out.unbind(0)
+            return
         from torch.distributed.tensor import Shard
-        p0 = params[0]
         if mesh.ndim != 1 or tuple(p0.placements) != (Shard(0),):
             raise ValueError(f"Muon: expected parameters sharded on dim 0 over a 1-D mesh (FSDP2), "
                              f"got placements {p0.placements} on a {mesh.ndim}-D mesh")
@@ -137,18 +142,19 @@ class Muon(torch.optim.Optimizer):
             send[owner[i], slot[i], :my_rows] = u
         recv = torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
+        yield
 
-        def finish():
-            work.wait()
-            # recv[s, j] = rank s's shard of my matrix in slot j -> my full matrices (hi - lo, rows, cols)
-            full = recv[:, lo:hi].permute(1, 0, 2, 3).reshape(hi - lo, W * P, cols)[:, :rows]
-            back = torch.zeros(k, W * P, cols, dtype=ns_dtype, device=send.device)
-            if hi > lo:
-                back[lo:hi, :rows] = self._ns(full, steps)
-            back = back.view(k, W, P, cols).permute(1, 0, 2, 3).contiguous()  # back[s, j] = rank s's rows
-            out = torch.empty_like(back)
-            dist.all_to_all_single(out, back, group=pg)
-            # out[o, j] = my rows of the matrix rank o owns in slot j
-            return [out[owner[i], slot[i], :my_rows] for i in range(n)]
+        work.wait()
+        # recv[s, j] = rank s's shard of my matrix in slot j -> my full matrices (hi - lo, rows, cols)
+        full = recv[:, lo:hi].permute(1, 0, 2, 3).reshape(hi - lo, W * P, cols)[:, :rows]
+        back = torch.zeros(k, W * P, cols, dtype=ns_dtype, device=send.device)
+        if hi > lo:
+            back[lo:hi, :rows] = self._ns(full, steps)
+        back = back.view(k, W, P, cols).permute(1, 0, 2, 3).contiguous()  # back[s, j] = rank s's rows
+        out = torch.empty_like(back)
+        work = dist.all_to_all_single(out, back, group=pg, async_op=True)
+        yield
 
-        return finish
+        work.wait()
+        # out[o, j] = my rows of the matrix rank o owns in slot j
+        yield [out[owner[i], slot[i], :my_rows] for i in range(n)]
