@@ -245,6 +245,6 @@ def load_model(stage, device="cpu", run=None, path=None):
         from model.tokenizer import Tokenizer, get_tokenizer
         tok_dir = meta.get("tokenizer_dir")
         tokenizer = Tokenizer.load(tok_dir) if tok_dir and os.path.isdir(tok_dir) else get_tokenizer()
-    except (ImportError, OSError, FileNotFoundError):
+    except (ImportError, OSError, ValueError):  # no tokenizer trained yet: the caller may bring its own
         pass
     return model, tokenizer, meta
