@@ -18,11 +18,24 @@ PACKAGES="librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-aha
 CRATES="pyo3-0.17.3 rayon-1.6.1 fancy-regex-0.7.1 ahash-0.7.6 regex-syntax-0.6.27"
 
 ours() { [ -f "$CONFIG" ] && head -n 1 "$CONFIG" | grep -qF "$MARK"; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# maturin needs cargo on PATH (rustup's, or Debian's cargo/rustc packages)
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "rustbpe/offline.sh: cargo is in ~/.cargo/bin but not on PATH: export PATH=\$HOME/.cargo/bin:\$PATH" >&2
+    exit 1
+  fi
+  echo "rustbpe/offline.sh: no Rust toolchain found; installing Debian's cargo and rustc"
+  $SUDO apt-get install -y -q cargo rustc || { $SUDO apt-get update -q && $SUDO apt-get install -y -q cargo rustc; } \
+    || { echo "rustbpe/offline.sh: could not install cargo; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
+fi
 
 if curl -sf -m 5 https://index.crates.io/config.json >/dev/null 2>&1; then
   if ours; then
     echo "rustbpe/offline.sh: crates.io reachable again; removing the offline cargo config"
     rm -f "$CONFIG" "$LOCK"   # the lock was resolved against Debian's sources
+    rmdir "$(dirname "$CONFIG")" 2>/dev/null || true
   fi
   exit 0
 fi
@@ -31,7 +44,6 @@ missing=""
 for c in $CRATES; do [ -d "$REGISTRY/$c" ] || missing="$missing $c"; done
 if [ -n "$missing" ]; then
   echo "rustbpe/offline.sh: crates.io unreachable and$missing missing; installing $PACKAGES"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   if ! { $SUDO apt-get install -y -q $PACKAGES || { $SUDO apt-get update -q && $SUDO apt-get install -y -q $PACKAGES; }; }; then
     echo "rustbpe/offline.sh: could not install $PACKAGES (needs Debian 12 'bookworm' sources)" >&2; exit 1
   fi
