@@ -67,7 +67,10 @@ def chatcore(results, chances):
 
 # ------------------------------------------------------------------------------------------------ base: val bpb
 def token_bytes(tokenizer):
-    """(V,) int: UTF-8 bytes of each token's text; 0 for special tokens (they are skipped in bpb)."""
+    """(V,) int: UTF-8 bytes of each token's text; 0 for special tokens (they are skipped in bpb). Uses the
+    tokenizer's exact byte counts when it has them (model/tokenizer.py does), else decodes each token."""
+    if hasattr(tokenizer, "token_bytes"):
+        return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
     special = set()
     for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"):
@@ -188,30 +191,41 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
 
 
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
-                        temperature=0.0, top_k=None, seed=42, stage="eval"):
-    """Generative: sample with the Engine, decode the completion, score with the task; an example counts as solved
-    when any of its num_samples completions is right (pass@num_samples). Returns accuracy."""
+                        temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
+    """Generative: sample with the Engine (batch_size prompts decoded together), decode each completion, score it
+    with the task; an example counts as solved when any of its num_samples completions is right
+    (pass@num_samples). Returns accuracy."""
     from train.tasks import TaskError
     n = len(task) if max_examples is None else min(len(task), max_examples)
     rank, world = _rank_world()
+    idx = list(range(rank, n, world))
     correct = total = 0
-    for i in range(rank, n, world):
-        conv = task[i]
-        prompt = _prompt_ids(tokenizer, conv)
-        seqs, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens,
-                                        temperature=temperature, top_k=top_k, seed=seed + i)
-        ok = 0
-        for seq in seqs:
-            text = tokenizer.decode(seq[len(prompt):])
-            try:
-                ok |= int(task.evaluate(conv, text))
-            except Exception as e:  # noqa: BLE001
-                raise TaskError(f"[{stage}] scoring function of task {task.name} raised on example {i}: "
-                                f"{type(e).__name__}: {e}") from e
-        correct += ok
-        total += 1
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s:s + batch_size]
+        convs = [task[i] for i in chunk]
+        prompts = [_prompt_ids(tokenizer, c) for c in convs]
+        results = _generate_many(engine, prompts, num_samples=num_samples, max_tokens=max_tokens,
+                                 temperature=temperature, top_k=top_k, seed=seed + chunk[0])
+        for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
+            ok = 0
+            for seq in seqs:
+                text = tokenizer.decode(seq[len(prompt):])
+                try:
+                    ok |= int(task.evaluate(conv, text))
+                except Exception as e:  # noqa: BLE001
+                    raise TaskError(f"[{stage}] scoring function of task {task.name} raised on example {i}: "
+                                    f"{type(e).__name__}: {e}") from e
+            correct += ok
+            total += 1
     correct, total = _sum(correct, total)
     return correct / max(total, 1)
+
+
+def _generate_many(engine, prompts, **kw):
+    if hasattr(engine, "generate_many"):
+        return engine.generate_many(prompts, **kw)
+    seed = kw.pop("seed")
+    return [engine.generate_batch(p, seed=seed + j, **kw) for j, p in enumerate(prompts)]
 
 
 def chance_of(task):
@@ -282,43 +296,57 @@ def val_batches_for(tokenizer, B, T, device, max_batches, rank=0, world=1):
     return out
 
 
+def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, max_tokens=256, val_batches=20,
+                        device=None, stage="evaluate"):
+    """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict.
+    Works in one process or on every rank under torchrun (examples split across ranks)."""
+    from train.checkpoint import load_model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, meta = load_model(source, device=device, run=run)
+    rank, world = _rank_world()
+    t0 = time.time()
+    if mode == "base":
+        T = meta["config"]["sequence_len"]
+        batches = val_batches_for(tokenizer, 4, T, device, val_batches, rank, world)
+        res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage)
+    else:
+        tasks = tasks or (["arithmetic", "spelling", "identity", "number_mc"] + present_real_tasks())
+        res = run_chat_eval(model, tokenizer, tasks, max_examples, max_tokens, stage=stage)
+    res["eval_seconds"] = time.time() - t0
+    return res
+
+
 def main(argv=None):
     import kernels
-    from train.checkpoint import UserError, load_model
+    from train.loop import run_main
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_argument(p)
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
     p.add_argument("--source", default="sft", help="checkpoint stage to evaluate: base|mid|sft|rl")
     p.add_argument("--run", default=None, help="run name (default: the newest run of the stage)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: embedded + cached real tasks)")
+    p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
     p.add_argument("--max-examples", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=256, help="generation budget for generative tasks")
     p.add_argument("--val-batches", type=int, default=20, help="base mode: batches of the held-out corpus")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     args = p.parse_args(argv)
     kernels.set_mode(args.kernels)
-    from train.distributed import cleanup, init_distributed
-    info = init_distributed()
-    try:
-        model, tokenizer, meta = load_model(args.source, device=info.device, run=args.run)
-    except UserError as e:
-        raise SystemExit(f"[evaluate] {e}")
-    names = args.tasks.split(",") if args.tasks else None
-    t0 = time.time()
-    if args.mode == "base":
-        T = meta["config"]["sequence_len"]
-        batches = val_batches_for(tokenizer, 4, T, info.device, args.val_batches, info.rank, info.world_size)
-        res = run_base_eval(model, tokenizer, batches, names, args.max_examples, stage="evaluate")
-    else:
-        names = names or (["arithmetic", "spelling", "identity", "number_mc"] + present_real_tasks())
-        res = run_chat_eval(model, tokenizer, names, args.max_examples, args.max_tokens, stage="evaluate")
-    res["eval_seconds"] = time.time() - t0
-    print0(json.dumps(res, indent=1))
-    if args.out and info.rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    cleanup()
-    return res
+    if args.data_url:
+        os.environ["TRITONCHAT_DATA_URL"] = args.data_url
+
+    def go():
+        from train.distributed import cleanup, init_distributed
+        info = init_distributed()
+        res = evaluate_checkpoint(args.mode, args.source, args.run, args.tasks.split(",") if args.tasks else None,
+                                  args.max_examples, args.max_tokens, args.val_batches, info.device)
+        print0(json.dumps(res, indent=1))
+        if args.out and info.rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        cleanup()
+        return res
+    return run_main(go)
 
 
 if __name__ == "__main__":

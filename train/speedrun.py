@@ -1,0 +1,322 @@
+"""The whole pipeline in one command: tokenizer -> base -> mid -> SFT -> RL -> evals -> report card.
+
+    python -m train.speedrun --preset tiny              # `make run`: CPU, embedded corpus and tasks, a few minutes
+    torchrun --standalone --nproc_per_node=8 -m train.speedrun --preset d20     # `make speedrun`: nanochat's d20
+    python -m train.speedrun --preset tiny --num-iterations 2 --run ci          # smoke test: 2 steps per stage
+
+Every stage runs in this process (every rank under torchrun), through the same entry points as
+`python -m train.<stage>`, with the preset's flags plus `--<stage>-args "..."` overrides. Resumable stage by stage:
+the state of run R lives in $TRITONCHAT_HOME/reports/speedrun_R.json; finished stages are skipped on a rerun, a stage
+that was interrupted continues from its newest checkpoint (--resume), `--fresh` starts over (deleting run R's
+checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: per stage time, tokens, loss,
+metrics; hardware and versions; eager or fused) is printed, followed by one chat answer of the final model.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from model.common import home_dir, is_rank0, print0
+
+STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval")
+TRAIN_STAGES = ("base", "mid", "sft", "rl")
+
+# Flags of every stage per preset (each stage's own --preset supplies the rest).
+PRESETS = {
+    "tiny": {
+        "tokenizer": dict(vocab_size=2048, max_chars=2_000_000),
+        "base": "--preset tiny --num-iterations 60 --total-batch-size 4096 --eval-every 0 --eval-tokens 16384",
+        "mid": "--preset tiny --num-iterations 40",
+        "sft": "--preset tiny --num-iterations 40",
+        "rl": "--preset tiny --num-iterations 6",
+        "eval": dict(max_examples=24, max_tokens=48, val_batches=4),
+    },
+    "d20": {
+        "tokenizer": dict(vocab_size=65536, max_chars=None),  # base trains it on FineWeb-Edu when missing (None)
+        "base": "--preset d20 --save-every 1000",
+        "mid": "--preset d20 --save-every 500",
+        "sft": "--preset d20 --save-every 500",
+        "rl": "--preset d20 --save-every 60",
+        "eval": dict(max_examples=None, max_tokens=512, val_batches=20),
+    },
+}
+CHAT_PROMPT = "Tom has 12 apples and buys 3 packs of 4 apples each. How many apples does Tom have now?"
+
+
+def parse_args(argv=None):
+    import kernels
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
+    p.add_argument("--run", default="speedrun", help="run name of every stage's checkpoints")
+    kernels.add_argument(p)
+    p.add_argument("--num-iterations", type=int, default=None, help="override the steps of every training stage")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    p.add_argument("--fresh", action="store_true", help="forget finished stages and delete this run's checkpoints")
+    p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
+    p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluated task")
+    p.add_argument("--eval-max-tokens", type=int, default=None, help="generation budget in the chat evals")
+    for s in TRAIN_STAGES:
+        p.add_argument(f"--{s}-args", default="", help=f"extra flags for train.{s} (quoted)")
+    args = p.parse_args(argv)
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ state
+def state_path(run):
+    return os.path.join(home_dir(), "reports", f"speedrun_{run}.json")
+
+
+def load_state(run):
+    path = state_path(run)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"run": run, "stages": {}}
+
+
+def save_state(state):
+    if is_rank0():
+        path = state_path(state["run"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def stage_argv(args, stage):
+    from train.checkpoint import find_last_checkpoint
+    argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels]
+    if stage != "base":
+        argv += ["--source-run", args.run]
+        if args.data_url:
+            argv += ["--data-url", args.data_url]
+    if args.num_iterations is not None:
+        argv += ["--num-iterations", str(args.num_iterations)]
+    if find_last_checkpoint(stage, args.run) is not None:  # interrupted earlier: continue where it stopped
+        argv += ["--resume"]
+    return argv + shlex.split(getattr(args, f"{stage}_args"))
+
+
+def run_tokenizer(args):
+    from model.tokenizer import Tokenizer
+    tok_dir = os.path.join(home_dir(), "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tok = Tokenizer.load(tok_dir)
+        return {"vocab_size": tok.vocab_size, "dir": tok_dir, "note": "existing tokenizer reused"}
+    cfg = PRESETS[args.preset]["tokenizer"]
+    if cfg["max_chars"] is None:
+        return {"note": "trained by train.base on its corpus"}
+    stats = {}
+    if is_rank0():
+        from train.tokenizer import train_tokenizer
+        _, stats = train_tokenizer(vocab_size=cfg["vocab_size"], max_chars=cfg["max_chars"], out_dir=tok_dir)
+    _barrier()
+    return stats
+
+
+def run_train_stage(stage, args):
+    argv = stage_argv(args, stage)
+    print0(f"\n=== {stage}: python -m train.{stage} {' '.join(argv)}")
+    if stage == "base":
+        from train import base
+        return base.main(argv)
+    if stage in ("mid", "sft"):
+        from train.sft import run_stage
+        return run_stage(stage, argv)
+    from train import rl
+    return rl.run(argv)
+
+
+def run_evals(args):
+    from train.distributed import cleanup, init_distributed
+    from train.evaluate import evaluate_checkpoint
+    cfg = dict(PRESETS[args.preset]["eval"])
+    if args.eval_examples is not None:
+        cfg["max_examples"] = args.eval_examples
+    if args.eval_max_tokens is not None:
+        cfg["max_tokens"] = args.eval_max_tokens
+    info = init_distributed()
+    out = {"base": evaluate_checkpoint("base", "base", args.run, max_examples=cfg["max_examples"],
+                                       val_batches=cfg["val_batches"], device=info.device, stage="eval base")}
+    for src in ("sft", "rl"):
+        out[src] = evaluate_checkpoint("chat", src, args.run, max_examples=cfg["max_examples"],
+                                       max_tokens=cfg["max_tokens"], device=info.device, stage=f"eval {src}")
+    cleanup()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _versions():
+    import triton
+    v = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+         "cuda": torch.version.cuda or "none"}
+    try:
+        v["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        v["git"] = "unknown"
+    return v
+
+
+def _hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    hw = f"CPU: {cpu} ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        hw += f"; GPU: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        hw += "; no GPU"
+    return hw
+
+
+def _fmt(v, nd=4):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _stage_row(name, rec):
+    s = rec.get("summary") or {}
+    t = rec.get("wall_s")
+    tokens = s.get("tokens")
+    if name == "rl":
+        loss = f"reward {_fmt(s.get('first_reward'), 3)} -> {_fmt(s.get('final_reward'), 3)}"
+    elif s.get("first_train_loss") is not None:
+        loss = f"{_fmt(s.get('first_train_loss'), 3)} -> {_fmt(s.get('final_train_loss'), 3)}"
+    else:
+        loss = "-"
+    metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("val") or {}).items() if isinstance(v, (int, float)))
+    if name == "tokenizer":
+        metrics = ", ".join(f"{k} {v}" for k, v in s.items() if k in ("vocab_size", "val_bytes_per_token", "note"))
+    steps = s.get("steps", "-")
+    return (f"| {name} | {_fmt(t, 1) if t is not None else '-'} s | {steps} | "
+            f"{f'{int(tokens):,}' if tokens else '-'} | {loss} | {metrics or '-'} |")
+
+
+def report_card(state, args, total_s):
+    import kernels
+    v = _versions()
+    lines = ["# tritonchat report card", "",
+             f"preset **{args.preset}** · run `{state['run']}` · kernels **{kernels.get_mode()}** · "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} · git {v['git']}", "",
+             "## Hardware and versions", "", f"- {_hardware()}",
+             f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}", "",
+             "## Stages", "", "| stage | time | steps | tokens | loss | metrics |", "|---|---|---|---|---|---|"]
+    for name in STAGES:
+        if name in state["stages"]:
+            lines.append(_stage_row(name, state["stages"][name]))
+    ev = (state["stages"].get("eval") or {}).get("summary")
+    if ev:
+        base = ev.get("base", {})
+        lines += ["", "## Base model", "", f"- val bpb: {_fmt(base.get('val_bpb'))}",
+                  f"- CORE-style (centred mean): {_fmt(base.get('core'))}"]
+        lines += [f"  - {k[5:]}: accuracy {_fmt(val)}" for k, val in base.items() if k.startswith("core_")]
+        tasks = [k for k in ev.get("sft", {}) if k not in ("chatcore", "eval_seconds")]
+        lines += ["", "## Chat model", "", "| task | SFT | RL |", "|---|---|---|"]
+        lines += [f"| {t} | {_fmt(ev.get('sft', {}).get(t))} | {_fmt(ev.get('rl', {}).get(t))} |" for t in tasks]
+        lines.append(f"| **ChatCORE** | {_fmt(ev.get('sft', {}).get('chatcore'))} | "
+                     f"{_fmt(ev.get('rl', {}).get('chatcore'))} |")
+    lines += ["", f"Total wall time: {total_s:.1f} s (this invocation; stages skipped as finished cost nothing)", ""]
+    return "\n".join(lines)
+
+
+def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
+    """One greedy answer of the newest chat model (rl, else sft), tools live."""
+    from model.engine import Engine
+    from train.checkpoint import find_last_checkpoint, load_model
+    src = "rl" if find_last_checkpoint("rl", run) else "sft"
+    model, tok, _ = load_model(src, device="cuda" if torch.cuda.is_available() else "cpu", run=run)
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
+    seqs, _ = Engine(model, tok).generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+    return src, tok.decode(seqs[0][len(ids):])
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    import kernels
+    from train.checkpoint import UserError, checkpoint_dir
+    from train.distributed import init_distributed
+    from train.tasks import TaskError
+    args = parse_args(argv)
+    kernels.set_mode(args.kernels)
+    if args.data_url:
+        os.environ["TRITONCHAT_DATA_URL"] = args.data_url
+    t_start = time.time()
+    init_distributed()
+    state = load_state(args.run)
+    if args.fresh:
+        state = {"run": args.run, "stages": {}}
+        if is_rank0():
+            for s in TRAIN_STAGES:
+                shutil.rmtree(checkpoint_dir(s, args.run), ignore_errors=True)
+        _barrier()
+    state["preset"] = args.preset
+    wanted = args.stages.split(",")
+    for stage in STAGES:
+        if stage not in wanted:
+            continue
+        if state["stages"].get(stage, {}).get("done"):
+            print0(f"=== {stage}: finished earlier, skipped (use --fresh to redo)")
+            continue
+        t0 = time.time()
+        try:
+            if stage == "tokenizer":
+                summary = run_tokenizer(args)
+            elif stage == "eval":
+                summary = run_evals(args)
+            else:
+                summary = run_train_stage(stage, args)
+        except (UserError, TaskError) as e:
+            print0(f"error: [speedrun: {stage}] {e}")
+            sys.exit(2)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                print0(f"error: [speedrun: {stage}] stage exited with status {e.code}")
+            raise
+        if isinstance(summary, dict):  # keep the report light: no per-step histories
+            summary = {k: v for k, v in summary.items() if k not in ("losses", "history")}
+        state["stages"][stage] = {"done": True, "wall_s": time.time() - t0, "summary": summary}
+        save_state(state)
+        print0(f"=== {stage}: done in {time.time() - t0:.1f} s")
+    from train.distributed import cleanup
+    rank0 = is_rank0()
+    cleanup()  # the rest is rank 0 alone: no collectives (load_model is single-process without a group)
+    card = report_card(state, args, time.time() - t_start)
+    if rank0:
+        path = os.path.join(home_dir(), "reports", "report.md")
+        with open(path, "w") as f:
+            f.write(card)
+        print("\n" + card)
+        print(f"(report card written to {path})")
+        if "sft" in state["stages"] or "rl" in state["stages"]:
+            src, answer = chat_answer(args.run)
+            print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{answer}\n", flush=True)
+    return state
+
+
+if __name__ == "__main__":
+    main()
