@@ -81,6 +81,15 @@ def parse_args(argv=None):
     return args
 
 
+def resolve_num_iterations(args, num_params, world_size):
+    """--num-iterations, or (when -1) target_param_data_ratio x params / tokens per step (nanochat: 20 x params)."""
+    if args.num_iterations != -1:
+        return args.num_iterations
+    tokens_per_step = args.total_batch_size if args.total_batch_size > 0 else \
+        world_size * args.device_batch_size * args.max_seq_len
+    return max(1, int(args.target_param_data_ratio * num_params) // tokens_per_step)
+
+
 def _launch_id():
     """The same string on every rank of one launch (torchrun's run id + the agent's pid)."""
     return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'single')}-{os.getppid()}"
@@ -168,10 +177,7 @@ def main(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     num_params = model.num_params()
-    if args.num_iterations == -1:
-        tbs = args.total_batch_size if args.total_batch_size > 0 else \
-            info.world_size * args.device_batch_size * args.max_seq_len
-        args.num_iterations = max(1, int(args.target_param_data_ratio * num_params) // tbs)
+    args.num_iterations = resolve_num_iterations(args, num_params, info.world_size)
     print0(f"model: depth {args.depth}, width {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
            f"{num_params:,} params, {model.estimate_flops():.3e} FLOPs/token; device {info.device}, "
            f"world {info.world_size}")

