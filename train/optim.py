@@ -112,7 +112,7 @@ class Muon(torch.optim.Optimizer):
         mesh = getattr(p0, "device_mesh", None)
         if mesh is None or mesh.size() == 1:  # every matrix is whole here: one batched call, no communication
             yield
-            out = self._ns(torch.stack(updates).to(ns_dtype), steps)
+            out = self._ns(torch.stack([u.to(ns_dtype) for u in updates]), steps)
             yield
             yield out.unbind(0)
             return
