@@ -178,8 +178,8 @@ class GPT(nn.Module):
         """[AdamW(lm_head, wte), Muon(2-D block matrices)]; Adam lrs scaled by (n_embd/768)^-0.5 as nanochat.
         Every group carries "initial_lr" (the loop scales lr from it); Muon groups carry "momentum"."""
         from train.optim import Muon, make_adamw
-        if hasattr(self, "reshard"):  # FSDP2: after a forward without backward the root still holds its gathered
-            self.reshard()            # params; reshard so the optimizers get the sharded DTensors
+        if hasattr(self, "reshard"):  # FSDP2 root left gathered by a forward (unless built by train.distributed,
+            self.reshard()            # which reshards it): reshard so the optimizers get the sharded DTensors
         scale = (self.config.n_embd / 768) ** -0.5
         adamw = make_adamw([
             dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
