@@ -526,7 +526,7 @@ impl Tokenizer {
 
         // 1. Stream the iterator in batches; count chunks with the GIL released.
         let mut counts: AHashMap<String, i64> = AHashMap::new();
-        let mut batch: Vec<String> = Vec::with_capacity(buffer_size as usize);
+        let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16) as usize); // huge sizes: grow
         let mut index: usize = 0;
         let mut items = iterator.iter().map_err(|_| {
             PyTypeError::new_err(format!(
