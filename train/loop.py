@@ -194,7 +194,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
                 f.write(json.dumps(record) + "\n")
 
     losses, first_loss, last_loss = {}, None, None
-    train_time, t_log, steps_since_log = 0.0, time.perf_counter(), 0
+    train_time, t_log, steps_since_log = 0.0, 0.0, 0
     mfu = None
     step = start_step
     model.train()
@@ -237,16 +237,15 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
             opt.zero_grad(set_to_none=True)
         step += 1
         steps_since_log += 1
+        logging = step % max(1, args.log_every) == 0 or step == num_iterations
+        if logging and device.type == "cuda":
+            torch.cuda.synchronize()  # the only sync: it flushes the queued steps, so the timing below is right
         train_time += time.perf_counter() - t0
 
-        if step % args.log_every == 0 or step == num_iterations:
-            loss_t = _mean_across_ranks(loss_sum / accum)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            dt = (now - t_log) / steps_since_log
-            t_log, steps_since_log = now, 0
-            lossf = loss_t.item()
+        if logging:  # dt = training time per step since the last log line (eval / sample / save time left out)
+            dt = (train_time - t_log) / steps_since_log
+            t_log, steps_since_log = train_time, 0
+            lossf = _mean_across_ranks(loss_sum / accum).item()
             first_loss = lossf if first_loss is None else first_loss
             last_loss = losses[step] = lossf
             tok_s = tokens_per_step / max(dt, 1e-9)
@@ -304,10 +303,22 @@ def evaluate_bpb(model, batches, token_bytes):
     model.eval()
     nats = None
     nbytes = None
-    for x, y in batches:
+    it = iter(batches)
+    device = next(model.parameters()).device  # NCCL collectives need CUDA tensors
+    tbytes = token_bytes.to(device)
+    while True:
+        batch = next(it, None)
+        if _world() > 1:  # ranks may hold different amounts of data: stop together (FSDP forward is collective)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                break
+        if batch is None:
+            break
+        x, y = batch
         loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats
         yf = y.reshape(-1)
-        tb = token_bytes.to(y.device)[yf.clamp(min=0)] * (yf >= 0)
+        tb = tbytes[yf.clamp(min=0)] * (yf >= 0)
         n, b = (loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)
         nats, nbytes = (n, b) if nats is None else (nats + n, nbytes + b)
     if nats is None:
