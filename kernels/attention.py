@@ -77,6 +77,12 @@ else:
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
+def _autotune_prune(configs, nargs, **kwargs):
+    """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no compile-all-and-time sweep.
+    The GPU tests use it for their many small shapes; training and benchmarks keep autotuning."""
+    return configs[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else configs
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Row helpers: rotation + RMS norm on a (BLOCK, D) fp32 tile, and its backward.
 
@@ -174,7 +180,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
@@ -268,7 +274,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, lo, hi, col
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H, HKV, T_BUCKET, sm_scale,
                    CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
@@ -343,7 +349,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV, T_BUCKET, sm_scale,
                  CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
