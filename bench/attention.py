@@ -8,7 +8,9 @@ Hkv = 4 (GQA); --quick keeps T = 2k MHA only (the GPU check's time budget). Prov
            (falls back to SDPA's own choice, recorded in the row as sdpa_backend, if flash refuses the inputs)
   compile  torch.compile of the same function
   flex     torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops)
-  fused    kernels.attention.triton_attention (ours)
+  fused    kernels.attention.triton_attention (ours: K rotated/normalised in a pre-pass, Q on load)
+  fused_kloop  forward only: the in-loop alternative (K rotated/normalised on every tile load, no pre-pass), kept
+           so the design choice in kernels/attention.py can be settled by this measurement
 TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T D)):
   forward  = 2 matmuls x 2*T*T*D per (batch, head), halved by the causal mask = 2 * B * H * T^2 * D
   backward = 2.5 x forward (5 matmuls instead of 2: the FlashAttention convention), fwd+bwd = 3.5 x forward.
@@ -25,7 +27,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
 
 from bench import harness  # noqa: E402
-from kernels.attention import apply_rotary, reference_attention, rms_norm, triton_attention  # noqa: E402
+from kernels.attention import (apply_rotary, reference_attention, rms_norm, triton_attention,  # noqa: E402
+                               triton_attention_forward_k_in_loop)
 
 SUITE = "attention"
 TOKENS, HEADS, HEAD_DIM = 32768, 16, 128
@@ -55,9 +58,11 @@ def _flex_provider(T, H, Hkv, device):
 
 
 def _providers(inputs, T, H, Hkv):
-    """name -> (fn, extra row fields)"""
+    """name -> (fn, extra row fields, passes)"""
+    both, fwd_only = ("fwd", "bwd", "fwd+bwd"), ("fwd",)
+    ours = {"fused": (triton_attention, {}, both), "fused_kloop": (triton_attention_forward_k_in_loop, {}, fwd_only)}
     if not harness.on_gpu():
-        return {"eager": (reference_attention, {}), "fused": (triton_attention, {})}
+        return {"eager": (reference_attention, {}, both), **ours}
     backend, ctx = _flash_or_default(*inputs)
 
     def eager(*a):
@@ -68,8 +73,8 @@ def _providers(inputs, T, H, Hkv):
     def compile_(*a):
         with ctx():
             return compiled(*a)
-    return {"eager": (eager, {"sdpa_backend": backend}), "compile": (compile_, {"sdpa_backend": backend}),
-            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}), "fused": (triton_attention, {})}
+    return {"eager": (eager, {"sdpa_backend": backend}, both), "compile": (compile_, {"sdpa_backend": backend}, both),
+            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}, both), **ours}
 
 
 def _cases(quick):
@@ -98,12 +103,14 @@ def run(quick):
         inputs = (q, k, v, cos, sin)
         case = {"B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype).replace("torch.", "")}
         flops = causal_flops(B, T, H, D)
-        for name, (fn, extra) in _providers(inputs, T, H, Hkv).items():
+        for name, (fn, extra, passes) in _providers(inputs, T, H, Hkv).items():
             fwd = lambda: fn(*inputs)
             y = fwd()
             bwd = lambda: torch.autograd.grad(y, (q, k, v), dy, retain_graph=True)
             both = lambda: torch.autograd.grad(fwd(), (q, k, v), dy)
             for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
+                if pass_ not in passes:
+                    continue
                 t = harness.bench(f, quick=quick)
                 peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
                 rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,

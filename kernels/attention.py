@@ -41,7 +41,8 @@ step, at every T. The backward would also have to re-derive q_hat / k_hat per st
 The pre-pass instead costs one read + one write of K, O(1/T) of the attention: by bandwidth arithmetic (~3.3 TB/s)
 ~0.08 ms for the bench shape (32k tokens, Hkv = 16, D = 128, bf16) = ~5 % of an (estimated) fwd+bwd at T = 2k
 with H = Hkv, ~1 % with Hkv = 4, less at longer T. The backward needs k_hat anyway (it is what is saved).
-The alternative to time against on a GPU: call `_rope_norm` on the K tile inside `_attn_fwd_inner`.
+The alternative is kept, forward only, to time against on a GPU: `triton_attention_forward_k_in_loop` (K_ROPE:
+no pre-pass, each K tile rotated + normalised in `_attn_fwd_inner`); bench/attention.py times it as "fused_kloop".
 
 Checked without a GPU: every Hopper config below compiles ahead of time for sm_90 (triton.compile with a
 GPUTarget), its SASS uses HGMMA (wgmma), and none spills registers to local memory inside the inner loops.
@@ -161,10 +162,11 @@ def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASK: apply the sequence-end mask (and the causal one if CAUSAL)."""
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, K_ROPE: tl.constexpr, QK_NORM: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASK: apply the sequence-end mask (and the causal one if CAUSAL).
+    K_ROPE: K is raw and each tile is rotated + normalised here (the in-loop alternative, forward only)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -175,6 +177,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
         else:
             k = tl.load(K + kv_offs)
             v = tl.load(V + kv_offs)
+        if K_ROPE:
+            cos, sin = _load_cos_sin(COS, SIN, cols, cols < T, HEAD_DIM // 2)
+            k, _ = _rope_norm(k.to(tl.float32), cos, sin, eps, QK_NORM, BLOCK_N, HEAD_DIM // 2)
+            k = k.to(v.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK:
             keep = cols[None, :] < T
@@ -190,12 +196,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_ROPE"], prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass; Q is raw and rotated/normalised here."""
+              K_ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass (or raw k if K_ROPE); Q is raw and
+    rotated/normalised here."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hkv = h // (H // HKV)
@@ -227,10 +234,10 @@ def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_s
         lo, hi = m_start, tl.minimum(m_start + BLOCK_M, T)
     else:
         lo, hi = (T // BLOCK_N) * BLOCK_N, T
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, 0, lo, rows, T, qk_scale,
-                                    False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale,
-                                    True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, 0, lo, rows, T, qk_scale,
+                                    False, CAUSAL, K_ROPE, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
+                                    True, CAUSAL, K_ROPE, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + q_offs, acc.to(O.dtype.element_ty), mask=row_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_mask)
@@ -427,19 +434,24 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32); bf16/fp16 ignore it
 
 
-def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale):
+def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale, k_rope=False):
+    """k_rope=False: K pre-pass + attention (what autograd uses). k_rope=True: no pre-pass, K tiles rotated and
+    normalised in the inner loop (forward-only alternative, kept to time the two designs; k_hat/rstd_k are None)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    k_hat = torch.empty_like(k)
-    rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
-    _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
-                                                  QK_NORM=qk_norm, HEAD_DIM=D, BLOCK_T=64, num_warps=4)
+    k_hat = rstd_k = None
+    if not k_rope:
+        k_hat = torch.empty_like(k)
+        rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
+        _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
+                                                      QK_NORM=qk_norm, HEAD_DIM=D, BLOCK_T=64, num_warps=4)
     o, q_hat = torch.empty_like(q), torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     rstd_q = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv, triton.next_power_of_2(T), scale, eps,
-                    CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=_precision(q.dtype))
+    _attn_fwd[grid](q, k if k_rope else k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv,
+                    triton.next_power_of_2(T), scale, eps,
+                    CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=_precision(q.dtype), K_ROPE=k_rope)
     return o, q_hat, k_hat, lse, rstd_q, rstd_k
 
 
@@ -485,6 +497,17 @@ def triton_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, 
     scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
     q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
     return _FusedAttention.apply(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), float(scale))
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def triton_attention_forward_k_in_loop(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+    """Forward only, the issue's letter: K rotated + normalised on every tile load instead of in a pre-pass.
+    Not used by the model; kept so the two designs can be timed against each other (bench "fused_kloop")."""
+    _check_inputs(q, k, v, cos, sin)
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
+    return _attn_forward(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), float(scale), k_rope=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
