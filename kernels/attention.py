@@ -152,8 +152,9 @@ def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
     b, h = pid_bh // NH, pid_bh % NH
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    offs = b.to(tl.int64) * T * NH * HEAD_DIM + h * HEAD_DIM + rows[:, None] * (NH * HEAD_DIM) \
-        + tl.arange(0, HEAD_DIM)[None, :]
+    base = b.to(tl.int64) * T * NH * HEAD_DIM + h * HEAD_DIM
+    X, XHAT = X + base, XHAT + base
+    offs = rows[:, None] * (NH * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
     x = tl.load(X + offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     cos, sin = _load_cos_sin(COS, SIN, rows, row_mask, HEAD_DIM // 2)
     x_hat, rstd = _rope_norm(x, cos, sin, eps, QK_NORM, BLOCK_T, HEAD_DIM // 2)
@@ -196,7 +197,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, ro
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_ROPE"], prune_configs_by={"early_config_prune": _autotune_prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_ROPE"],
+                 prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
@@ -252,8 +254,9 @@ def _attn_bwd_preprocess(O, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = b.to(tl.int64) * T * H * HEAD_DIM + h * HEAD_DIM + rows[:, None] * (H * HEAD_DIM) \
-        + tl.arange(0, HEAD_DIM)[None, :]
+    base = b.to(tl.int64) * T * H * HEAD_DIM + h * HEAD_DIM
+    O, DO = O + base, DO + base
+    offs = rows[:, None] * (H * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
     o = tl.load(O + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, tl.sum(o * do, axis=1), mask=rows < T)
