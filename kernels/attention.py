@@ -205,7 +205,8 @@ def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_s
               K_ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass (or raw k if K_ROPE); Q is raw and
     rotated/normalised here."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    # causal: the last query blocks have the most key blocks; launch them first so the tail of the grid is light
+    pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hkv = h // (H // HKV)
     stride_qt, stride_kt = H * HEAD_DIM, HKV * HEAD_DIM
@@ -374,8 +375,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
 def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV, T_BUCKET, sm_scale,
                  CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    """Grid (cdiv(T, BLOCK_M), B * H); heaviest (last) query blocks first, as in the forward."""
+    pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hkv = h // (H // HKV)
     stride_qt, stride_kt = H * HEAD_DIM, HKV * HEAD_DIM
