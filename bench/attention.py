@@ -17,13 +17,21 @@ TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T 
 Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs.
 CPU: tiny fp32 shapes, eager vs fused under the Triton interpreter -- exercises the code path only; those timings
 measure the interpreter, not the kernel.
+
+    python -m bench.attention --sass [bf16|fp16] [64|128]
+
+needs no GPU: compiles every Hopper autotune config for sm_90 and prints shared memory, whether tl.dot became wgmma
+(HGMMA in the SASS) and how many local-memory spill instructions (LDL/STL) sit inside the innermost loops.
 """
 import contextlib
 import os
+import re
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
+SASS = __name__ == "__main__" and "--sass" in sys.argv
+if not torch.cuda.is_available() and not SASS:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
 
 from bench import harness  # noqa: E402
@@ -119,5 +127,63 @@ def run(quick):
     return harness.add_ratios(rows, "eager")
 
 
+def _spills_in_inner_loops(sass):
+    """Count LDL/STL inside innermost loops (backward branches) of nvdisasm output."""
+    label_addr, ins, label = {}, [], None
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);", line)
+        if m:
+            addr = int(m.group(1), 16)
+            if label:
+                label_addr[label], label = addr, None
+            ins.append((addr, m.group(2)))
+    loops = [(label_addr[m.group(1)], a) for a, t in ins
+             if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", t)) and label_addr.get(m.group(1), a) < a]
+    inner = [(lo, hi) for lo, hi in loops
+             if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
+    return sum(1 for a, t in ins if ("LDL" in t or "STL" in t) and any(lo <= a <= hi for lo, hi in inner))
+
+
+def sass_report(dtype="bf16", head_dim=128):
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.attention as A
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    ints, floats = {"T", "H", "HKV", "T_BUCKET"}, {"sm_scale", "eps"}
+    fp32_ptrs = {"COS", "SIN", "LSE", "RSTD_Q", "RSTD_K", "DELTA"}
+    for name, kern, configs in (("fwd", A._attn_fwd, A._FWD_CONFIGS), ("dkdv", A._attn_bwd_dkdv, A._DKDV_CONFIGS),
+                                ("dq", A._attn_bwd_dq, A._DQ_CONFIGS)):
+        fn = kern.fn
+        for c in configs:
+            consts = dict(CAUSAL=True, QK_NORM=True, HEAD_DIM=head_dim, PRECISION="tf32", **c.kwargs)
+            if "K_ROPE" in fn.arg_names:
+                consts["K_ROPE"] = False
+            sig = {a: "constexpr" if a in consts else "i32" if a in ints else "fp32" if a in floats else
+                   "*fp32" if a in fp32_ptrs else f"*{dtype}" for a in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(ck.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+            print(f"{name:5s} {c.kwargs} warps={c.num_warps} stages={c.num_stages} smem={ck.metadata.shared} "
+                  f"HGMMA={sass.count('HGMMA')} spills_in_inner_loops={_spills_in_inner_loops(sass)} "
+                  f"spills_total={sass.count('LDL') + sass.count('STL')}", flush=True)
+
+
 if __name__ == "__main__":
-    harness.main(SUITE, run)
+    if SASS:
+        args = sys.argv[sys.argv.index("--sass") + 1:]
+        sass_report(*(args[:1] or ["bf16"]), *(int(a) for a in args[1:2]))
+    else:
+        harness.main(SUITE, run)
