@@ -186,15 +186,16 @@ def fmt_case(case):
     return ",".join(f"{k}={v}" for k, v in case.items())
 
 
-def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True):
-    """Write <out_dir>/<suite>-<device>-<date>.json (+ .png); returns the JSON path."""
+def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, quick=False):
+    """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png); returns the JSON path. Quick runs get their own
+    name, so a smoke run never replaces a full one."""
     info = info or device_info()
     out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{suite}-{_slug(info['device'] if info['kind'] == 'cuda' else 'cpu')}-{info['date'][:10]}"
+    stem = f"{suite}-{_slug(info['device'] if info['kind'] == 'cuda' else 'cpu')}-{info['date'][:10]}" + ("-quick" if quick else "")
     path = os.path.join(out_dir, stem + ".json")
     with open(path + ".tmp", "w") as f:
-        json.dump({"suite": suite, "info": info, "peaks": peaks, "rows": rows}, f, indent=1)
+        json.dump({"suite": suite, "quick": quick, "info": info, "peaks": peaks, "rows": rows}, f, indent=1)
     os.replace(path + ".tmp", path)  # reruns on the same day replace the old file whole
     if png:
         plot(suite, rows, os.path.join(out_dir, stem + ".png"))
@@ -214,14 +215,15 @@ def main(suite, run, argv=None):
 def run_suite(suite, run, quick=False, out_dir=None, png=True):
     info = device_info()
     print(f"[{suite}] {info['device']}  torch {info['torch']}  triton {info['triton']}  commit {info['git_commit']}")
-    peaks = measure_peaks(quick=quick or not on_gpu())
-    rows = run(quick or not on_gpu())
+    quick = quick or not on_gpu()
+    peaks = measure_peaks(quick=quick)
+    rows = run(quick)
     for r in rows:
         if r.get("tflops") and on_gpu():
             r["pct_peak_matmul"] = 100 * r["tflops"] / peaks["matmul_tflops"]
         if r.get("gbps"):
             r["pct_peak_copy"] = 100 * r["gbps"] / peaks["copy_gbps"]
     print_table(rows)
-    path = write_results(suite, rows, info, peaks, out_dir, png)
+    path = write_results(suite, rows, info, peaks, out_dir, png, quick)
     print(f"[{suite}] wrote {path}")
     return path

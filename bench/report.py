@@ -1,4 +1,5 @@
-"""All JSON results -> one markdown table (what the README shows): the newest file per (suite, device).
+"""All JSON results -> one markdown table (what the README shows): per (suite, device) the newest full run (a quick
+smoke run only where no full run exists).
 
     python -m bench.report [--results bench/results] [--out bench/results/README.md]
 """
@@ -19,7 +20,8 @@ def load_newest(results_dir):
             key = (data["suite"], data["info"]["device"])
         except (OSError, ValueError, KeyError):
             continue  # not a harness result file
-        if key not in newest or data["info"]["date"] > newest[key]["info"]["date"]:
+        rank = lambda d: (not d.get("quick", False), d["info"]["date"])
+        if key not in newest or rank(data) > rank(newest[key]):
             newest[key] = data
     return [newest[k] for k in sorted(newest)]
 
@@ -32,7 +34,7 @@ def to_markdown(results):
     lines = []
     for data in results:
         info = data["info"]
-        lines += [f"### {data['suite']} — {info['device']}", "",
+        lines += [f"### {data['suite']} — {info['device']}" + (" (quick)" if data.get("quick") else ""), "",
                   f"torch {info.get('torch')}, triton {info.get('triton')}, CUDA {info.get('cuda')}, "
                   f"driver {info.get('driver')}, commit {info.get('git_commit')}, {info.get('date')}"
                   + (f" — {info['note']}" if info.get("note") else ""), "",
