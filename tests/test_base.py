@@ -115,6 +115,19 @@ def test_tiny_preset_end_to_end(home, capsys):
     assert meta["tokenizer_dir"] == str(home / "tokenizer")
 
 
+def test_tiny_preset_under_torchrun(home):
+    """Rank 0 fetches the corpus and trains the tokenizer while rank 1 waits on marker files; then 2-rank FSDP2."""
+    torchrun = os.path.join(os.path.dirname(PY), "torchrun")
+    r = run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "train.base", "--preset", "tiny",
+             "--num-iterations", "2", "--device-batch-size", "2", "--total-batch-size", "256", "--max-seq-len", "64",
+             "--eval-tokens", "512", "--sample-tokens", "2", "--vocab-size", "300", "--kernels", "eager"], home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2 x batch 2 x seq 64 x accum 1" in r.stdout and "base done: 2 steps" in r.stdout
+    report = json.load(open(home / "reports" / "base_default.json"))
+    assert report["world_size"] == 2 and report["val"]["val_bpb"] > 0
+    assert not [f for f in os.listdir(home) + os.listdir(home / "data") if f.startswith(".")]  # markers removed
+
+
 def test_d20_preset_arguments():
     args = base.parse_args(["--preset", "d20"])
     assert (args.depth, args.max_seq_len, args.vocab_size) == (20, 2048, 65536)

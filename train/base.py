@@ -168,7 +168,8 @@ def main(argv=None):
         config = GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=args.max_seq_len)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model = build_model(config, info)  # a collective: every rank is past the markers now
+    model = build_model(config, info)
+    dist.barrier()  # every rank is past the marker files now: rank 0 may delete them
     if info.rank == 0:
         for m in (os.path.join(home_dir(), "data", f".ready-{_launch_id()}"),
                   os.path.join(home_dir(), f".tok-ready-{_launch_id()}")):
