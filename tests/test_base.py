@@ -142,6 +142,24 @@ def test_d20_preset_arguments():
     assert loop.grad_accum_steps(524288, 1, 32, 2048) == 8  # one GPU: 8 micro-batches
 
 
+def test_d20_code_path_on_local_shards(home, capsys):
+    """The d20 path shrunk: FineWeb shards from a local server, a tokenizer trained on them, parquet loader."""
+    from _base_worker import synthetic_docs
+    served = home / "served"
+    served.mkdir()
+    for s in range(3):
+        write_parquet(served / data.shard_name(s), synthetic_docs(40, seed=s), row_group_size=8)
+    with Server(served) as srv:
+        summary = base.main(["--preset", "d20", "--data-url", srv.url, "--num-shards", "3", "--device", "cpu",
+                             "--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2",
+                             "--total-batch-size", "128", "--num-iterations", "2", "--vocab-size", "300",
+                             "--eval-tokens", "128", "--sample-tokens", "2", "--kernels", "eager"])
+    out = capsys.readouterr().out
+    assert "training a tokenizer with vocab 300" in out and "accum 2" in out
+    assert summary["steps"] == 2 and summary["val"]["val_bpb"] > 0 and summary["preset"] == "d20"
+    assert sorted(os.listdir(home / "data" / "fineweb")) == [data.shard_name(s) for s in range(3)]
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 
 def expect_exit(capsys, fn, match):
