@@ -12,6 +12,7 @@ checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: pe
 metrics; hardware and versions; eager or fused) is printed, followed by one chat answer of the final model.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -69,6 +70,21 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     return args
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """Run several stage entry points in one process on ONE process group: each entry point ends with
+    train.distributed.cleanup() (right when it runs alone), but destroying and re-creating the default group under
+    torchrun races (ranks can meet stale rendezvous keys of the previous group and hang), so inside this block
+    cleanup is a no-op and the next stage's init_distributed() reuses the live group."""
+    from train import distributed
+    real = distributed.cleanup
+    distributed.cleanup = lambda: None
+    try:
+        yield
+    finally:
+        distributed.cleanup = real
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -158,7 +174,7 @@ def run_evals(args):
     for src in ("sft", "rl"):
         out[src] = evaluate_checkpoint("chat", src, args.run, max_examples=cfg["max_examples"],
                                        max_tokens=cfg["max_tokens"], device=info.device, stage=f"eval {src}")
-    cleanup()
+    cleanup()  # a no-op inside the speedrun (one_process_group)
     return out
 
 
@@ -258,9 +274,8 @@ def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     import kernels
-    from train.checkpoint import UserError, checkpoint_dir
-    from train.distributed import init_distributed
-    from train.tasks import TaskError
+    from train.checkpoint import checkpoint_dir
+    from train.distributed import cleanup, init_distributed
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
     if args.data_url:
@@ -275,7 +290,27 @@ def main(argv=None):
                 shutil.rmtree(checkpoint_dir(s, args.run), ignore_errors=True)
         _barrier()
     state["preset"] = args.preset
-    wanted = args.stages.split(",")
+    with one_process_group():
+        run_stages(args, state, args.stages.split(","))
+    rank0 = is_rank0()
+    cleanup()  # the rest is rank 0 alone: no collectives (load_model is single-process without a group)
+    card = report_card(state, args, time.time() - t_start)
+    if rank0:
+        path = os.path.join(home_dir(), "reports", "report.md")
+        with open(path, "w") as f:
+            f.write(card)
+        print("\n" + card)
+        print(f"(report card written to {path})")
+        if "sft" in state["stages"] or "rl" in state["stages"]:
+            src, answer = chat_answer(args.run)
+            print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{answer}\n", flush=True)
+    return state
+
+
+def run_stages(args, state, wanted):
+    """Each wanted stage not finished yet, in order; the state file is updated after every stage."""
+    from train.checkpoint import UserError
+    from train.tasks import TaskError
     for stage in STAGES:
         if stage not in wanted:
             continue
@@ -302,20 +337,6 @@ def main(argv=None):
         state["stages"][stage] = {"done": True, "wall_s": time.time() - t0, "summary": summary}
         save_state(state)
         print0(f"=== {stage}: done in {time.time() - t0:.1f} s")
-    from train.distributed import cleanup
-    rank0 = is_rank0()
-    cleanup()  # the rest is rank 0 alone: no collectives (load_model is single-process without a group)
-    card = report_card(state, args, time.time() - t_start)
-    if rank0:
-        path = os.path.join(home_dir(), "reports", "report.md")
-        with open(path, "w") as f:
-            f.write(card)
-        print("\n" + card)
-        print(f"(report card written to {path})")
-        if "sft" in state["stages"] or "rl" in state["stages"]:
-            src, answer = chat_answer(args.run)
-            print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{answer}\n", flush=True)
-    return state
 
 
 if __name__ == "__main__":

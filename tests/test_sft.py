@@ -1,0 +1,156 @@
+"""Conversation loaders (SFT masks, padding never contributes, packed mid rows, exact resume) and every
+post-training stage (mid, SFT, RL) for 2 steps under `torchrun --nproc_per_node=2` (gloo), then resumed to 3."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from model.tokenizer import Tokenizer
+from train.sft import PackedLoader, SFTLoader
+from train.tasks import build_mixture, get_task
+
+torch.manual_seed(0)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_tokenizer():
+    texts = [c["messages"][0]["content"] for c in get_task("arithmetic", n=40)] + ["Spell the word letter by"] * 5
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_sft_batch_masks_and_padding(tok):
+    task = build_mixture("arithmetic,identity,spelling", n=6)
+    B, T = 3, 96
+    loader = SFTLoader(task, tok, B, T)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (B, T)
+    for row in range(B):
+        ids, mask = tok.render_conversation(task[row], max_tokens=T + 1)
+        n = len(ids) - 1
+        assert x[row, :n].tolist() == ids[:-1]
+        expect = [t if m == 1 else -1 for t, m in zip(ids[1:], mask[1:])]
+        assert y[row, :n].tolist() == expect  # loss exactly on the mask == 1 targets
+        assert (y[row, n:] == -1).all()       # padding is never a target
+        assert (x[row, n:] == tok.bos_token_id).all()
+    # the tool output (mask 0) is never a target, the python call and <|assistant_end|> are
+    out_start, py_start, end = (tok.encode_special(s) for s in ("<|output_start|>", "<|python_start|>",
+                                                                  "<|assistant_end|>"))
+    targets = set(y[y >= 0].tolist())
+    assert out_start not in targets and end in targets
+
+
+def test_padding_never_contributes_to_the_loss(tok):
+    from model.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(sequence_len=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # zero-init lm_head would make every loss ln(V)
+    x, y = SFTLoader(build_mixture("arithmetic,identity", n=4), tok, 2, 96).next_batch()
+    loss = model(x, y)
+    pad = y == -1
+    # only inputs in the padding tail are scrambled: earlier inputs still condition later targets
+    lengths = [(row >= 0).nonzero().max().item() + 1 for row in y]
+    x3 = x.clone()
+    for r, n in enumerate(lengths):
+        x3[r, n:] = torch.randint(0, tok.vocab_size, (96 - n,))
+    assert model(x3, y).item() == pytest.approx(loss.item(), abs=1e-6)
+    per_tok = model(x, y, loss_reduction="none")
+    assert (per_tok[pad] == 0).all()
+    assert loss.item() == pytest.approx(per_tok[~pad].mean().item(), rel=1e-5)
+
+
+def test_packed_loader_rows_and_exact_resume(tok):
+    task = build_mixture("arithmetic,spelling", n=20)
+    a = PackedLoader(task, tok, 2, 32)
+    x, y = a.next_batch()
+    assert (x[:, 1:] == y[:, :-1]).all() and (y >= 0).all()  # packed: every token is a target
+    state = json.loads(json.dumps(a.state_dict()))           # JSON round trip, as in meta.json
+    want = [a.next_batch() for _ in range(3)]
+    b = PackedLoader(task, tok, 2, 32)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(want, [b.next_batch() for _ in range(3)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    masked = PackedLoader(task, tok, 2, 256, mask_loss=True).next_batch()[1]
+    assert (masked == -1).any() and (masked >= 0).any()
+    # ranks see disjoint conversations
+    r0, r1 = SFTLoader(task, tok, 1, 64, rank=0, world_size=2), SFTLoader(task, tok, 1, 64, rank=1, world_size=2)
+    assert not torch.equal(r0.next_batch()[0], r1.next_batch()[0])
+
+
+WORKER = textwrap.dedent('''
+    import dataclasses, json, os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from model.gpt import GPTConfig
+    from model.tokenizer import Tokenizer
+    from train.checkpoint import save_checkpoint, step_dir
+    from train.distributed import build_model, init_distributed
+    from train.sft import run_stage
+    from train import rl
+    from train.speedrun import one_process_group
+    group = one_process_group()  # one process group for every stage (re-creating it under torchrun races)
+    group.__enter__()
+    info = init_distributed()
+    tok_dir = os.path.join(os.environ["TRITONCHAT_HOME"], "tokenizer")
+    tok = Tokenizer.load(tok_dir)
+    cfg = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_model(cfg, info)
+    save_checkpoint(step_dir("base", "t", 1), 1, model, model.setup_optimizers(),
+                    dict(config=dataclasses.asdict(cfg), stage="base", tokenizer_dir=tok_dir))
+    common = ["--run", "t", "--source-run", "t", "--kernels", "eager", "--device-batch-size", "2", "--val-batches", "1"]
+    out = {{}}
+    for stage in ("mid", "sft"):
+        a = run_stage(stage, common + ["--num-iterations", "2"])
+        b = run_stage(stage, common + ["--num-iterations", "3", "--resume"])
+        out[stage] = [a["steps_this_run"], b["steps_this_run"], b["final_train_loss"]]
+    rl_args = ["--run", "t", "--source-run", "t", "--kernels", "eager", "--prompts-per-step", "2", "--num-samples", "2",
+               "--max-new-tokens", "6", "--eval-examples", "2", "--eval-k", "2", "--device-batch-size", "4"]
+    a = rl.run(rl_args + ["--num-iterations", "2"])
+    b = rl.run(rl_args + ["--num-iterations", "3", "--resume"])
+    out["rl"] = [a["steps_this_run"], b["steps_this_run"], b["final_reward"]]
+    if info.rank == 0:
+        print("RESULT " + json.dumps(out))
+''')
+
+
+def test_stages_under_torchrun_two_ranks_and_resume(tmp_path, tok):
+    home = tmp_path / "home"
+    tok.save(str(home / "tokenizer"))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=ROOT))
+    env = dict(os.environ, TRITONCHAT_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", str(worker)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers
+        stdout, stderr = p.communicate()
+        pytest.fail("timed out:\n" + stdout[-3000:] + stderr[-3000:])
+    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    out = json.loads(stdout.split("RESULT ")[1].splitlines()[0])
+    for stage in ("mid", "sft", "rl"):
+        assert out[stage][:2] == [2, 1], (stage, out)  # 2 steps, then resumed for the third only
+        assert os.path.isdir(home / "checkpoints" / stage / "t" / "step_000003")
+        assert "resumed from" in stdout
+    meta = json.load(open(home / "checkpoints" / "rl" / "t" / "step_000003" / "meta.json"))
+    assert meta["world_size"] == 2 and meta["stage"] == "rl" and meta["step"] == 3
+
+
+def test_missing_previous_checkpoint_names_stage(tmp_path, monkeypatch):
+    from train.checkpoint import UserError
+    from train.sft import run_stage
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=r"\[sft\] no mid checkpoint found in .*checkpoints/mid"):
+        run_stage("sft", ["--kernels", "eager", "--num-iterations", "1"])
