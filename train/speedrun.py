@@ -33,7 +33,7 @@ TRAIN_STAGES = ("base", "mid", "sft", "rl")
 PRESETS = {
     "tiny": {
         "tokenizer": dict(vocab_size=2048, max_chars=2_000_000),
-        "base": "--preset tiny --num-iterations 60 --total-batch-size 4096 --eval-every 0 --eval-tokens 16384",
+        "base": "--preset tiny --num-iterations 50 --total-batch-size 4096 --eval-every 0 --eval-tokens 16384",
         "mid": "--preset tiny --num-iterations 40",
         "sft": "--preset tiny --num-iterations 40",
         "rl": "--preset tiny --num-iterations 6",
@@ -45,7 +45,9 @@ PRESETS = {
         "mid": "--preset d20 --save-every 500",
         "sft": "--preset d20 --save-every 500",
         "rl": "--preset d20 --save-every 60",
-        "eval": dict(max_examples=None, max_tokens=512, val_batches=20),
+        "eval": dict(max_examples=None, max_tokens=512, val_batches=20,
+                     chat_tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling,identity",
+                     base_tasks="arc_easy,arc_challenge,mmlu,number_mc,arithmetic"),
     },
 }
 CHAT_PROMPT = "Tom has 12 apples and buys 3 packs of 4 apples each. How many apples does Tom have now?"
@@ -169,11 +171,14 @@ def run_evals(args):
     if args.eval_max_tokens is not None:
         cfg["max_tokens"] = args.eval_max_tokens
     info = init_distributed()
-    out = {"base": evaluate_checkpoint("base", "base", args.run, max_examples=cfg["max_examples"],
-                                       val_batches=cfg["val_batches"], device=info.device, stage="eval base")}
+    split = lambda key: cfg[key].split(",") if cfg.get(key) else None  # None: embedded + cached real tasks
+    out = {"base": evaluate_checkpoint("base", "base", args.run, tasks=split("base_tasks"),
+                                       max_examples=cfg["max_examples"], val_batches=cfg["val_batches"],
+                                       device=info.device, stage="eval base")}
     for src in ("sft", "rl"):
-        out[src] = evaluate_checkpoint("chat", src, args.run, max_examples=cfg["max_examples"],
-                                       max_tokens=cfg["max_tokens"], device=info.device, stage=f"eval {src}")
+        out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"),
+                                       max_examples=cfg["max_examples"], max_tokens=cfg["max_tokens"],
+                                       device=info.device, stage=f"eval {src}")
     cleanup()  # a no-op inside the speedrun (one_process_group)
     return out
 
