@@ -22,8 +22,12 @@ import urllib.request
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
 
 
-class TaskError(RuntimeError):
-    """Bad task input: unknown task, a file that does not parse, a download that failed, a reward that raised."""
+from train.checkpoint import UserError
+
+
+class TaskError(UserError):
+    """Bad task input: unknown task, a file that does not parse, a download that failed, a reward that raised.
+    A UserError: entry points print its one-line message (naming the stage and the file) and exit with status 2."""
 
 
 class Task:
