@@ -27,16 +27,10 @@ import kernels
 from bench import harness
 from model.common import print0
 
-# Dense bf16 tensor-core peaks (FLOP/s), from the vendors' spec sheets.
-PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
-             "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
 def device_peak_flops(name, measured=None):
-    for key, peak in PEAK_BF16.items():
-        if key.lower() in name.lower():
-            return peak
-    return measured  # unknown device: the matmul peak measured in this run
+    """The dense bf16 peak of the training loop's table (train/loop.py), else the matmul peak measured in this run."""
+    from train.loop import peak_flops
+    return peak_flops(name) or measured
 
 
 def mfu(tokens_per_s, flops_per_token, peak_flops, world_size=1):

@@ -36,11 +36,12 @@ import torch.distributed as dist
 
 import kernels
 from model.common import print0
+from train.optim import muon_momentum
 from train.checkpoint import (UserError, checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
                               set_rng_state, step_dir)
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "B100": 1750e12,
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12, "B200": 2250e12, "B100": 1750e12,
                    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
                    "RTX 3090": 71e12}
 
@@ -84,16 +85,14 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step, warmup_steps=300):
-    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
 def peak_flops(device):
-    """bf16 dense peak of one GPU, or None (CPU / unknown GPU: MFU is 'n/a')."""
-    if torch.device(device).type != "cuda":
+    """bf16 dense peak of one GPU (a torch device or a device name), or None (CPU / unknown GPU: MFU is 'n/a')."""
+    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
+        name = device
+    elif torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    else:
+        name = torch.cuda.get_device_name(device)
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
         if key in name:
             return PEAK_BF16_FLOPS[key]

@@ -29,7 +29,7 @@ from kernels.newton_schulz import newton_schulz
 
 def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
     """nanochat's Muon momentum warmup: linear from `start` to `end` over the first `warmup_steps` steps."""
-    frac = min(step / warmup_steps, 1.0)
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     return (1 - frac) * start + frac * end
 
 
