@@ -135,10 +135,13 @@ def stage_argv(args, stage):
 def run_tokenizer(args):
     from model.tokenizer import Tokenizer
     tok_dir = os.path.join(home_dir(), "tokenizer")
+    cfg = PRESETS[args.preset]["tokenizer"]
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         tok = Tokenizer.load(tok_dir)
+        if tok.vocab_size != cfg["vocab_size"]:
+            print0(f"warning: reusing {tok_dir} with vocab {tok.vocab_size} (preset {args.preset} wants "
+                   f"{cfg['vocab_size']}); point $TRITONCHAT_HOME elsewhere for a clean run")
         return {"vocab_size": tok.vocab_size, "dir": tok_dir, "note": "existing tokenizer reused"}
-    cfg = PRESETS[args.preset]["tokenizer"]
     if cfg["max_chars"] is None:
         return {"note": "trained by train.base on its corpus"}
     stats = {}
@@ -231,6 +234,9 @@ def _stage_row(name, rec):
     else:
         loss = "-"
     metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("val") or {}).items() if isinstance(v, (int, float)))
+    if name == "eval":
+        metrics = ", ".join(f"ChatCORE {src} {_fmt(s.get(src, {}).get('chatcore'))}" for src in ("sft", "rl"))
+        metrics += f", CORE-style base {_fmt(s.get('base', {}).get('core'))}"
     if name == "tokenizer":
         metrics = ", ".join(f"{k} {v}" for k, v in s.items() if k in ("vocab_size", "val_bytes_per_token", "note"))
     steps = s.get("steps", "-")
@@ -253,7 +259,9 @@ def report_card(state, args, total_s):
     ev = (state["stages"].get("eval") or {}).get("summary")
     if ev:
         base = ev.get("base", {})
-        lines += ["", "## Base model", "", f"- val bpb: {_fmt(base.get('val_bpb'))}",
+        vb = PRESETS[args.preset]["eval"]["val_batches"]
+        lines += ["", "## Base model", "", f"- val bpb: {_fmt(base.get('val_bpb'))} (first {vb} batches of 4 rows of "
+                  "the held-out text; the base row above used its own eval length)",
                   f"- CORE-style (centred mean): {_fmt(base.get('core'))}"]
         lines += [f"  - {k[5:]}: accuracy {_fmt(val)}" for k, val in base.items() if k.startswith("core_")]
         tasks = [k for k in ev.get("sft", {}) if k not in ("chatcore", "eval_seconds")]
@@ -261,7 +269,9 @@ def report_card(state, args, total_s):
         lines += [f"| {t} | {_fmt(ev.get('sft', {}).get(t))} | {_fmt(ev.get('rl', {}).get(t))} |" for t in tasks]
         lines.append(f"| **ChatCORE** | {_fmt(ev.get('sft', {}).get('chatcore'))} | "
                      f"{_fmt(ev.get('rl', {}).get('chatcore'))} |")
-    lines += ["", f"Total wall time: {total_s:.1f} s (this invocation; stages skipped as finished cost nothing)", ""]
+    stage_s = sum(r.get("wall_s") or 0 for r in state["stages"].values())
+    lines += ["", f"Total stage time: {stage_s:.1f} s; this invocation: {total_s:.1f} s "
+                  "(stages finished earlier are skipped)", ""]
     return "\n".join(lines)
 
 
