@@ -176,3 +176,20 @@ def test_reward_preferring_one_token_rises():
         rewards.append(sum(s["reward"] for s in samples) / len(samples))
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # uniform start: E[reward] = 1/6
     assert first < 0.4 and last > first + 0.3, rewards
+
+
+def test_grpo_update_with_clipping_inner_steps_and_kl():
+    from model.gpt import GPT, GPTConfig
+    from train.rl import grpo_update, plain_copy
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=SmallTok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    ref = plain_copy(model)
+    samples = [dict(ids=[6, 7, 0, 8, 9] + [i % 6] * 4, mask=[0] * 5 + [1] * 4, reward=float(i % 2)) for i in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model.lm_head.weight.detach().clone()
+    stats = grpo_update(model, [opt], samples, _args(num_samples=4, clip_eps=0.2, inner_steps=3, kl_coef=0.1,
+                                                     device_batch_size=3, std_scale=True), ref_model=ref)
+    assert set(stats) >= {"loss", "clip_frac", "kl"} and stats["kl"] > 0  # the 2nd/3rd inner step moved away from ref
+    assert not torch.equal(before, model.lm_head.weight)
+    assert all(not p.requires_grad for p in ref.parameters())

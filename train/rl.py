@@ -169,6 +169,8 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
     batches = [_batch([samples[i] for i in c], device, pad) for c in chunks]
     n_tokens = sum(int(m.sum()) for _, _, m in batches)
     normalizer = max(n_tokens, 1) if args.reduction == "token" else len(samples)
+    if args.kl_coef and ref_model is None:
+        raise ValueError("grpo_update: --kl-coef > 0 needs the frozen reference model")
     need_old = args.clip_eps is not None or args.inner_steps > 1
     with torch.no_grad():
         old = [token_logp(model, x, y) for x, y, _ in batches] if need_old else [None] * len(batches)
@@ -183,7 +185,7 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
             loss.backward()
             total += loss.item()
             for k, v in st.items():
-                stats[k] = stats.get(k, 0.0) + v / len(batches)
+                stats[k] = stats.get(k, 0.0) + v / (len(batches) * args.inner_steps)  # mean over the update
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         for opt in optimizers:
