@@ -4,7 +4,6 @@ Forward output and all three gradients are compared with the same upstream gradi
 sequences) are marked `gpu` and skipped without CUDA.
 """
 import itertools
-import math
 
 import pytest
 import torch

@@ -26,9 +26,7 @@
     state_dict(): after load_state_dict() the loader re-tokenizes from that document and skips to the offset, so
     it continues bit-for-bit.
 """
-import glob
 import hashlib
-import io
 import os
 import random
 import re

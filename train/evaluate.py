@@ -21,7 +21,6 @@ Examples are split across ranks (i % world == rank) and the counts all-reduced.
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.common import print0
+from train.loop import evaluate_bpb, token_bytes  # noqa: F401 (re-exported)
 
 MC_CHANCE = 0.25
 
@@ -66,38 +66,8 @@ def chatcore(results, chances):
 
 
 # ------------------------------------------------------------------------------------------------ base: val bpb
-def token_bytes(tokenizer):
-    """(V,) int: UTF-8 bytes of each token's text; 0 for special tokens (they are skipped in bpb). Uses the
-    tokenizer's exact byte counts when it has them (model/tokenizer.py does), else decodes each token."""
-    if hasattr(tokenizer, "token_bytes"):
-        return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
-    special = set()
-    for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                 "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"):
-        try:
-            special.add(tokenizer.encode_special(name))
-        except Exception:  # noqa: BLE001 - a tokenizer without that special token
-            pass
-    out = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
-    for i in range(tokenizer.vocab_size):
-        if i not in special:
-            out[i] = len(tokenizer.decode([i]).encode("utf-8"))
-    return out
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches, tok_bytes):
-    """batches: iterable of (x, y) with y == -1 ignored -> bits per byte (all-reduced over ranks)."""
-    nats, nbytes = 0.0, 0
-    tok_bytes = tok_bytes.to(_device(model))
-    for x, y in batches:
-        loss = model(x, y, loss_reduction="none").view(-1)
-        yy = y.reshape(-1)
-        b = torch.where(yy >= 0, tok_bytes[yy.clamp(min=0)], torch.zeros_like(yy))
-        nats += (loss * (b > 0)).sum().item()
-        nbytes += b.sum().item()
-    nats, nbytes = _sum(nats, nbytes)
-    return nats / (math.log(2) * max(nbytes, 1))
+# val bits-per-byte is the training loop's own measure (train/loop.py), so stage logs and the report card agree:
+# token_bytes(tokenizer) -> (V,) exact UTF-8 bytes per token (0 for specials); evaluate_bpb(model, batches, tb).
 
 
 # ------------------------------------------------------------------------------------------------ base: CORE-style
