@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, in under 10 minutes on one H100/H200:
 #   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers,
-#   3. the d20 training step eager vs fused (+ one profiled step).
+#   3. the d20 training step eager vs fused.
 # Results go to $OUT when set (the device tool), else bench/results/. Commit the JSON with the numbers in the note.
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
@@ -18,16 +18,28 @@ step() {  # step <name> <seconds> <command...>: run with a time limit, keep goin
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s) ==="
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0))s ==="
   [ "$rc" -eq 0 ] || status=1
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-step gpu_tests 200 "$PY" -m pytest tests -m gpu -q -x --no-header -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
-step kernels 270 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode --quick --out "$OUT"
-step train 110 "$PY" -m bench.train --depth 20 --kernels eager,fused --steps 5 --warmup 2 --out "$OUT"
+# Only the files that hold gpu tests: collecting all of tests/ imports modules this machine may lack (fastapi for
+# test_server.py), and one collection error stops pytest before any test runs. No -x: one failure must not hide the
+# others. pytest-xdist (when installed) runs the files on 4 workers: the time goes into single-threaded Triton
+# compiles, and the GPU has room for all four (results are checks, not timings).
+GPU_TESTS=$(grep -l "@pytest.mark.gpu" tests/test_*.py)
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+# shellcheck disable=SC2086
+step gpu_tests 170 "$PY" -m pytest $GPU_TESTS -m gpu -v $XDIST --durations=15 --no-header -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests.xml"
+step kernels 260 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode --quick --out "$OUT"
+# Batch 16 (not the d20 preset's 32): eager keeps ~21 (B*T, C) bf16 tensors per layer plus ~4 fp32 (B*T, vocab)
+# logit tensors at the loss (no torch.compile to fuse them), an estimated ~140 GB at batch 32. peak_mem_gib scales
+# with the batch.
+step train 100 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.train --depth 20 \
+  --kernels eager,fused --steps 5 --warmup 2 --device-batch-size 16 --out "$OUT"
 ls -la "$OUT"
 if [ -n "$FINAL" ]; then tar czf "$FINAL/gpu_check.tgz" -C "$OUT" . && rm -rf "$OUT"; fi
 exit $status
