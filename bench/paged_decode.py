@@ -137,8 +137,10 @@ def _engine_rows(quick):
         for mode in ("eager", "fused"):
             kernels.set_mode(mode)
             for B in batches:
+                # one prefill batch for all B prompts (the default 8192-token budget would split B = 64 x 256 in two
+                # and put the second prefill inside the timed decode steps)
                 engine = Engine(model, _StandInTokenizer(), block_size=16,
-                                num_blocks=B * ((prompt_len + steps) // 16 + 2))
+                                num_blocks=B * ((prompt_len + steps) // 16 + 2), max_prefill_tokens=B * prompt_len)
                 engine.stop_ids = set()  # a random model must not stop early: every step decodes B tokens
                 prompts = [torch.randint(20, cfg.vocab_size, (prompt_len,)).tolist() for _ in range(B)]
 
