@@ -131,7 +131,7 @@ def test_tiny_preset_under_torchrun(home):
 def test_d20_preset_arguments():
     args = base.parse_args(["--preset", "d20"])
     assert (args.depth, args.max_seq_len, args.vocab_size) == (20, 2048, 65536)
-    assert (args.device_batch_size, args.total_batch_size, args.num_iterations) == (32, 524288, -1)
+    assert (args.device_batch_size, args.total_batch_size, args.num_iterations) == (16, 524288, -1)
     assert (args.eval_every, args.eval_tokens, args.num_shards, args.data) == (250, 20 * 524288, 240, "fineweb")
     assert (args.warmdown_ratio, args.matrix_lr, args.embedding_lr, args.unembedding_lr) == (0.2, 0.02, 0.2, 0.004)
     # 8 GPUs x 32 x 2048 = 524288: no accumulation; 20 tokens per parameter for ~561 M params

@@ -9,8 +9,10 @@ Presets (PRESETS below; any flag overrides them):
   tiny  depth 2 (128 wide, 1 head of 128, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the
         corpus if $TRITONCHAT_HOME/tokenizer is missing), 8 x 256 tokens per micro-batch, 200 steps of 2048 tokens
         on the embedded corpus; val bpb on 16 k tokens of the held-out play every 50 steps; greedy samples at the end.
-  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 32 x 2048 tokens per
-        GPU, 524 288 tokens per step, steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240,
+  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 524 288 tokens per
+        step as 16 x 2048 tokens per GPU x 2 accumulation steps on 8 GPUs (nanochat runs 32 x 2048 with no
+        accumulation under torch.compile; in eager the fp32 soft-capped logits and their saved copies cost ~17 GB
+        each at 32 x 2048 x 65536, so batch 32 would not fit an 80 GB H100 — estimated, not measured), steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240,
         the last one is the validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens;
         samples every 2000 steps. If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
 Shared loop flags (batch sizes, schedule, eval/save cadence, --resume, --kernels): see train/loop.py.
@@ -36,7 +38,7 @@ PRESETS = {
                  num_iterations=200, target_param_data_ratio=-1, eval_every=50, eval_tokens=4 * 256 * 16,
                  sample_every=0, sample_tokens=48, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                  data="shakespeare", num_shards=0),
-    "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=32, total_batch_size=524288,
+    "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=16, total_batch_size=524288,
                 num_iterations=-1, target_param_data_ratio=20, eval_every=250, eval_tokens=20 * 524288,
                 sample_every=2000, sample_tokens=16, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                 data="fineweb", num_shards=240),

@@ -30,7 +30,7 @@ PRESETS = {
     },
     "d20": {
         "mid": dict(tasks="smoltalk,mmlu_aux@100000,gsm8k,identity@1000,spelling@20000", num_iterations=-1,
-                    device_batch_size=32, total_batch_size=524288, eval_every=150, val_batches=20),
+                    device_batch_size=16, total_batch_size=524288, eval_every=150, val_batches=20),
         "sft": dict(tasks="arc_easy,arc_challenge,gsm8k,smoltalk@10000,identity@300,spelling@300",
                     num_iterations=-1, device_batch_size=4, total_batch_size=-1, eval_every=100, val_batches=20),
     },
