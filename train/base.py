@@ -14,7 +14,8 @@ Presets (PRESETS below; any flag overrides them):
         accumulation under torch.compile; in eager the fp32 soft-capped logits and their saved copies cost ~17 GB
         each at 32 x 2048 x 65536, so batch 32 would not fit an 80 GB H100 — estimated, not measured);
         steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240, the last one is the
-        validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps. If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
+        validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps.
+        If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
 Shared loop flags (batch sizes, schedule, eval/save cadence, --resume, --kernels): see train/loop.py.
 Bits per byte = sum of nats / (ln 2 x UTF-8 bytes of the target tokens), special tokens left out (nanochat).
 A summary (losses, val bpb, tokens/s, MFU) is written to $TRITONCHAT_HOME/reports/base_<run>.json.
