@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def eager_single_thread():
+    """Eager kernels on one thread: for tests of tiny shapes, where OpenMP threads spinning on a shared 2-core box
+    cost 10-100x."""
+    import kernels
+    prev, threads = kernels.get_mode(), torch.get_num_threads()
+    kernels.set_mode("eager")
+    torch.set_num_threads(1)
+    yield
+    kernels.set_mode(prev)
+    torch.set_num_threads(threads)

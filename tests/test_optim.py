@@ -10,15 +10,7 @@ from train.optim import Muon, make_adamw, muon_momentum
 torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def eager_mode():
-    # one thread: these shapes are tiny, and on a shared 2-core box spinning OpenMP threads cost 10-100x
-    prev, threads = kernels.get_mode(), torch.get_num_threads()
-    kernels.set_mode("eager")
-    torch.set_num_threads(1)
-    yield
-    kernels.set_mode(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov=True):
