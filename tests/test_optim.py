@@ -3,7 +3,6 @@ AdamW settings. The sharded (multi-rank) Muon is tested in tests/test_distribute
 import pytest
 import torch
 
-import kernels
 from kernels.newton_schulz import reference_newton_schulz
 from train.optim import Muon, make_adamw, muon_momentum
 
