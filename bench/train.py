@@ -191,7 +191,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused)")
     ap.add_argument("--depth", type=int, default=20, help="model depth (width 64*depth)")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--device-batch-size", type=int, default=None, help="default 32 on CUDA (nanochat), 2 on CPU")
+    ap.add_argument("--device-batch-size", type=int, default=None, help="default 16 on CUDA (the d20 preset), 2 on CPU")
     ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--kernels", default=None, help="comma list of modes (default eager,fused on CUDA, eager on CPU)")
     ap.add_argument("--steps", type=int, default=10)
@@ -204,7 +204,7 @@ def main(argv=None):
     from train.distributed import cleanup, init_distributed
     dist_info = init_distributed()
     cuda = dist_info.device.type == "cuda"
-    args.device_batch_size = args.device_batch_size or (32 if cuda else 2)
+    args.device_batch_size = args.device_batch_size or (16 if cuda else 2)
     modes = (args.kernels or ("eager,fused" if cuda else "eager")).split(",")
     for m in modes:
         if m not in ("eager", "fused"):
