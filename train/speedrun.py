@@ -33,10 +33,12 @@ TRAIN_STAGES = ("base", "mid", "sft", "rl")
 PRESETS = {
     "tiny": {
         "tokenizer": dict(vocab_size=2048, max_chars=2_000_000),
-        "base": "--preset tiny --num-iterations 50 --total-batch-size 4096 --eval-every 0 --eval-tokens 16384",
-        "mid": "--preset tiny --num-iterations 40",
-        "sft": "--preset tiny --num-iterations 40",
-        "rl": "--preset tiny --num-iterations 6",
+        # ~3.5 min in all on 2 idle cores (base 139 s, mid 24 s, SFT 18 s, RL 23 s): enough for the SFT model to
+        # solve ~40 % of the arithmetic tool-use problems, so RL has reward to learn from.
+        "base": "--preset tiny --num-iterations 300 --total-batch-size 8192 --eval-every 0 --eval-tokens 16384",
+        "mid": "--preset tiny --num-iterations 200",
+        "sft": "--preset tiny --num-iterations 150",
+        "rl": "--preset tiny --num-iterations 30",
         "eval": dict(max_examples=24, max_tokens=48, val_batches=4),
     },
     "d20": {
