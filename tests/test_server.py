@@ -252,16 +252,18 @@ def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeyp
     from openai import InternalServerError
     service, url = server
     engine = service.engine
-    real = engine._decode
+    real = engine._admit
     boom = {"left": 1}
 
-    def failing_decode():
-        if boom["left"]:
+    def failing_admit():
+        # fail the prefill of *this* request: a step taken for another test's leftovers (or a first sampled token
+        # that is already a stop token, which ends a request before any decode step) must not consume the failure
+        if boom["left"] and engine.waiting:
             boom["left"] -= 1
             raise RuntimeError("simulated CUDA out of memory")
         return real()
 
-    monkeypatch.setattr(engine, "_decode", failing_decode)
+    monkeypatch.setattr(engine, "_admit", failing_admit)
     with pytest.raises(InternalServerError) as e:
         client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=8)
     assert "simulated CUDA out of memory" in str(e.value)
