@@ -35,3 +35,13 @@ def eager_single_thread():
     yield
     kernels.set_mode(prev)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused():
+    """Fused (Triton) kernels for one test; on CPU they run under the interpreter set up above."""
+    import kernels
+    prev = kernels.get_mode()
+    kernels.set_mode("fused")
+    yield
+    kernels.set_mode(prev)

@@ -15,13 +15,6 @@ torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def fused():
-    old = kernels.get_mode()
-    kernels.set_mode("fused")
-    yield
-    kernels.set_mode(old)
-
 
 def rotary(T, D, base=10000.0):
     inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))

@@ -13,13 +13,6 @@ torch.manual_seed(0)
 FP32 = (torch.float32, 2e-5, 1e-4)  # (dtype, atol, rtol): fp32 both sides; entries are O(1/sqrt(n)), order differs
 
 
-@pytest.fixture
-def fused():
-    prev = kernels.get_mode()
-    kernels.set_mode("fused")
-    yield
-    kernels.set_mode(prev)
-
 
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("shape", [(16, 16), (32, 96), (96, 32), (33, 65), (64, 256), (3, 40, 48)])

@@ -6,20 +6,12 @@ import sys
 import pytest
 import torch
 
-import kernels
 from kernels.paged_decode import (_paged_decode, choose_num_splits, paged_decode_attention,
                                   reference_paged_decode_attention, reference_write_kv, write_kv)
 
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture
-def fused():
-    old = kernels.get_mode()
-    kernels.set_mode("fused")
-    yield
-    kernels.set_mode(old)
 
 
 def make_case(B, H, Hkv, D, block_size, seq_lens, dtype, extra_blocks=5, garbage=True):

@@ -13,13 +13,6 @@ torch.manual_seed(0)
 FP32 = (torch.float32, 1e-4, 1e-4)  # (dtype, atol, rtol): fp32 accumulation on both sides, only summation order differs
 
 
-@pytest.fixture
-def fused():
-    prev = kernels.get_mode()
-    kernels.set_mode("fused")
-    yield
-    kernels.set_mode(prev)
-
 
 def _inputs(shape, C, Fh, dtype, device="cpu"):
     g = torch.Generator().manual_seed(1234 + C + Fh + shape[0])
