@@ -8,30 +8,13 @@ import torch
 import kernels
 from model.engine import Engine
 from model.gpt import GPT, GPTConfig
+from model.tokenizer import SPECIAL_TOKENS
+from stand_ins import ByteTokenizer
 
 torch.manual_seed(0)
 
-SPECIAL = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-           "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-
-
-class ByteTokenizer:
-    """Stand-in with model/tokenizer.py's methods: bytes 0..255, then the special tokens."""
-    vocab_size = 256 + len(SPECIAL)
-    bos_token_id = 256
-
-    def encode_special(self, name):
-        return 256 + SPECIAL.index(name)
-
-    def encode(self, text, prepend=None, append=None):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
-
-
 TOK = ByteTokenizer()
-SP = {name: TOK.encode_special(name) for name in SPECIAL}
+SP = {name: TOK.encode_special(name) for name in SPECIAL_TOKENS}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,28 +9,13 @@ import torch.nn.functional as F
 
 from train import evaluate as ev
 from train.tasks import get_task
+from stand_ins import ByteTokenizer
 
 torch.manual_seed(0)
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 
-class CharTok:
-    """Byte-level tokenizer: ids 0..255 are bytes, 256.. the special tokens."""
-    vocab_size = 256 + len(SPECIALS)
-    bos_token_id = 256
-
-    def encode(self, text, prepend=None, append=None):
-        if isinstance(text, list):
-            return [self.encode(t, prepend, append) for t in text]
-        ids = list(text.encode("utf-8"))
-        return ([prepend] if prepend is not None else []) + ids + ([append] if append is not None else [])
-
-    def encode_special(self, name):
-        return 256 + SPECIALS.index(name)
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+class CharTok(ByteTokenizer):
+    """Byte-level tokenizer with a minimal chat template."""
 
     def render_for_completion(self, conv):
         user = conv["messages"][0]["content"]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from model.tokenizer import SPECIAL_TOKENS
 from train.rl import group_advantages, pass_at_k, policy_loss
 
 torch.manual_seed(0)
@@ -79,8 +80,7 @@ def test_pass_at_k():
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+SPECIALS = SPECIAL_TOKENS
 
 
 class SmallTok:
