@@ -4,7 +4,7 @@
 
 GPU (bf16, fp32 accumulation): (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a batch of
 20 x (1280, 1280) -- the shapes of the d12/d20/d32 block matrices -- pass "ns5"; the symmetric Gram product X X^T alone
-(torch matmul vs `_syrk`), pass "gram"; and the whole Muon step (train/optim.py) over the block matrices of a d20
+(torch matmul vs `_syrk`), pass "gram"; and the whole Muon step (model/optim.py) over the block matrices of a d20
 model (shapes from GPTConfig.from_depth(20) -> GPT on the meta device), eager vs fused, pass "muon_step".
 TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3 with m <= n; Gram 2 m^2 n), so
 the symmetric kernels show up as a higher effective rate. --quick keeps the shapes the GPU check has time for.
@@ -48,7 +48,7 @@ def _block_matrix_shapes(depth):
 
 
 def _muon_step_rows(depth, dev, quick):
-    from train.optim import Muon
+    from model.optim import Muon
     shapes = _block_matrix_shapes(depth)
     g = torch.Generator(device=dev).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*s, device=dev, generator=g) * 0.02) for s in shapes]

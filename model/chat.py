@@ -28,14 +28,14 @@ class NoCheckpoint(SystemExit):
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
     from model.common import home_dir
-    from train.checkpoint import find_last_checkpoint, load_model
+    from model.checkpoint import find_last_checkpoint, load_model
     if source not in TRAIN_COMMANDS:
         raise ValueError(f"unknown source {source!r}: choose one of {', '.join(TRAIN_COMMANDS)}")
     if find_last_checkpoint(source, run) is None:
         where = f"{home_dir()}/checkpoints/{source}" + (f"/{run}" if run else "")
         raise NoCheckpoint(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
                            f"\n(or point TRITONCHAT_HOME at the directory that holds your checkpoints)")
-    from train.checkpoint import UserError
+    from model.common import UserError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer, meta = load_model(source, device=device, run=run)

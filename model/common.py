@@ -5,6 +5,11 @@ import torch
 import torch.distributed as dist
 
 
+class UserError(RuntimeError):
+    """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, corrupt shard, ...).
+    Entry points print its message alone, without a traceback, and exit with status 2."""
+
+
 def home_dir():
     """$TRITONCHAT_HOME (default ~/.cache/tritonchat): tokenizer/, data/, checkpoints/<stage>/<run>/, reports/."""
     path = os.environ.get("TRITONCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")

@@ -8,7 +8,7 @@ Architecture choices (as nanochat's first release):
 - ReLU^2 MLP with hidden width 4C
 - logits soft-capped in fp32: 15 * tanh(logits / 15); cross-entropy ignores targets == -1
 - init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
-  projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (train/optim.py)
+  projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py)
 
 Attention calls only kernels.attention.fused_attention (raw q/k/v: the kernel rotates and normalises) or, during
 inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp. The kernel mode switch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from kernels.attention import fused_attention
 from kernels.relu2_mlp import relu2_mlp
+from model.optim import Muon, make_adamw
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000
@@ -177,9 +178,6 @@ class GPT(nn.Module):
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
         """[AdamW(lm_head, wte), Muon(2-D block matrices)]; Adam lrs scaled by (n_embd/768)^-0.5 as nanochat.
         Every group carries "initial_lr" (the loop scales lr from it); Muon groups carry "momentum"."""
-        from train.optim import Muon, make_adamw
-        if hasattr(self, "reshard"):  # FSDP2 root left gathered by a forward (unless built by train.distributed,
-            self.reshard()            # which reshards it): reshard so the optimizers get the sharded DTensors
         scale = (self.config.n_embd / 768) ** -0.5
         adamw = make_adamw([
             dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),

@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 
 from model.gpt import GPTConfig  # noqa: E402
 from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
-from train.optim import Muon, muon_momentum  # noqa: E402
+from model.optim import Muon, muon_momentum  # noqa: E402
 
 CONFIG = dict(sequence_len=16, vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 STEPS, BATCH = 4, 4

@@ -14,7 +14,7 @@ import torch
 import kernels
 from test_data import Server, write_parquet
 from train import base, data, loop
-from train import checkpoint as ck
+from model import checkpoint as ck
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """$TRITONCHAT_HOME with tokenizer/ and checkpoints/sft/test/step_000003 of a tiny random model."""
-    from train.checkpoint import checkpoint_dir, save_checkpoint
+    from model.checkpoint import checkpoint_dir, save_checkpoint
     path = tmp_path_factory.mktemp("tc_home")
     old_home, old_mode = os.environ.get("TRITONCHAT_HOME"), kernels.get_mode()
     os.environ["TRITONCHAT_HOME"] = str(path)

@@ -1,4 +1,4 @@
-"""train/checkpoint.py: round trip (model, both optimizers, meta, loader + RNG states), atomicity when a save fails
+"""model/checkpoint.py: round trip (model, both optimizers, meta, loader + RNG states), atomicity when a save fails
 midway or the disk is full, find_last_checkpoint, and load_model as a plain single-process GPT."""
 import os
 
@@ -7,7 +7,7 @@ import torch
 
 import kernels
 from model.gpt import GPTConfig
-from train import checkpoint as ck
+from model import checkpoint as ck
 from train.distributed import build_model, init_distributed
 
 torch.manual_seed(0)

@@ -76,7 +76,7 @@ def test_bad_inputs(fused):
 
 
 def _muon_step(mode, params0, grads):
-    from train.optim import Muon
+    from model.optim import Muon
     prev = kernels.get_mode()
     kernels.set_mode(mode)
     try:
@@ -91,9 +91,9 @@ def _muon_step(mode, params0, grads):
 
 
 def test_muon_step_fused_matches_eager():
-    """One Muon step (train/optim.py, which batches same-shaped matrices into one newton_schulz call), fused vs
+    """One Muon step (model/optim.py, which batches same-shaped matrices into one newton_schulz call), fused vs
     eager, fp32 on CPU: updates are lr * O(1/sqrt(n)) so params agree to ~1e-6 absolute; tolerance 1e-5."""
-    pytest.importorskip("train.optim")
+    pytest.importorskip("model.optim")
     g = torch.Generator().manual_seed(3)
     shapes = [(32, 64), (32, 64), (64, 32)]
     params0 = [torch.randn(*s, generator=g) * 0.05 for s in shapes]

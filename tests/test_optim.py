@@ -1,10 +1,10 @@
-"""train/optim.py: Newton-Schulz output near-orthogonal, Muon vs a straightforward implementation, momentum warmup,
+"""model/optim.py: Newton-Schulz output near-orthogonal, Muon vs a straightforward implementation, momentum warmup,
 AdamW settings. The sharded (multi-rank) Muon is tested in tests/test_distributed.py."""
 import pytest
 import torch
 
 from kernels.newton_schulz import reference_newton_schulz
-from train.optim import Muon, make_adamw, muon_momentum
+from model.optim import Muon, make_adamw, muon_momentum
 
 torch.manual_seed(0)
 

@@ -92,7 +92,7 @@ WORKER = textwrap.dedent('''
     import torch
     from model.gpt import GPTConfig
     from model.tokenizer import Tokenizer
-    from train.checkpoint import save_checkpoint, step_dir
+    from model.checkpoint import save_checkpoint, step_dir
     from train.distributed import build_model, init_distributed
     from train.sft import run_stage
     from train import rl
@@ -149,7 +149,7 @@ def test_stages_under_torchrun_two_ranks_and_resume(tmp_path, tok):
 
 
 def test_missing_previous_checkpoint_names_stage(tmp_path, monkeypatch):
-    from train.checkpoint import UserError
+    from model.common import UserError
     from train.sft import run_stage
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"\[sft\] no mid checkpoint found in .*checkpoints/mid"):

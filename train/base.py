@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import kernels
 from model.common import home_dir, print0
-from train.checkpoint import UserError
+from model.common import UserError
 from train.loop import add_train_args, evaluate_bpb, run_main, token_bytes, train
 
 PRESETS = {

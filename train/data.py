@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from model.common import home_dir
-from train.checkpoint import UserError
+from model.common import UserError
 
 
 class DataError(UserError):

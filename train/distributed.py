@@ -6,7 +6,7 @@
 
 One code path for every world size: a single process without torchrun still gets a process group (world size 1,
 backed by an in-memory HashStore, so no port is needed) and the model is sharded with FSDP2 exactly as under
-torchrun. Parameters are therefore always DTensors after build_model; optimizers (train/optim.py), checkpoints
+torchrun. Parameters are therefore always DTensors after build_model; optimizers (model/optim.py), checkpoints
 (torch.distributed.checkpoint) and the loop see the same types whatever the world size.
 
 build_model: GPT on the meta device (no memory) -> fully_shard every block, then the root -> to_empty(device) ->

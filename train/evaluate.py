@@ -270,7 +270,7 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
                         device=None, stage="evaluate"):
     """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict.
     Works in one process or on every rank under torchrun (examples split across ranks)."""
-    from train.checkpoint import load_model
+    from model.checkpoint import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, meta = load_model(source, device=device, run=run)
     rank, world = _rank_world()

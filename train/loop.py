@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from model.common import print0
-from train.optim import muon_momentum
-from train.checkpoint import (UserError, checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
+from model.checkpoint import (checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
                               set_rng_state, step_dir)
+from model.common import UserError, print0
+from model.optim import muon_momentum
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12, "B200": 2250e12, "B100": 1750e12,

@@ -20,7 +20,7 @@ Objective (per sampled token t of completion i in group g; forced tool-output to
             mean over completions of their per-token mean                (--reduction sequence)
 Defaults (nanochat's first release): no std scaling, no KL, no ratio clipping, one inner step (on-policy),
 token-level mean. --inner-steps K > 1 re-uses the same rollouts for K optimizer steps (then clipping matters).
-Logs mean reward, pass@k on held-out prompts, completion lengths; checkpoints and resumes via train/checkpoint.py.
+Logs mean reward, pass@k on held-out prompts, completion lengths; checkpoints and resumes via model/checkpoint.py.
 """
 import argparse
 import math
@@ -285,7 +285,8 @@ def parse_args(argv=None):
 def run(argv=None):
     import kernels
     from model.engine import Engine
-    from train.checkpoint import (UserError, find_last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+    from model.common import UserError
+    from model.checkpoint import (find_last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                   step_dir)
     from train.distributed import cleanup, init_distributed
     from train.sft import load_source, write_summary

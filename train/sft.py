@@ -155,11 +155,12 @@ def parse_stage_args(stage, argv=None, extra=None):
 def load_source(stage, args, info):
     """FSDP2 model initialised from the newest checkpoint of args.source, plus tokenizer and source meta."""
     from model.gpt import GPTConfig
-    from train.checkpoint import UserError, find_last_checkpoint, load_checkpoint, read_meta
+    from model.checkpoint import find_last_checkpoint, load_checkpoint, read_meta
+    from model.common import UserError
     from train.distributed import build_model
     path = find_last_checkpoint(args.source, args.source_run)
     if path is None:
-        from train.checkpoint import checkpoint_dir
+        from model.checkpoint import checkpoint_dir
         where = checkpoint_dir(args.source, args.source_run or "<newest run>")
         raise UserError(f"[{stage}] no {args.source} checkpoint found in {where}: run the {args.source} stage first "
                         f"(python -m train.{args.source}) or pass --source/--source-run")
@@ -180,7 +181,7 @@ def load_tokenizer(meta):
 def write_summary(stage, run, summary):
     """checkpoints/<stage>/<run>/summary.json: what the speedrun's report card reads."""
     from model.common import is_rank0
-    from train.checkpoint import checkpoint_dir
+    from model.checkpoint import checkpoint_dir
     if is_rank0():
         path = os.path.join(checkpoint_dir(stage, run), "summary.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)

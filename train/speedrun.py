@@ -121,7 +121,7 @@ def _barrier():
 
 # ------------------------------------------------------------------------------------------------ stages
 def stage_argv(args, stage):
-    from train.checkpoint import find_last_checkpoint
+    from model.checkpoint import find_last_checkpoint
     argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels]
     if stage != "base":
         argv += ["--source-run", args.run]
@@ -280,7 +280,7 @@ def report_card(state, args, total_s):
 def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
     """One greedy answer of the newest chat model (rl, else sft), tools live."""
     from model.engine import Engine
-    from train.checkpoint import find_last_checkpoint, load_model
+    from model.checkpoint import find_last_checkpoint, load_model
     src = "rl" if find_last_checkpoint("rl", run) else "sft"
     model, tok, _ = load_model(src, device="cuda" if torch.cuda.is_available() else "cpu", run=run)
     ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
@@ -291,7 +291,7 @@ def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     import kernels
-    from train.checkpoint import checkpoint_dir
+    from model.checkpoint import checkpoint_dir
     from train.distributed import cleanup, init_distributed
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
@@ -326,7 +326,7 @@ def main(argv=None):
 
 def run_stages(args, state, wanted):
     """Each wanted stage not finished yet, in order; the state file is updated after every stage."""
-    from train.checkpoint import UserError
+    from model.common import UserError
     from train.tasks import TaskError
     for stage in STAGES:
         if stage not in wanted:

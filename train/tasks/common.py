@@ -22,7 +22,7 @@ import urllib.request
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
 
 
-from train.checkpoint import UserError
+from model.common import UserError
 
 
 class TaskError(UserError):

@@ -31,12 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from model.common import home_dir
-
-
-class UserError(RuntimeError):
-    """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, corrupt shard, ...).
-    Entry points print its message alone, without a traceback, and exit with status 2."""
+from model.common import UserError, home_dir
 
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
