@@ -8,16 +8,25 @@ STAMP   := $(VENV)/.installed
 NGPUS   ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 ARGS    ?=
 
-.PHONY: install run test bench speedrun chat serve clean help
+.PHONY: install jail run test lint bench speedrun chat serve clean help
 
 help:
 	@echo "make run       tiny speedrun on CPU: tokenizer -> base -> mid -> SFT -> RL -> evals -> report card"
-	@echo "make test      the test suite (Triton kernels under the interpreter on CPU)"
+	@echo "make test      lint, then the test suite (Triton kernels under the interpreter on CPU)"
+	@echo "make lint      ruff over the whole repository (line length 120)"
 	@echo "make bench     kernel benchmark suites (real numbers need a CUDA GPU; CPU runs a smoke version)"
 	@echo "make speedrun  the d20 speedrun on every GPU with torchrun"
 	@echo "make chat      chat with the newest checkpoint      make serve   web UI + OpenAI-compatible API"
 
-install: $(STAMP)
+install: $(STAMP) jail
+
+# The python tool runs model-written code only inside bubblewrap. Root installs it; anyone else gets the command
+# (never sudo): until then the tool refuses to run and says why.
+jail:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q bubblewrap >/dev/null || { apt-get update -q && apt-get install -y -q bubblewrap >/dev/null; }; \
+	  else echo "make: the python tool's jail needs bubblewrap; install it with: sudo apt-get install -y bubblewrap"; fi; }
 
 # Idempotent: re-runs only when the packaging or the Rust crate changed. The venv sees system packages so a GPU
 # machine's preinstalled CUDA torch/triton are used as they are; without CUDA we install the CPU torch wheel.
@@ -34,8 +43,11 @@ $(STAMP): pyproject.toml rustbpe/Cargo.toml $(wildcard rustbpe/src/*.rs) rustbpe
 run: install
 	$(PY) -m train.speedrun --preset tiny $(ARGS)
 
+lint: install
+	$(PY) -m ruff check .
+
 # pytest exits 5 when it collects nothing; that is not a failure of the code.
-test: install
+test: lint
 	@$(PY) -m pytest tests $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: install

@@ -2,7 +2,8 @@
 # Lets `pip install -e .` compile the rustbpe crate where crates.io cannot be reached.
 #
 # crates.io answers  -> nothing to do (and an offline config written earlier by this script is removed).
-# crates.io silent   -> Debian's source crates (librust-*-dev, installed here if missing) provide exactly the
+# crates.io silent   -> Debian's source crates (librust-*-dev; installed here when running as root, else the
+#                       apt command is printed and the script stops) provide exactly the
 #                       versions pinned in rustbpe/Cargo.toml under /usr/share/cargo/registry, and a git-ignored
 #                       .cargo/config.toml at the repository root (cargo reads it: pip runs the build from there)
 #                       replaces crates-io with that directory and switches cargo to offline mode.
@@ -18,7 +19,17 @@ PACKAGES="librust-pyo3-dev librust-rayon-dev librust-fancy-regex-dev librust-aha
 CRATES="pyo3-0.17.3 rayon-1.6.1 fancy-regex-0.7.1 ahash-0.7.6 regex-syntax-0.6.27"
 
 ours() { [ -f "$CONFIG" ] && head -n 1 "$CONFIG" | grep -qF "$MARK"; }
-SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# apt_install WHY PACKAGE...: as root, install with apt; otherwise never sudo: print the one command and stop.
+apt_install() {
+  local why="$1"; shift
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "rustbpe/offline.sh: $why. Install it, then run make again:" >&2
+    echo "    sudo apt-get install -y $*" >&2
+    exit 1
+  fi
+  apt-get install -y -q "$@" || { apt-get update -q && apt-get install -y -q "$@"; }
+}
 
 # maturin needs cargo on PATH (rustup's, or Debian's cargo/rustc packages)
 if ! command -v cargo >/dev/null 2>&1; then
@@ -26,8 +37,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "rustbpe/offline.sh: cargo is in ~/.cargo/bin but not on PATH: export PATH=\$HOME/.cargo/bin:\$PATH" >&2
     exit 1
   fi
-  echo "rustbpe/offline.sh: no Rust toolchain found; installing Debian's cargo and rustc"
-  $SUDO apt-get install -y -q cargo rustc || { $SUDO apt-get update -q && $SUDO apt-get install -y -q cargo rustc; } \
+  apt_install "no Rust toolchain found (or install Rust from https://rustup.rs)" cargo rustc \
     || { echo "rustbpe/offline.sh: could not install cargo; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
 fi
 
@@ -43,8 +53,7 @@ fi
 missing=""
 for c in $CRATES; do [ -d "$REGISTRY/$c" ] || missing="$missing $c"; done
 if [ -n "$missing" ]; then
-  echo "rustbpe/offline.sh: crates.io unreachable and$missing missing; installing $PACKAGES"
-  if ! { $SUDO apt-get install -y -q $PACKAGES || { $SUDO apt-get update -q && $SUDO apt-get install -y -q $PACKAGES; }; }; then
+  if ! apt_install "crates.io is unreachable and Debian's source crates$missing are missing" $PACKAGES; then
     echo "rustbpe/offline.sh: could not install $PACKAGES (needs Debian 12 'bookworm' sources)" >&2; exit 1
   fi
   for c in $CRATES; do

@@ -1,12 +1,13 @@
 """Shared test setup. Without CUDA the Triton kernels run under the interpreter, which must be switched on before
 triton is imported anywhere."""
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# The project is run from its root, not installed (pyproject's `pythonpath` covers this process): subprocesses and
+# torchrun workers find it through PYTHONPATH, ahead of any same-named package in site-packages.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 try:
     import torch

@@ -1,7 +1,10 @@
 """The direction of imports: kernels/ imports nothing of ours but the switch, model/ never imports train/ or bench/,
 train/ never imports bench/. Every module is parsed (imports inside functions count too)."""
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +55,31 @@ def test_checker_catches_a_planted_import(tmp_path, part, line, bad):
         (tmp_path / p).mkdir()
     (tmp_path / part / "planted.py").write_text(f"def f():\n{line if line.startswith(' ') else '    ' + line}\n")
     assert bool(violations(tmp_path)) == bad
+
+
+def _python(code, cwd, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_parts_are_not_installed_as_top_level_packages(tmp_path):
+    """Outside the repository our generic folder names resolve to nothing of ours (they are run from the root)."""
+    code = "import importlib.util as u; print([(n, (u.find_spec(n) or 0) and u.find_spec(n).origin) for n in %r])"
+    found = _python(code % (PARTS,), cwd=tmp_path)
+    assert str(ROOT) not in found, found
+
+
+def test_a_pypi_kernels_package_does_not_shadow_ours(tmp_path):
+    """With another `kernels` package ahead of site-packages, the repository still runs its own, and outside the
+    repository `import kernels` still gives the other one."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("OTHER = True\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert _python("import kernels; print(kernels.OTHER)", cwd=elsewhere, pythonpath=str(tmp_path)) == "True"
+    ours = _python("import kernels, model.common; print(kernels.__file__)", cwd=ROOT, pythonpath=str(tmp_path))
+    assert ours == str(ROOT / "kernels" / "__init__.py")

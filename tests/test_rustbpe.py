@@ -11,7 +11,7 @@ import pytest
 import regex
 import tiktoken
 
-import rustbpe
+import tritonchat_rustbpe as rustbpe
 from model.tokenizer import SPLIT_PATTERN
 
 random.seed(0)

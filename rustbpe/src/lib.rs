@@ -653,7 +653,7 @@ fn split_texts(texts: Vec<String>, pattern: Option<&str>, force_regex: bool) -> 
 }
 
 #[pymodule]
-fn rustbpe(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
+fn tritonchat_rustbpe(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add_function(wrap_pyfunction!(split_texts, m)?)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
