@@ -89,7 +89,7 @@ def _utf8(docs):
 
 
 def train_ours(docs, vocab, reps, pattern):
-    import rustbpe
+    import tritonchat_rustbpe as rustbpe
     times, cpu = [], []
     for _ in range(reps):
         tok = rustbpe.Tokenizer()

@@ -53,7 +53,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
         """Train with rustbpe on an iterable of str. vocab_size includes the 256 bytes and the 9 special tokens."""
-        import rustbpe  # built by `pip install -e .` (maturin); see rustbpe/
+        import tritonchat_rustbpe as rustbpe  # the Rust trainer in rustbpe/, built by `make install` (maturin)
 
         if isinstance(texts, str):
             raise TypeError("Tokenizer.train expects an iterable of str (documents), not one str")
