@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU session should run, in under 10 minutes on one H100/H200:
+# The GPU check, in about 10 minutes on one H100/H200 (estimated):
 #   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers,
 #   3. the d20 training step eager vs fused.
 # Results go to $OUT when set (the device tool), else bench/results/. Commit the JSON with the numbers in the note.
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# The device tool returns at most 8 files from $OUT: there, collect everything in one folder and tar it at the end.
+# With $OUT set, everything lands in one folder, tarred at the end: one file to copy back from a remote machine.
 FINAL="${OUT:-}"
 if [ -n "$FINAL" ]; then OUT="$FINAL/r"; else OUT=bench/results; fi
 export OUT
