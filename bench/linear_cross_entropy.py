@@ -1,0 +1,106 @@
+"""Benchmark: the LM head's loss (linear -> fp32 softcap -> cross-entropy), forward+backward and no-grad forward.
+
+    python -m bench.linear_cross_entropy [--quick]
+
+GPU (bf16): V = GPTConfig().vocab_size (65536), C = n_embd of GPTConfig.from_depth(20) and (32) (1280, 2048),
+tokens in {8k, 32k, 64k}; --quick keeps (8k, d20) and (32k, d32). 10 % of the targets are ignored (-1). Providers:
+  eager    linear_cross_entropy_reference: matmul, .float(), 15 tanh(z / 15), F.cross_entropy (materialises N x V)
+  compile  torch.compile of the same function
+  chunked  the same function per chunk of tokens under torch.utils.checkpoint (recomputed in backward), with the
+           fused path's logits budget (2^28 elements per chunk): the plain-PyTorch way to bound memory
+  fused    kernels.linear_cross_entropy.linear_cross_entropy_triton (ours: cuBLAS GEMMs + one Triton row kernel,
+           gradients computed in the forward)
+TFLOP/s from the explicit count of the loss's useful work: forward 2*N*V*C (z = h w^T), fwd+bwd 6*N*V*C (plus
+dh and dw); the chunked provider does 8*N*V*C (it recomputes z), counted as 6. Peak memory =
+torch.cuda.max_memory_allocated above the inputs while the pass runs. A provider that runs out of memory gets a
+row with no time and oom=True.
+CPU: a tiny fp32 smoke case, eager, chunked and fused under the Triton interpreter (no compile: too slow for a
+smoke run); those timings measure the interpreter, not the kernel.
+"""
+import os
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
+
+from bench import harness  # noqa: E402
+from kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton  # noqa: E402
+from model.gpt import SOFTCAP, GPTConfig  # noqa: E402
+
+SUITE = "linear_cross_entropy"
+CHUNK_ELEMENTS = 1 << 28  # the fused path's logits budget per chunk, given to the chunked provider too
+
+
+def chunked_reference(h, w, targets, softcap=SOFTCAP, ignore_index=-1):
+    """Mean cross-entropy chunk by chunk; each chunk's logits are rebuilt in backward instead of kept."""
+    N, V = h.shape[0], w.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // V)
+    n_valid = (targets != ignore_index).sum().clamp(min=1)
+    total = 0.0
+    for a in range(0, N, chunk):
+        total = total + checkpoint(linear_cross_entropy_reference, h[a:a + chunk], w, targets[a:a + chunk],
+                                   softcap=softcap, ignore_index=ignore_index, reduction="sum", use_reentrant=False)
+    return total / n_valid
+
+
+def _providers():
+    prov = {"eager": linear_cross_entropy_reference}
+    if harness.on_gpu():
+        prov["compile"] = torch.compile(linear_cross_entropy_reference, dynamic=False)  # one graph per shape
+    prov["chunked"] = chunked_reference
+    if harness.on_gpu() or os.environ.get("TRITON_INTERPRET") == "1":
+        prov["fused"] = linear_cross_entropy_triton
+    return prov
+
+
+def _cases(quick):
+    V = GPTConfig().vocab_size
+    if not harness.on_gpu():
+        return [(64, GPTConfig.from_depth(1).n_embd, 512)], torch.float32
+    pairs = [(8192, 20), (32768, 32)] if quick else [(n, d) for d in (20, 32) for n in (8192, 32768, 65536)]
+    return [(n, GPTConfig.from_depth(d).n_embd, V) for n, d in pairs], torch.bfloat16
+
+
+def _free():
+    if harness.on_gpu():
+        torch.cuda.empty_cache()
+
+
+def run(quick):
+    dev = "cuda" if harness.on_gpu() else "cpu"
+    cases, dtype = _cases(quick)
+    rows = []
+    for N, C, V in cases:
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(N, C, generator=g).to(dev, dtype).requires_grad_(True)
+        w = (torch.randn(V, C, generator=g) * (3.0 / C ** 0.5)).to(dev, dtype).requires_grad_(True)
+        targets = torch.randint(0, V, (N,), generator=g)
+        targets[::10] = -1
+        targets = targets.to(dev)
+        case = {"tokens": N, "C": C, "V": V, "dtype": str(dtype).replace("torch.", "")}
+        flops = 2 * N * V * C  # forward: z = h w^T
+        for name, fn in _providers().items():
+            both = lambda: torch.autograd.grad(fn(h, w, targets), (h, w))
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(h, w, targets)
+
+            for pass_, f, fl in (("fwd+bwd", both, 3 * flops), ("fwd", fwd, flops)):
+                try:
+                    t = harness.bench(f, quick=quick)
+                    peak = harness.peak_memory_mb(f)
+                    rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
+                                            ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(harness.row(SUITE, case, name, pass_, None, oom=True))
+                _free()
+        del h, w
+        _free()
+    return harness.add_ratios(rows, "eager")
+
+
+if __name__ == "__main__":
+    harness.main(SUITE, run)

@@ -1,0 +1,325 @@
+"""Fused linear + softcap + cross-entropy: the LM head's loss without ever holding the (tokens x vocab) logits.
+
+Contract: linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None)
+h (N, C) hidden states, w (V, C) the lm_head weight (nn.Linear layout), targets (N,) int64 in [0, V) or equal to
+ignore_index -> fp32: a scalar for "mean" and "sum", (N,) for "none" (0 at ignored positions). Differentiable
+w.r.t. h and w. softcap=None turns the cap off; chunk_size (tokens per chunk) is a tuning knob, None = automatic.
+
+Maths, for token i and vocab entry j, c = softcap:
+    z = h w^T                  GEMM in the input dtype with fp32 accumulation (exactly nn.Linear's)
+    t = tanh(z / c),  s = c t  in fp32 (nanochat's logit softcap)
+    loss_i = logsumexp_j s_ij - s_i,target_i            0 where target_i == ignore_index
+    "mean": sum_i loss_i / n_valid, n_valid = #(targets != ignore_index);  "sum": sum_i loss_i
+    dz_ij = (softmax(s_i)_j - [j == target_i]) (1 - t_ij^2) g_i       g_i = 1/n_valid ("mean"), 1 ("sum"),
+                                                                       grad_output_i ("none"); 0 at ignored rows
+    dh = dz w  (N, C),   dw = dz^T h  (V, C)
+All targets ignored: "mean" returns 0 with zero gradients, where F.cross_entropy alone gives 0/0 = nan; the
+reference below returns 0 as well, so both modes agree.
+
+What runs where, per chunk of tokens [a, b):
+  1. z = h[a:b] w^T: cuBLAS (torch.mm) into one reused (chunk, V) buffer in the input dtype.
+  2. `_softcap_ce_kernel` (Triton, one program per token): pass 1 streams the row in BLOCK_V tiles, accumulates
+     sum_j exp(s_ij - c) in fp32 (s <= c, so the cap is a known maximum: no running max, no overflow, and
+     exp(s - c) >= e^-2c stays normal in fp32) and reads s at the target -> loss_i; pass 2, only when gradients
+     are wanted, streams the row again and overwrites z in place with dz. Without a cap pass 1 keeps an online
+     max. z in fp32, s, softmax(s) never exist as tensors.
+  3. dh[a:b] = dz w, dw += dz^T h[a:b]: cuBLAS. dw accumulates in fp32 across chunks (a single chunk writes it
+     directly, as eager's one GEMM does).
+For "mean" and "sum" the gradients are computed inside the forward, as Liger-Kernel does: the loss is the last
+op, so the backward only multiplies the stored dh, dw by the scalar grad_output -- three GEMMs (6 N V C FLOPs)
+in all, the same as eager. For "none" the upstream gradient is per token and has to scale dz before dw sums
+over tokens, so the forward computes the losses only and the backward runs 1-3 again with g_i = grad_output_i
+(four GEMMs, 8 N V C FLOPs).
+
+Saved for backward: "mean"/"sum": dh (N, C) and dw (V, C), i.e. the gradients themselves; "none": h, w and
+targets. Nothing of size N x V (test_saved_tensors_have_no_logits checks it with saved_tensors_hooks).
+
+Memory, d20 (C = 1280, V = 65536) at N = 32768 tokens per GPU (16 x 2048) in bf16:
+  eager  z in bf16 (4 GiB), its fp32 copy (8 GiB), z/c (8 GiB), tanh (8 GiB, saved), c*tanh (8 GiB),
+         log_softmax (8 GiB, saved): 16 GiB kept for backward -- 8 V bytes = 512 KiB per token -- and ~16 GiB
+         more of transients in forward and backward.
+  fused  one (chunk, V) buffer of <= 2^28 elements (512 MiB in bf16: 4096 tokens at V = 65536), dw's fp32
+         accumulator (320 MiB) and dh (80 MiB): < 1 GiB, of which only dh (2 C bytes per token) grows with N.
+Time: the GEMMs are the same; eager's elementwise chain moves ~50 bytes per logit through HBM in forward and
+backward, the Triton kernel 6 (bf16 read, read, write).
+
+References:
+  Liger-Kernel, fused linear cross-entropy (gradients in the forward, chunked over tokens):
+    https://github.com/linkedin/Liger-Kernel/blob/main/src/liger_kernel/ops/fused_linear_cross_entropy.py
+  E. Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024: https://arxiv.org/abs/2411.09009
+  nanochat's softcapped loss: https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import kernels
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+REDUCTIONS = ("mean", "sum", "none")
+
+if INTERPRET:
+    # the interpreter costs ~ms per program x loop step: 128-wide tiles keep the multi-tile loop testable at V ~ 300
+    _BLOCK_V, _NUM_WARPS = 128, 4
+else:
+    # memory-bound row kernel: 2048-wide tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load; chosen
+    # without a GPU measurement (none was available when this was written) -- bench/linear_cross_entropy.py checks
+    _BLOCK_V, _NUM_WARPS = 2048, 8
+
+# logits buffer of at most 2^28 elements per chunk (512 MiB in bf16), but never fewer than 1024 tokens: dw's fp32
+# accumulator (V x C) is read and written once per chunk, which costs as much as the GEMMs below ~300 tokens
+_CHUNK_ELEMENTS = 1 << 28
+_MIN_CHUNK = 1024
+
+
+@triton.jit
+def _tanh(x):
+    # from exp: Triton has no portable tanh (libdevice's is CUDA-only and missing in the interpreter). e is in
+    # (0, 1], so nothing overflows; the absolute error, ~1e-7, is far below bf16's resolution of z
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_scale, V, softcap, ignore_index,
+                       HAS_SOFTCAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One token per program. z (M, V) raw logits in the input dtype, row stride stride_z; targets (M,) int64;
+    loss (M,) fp32 out. GRAD: overwrite z with dz = (softmax(s) - onehot) * ds/dz * scale[row * stride_scale]."""
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * stride_z
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
+    cols = tl.arange(0, BLOCK_V)
+
+    # pass 1: log-sum-exp of s over the row, fp32
+    if HAS_SOFTCAP:
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sums of exp(s - c): one reduction at the end
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z = tl.load(z_row + offs, mask=offs < V, other=0.0).to(tl.float32)
+            s = softcap * _tanh(z / softcap)
+            acc += tl.where(offs < V, tl.exp(s - softcap), 0.0)
+        lse = softcap + tl.log(tl.sum(acc, axis=0))
+    else:
+        m = float("-inf")
+        d = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            s = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(d)
+    z_t = tl.load(z_row + tl.where(valid, tgt, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_t = softcap * _tanh(z_t / softcap)
+    tl.store(loss_ptr + row, tl.where(valid, lse - z_t, 0.0))
+
+    # pass 2: dz in place of z
+    if GRAD:
+        g = tl.where(valid, tl.load(scale_ptr + row * stride_scale).to(tl.float32), 0.0)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(z / softcap)
+                p = tl.exp(softcap * t - lse)
+                dz = tl.where(offs == tgt, p - 1.0, p) * ((1.0 - t * t) * g)
+            else:
+                p = tl.exp(z - lse)
+                dz = tl.where(offs == tgt, p - 1.0, p) * g
+            tl.store(z_row + offs, dz.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _softcap_ce_rows(z, targets, loss, scale, softcap, ignore_index, grad):
+    """Launch `_softcap_ce_kernel` over the M rows of z (M, V); scale is (1,) (one factor) or (M,) (per row)."""
+    M, V = z.shape
+    if M == 0:
+        return
+    _softcap_ce_kernel[(M,)](z, z.stride(0), targets, loss, scale, 0 if scale.numel() == 1 else scale.stride(0), V,
+                             softcap if softcap > 0 else 1.0, ignore_index, HAS_SOFTCAP=softcap > 0, GRAD=grad,
+                             BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
+
+
+def _default_chunk(V):
+    return max(_MIN_CHUNK, triton.next_power_of_2(_CHUNK_ELEMENTS // V + 1) // 2)  # largest power of 2 that fits
+
+
+def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w):
+    """Steps 1-3 of the module docstring over chunks of chunk_size tokens -> (loss (N,) fp32, dh or None,
+    dw or None). scale: (1,) or (N,) fp32, the g_i that multiplies each token's dz."""
+    N, C = h.shape
+    V = w.shape[0]
+    if h.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 set before triton is "
+                           "imported (slow, for tests); use linear_cross_entropy_reference otherwise")
+    # out-of-range targets would read outside the logits row; asynchronous on CUDA, like F.cross_entropy's check
+    torch._assert_async(((targets == ignore_index) | ((targets >= 0) & (targets < V))).all(),
+                        f"linear_cross_entropy: targets must be in [0, {V}) or equal ignore_index={ignore_index}")
+    targets = targets.contiguous()
+    loss = torch.empty(N, device=h.device, dtype=torch.float32)
+    dh = torch.empty(N, C, device=h.device, dtype=h.dtype) if grad_h else None
+    dw = None
+    multi = N > chunk_size
+    if grad_w and multi:
+        dw = torch.zeros(V, C, device=w.device, dtype=torch.float32)
+    z = torch.empty(min(N, chunk_size), V, device=h.device, dtype=h.dtype)
+    for a in range(0, N, chunk_size):
+        b = min(a + chunk_size, N)
+        zc, hc = z[: b - a], h[a:b]
+        torch.mm(hc, w.t(), out=zc)
+        _softcap_ce_rows(zc, targets[a:b], loss[a:b], scale if scale.numel() == 1 else scale[a:b], softcap,
+                         ignore_index, grad_h or grad_w)
+        if grad_h:
+            torch.mm(zc, w, out=dh[a:b])
+        if grad_w:
+            if not multi:
+                dw = torch.mm(zc.t(), hc)
+            elif zc.dtype == torch.float32:
+                dw.addmm_(zc.t(), hc)
+            else:
+                dw += torch.mm(zc.t(), hc)  # bf16/fp16 product, fp32 sum: rounded once, at the end
+    if dw is not None and dw.dtype != w.dtype:
+        dw = dw.to(w.dtype)
+    return loss, dh, dw
+
+
+# -- torch.library registration -----------------------------------------------------------------------------------
+# custom_op rather than triton_op: under TRITON_INTERPRET=1, torch 2.13's wrap_triton hands back the raw interpreted
+# kernel, so torch.compile would trace into it with fake tensors and fail; the op's body (a host loop of cuBLAS
+# GEMMs and one Triton launch per chunk) has nothing an inductor graph could fuse across anyway.
+@torch.library.custom_op("tritonchat::linear_cross_entropy", mutates_args=())
+def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
+            reduction: str, chunk_size: int, grad_h: bool, grad_w: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, dh, dw): dh, dw are the gradients of the reduced loss ("mean"/"sum" only), computed when grad_h /
+    grad_w, else empty."""
+    if reduction == "none" and (grad_h or grad_w):
+        raise ValueError("tritonchat::linear_cross_entropy: gradients in the forward need reduction 'mean' or 'sum'")
+    n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)  # stays on device: no sync
+    scale = (1.0 / n_valid if reduction == "mean" else torch.ones((), device=h.device)).reshape(1)
+    loss, dh, dw = _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w)
+    if reduction != "none":
+        loss = loss.sum() / n_valid if reduction == "mean" else loss.sum()
+    return loss, (dh if grad_h else h.new_empty(0)), (dw if grad_w else w.new_empty(0))
+
+
+@_lce_op.register_fake
+def _(h, w, targets, softcap, ignore_index, reduction, chunk_size, grad_h, grad_w):
+    loss = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    dh = h.new_empty(h.shape) if grad_h else h.new_empty(0)
+    return loss, dh, (w.new_empty(w.shape) if grad_w else w.new_empty(0))
+
+
+@torch.library.custom_op("tritonchat::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_loss: torch.Tensor,
+                     softcap: float, ignore_index: int, chunk_size: int, grad_h: bool, grad_w: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reduction "none": (dh, dw) for the per-token upstream gradient grad_loss (N,), recomputing the logits."""
+    _, dh, dw = _chunked(h, w, targets, grad_loss.to(torch.float32).contiguous(), softcap, ignore_index, chunk_size,
+                         grad_h, grad_w)
+    return (dh if grad_h else h.new_empty(0)), (dw if grad_w else w.new_empty(0))
+
+
+@_lce_backward_op.register_fake
+def _(h, w, targets, grad_loss, softcap, ignore_index, chunk_size, grad_h, grad_w):
+    return (h.new_empty(h.shape) if grad_h else h.new_empty(0)), (w.new_empty(w.shape) if grad_w else w.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w, targets, softcap, ignore_index, reduction, chunk_size, grad_h, grad_w = inputs
+    _, dh, dw = output
+    ctx.mark_non_differentiable(dh, dw)
+    ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.chunk_size = reduction, softcap, ignore_index, chunk_size
+    if reduction == "none":
+        ctx.save_for_backward(h, w, targets)
+    else:
+        ctx.save_for_backward(dh, dw)
+
+
+def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.reduction == "none":
+        h, w, targets = ctx.saved_tensors
+        dh, dw = torch.ops.tritonchat.linear_cross_entropy_backward(h, w, targets, grad_loss, ctx.softcap,
+                                                                    ctx.ignore_index, ctx.chunk_size, need_h, need_w)
+    else:
+        dh, dw = ctx.saved_tensors
+        if (need_h and dh.ndim != 2) or (need_w and dw.ndim != 2):  # the (0,) placeholders of the forward
+            raise RuntimeError("tritonchat::linear_cross_entropy: backward needs a gradient that the forward was "
+                               "called with grad_h / grad_w = False for")
+        dh, dw = dh * grad_loss, dw * grad_loss
+    return (dh if need_h else None), (dw if need_w else None), None, None, None, None, None, None, None
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(h, w, targets, softcap, reduction, chunk_size):
+    if h.ndim != 2 or w.ndim != 2 or targets.ndim != 1:
+        raise ValueError(f"linear_cross_entropy: expected h (N, C), w (V, C), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(targets.shape)}")
+    if w.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0] or w.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: shape mismatch: h (N, C) = {tuple(h.shape)} needs w (V >= 1, "
+                         f"{h.shape[1]}) and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets "
+                         f"{tuple(targets.shape)}")
+    if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"linear_cross_entropy: h and w must share one dtype among fp32/fp16/bf16; got {h.dtype}, "
+                        f"{w.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
+    if not (h.device == w.device == targets.device):
+        raise ValueError(f"linear_cross_entropy: tensors on different devices: {h.device}, {w.device}, "
+                         f"{targets.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be None (no cap) or > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+# -- public functions ---------------------------------------------------------------------------------------------
+def linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
+    """Cross-entropy of softcap * tanh((h w^T) / softcap) against targets: h (N, C), w (V, C), targets (N,) int64
+    -> fp32 scalar ("mean" over non-ignored targets, 0 when all are ignored; "sum") or (N,) ("none").
+    Triton in fused mode (kernels.set_mode), else the plain PyTorch reference."""
+    if not kernels.use_fused():
+        return linear_cross_entropy_reference(h, w, targets, softcap=softcap, ignore_index=ignore_index,
+                                              reduction=reduction, chunk_size=chunk_size)
+    return linear_cross_entropy_triton(h, w, targets, softcap=softcap, ignore_index=ignore_index,
+                                       reduction=reduction, chunk_size=chunk_size)
+
+
+def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
+    """linear_cross_entropy on the chunked cuBLAS + Triton path, whatever the mode. Raises ValueError for shapes,
+    reduction, softcap or chunk_size, TypeError for dtypes (h and w: one of fp32/fp16/bf16; targets int64)."""
+    if torch.is_autocast_enabled(h.device.type):  # the kernels run in one dtype: apply autocast's cast ourselves
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, w = h.to(dtype), w.to(dtype)
+    _check(h, w, targets, softcap, reduction, chunk_size)
+    chunk = chunk_size or _default_chunk(w.shape[0])
+    grads = torch.is_grad_enabled() and reduction != "none"
+    with torch.autocast(h.device.type, enabled=False):
+        loss, _, _ = torch.ops.tritonchat.linear_cross_entropy(h, w, targets, float(softcap or 0.0), int(ignore_index),
+                                                               reduction, chunk, grads and h.requires_grad,
+                                                               grads and w.requires_grad)
+    return loss
+
+
+def linear_cross_entropy_reference(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean",
+                                   chunk_size=None):
+    """Plain PyTorch, the ops GPT.forward always ran: linear -> fp32 -> softcap -> F.cross_entropy. Materialises
+    the (N, V) logits. chunk_size is accepted for the shared signature and ignored."""
+    logits = F.linear(h, w).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "mean":  # all targets ignored: 0 (zero gradients flow through where) instead of 0/0 = nan
+        loss = torch.where((targets != ignore_index).any(), loss, torch.zeros_like(loss))
+    return loss
