@@ -179,3 +179,16 @@ def test_bad_inputs_raise_python_errors(call, exc, match):
         call(tok)
     tok.train_from_iterator(["still usable after an error"], 260)  # no panic, the object still works
     assert tok.get_vocab_size() == 260
+
+
+@pytest.mark.parametrize("text", ["a\ud800b c\udfff", "\ud83d\ude00 smile", "x\x00y", "<|bos|> special text", ""])
+def test_trainer_takes_every_string_the_encoder_takes(text):
+    """Tokenizer.train reads a str the way tiktoken's encoder does (lone surrogates -> U+FFFD, a surrogate pair ->
+    its character), so training on a text yields merges that the encoder then uses on that same text."""
+    from model.tokenizer import Tokenizer
+    base = Tokenizer.train(["plain text"] * 4, vocab_size=300)
+    expected = b"".join(base.enc.decode_single_token_bytes(t) for t in base.encode(text))
+    tok = Tokenizer.train([text] * 50, vocab_size=300)
+    assert b"".join(tok.enc.decode_single_token_bytes(t) for t in tok.encode(text)) == expected
+    assert len(tok.encode(text)) <= max(1, len(text.split())) * 3  # trained merges apply: few tokens, not bytes
+    assert rustbpe.split_texts([text])[0] == rustbpe.split_texts([expected.decode("utf-8")])[0]

@@ -551,7 +551,7 @@ impl Tokenizer {
                                 item.get_type().name().unwrap_or("?")
                             ))
                         })?;
-                        batch.push(s.to_str()?.to_owned());
+                        batch.push(to_utf8(s)?);
                         index += 1;
                     }
                 }
@@ -637,12 +637,24 @@ impl Tokenizer {
     }
 }
 
+/// A Python str as UTF-8, the way tiktoken's encoder takes it: a str holding surrogates (legal in Python, not in
+/// UTF-8) goes through UTF-16 with "surrogatepass" and back with "replace", so a surrogate pair becomes its character
+/// and a lone surrogate U+FFFD. Every string the encoder accepts is thus a string the trainer accepts, read the same.
+fn to_utf8(s: &PyString) -> PyResult<String> {
+    if let Ok(text) = s.to_str() {
+        return Ok(text.to_owned());
+    }
+    let fixed = s.call_method1("encode", ("utf-16", "surrogatepass"))?.call_method1("decode", ("utf-16", "replace"))?;
+    Ok(fixed.downcast::<PyString>()?.to_str()?.to_owned())
+}
+
 /// Split each text into chunks with `pattern` (default: GPT-4's, through the hand-written scanner unless
 /// force_regex=True, which uses fancy-regex). For tests and inspection.
 #[pyfunction(pattern = "None", force_regex = "false")]
 #[pyo3(text_signature = "(texts, pattern=None, force_regex=False)")]
-fn split_texts(texts: Vec<String>, pattern: Option<&str>, force_regex: bool) -> PyResult<Vec<Vec<String>>> {
+fn split_texts(texts: Vec<&PyString>, pattern: Option<&str>, force_regex: bool) -> PyResult<Vec<Vec<String>>> {
     let sp = Splitter::new(pattern.unwrap_or(GPT4_PATTERN), force_regex)?;
+    let texts = texts.into_iter().map(to_utf8).collect::<PyResult<Vec<String>>>()?;
     let mut out = Vec::with_capacity(texts.len());
     for text in &texts {
         let mut chunks = Vec::new();
