@@ -1,35 +1,26 @@
-"""Inference engine: paged KV cache, batched prefill + decode, sampling, tool use, continuous batching.
+"""Inference engine: batched prefill + decode over a paged KV cache, sampling, tool use, continuous batching.
 
-The KV cache is one pool of fixed-size pages ("blocks") for all layers: k and v tensors of shape
-(n_layer, num_blocks, block_size, n_kv_head, head_dim), a free list, and a refcount per block. Each running sequence
-owns a block table (a list of block ids); block j holds its tokens j*block_size ... (j+1)*block_size - 1. The
-`num_samples` continuations of one prompt are forked from ONE prefill: they share the prompt's blocks (refcount =
-num_samples); the first write into a shared, partially filled last block copies it first (copy-on-write), so full
-prompt pages are stored once however many samples run. A finished sequence returns its blocks at once, and the pool
-grows (doubles) if it ever runs dry.
-
-Each engine step = admit + prefill the waiting requests (one right-padded batch, all prompts at positions 0..n-1,
-attention by kernels.attention.fused_attention; the rotated + normalised K and V are scattered into the pages with
-kernels.paged_decode.write_kv), then one decode step for every running sequence of every request (one token each,
-rotary at each sequence's own position, write_kv, then kernels.paged_decode.paged_decode_attention). The model calls
-`cache.attend(layer_idx, q, k, v)` with raw q/k/v (model/gpt.py); the cache knows the current plan. Both paths follow
-kernels.set_mode: eager = the PyTorch references, fused = the Triton kernels.
+Each engine step = admit + prefill the waiting requests (one right-padded batch, all prompts at positions 0..n-1),
+then one decode step for every running sequence of every request (one token each, at each sequence's own position).
+The KV cache (model/kv_cache.py) holds the pages; the engine gives each forward its plan (PrefillPlan or DecodePlan).
+The `num_samples` continuations of one prompt are forked from ONE prefill and share the prompt's pages.
 
 Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) so a request's samples do not depend
-on what else is in the batch; stop on <|assistant_end|> or <|bos|>, or after max_tokens. Tool use (DESIGN.md): the
-tokens between <|python_start|> and <|python_end|> are decoded and run with model.sandbox.run_python (a bare
-expression, or a trailing expression statement, is printed as a REPL would); the output is then forced, one token per
-step, as <|output_start|> result <|output_end|> with mask 0 (sampled tokens have mask 1). A failed call forces its
-stdout followed by "Error: <reason>" ("Error: timed out"). The sandbox runs synchronously inside the step (limits:
+on what else is in the batch; stop on <|assistant_end|> or <|bos|> (Engine.stop_ids), or after max_tokens. Tool use:
+the tokens a sample writes between <|python_start|> and <|python_end|> are decoded and run by
+model.sandbox.run_tool_call (a trailing expression is printed, as a REPL would); its answer is then forced, one token
+per step, as <|output_start|> answer <|output_end|> with mask 0 (sampled tokens have mask 1). A failed call answers
+its stdout followed by "Error: <reason>" ("Error: timed out"). The sandbox runs synchronously inside the step (limits:
 Engine(tool_timeout=5.0, tool_memory_mb=256)), so a slow tool call pauses the whole batch for that long.
 
 API
     engine = Engine(model, tokenizer, block_size=16, num_blocks=None)
-    # one prompt, streaming (CONTRACTS.md): one (token_column, mask_column) per step, one entry per sample;
+    # one prompt, streaming: one (token_column, mask_column) per step, each a list with one entry per sample;
     # an entry is None once that sample has finished. The stop token itself is yielded.
     for tokens, masks in engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         ...
-    # one prompt, all at once: prompt + completion per sample, the stop token dropped (as nanochat);
+    # one prompt, all at once: prompt + completion per sample, the stop token dropped (as nanochat's
+    # generate_batch, https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py);
     # masks are 0 on the prompt and forced tool output, 1 on sampled tokens.
     sequences, masks = engine.generate_batch(ids, num_samples=4, max_tokens=64)
     # many prompts in one batch: [(sequences, masks) per prompt]; prompt i gets seed + i
@@ -44,8 +35,6 @@ API
     engine.cancel(req)                # frees its blocks at the next step (a closed generate() cancels itself)
 engine.stats counts prefill/decode tokens, steps and copy-on-write copies; engine.cache.num_free() the free blocks.
 """
-import ast
-import importlib
 import math
 import queue
 import threading
@@ -55,104 +44,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import apply_rotary, fused_attention, rms_norm
-from kernels.paged_decode import paged_decode_attention, write_kv
-
-QK_NORM_EPS = 1e-6  # as kernels.attention.fused_attention, so the prefill and decode paths normalise alike
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The paged KV cache
-
-class PagedKVCache:
-    """Block pool for all layers + free list + refcounts; `attend` is what the model calls during a forward."""
-
-    def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin):
-        if block_size not in (16, 32, 64):
-            raise ValueError(f"PagedKVCache: block_size must be 16, 32 or 64, got {block_size}")
-        self.block_size = block_size
-        shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.refcount = [0] * num_blocks
-        self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
-        self.cos, self.sin = cos, sin                    # the model's rotary tables (rotary_len, head_dim/2)
-        self.plan = None                                 # set by the engine around each forward
-
-    @property
-    def num_blocks(self):
-        return self.k.shape[1]
-
-    def num_free(self):
-        return len(self.free)
-
-    def _grow(self):
-        old = self.num_blocks
-        new_shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
-        for name in ("k", "v"):
-            t = torch.zeros(new_shape, dtype=self.k.dtype, device=self.k.device)
-            t[:, :old] = getattr(self, name)
-            setattr(self, name, t)
-        self.refcount += [0] * old
-        self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
-
-    def allocate(self):
-        if not self.free:
-            self._grow()
-        b = self.free.pop()
-        self.refcount[b] = 1
-        return b
-
-    def incref(self, b):
-        self.refcount[b] += 1
-
-    def decref(self, b):
-        self.refcount[b] -= 1
-        assert self.refcount[b] >= 0, f"block {b} freed twice"
-        if self.refcount[b] == 0:
-            self.free.append(b)
-
-    def writable(self, blocks, pos):
-        """Make sure token position `pos` of a sequence with block table `blocks` can be written: append a fresh
-        block at a page boundary, copy a shared block first (copy-on-write). Returns True if it copied."""
-        j = pos // self.block_size
-        if j == len(blocks):
-            blocks.append(self.allocate())
-        elif self.refcount[blocks[j]] > 1:
-            new = self.allocate()
-            self.k[:, new] = self.k[:, blocks[j]]
-            self.v[:, new] = self.v[:, blocks[j]]
-            self.decref(blocks[j])
-            blocks[j] = new
-            return True
-        return False
-
-    def table(self, tables, device):
-        """List of block lists -> (B, max_blocks) int32 (padding 0: never read, seq_lens masks it)."""
-        width = max(1, max(len(t) for t in tables))
-        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
-
-    # -- what the model calls ------------------------------------------------------------------------------------
-    def attend(self, layer_idx, q, k, v):
-        """q (B, T, H, D), k, v (B, T, Hkv, D) raw -> y (B, T, H, D). Prefill: T prompt tokens at positions 0..T-1
-        (right padded); decode: T = 1 at position plan['positions'][b]."""
-        p = self.plan
-        kc, vc = self.k[layer_idx], self.v[layer_idx]
-        if p["kind"] == "prefill":
-            T = q.shape[1]
-            cos, sin = self.cos[:T], self.sin[:T]
-            y = fused_attention(q, k, v, cos, sin, eps=QK_NORM_EPS)  # causal: right padding is never attended
-            k = rms_norm(apply_rotary(k, cos, sin), QK_NORM_EPS)
-            rows, cols = p["rows"], p["cols"]                       # the valid (row, position) pairs
-            write_kv(kc, vc, k[rows, cols], v[rows, cols], p["token_tables"], cols)
-            return y
-        pos = p["positions"]                                         # (B,) long
-        cos, sin = self.cos[pos], self.sin[pos]                      # (B, D/2): a "time" axis of length B
-        q = rms_norm(apply_rotary(q.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]  # (B, H, D)
-        k = rms_norm(apply_rotary(k.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]
-        write_kv(kc, vc, k, v[:, 0], p["tables"], pos)
-        y = paged_decode_attention(q.to(kc.dtype).contiguous(), kc, vc, p["tables"], p["seq_lens"])
-        return y.to(v.dtype)[:, None]
+from model import sandbox
+from model.kv_cache import PagedKVCache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,8 +56,11 @@ class Request:
 
     def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
         self.prompt = list(prompt_ids)
-        self.num_samples, self.max_tokens = num_samples, max_tokens
-        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.num_samples = num_samples
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
         self.completions = [[] for _ in range(num_samples)]       # generated tokens (incl. forced, incl. stop)
         self.completion_masks = [[] for _ in range(num_samples)]  # 1 sampled, 0 forced
         self.finish_reasons = [None] * num_samples
@@ -172,8 +68,8 @@ class Request:
         self.cancelled = False
         self.error = None                                         # set if the background loop failed
         self.events = queue.Queue()                               # (tokens, masks) columns, then None
-        self.generator = None
-        self.seqs = []
+        self.generator = None                                     # torch.Generator seeded at admission
+        self.seqs = []                                            # one _Sequence per sample, once admitted
 
     def stream(self, timeout=None):
         """Blocking iterator over this request's (token_column, mask_column) steps until it is done."""
@@ -194,12 +90,18 @@ class Request:
                 yield item
 
 
-class _Seq:
+class _Sequence:
+    """One running sample of a request: its tokens, its block table and its tool-call state."""
+
     def __init__(self, req, index, tokens, blocks, num_cached):
-        self.req, self.index = req, index
-        self.tokens, self.blocks, self.num_cached = tokens, blocks, num_cached
-        self.forced = deque()
-        self.in_python, self.python_tokens = False, []
+        self.req = req
+        self.index = index              # which of req's samples
+        self.tokens = tokens            # prompt + completion so far
+        self.blocks = blocks            # block table in the cache
+        self.num_cached = num_cached    # tokens whose k/v are in the cache
+        self.forced = deque()           # tool output still to be forced, one token per step
+        self.in_python = False          # inside <|python_start|> ... <|python_end|>
+        self.python_tokens = []         # the tool call's tokens so far
         self.done = False
 
 
@@ -207,20 +109,30 @@ class _Seq:
 # The engine
 
 class Engine:
+    """Continuous-batching generation for `model` (a GPT) with `tokenizer` (model.tokenizer.Tokenizer's surface).
+
+    block_size: tokens per KV page (16, 32 or 64); num_blocks: the initial pool (default: 8 full-length sequences,
+    doubled on demand); max_batch: running sequences; max_prefill_tokens: padded tokens per prefill batch;
+    tool_timeout (s) and tool_memory_mb: the sandbox limits of one tool call."""
+
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
                  tool_timeout=5.0, tool_memory_mb=256):
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.tokenizer = tokenizer
         cfg = model.config
         param = next(model.parameters())
         self.device = param.device
         self.max_context = min(model.cos.shape[0], 10 * cfg.sequence_len)
-        if num_blocks is None:  # 8 full-length sequences; the pool doubles on demand
+        if num_blocks is None:
             num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
         self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
                                   param.dtype, self.device, model.cos, model.sin)
-        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
-        self.tool_timeout, self.tool_memory_mb = tool_timeout, tool_memory_mb
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self.tool_timeout = tool_timeout
+        self.tool_memory_mb = tool_memory_mb
         special = tokenizer.encode_special
+        # The tokens that end a sample: the server and the chat CLI read this same set.
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -228,7 +140,8 @@ class Engine:
         self.running = []            # requests with live sequences
         self.lock = threading.RLock()  # engine state (step, cancel)
         self.cond = threading.Condition(threading.Lock())  # the waiting queue + background wake-ups
-        self.thread, self.stopping = None, False
+        self.thread = None           # the background stepping thread (start/stop)
+        self.stopping = False
         self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0)
 
     # -- public API ------------------------------------------------------------------------------------------------
@@ -338,7 +251,8 @@ class Engine:
     # -- internals -------------------------------------------------------------------------------------------------
     def _admit(self):
         """Prefill the waiting requests that fit (batch and prefill-token budget) in one padded batch."""
-        batch, n_running = [], sum(sum(not s.done for s in r.seqs) for r in self.running)
+        batch = []
+        n_running = sum(sum(not s.done for s in r.seqs) for r in self.running)
         with self.cond:
             while self.waiting:
                 req = self.waiting[0]
@@ -354,7 +268,8 @@ class Engine:
                 n_running += req.num_samples
         if not batch:
             return
-        cache, dev = self.cache, self.device
+        cache = self.cache
+        dev = self.device
         T = max(len(r.prompt) for r in batch)
         prefix = []
         for r in batch:
@@ -364,12 +279,10 @@ class Engine:
         for i, r in enumerate(batch):
             idx[i, :len(r.prompt)] = torch.tensor(r.prompt)
         lens = torch.tensor([len(r.prompt) for r in batch])
-        rows = torch.repeat_interleave(torch.arange(len(batch)), lens)
-        cols = torch.cat([torch.arange(n) for n in lens.tolist()])
-        tables = cache.table(prefix, dev)
-        cache.plan = dict(kind="prefill", rows=rows.to(dev), cols=cols.to(dev), token_tables=tables[rows.to(dev)])
+        plan = cache.prefill_plan(prefix, lens.tolist())
         try:
-            logits = self.model(idx.to(dev), kv_cache=cache)         # (R, T, V)
+            with cache.planned(plan):
+                logits = self.model(idx.to(dev), kv_cache=cache)     # (R, T, V)
         except Exception as e:                                        # e.g. out of memory: give the blocks back
             for r, blocks in zip(batch, prefix):
                 for b in blocks:
@@ -377,8 +290,6 @@ class Engine:
                 r.error = f"{type(e).__name__}: {e}"
                 self._finish_request(r, "error")
             raise
-        finally:
-            cache.plan = None
         last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)
         self.stats["prefill_tokens"] += int(lens.sum())
         self.stats["prefill_batches"] += 1
@@ -391,7 +302,7 @@ class Engine:
                 if s > 0:
                     for b in blocks:
                         cache.incref(b)
-                r.seqs.append(_Seq(r, s, list(r.prompt), blocks, n))
+                r.seqs.append(_Sequence(r, s, list(r.prompt), blocks, n))
             self.running.append(r)
             self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
 
@@ -399,17 +310,13 @@ class Engine:
         seqs = [s for r in self.running for s in r.seqs if not s.done]
         if not seqs:
             return
-        cache, dev = self.cache, self.device
+        cache = self.cache
         for s in seqs:
             self.stats["cow_copies"] += cache.writable(s.blocks, s.num_cached)
-        positions = torch.tensor([s.num_cached for s in seqs], device=dev)
-        cache.plan = dict(kind="decode", positions=positions, tables=cache.table([s.blocks for s in seqs], dev),
-                          seq_lens=(positions + 1).to(torch.int32))
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
-        try:
+        plan = cache.decode_plan([s.blocks for s in seqs], [s.num_cached for s in seqs])
+        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        with cache.planned(plan):
             logits = self.model(idx, kv_cache=cache)[:, 0]           # (B, V)
-        finally:
-            cache.plan = None
         for s in seqs:
             s.num_cached += 1
         self.stats["decode_steps"] += 1
@@ -439,7 +346,8 @@ class Engine:
     def _emit(self, req, seqs, sampled):
         """Append one token to each of `seqs` (forced tool output overrides the sample), run the tool state
         machine, finish sequences, and push the request's column."""
-        col, mcol = [None] * req.num_samples, [None] * req.num_samples
+        col = [None] * req.num_samples   # this step's token per sample
+        mcol = [None] * req.num_samples  # and its mask
         for s, tok in zip(seqs, sampled):
             forced = bool(s.forced)
             if forced:
@@ -447,13 +355,15 @@ class Engine:
             s.tokens.append(tok)
             req.completions[s.index].append(tok)
             req.completion_masks[s.index].append(0 if forced else 1)
-            col[s.index], mcol[s.index] = tok, 0 if forced else 1
+            col[s.index] = tok
+            mcol[s.index] = 0 if forced else 1
             if tok == self.python_start:
                 s.in_python, s.python_tokens = True, []
             elif tok == self.python_end and s.in_python:
                 s.in_python = False
                 if s.python_tokens:
-                    out = self._run_tool(self.tokenizer.decode(s.python_tokens))
+                    code = self.tokenizer.decode(s.python_tokens)
+                    out = sandbox.run_tool_call(code, timeout=self.tool_timeout, memory_mb=self.tool_memory_mb)
                     s.forced.extend([self.output_start] + self.tokenizer.encode(out) + [self.output_end])
                 s.python_tokens = []
             elif s.in_python:
@@ -465,23 +375,6 @@ class Engine:
         req.events.put((col, mcol))
         if all(s.done for s in req.seqs):
             self._finish_request(req, None)
-
-    def _run_tool(self, code):
-        """Run the tool call in the sandbox; a trailing expression is printed (calculator-style calls)."""
-        try:
-            tree = ast.parse(code)
-            if tree.body and isinstance(tree.body[-1], ast.Expr):
-                last = tree.body[-1]
-                tree.body[-1] = ast.Expr(ast.Call(ast.Name("print", ast.Load()), [last.value], []))
-                code = ast.unparse(ast.fix_missing_locations(tree))
-        except SyntaxError:
-            pass  # let the sandbox report it
-        sandbox = importlib.import_module("model.sandbox")  # lazy: the engine works without the sandbox module
-        res = sandbox.run_python(code, timeout=self.tool_timeout, memory_mb=self.tool_memory_mb)
-        if res.success:
-            return res.stdout.rstrip("\n")
-        err = "timed out" if res.timed_out else (res.error or "error")
-        return (res.stdout + "Error: " + err).strip()
 
     def _finish_seq(self, s, reason):
         if s.done:
@@ -507,7 +400,8 @@ class Engine:
     def _fail_all(self, error):
         with self.lock:
             with self.cond:
-                reqs, self.waiting = list(self.running) + list(self.waiting), deque()
+                reqs = list(self.running) + list(self.waiting)
+                self.waiting = deque()
             for req in reqs:
                 req.error = error
                 self._finish_request(req, "error")

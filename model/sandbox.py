@@ -1,8 +1,9 @@
 """Run untrusted Python (model tool calls, HumanEval solutions) in a throw-away jail.
 
-    from model.sandbox import run_python
+    from model.sandbox import run_python, run_tool_call
     r = run_python("print(6 * 7)", timeout=5.0, memory_mb=256)
     r.success, r.stdout, r.error, r.timed_out, r.jail      # True, "42\\n", None, False, "bwrap"
+    run_tool_call("6 * 7", timeout=5.0, memory_mb=256)       # "42": the model's tool call, REPL-style
 
 Defense in depth; any one layer failing still leaves the others:
 1. A separate process in its own session / process group, killed as a group (SIGKILL) on timeout or when done,
@@ -25,14 +26,18 @@ Defense in depth; any one layer failing still leaves the others:
    Without bwrap (a fresh machine, a container without user namespaces) the call still runs on layers 1-3 and
    says so in `ExecResult.jail` ("none: <why>").
 
-nanochat's sandbox (layers 1-2 + nulled functions) leaks network and ctypes; tests/test_sandbox.py shows both
-blocked here, each with the audit hook alone and, where bwrap exists, with the jail alone.
+nanochat's sandbox (layers 1-2 + nulled functions,
+https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) leaks network and ctypes;
+tests/test_sandbox.py shows both blocked here, each with the audit hook alone and, where bwrap exists, with the jail
+alone.
 """
+import ast
 import json
 import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -226,7 +231,6 @@ def bwrap_available():
 
 def _world_readable(path):
     """Can any user reach and read `path` (o+x on every parent, o+rx on path)?"""
-    import stat
     parts = os.path.realpath(path).split("/")
     for i in range(2, len(parts) + 1):
         mode = os.stat("/".join(parts[:i]) or "/").st_mode
@@ -356,6 +360,33 @@ def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     return _run(code, timeout=timeout, memory_mb=memory_mb, max_output=max_output)
+
+
+def _print_last_expression(code):
+    """`code` with a trailing expression statement wrapped in print(), as a REPL shows it; unchanged if the code
+    ends otherwise or does not parse (the sandbox then reports the SyntaxError)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return code
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return code
+    last = tree.body[-1]
+    tree.body[-1] = ast.Expr(ast.Call(ast.Name("print", ast.Load()), [last.value], []))
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def run_tool_call(code, timeout=5.0, memory_mb=256):
+    """Run a model's python tool call (the text between <|python_start|> and <|python_end|>) -> the tool's answer.
+
+    A trailing expression is printed, REPL-style, so a calculator call such as `12 * 7` answers "84". The answer is
+    stdout without its final newline; a failed call answers its stdout followed by "Error: <reason>" ("Error: timed
+    out"). Limits as run_python: timeout in seconds, memory_mb of address space."""
+    res = run_python(_print_last_expression(code), timeout=timeout, memory_mb=memory_mb)
+    if res.success:
+        return res.stdout.rstrip("\n")
+    err = "timed out" if res.timed_out else (res.error or "error")
+    return (res.stdout + "Error: " + err).strip()
 
 
 if __name__ == "__main__":

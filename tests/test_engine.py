@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+from model import sandbox
 from model.engine import Engine
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import SPECIAL_TOKENS
@@ -224,7 +225,7 @@ def test_tool_use_forces_output(monkeypatch):
         calls.append((code, timeout, memory_mb))
         return types.SimpleNamespace(stdout="3\n", stderr="", error=None, timed_out=False, success=True)
 
-    monkeypatch.setitem(__import__("sys").modules, "model.sandbox", types.SimpleNamespace(run_python=run_python))
+    monkeypatch.setattr(sandbox, "run_python", run_python)  # run_tool_call's REPL rewrite still runs
     engine = Engine(tiny_model(ScriptedGPT), TOK, tool_timeout=2.0, tool_memory_mb=64)
     prompt = [SP["<|bos|>"], SP["<|user_start|>"], ord("x"), SP["<|user_end|>"], SP["<|assistant_start|>"]]
     seqs, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=20, temperature=0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from model.sandbox import ExecResult, _run, bwrap_available, run_python
+from model.sandbox import ExecResult, _run, bwrap_available, run_python, run_tool_call
 
 HAS_BWRAP = bwrap_available()[0]
 LAYERS = [pytest.param({}, id="all-layers"), pytest.param({"jail": False}, id="audit-only"),
@@ -36,6 +36,16 @@ def test_user_exception_and_temp_dir_writes():
     r = run_python("open('a.txt', 'w').write('hi')\nprint(open('a.txt').read())\n1 / 0")
     assert not r.success and r.stdout == "hi\n"
     assert r.error == "ZeroDivisionError: division by zero"
+
+
+def test_tool_call_answers_repl_style():
+    """What the engine forces back after a model's <|python_start|> ... <|python_end|>."""
+    assert run_tool_call("12 * 7") == "84"  # a trailing expression is printed
+    assert run_tool_call("x = 3\nprint('x is', x)\nx + 1") == "x is 3\n4"
+    assert run_tool_call("x = 3") == ""
+    assert run_tool_call("print('so far')\n1 / 0") == "so far\nError: ZeroDivisionError: division by zero"
+    assert run_tool_call("12 *").startswith("Error: SyntaxError")
+    assert run_tool_call("while True:\n    pass", timeout=1.0) == "Error: timed out"
 
 
 def test_infinite_loop():
@@ -67,7 +77,8 @@ def test_memory_bomb():
 
 def test_os_system_and_subprocess():
     for code in ["import os; os.system('echo pwned')", "import subprocess; subprocess.run(['echo', 'pwned'])",
-                 "import os; os.execv('/bin/echo', ['echo', 'pwned'])", "import os; os.posix_spawn('/bin/echo', ['echo'], {})",
+                 "import os; os.execv('/bin/echo', ['echo', 'pwned'])",
+                 "import os; os.posix_spawn('/bin/echo', ['echo'], {})",
                  "import os; os.popen('echo pwned').read()", "import pty; pty.spawn('/bin/sh')"]:
         r = run_python(code)
         assert not r.success and "pwned" not in r.stdout, code
