@@ -12,6 +12,12 @@ import sys
 
 import torch
 
+import kernels
+from model.checkpoint import find_last_checkpoint, load_model
+from model.common import UserError, home_dir
+from model.engine import Engine
+from model.tokenizer import IncrementalDecoder
+
 # The command that produces each stage's checkpoint (said when it is missing).
 TRAIN_COMMANDS = {
     "base": "python -m train.base --preset tiny   (or `make run` for the whole tiny pipeline)",
@@ -27,15 +33,12 @@ class NoCheckpoint(SystemExit):
 
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
-    from model.common import home_dir
-    from model.checkpoint import find_last_checkpoint, load_model
     if source not in TRAIN_COMMANDS:
         raise ValueError(f"unknown source {source!r}: choose one of {', '.join(TRAIN_COMMANDS)}")
     if find_last_checkpoint(source, run) is None:
         where = f"{home_dir()}/checkpoints/{source}" + (f"/{run}" if run else "")
         raise NoCheckpoint(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
                            f"\n(or point TRITONCHAT_HOME at the directory that holds your checkpoints)")
-    from model.common import UserError
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer, meta = load_model(source, device=device, run=run)
@@ -44,23 +47,6 @@ def load_chat_model(source, device=None, run=None):
     if tokenizer is None:
         raise NoCheckpoint(f"no tokenizer found for the {source} checkpoint; train one: python -m train.tokenizer")
     return model, tokenizer, meta
-
-
-class StreamPrinter:
-    """Incremental detokenization: print only complete UTF-8 text (a token can end mid-character)."""
-
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer, self.out, self.ids, self.sent = tokenizer, out or sys.stdout, [], 0
-
-    def add(self, token, final=False):
-        if token is not None:
-            self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:
-            return
-        self.out.write(text[self.sent:])
-        self.out.flush()
-        self.sent = len(text)
 
 
 def assistant_content(tokenizer, ids):
@@ -89,24 +75,22 @@ def assistant_content(tokenizer, ids):
 def respond(engine, tokenizer, conversation, args, out=None):
     """Stream the assistant's answer to `conversation` to `out`; returns the message content (stop token dropped;
     a str, or parts if the python tool was used)."""
-    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
     prompt = tokenizer.render_for_completion(conversation)
     out = out or sys.stdout
-    printer = StreamPrinter(tokenizer, out)
+    decoder = IncrementalDecoder(tokenizer)
     for tokens, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
                                      temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         token = tokens[0]
-        if token is None or token in stop:
+        if token is None or token in engine.stop_ids:
             break
-        printer.add(token)
-    printer.add(None, final=True)
-    out.write("\n")
+        out.write(decoder.add(token))
+        out.flush()
+    out.write(decoder.flush() + "\n")
     out.flush()
-    return assistant_content(tokenizer, printer.ids)
+    return assistant_content(tokenizer, decoder.ids)
 
 
 def main(argv=None):
-    import kernels
     parser = argparse.ArgumentParser(description="chat with a tritonchat checkpoint",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", default="sft", choices=list(TRAIN_COMMANDS), help="which stage to load")
@@ -122,7 +106,6 @@ def main(argv=None):
     kernels.set_mode(args.kernels)
 
     model, tokenizer, meta = load_chat_model(args.source, args.device, args.run)
-    from model.engine import Engine
     engine = Engine(model, tokenizer)
     conversation = {"messages": []}
     if args.prompt is not None:

@@ -16,7 +16,8 @@ Endpoints
   Other OpenAI fields (model, stop, presence_penalty, ...) are accepted and ignored. Tool calls of the model
   (<|python_start|> ... <|python_end|> and the forced <|output_start|> ... <|output_end|>) appear in the content
   as those literal markers.
-- GET /v1/models, GET /health, GET / (a one-file web chat page that streams).
+- GET /v1/models, GET /health, GET / (the web chat page model/chat.html, which streams; served the way nanochat
+  serves its ui.html, https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py).
 
 Robustness: every bad request (malformed JSON, wrong types, empty or unknown-role messages, a prompt + max_tokens
 beyond the context, a body over --max-body-bytes) gets a 4xx with OpenAI's error body
@@ -24,12 +25,12 @@ beyond the context, a body over --max-body-bytes) gets a 4xx with OpenAI's error
 that disconnects mid-stream cancels its request (its KV blocks are freed); an engine failure is a 500, never a dead
 server.
 
-Batching: with the Engine's continuous-batching API (submit / start / Request.stream), requests arriving at any
-time join the running decode batch between steps ("continuous", the default). An engine without it is driven with
-one lock around `engine.generate` ("lock", one request at a time). GET /health says which.
+Batching: continuous. Requests arriving at any time are submitted to the Engine, whose background thread lets them
+join the running decode batch between steps (Engine.submit / start / Request.stream).
 """
 import argparse
 import asyncio
+import importlib.resources
 import json
 import os
 import queue
@@ -37,11 +38,17 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import kernels
+from model.chat import load_chat_model
+from model.engine import Engine
+from model.tokenizer import IncrementalDecoder
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -53,7 +60,11 @@ class EngineError(RuntimeError):
 class APIError(Exception):
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status = status  # HTTP status
+        self.message = message
+        self.type = type_     # OpenAI's error type, e.g. "invalid_request_error"
+        self.param = param    # the offending request field, if any
+        self.code = code      # a machine-readable reason, e.g. "context_length_exceeded"
 
 
 def error_response(status, message, type_="invalid_request_error", param=None, code=None):
@@ -61,6 +72,19 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
 
 
 # ------------------------------------------------------------------------------------------------- validation
+@dataclass
+class ChatParams:
+    """A validated chat-completions request."""
+    prompt: list[int]      # token ids of the rendered conversation, ending in <|assistant_start|>
+    temperature: float     # 0 = greedy
+    top_k: int | None
+    n: int                 # samples of the one prompt
+    seed: int
+    max_tokens: int        # per sample; prompt + max_tokens fits the context
+    stream: bool
+    include_usage: bool    # stream_options.include_usage
+
+
 def _number(body, name, default, lo, hi, integer=False):
     value = body.get(name, default)
     if value is None:
@@ -76,7 +100,7 @@ def _number(body, name, default, lo, hi, integer=False):
 
 
 def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
-    """Validated generation parameters + prompt ids from a chat-completions JSON body; APIError(400) otherwise."""
+    """A chat-completions JSON body -> ChatParams; APIError(400) naming the offending field otherwise."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     messages = body.get("messages")
@@ -129,89 +153,34 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-    return dict(prompt=prompt, temperature=temperature, top_k=top_k, n=n,
-                seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-                max_tokens=max_tokens, stream=bool(stream), include_usage=bool(opts.get("include_usage")))
+    return ChatParams(prompt=prompt, temperature=temperature, top_k=top_k, n=n,
+                      seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+                      max_tokens=max_tokens, stream=bool(stream), include_usage=bool(opts.get("include_usage")))
 
 
 # ------------------------------------------------------------------------------------------------- generation
-class _Detok:
-    """Incremental detokenizer for one sample: emits only complete UTF-8 text (a token may end mid-character)."""
-
-    def __init__(self, tokenizer, stop_ids):
-        self.tok, self.stop_ids, self.ids, self.sent = tokenizer, stop_ids, [], 0
-
-    def add(self, token, final=False):
-        if token is not None and token not in self.stop_ids:
-            self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        new, self.sent = text[self.sent:], len(text)
-        return new
-
-
-class _LockedJob:
-    """The fallback for an engine without continuous batching: one generation at a time under a lock, in a thread,
-    with the same surface as engine.Request (events queue of columns then None, finish_reasons, completions)."""
-
-    def __init__(self, engine, lock, p, stop_ids):
-        self.events, self.cancelled, self.done, self.error = queue.Queue(), False, False, None
-        self.finish_reasons = [None] * p["n"]
-        self.completions = [[] for _ in range(p["n"])]
-        threading.Thread(target=self._run, args=(engine, lock, p, stop_ids), daemon=True).start()
-
-    def _run(self, engine, lock, p, stop_ids):
-        try:
-            with lock:
-                gen = engine.generate(p["prompt"], num_samples=p["n"], max_tokens=p["max_tokens"],
-                                      temperature=p["temperature"], top_k=p["top_k"], seed=p["seed"])
-                for col, mcol in gen:
-                    if self.cancelled:
-                        gen.close()
-                        break
-                    for i, t in enumerate(col):
-                        if t is not None and self.finish_reasons[i] is None:
-                            self.completions[i].append(t)
-                            if t in stop_ids:
-                                self.finish_reasons[i] = "stop"
-                    self.events.put((col, mcol))
-            self.finish_reasons = [r or ("cancelled" if self.cancelled else "length") for r in self.finish_reasons]
-        except Exception as e:  # reported to the client as a 500
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.done = True
-            self.events.put(None)
-
-
 class ChatService:
-    """Owns the engine and the admission control; turns validated requests into completions / chunk streams."""
+    """Owns the engine (started here, stepping in its background thread) and the admission control; turns validated
+    requests into completions / chunk streams. The limits are the largest values a request may ask for."""
 
     def __init__(self, engine, tokenizer, model_name="tritonchat", max_concurrency=8, max_tokens_limit=1024,
-                 max_n=8, max_body_bytes=1 << 20, batching="auto"):
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.max_concurrency, self.max_tokens_limit = max_concurrency, max_tokens_limit
-        self.max_n, self.max_body_bytes = max_n, max_body_bytes
-        continuous = all(hasattr(engine, a) for a in ("submit", "start", "cancel"))
-        if batching == "continuous" and not continuous:
-            raise ValueError("this engine has no continuous-batching API (submit/start/cancel); use batching='lock'")
-        self.batching = "continuous" if continuous and batching != "lock" else "lock"
-        self.lock = threading.Lock()
+                 max_n=8, max_body_bytes=1 << 20):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_concurrency = max_concurrency
+        self.max_tokens_limit = max_tokens_limit
+        self.max_n = max_n
+        self.max_body_bytes = max_body_bytes
         self.in_flight = 0
-        self.slots = threading.Lock()
+        self.slots = threading.Lock()  # guards in_flight
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency + 2, thread_name_prefix="chat-wait")
-        special = tokenizer.encode_special
-        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
         # the context the model was trained at (the engine's rotary tables reach further, the model's skill not)
-        model = getattr(engine, "model", None)
-        limits = [getattr(getattr(model, "config", None), "sequence_len", None), getattr(engine, "max_context", None)]
-        self.max_context = min(x for x in limits if x)
-        if self.batching == "continuous":
-            engine.start()
+        self.max_context = min(engine.model.config.sequence_len, engine.max_context)
+        engine.start()
 
     def close(self):
-        if self.batching == "continuous":
-            self.engine.stop()
+        self.engine.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # admission control: a fixed number of requests in flight, the rest are told to come back (429)
@@ -221,48 +190,46 @@ class ChatService:
                 raise APIError(429, f"the server is busy ({self.in_flight} requests in flight); retry shortly",
                                type_="rate_limit_error", code="too_many_requests")
             self.in_flight += 1
-        return _Slot(self)
+        return _ConcurrencySlot(self)
 
-    def start(self, p):
-        if self.batching == "continuous":
-            return self.engine.submit(p["prompt"], num_samples=p["n"], max_tokens=p["max_tokens"],
-                                      temperature=p["temperature"], top_k=p["top_k"], seed=p["seed"])
-        return _LockedJob(self.engine, self.lock, p, self.stop_ids)
+    def start(self, params):
+        """Submit a validated request to the engine -> its engine.Request (ValueError if the engine refuses it)."""
+        return self.engine.submit(params.prompt, num_samples=params.n, max_tokens=params.max_tokens,
+                                  temperature=params.temperature, top_k=params.top_k, seed=params.seed)
 
     def cancel(self, job):
-        if job.done:
-            return
-        if self.batching == "continuous":
+        if not job.done:
             self.engine.cancel(job)
-        else:
-            job.cancelled = True
 
     def _next(self, job):
         """Blocking: the job's next column, None at the end; raises if the engine died."""
         while True:
             try:
-                item = job.events.get(timeout=0.5)
+                return job.events.get(timeout=0.5)
             except queue.Empty:
-                thread = getattr(self.engine, "thread", None)
-                if self.batching == "continuous" and (thread is None or not thread.is_alive()):
-                    raise EngineError("the engine stopped")
-                continue
-            return item
+                thread = self.engine.thread
+                if thread is None or not thread.is_alive():
+                    raise EngineError("the engine stopped") from None
 
     async def columns(self, job):
+        """The job's (token_column, mask_column) steps, read without blocking the event loop; EngineError if the
+        engine failed it."""
         loop = asyncio.get_running_loop()
         while True:
             item = await loop.run_in_executor(self.pool, self._next, job)
             if item is None:
-                if getattr(job, "error", None):  # the engine failed this request (e.g. out of GPU memory)
+                if job.error:  # the engine failed this request (e.g. out of GPU memory)
                     raise EngineError(job.error)
                 return
             yield item
 
 
-class _Slot:
+class _ConcurrencySlot:
+    """One admitted request's place under max_concurrency; release() gives it back (once, however often called)."""
+
     def __init__(self, service):
-        self.service, self.held = service, True
+        self.service = service
+        self.held = True
 
     def release(self):
         with self.service.slots:
@@ -300,18 +267,19 @@ def create_app(service):
     @app.get("/health")
     async def health():
         s = service
-        return {"status": "ok", "model": s.model_name, "batching": s.batching, "in_flight": s.in_flight,
-                "max_concurrency": s.max_concurrency, "context": s.max_context,
-                "engine": dict(getattr(s.engine, "stats", {}))}
+        return {"status": "ok", "model": s.model_name, "batching": "continuous", "in_flight": s.in_flight,
+                "max_concurrency": s.max_concurrency, "context": s.max_context, "engine": dict(s.engine.stats)}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
                                             "owned_by": "tritonchat"}]}
 
+    page = chat_page().replace("__MODEL__", service.model_name)
+
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(PAGE.replace("__MODEL__", service.model_name))
+        return HTMLResponse(page)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -319,34 +287,34 @@ def create_app(service):
         slot = s.acquire()  # 429 when full, before reading anything
         try:
             body = await _read_json(request, s.max_body_bytes)
-            p = parse_request(body, s.tokenizer, s.max_context, s.max_tokens_limit, s.max_n)
+            params = parse_request(body, s.tokenizer, s.max_context, s.max_tokens_limit, s.max_n)
             try:
-                job = s.start(p)
+                job = s.start(params)
             except ValueError as e:  # the engine refused the parameters
                 raise APIError(400, str(e)) from None
         except BaseException:
             slot.release()
             raise
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=s.model_name)
-        if p["stream"]:
-            return StreamingResponse(_stream(s, job, p, meta, slot), media_type="text/event-stream",
+        if params.stream:
+            return StreamingResponse(_stream(s, job, params, meta, slot), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(_cleanup, s, job, slot))
         try:
-            detoks = [_Detok(s.tokenizer, s.stop_ids) for _ in range(p["n"])]
-            texts = [""] * p["n"]
+            decoders = [IncrementalDecoder(s.tokenizer) for _ in range(params.n)]
+            texts = [""] * params.n
             async for col, _ in s.columns(job):
                 for i, t in enumerate(col):
-                    if t is not None:
-                        texts[i] += detoks[i].add(t)
-            texts = [texts[i] + detoks[i].add(None, final=True) for i in range(p["n"])]
+                    if t is not None and t not in s.engine.stop_ids:
+                        texts[i] += decoders[i].add(t)
+            texts = [texts[i] + decoders[i].flush() for i in range(params.n)]
         finally:
             _cleanup(s, job, slot)
         completion_tokens = sum(len(c) for c in job.completions)
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                    "finish_reason": _finish_reason(job.finish_reasons[i])} for i in range(p["n"])]
-        usage = {"prompt_tokens": len(p["prompt"]), "completion_tokens": completion_tokens,
-                 "total_tokens": len(p["prompt"]) + completion_tokens}
+                    "finish_reason": _finish_reason(job.finish_reasons[i])} for i in range(params.n)]
+        usage = {"prompt_tokens": len(params.prompt), "completion_tokens": completion_tokens,
+                 "total_tokens": len(params.prompt) + completion_tokens}
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
 
     return app
@@ -373,37 +341,36 @@ async def _read_json(request, limit):
                        code="invalid_json") from None
 
 
-async def _stream(s, job, p, meta, slot):
+async def _stream(s, job, params, meta, slot):
     """Server-sent events in OpenAI's chunk format: a role chunk per choice, content deltas, a finish chunk per
     choice, an optional usage chunk, then [DONE]."""
     def chunk(choices, **extra):
         return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
-    n = p["n"]
-    detoks = [_Detok(s.tokenizer, s.stop_ids) for _ in range(n)]
-    finished = [False] * n
+    n = params.n
+    decoders = [IncrementalDecoder(s.tokenizer) for _ in range(n)]
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
         async for col, _ in s.columns(job):
             out = []
             for i, t in enumerate(col):
-                if t is None or finished[i]:
+                if t is None or t in s.engine.stop_ids:
                     continue
-                text = detoks[i].add(t)
+                text = decoders[i].add(t)
                 if text:
                     out.append({"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
             if out:
                 yield chunk(out)
         for i in range(n):
-            tail = detoks[i].add(None, final=True)
+            tail = decoders[i].flush()
             delta = {"content": tail} if tail else {}
             yield chunk([{"index": i, "delta": delta, "logprobs": None,
                           "finish_reason": _finish_reason(job.finish_reasons[i])}])
-        if p["include_usage"]:
+        if params.include_usage:
             c = sum(len(x) for x in job.completions)
-            yield chunk([], usage={"prompt_tokens": len(p["prompt"]), "completion_tokens": c,
-                                   "total_tokens": len(p["prompt"]) + c})
+            yield chunk([], usage={"prompt_tokens": len(params.prompt), "completion_tokens": c,
+                                   "total_tokens": len(params.prompt) + c})
         yield "data: [DONE]\n\n"
     except Exception as e:  # the headers are gone: report in-band, as OpenAI does
         yield "data: " + json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
@@ -412,61 +379,12 @@ async def _stream(s, job, p, meta, slot):
         _cleanup(s, job, slot)
 
 
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>tritonchat</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font-family:system-ui,sans-serif;max-width:760px;margin:0 auto;padding:1rem;background:#fafafa}
-#log .msg{white-space:pre-wrap;padding:.6rem .8rem;margin:.4rem 0;border-radius:8px}
-.user{background:#dbeafe;margin-left:15%}.assistant{background:#fff;border:1px solid #ddd;margin-right:15%}
-.error{background:#fee2e2}form{display:flex;gap:.5rem;margin-top:1rem}textarea{flex:1;height:3.5rem}
-small{color:#666}
-</style></head><body>
-<h3>tritonchat <small>__MODEL__</small></h3>
-<div id="log"></div>
-<form id="f"><textarea id="q" placeholder="Say something (Enter sends, Shift+Enter for a new line)"></textarea>
-<button>Send</button><button type="button" id="clear">Clear</button></form>
-<small>temperature <input id="temp" type="number" value="0.8" step="0.1" min="0" max="2" style="width:4em">
-max tokens <input id="maxtok" type="number" value="256" min="1" style="width:5em"></small>
-<script>
-const log = document.getElementById("log"), q = document.getElementById("q"), messages = [];
-function add(role, text) {
-  const d = document.createElement("div"); d.className = "msg " + role; d.textContent = text;
-  log.appendChild(d); d.scrollIntoView(); return d;
-}
-async function send() {
-  const text = q.value.trim(); if (!text) return;
-  q.value = ""; messages.push({role: "user", content: text}); add("user", text);
-  const out = add("assistant", ""); let reply = "";
-  try {
-    const r = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({messages, stream: true, temperature: +document.getElementById("temp").value,
-                            max_tokens: +document.getElementById("maxtok").value})});
-    if (!r.ok) throw new Error((await r.json()).error.message);
-    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
-    for (;;) {
-      const {value, done} = await reader.read(); if (done) break;
-      buf += dec.decode(value, {stream: true});
-      let i; while ((i = buf.indexOf("\\n\\n")) >= 0) {
-        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const ev = JSON.parse(line.slice(6));
-        if (ev.error) throw new Error(ev.error.message);
-        for (const c of ev.choices) if (c.delta && c.delta.content) { reply += c.delta.content; out.textContent = reply; }
-      }
-    }
-    messages.push({role: "assistant", content: reply});
-  } catch (e) { out.className = "msg error"; out.textContent = "Error: " + e.message; messages.pop(); }
-}
-document.getElementById("f").onsubmit = e => { e.preventDefault(); send(); };
-q.onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
-document.getElementById("clear").onclick = () => { messages.length = 0; log.innerHTML = ""; };
-</script></body></html>
-"""
+def chat_page():
+    """The web chat page, model/chat.html, read from the package (a source checkout or an install alike)."""
+    return importlib.resources.files(__package__ or "model").joinpath("chat.html").read_text(encoding="utf-8")
 
 
 def main(argv=None):
-    import kernels
     parser = argparse.ArgumentParser(description="tritonchat web UI + OpenAI-compatible API",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
@@ -478,20 +396,17 @@ def main(argv=None):
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens accepted")
     parser.add_argument("--max-n", type=int, default=8, help="the largest n accepted")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    parser.add_argument("--batching", default="auto", choices=["auto", "continuous", "lock"])
     kernels.add_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_mode(args.kernels)
 
-    from model.chat import load_chat_model
     model, tokenizer, meta = load_chat_model(args.source, args.device, args.run)
-    from model.engine import Engine
     service = ChatService(Engine(model, tokenizer), tokenizer, model_name=f"tritonchat-{args.source}",
                           max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit,
-                          max_n=args.max_n, max_body_bytes=args.max_body_bytes, batching=args.batching)
-    import uvicorn
+                          max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    import uvicorn  # only the server process needs it; importing this module (tests, tools) does not
     print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}, "
-          f"{service.batching} batching) on http://{args.host}:{args.port}", flush=True)
+          f"continuous batching) on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
     finally:

@@ -250,3 +250,37 @@ def _text(content):
 def get_tokenizer(directory=None):
     """The trained tokenizer at $TRITONCHAT_HOME/tokenizer (or `directory`)."""
     return Tokenizer.load(directory or os.path.join(home_dir(), "tokenizer"))
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, one token at a time, for streaming: a token can end in the middle of a multi-byte
+    UTF-8 character, so text is only handed out once its characters are complete.
+
+        decoder = IncrementalDecoder(tokenizer)
+        for t in ids:
+            out.write(decoder.add(t))  # "" while a character is incomplete
+        out.write(decoder.flush())     # the rest; an incomplete character at the very end becomes U+FFFD
+
+    `decoder.ids` holds every id added. The tokenizer needs only decode(ids) -> str (undecodable bytes as U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.sent = 0  # characters of the decoded text already handed out
+
+    def add(self, token):
+        """Append one token id; returns the newly completed text (possibly "")."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # maybe a character still missing bytes: wait for the next token
+            return ""
+        return self._take(text)
+
+    def flush(self):
+        """Everything not yet handed out, incomplete characters included."""
+        return self._take(self.tokenizer.decode(self.ids))
+
+    def _take(self, text):
+        new = text[self.sent:]
+        self.sent = len(text)
+        return new

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kernels
-from model.chat import StreamPrinter, main
+from model.chat import assistant_content, main
+from model.checkpoint import checkpoint_dir, save_checkpoint
 from model.engine import Engine
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import Tokenizer
@@ -21,7 +22,6 @@ CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """$TRITONCHAT_HOME with tokenizer/ and checkpoints/sft/test/step_000003 of a tiny random model."""
-    from model.checkpoint import checkpoint_dir, save_checkpoint
     path = tmp_path_factory.mktemp("tc_home")
     old_home, old_mode = os.environ.get("TRITONCHAT_HOME"), kernels.get_mode()
     os.environ["TRITONCHAT_HOME"] = str(path)
@@ -80,23 +80,8 @@ def test_repl_streams_and_keeps_the_conversation(home, monkeypatch, capsys):
     assert "(new conversation)" in out
 
 
-def test_stream_printer_holds_partial_utf8(home):
-    _, _, tok = home
-    ids = tok.encode("héllo wörld ✓")
-    out = io.StringIO()
-    printer = StreamPrinter(tok, out)
-    seen = []
-    for t in ids:
-        printer.add(t)
-        seen.append(out.getvalue())
-    printer.add(None, final=True)
-    assert out.getvalue() == "héllo wörld ✓"
-    assert all("\ufffd" not in s for s in seen)  # never printed half a character
-
-
 def test_tool_use_round_trips_into_the_next_turn(home):
     """An answer with a python call + forced output becomes parts, which render back to exactly those tokens."""
-    from model.chat import assistant_content
     _, _, tok = home
     sp = tok.special_tokens
     ids = (tok.encode("So: ") + [sp["<|python_start|>"]] + tok.encode("12 * 7") + [sp["<|python_end|>"]] +

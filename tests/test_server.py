@@ -1,6 +1,6 @@
 """model/server.py: the official `openai` client against the server on 127.0.0.1 (a tiny random model + a tiny
 tokenizer trained here), streaming and not, n=2; malformed requests get OpenAI-style 4xx bodies and the server keeps
-answering; admission control (429); an abandoned stream frees its KV blocks; the single-lock fallback."""
+answering; admission control (429); an abandoned stream frees its KV blocks; an engine failure is a 500."""
 import json
 import socket
 import threading
@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 import torch
+from openai import BadRequestError, InternalServerError, OpenAI, RateLimitError
 
 import kernels
 from model.engine import Engine
@@ -69,7 +70,6 @@ def server(tiny):
 
 @pytest.fixture
 def client(server):
-    from openai import OpenAI
     return OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
@@ -140,7 +140,6 @@ def test_n2_streaming_and_not(client):
 
 
 def test_bad_requests_get_4xx_and_server_survives(server, client, tiny):
-    from openai import BadRequestError
     service, url = server
     url += "/v1/chat/completions"
     ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -196,7 +195,6 @@ def test_bad_requests_get_4xx_and_server_survives(server, client, tiny):
 
 
 def test_concurrency_limit_429(server, client):
-    from openai import RateLimitError
     service, url = server
     held = [service.acquire() for _ in range(service.max_concurrency)]
     try:
@@ -249,7 +247,6 @@ def test_abandoned_stream_frees_blocks(server, monkeypatch):
 
 
 def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeypatch, capsys):
-    from openai import InternalServerError
     service, url = server
     engine = service.engine
     real = engine._admit
@@ -271,34 +268,3 @@ def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeyp
     assert client.chat.completions.create(model="x", messages=MESSAGES, temperature=0,
                                           max_tokens=5).choices[0].message.content == expected
     assert service.in_flight == 0 and engine.cache.num_free() == engine.cache.num_blocks
-
-
-def test_lock_fallback(tiny):
-    """An engine without the continuous-batching API is driven under one lock (same answers)."""
-    model, tok = tiny
-
-    class PlainEngine:  # only the CONTRACTS.md surface: generate()
-        def __init__(self):
-            self.inner = Engine(model, tok)
-            self.model, self.max_context = model, self.inner.max_context
-
-        def generate(self, *args, **kwargs):
-            return self.inner.generate(*args, **kwargs)
-
-    service = ChatService(PlainEngine(), tok, model_name="plain", max_concurrency=2, max_tokens_limit=32)
-    assert service.batching == "lock"
-    srv, th, url = _serve(service)
-    try:
-        from openai import OpenAI
-        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        expected, _ = _greedy(tiny, MESSAGES, 8)
-        r = client.chat.completions.create(model="x", messages=MESSAGES, temperature=0, max_tokens=8)
-        assert r.choices[0].message.content == expected
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="x", messages=MESSAGES, temperature=0, max_tokens=8, stream=True) if c.choices)
-        assert text == expected
-        assert httpx.get(url + "/health").json()["batching"] == "lock"
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
-        service.close()

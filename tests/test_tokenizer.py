@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from model.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, IncrementalDecoder, Tokenizer, get_tokenizer
+from stand_ins import ByteTokenizer
 from tests.test_rustbpe import CORPORA, zipf_corpus
 
 random.seed(0)
@@ -82,6 +83,20 @@ def test_train_rejects_bad_arguments():
         Tokenizer.train("one string", 300)
     with pytest.raises(TypeError, match="item 1"):
         Tokenizer.train(["ok", 5], 300)
+
+
+def test_incremental_decoder_holds_split_characters(tok):
+    text = "héllo wörld ✓ 日本語 😀🦊 e\u0301 👩\u200d💻"
+    # bytes as tokens split every multi-byte character; the trained BPE splits some
+    for tokenizer, ids in ((ByteTokenizer(), list(text.encode("utf-8"))), (tok, tok.encode(text))):
+        decoder = IncrementalDecoder(tokenizer)
+        pieces = [decoder.add(t) for t in ids]
+        assert all("\ufffd" not in piece for piece in pieces)  # never half a character
+        assert "".join(pieces) + decoder.flush() == text
+        assert decoder.ids == ids
+    decoder = IncrementalDecoder(ByteTokenizer())
+    assert [decoder.add(b) for b in "😀".encode("utf-8")] == ["", "", "", "😀"]  # out with its 4th byte
+    assert decoder.add(0xE2) == "" and decoder.flush() == "\ufffd"  # an incomplete tail is flushed as U+FFFD
 
 
 # ---------------------------------------------------------------------------------------------------- conversations
