@@ -108,6 +108,10 @@ class FakeEngine:
         text = self.answer_fn(self.tok.decode(prompt))
         return [prompt + self.tok.encode(text) + [260]] * num_samples, [[0] * len(prompt) + [1] * (len(text) + 1)] * num_samples
 
+    def generate_many(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        return [self.generate_batch(p, num_samples, max_tokens, temperature, top_k, seed + i)
+                for i, p in enumerate(prompts)]
+
 
 def test_generative_accuracy_and_bad_reward():
     tok = CharTok()

@@ -174,8 +174,8 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
         chunk = idx[s:s + batch_size]
         convs = [task[i] for i in chunk]
         prompts = [_prompt_ids(tokenizer, c) for c in convs]
-        results = _generate_many(engine, prompts, num_samples=num_samples, max_tokens=max_tokens,
-                                 temperature=temperature, top_k=top_k, seed=seed + chunk[0])
+        results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
+                                       temperature=temperature, top_k=top_k, seed=seed + chunk[0])
         for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
             ok = 0
             for seq in seqs:
@@ -189,13 +189,6 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
             total += 1
     correct, total = _sum(correct, total)
     return correct / max(total, 1)
-
-
-def _generate_many(engine, prompts, **kw):
-    if hasattr(engine, "generate_many"):
-        return engine.generate_many(prompts, **kw)
-    seed = kw.pop("seed")
-    return [engine.generate_batch(p, seed=seed + j, **kw) for j, p in enumerate(prompts)]
 
 
 def chance_of(task):
