@@ -9,7 +9,7 @@ import sys
 
 from bench import harness
 
-SUITES = ["attention", "relu2_mlp", "newton_schulz", "paged_decode", "tokenizer"]
+SUITES = ["attention", "relu2_mlp", "newton_schulz", "paged_decode", "linear_cross_entropy", "tokenizer"]
 
 
 def main(argv=None):

@@ -6,13 +6,15 @@ Architecture choices (as nanochat's first release):
 - rotary position embeddings (RoPE, base 10 000, half-split convention), then QK-norm
 - grouped-query attention (n_kv_head divides n_head; the recipe uses n_kv_head == n_head)
 - ReLU^2 MLP with hidden width 4C
-- logits soft-capped in fp32: 15 * tanh(logits / 15); cross-entropy ignores targets == -1
+- logits soft-capped in fp32: 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (the mean over a batch
+  whose targets are all ignored is 0, not nan)
 - init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
   projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py)
 
 Attention calls only kernels.attention.fused_attention (raw q/k/v: the kernel rotates and normalises) or, during
-inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp. The kernel mode switch
-(kernels.set_mode) therefore flips the whole model between the Triton kernels and the eager references.
+inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp; the loss calls only
+kernels.linear_cross_entropy.linear_cross_entropy (lm_head, softcap and cross-entropy in one op). The kernel mode
+switch (kernels.set_mode) therefore flips the whole model between the Triton kernels and the eager references.
 
 Built on the meta device and sharded with FSDP2 (train/distributed.py), then `to_empty` + `init_weights()`: the
 init draws every full tensor with the same RNG stream and keeps the local shard, so the weights do not depend on
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import fused_attention
+from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.relu2_mlp import relu2_mlp
 from model.optim import Muon, make_adamw
 
@@ -199,12 +202,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
-        logits = self.lm_head(x).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            logits = self.lm_head(x).float()
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        # lm_head + softcap + cross-entropy in one op, so the fused path never holds the (B*T, V) logits. The weight
+        # is read directly, not through lm_head's forward: under FSDP2 it is the root's gathered full tensor here
+        loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), softcap=SOFTCAP,
+                                    ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     @torch.no_grad()  # not inference_mode: FSDP2 cannot gather its parameters into inference tensors

@@ -179,6 +179,81 @@ def test_dispatch_follows_the_mode():
         kernels.set_mode(prev)
 
 
+def _tiny_gpt():
+    from model.gpt import GPT, GPTConfig
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=97, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+    model.init_weights()
+    model.lm_head.weight.data.normal_(0, 0.5)  # init zeroes lm_head: make the logits and the cap matter
+    g = torch.Generator().manual_seed(4)
+    idx, targets = torch.randint(0, 97, (2, 11), generator=g), torch.randint(0, 97, (2, 11), generator=g)
+    targets[0, :4] = -1
+    return model, idx, targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpt_eager_loss_is_bitwise_unchanged(eager_single_thread, reduction):
+    """GPT.forward's eager loss == the formula it used before: lm_head -> .float() -> softcap -> F.cross_entropy."""
+    model, idx, targets = _tiny_gpt()
+    with torch.no_grad():
+        logits = model(idx)  # the targets=None path: lm_head(x).float(), then 15 tanh(. / 15)
+        want = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1, reduction=reduction)
+        got = model(idx, targets, loss_reduction=reduction)
+    assert torch.equal(got.view(-1) if reduction == "none" else got, want)
+
+
+def test_gpt_fused_loss_matches_eager():
+    """The whole tiny GPT, fused (attention, MLP and this loss on Triton) vs eager: loss and every gradient."""
+    model, idx, targets = _tiny_gpt()
+    results = {}
+    prev = kernels.get_mode()
+    try:
+        for mode in ("eager", "fused"):
+            kernels.set_mode(mode)
+            model.zero_grad(set_to_none=True)
+            loss = model(idx, targets)
+            loss.backward()
+            results[mode] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    finally:
+        kernels.set_mode(prev)
+    for (name, _), e, f in zip([("loss", None)] + list(model.named_parameters()), results["eager"], results["fused"]):
+        torch.testing.assert_close(f, e, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fsdp2_managed_weight(fused):
+    """w as an FSDP2 parameter (world of 1, gloo): read inside the root's forward it is the gathered full tensor;
+    the gradient reaches the sharded parameter through autograd alone."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    class Head(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w.clone())
+
+        def forward(self, h, targets, reduction):
+            return linear_cross_entropy(h, self.weight, targets, reduction=reduction, chunk_size=8)
+
+    owned = not dist.is_initialized()  # another test may have left a group up: reuse it, leave it up
+    if owned:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        h, w, targets = _inputs(19, 16, 70, ignored=(5,))
+        sharded = fully_shard(Head(w))
+        upstream = torch.randn(19, generator=torch.Generator().manual_seed(9))
+        for reduction in ("mean", "none"):
+            sharded.zero_grad(set_to_none=True)
+            loss = sharded(h, targets, reduction)
+            loss.backward(upstream if reduction == "none" else None)
+            ref = _run(linear_cross_entropy_reference, h, w, targets, upstream if reduction == "none" else None,
+                       reduction=reduction)
+            torch.testing.assert_close(loss.detach(), ref[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(sharded.weight.grad.full_tensor(), ref[2], atol=2e-5, rtol=1e-4)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth,N", [(20, 4096), (32, 2048)])
