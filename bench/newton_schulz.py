@@ -4,23 +4,18 @@
 
 GPU (bf16, fp32 accumulation): (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a batch of
 20 x (1280, 1280) -- the shapes of the d12/d20/d32 block matrices -- pass "ns5"; the symmetric Gram product X X^T alone
-(torch matmul vs `_syrk`), pass "gram"; and the whole Muon step (model/optim.py) over the block matrices of a d20
+(torch matmul vs gram_triton), pass "gram"; and the whole Muon step (model/optim.py) over the block matrices of a d20
 model (shapes from GPTConfig.from_depth(20) -> GPT on the meta device), eager vs fused, pass "muon_step".
 TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3 with m <= n; Gram 2 m^2 n), so
 the symmetric kernels show up as a higher effective rate. --quick keeps the shapes the GPU check has time for.
 CPU: tiny fp32 shapes, eager and fused under the Triton interpreter (interpreter timings, not kernel performance).
 """
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
-
-import kernels  # noqa: E402
-from bench import harness  # noqa: E402
-from kernels.newton_schulz import _syrk, newton_schulz, reference_newton_schulz  # noqa: E402
-from model.gpt import GPT, GPTConfig  # noqa: E402
+import kernels
+from bench import harness
+from kernels.newton_schulz import gram_triton, newton_schulz_reference, newton_schulz_triton
+from model.gpt import GPT, GPTConfig
 
 SUITE = "newton_schulz"
 STEPS = 5
@@ -29,15 +24,6 @@ STEPS = 5
 def _ns_flops(batch, rows, cols, steps=STEPS):
     m, n = min(rows, cols), max(rows, cols)
     return batch * steps * (4 * m * m * n + 2 * m ** 3)
-
-
-def _fused_ns(G):
-    kernels.set_mode("fused")
-    return newton_schulz(G, steps=STEPS)
-
-
-def _can_fuse():
-    return harness.on_gpu() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_matrix_shapes(depth):
@@ -58,7 +44,7 @@ def _muon_step_rows(depth, dev, quick):
     case = {"op": "muon_step", "depth": depth, "matrices": len(shapes)}
     flops = sum(_ns_flops(1, *s) for s in shapes)
     rows = []
-    for name in ("eager", "fused") if _can_fuse() else ("eager",):
+    for name in ("eager", "fused"):  # the optimizer calls the dispatcher: flip the mode (outside the timed call)
         kernels.set_mode(name)
         t = harness.bench(opt.step, quick=quick, rep=None if harness.on_gpu() else 1)  # CPU: interpreter, slow
         rows.append(harness.row(SUITE, case, name, "muon_step", t["ms"], flops=flops, ms_p20=t["ms_p20"],
@@ -78,12 +64,11 @@ def run(quick):
         ns_shapes = [(1, 768, 768), (1, 1280, 1280), (1, 1280, 5120), (1, 5120, 1280), (1, 4096, 4096),
                      (20, 1280, 1280)]
         gram_shapes, depth = [(1, 1280, 1280), (1, 1280, 5120), (1, 4096, 4096), (20, 1280, 1280)], 20
-    providers = {"eager": lambda G: reference_newton_schulz(G, steps=STEPS)}
+    providers = {"eager": lambda G: newton_schulz_reference(G, steps=STEPS)}
     if gpu:
-        compiled = torch.compile(reference_newton_schulz, dynamic=False)
+        compiled = torch.compile(newton_schulz_reference, dynamic=False)
         providers["compile"] = lambda G: compiled(G, steps=STEPS)
-    if _can_fuse():
-        providers["fused"] = _fused_ns
+    providers["fused"] = lambda G: newton_schulz_triton(G, steps=STEPS)
 
     prev = kernels.get_mode()
     rows = []
@@ -99,9 +84,7 @@ def run(quick):
             X = torch.randn(batch, m, n, device=dev, dtype=dtype)
             A = torch.empty(batch, m, m, device=dev, dtype=dtype)
             case = {"op": "gram", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
-            gram = {"eager": lambda: torch.bmm(X, X.mT, out=A)}
-            if _can_fuse():
-                gram["fused"] = lambda: _syrk(X, A)
+            gram = {"eager": lambda: torch.bmm(X, X.mT, out=A), "fused": lambda: gram_triton(X, out=A)}
             for name, fn in gram.items():
                 t = harness.bench(fn, quick=quick)
                 rows.append(harness.row(SUITE, case, name, "gram", t["ms"], flops=2 * batch * m * m * n,

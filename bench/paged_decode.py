@@ -4,8 +4,9 @@
 
 Kernel rows (GPU, bf16, D = 128, H = 16, Hkv in {16, 4}, block_size in {16, 64}, batch in {1, 8, 64, 256},
 context in {1k, 4k, 16k, 32k}; every sequence at the full context, pages shuffled in the pool):
-  fused       kernels.paged_decode (Triton split-KV, one page read per GQA group)
-  eager       the reference: gather the pages to a dense (B, L, Hkv, D) copy, then SDPA with a length mask
+  fused       paged_decode_attention_triton (split-KV, one page read per GQA group)
+  eager       paged_decode_attention_reference: gather the pages to a dense (B, L, Hkv, D) copy, then SDPA with a
+              length mask
   sdpa_dense  a plain dense-cache decode: SDPA on a contiguous (B, Hkv, L, D) cache (no paging at all)
 GB/s counts the bytes a decode step must move: K + V of every valid token, plus q and the output; the harness adds
 the fraction of the device copy bandwidth measured in the same run (pct_peak_copy). Cases whose cache does not fit
@@ -16,22 +17,17 @@ bf16, 256-token prompts; tokens/s = B / time of one decode step, measured over N
 CPU: tiny fp32 shapes, eager / sdpa_dense / fused under the Triton interpreter: a smoke test of the code path; those
 timings measure the interpreter, not the kernel.
 """
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
-
-import kernels  # noqa: E402
-from bench import harness  # noqa: E402
-from kernels.paged_decode import _paged_decode, reference_paged_decode_attention  # noqa: E402
+import kernels
+from bench import harness
+from kernels.paged_decode import paged_decode_attention_reference, paged_decode_attention_triton
+from model.tokenizer import SPECIAL_TOKENS
 
 SUITE = "paged_decode"
-SPECIAL = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-           "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 
 def _cases(quick):
@@ -68,9 +64,9 @@ def _kernel_rows(quick):
         table = torch.randperm(nblk, device=dev).view(B, -1).to(torch.int32)  # fragmented pool
         seq_lens = torch.full((B,), L, device=dev, dtype=torch.int32)
         q = torch.randn(B, H, D, device=dev, dtype=dtype)
-        provs = {"fused": lambda: _paged_decode(q, k_cache, v_cache, table, seq_lens)}
+        provs = {"fused": lambda: paged_decode_attention_triton(q, k_cache, v_cache, table, seq_lens)}
         if 1.2 * cache_bytes < _free_bytes():
-            provs["eager"] = lambda: reference_paged_decode_attention(q, k_cache, v_cache, table, seq_lens)
+            provs["eager"] = lambda: paged_decode_attention_reference(q, k_cache, v_cache, table, seq_lens)
         for name, fn in provs.items():
             try:
                 t = harness.bench(fn, quick=quick)
@@ -104,7 +100,7 @@ class _StandInTokenizer:
     bos_token_id = 0
 
     def encode_special(self, name):
-        return SPECIAL.index(name)
+        return SPECIAL_TOKENS.index(name)
 
     def encode(self, text, prepend=None, append=None):
         return [10 + b for b in text.encode()]

@@ -4,37 +4,27 @@
 
 GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps
 (8k tokens, d20) and (32k tokens, d32) only (the GPU check's time budget). TFLOP/s from the explicit count
-4*M*C*F for the forward (two GEMMs of 2*M*C*F) and twice that for the backward (four GEMMs). Peak memory = torch.cuda.max_memory_allocated above the inputs
-while the pass runs (the "fwd" row holds the autograd graph, i.e. the saved activations).
+4*M*C*F for the forward (two GEMMs of 2*M*C*F) and twice that for the backward (four GEMMs). Peak memory =
+torch.cuda.max_memory_allocated above the inputs while the pass runs (the "fwd" row holds the autograd graph, i.e.
+the saved activations). Providers: eager (relu2_mlp_reference), compile (torch.compile of it), fused
+(relu2_mlp_triton).
 CPU: a tiny fp32 smoke case, eager and fused under the Triton interpreter (no compile: too slow for a smoke run);
 those timings measure the interpreter, not the kernel.
 """
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
-
-import kernels  # noqa: E402
-from bench import harness  # noqa: E402
-from kernels.relu2_mlp import relu2_mlp, reference_relu2_mlp  # noqa: E402
-from model.gpt import GPTConfig  # noqa: E402
+from bench import harness
+from kernels.relu2_mlp import relu2_mlp_reference, relu2_mlp_triton
+from model.gpt import GPTConfig
 
 SUITE = "relu2_mlp"
 
 
-def _fused(x, w_fc, w_proj):
-    kernels.set_mode("fused")
-    return relu2_mlp(x, w_fc, w_proj)
-
-
 def _providers():
-    prov = {"eager": reference_relu2_mlp}
+    prov = {"eager": relu2_mlp_reference}
     if harness.on_gpu():
-        prov["compile"] = torch.compile(reference_relu2_mlp, dynamic=False)  # one graph per shape
-    if harness.on_gpu() or os.environ.get("TRITON_INTERPRET") == "1":
-        prov["fused"] = _fused
+        prov["compile"] = torch.compile(relu2_mlp_reference, dynamic=False)  # one graph per shape
+    prov["fused"] = relu2_mlp_triton
     return prov
 
 
@@ -48,31 +38,27 @@ def _cases(quick):
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
     cases, dtype = _cases(quick)
-    prev = kernels.get_mode()
     rows = []
-    try:
-        for M, C in cases:
-            Fh = 4 * C
-            x = torch.randn(M, C, device=dev, dtype=dtype, requires_grad=True)
-            w_fc = (torch.randn(Fh, C, device=dev, dtype=dtype) / C ** 0.5).requires_grad_(True)
-            w_proj = (torch.randn(C, Fh, device=dev, dtype=dtype) / Fh ** 0.5).requires_grad_(True)
-            dy = torch.randn(M, C, device=dev, dtype=dtype)
-            inputs = (x, w_fc, w_proj)
-            case = {"tokens": M, "C": C, "F": Fh, "dtype": str(dtype).replace("torch.", "")}
-            flops = 4 * M * C * Fh  # forward: two GEMMs of 2*M*C*F
-            for name, fn in _providers().items():
-                fwd = lambda: fn(*inputs)
-                y = fwd()
-                bwd = lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
-                both = lambda: torch.autograd.grad(fwd(), inputs, dy)
-                for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2 * flops), ("fwd+bwd", both, 3 * flops)):
-                    t = harness.bench(f, quick=quick)
-                    peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
-                    rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
-                                            ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
-                del y
-    finally:
-        kernels.set_mode(prev)
+    for M, C in cases:
+        Fh = 4 * C
+        x = torch.randn(M, C, device=dev, dtype=dtype, requires_grad=True)
+        w_fc = (torch.randn(Fh, C, device=dev, dtype=dtype) / C ** 0.5).requires_grad_(True)
+        w_proj = (torch.randn(C, Fh, device=dev, dtype=dtype) / Fh ** 0.5).requires_grad_(True)
+        dy = torch.randn(M, C, device=dev, dtype=dtype)
+        inputs = (x, w_fc, w_proj)
+        case = {"tokens": M, "C": C, "F": Fh, "dtype": str(dtype).replace("torch.", "")}
+        flops = 4 * M * C * Fh  # forward: two GEMMs of 2*M*C*F
+        for name, fn in _providers().items():
+            fwd = lambda: fn(*inputs)
+            y = fwd()
+            bwd = lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+            both = lambda: torch.autograd.grad(fwd(), inputs, dy)
+            for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2 * flops), ("fwd+bwd", both, 3 * flops)):
+                t = harness.bench(f, quick=quick)
+                peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
+                rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
+                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+            y = None  # free this provider's graph before the next one runs
     return harness.add_ratios(rows, "eager")
 
 

@@ -1,8 +1,9 @@
 """The eager / fused switch, in one place.
 
-Every kernel family in this package exposes a public function (`fused_attention`, `relu2_mlp`, `newton_schulz`,
-`paged_decode_attention`, `write_kv`) that dispatches on the mode set here, and a `reference_*` twin in plain
-PyTorch. Flip one switch and the whole stack (model, optimizer, engine) runs on the references:
+Every kernel family in this package ends with the same three public functions: `<name>` dispatches on the mode set
+here, `<name>_triton` always runs the Triton kernels, `<name>_reference` is plain PyTorch with the same signature
+(attention, relu2_mlp, newton_schulz, paged_decode_attention, write_kv). Flip one switch and the whole stack (model,
+optimizer, engine) runs on the references:
 
     kernels.set_mode("eager")          # or "fused", or "auto"
     TRITONCHAT_KERNELS=eager python -m train.base ...
@@ -45,6 +46,7 @@ def get_mode():
 
 
 def use_fused():
+    """True when the kernel families should dispatch to Triton (the resolved mode is 'fused')."""
     return get_mode() == "fused"
 
 

@@ -1,9 +1,10 @@
 """Fused RoPE + QK-norm flash attention, forward and backward in Triton.
 
-Contract (DESIGN.md): fused_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None)
-  q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0, cos and sin (T, D/2) -> (B, T, H, D).
+attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None)
+  q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0, cos and sin (T, D/2) -> (B, T, H, D), q's dtype.
 Per head: rotate (x1, x2 = halves of D; y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos), RMS-normalise q and k over D
-(no weight), then softmax(q k^T * scale [causal]) v, scale = 1/sqrt(D) by default.
+(no weight), then softmax(q k^T * scale [causal]) v, scale = 1/sqrt(D) by default. Differentiable w.r.t. q, k, v.
+Triton path: fp32/fp16/bf16, D a power of two in [16, 256]; a bad shape is a ValueError, a bad dtype a TypeError.
 
 Maths. Per row x (one token, one head): y = R_t x (the rotation at position t), rstd = (mean(y^2) + eps)^-1/2,
 x_hat = y * rstd (x_hat = y when qk_norm=False). Attention on the hats, FlashAttention-2 style: S = q_hat k_hat^T *
@@ -31,29 +32,19 @@ Kernels and what is fused:
   Saved for backward: q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin -- the hats replace q and k (same bytes),
   so nothing extra is kept compared with saving the raw inputs.
 
-Design choice (made WITHOUT a GPU measurement -- none was available; bench/attention.py is where to check it):
-the issue asks for RoPE + norm on every tile load; DESIGN.md allows a measured-faster alternative. Here Q is done
-on load (free: once per program, outside the loop), K in a light pre-pass. Rotating K inside the inner loop would
-redo the same O(T D) work T/BLOCK_M x (H/Hkv) times, on CUDA cores, inside the loop whose non-matmul work (the
-softmax exponentials) already limits FlashAttention on Hopper: per 128 x 64 step, ~10 FP32 ops per K element plus a
-cos/sin tile load and two register-layout shuffles, against ~0.6 us of wgmma -- an estimated 20-30 % on every
-step, at every T. The backward would also have to re-derive q_hat / k_hat per step, or have k_hat written anyway.
-The pre-pass instead costs one read + one write of K, O(1/T) of the attention: by bandwidth arithmetic (~3.3 TB/s)
-~0.08 ms for the bench shape (32k tokens, Hkv = 16, D = 128, bf16) = ~5 % of an (estimated) fwd+bwd at T = 2k
-with H = Hkv, ~1 % with Hkv = 4, less at longer T. The backward needs k_hat anyway (it is what is saved).
-The alternative is kept, forward only, to time against on a GPU: `triton_attention_forward_k_in_loop` (K_ROPE:
-no pre-pass, each K tile rotated + normalised in `_attn_fwd_inner`); bench/attention.py times it as "fused_kloop".
-
-Checked without a GPU: every Hopper config below compiles ahead of time for sm_90 (triton.compile with a
-GPUTarget), its SASS uses HGMMA (wgmma), and none spills registers to local memory inside the inner loops.
+K is rotated and normalised in a pre-pass (one extra read + write of K), Q on load. `attention_forward_kloop_triton`
+rotates each K tile in the inner loop instead (forward only); which is faster is not measured on GPU:
+`python -m bench.attention` (rows "fused" vs "fused_kloop").
 
 Why it beats eager: eager writes rotated and normalised copies of q and k (several elementwise kernels, each a
 full HBM round trip, and their autograd saves intermediates), then SDPA. Here q's rotation/norm never costs a
 separate pass, k's costs one, and the backward's chain rule through norm and rotation is fused into the dq/dk
-epilogues instead of ~6 elementwise backward kernels.
+epilogues instead of ~6 elementwise backward kernels. Not measured on GPU yet: `python -m bench.attention`.
 
-torch.compile: `triton_attention` is marked torch.compiler.disable, so a compiled model graph-breaks around it
-(registering it with torch.library.triton_op would keep the graph whole; not done).
+References:
+  * FlashAttention-2 (Dao, 2023): https://arxiv.org/abs/2307.08691
+  * Triton tutorial 06, fused attention (kernel names and the two-kernel backward):
+    https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html
 """
 import math
 import os
@@ -64,34 +55,32 @@ import triton
 import triton.language as tl
 
 import kernels
+from kernels._common import LOG2E, configs, dot_precision
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # the interpreter costs ~ms per program x loop step regardless of tile size: one small fixed config each
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    _DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-else:
-    # Hopper (H100/H200), D = 64/128, bf16. Invariants: fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0
-    # (the causal diagonal then falls in whole blocks). Not timed (no GPU yet), but each was compiled ahead of time
-    # for sm_90 and its SASS read: all use HGMMA (wgmma), and none spills to local memory inside the inner loops for
-    # D = 64 or 128 (4-warp variants with 128-wide tiles and D = 128 did: 2 fp32 accumulators of 128 x 128 do not fit
-    # in 128 threads' registers). Three per kernel: each (D, causal, dtype) compiles all of them once.
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]]
-    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                     for bm, bn, w, s in [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)]]
-    _DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]]
+# Hopper (H100/H200), D = 64/128, bf16; fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal
+# diagonal then falls in whole blocks). Not timed on GPU; `python -m bench.sass` shows their wgmma use and spills.
+_FWD_CONFIGS = configs(
+    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]],
+    interpret=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)])
+_DKDV_CONFIGS = configs(
+    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)]],
+    interpret=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)])
+_DQ_CONFIGS = configs(
+    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]],
+    interpret=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)])
 # T is not specialised (do_not_specialize): one compiled variant serves every length.
 # Autotune key: T rounded up to a power of two (so the engine's varying prompt lengths don't retune every call),
 # the head dim and causality; Triton adds the tensor dtypes.
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
-def _autotune_prune(configs, nargs, **kwargs):
+def _autotune_prune(candidates, nargs, **kwargs):
     """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no compile-all-and-time sweep.
     The GPU tests use it for their many small shapes; training and benchmarks keep autotuning."""
-    return configs[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else configs
+    return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,10 +153,10 @@ def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, K_ROPE: tl.constexpr, QK_NORM: tl.constexpr,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, K_IN_LOOP: tl.constexpr, QK_NORM: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASK: apply the sequence-end mask (and the causal one if CAUSAL).
-    K_ROPE: K is raw and each tile is rotated + normalised here (the in-loop alternative, forward only)."""
+    K_IN_LOOP: K is raw and each tile is rotated + normalised here (the in-loop alternative, forward only)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -178,7 +167,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, ro
         else:
             k = tl.load(K + kv_offs)
             v = tl.load(V + kv_offs)
-        if K_ROPE:
+        if K_IN_LOOP:
             cos, sin = _load_cos_sin(COS, SIN, cols, cols < T, HEAD_DIM // 2)
             k, _ = _rope_norm(k.to(tl.float32), cos, sin, eps, QK_NORM, BLOCK_N, HEAD_DIM // 2)
             k = k.to(v.dtype)
@@ -197,13 +186,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, ro
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_ROPE"],
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_IN_LOOP"],
                  prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
-def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
+def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-              K_ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass (or raw k if K_ROPE); Q is raw and
+              K_IN_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass (or raw k if K_IN_LOOP); Q is raw and
     rotated/normalised here."""
     # causal: the last query blocks have the most key blocks; launch them first so the tail of the grid is light
     pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
@@ -212,7 +201,7 @@ def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_s
     stride_qt, stride_kt = H * HEAD_DIM, HKV * HEAD_DIM
     # 64-bit batch/head offsets go into the scalar base pointers; tile offsets stay 32-bit (fewer registers)
     q_base = b.to(tl.int64) * T * stride_qt + h * HEAD_DIM
-    Q, QHAT, O = Q + q_base, QHAT + q_base, O + q_base
+    Q, QHAT, OUT = Q + q_base, QHAT + q_base, OUT + q_base
     k_base = b.to(tl.int64) * T * stride_kt + hkv * HEAD_DIM
     K, V = K + k_base, V + k_base
     m_start = pid_m * BLOCK_M
@@ -231,18 +220,18 @@ def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_s
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
+    qk_scale = sm_scale * LOG2E  # exp2 instead of exp
     # key blocks [0, lo) need no mask; [lo, hi) are the diagonal blocks (causal) or the ragged tail (not causal)
     if CAUSAL:
         lo, hi = m_start, tl.minimum(m_start + BLOCK_M, T)
     else:
         lo, hi = (T // BLOCK_N) * BLOCK_N, T
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, 0, lo, rows, T, qk_scale,
-                                    False, CAUSAL, K_ROPE, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
+                                    False, CAUSAL, K_IN_LOOP, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
-                                    True, CAUSAL, K_ROPE, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
+                                    True, CAUSAL, K_IN_LOOP, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
     acc = acc / l_i[:, None]
-    tl.store(O + q_offs, acc.to(O.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(OUT + q_offs, acc.to(OUT.dtype.element_ty), mask=row_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_mask)
 
 
@@ -250,15 +239,15 @@ def _attn_fwd(Q, K, V, COS, SIN, O, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_s
 # Backward
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_preprocess(OUT, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Delta (B, H, T) = rowsum(dO * O). Grid (cdiv(T, BLOCK_M), B * H)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     base = b.to(tl.int64) * T * H * HEAD_DIM + h * HEAD_DIM
-    O, DO = O + base, DO + base
+    OUT, DO = OUT + base, DO + base
     offs = rows[:, None] * (H * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
-    o = tl.load(O + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
+    o = tl.load(OUT + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, tl.sum(o * do, axis=1), mask=rows < T)
 
@@ -315,7 +304,7 @@ def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H
     v = tl.load(V + kv_offs, mask=col_mask[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     # query blocks: [lo, mid) masked (the diagonal, causal only), [mid, t_full) unmasked, [tail, T) ragged tail
     t_full = (T // BLOCK_M) * BLOCK_M
     if CAUSAL:
@@ -393,7 +382,7 @@ def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV,
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=row_mask, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=row_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     if CAUSAL:
         lo, hi = m_start, tl.minimum(m_start + BLOCK_M, T)
     else:
@@ -428,23 +417,19 @@ def _check_inputs(q, k, v, cos, sin):
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"attention: head dim must be a power of two in [16, 256] for the Triton kernel; got {D}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"attention: q, k, v must share one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+        raise TypeError(f"attention: q, k, v must share one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
     if not (q.device == k.device == v.device == cos.device == sin.device):
         raise ValueError("attention: q, k, v, cos, sin must be on one device")
 
 
-def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32); bf16/fp16 ignore it
-
-
-def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale, k_rope=False):
-    """k_rope=False: K pre-pass + attention (what autograd uses). k_rope=True: no pre-pass, K tiles rotated and
-    normalised in the inner loop (forward-only alternative, kept to time the two designs; k_hat/rstd_k are None)."""
+def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale, k_in_loop=False):
+    """-> o, q_hat, k_hat, lse, rstd_q, rstd_k. k_in_loop=False: K pre-pass + attention (what autograd uses);
+    True: no pre-pass, K tiles rotated and normalised in the inner loop (forward only; k_hat, rstd_k are None)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     k_hat = rstd_k = None
-    if not k_rope:
+    if not k_in_loop:
         k_hat = torch.empty_like(k)
         rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
         _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
@@ -453,9 +438,10 @@ def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale, k_rope=False):
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     rstd_q = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k if k_rope else k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv,
+    _attn_fwd[grid](q, k if k_in_loop else k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv,
                     triton.next_power_of_2(T), scale, eps,
-                    CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=_precision(q.dtype), K_ROPE=k_rope)
+                    CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q.dtype),
+                    K_IN_LOOP=k_in_loop)
     return o, q_hat, k_hat, lse, rstd_q, rstd_k
 
 
@@ -466,7 +452,7 @@ def _attn_backward(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal
     _attn_bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, HEAD_DIM=D, BLOCK_M=64, num_warps=4)
     dq, dk, dv = torch.empty_like(q_hat), torch.empty_like(k_hat), torch.empty_like(v)
     args = (T, H, Hkv, triton.next_power_of_2(T), scale)
-    meta = dict(CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=_precision(q_hat.dtype))
+    meta = dict(CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q_hat.dtype))
     _attn_bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)](
         q_hat, k_hat, v, do, lse, delta, rstd_k, cos, sin, dk, dv, *args, **meta)
     _attn_bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
@@ -474,7 +460,7 @@ def _attn_backward(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal
     return dq, dk, dv
 
 
-class _FusedAttention(torch.autograd.Function):
+class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, causal, qk_norm, eps, scale):
         o, q_hat, k_hat, lse, rstd_q, rstd_k = _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale)
@@ -488,37 +474,31 @@ class _FusedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def fused_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
-    if not kernels.use_fused():
-        return reference_attention(q, k, v, cos, sin, causal=causal, qk_norm=qk_norm, eps=eps, scale=scale)
-    return triton_attention(q, k, v, cos, sin, causal=causal, qk_norm=qk_norm, eps=eps, scale=scale)
-
-
-@torch.compiler.disable  # a torch.compile'd caller graph-breaks here instead of tracing the launchers / interpreter
-def triton_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
-    """The Triton path regardless of the eager/fused switch (tests and benchmarks A/B it directly)."""
+def _prepare(q, k, v, cos, sin, scale):
     _check_inputs(q, k, v, cos, sin)
-    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-    return _FusedAttention.apply(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), float(scale))
+    scale = float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
+    return [x.contiguous() for x in (q, k, v, cos, sin)], scale
 
 
-@torch.compiler.disable
+def triton_kernels():
+    """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (each with .configs and .fn), for ahead-of-time
+    compile checks (bench/sass.py) and config-by-config GPU tests."""
+    return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+
+
 @torch.no_grad()
-def triton_attention_forward_k_in_loop(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
-    """Forward only, the issue's letter: K rotated + normalised on every tile load instead of in a pre-pass.
-    Not used by the model; kept so the two designs can be timed against each other (bench "fused_kloop")."""
-    _check_inputs(q, k, v, cos, sin)
-    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-    return _attn_forward(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), float(scale), k_rope=True)[0]
+def attention_forward_kloop_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+    """Forward-only timing alternative to attention_triton: each K tile rotated + normalised in the inner loop, no
+    pre-pass; same arguments and result (bench.attention row "fused_kloop")."""
+    (q, k, v, cos, sin), scale = _prepare(q, k, v, cos, sin, scale)
+    return _attn_forward(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale, k_in_loop=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference: readable eager PyTorch, the ground truth.
+# Reference helpers: readable eager PyTorch (also used by the inference engine's decode path).
 
 def apply_rotary(x, cos, sin):
-    """x (B, T, H, D), cos/sin (T, D/2) -> x rotated by position (half-split convention)."""
+    """x (B, T, H, D), cos/sin (T, D/2) -> x rotated by position (half-split convention), x's dtype."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
@@ -530,7 +510,24 @@ def rms_norm(x, eps=1e-6):
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
-def reference_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+
+def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+    """RoPE + QK-norm + softmax attention (module docstring): Triton in fused mode, else the reference."""
+    fn = attention_triton if kernels.use_fused() else attention_reference
+    return fn(q, k, v, cos, sin, causal=causal, qk_norm=qk_norm, eps=eps, scale=scale)
+
+
+@torch.compiler.disable  # a torch.compile'd caller graph-breaks here instead of tracing the launchers / interpreter
+def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+    """The Triton kernels with autograd, whatever the eager/fused mode; views of any strides are accepted."""
+    (q, k, v, cos, sin), scale = _prepare(q, k, v, cos, sin, scale)
+    return _Attention.apply(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)
+
+
+def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
+    """Eager PyTorch: apply_rotary, rms_norm, then SDPA (GQA without repeating K/V)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     if H % Hkv != 0:
@@ -540,6 +537,6 @@ def reference_attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-
         q, k = rms_norm(q, eps), rms_norm(k, eps)
     # SDPA wants (B, H, T, D); enable_gqa maps each query head to its KV head without copying K/V.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=causal and T > 1, scale=scale if scale is not None else 1 / math.sqrt(D),
-                                       enable_gqa=H != Hkv)
+                                       is_causal=causal and T > 1,
+                                       scale=scale if scale is not None else 1 / math.sqrt(D), enable_gqa=H != Hkv)
     return y.transpose(1, 2)

@@ -1,12 +1,13 @@
 """Paged KV-cache decode attention (flash-decoding) and the KV scatter.
 
-Contract (DESIGN.md):
-  paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D)
-    q (B, H, D) one new token per sequence, already rotated and normalised; k_cache, v_cache
-    (num_blocks, block_size, Hkv, D); block_table (B, max_blocks_per_seq) int32; seq_lens (B,) int32 valid tokens
-    (the new token's k/v already written).
-  write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D), block_table (N, max_blocks) int32,
-    positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
+paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D), q's dtype
+  q (B, H, D) one new token per sequence, already rotated and normalised; k_cache, v_cache
+  (num_blocks, block_size, Hkv, D), block_size in {16, 32, 64}; block_table (B, max_blocks_per_seq) int32; seq_lens
+  (B,) int32 valid tokens (the new token's k/v already written); scale defaults to 1/sqrt(D).
+write_kv(k_cache, v_cache, k, v, block_table, positions) -> None: k, v (N, Hkv, D), block_table (N, max_blocks)
+  int32, positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
+Triton path: caches of one dtype among fp16/bf16/fp32 and q of the same (else TypeError); bad shapes: ValueError.
+Inference only: nothing here is differentiable.
 
 The maths. One decode step of sequence b, query head h (kv head g = h // (H / Hkv)), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
@@ -29,9 +30,16 @@ of a partial page) are never read.
 
 write_kv: one program per new token (grid (N,)) copies its (Hkv, D) k and v rows into their slot.
 Under TRITON_INTERPRET=1 (CPU) everything runs in fp32/fp16; on GPU in bf16/fp16 (fp32 accumulation).
+
+References:
+  * Flash-Decoding for long-context inference (Dao, Haziza, Massa, Sizov, 2023):
+    https://crfm.stanford.edu/2023/10/12/flashdecoding.html
+  * vLLM's Triton decode attention (paged, split-KV, GQA-grouped), adapted from LightLLM and SGLang:
+    https://github.com/vllm-project/vllm/blob/main/vllm/attention/ops/triton_decode_attention.py
+  * SGLang's Triton decode attention:
+    https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/layers/attention/triton_ops/decode_attention.py
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +47,7 @@ import triton
 import triton.language as tl
 
 import kernels
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels._common import LOG2E, dot_precision
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,19 +57,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The block-table width and the split count change as sequences grow: don't compile a variant per value.
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
-def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
+def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
                         stride_qb, stride_qh,
                         stride_kblk, stride_ktok, stride_kh,
                         stride_vblk, stride_vtok, stride_vh,
                         stride_btb, stride_ob, stride_oh,
-                        num_splits, qk_scale,
+                        num_splits, sm_scale,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PRECISION: tl.constexpr):
+    """Grid (B, Hkv, num_splits): one split of one sequence's context for all H/Hkv query heads of one kv head."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SL + b)
+    qk_scale = sm_scale * LOG2E  # base-2 logits: exp2 instead of exp
     # This split's token range, in whole BLOCK_N tiles, of this sequence's own length.
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
@@ -92,19 +101,19 @@ def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
                     mask=kv_mask, other=0.0)
         v = tl.load(V + blk[:, None] * stride_vblk + slot[:, None] * stride_vtok + g * stride_vh + cols[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (GROUP_PAD, BLOCK_N), base-2 logits
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (GROUP_PAD, BLOCK_N), base-2 logits
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     if SINGLE_SPLIT:
         y = acc / l_i[:, None]
-        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + cols[None, :], y.to(O.dtype.element_ty),
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + cols[None, :], y.to(OUT.dtype.element_ty),
                  mask=out_mask)
     else:
         # Empty split (short sequence): l_i = 0 -> write o = 0, lse = -inf so the combine gives it weight 0.
@@ -118,8 +127,9 @@ def _paged_decode_split(Q, K, V, BT, SL, O, OP, LSE,
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _paged_decode_combine(OP, LSE, O, stride_ob, stride_oh, H, num_splits,
+def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
                           D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Grid (B, H): y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the splits of one (sequence, head)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     bh = b * H + h
@@ -132,7 +142,7 @@ def _paged_decode_combine(OP, LSE, O, stride_ob, stride_oh, H, num_splits,
     o = tl.load(OP + (bh * num_splits + offs_s[:, None]) * D + cols[None, :],
                 mask=s_ok[:, None] & (cols[None, :] < D), other=0.0)
     y = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(O + b * stride_ob + h * stride_oh + cols, y.to(O.dtype.element_ty), mask=cols < D)
+    tl.store(OUT + b * stride_ob + h * stride_oh + cols, y.to(OUT.dtype.element_ty), mask=cols < D)
 
 
 @triton.jit(do_not_specialize=["stride_btn"])
@@ -142,6 +152,7 @@ def _write_kv_kernel(K, V, KC, VC, BT, POS,
                      stride_vcblk, stride_vctok, stride_vch, stride_btn,
                      HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr):
+    """Grid (N,): token i's (Hkv, D) k and v rows into slot POS[i] % BLOCK_SIZE of page BT[i, POS[i] // BLOCK_SIZE]."""
     i = tl.program_id(0)
     pos = tl.load(POS + i).to(tl.int64)
     blk = tl.load(BT + i * stride_btn + pos // BLOCK_SIZE).to(tl.int64)
@@ -183,7 +194,12 @@ def choose_num_splits(batch, n_kv_head, max_context, device=None):
     return 1 << (n.bit_length() - 1)   # round down to a power of two
 
 
-def _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_splits=None):
+def triton_kernels():
+    """{"split", "combine", "write_kv"} -> this family's @triton.jit kernels, for ahead-of-time compile checks."""
+    return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel}
+
+
+def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
     _check_cache(k_cache, v_cache, "paged_decode_attention")
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
@@ -227,10 +243,10 @@ def _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_sp
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
-        num_splits, scale * 1.4426950408889634,
+        num_splits, scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: exact dots, not TF32
+        PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2)
     if num_splits > 1:
         _paged_decode_combine[(B, H)](o_part, lse, out, out.stride(0), out.stride(1), H, num_splits,
@@ -238,7 +254,7 @@ def _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_sp
     return out
 
 
-def _write_kv(k_cache, v_cache, k, v, block_table, positions):
+def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
     _check_cache(k_cache, v_cache, "write_kv")
     _, block_size, Hkv, D = k_cache.shape
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
@@ -264,21 +280,19 @@ def _write_kv(k_cache, v_cache, k, v, block_table, positions):
 # Public functions (no autograd: inference only)
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
-    if kernels.use_fused():
-        return _paged_decode(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
-    return reference_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
+    """One decode step over a paged KV cache (module docstring) -> (B, H, D): Triton in fused mode, else the
+    reference."""
+    fn = paged_decode_attention_triton if kernels.use_fused() else paged_decode_attention_reference
+    return fn(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
 
 
-def write_kv(k_cache, v_cache, k, v, block_table, positions):
-    if kernels.use_fused():
-        return _write_kv(k_cache, v_cache, k, v, block_table, positions)
-    return reference_write_kv(k_cache, v_cache, k, v, block_table, positions)
+def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
+    """The split-KV Triton kernels whatever the mode; num_splits (per sequence) defaults to choose_num_splits."""
+    return _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# References: readable eager PyTorch, the ground truth.
-
-def reference_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
+def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
+    """Eager PyTorch: gather every sequence's pages into a dense copy, then SDPA with a length mask."""
     B, H, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     max_blocks = block_table.shape[1]
@@ -294,7 +308,20 @@ def reference_paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens,
     return y[:, :, 0, :]
 
 
-def reference_write_kv(k_cache, v_cache, k, v, block_table, positions):
+def write_kv(k_cache, v_cache, k, v, block_table, positions):
+    """Scatter N new tokens' k, v (N, Hkv, D) into their cache slots in place: Triton in fused mode, else the
+    reference."""
+    fn = write_kv_triton if kernels.use_fused() else write_kv_reference
+    return fn(k_cache, v_cache, k, v, block_table, positions)
+
+
+def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
+    """The Triton scatter (one program per token) whatever the mode."""
+    return _write_kv_launch(k_cache, v_cache, k, v, block_table, positions)
+
+
+def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
+    """Eager PyTorch: index assignment into the caches."""
     block_size = k_cache.shape[1]
     positions = positions.long()
     rows = torch.arange(positions.shape[0], device=positions.device)

@@ -1,7 +1,9 @@
 """Fused ReLU^2 MLP: y = relu(x W_fc^T)^2 W_proj^T, forward and backward.
 
-Contract (DESIGN.md): relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear weight layout, no
-bias) -> (..., C); differentiable w.r.t. x, w_fc and w_proj. Inputs are flattened to M = prod(...) tokens.
+relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear weight layout, no bias) -> (..., C),
+x's dtype; differentiable w.r.t. x, w_fc and w_proj. Inputs are flattened to M = prod(...) tokens. Triton path: one
+dtype among fp32/fp16/bf16 (under autocast: the autocast dtype); a shape mismatch is a ValueError, a dtype one a
+TypeError.
 
 Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     forward    y  = a W_proj^T
@@ -9,11 +11,10 @@ Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
                dW_fc   = dh^T x          dx = dh W_fc
 
 What is fused and what is saved:
-  * forward GEMM 1 (Triton, `_matmul_kernel` with ACT=RELU2): h is accumulated in fp32 and the epilogue writes only
+  * forward GEMM 1 (Triton, `_matmul_kernel` with _ACT_RELU2): h is accumulated in fp32 and the epilogue writes only
     a = relu(h)^2 in the input dtype. h and r never reach memory.
-  * the projection y = a W_proj^T is a plain GEMM with no epilogue: it goes to cuBLAS (torch.matmul). A Triton GEMM
-    without anything to fuse is at best as fast as cuBLAS on Hopper; this choice is made without a GPU measurement
-    (none was available when this was written) -- bench/relu2_mlp.py is where to check it.
+  * the projection y = a W_proj^T is a plain GEMM with no epilogue: it goes to cuBLAS (torch.matmul); a Triton GEMM
+    with nothing to fuse is not expected to beat it (not measured on GPU: `python -m bench.relu2_mlp`).
   * saved for backward: x and a -- ONE (M, F) activation tensor. The ReLU^2 derivative needs r = relu(h), and
     since r >= 0 it is recovered exactly as r = sqrt(a) (in fp32, in the epilogue below). Storing a rather than h
     or r is the right one to keep because dW_proj = dy^T a needs a itself; storing h would force recomputing a (a
@@ -21,7 +22,7 @@ What is fused and what is saved:
     error <= 2^-8, so sqrt(a) has <= 2^-9 -- better than eager, which stores r itself rounded to bf16 (2^-8). (In
     fp16, a = h^2 is subnormal for |h| < ~8e-3 and zero below ~1.7e-4, as in eager's forward; there the derivative
     2 sqrt(a) < 0.016 loses relative precision or becomes 0, where eager's 2 r would not.)
-  * backward GEMM dA = dy W_proj (Triton, ACT=DRELU2): the epilogue loads the a tile and writes dh = dA * 2 sqrt(a)
+  * backward GEMM dA = dy W_proj (Triton, _ACT_DRELU2): the epilogue loads the a tile and writes dh = dA * 2 sqrt(a)
     directly; dA never reaches memory. The weight gradients and dx are plain GEMMs -> cuBLAS.
 
 Why it beats eager: eager runs linear -> relu -> square -> linear, writing/reading h, r and a (three (M, F) tensors
@@ -29,24 +30,31 @@ through HBM in the forward and again for relu/square backward) and keeps two of 
 its forward peak holds h, r and a at once. Fused: one (M, F) write in the forward (a), one in the backward (dh),
 and one (M, F) tensor saved -> roughly half the MLP's activation memory (F = 4C, so the saved bytes per token go
 from C + 8C to C + 4C elements). Test `test_saved_tensor_bytes` counts them with saved_tensors_hooks.
-"""
-import os
 
+References:
+  * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
+    https://arxiv.org/abs/2109.08668
+  * nanochat's MLP (relu(x)^2 between two bias-free linears):
+    https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
+  * Triton tutorial 03, matrix multiplication (grouped tile order, fused activation epilogue):
+    https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html
+"""
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 import kernels
+from kernels._common import configs, dot_precision, grouped_tile, matmul_tile
 
-ACT_NONE, ACT_RELU2, ACT_DRELU2 = 0, 1, 2
+# GEMM epilogues of `_matmul_kernel`
+_ACT_NONE: tl.constexpr = tl.constexpr(0)    # C = A @ B
+_ACT_RELU2: tl.constexpr = tl.constexpr(1)   # C = relu(A @ B)^2
+_ACT_DRELU2: tl.constexpr = tl.constexpr(2)  # C = (A @ B) * 2 sqrt(aux)
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # the interpreter costs ~ms per program x loop step regardless of tile size: one small fixed config
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-else:
-    # Hopper (H100/H200) bf16 GEMM configs; tl.dot lowers to wgmma for these tile shapes
-    _CONFIGS = [
+# Hopper (H100/H200) bf16 GEMM configs; tl.dot lowers to wgmma for these tile shapes
+_CONFIGS = configs(
+    hopper=[
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
@@ -54,7 +62,8 @@ else:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    ]
+    ],
+    interpret=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)])
 
 
 # tuned per power-of-two bucket of M, not per M: the engine's prefill/decode calls come with ever-changing token counts
@@ -64,46 +73,27 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
                    ACT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = epilogue(A @ B), A (M, K), B (K, N), any strides. ACT_RELU2: C = relu(acc)^2.
-    ACT_DRELU2: C = acc * 2 sqrt(aux), aux (M, N) = the saved a = relu(h)^2."""
-    # grouped ("super-grouping") tile order: GROUP_M row-tiles share each B column panel while it sits in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_n = (pid % pids_per_group) // group_size_m
+    """C = epilogue(A @ B), A (M, K), B (K, N), any strides. _ACT_RELU2: C = relu(acc)^2.
+    _ACT_DRELU2: C = acc * 2 sqrt(aux), aux (M, N) = the saved a = relu(h)^2. Grid (tiles of C,)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # int64 rows: M * F can pass 2^31 elements at 64k+ tokens and large F
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # wrap the row/col indices instead of masking them in the inner loop; the store below is masked
-    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
+    acc = matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ACT == 1:  # forward epilogue: a = relu(h)^2
+    if ACT == _ACT_RELU2:  # forward epilogue: a = relu(h)^2
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
-    elif ACT == 2:  # backward epilogue: dh = dA * 2 relu(h), relu(h) = sqrt(a) since relu(h) >= 0
+    elif ACT == _ACT_DRELU2:  # backward epilogue: dh = dA * 2 relu(h), relu(h) = sqrt(a) since relu(h) >= 0
         aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
         acc = acc * (2.0 * tl.sqrt(aux.to(tl.float32)))
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=mask)
 
 
-def _matmul(a, b, act=ACT_NONE, aux=None):
+def _matmul(a, b, act=_ACT_NONE, aux=None):
     """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`; fp32 accumulation."""
     assert a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0], (a.shape, b.shape)
     M, K = a.shape
@@ -112,13 +102,12 @@ def _matmul(a, b, act=ACT_NONE, aux=None):
     if M == 0 or N == 0:
         return c
     if aux is None:
-        aux = c  # unused by ACT != DRELU2; any pointer will do
+        aux = c  # read only by _ACT_DRELU2; any pointer will do
     assert aux.shape == (M, N), (aux.shape, (M, N))
-    # fp32 inputs: full-precision dot (as eager without TF32); bf16/fp16: tensor cores, fp32 accumulation
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _matmul_kernel[grid](a, b, c, aux, M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         c.stride(0), c.stride(1), aux.stride(0), aux.stride(1), ACT=act, PRECISION=precision)
+    _matmul_kernel[grid](a, b, c, aux, M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), b.stride(0),
+                         b.stride(1), c.stride(0), c.stride(1), aux.stride(0), aux.stride(1),
+                         ACT=act.value, PRECISION=dot_precision(a.dtype))
     return c
 
 
@@ -142,7 +131,7 @@ class _ReLU2MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc, w_proj):
         x2 = x.reshape(-1, x.shape[-1])                       # (M, C), a view when possible
-        a = _matmul(x2, w_fc.t(), act=ACT_RELU2)              # (M, F) = relu(x W_fc^T)^2
+        a = _matmul(x2, w_fc.t(), act=_ACT_RELU2)             # (M, F) = relu(x W_fc^T)^2
         y = torch.matmul(a, w_proj.t())                       # (M, C), cuBLAS
         ctx.save_for_backward(x2, w_fc, w_proj, a)
         ctx.x_shape = x.shape
@@ -156,7 +145,7 @@ class _ReLU2MLP(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dw_proj = torch.matmul(dy.t(), a)                 # (C, F)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dh = _matmul(dy, w_proj, act=ACT_DRELU2, aux=a)   # (M, F) = (dy W_proj) * 2 sqrt(a)
+            dh = _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)  # (M, F) = (dy W_proj) * 2 sqrt(a)
             if ctx.needs_input_grad[1]:
                 dw_fc = torch.matmul(dh.t(), x2)              # (F, C)
             if ctx.needs_input_grad[0]:
@@ -165,9 +154,14 @@ class _ReLU2MLP(torch.autograd.Function):
 
 
 def relu2_mlp(x, w_fc, w_proj):
-    """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C). Fused Triton path in fused mode."""
-    if not kernels.use_fused():
-        return reference_relu2_mlp(x, w_fc, w_proj)
+    """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C). Triton in fused mode, else the
+    reference."""
+    fn = relu2_mlp_triton if kernels.use_fused() else relu2_mlp_reference
+    return fn(x, w_fc, w_proj)
+
+
+def relu2_mlp_triton(x, w_fc, w_proj):
+    """The Triton GEMM epilogues with autograd, whatever the eager/fused mode; runs in autocast's dtype if enabled."""
     if torch.is_autocast_enabled(x.device.type):  # the kernel runs in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
@@ -176,6 +170,7 @@ def relu2_mlp(x, w_fc, w_proj):
         return _ReLU2MLP.apply(x, w_fc, w_proj)
 
 
-def reference_relu2_mlp(x, w_fc, w_proj):
+def relu2_mlp_reference(x, w_fc, w_proj):
+    """Eager PyTorch: linear, relu, square, linear."""
     h = F.linear(x, w_fc)            # (..., F)
     return F.linear(F.relu(h).square(), w_proj)  # (..., C)

@@ -11,7 +11,7 @@ Architecture choices (as nanochat's first release):
 - init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
   projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py)
 
-Attention calls only kernels.attention.fused_attention (raw q/k/v: the kernel rotates and normalises) or, during
+Attention calls only kernels.attention.attention (raw q/k/v: the kernel rotates and normalises) or, during
 inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp; the loss calls only
 kernels.linear_cross_entropy.linear_cross_entropy (lm_head, softcap and cross-entropy in one op). The kernel mode
 switch (kernels.set_mode) therefore flips the whole model between the Triton kernels and the eager references.
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import fused_attention
+from kernels.attention import attention
 from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.relu2_mlp import relu2_mlp
 from model.optim import Muon, make_adamw
@@ -105,7 +105,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if kv_cache is None:
-            y = fused_attention(q, k, v, cos, sin)  # rotary + QK-norm + causal flash attention in one kernel
+            y = attention(q, k, v, cos, sin)  # rotary + QK-norm + causal flash attention in one kernel
         else:
             y = kv_cache.attend(self.layer_idx, q, k, v)  # the cache rotates at its own positions
         return self.c_proj(y.reshape(B, T, C))

@@ -1,4 +1,4 @@
-"""Fused RoPE + QK-norm flash attention (Triton; the interpreter on CPU in fp32) vs reference_attention.
+"""Fused RoPE + QK-norm flash attention (Triton; the interpreter on CPU in fp32) vs attention_reference.
 
 Forward output and all three gradients are compared with the same upstream gradient. GPU-only tests (bf16, long
 sequences) are marked `gpu` and skipped without CUDA.
@@ -9,17 +9,16 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import fused_attention, reference_attention, triton_attention
+from kernels.attention import (attention, attention_forward_kloop_triton, attention_reference, attention_triton,
+                               triton_kernels)
+from model.gpt import GPT, GPTConfig, precompute_rotary
 
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-
-def rotary(T, D, base=10000.0):
-    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
-    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+def rotary(T, D):
+    return precompute_rotary(T, D, device=DEVICE)
 
 
 def make_case(B, T, H, Hkv, D, dtype, seed=0):
@@ -35,7 +34,7 @@ def run_both(fn_ref, B, T, H, Hkv, D, dtype, causal=True, qk_norm=True, scale=No
     q, k, v, do = make_case(B, T, H, Hkv, D, dtype)
     cos, sin = rotary(T, D)
     kw = dict(causal=causal, qk_norm=qk_norm, scale=scale)
-    out = triton_attention(q, k, v, cos, sin, **kw)
+    out = attention_triton(q, k, v, cos, sin, **kw)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_dtype = ref_dtype or dtype
     qr, kr, vr = (x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v))
@@ -60,7 +59,7 @@ CPU_DTYPES = [(torch.float32, 1e-4, 1e-4)]  # fp32 end to end (no TF32): only su
 @pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES)
 @pytest.mark.parametrize("B,D,T,H,Hkv,causal", CPU_CASES)
 def test_attention_vs_reference(B, D, T, H, Hkv, causal, dtype, atol, rtol):
-    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(reference_attention, B, T, H, Hkv, D, dtype,
+    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(attention_reference, B, T, H, Hkv, D, dtype,
                                                                      causal=causal)):
         torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
@@ -69,7 +68,7 @@ def test_attention_vs_reference(B, D, T, H, Hkv, causal, dtype, atol, rtol):
 @pytest.mark.parametrize("T,H,Hkv", [(77, 6, 2), (130, 4, 1)])
 def test_attention_no_qk_norm_and_scale(T, H, Hkv, causal):
     # qk_norm=False leaves the logits unnormalised: a small scale keeps the softmax from saturating
-    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(reference_attention, 1, T, H, Hkv, 64,
+    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(attention_reference, 1, T, H, Hkv, 64,
                                                                      torch.float32, causal=causal, qk_norm=False,
                                                                      scale=0.05)):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -77,7 +76,7 @@ def test_attention_no_qk_norm_and_scale(T, H, Hkv, causal):
 
 def test_attention_fp16_vs_fp32_reference():
     # fp16 tiles, fp32 accumulation; the tolerance is fp16 rounding of q_hat/k_hat/P (2^-11 relative) x O(1) values
-    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(reference_attention, 1, 77, 4, 2, 64,
+    for name, (ours, ref) in zip(("out", "dq", "dk", "dv"), run_both(attention_reference, 1, 77, 4, 2, 64,
                                                                      torch.float16, ref_dtype=torch.float32)):
         torch.testing.assert_close(ours.float(), ref, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
 
@@ -85,9 +84,9 @@ def test_attention_fp16_vs_fp32_reference():
 def test_public_function_dispatches_to_triton(fused):
     q, k, v, _ = make_case(1, 17, 4, 2, 64, torch.float32)
     cos, sin = rotary(17, 64)
-    out = fused_attention(q, k, v, cos, sin)
-    assert out.grad_fn is not None and "FusedAttention" in type(out.grad_fn).__name__
-    torch.testing.assert_close(out, reference_attention(q, k, v, cos, sin), atol=1e-4, rtol=1e-4)
+    out = attention(q, k, v, cos, sin)
+    assert out.grad_fn is not None and "Attention" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, attention_reference(q, k, v, cos, sin), atol=1e-4, rtol=1e-4)
 
 
 def test_views_are_accepted():
@@ -97,7 +96,7 @@ def test_views_are_accepted():
     q, k, v = (t.view(B, T, H, D) for t in qkv.split(H * D, dim=-1))
     cos, sin = rotary(2 * T, D)
     cos, sin = cos[:T], sin[:T]
-    torch.testing.assert_close(triton_attention(q, k, v, cos, sin), reference_attention(q, k, v, cos, sin),
+    torch.testing.assert_close(attention_triton(q, k, v, cos, sin), attention_reference(q, k, v, cos, sin),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -107,14 +106,15 @@ def test_views_are_accepted():
     (dict(cos_D=128), "cos and sin must be"),
     (dict(kv_T=16), "k and v must be"),
     (dict(D=96), "power of two"),
+    (dict(dtype=torch.float64), "dtype"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, match):
     B, T, H, D = 1, 17, 4, bad.get("D", 64)
-    q = torch.randn(B, T, H, D)
-    k = v = torch.randn(B, bad.get("kv_T", T), bad.get("Hkv", 2), D)
+    q = torch.randn(B, T, H, D, dtype=bad.get("dtype", torch.float32))
+    k = v = torch.randn(B, bad.get("kv_T", T), bad.get("Hkv", 2), D, dtype=q.dtype)
     cos, sin = rotary(bad.get("cos_T", T), bad.get("cos_D", D))
-    with pytest.raises(ValueError, match=match):
-        triton_attention(q, k, v, cos.cpu(), sin.cpu())
+    with pytest.raises(TypeError if "dtype" in bad else ValueError, match=match):
+        attention_triton(q, k, v, cos.cpu(), sin.cpu())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,8 +127,8 @@ def assert_as_good_as_eager(B, T, H, Hkv, D, causal, factor=2.0, atol=1e-3):
     cos, sin = rotary(T, D)
     kw = dict(causal=causal)
     results = []
-    for fn, dtype in ((triton_attention, torch.bfloat16), (reference_attention, torch.bfloat16),
-                      (reference_attention, torch.float32)):
+    for fn, dtype in ((attention_triton, torch.bfloat16), (attention_reference, torch.bfloat16),
+                      (attention_reference, torch.float32)):
         x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         out = fn(*x, cos, sin, **kw)
         results.append([out.float(), *(g.float() for g in torch.autograd.grad(out, x, do.to(dtype)))])
@@ -154,13 +154,13 @@ def test_attention_bf16_gpu_long(T, H, Hkv):
     assert_as_good_as_eager(1, T, H, Hkv, 128, causal=True)
 
 
-def test_tiny_gpt_fused_attention_matches_eager(monkeypatch):
+def test_tiny_gpt_attention_triton_matches_eager(monkeypatch):
     # model-level: a tiny GQA GPT, loss and every parameter gradient with attention on the Triton path vs eager
     # (only attention is swapped; the MLP stays on its reference). c_proj / lm_head are zero at init, which would
     # zero the attention gradients: give every weight random values first.
-    gpt = pytest.importorskip("model.gpt")
-    cfg = gpt.GPTConfig(sequence_len=40, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=256)
-    model = gpt.GPT(cfg).to(DEVICE)
+    import model.gpt as gpt
+    cfg = GPTConfig(sequence_len=40, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=256)
+    model = GPT(cfg).to(DEVICE)
     model.init_weights()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_tiny_gpt_fused_attention_matches_eager(monkeypatch):
     kernels.set_mode("eager")
     try:
         loss_ref, grads_ref = loss_and_grads()
-        monkeypatch.setattr(gpt, "fused_attention", triton_attention)
+        monkeypatch.setattr(gpt, "attention", attention_triton)
         loss, grads = loss_and_grads()
     finally:
         kernels.set_mode(old)
@@ -193,10 +193,8 @@ def test_tiny_gpt_fused_attention_matches_eager(monkeypatch):
 @pytest.mark.gpu
 def test_every_hopper_config_gpu(monkeypatch):
     # autotuning only checks the winner's numbers: run each config of each kernel once (compiled by the sweep above)
-    import kernels.attention as A
-    for kern, configs in ((A._attn_fwd, A._FWD_CONFIGS), (A._attn_bwd_dkdv, A._DKDV_CONFIGS),
-                          (A._attn_bwd_dq, A._DQ_CONFIGS)):
-        for config in configs:
+    for kern in triton_kernels().values():
+        for config in list(kern.configs):
             monkeypatch.setattr(kern, "configs", [config])
             assert_as_good_as_eager(1, 1000, 16, 4, 128, causal=True)
 
@@ -205,9 +203,8 @@ def test_every_hopper_config_gpu(monkeypatch):
                                                     (17, 4, 4, True, False)])
 def test_k_in_loop_forward_variant(T, H, Hkv, causal, qk_norm):
     # the forward-only alternative design (K rotated/normalised per tile, no pre-pass) kept for GPU timing
-    from kernels.attention import triton_attention_forward_k_in_loop
     q, k, v, _ = make_case(1, T, H, Hkv, 64, torch.float32)
     cos, sin = rotary(T, 64)
     kw = dict(causal=causal, qk_norm=qk_norm, scale=None if qk_norm else 0.05)
-    torch.testing.assert_close(triton_attention_forward_k_in_loop(q, k, v, cos, sin, **kw),
-                               reference_attention(q, k, v, cos, sin, **kw), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(attention_forward_kloop_triton(q, k, v, cos, sin, **kw),
+                               attention_reference(q, k, v, cos, sin, **kw), atol=1e-4, rtol=1e-4)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.attention import fused_attention, reference_attention
+from kernels.attention import attention, attention_reference
 from model.gpt import GPT, GPTConfig, precompute_rotary
 
 torch.manual_seed(0)
@@ -56,8 +56,8 @@ def test_attention_reference_vs_explicit(B, T, H, Hkv, D):
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     cos, sin = precompute_rotary(T, D)
     want = explicit_attention(q, k, v).float()
-    torch.testing.assert_close(reference_attention(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(fused_attention(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)  # eager dispatch
+    torch.testing.assert_close(attention_reference(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(attention(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)  # eager dispatch
 
 
 def test_rotary_tables():
@@ -210,7 +210,7 @@ class RecordingCache:
     def attend(self, layer_idx, q, k, v):
         self.calls.append((layer_idx, q.shape, k.shape, v.shape))
         T = q.shape[1]
-        return reference_attention(q, k, v, self.model.cos[:T], self.model.sin[:T])
+        return attention_reference(q, k, v, self.model.cos[:T], self.model.sin[:T])
 
 
 def test_kv_cache_hook():

@@ -1,4 +1,4 @@
-"""kernels.newton_schulz: the batched symmetric Triton Newton-Schulz vs reference_newton_schulz.
+"""kernels.newton_schulz: the batched symmetric Triton Newton-Schulz vs newton_schulz_reference.
 
 CPU: Triton interpreter, fp32. GPU (marked gpu): bf16 at the model's Muon shapes.
 """
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from kernels.newton_schulz import NS_COEFFS, newton_schulz, reference_newton_schulz
+from kernels.newton_schulz import (NS_COEFFS, gram_triton, newton_schulz, newton_schulz_reference,
+                                   newton_schulz_triton)
 
 torch.manual_seed(0)
 
@@ -17,10 +18,10 @@ FP32 = (torch.float32, 2e-5, 1e-4)  # (dtype, atol, rtol): fp32 both sides; entr
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("shape", [(16, 16), (32, 96), (96, 32), (33, 65), (64, 256), (3, 40, 48)])
 @pytest.mark.parametrize("dtype,atol,rtol", [FP32])
-def test_matches_reference(fused, shape, steps, dtype, atol, rtol):
+def test_matches_reference(shape, steps, dtype, atol, rtol):
     G = torch.randn(*shape, dtype=dtype)
-    out = newton_schulz(G, steps=steps)
-    ref = reference_newton_schulz(G, steps=steps)
+    out = newton_schulz_triton(G, steps=steps)
+    ref = newton_schulz_reference(G, steps=steps)
     assert out.shape == G.shape and out.dtype == G.dtype and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
@@ -33,7 +34,7 @@ def _phi(s, steps):
 
 
 @pytest.mark.parametrize("shape", [(80, 48)])  # transposed path; (48, 80)-like shapes are covered above
-def test_singular_values_in_band(fused, shape):
+def test_singular_values_in_band(shape):
     """G = U diag(sigma) V^T with sigma / ||G||_F spread over [0.01, 0.4]: the result is U phi(s) V^T, and after
     5 steps every phi(s) lies in the band [0.68, 1.135] (module docstring: measured on the scalar map)."""
     m, n = shape
@@ -44,35 +45,48 @@ def test_singular_values_in_band(fused, shape):
     s = torch.cat([torch.tensor([0.01, 0.4]), torch.rand(k - 2, generator=g) * 0.39 + 0.01]).double()
     s = s / s.norm()                                        # normalised singular values, min >= 0.01-ish
     G = (3.0 * U @ torch.diag(s) @ V.T).float()
-    out = newton_schulz(G, steps=5)
+    out = newton_schulz_triton(G, steps=5)
     sv = torch.linalg.svdvals(out.double())
     expect = torch.sort(_phi(s, 5), descending=True).values
     torch.testing.assert_close(sv, expect, atol=1e-4, rtol=1e-4)
     assert sv.min() >= 0.68 and sv.max() <= 1.135, (sv.min().item(), sv.max().item())
-    ref_sv = torch.linalg.svdvals(reference_newton_schulz(G, steps=5).double())
+    ref_sv = torch.linalg.svdvals(newton_schulz_reference(G, steps=5).double())
     torch.testing.assert_close(sv, ref_sv, atol=1e-4, rtol=1e-4)
 
 
-def test_zero_input(fused):
+def test_zero_input():
     G = torch.zeros(2, 24, 40)
     G[1] = torch.randn(24, 40)                              # a zero matrix next to a normal one in the batch
-    out = newton_schulz(G)
+    out = newton_schulz_triton(G)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0], torch.zeros(24, 40))
-    torch.testing.assert_close(out[1], reference_newton_schulz(G[1]), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], newton_schulz_reference(G[1]), atol=2e-5, rtol=1e-4)
 
 
-def test_noncontiguous_and_steps0(fused):
+def test_noncontiguous_and_steps0():
     G = torch.randn(40, 70)[:, 3:67]                        # a strided view (40, 64)
-    torch.testing.assert_close(newton_schulz(G, steps=2), reference_newton_schulz(G, steps=2), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(newton_schulz(G.T, steps=0), reference_newton_schulz(G.T, steps=0))
+    torch.testing.assert_close(newton_schulz_triton(G, steps=2), newton_schulz_reference(G, steps=2),
+                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(newton_schulz_triton(G.T, steps=0), newton_schulz_reference(G.T, steps=0))
 
 
-def test_bad_inputs(fused):
+def test_bad_inputs():
     with pytest.raises(ValueError, match="expected a"):
-        newton_schulz(torch.randn(8))
+        newton_schulz_triton(torch.randn(8))
     with pytest.raises(TypeError, match="fp32"):
-        newton_schulz(torch.randn(8, 8, dtype=torch.float64))
+        newton_schulz_triton(torch.randn(8, 8, dtype=torch.float64))
+
+
+def test_gram_is_symmetric_product():
+    X = torch.randn(2, 70, 33)
+    A = gram_triton(X)
+    assert torch.equal(A, A.mT)                             # exactly symmetric: upper tiles mirrored
+    torch.testing.assert_close(A, X @ X.mT, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_mode_is_triton(fused):
+    G = torch.randn(24, 40)
+    assert torch.equal(newton_schulz(G), newton_schulz_triton(G))
 
 
 def _muon_step(mode, params0, grads):
@@ -108,13 +122,13 @@ def test_muon_step_fused_matches_eager():
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(768, 768), (1280, 5120), (5120, 1280), (20, 1280, 1280), (4096, 4096)])
-def test_gpu_bf16_model_shapes(fused, shape):
+def test_gpu_bf16_model_shapes(shape):
     """bf16 with fp32 accumulation: the fused result's distance to an fp32 evaluation must be no worse than the
     bf16 reference's (plus slack), and the singular values stay in the bf16 reference's band."""
     G = torch.randn(*shape, device="cuda")
-    exact = reference_newton_schulz(G.double()).float()
-    out = newton_schulz(G.bfloat16())
-    ref = reference_newton_schulz(G.bfloat16())
+    exact = newton_schulz_reference(G.double()).float()
+    out = newton_schulz_triton(G.bfloat16())
+    ref = newton_schulz_reference(G.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == G.shape
     err_fused = (out.float() - exact).norm() / exact.norm()
     err_ref = (ref.float() - exact).norm() / exact.norm()

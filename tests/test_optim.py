@@ -3,7 +3,7 @@ AdamW settings. The sharded (multi-rank) Muon is tested in tests/test_distribute
 import pytest
 import torch
 
-from kernels.newton_schulz import reference_newton_schulz
+from kernels.newton_schulz import newton_schulz_reference
 from model.optim import Muon, make_adamw, muon_momentum
 
 torch.manual_seed(0)
@@ -21,7 +21,7 @@ def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov
             g = g.double()
             bufs[i] = mom * bufs[i] + (1 - mom) * g
             u = (1 - mom) * g + mom * bufs[i] if nesterov else bufs[i]
-            o = reference_newton_schulz(u.float()).double()
+            o = newton_schulz_reference(u.float()).double()
             rows, cols = p.shape
             params[i] = p - lr * max(1.0, rows / cols) ** 0.5 * o
     return [p.float() for p in params]
@@ -36,7 +36,7 @@ def test_newton_schulz_singular_values_near_one(shape):
     V = torch.linalg.qr(torch.randn(*batch, n, k))[0]
     s = torch.linspace(1.0, 0.1, k).expand(*batch, k)
     G = U @ torch.diag_embed(s) @ V.mT
-    X = reference_newton_schulz(G)
+    X = newton_schulz_reference(G)
     assert X.shape == G.shape and X.dtype == G.dtype
     sv = torch.linalg.svdvals(X)
     # the quintic iteration trades exactness for speed: singular values land in roughly [0.7, 1.2], not at 1

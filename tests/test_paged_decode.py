@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from kernels.paged_decode import (_paged_decode, choose_num_splits, paged_decode_attention,
-                                  reference_paged_decode_attention, reference_write_kv, write_kv)
+from kernels.paged_decode import (choose_num_splits, paged_decode_attention, paged_decode_attention_reference,
+                                  paged_decode_attention_triton, write_kv, write_kv_reference, write_kv_triton)
 
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +36,7 @@ def make_case(B, H, Hkv, D, block_size, seq_lens, dtype, extra_blocks=5, garbage
 def reference(q, k_cache, v_cache, table, seq):
     # The reference gathers every table entry (clamped), so give it the fp32 cache and a clean table.
     table = torch.where(table < 0, 0, table).clamp(max=k_cache.shape[0] - 1)
-    return reference_paged_decode_attention(q.float(), k_cache.float(), v_cache.float(), table, seq)
+    return paged_decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), table, seq)
 
 
 SEQS = {1: [[1], [17], [100]], 3: [[1, 15, 16], [17, 100, 1], [16, 100, 15]]}
@@ -47,9 +47,9 @@ CPU_DTYPES = [(torch.float32, 2e-5, 2e-5)]
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("B,seq_lens", [(B, s) for B in SEQS for s in SEQS[B]])
-def test_paged_decode_vs_reference(fused, B, seq_lens, H, Hkv, D, dtype, atol, rtol):
+def test_paged_decode_vs_reference(B, seq_lens, H, Hkv, D, dtype, atol, rtol):
     q, kc, vc, table, seq = make_case(B, H, Hkv, D, 16, seq_lens, dtype)
-    out = paged_decode_attention(q, kc, vc, table, seq)
+    out = paged_decode_attention_triton(q, kc, vc, table, seq)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
 
@@ -60,16 +60,16 @@ def test_paged_decode_vs_reference(fused, B, seq_lens, H, Hkv, D, dtype, atol, r
 def test_paged_decode_splits_and_block_sizes(block_size, seq_lens, num_splits, dtype, atol, rtol):
     # Explicit split counts, including splits that are empty for the short sequences (combine weight 0).
     q, kc, vc, table, seq = make_case(len(seq_lens), 8, 2, 64, block_size, seq_lens, dtype)
-    out = _paged_decode(q, kc, vc, table, seq, num_splits=num_splits)
+    out = paged_decode_attention_triton(q, kc, vc, table, seq, num_splits=num_splits)
     torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
 
 
-def test_paged_decode_scale_and_odd_group(fused):
+def test_paged_decode_scale_and_odd_group():
     # H / Hkv = 3 (not a power of two), custom scale.
     q, kc, vc, table, seq = make_case(2, 6, 2, 64, 16, [40, 3], torch.float32)
-    out = paged_decode_attention(q, kc, vc, table, seq, scale=0.3)
+    out = paged_decode_attention_triton(q, kc, vc, table, seq, scale=0.3)
     t = torch.where(table < 0, 0, table).clamp(max=kc.shape[0] - 1)
-    ref = reference_paged_decode_attention(q, kc, vc, t, seq, scale=0.3)
+    ref = paged_decode_attention_reference(q, kc, vc, t, seq, scale=0.3)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -84,7 +84,7 @@ def test_num_splits_heuristic():
 
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_write_kv_vs_reference(fused, block_size, dtype):
+def test_write_kv_vs_reference(block_size, dtype):
     N, Hkv, D = 7, 3, 64   # Hkv = 3: padded head tile
     num_blocks = 20
     g = torch.Generator().manual_seed(1)
@@ -95,38 +95,49 @@ def test_write_kv_vs_reference(fused, block_size, dtype):
                              device=DEVICE)
     caches = [torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
     ours = [c.clone() for c in caches]
-    write_kv(*ours, k, v, table, positions)
-    reference_write_kv(*caches, k, v, table, positions)
+    write_kv_triton(*ours, k, v, table, positions)
+    write_kv_reference(*caches, k, v, table, positions)
     assert torch.equal(ours[0], caches[0]) and torch.equal(ours[1], caches[1])
 
 
-def test_clear_errors(fused):
+def test_clear_errors():
     q, kc, vc, table, seq = make_case(2, 8, 2, 64, 16, [5, 9], torch.float32)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
-        paged_decode_attention(q[:, :7], kc, vc, table, seq)
+        paged_decode_attention_triton(q[:, :7], kc, vc, table, seq)
     with pytest.raises(ValueError, match="head dim"):
-        paged_decode_attention(q[..., :32], kc, vc, table, seq)
+        paged_decode_attention_triton(q[..., :32], kc, vc, table, seq)
     with pytest.raises(TypeError, match="dtype"):
-        paged_decode_attention(q.half(), kc, vc, table, seq)
+        paged_decode_attention_triton(q.half(), kc, vc, table, seq)
     with pytest.raises(ValueError, match="block_table"):
-        paged_decode_attention(q, kc, vc, table[:1], seq)
+        paged_decode_attention_triton(q, kc, vc, table[:1], seq)
     with pytest.raises(ValueError, match="seq_lens"):
-        paged_decode_attention(q, kc, vc, table, seq[:1])
+        paged_decode_attention_triton(q, kc, vc, table, seq[:1])
     with pytest.raises(ValueError, match="block_size"):
-        paged_decode_attention(q, kc[:, :8], vc[:, :8], table, seq)
+        paged_decode_attention_triton(q, kc[:, :8], vc[:, :8], table, seq)
     with pytest.raises(ValueError, match="write_kv"):
-        write_kv(kc, vc, q[:, :2], q[:, :2, :32], table, seq)
+        write_kv_triton(kc, vc, q[:, :2], q[:, :2, :32], table, seq)
+
+
+def test_fused_mode_dispatches_to_triton(fused):
+    q, kc, vc, table, seq = make_case(2, 8, 2, 64, 16, [20, 3], torch.float32)
+    assert torch.equal(paged_decode_attention(q, kc, vc, table, seq),
+                       paged_decode_attention_triton(q, kc, vc, table, seq))
+    k = v = q[:, :2]
+    ours, theirs = [c.clone() for c in (kc, vc)], [c.clone() for c in (kc, vc)]
+    write_kv(*ours, k, v, table, seq)
+    write_kv_triton(*theirs, k, v, table, seq)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
 HOPPER_COMPILE = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.paged_decode as pd
-fn = pd._paged_decode_split
-sig = dict(Q="*bf16", K="*bf16", V="*bf16", BT="*i32", SL="*i32", O="*bf16", OP="*fp32", LSE="*fp32")
-sig.update({n: "i32" for n in fn.arg_names[8:20]}, qk_scale="fp32")
-consts = dict(GROUP=4, GROUP_PAD=16, D=128, D_PAD=128, BLOCK_SIZE=16, BLOCK_N=64, SINGLE_SPLIT=False, PREC="tf32")
+from kernels.paged_decode import triton_kernels
+fn = triton_kernels()["split"]
+sig = dict(Q="*bf16", K="*bf16", V="*bf16", BT="*i32", SL="*i32", OUT="*bf16", OP="*fp32", LSE="*fp32")
+sig.update({n: "i32" for n in fn.arg_names[8:20]}, sm_scale="fp32")
+consts = dict(GROUP=4, GROUP_PAD=16, D=128, D_PAD=128, BLOCK_SIZE=16, BLOCK_N=64, SINGLE_SPLIT=False, PRECISION="tf32")
 sig.update({k: "constexpr" for k in consts})
 # What a real launch knows: pointers and (specialised) strides divisible by 16; stride_btb, num_splits are not.
 div = [n for n in fn.arg_names[:20] if n not in ("stride_btb", "num_splits")]
@@ -134,7 +145,8 @@ attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
 k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=4, num_stages=2))
 ptx = k.asm["ptx"]
-print(json.dumps({p: len(re.findall(re.escape(p), ptx)) for p in ("cp.async.cg.shared.global", "mma.sync", "ld.local")}))
+patterns = ("cp.async.cg.shared.global", "mma.sync", "ld.local")
+print(json.dumps({p: len(re.findall(re.escape(p), ptx)) for p in patterns}))
 """
 
 
@@ -158,8 +170,8 @@ def test_split_kernel_compiles_for_hopper():
 @pytest.mark.parametrize("H,Hkv,D,dtype", [(16, 16, 128, torch.bfloat16), (16, 4, 128, torch.bfloat16),
                                            (8, 2, 64, torch.bfloat16), (16, 4, 128, torch.float16)])
 @pytest.mark.parametrize("seq_lens", [[1, 15, 17, 100], [4096, 1, 777], [32768]])
-def test_paged_decode_gpu(fused, dtype, block_size, H, Hkv, D, seq_lens):
+def test_paged_decode_gpu(dtype, block_size, H, Hkv, D, seq_lens):
     q, kc, vc, table, seq = make_case(len(seq_lens), H, Hkv, D, block_size, seq_lens, dtype)
-    out = paged_decode_attention(q, kc, vc, table, seq)
+    out = paged_decode_attention_triton(q, kc, vc, table, seq)
     # bf16 inputs, fp32 accumulation; the partial P is rounded to bf16 before P.V (as flash attention does).
     torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=2e-2, rtol=2e-2)

@@ -1,4 +1,4 @@
-"""kernels.relu2_mlp: the fused Triton ReLU^2 MLP vs reference_relu2_mlp, forward and all three gradients.
+"""kernels.relu2_mlp: the fused Triton ReLU^2 MLP vs relu2_mlp_reference, forward and all three gradients.
 
 CPU: Triton interpreter, fp32 (+ one fp16 case). GPU (marked gpu): bf16 at the model's shapes.
 """
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.relu2_mlp import relu2_mlp, reference_relu2_mlp
+from kernels.relu2_mlp import relu2_mlp, relu2_mlp_reference, relu2_mlp_triton
 
 torch.manual_seed(0)
 
@@ -32,8 +32,8 @@ def _run(fn, x, w_fc, w_proj, dy):
 
 def _compare(shape, C, Fh, dtype, atol, rtol):
     x, w_fc, w_proj, dy = _inputs(shape, C, Fh, dtype)
-    got = _run(relu2_mlp, x, w_fc, w_proj, dy)
-    ref = _run(reference_relu2_mlp, x, w_fc, w_proj, dy)
+    got = _run(relu2_mlp_triton, x, w_fc, w_proj, dy)
+    ref = _run(relu2_mlp_reference, x, w_fc, w_proj, dy)
     for name, g, r in zip(("y", "dx", "dw_fc", "dw_proj"), got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
@@ -42,31 +42,31 @@ def _compare(shape, C, Fh, dtype, atol, rtol):
 @pytest.mark.parametrize("C", [32, 64, 96])
 @pytest.mark.parametrize("M", [1, 7, 64, 130])
 @pytest.mark.parametrize("dtype,atol,rtol", [FP32])
-def test_matches_reference(fused, M, C, dtype, atol, rtol):
+def test_matches_reference(M, C, dtype, atol, rtol):
     _compare((M,), C, 4 * C, dtype, atol, rtol)
 
 
 @pytest.mark.parametrize("shape,C,Fh", [((37,), 64, 100), ((130,), 96, 200), ((2, 9), 64, 256), ((3, 5, 7), 32, 72)])
-def test_odd_hidden_and_nd_inputs(fused, shape, C, Fh):
+def test_odd_hidden_and_nd_inputs(shape, C, Fh):
     # F not a multiple of the 64-wide tile, and (B, T, C) / (B, H, T, C) inputs
     _compare(shape, C, Fh, *FP32)
 
 
-def test_fp16(fused):
+def test_fp16():
     # fp16 stores a = relu(h)^2 rounded to fp16 (eager stores r and a rounded); tolerance of a few fp16 ulps
     _compare((33,), 64, 256, torch.float16, 2e-2, 2e-2)
 
 
-def test_only_weight_grads_and_noncontiguous(fused):
+def test_only_weight_grads_and_noncontiguous():
     x, w_fc, w_proj, dy = _inputs((16, 8), 64, 256, torch.float32)
     x = x.transpose(0, 1)  # (8, 16, 64), non-contiguous
     dy = dy.transpose(0, 1)
     w_fc.requires_grad_(True)
     w_proj.requires_grad_(True)
-    relu2_mlp(x, w_fc, w_proj).backward(dy)
+    relu2_mlp_triton(x, w_fc, w_proj).backward(dy)
     g_fc, g_proj = w_fc.grad, w_proj.grad
     w_fc.grad = w_proj.grad = None
-    reference_relu2_mlp(x, w_fc, w_proj).backward(dy)
+    relu2_mlp_reference(x, w_fc, w_proj).backward(dy)
     torch.testing.assert_close(g_fc, w_fc.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g_proj, w_proj.grad, atol=1e-4, rtol=1e-4)
 
@@ -86,27 +86,27 @@ def _saved_activation_bytes(fn, x, w_fc, w_proj):
     return sum(seen.values())
 
 
-def test_saved_tensor_bytes(fused):
+def test_saved_tensor_bytes():
     """Eager saves x, r = relu(h) and a = r^2 (M*C + 2*M*F elements); fused saves x and a only (M*C + M*F)."""
     M, C, Fh = 64, 32, 128
     x, w_fc, w_proj, _ = _inputs((M,), C, Fh, torch.float32)
     x.requires_grad_(True)
     w_fc.requires_grad_(True)
     w_proj.requires_grad_(True)
-    eager = _saved_activation_bytes(reference_relu2_mlp, x, w_fc, w_proj)
-    fused_bytes = _saved_activation_bytes(relu2_mlp, x, w_fc, w_proj)
+    eager = _saved_activation_bytes(relu2_mlp_reference, x, w_fc, w_proj)
+    fused_bytes = _saved_activation_bytes(relu2_mlp_triton, x, w_fc, w_proj)
     assert eager == 4 * (M * C + 2 * M * Fh)
     assert fused_bytes == 4 * (M * C + M * Fh)
 
 
-def test_bad_inputs(fused):
+def test_bad_inputs():
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="shape mismatch"):
-        relu2_mlp(x, torch.randn(128, 16), torch.randn(32, 128))
+        relu2_mlp_triton(x, torch.randn(128, 16), torch.randn(32, 128))
     with pytest.raises(ValueError, match="shape mismatch"):
-        relu2_mlp(x, torch.randn(128, 32), torch.randn(128, 32))  # w_proj given transposed
+        relu2_mlp_triton(x, torch.randn(128, 32), torch.randn(128, 32))  # w_proj given transposed
     with pytest.raises(TypeError, match="dtype"):
-        relu2_mlp(x, torch.randn(128, 32, dtype=torch.float16), torch.randn(32, 128))
+        relu2_mlp_triton(x, torch.randn(128, 32, dtype=torch.float16), torch.randn(32, 128))
 
 
 def test_eager_mode_is_reference():
@@ -114,9 +114,14 @@ def test_eager_mode_is_reference():
     kernels.set_mode("eager")
     try:
         x, w_fc, w_proj, _ = _inputs((5,), 32, 128, torch.float32)
-        assert torch.equal(relu2_mlp(x, w_fc, w_proj), reference_relu2_mlp(x, w_fc, w_proj))
+        assert torch.equal(relu2_mlp(x, w_fc, w_proj), relu2_mlp_reference(x, w_fc, w_proj))
     finally:
         kernels.set_mode(prev)
+
+
+def test_fused_mode_is_triton(fused):
+    x, w_fc, w_proj, _ = _inputs((5,), 32, 128, torch.float32)
+    assert torch.equal(relu2_mlp(x, w_fc, w_proj), relu2_mlp_triton(x, w_fc, w_proj))
 
 
 def test_model_mlp_fused_matches_eager():
@@ -145,14 +150,14 @@ def test_model_mlp_fused_matches_eager():
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth", [12, 20, 26])
-def test_gpu_bf16_model_shapes(fused, depth):
+def test_gpu_bf16_model_shapes(depth):
     """bf16 on the GPU: the fused error vs an fp32 reference must be no worse than eager bf16's (plus slack)."""
     C = 64 * depth  # GPTConfig.from_depth: width 64*depth, F = 4C
     x, w_fc, w_proj, dy = _inputs((4, 1024), C, 4 * C, torch.float32, device="cuda")
-    exact = _run(reference_relu2_mlp, x.double(), w_fc.double(), w_proj.double(), dy.double())
+    exact = _run(relu2_mlp_reference, x.double(), w_fc.double(), w_proj.double(), dy.double())
     bf = [t.bfloat16() for t in (x, w_fc, w_proj, dy)]
-    got = _run(relu2_mlp, *bf)
-    ref = _run(reference_relu2_mlp, *bf)
+    got = _run(relu2_mlp_triton, *bf)
+    ref = _run(relu2_mlp_reference, *bf)
     for name, g, r, e in zip(("y", "dx", "dw_fc", "dw_proj"), got, ref, exact):
         assert g.dtype == torch.bfloat16
         err_fused = (g.double() - e).norm() / e.norm()
@@ -161,11 +166,11 @@ def test_gpu_bf16_model_shapes(fused, depth):
 
 
 @pytest.mark.gpu
-def test_gpu_peak_memory_lower(fused):
+def test_gpu_peak_memory_lower():
     C, M = 1280, 8192
     x, w_fc, w_proj, dy = _inputs((M,), C, 4 * C, torch.bfloat16, device="cuda")
     peaks = {}
-    for name, fn in (("eager", reference_relu2_mlp), ("fused", relu2_mlp)):
+    for name, fn in (("eager", relu2_mlp_reference), ("fused", relu2_mlp_triton)):
         xs = x.clone().requires_grad_(True)
         fn(xs, w_fc.requires_grad_(True), w_proj.requires_grad_(True)).backward(dy)  # warm-up: autotuning allocates
         w_fc.grad = w_proj.grad = xs.grad = None

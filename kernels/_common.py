@@ -1,0 +1,59 @@
+"""What the kernel families share: interpreter detection, log2(e), dot precision, autotune lists, the GEMM tile
+order and K loop."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# TRITON_INTERPRET=1 (CPU): kernels run in the Triton interpreter, fp32/fp16 only. Read once, as Triton does.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# exp(x) = exp2(x * LOG2E): the kernels keep softmax statistics in base 2 and use exp2. A constexpr global, since
+# @triton.jit code may only read globals of that kind.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+def dot_precision(dtype):
+    """tl.dot's input_precision for inputs of `dtype`: fp32 stays exact ("ieee", no TF32, as eager); bf16/fp16
+    run on tensor cores whatever the value."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def configs(hopper, interpret):
+    """The autotune list: `interpret` (one small config) under the interpreter, which costs ~ms per program and loop
+    step whatever the tile size; `hopper` (H100/H200, bf16) otherwise."""
+    return interpret if INTERPRET else hopper
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) of an (M, N) output in grouped order: GROUP_M row tiles share each column
+    panel while it sits in L2 (Triton tutorial 03, "L2 cache optimizations")."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile of A @ B at rows offs_m and columns offs_n, A (M, K), B (K, N) of any
+    strides. Rows and columns past M, N wrap instead of being masked in the K loop: the caller masks its store."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
