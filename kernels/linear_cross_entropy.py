@@ -36,12 +36,14 @@ targets. Nothing of size N x V (test_saved_tensors_have_no_logits checks it with
 
 Memory, d20 (C = 1280, V = 65536) at N = 32768 tokens per GPU (16 x 2048) in bf16:
   eager  z in bf16 (4 GiB), its fp32 copy (8 GiB), z/c (8 GiB), tanh (8 GiB, saved), c*tanh (8 GiB),
-         log_softmax (8 GiB, saved): 16 GiB kept for backward -- 8 V bytes = 512 KiB per token -- and ~16 GiB
-         more of transients in forward and backward.
+         log_softmax (8 GiB, saved): 16 GiB kept for backward -- 8 V bytes = 512 KiB per token -- plus the
+         transients of forward and backward, 8 GiB per fp32 (N, V) tensor.
   fused  one (chunk, V) buffer of <= 2^28 elements (512 MiB in bf16: 4096 tokens at V = 65536), dw's fp32
-         accumulator (320 MiB) and dh (80 MiB): < 1 GiB, of which only dh (2 C bytes per token) grows with N.
-Time: the GEMMs are the same; eager's elementwise chain moves ~50 bytes per logit through HBM in forward and
-backward, the Triton kernel 6 (bf16 read, read, write).
+         accumulator (320 MiB) and each chunk's bf16 dz^T h (160 MiB), dw and dh in bf16 (160 + 80 MiB): ~1.2 GiB,
+         of which only dh (2 C bytes per token) grows with N.
+Time: the GEMMs are the same; eager's elementwise chain moves ~100 bytes per logit through HBM (forward and
+backward together), the fused path 12 (z written by the GEMM, read twice and overwritten with dz by the row kernel,
+dz read by the two gradient GEMMs). Not yet measured on a GPU: bench/linear_cross_entropy.py is where to check.
 
 References:
   Liger-Kernel, fused linear cross-entropy (gradients in the forward, chunked over tokens):
@@ -69,8 +71,9 @@ else:
     # without a GPU measurement (none was available when this was written) -- bench/linear_cross_entropy.py checks
     _BLOCK_V, _NUM_WARPS = 2048, 8
 
-# logits buffer of at most 2^28 elements per chunk (512 MiB in bf16), but never fewer than 1024 tokens: dw's fp32
-# accumulator (V x C) is read and written once per chunk, which costs as much as the GEMMs below ~300 tokens
+# logits buffer of at most 2^28 elements per chunk (512 MiB in bf16), but never fewer than 1024 tokens: adding a
+# chunk's bf16 dz^T h into dw's fp32 accumulator moves ~12 V C bytes, as much HBM time as the chunk's three GEMMs
+# take on an H100 (~790 TFLOP/s, 3.3 TB/s) at ~500 tokens
 _CHUNK_ELEMENTS = 1 << 28
 _MIN_CHUNK = 1024
 
@@ -183,7 +186,9 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
             elif zc.dtype == torch.float32:
                 dw.addmm_(zc.t(), hc)
             else:
-                dw += torch.mm(zc.t(), hc)  # bf16/fp16 product, fp32 sum: rounded once, at the end
+                # bf16/fp16 product, fp32 sum, rounded once at the end. addmm(out_dtype=fp32) would skip the
+                # (V, C) temporary, but is CUDA-only and was not measurable here
+                dw += torch.mm(zc.t(), hc)
     if dw is not None and dw.dtype != w.dtype:
         dw = dw.to(w.dtype)
     return loss, dh, dw

@@ -41,7 +41,7 @@ def _compare(got, ref, atol, rtol):
 
 
 # N not a multiple of the chunk, V not a multiple of the 128-wide interpreter tile, C not a power of two
-@pytest.mark.parametrize("N,C,V,chunk", [(37, 48, 300, 16), (20, 80, 130, 7), (1, 48, 129, None)])
+@pytest.mark.parametrize("N,C,V,chunk", [(37, 48, 200, 16), (20, 80, 130, 7), (1, 48, 129, None)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_matches_reference(N, C, V, chunk, reduction):
     h, w, targets = _inputs(N, C, V, ignored=range(0, N, 5)[1:])  # some ignored (never row 0: N = 1 keeps it)
@@ -122,14 +122,14 @@ def test_saved_tensors_have_no_logits(reduction):
 
 
 def test_opcheck():
-    h, w, targets = _inputs(9, 16, 40, ignored=(3,))
+    h, w, targets = _inputs(5, 8, 20, ignored=(3,))
     h.requires_grad_(True)
     w.requires_grad_(True)
     fwd = torch.ops.tritonchat.linear_cross_entropy.default
-    torch.library.opcheck(fwd, (h, w, targets, 15.0, -1, "mean", 4, True, True))
-    torch.library.opcheck(fwd, (h, w, targets, 15.0, -1, "none", 4, False, False))
+    torch.library.opcheck(fwd, (h, w, targets, 15.0, -1, "mean", 2, True, True))
+    torch.library.opcheck(fwd, (h, w, targets, 15.0, -1, "none", 2, False, False))
     torch.library.opcheck(torch.ops.tritonchat.linear_cross_entropy_backward.default,
-                          (h.detach(), w.detach(), targets, torch.randn(9), 0.0, -1, 4, True, True))
+                          (h.detach(), w.detach(), targets, torch.randn(5), 0.0, -1, 2, True, True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
