@@ -17,17 +17,12 @@ row with no time and oom=True.
 CPU: a tiny fp32 smoke case, eager, chunked and fused under the Triton interpreter (no compile: too slow for a
 smoke run); those timings measure the interpreter, not the kernel.
 """
-import os
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the fused path runs interpreted
-
-from bench import harness  # noqa: E402
-from kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton  # noqa: E402
-from model.gpt import SOFTCAP, GPTConfig  # noqa: E402
+from bench import harness
+from kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
+from model.gpt import SOFTCAP, GPTConfig
 
 SUITE = "linear_cross_entropy"
 CHUNK_ELEMENTS = 1 << 28  # the fused path's logits budget per chunk, given to the chunked provider too
@@ -50,8 +45,7 @@ def _providers():
     if harness.on_gpu():
         prov["compile"] = torch.compile(linear_cross_entropy_reference, dynamic=False)  # one graph per shape
     prov["chunked"] = chunked_reference
-    if harness.on_gpu() or os.environ.get("TRITON_INTERPRET") == "1":
-        prov["fused"] = linear_cross_entropy_triton
+    prov["fused"] = linear_cross_entropy_triton
     return prov
 
 

@@ -51,16 +51,14 @@ References:
   E. Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024: https://arxiv.org/abs/2411.09009
   nanochat's softcapped loss: https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 import kernels
+from kernels._common import INTERPRET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCTIONS = ("mean", "sum", "none")
 
 if INTERPRET:
