@@ -34,7 +34,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 # shellcheck disable=SC2086
 step gpu_tests 170 "$PY" -m pytest $GPU_TESTS -m gpu -v $XDIST --durations=15 --no-header -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml"
-step kernels 260 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode --quick --out "$OUT"
+step kernels 260 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode,linear_cross_entropy --quick --out "$OUT"
 # Batch 16 (not the d20 preset's 32): eager keeps ~21 (B*T, C) bf16 tensors per layer plus ~4 fp32 (B*T, vocab)
 # logit tensors at the loss (no torch.compile to fuse them), an estimated ~140 GB at batch 32. peak_mem_gib scales
 # with the batch.

@@ -9,16 +9,16 @@ without the machine that made it. On CPU the suites run tiny smoke shapes: the J
 are not GPU claims.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import time
 
 import torch
+import triton.testing
+
+from model.common import versions
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -35,7 +35,6 @@ def _sync():
 def bench(fn, quick=False, warmup=None, rep=None):
     """Time fn() in milliseconds -> {"ms": median, "ms_p20", "ms_p80"}."""
     if on_gpu():
-        import triton.testing
         q = triton.testing.do_bench(fn, warmup=warmup or (5 if quick else 25), rep=rep or (20 if quick else 100),
                                     quantiles=[0.5, 0.2, 0.8])
         return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
@@ -101,39 +100,11 @@ def measure_peaks(quick=False):
             "copy_gbps": 2 * src.numel() * 4 / (cp * 1e-3) / 1e9}
 
 
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 def device_info():
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-            "host": platform.node()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if on_gpu():
-        p = torch.cuda.get_device_properties(0)
-        info.update(kind="cuda", device=p.name, cuda=torch.version.cuda, sm_count=p.multi_processor_count,
-                    memory_gb=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:  # nvidia-ml-py missing or NVML unusable: say so, don't fail the run
-            info["driver"] = "unavailable"
-    else:
-        info.update(kind="cpu", device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                    cuda=None, driver=None, note="CPU smoke run: tiny shapes, not GPU performance")
+    """model.common.versions() (device, versions, commit, date), plus a note on CPU that the timings are smoke runs."""
+    info = versions()
+    if info["kind"] == "cpu":
+        info["note"] = "CPU smoke run: tiny shapes, not GPU performance"
     return info
 
 
@@ -169,7 +140,7 @@ def plot(suite, rows, path):
     w = 0.8 / len(providers)
     for i, p in enumerate(providers):
         vals = {f"{fmt_case(r['case'])} {r['pass']}": r["ratio"] for r in rows if r["provider"] == p}
-        ax.bar([j + i * w for j in range(len(labels))], [vals.get(l, 0) for l in labels], w, label=p)
+        ax.bar([j + i * w for j in range(len(labels))], [vals.get(label, 0) for label in labels], w, label=p)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
@@ -192,7 +163,8 @@ def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, qu
     info = info or device_info()
     out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{suite}-{_slug(info['device'] if info['kind'] == 'cuda' else 'cpu')}-{info['date'][:10]}" + ("-quick" if quick else "")
+    device = _slug(info["device"] if info["kind"] == "cuda" else "cpu")
+    stem = f"{suite}-{device}-{info['date'][:10]}" + ("-quick" if quick else "")
     path = os.path.join(out_dir, stem + ".json")
     with open(path + ".tmp", "w") as f:
         json.dump({"suite": suite, "quick": quick, "info": info, "peaks": peaks, "rows": rows}, f, indent=1)

@@ -49,7 +49,8 @@ ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
 enc = tiktoken.Encoding("p", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
 ntok = sum(len(x) for x in enc.encode_ordinary_batch(val))
 digest = hashlib.sha256(b"".join(k for k, _ in sorted(ranks.items(), key=lambda kv: kv[1]))).hexdigest()
-print(json.dumps({"module": rustbpe.__file__, "times": times, "cpu": cpu, "vocab": len(ranks), "ntok": ntok, "digest": digest}))
+print(json.dumps({"module": rustbpe.__file__, "times": times, "cpu": cpu, "vocab": len(ranks), "ntok": ntok,
+                  "digest": digest}))
 """
 
 

@@ -22,22 +22,25 @@ import threading
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from bench import harness
-from model.common import print0
+from model.common import peak_flops, print0
+from model.gpt import GPTConfig
+from train.distributed import build_model, cleanup, init_distributed
+
 
 def device_peak_flops(name, measured=None):
-    """The dense bf16 peak of the training loop's table (train/loop.py), else the matmul peak measured in this run."""
-    from train.loop import peak_flops
+    """The dense bf16 peak of model.common.PEAK_BF16_FLOPS, else the matmul peak measured in this run."""
     return peak_flops(name) or measured
 
 
-def mfu(tokens_per_s, flops_per_token, peak_flops, world_size=1):
+def mfu(tokens_per_s, flops_per_token, peak, world_size=1):
     """Model FLOPs utilisation, in %."""
-    if not peak_flops:
+    if not peak:
         return None
-    return 100.0 * tokens_per_s * flops_per_token / (peak_flops * world_size)
+    return 100.0 * tokens_per_s * flops_per_token / (peak * world_size)
 
 
 def project_speedrun(num_params, tokens_per_s_per_gpu, n_gpus=8, tokens_per_param=20):
@@ -102,8 +105,6 @@ def _sync(device):
 
 def profile_mode(mode, args, dist_info):
     """Warm up, then time args.steps steps in `mode`; returns one result dict."""
-    from model.gpt import GPTConfig
-    from train.distributed import build_model
     kernels.set_mode(mode)
     device = dist_info.device
     config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
@@ -134,14 +135,19 @@ def profile_mode(mode, args, dist_info):
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = model(x, y)
-        _sync(device); t1 = time.perf_counter()
+        _sync(device)
+        t1 = time.perf_counter()
         loss.backward()
-        _sync(device); t2 = time.perf_counter()
+        _sync(device)
+        t2 = time.perf_counter()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        _sync(device); t3 = time.perf_counter()
-        phases["forward"] += t1 - t0; phases["backward"] += t2 - t1; phases["optimizer"] += t3 - t2
+        _sync(device)
+        t3 = time.perf_counter()
+        phases["forward"] += t1 - t0
+        phases["backward"] += t2 - t1
+        phases["optimizer"] += t3 - t2
     phases = {k: 1e3 * v / args.steps for k, v in phases.items()}
 
     # Whole steps, no syncs inside: the number that matters.
@@ -166,7 +172,6 @@ def profile_mode(mode, args, dist_info):
 
 
 def _profile_one_step(step, mode, args, device):
-    from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
@@ -201,7 +206,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.depth < 1:
         raise SystemExit("bench.train: --depth must be >= 1")
-    from train.distributed import cleanup, init_distributed
     dist_info = init_distributed()
     cuda = dist_info.device.type == "cuda"
     args.device_batch_size = args.device_batch_size or (16 if cuda else 2)

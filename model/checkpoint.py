@@ -26,27 +26,18 @@ import re
 import shutil
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
-from model.common import UserError, home_dir
-
+from model.common import UserError, dist_info, home_dir
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import Tokenizer, get_tokenizer
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
-
-
-def _dist():
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank():
-    return dist.get_rank() if _dist() else 0
-
-
-def _world():
-    return dist.get_world_size() if _dist() else 1
 
 
 def checkpoint_dir(stage, run="default"):
@@ -60,14 +51,9 @@ def step_dir(stage, run, step):
 
 def rng_state():
     """This process's RNG states (torch CPU, CUDA, python, numpy) as a base64 string for meta.json."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
     return base64.b64encode(pickle.dumps(state)).decode("ascii")
 
 
@@ -78,7 +64,6 @@ def set_rng_state(encoded):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
         np.random.set_state(state["numpy"])
 
 
@@ -91,7 +76,6 @@ def _as_list(optimizers):
 def _state_dicts(model, optimizers):
     opts = _as_list(optimizers)
     if not opts:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, opts)
     return {"model": model_sd, "optim": optim_sd}
@@ -113,9 +97,9 @@ def estimate_checkpoint_bytes(model, optimizers=None):
 
 
 def _all_gather(obj):
-    if not _dist():
+    if not dist.is_initialized():
         return [obj]
-    out = [None] * _world()
+    out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -128,11 +112,13 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp")
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     state = _state_dicts(model, optimizers)
     loader_states = _all_gather(loader_state)
     rng_states = _all_gather(rng_state())
     ok = [True]
-    if _rank() == 0:
+    if rank == 0:
         os.makedirs(parent, exist_ok=True)
         need = int(_nbytes(state) * 1.1) + (1 << 20)
         free = shutil.disk_usage(parent).free
@@ -140,24 +126,24 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
         if ok[0]:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-    if _dist():
+    if dist.is_initialized():
         dist.broadcast_object_list(ok, src=0)  # an object, not a CPU tensor: works on NCCL too
     if not ok[0]:
         raise UserError(f"not enough disk space for the checkpoint in {parent}: need about {need / 2**30:.2f} GiB, "
                         f"{free / 2**30:.2f} GiB free. Free some space or point $TRITONCHAT_HOME elsewhere."
-                        if _rank() == 0 else "not enough disk space for the checkpoint (see rank 0)")
+                        if rank == 0 else "not enough disk space for the checkpoint (see rank 0)")
     try:
         dcp.save(state, checkpoint_id=tmp)
-        if _rank() == 0:
-            full_meta = dict(meta or {}, step=step, world_size=_world(), loader_states=loader_states,
+        if rank == 0:
+            full_meta = dict(meta or {}, step=step, world_size=world, loader_states=loader_states,
                              rng_states=rng_states)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(full_meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-        if _dist():
+        if dist.is_initialized():
             dist.barrier()
-        if _rank() == 0:
+        if rank == 0:
             if os.path.exists(path):  # re-saving the same step: swap the old one out
                 old = os.path.join(parent, f".{name}.old")
                 os.replace(path, old)
@@ -166,10 +152,10 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
             else:
                 os.replace(tmp, path)
     except BaseException:
-        if _rank() == 0:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _dist():
+    if dist.is_initialized():
         dist.barrier()
     return path
 
@@ -194,7 +180,6 @@ def load_checkpoint(path, model, optimizers=None):
     if opts:
         set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
         set_model_state_dict(model, state["model"])
     return meta
 
@@ -220,8 +205,7 @@ def find_last_checkpoint(stage, run=None):
 def load_model(stage, device="cpu", run=None, path=None):
     """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`), as a plain single-process GPT in
     eval mode on `device` (fp32). The tokenizer is loaded from meta["tokenizer_dir"] if recorded, else
-    $TRITONCHAT_HOME/tokenizer (None if the tokenizer module is not available)."""
-    from model.gpt import GPT, GPTConfig
+    $TRITONCHAT_HOME/tokenizer (None when there is none yet: the caller may bring its own)."""
     path = path or find_last_checkpoint(stage, run)
     if path is None:
         raise UserError(f"no {stage} checkpoint found under {os.path.join(home_dir(), 'checkpoints', stage)}; "
@@ -234,14 +218,18 @@ def load_model(stage, device="cpu", run=None, path=None):
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "no process group, assuming a single process": exactly what we want here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     model.load_state_dict(state["model"])
     model.eval()
-    tokenizer = None
     try:
-        from model.tokenizer import Tokenizer, get_tokenizer
-        tok_dir = meta.get("tokenizer_dir")
-        tokenizer = Tokenizer.load(tok_dir) if tok_dir and os.path.isdir(tok_dir) else get_tokenizer()
-    except (ImportError, OSError, ValueError):  # no tokenizer trained yet: the caller may bring its own
-        pass
+        tokenizer = load_tokenizer(meta)
+    except (OSError, ValueError):  # no tokenizer trained yet: the caller may bring its own
+        tokenizer = None
     return model, tokenizer, meta
+
+
+def load_tokenizer(meta):
+    """The tokenizer a checkpoint was trained with: meta["tokenizer_dir"] when it still exists, else
+    $TRITONCHAT_HOME/tokenizer."""
+    tok_dir = meta.get("tokenizer_dir")
+    return Tokenizer.load(tok_dir) if tok_dir and os.path.isdir(tok_dir) else get_tokenizer()

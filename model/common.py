@@ -1,8 +1,27 @@
-"""Small shared helpers: where artifacts live, rank-0 printing, the compute device."""
+"""Runtime helpers every part shares (as nanochat's common.py,
+https://github.com/karpathy/nanochat/blob/master/nanochat/common.py): where artifacts live, this process's place in
+the process group, rank-0 printing, collectives on a few numbers, the GPU peak table, downloads with retries, and
+the versions and hardware a number was made with."""
+import datetime
+import importlib.metadata
 import os
+import platform
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU. Longest matching name wins ("H100 PCIe" before "H100").
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
+                   "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 class UserError(RuntimeError):
@@ -10,11 +29,42 @@ class UserError(RuntimeError):
     Entry points print its message alone, without a traceback, and exit with status 2."""
 
 
+class DownloadError(UserError):
+    """A download that failed for good. `status`: the HTTP status of a refused request (404, 403, ...), else None."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
 def home_dir():
     """$TRITONCHAT_HOME (default ~/.cache/tritonchat): tokenizer/, data/, checkpoints/<stage>/<run>/, reports/."""
     path = os.environ.get("TRITONCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ processes
+@dataclass
+class DistInfo:
+    is_dist: bool          # launched by torchrun (RANK/WORLD_SIZE set)
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def dist_info():
+    """This process's place -> DistInfo: rank and world size of the default process group (0 and 1 while there is
+    none), torchrun's LOCAL_RANK, and its device (cuda:LOCAL_RANK under an NCCL group or, without a group, when a GPU
+    is visible; else cpu). train.distributed.init_distributed creates the group."""
+    group = dist.is_available() and dist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and (not group or "nccl" in dist.get_backend())
+    return DistInfo(is_dist="RANK" in os.environ and "WORLD_SIZE" in os.environ,
+                    rank=dist.get_rank() if group else 0, local_rank=local_rank,
+                    world_size=dist.get_world_size() if group else 1,
+                    device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
 def is_rank0():
@@ -26,5 +76,133 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def default_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def barrier():
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values):
+    """A few numbers summed over all ranks -> list of floats (float64; the input itself in a single process).
+    Collective: every rank calls it with the same number of values."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if "nccl" in dist.get_backend():  # NCCL reduces CUDA tensors only
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def local(t):
+    """The local shard of an FSDP2 DTensor (a plain tensor is returned as it is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ------------------------------------------------------------------------------------------------ hardware
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of one GPU, from a torch device or a device name ("NVIDIA H100 80GB HBM3"); None for
+    the CPU or a GPU missing from PEAK_BF16_FLOPS (MFU is then reported as n/a)."""
+    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
+        name = device
+    elif torch.device(device).type != "cuda":
+        return None
+    else:
+        name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def _cpu_name():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
+def _git_commit():
+    """Short commit of this checkout, "-dirty" when tracked files have uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=ROOT).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions():
+    """What a measurement was made with -> dict: date (UTC, ISO 8601), git_commit, python, torch, triton, cuda (None
+    without CUDA), host, cpu (model name), cpu_cores, gpus (count), kind ("cuda" | "cpu"), device (GPU 0's name, or
+    "cpu (<model>, <cores> cores)"), driver (None on the CPU; "unavailable" without nvidia-ml-py); on CUDA also
+    sm_count, memory_gb and capability."""
+    try:
+        # read from the package metadata: importing triton here would fix TRITON_INTERPRET before a caller sets it
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    cpu = _cpu_name()
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "host": platform.node(), "cpu": cpu,
+            "cpu_cores": os.cpu_count(), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(kind="cuda", device=p.name, sm_count=p.multi_processor_count,
+                    memory_gb=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
+        try:
+            import pynvml  # optional (nvidia-ml-py)
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001 - nvidia-ml-py missing or NVML unusable: say so, don't fail the run
+            info["driver"] = "unavailable"
+    else:
+        info.update(kind="cpu", device=f"cpu ({cpu}, {os.cpu_count()} cores)", driver=None)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ downloads
+def download(url, path, retries=5, backoff=1.0, timeout=60, resume=False, progress=False):
+    """Fetch url into path through a temp file renamed when complete, so a crash never leaves a half file under the
+    real name. Returns path.
+
+    Connection errors, timeouts, short reads and HTTP 429/5xx are retried `retries` times, after backoff·2^attempt
+    seconds. resume=True keeps the temp file (path + ".tmp") between attempts and runs, and continues it with an HTTP
+    Range request (a server that ignores Range sends the whole file again); only for files one process downloads.
+    resume=False writes a temp file of this process's own, so ranks fetching the same file never mix their bytes.
+    progress=True prints (rank 0) one line per finished file: size and seconds.
+    Raises DownloadError: at once for HTTP 4xx other than 429 (.status = the code), else after the last retry."""
+    tmp = path + ".tmp" if resume else f"{path}.tmp{os.getpid()}"
+    t0 = time.perf_counter()
+    for attempt in range(retries + 1):
+        try:
+            have = os.path.getsize(tmp) if resume and os.path.exists(tmp) else 0
+            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                mode = "ab" if have and resp.status == 206 else "wb"  # 200 = server ignored Range: start over
+                with open(tmp, mode) as f:
+                    shutil.copyfileobj(resp, f, 1 << 20)
+            os.replace(tmp, path)
+            if progress:
+                print0(f"downloaded {url} ({os.path.getsize(path) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+            return path
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and os.path.exists(tmp):  # our partial file is already complete (or bogus): start over
+                os.remove(tmp)
+            elif 400 <= e.code < 500 and e.code != 429:
+                if not resume and os.path.exists(tmp):
+                    os.remove(tmp)
+                raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}", status=e.code) from None
+            err = e
+        except (urllib.error.URLError, OSError, TimeoutError) as e:  # connection reset, timeout, short read, ...
+            err = e
+        if not resume and os.path.exists(tmp):
+            os.remove(tmp)
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise DownloadError(f"downloading {url} failed after {retries + 1} attempts: {err}")

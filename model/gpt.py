@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kernels.attention import attention
 from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.relu2_mlp import relu2_mlp
+from model.common import local
 from model.optim import Muon, make_adamw
 
 SOFTCAP = 15.0
@@ -164,7 +165,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.c_proj.weight.zero_()
             block.mlp.c_proj.weight.zero_()
-        device = _local(self.transformer.wte.weight).device
+        device = local(self.transformer.wte.weight).device
         self.cos, self.sin = precompute_rotary(self.rotary_len, self.config.head_dim, device=device)
 
     # -- bookkeeping -----------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ class GPT(nn.Module):
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive sampling (full forward each step, no cache): yields token ids. The Engine does this properly.
         Under FSDP every rank must call it with the same arguments (each forward gathers parameters)."""
-        device = _local(self.transformer.wte.weight).device
+        device = local(self.transformer.wte.weight).device
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
@@ -231,11 +232,6 @@ class GPT(nn.Module):
             yield next_id.item()
 
 
-def _local(t):
-    """The local tensor of a DTensor (FSDP2 shard), else t itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _fill_normal(p, std):
     """p ~ N(0, std^2). A DTensor gets its shard of the full tensor drawn from the same RNG stream, so the model is
     the same whatever the world size (each rank draws the full tensor, then keeps its slice)."""
@@ -243,5 +239,5 @@ def _fill_normal(p, std):
         p.normal_(0.0, std)
         return
     from torch.distributed.tensor import distribute_tensor
-    full = torch.empty(p.shape, dtype=p.dtype, device=_local(p).device).normal_(0.0, std)
+    full = torch.empty(p.shape, dtype=p.dtype, device=local(p).device).normal_(0.0, std)
     p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))

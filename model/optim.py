@@ -23,8 +23,10 @@ groups are issued asynchronously so communication of one group overlaps Newton-S
 """
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import Shard
 
 from kernels.newton_schulz import newton_schulz
+from model.common import local
 
 
 def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
@@ -37,12 +39,8 @@ def make_adamw(param_groups, weight_decay=0.0):
     """AdamW as nanochat uses it for embedding and lm_head: betas (0.8, 0.95), eps 1e-10, fused on CUDA.
     Works on FSDP2 DTensor parameters (the optimizer state is sharded like the parameters, ZeRO style)."""
     first = next(p for g in param_groups for p in g["params"])
-    fused = _local(first).device.type == "cuda"
+    fused = local(first).device.type == "cuda"
     return torch.optim.AdamW(param_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Muon(torch.optim.Optimizer):
@@ -87,7 +85,7 @@ class Muon(torch.optim.Optimizer):
             outs = next(job)  # stage 3: this rank's rows of every orthogonalised matrix
             for p, o in zip(group["params"], outs):
                 rows, cols = p.shape
-                _local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+                local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
         return loss
 
     def _momentum_update(self, p, group):
@@ -95,8 +93,8 @@ class Muon(torch.optim.Optimizer):
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a DTensor param: checkpoints shard it
-        buf = _local(state["momentum_buffer"])
-        g = _local(p.grad) if p.grad is not None else torch.zeros_like(buf)
+        buf = local(state["momentum_buffer"])
+        g = local(p.grad) if p.grad is not None else torch.zeros_like(buf)
         buf.lerp_(g, 1 - group["momentum"])
         return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
 
@@ -116,7 +114,6 @@ class Muon(torch.optim.Optimizer):
             yield
             yield out.unbind(0)
             return
-        from torch.distributed.tensor import Shard
         if mesh.ndim != 1 or tuple(p0.placements) != (Shard(0),):
             raise ValueError(f"Muon: expected parameters sharded on dim 0 over a 1-D mesh (FSDP2), "
                              f"got placements {p0.placements} on a {mesh.ndim}-D mesh")

@@ -22,6 +22,7 @@ from model.gpt import GPTConfig  # noqa: E402
 from train import loop  # noqa: E402
 from train.data import TokenLoader  # noqa: E402
 from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
+from train.evaluate import evaluate_bpb, token_bytes  # noqa: E402
 
 
 class ByteTokenizer:
@@ -103,13 +104,13 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         loop.save_checkpoint = save_then_die
-    tb = loop.token_bytes(ByteTokenizer())
+    tb = token_bytes(ByteTokenizer())
     val_docs = synthetic_docs(21, seed=1)  # odd: under 2 ranks they hold different numbers of val batches
 
     def eval_fn(model, step):
         val = TokenLoader(ByteTokenizer(), val_docs, B, T, rank=info.rank, world_size=info.world_size, loop=False,
                           device=info.device)
-        return {"val_bpb": loop.evaluate_bpb(model, val, tb)}
+        return {"val_bpb": evaluate_bpb(model, val, tb)}
 
     loop.train(args.stage, model, opts, loader, args, eval_fn=eval_fn,
                meta={"config": cfg.__dict__})

@@ -13,8 +13,9 @@ import torch
 
 import kernels
 from test_data import Server, write_parquet
-from train import base, data, loop
 from model import checkpoint as ck
+from model.common import peak_flops
+from train import base, data, loop
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def test_cuda_bf16_loop_resume_and_mfu(tmp_path):
     assert r.returncode == 0, r.stderr
     steps = [rec for rec in logged(tmp_path) if "loss" in rec]
     assert [rec["step"] for rec in steps] == [1, 2, 3, 4, 5, 6] and steps[-1]["loss"] < steps[0]["loss"]
-    known = loop.peak_flops(torch.device("cuda")) is not None  # MFU is n/a only on a GPU missing from the table
+    known = peak_flops(torch.device("cuda")) is not None  # MFU is n/a only on a GPU missing from the table
     assert all((0 < rec["mfu"] < 1) if known else rec["mfu"] is None for rec in steps)
 
 

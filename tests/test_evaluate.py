@@ -66,7 +66,7 @@ def test_continuation_losses_and_exact_match():
     table[ord("b"), ord("c")] = 5.0
     model = Bigram(table)
     a, b, c, d = (ord(ch) for ch in "abcd")
-    losses, exact = ev._continuation_losses(model, [[a], [a], [a, b]], [[b, c], [d], [c]])
+    losses, exact = ev.continuation_losses(model, [[a], [a], [a, b]], [[b, c], [d], [c]])
     assert exact == [True, False, True]
     lp_good = -F.log_softmax(table[a], -1)[b].item()
     assert losses[0] == pytest.approx((lp_good + -F.log_softmax(table[b], -1)[c].item()) / 2, rel=1e-5)

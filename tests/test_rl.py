@@ -125,9 +125,9 @@ def _args(**kw):
 
 
 def test_batch_masks_prompt_forced_and_padding():
-    from train.rl import _batch
+    from train.rl import pad_samples
     samples = [dict(ids=[6, 7, 0, 9, 1, 2, 10], mask=[0, 0, 0, 0, 1, 0, 1]), dict(ids=[6, 9, 3], mask=[0, 0, 1])]
-    x, y, m = _batch(samples, "cpu", pad_id=6)
+    x, y, m = pad_samples(samples, "cpu", pad_id=6)
     assert x.tolist() == [[6, 7, 0, 9, 1, 2], [6, 9, 6, 6, 6, 6]]
     assert y.tolist() == [[-1, -1, -1, 1, -1, 10], [-1, 3, -1, -1, -1, -1]]
     assert m.sum().item() == 3

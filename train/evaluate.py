@@ -21,6 +21,7 @@ Examples are split across ranks (i % world == rank) and the counts all-reduced.
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -29,31 +30,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.common import print0
-from train.loop import evaluate_bpb, token_bytes  # noqa: F401 (re-exported)
+import kernels
+from model.checkpoint import load_model
+from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from model.engine import Engine
+from model.tokenizer import SPECIAL_TOKENS
+from train.data import TokenLoader, load_corpus
+from train.distributed import cleanup, init_distributed
+from train.loop import run_main
+from train.tasks import TaskError, get_task
+from train.tasks.common import cache_dir, completion_text, extract_answer
 
 MC_CHANCE = 0.25
-
-
-def _dist():
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
-
-
-def _sum(*values):
-    """All-reduce a few numbers over ranks (sum)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if _dist() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _device(model):
-    p = next(model.parameters())
-    return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
 def centred(acc, chance):
@@ -66,18 +54,66 @@ def chatcore(results, chances):
 
 
 # ------------------------------------------------------------------------------------------------ base: val bpb
-# val bits-per-byte is the training loop's own measure (train/loop.py), so stage logs and the report card agree:
-# token_bytes(tokenizer) -> (V,) exact UTF-8 bytes per token (0 for specials); evaluate_bpb(model, batches, tb).
+def token_bytes(tokenizer):
+    """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
+    if hasattr(tokenizer, "token_bytes"):  # model.tokenizer.Tokenizer knows the exact bytes of partial characters
+        return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
+    special = set()
+    for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or SPECIAL_TOKENS:
+        try:
+            special.add(tokenizer.encode_special(name))
+        except Exception:  # noqa: BLE001 - a tokenizer without that special
+            pass
+    special.add(tokenizer.bos_token_id)
+    nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
+    return torch.tensor(nbytes, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes):
+    """Bits per byte over an iterable of (x, y): sum of nats / (ln 2 · bytes of the target tokens); targets that
+    are special tokens (0 bytes) or -1 are left out. Summed over all ranks (collective under torchrun); every stage
+    logs this same number, so stage logs and the report card agree."""
+    was_training = model.training
+    model.eval()
+    nats = None
+    nbytes = None
+    it = iter(batches)
+    device = next(model.parameters()).device  # NCCL collectives need CUDA tensors
+    tbytes = token_bytes.to(device)
+    world = dist_info().world_size
+    while True:
+        batch = next(it, None)
+        if world > 1:  # ranks may hold different amounts of data: stop together (FSDP forward is collective)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                break
+        if batch is None:
+            break
+        x, y = batch
+        loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats
+        yf = y.reshape(-1)
+        tb = tbytes[yf.clamp(min=0)] * (yf >= 0)
+        n, b = (loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)
+        nats, nbytes = (n, b) if nats is None else (nats + n, nbytes + b)
+    if nats is None:
+        raise UserError("evaluate_bpb: no validation batches (the validation set is smaller than one batch)")
+    stats = torch.stack([nats, nbytes]).double()
+    if world > 1:
+        dist.all_reduce(stats)
+    model.train(was_training)
+    return (stats[0] / (math.log(2) * stats[1])).item()
 
 
 # ------------------------------------------------------------------------------------------------ base: CORE-style
 @torch.no_grad()
-def _continuation_losses(model, contexts, continuations):
+def continuation_losses(model, contexts, continuations):
     """Mean loss of each continuation after its context and whether the greedy prediction matches it exactly.
     One right-padded batch; returns (losses list, exact list)."""
     rows = [c + k for c, k in zip(contexts, continuations)]
     T = max(len(r) for r in rows)
-    dev = _device(model)
+    dev = local(next(model.parameters())).device
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for i, (c, k) in enumerate(zip(contexts, continuations)):
@@ -86,7 +122,8 @@ def _continuation_losses(model, contexts, continuations):
         y[i, len(c) - 1:len(r) - 1] = torch.tensor(k)
     x, y = x.to(dev), y.to(dev)
     logits = model(x)
-    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="none").view(y.shape)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                           reduction="none").view(y.shape)
     valid = y >= 0
     mean = (loss * valid).sum(1) / valid.sum(1).clamp(min=1)
     exact = ((logits.argmax(-1) == y) | ~valid).all(1)
@@ -100,9 +137,9 @@ def _mc_text(conv):
 def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100, seed=1234):
     """CORE-style accuracy of a base model on a task. kind "mc" uses the conversations' question/choices/answer;
     kind "lm" uses user question -> assistant text, the continuation being the number after '####'."""
-    from train.tasks.gsm8k import completion_text, extract_answer
     n = min(len(task), max_examples)
-    rank, world = _rank_world()
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     bos = tokenizer.bos_token_id
     correct = total = 0
     for i in range(rank, n, world):
@@ -114,7 +151,7 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
             q, choices, answer = _mc_text(conv)
             ctx = [bos] + tokenizer.encode(prefix + f"Question: {q}\nAnswer:")
             conts = [tokenizer.encode(" " + c) for c in choices]
-            losses, _ = _continuation_losses(model, [ctx] * len(choices), conts)
+            losses, _ = continuation_losses(model, [ctx] * len(choices), conts)
             correct += int(min(range(len(choices)), key=losses.__getitem__) == answer)
         else:
             def qa(c):
@@ -123,10 +160,10 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
             prefix = "".join(f"Question: {q}\nAnswer: {s}{a}\n\n" for q, s, a in map(qa, shots))
             q, sol, ans = qa(conv)
             ctx = [bos] + tokenizer.encode(prefix + f"Question: {q}\nAnswer: {sol}")
-            _, exact = _continuation_losses(model, [ctx], [tokenizer.encode(ans)])
+            _, exact = continuation_losses(model, [ctx], [tokenizer.encode(ans)])
             correct += int(exact[0])
         total += 1
-    correct, total = _sum(correct, total)
+    correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
 
@@ -139,8 +176,9 @@ def _prompt_ids(tokenizer, conv):
 def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8):
     """Multiple choice: argmax of the logits after <|assistant_start|> over the choice letters' tokens."""
     n = len(task) if max_examples is None else min(len(task), max_examples)
-    rank, world = _rank_world()
-    dev = _device(model)
+    info = dist_info()
+    rank, world = info.rank, info.world_size
+    dev = local(next(model.parameters())).device
     idx = list(range(rank, n, world))
     correct = total = 0
     for s in range(0, len(idx), batch_size):
@@ -152,11 +190,11 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
             x[i, :len(p)] = torch.tensor(p)
         logits = model(x.to(dev))
         for i, (conv, p) in enumerate(zip(convs, prompts)):
-            letter_ids = [tokenizer.encode(l)[0] for l in conv["letters"]]
+            letter_ids = [tokenizer.encode(letter)[0] for letter in conv["letters"]]
             pick = logits[i, len(p) - 1, letter_ids].argmax().item()
             correct += task.evaluate(conv, conv["letters"][pick])
             total += 1
-    correct, total = _sum(correct, total)
+    correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
 
@@ -165,9 +203,9 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
     """Generative: sample with the Engine (batch_size prompts decoded together), decode each completion, score it
     with the task; an example counts as solved when any of its num_samples completions is right
     (pass@num_samples). Returns accuracy."""
-    from train.tasks import TaskError
     n = len(task) if max_examples is None else min(len(task), max_examples)
-    rank, world = _rank_world()
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     idx = list(range(rank, n, world))
     correct = total = 0
     for s in range(0, len(idx), batch_size):
@@ -187,7 +225,7 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
                                     f"{type(e).__name__}: {e}") from e
             correct += ok
             total += 1
-    correct, total = _sum(correct, total)
+    correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
 
@@ -197,8 +235,6 @@ def chance_of(task):
 
 def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", engine=None):
     """Accuracy of every named task's test split plus ChatCORE -> dict."""
-    from model.engine import Engine
-    from train.tasks import get_task
     engine = engine or Engine(model, tokenizer)
     results, chances = {}, {}
     for name in task_names:
@@ -214,7 +250,6 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
 
 def present_real_tasks():
     """Real tasks whose test files are already in the cache (never downloads)."""
-    from train.tasks.common import cache_dir
     found = []
     for name, (repo, config, split) in {"arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
                                         "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
@@ -227,7 +262,6 @@ def present_real_tasks():
 
 def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, num_shots=3, stage="eval"):
     """val bpb (when val_batches is given) and CORE-style centred accuracies -> dict."""
-    from train.tasks import get_task
     out = {}
     if val_batches is not None:
         out["val_bpb"] = evaluate_bpb(model, val_batches, token_bytes(tokenizer))
@@ -248,7 +282,6 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
 
 def val_batches_for(tokenizer, B, T, device, max_batches, rank=0, world=1):
     """Batches of the held-out embedded corpus (loop=False, at most max_batches)."""
-    from train.data import TokenLoader, load_corpus
     loader = TokenLoader(tokenizer, load_corpus("val"), B, T, rank=rank, world_size=world, device=device, loop=False)
     out = []
     for _ in range(max_batches):
@@ -263,10 +296,10 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
                         device=None, stage="evaluate"):
     """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict.
     Works in one process or on every rank under torchrun (examples split across ranks)."""
-    from model.checkpoint import load_model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, meta = load_model(source, device=device, run=run)
-    rank, world = _rank_world()
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     t0 = time.time()
     if mode == "base":
         T = meta["config"]["sequence_len"]
@@ -280,8 +313,6 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
 
 
 def main(argv=None):
-    import kernels
-    from train.loop import run_main
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_argument(p)
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
@@ -299,7 +330,6 @@ def main(argv=None):
         os.environ["TRITONCHAT_DATA_URL"] = args.data_url
 
     def go():
-        from train.distributed import cleanup, init_distributed
         info = init_distributed()
         res = evaluate_checkpoint(args.mode, args.source, args.run, args.tasks.split(",") if args.tasks else None,
                                   args.max_examples, args.max_tokens, args.val_batches, info.device)

@@ -1,4 +1,5 @@
-"""The one training loop every stage shares (base, mid, SFT; RL drives its own steps but reuses the helpers).
+"""The one training loop every stage shares (base, mid, SFT; RL drives its own steps with the helpers below:
+is_due, set_lrs, optimizer_step, resume).
 
 A stage builds its model (train.distributed.build_model), optimizers (model.setup_optimizers(...)) and a loader, then:
 
@@ -23,10 +24,10 @@ Every `--eval-every` steps and at the end: eval_fn. Every `--save-every` steps a
 Logging (rank 0): a line per `--log-every` steps with loss, lr, tokens/s, MFU (CUDA only), ETA; the same as JSON lines
 in <run dir>/log.jsonl (appended on resume). The loss is only synchronised (.item()) on logging steps.
 
-Entry points wrap their main in `run_main(main)`: a UserError prints one line "error: ..." and exits with status 2.
+Entry points: `main(argv)` = run_main(run), then train.distributed.cleanup(); run_main prints a UserError as one line
+"error: ..." and exits with status 2. Bits per byte (the eval_fn of base) is train/evaluate.py's evaluate_bpb.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -37,13 +38,8 @@ import torch.distributed as dist
 import kernels
 from model.checkpoint import (checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
                               set_rng_state, step_dir)
-from model.common import UserError, print0
+from model.common import UserError, dist_info, peak_flops, print0
 from model.optim import muon_momentum
-
-# Dense bf16 peak FLOP/s per GPU (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12, "B200": 2250e12, "B100": 1750e12,
-                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
-                   "RTX 3090": 71e12}
 
 
 def add_train_args(parser):
@@ -85,20 +81,6 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
     return progress + (1 - progress) * final_lr_frac
 
 
-def peak_flops(device):
-    """bf16 dense peak of one GPU (a torch device or a device name), or None (CPU / unknown GPU: MFU is 'n/a')."""
-    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
-        name = device
-    elif torch.device(device).type != "cuda":
-        return None
-    else:
-        name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
-
-
 def grad_accum_steps(total_batch_size, world_size, B, T):
     """Micro-batches per step so that world_size·B·T·steps == total_batch_size tokens (-1 = one micro-batch)."""
     per_micro = world_size * B * T
@@ -112,19 +94,55 @@ def grad_accum_steps(total_batch_size, world_size, B, T):
     return total_batch_size // per_micro
 
 
-def _world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def is_due(step, every, last):
+    """True at the last step and, with every > 0, at every multiple of `every` (step 0 included)."""
+    return last or (every > 0 and step % every == 0)
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def set_lrs(optimizers, lr_mult, momentum=None):
+    """Every param group's lr = its initial_lr x lr_mult; with `momentum`, also the momentum of the Muon groups."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_mult
+            if momentum is not None and "momentum" in group:  # Muon
+                group["momentum"] = momentum
+
+
+def optimizer_step(model, optimizers, grad_clip):
+    """Clip the gradient norm (grad_clip > 0), step every optimizer, drop the gradients -> total norm before
+    clipping (a tensor; None without clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def resume(stage, run, model, optimizers):
+    """Load the newest checkpoint of <stage>/<run> into model and optimizers and restore this rank's RNG -> its
+    meta.json (step, loader_states, val, ...). UserError when there is none, or when it was saved by another number
+    of processes (exact resume replays every rank's data and RNG)."""
+    ckpt = find_last_checkpoint(stage, run)
+    if ckpt is None:
+        raise UserError(f"--resume: no checkpoint found in {checkpoint_dir(stage, run)}; run without --resume first "
+                        f"(or pass the --run name of an existing run)")
+    saved = load_checkpoint(ckpt, model, optimizers)
+    info = dist_info()
+    if saved.get("world_size", 1) != info.world_size:
+        raise UserError(f"--resume: {ckpt} was saved by {saved.get('world_size')} processes, this run has "
+                        f"{info.world_size}; exact resume needs the same number of processes")
+    set_rng_state(saved["rng_states"][info.rank])
+    print0(f"resumed from {ckpt} at step {saved['step']}")
+    return dict(saved, path=ckpt)
 
 
 def _mean_across_ranks(t):
-    if _world() > 1:
+    world = dist_info().world_size
+    if world > 1:
         t = t.clone()
         dist.all_reduce(t)  # SUM (gloo has no AVG)
-        t /= _world()
+        t /= world
     return t
 
 
@@ -148,7 +166,8 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     num_iterations = args.num_iterations
     if num_iterations is None or num_iterations < 1:
         raise UserError(f"--num-iterations must be >= 1, got {num_iterations}")
-    world, rank = _world(), _rank()
+    info = dist_info()
+    world, rank = info.world_size, info.rank
     B, T = loader.B, loader.T
     accum = grad_accum_steps(args.total_batch_size, world, B, T)
     tokens_per_step = accum * world * B * T
@@ -160,18 +179,9 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:
-        ckpt = find_last_checkpoint(stage, args.run)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint found in {run_dir}; run without --resume first "
-                            f"(or pass the --run name of an existing run)")
-        saved = load_checkpoint(ckpt, model, optimizers)
-        if saved.get("world_size", 1) != world:
-            raise UserError(f"--resume: {ckpt} was saved by {saved.get('world_size')} processes, this run has {world}; "
-                            "exact resume needs the same number of processes")
+        saved = resume(stage, args.run, model, optimizers)
         loader.load_state_dict(saved["loader_states"][rank])
-        set_rng_state(saved["rng_states"][rank])
-        start_step, last_val = saved["step"], saved.get("val", {})
-        print0(f"resumed from {ckpt} at step {start_step}")
+        start_step, last_val, ckpt = saved["step"], saved.get("val", {}), saved["path"]
     print0(f"{stage}: {num_iterations} steps x {tokens_per_step:,} tokens (world {world} x batch {B} x seq {T} x "
            f"accum {accum}), kernels {kernels.get_mode()}")
 
@@ -200,15 +210,15 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     while True:
         last = step == num_iterations
         resumed_here = args.resume and step == start_step  # already evaluated before that checkpoint was saved
-        if eval_fn is not None and not resumed_here and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if eval_fn is not None and not resumed_here and is_due(step, args.eval_every, last):
             last_val = _forked(eval_fn, model, step) or {}
             model.train()
             print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
             log({"step": step, **last_val})
-        if sample_fn is not None and (last or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
+        if sample_fn is not None and step > 0 and is_due(step, args.sample_every, last):
             _forked(sample_fn, model, step)
             model.train()
-        if step > start_step and args.save_every >= 0 and (last or (args.save_every > 0 and step % args.save_every == 0)):
+        if step > start_step and args.save_every >= 0 and is_due(step, args.save_every, last):
             ckpt = save_checkpoint(step_dir(stage, args.run, step), step, model, optimizers,
                                    dict(meta, val=last_val), loader.state_dict())
             print0(f"saved {ckpt}")
@@ -218,22 +228,14 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
         # ---- one optimizer step ----
         t0 = time.perf_counter()
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if "momentum" in group:  # Muon
-                    group["momentum"] = muon_momentum(step, args.muon_momentum_warmup)
+        set_lrs(optimizers, lrm, muon_momentum(step, args.muon_momentum_warmup))
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
             x, y = loader.next_batch()
             loss = model(x, y)
             loss_sum += loss.detach()
             (loss / accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizers, args.grad_clip)
         step += 1
         steps_since_log += 1
         logging = step % max(1, args.log_every) == 0 or step == num_iterations
@@ -268,73 +270,12 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# evaluation helpers shared by stages
-
-def token_bytes(tokenizer):
-    """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
-    if hasattr(tokenizer, "token_bytes"):  # model.tokenizer.Tokenizer knows the exact bytes of partial characters
-        return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
-    special = set()
-    for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or _special_names():
-        try:
-            special.add(tokenizer.encode_special(name))
-        except Exception:  # noqa: BLE001 - a tokenizer without that special
-            pass
-    special.add(tokenizer.bos_token_id)
-    nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
-    return torch.tensor(nbytes, dtype=torch.long)
-
-
-def _special_names():
-    try:
-        from model.tokenizer import SPECIAL_TOKENS
-        return SPECIAL_TOKENS
-    except ImportError:
-        return []
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes):
-    """Bits per byte over an iterable of (x, y): sum of nats / (ln 2 · bytes of the target tokens); targets that
-    are special tokens (0 bytes) or -1 are left out. Summed over all ranks (collective under torchrun)."""
-    was_training = model.training
-    model.eval()
-    nats = None
-    nbytes = None
-    it = iter(batches)
-    device = next(model.parameters()).device  # NCCL collectives need CUDA tensors
-    tbytes = token_bytes.to(device)
-    while True:
-        batch = next(it, None)
-        if _world() > 1:  # ranks may hold different amounts of data: stop together (FSDP forward is collective)
-            more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
-            dist.all_reduce(more, op=dist.ReduceOp.MIN)
-            if not more.item():
-                break
-        if batch is None:
-            break
-        x, y = batch
-        loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats
-        yf = y.reshape(-1)
-        tb = tbytes[yf.clamp(min=0)] * (yf >= 0)
-        n, b = (loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)
-        nats, nbytes = (n, b) if nats is None else (nats + n, nbytes + b)
-    if nats is None:
-        raise UserError("evaluate_bpb: no validation batches (the validation set is smaller than one batch)")
-    stats = torch.stack([nats, nbytes]).double()
-    if _world() > 1:
-        dist.all_reduce(stats)
-    model.train(was_training)
-    return (stats[0] / (math.log(2) * stats[1])).item()
-
-
 def run_main(main):
     """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2 — no traceback."""
     try:
         return main()
     except UserError as e:
-        if _rank() == 0:
+        if dist_info().rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """GRPO reinforcement learning on a task with a verifiable reward (the embedded arithmetic, or GSM8K).
 
-    python -m train.rl --task arithmetic --num-steps 50                 # single process (CPU or one GPU)
+    python -m train.rl --task arithmetic --num-iterations 50            # single process (CPU or one GPU)
     torchrun --nproc_per_node=8 -m train.rl --task gsm8k                 # nanochat's RL stage (from the SFT model)
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.rl --preset tiny ...   # CPU, gloo
 
@@ -18,16 +18,30 @@ Objective (per sampled token t of completion i in group g; forced tool-output to
                                                                          a frozen copy of the starting model)
     loss  = sum_t L_t / (number of sampled tokens in the step)           token-level mean (--reduction token), or
             mean over completions of their per-token mean                (--reduction sequence)
-Defaults (nanochat's first release): no std scaling, no KL, no ratio clipping, one inner step (on-policy),
-token-level mean. --inner-steps K > 1 re-uses the same rollouts for K optimizer steps (then clipping matters).
-Logs mean reward, pass@k on held-out prompts, completion lengths; checkpoints and resumes via model/checkpoint.py.
+Defaults (nanochat's first release, https://github.com/karpathy/nanochat/blob/master/scripts/chat_rl.py): no std
+scaling, no KL, no ratio clipping, one inner step (on-policy), token-level mean. --inner-steps K > 1 re-uses the same
+rollouts for K optimizer steps (then clipping matters). The step cadence (eval, save), the learning-rate setting,
+the optimizer step and --resume are the shared loop's helpers (train/loop.py); the rest of the stage plumbing is
+train/stage.py. Logs mean reward, pass@k on held-out prompts, completion lengths.
+
+References: GRPO's group-relative advantage, clipped ratio and k3 KL term: DeepSeekMath,
+https://arxiv.org/abs/2402.03300; the token-level mean over all sampled tokens of the step: DAPO,
+https://arxiv.org/abs/2503.14476.
 """
 import argparse
 import math
-import os
 import time
 
 import torch
+
+import kernels
+from model.checkpoint import save_checkpoint, step_dir
+from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from model.engine import Engine
+from model.gpt import GPT
+from train import stage
+from train.loop import is_due, optimizer_step, resume, set_lrs
+from train.tasks import TaskError, get_task
 
 # ------------------------------------------------------------------------------------------------ the GRPO maths
 
@@ -127,15 +141,16 @@ def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperatu
                 try:
                     reward = float(task.reward(conv, tokenizer.decode(comp)))
                 except Exception as e:  # noqa: BLE001
-                    from train.tasks import TaskError
                     raise TaskError(f"[{stage}] reward function of task {getattr(task, 'name', task)} raised: "
                                     f"{type(e).__name__}: {e}") from e
             out.append(dict(ids=seq, mask=mask, reward=reward, prompt=p, length=len(comp), crashed=crashed))
     return out
 
 
-def _batch(samples, device, pad_id):
-    """Right-padded (x, y, m): y = ids[1:] with -1 where the target was not sampled (prompt, tool output, pad)."""
+def pad_samples(samples, device, pad_id):
+    """Scored samples (dicts with ids and mask, see rollout) -> right-padded int64 (x, y) and bool m, each (N, T) with
+    T = longest ids - 1: y = ids[1:] with -1 where the target was not sampled (prompt, tool output, padding),
+    m = y >= 0."""
     T = max(len(s["ids"]) for s in samples) - 1
     x = torch.full((len(samples), T), pad_id, dtype=torch.long)
     y = torch.full((len(samples), T), -1, dtype=torch.long)
@@ -152,21 +167,16 @@ def token_logp(model, x, y):
     return -model(x, y, loss_reduction="none")
 
 
-def _device_of(model):
-    p = next(model.parameters())
-    return p.to_local().device if hasattr(p, "to_local") else p.device
-
-
 def grpo_update(model, optimizers, samples, args, ref_model=None):
     """One GRPO update from scored samples (prompt-major, args.num_samples per prompt): advantages, then
     args.inner_steps optimizer steps over micro-batches of args.device_batch_size. Returns stats."""
-    device = _device_of(model)
+    device = local(next(model.parameters())).device
     rewards = torch.tensor([s["reward"] for s in samples])
     adv = group_advantages(rewards, args.num_samples, std_scale=args.std_scale)
     pad = samples[0]["ids"][0]
     B = args.device_batch_size
     chunks = [list(range(i, min(i + B, len(samples)))) for i in range(0, len(samples), B)]
-    batches = [_batch([samples[i] for i in c], device, pad) for c in chunks]
+    batches = [pad_samples([samples[i] for i in c], device, pad) for c in chunks]
     n_tokens = sum(int(m.sum()) for _, _, m in batches)
     normalizer = max(n_tokens, 1) if args.reduction == "token" else len(samples)
     if args.kl_coef and ref_model is None:
@@ -186,12 +196,7 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
             total += loss.item()
             for k, v in st.items():
                 stats[k] = stats.get(k, 0.0) + v / (len(batches) * args.inner_steps)  # mean over the update
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizers, args.grad_clip)
     stats["loss"] = total
     return stats
 
@@ -205,10 +210,9 @@ def sync_sampler(model, sampler):
 
 def plain_copy(model):
     """A plain (unsharded) GPT with the model's config and current weights: the Engine's sampler / KL reference."""
-    from model.gpt import GPT
     with torch.device("meta"):
         copy = GPT(model.config)
-    copy.to_empty(device=_device_of(model))
+    copy.to_empty(device=local(next(model.parameters())).device)
     copy.init_weights()  # fills the rotary buffers
     sync_sampler(model, copy)
     copy.eval()
@@ -217,18 +221,10 @@ def plain_copy(model):
     return copy
 
 
-def _reduce(values):
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed, stage="rl"):
     """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
-    from train.evaluate import _rank_world
-    rank, world = _rank_world()
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     idx = list(range(rank, min(num_examples, len(task)), world))
     p1 = pk = 0.0
     if idx:
@@ -237,7 +233,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, tem
             correct = [int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]]
             p1 += pass_at_k(correct, 1)
             pk += pass_at_k(correct, k)
-    p1, pk, n = _reduce([p1, pk, len(idx)])
+    p1, pk, n = all_reduce_sum([p1, pk, len(idx)])
     return {"pass@1": p1 / max(n, 1), f"pass@{k}": pk / max(n, 1)}
 
 
@@ -251,15 +247,9 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    from train.loop import add_train_args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(p)
-    g = p.add_argument_group("rl")
-    g.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
-    g.add_argument("--source", default="sft", help="stage whose newest checkpoint we start from")
-    g.add_argument("--source-run", default=None)
+    g = stage.add_stage_args(p, "rl")
     g.add_argument("--task", help="task with a verifiable reward: arithmetic | gsm8k | spelling | ...")
-    g.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
     g.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step, over all ranks")
     g.add_argument("--num-samples", type=int, help="completions per prompt (the GRPO group)")
     g.add_argument("--max-new-tokens", type=int, help="completion budget")
@@ -273,33 +263,18 @@ def parse_args(argv=None):
     g.add_argument("--init-lr-frac", type=float, default=0.05, help="LRs x this, then linear decay to 0 (nanochat)")
     g.add_argument("--eval-examples", type=int, help="test prompts for pass@k")
     g.add_argument("--eval-k", type=int, help="k of pass@k")
-    g.add_argument("--epochs", type=float, default=1.0, help="with --num-iterations -1: passes over the train task")
-    pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS[pre.preset])
-    args = p.parse_args(argv)
-    if args.data_url:
-        os.environ["TRITONCHAT_DATA_URL"] = args.data_url
-    return args
+    return stage.parse_args(p, PRESETS, argv)
 
 
 def run(argv=None):
-    import kernels
-    from model.engine import Engine
-    from model.common import UserError
-    from model.checkpoint import (find_last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                  step_dir)
-    from train.distributed import cleanup, init_distributed
-    from train.sft import load_source, write_summary
-    from train.tasks import get_task
-    from model.common import print0
+    """The RL stage -> summary dict (first/final/mean reward, last pass@k, per-step history, checkpoint); also
+    written to checkpoints/rl/<run>/summary.json. Leaves the process group up."""
     args = parse_args(argv)
-    kernels.set_mode(args.kernels)
-    torch.manual_seed(args.seed)
-    info = init_distributed()
+    info = stage.start(args)
     if args.prompts_per_step % info.world_size:
         raise UserError(f"[rl] --prompts-per-step {args.prompts_per_step} must be divisible by the world size "
                         f"{info.world_size}")
-    model, tokenizer, src_meta, src_path = load_source("rl", args, info)
+    model, tokenizer, src_meta, src_path = stage.load_source("rl", args, info)
     try:
         train_task, test_task = get_task(args.task, "train"), get_task(args.task, "test")
     except Exception as e:
@@ -317,13 +292,8 @@ def run(argv=None):
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     start, ckpt = 0, None
     if args.resume:
-        ckpt = find_last_checkpoint("rl", args.run)
-        if ckpt is None:
-            raise UserError(f"[rl] --resume: no rl checkpoint for run {args.run!r}; run without --resume first")
-        saved = load_checkpoint(ckpt, model, optimizers)
-        start = saved["step"]
-        set_rng_state(saved["rng_states"][info.rank])
-        print0(f"[rl] resumed from {ckpt} at step {start}")
+        saved = resume("rl", args.run, model, optimizers)
+        start, ckpt = saved["step"], saved["path"]
     sampler = plain_copy(model)  # the Engine samples from an unsharded copy; ranks roll out independently
     ref_model = plain_copy(model) if args.kl_coef else None
     engine = Engine(sampler, tokenizer)
@@ -333,22 +303,19 @@ def run(argv=None):
     step = start
     while True:
         last = step == args.num_iterations
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        if is_due(step, args.eval_every, last):
             sync_sampler(model, sampler)
             last_eval = evaluate_pass_at_k(engine, tokenizer, test_task, args.eval_examples, args.eval_k,
                                            args.max_new_tokens, 1.0, args.top_k, seed=10_000)
             print0(f"[rl] step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if step > start and args.save_every >= 0 and (last or (args.save_every > 0 and step % args.save_every == 0)):
+        if step > start and args.save_every >= 0 and is_due(step, args.save_every, last):
             ckpt = save_checkpoint(step_dir("rl", args.run, step), step, model, optimizers,
                                    dict(meta, val=last_eval), {"step": step})
             print0(f"[rl] saved {ckpt}")
         if last:
             break
         t0 = time.perf_counter()
-        lrm = 1.0 - step / args.num_iterations
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lrs(optimizers, 1.0 - step / args.num_iterations)  # linear decay to 0 (nanochat)
         sync_sampler(model, sampler)
         base = step * args.prompts_per_step + info.rank * per_rank
         idx = [(base + j) % len(train_task) for j in range(per_rank)]
@@ -358,9 +325,9 @@ def run(argv=None):
         stats = grpo_update(model, optimizers, samples, args, ref_model)
         G = args.num_samples
         solved = [max(s["reward"] for s in samples[j * G:(j + 1) * G]) > 0 for j in range(per_rank)]
-        r_sum, n, l_sum, crash, solved_n = _reduce([sum(s["reward"] for s in samples), len(samples),
-                                                    sum(s["length"] for s in samples),
-                                                    sum(s["crashed"] for s in samples), sum(solved)])
+        r_sum, n, l_sum, crash, solved_n = all_reduce_sum([sum(s["reward"] for s in samples), len(samples),
+                                                           sum(s["length"] for s in samples),
+                                                           sum(s["crashed"] for s in samples), sum(solved)])
         step += 1
         dt = time.perf_counter() - t0
         t_total += dt
@@ -378,14 +345,12 @@ def run(argv=None):
                "final_reward": history[-1]["reward"] if history else None,
                "mean_reward": sum(h["reward"] for h in history) / len(history) if history else None,
                "val": last_eval, "history": history, "checkpoint": ckpt}
-    write_summary("rl", args.run, summary)
-    cleanup()
+    stage.write_summary("rl", args.run, summary)
     return summary
 
 
 def main(argv=None):
-    from train.loop import run_main
-    return run_main(lambda: run(argv))
+    return stage.main(run, argv)
 
 
 if __name__ == "__main__":

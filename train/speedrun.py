@@ -4,27 +4,34 @@
     torchrun --standalone --nproc_per_node=8 -m train.speedrun --preset d20     # `make speedrun`: nanochat's d20
     python -m train.speedrun --preset tiny --num-iterations 2 --run ci          # smoke test: 2 steps per stage
 
-Every stage runs in this process (every rank under torchrun), through the same entry points as
-`python -m train.<stage>`, with the preset's flags plus `--<stage>-args "..."` overrides. Resumable stage by stage:
+Every stage runs in this process (every rank under torchrun) on one process group, through the same `run(argv)`
+that `python -m train.<stage>` calls, with the preset's flags plus `--<stage>-args "..."` overrides. Resumable stage
+by stage:
 the state of run R lives in $TRITONCHAT_HOME/reports/speedrun_R.json; finished stages are skipped on a rerun, a stage
 that was interrupted continues from its newest checkpoint (--resume), `--fresh` starts over (deleting run R's
 checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: per stage time, tokens, loss,
 metrics; hardware and versions; eager or fused) is printed, followed by one chat answer of the final model.
 """
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
 import torch
 
-from model.common import home_dir, is_rank0, print0
+import kernels
+from model.checkpoint import checkpoint_dir, find_last_checkpoint, load_model
+from model.common import UserError, barrier, home_dir, is_rank0, print0, versions
+from model.engine import Engine
+from model.tokenizer import Tokenizer
+from train import base, mid, rl, sft
+from train.distributed import cleanup, init_distributed
+from train.evaluate import evaluate_checkpoint
+from train.tasks import TaskError
+from train.tokenizer import train_tokenizer
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval")
 TRAIN_STAGES = ("base", "mid", "sft", "rl")
@@ -56,7 +63,6 @@ CHAT_PROMPT = "Tom has 12 apples and buys 3 packs of 4 apples each. How many app
 
 
 def parse_args(argv=None):
-    import kernels
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--run", default="speedrun", help="run name of every stage's checkpoints")
@@ -74,21 +80,6 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     return args
-
-
-@contextlib.contextmanager
-def one_process_group():
-    """Run several stage entry points in one process on ONE process group: each entry point ends with
-    train.distributed.cleanup() (right when it runs alone), but destroying and re-creating the default group under
-    torchrun races (ranks can meet stale rendezvous keys of the previous group and hang), so inside this block
-    cleanup is a no-op and the next stage's init_distributed() reuses the live group."""
-    from train import distributed
-    real = distributed.cleanup
-    distributed.cleanup = lambda: None
-    try:
-        yield
-    finally:
-        distributed.cleanup = real
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -113,15 +104,8 @@ def save_state(state):
         os.replace(path + ".tmp", path)
 
 
-def _barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def stage_argv(args, stage):
-    from model.checkpoint import find_last_checkpoint
     argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels]
     if stage != "base":
         argv += ["--source-run", args.run]
@@ -135,7 +119,6 @@ def stage_argv(args, stage):
 
 
 def run_tokenizer(args):
-    from model.tokenizer import Tokenizer
     tok_dir = os.path.join(home_dir(), "tokenizer")
     cfg = PRESETS[args.preset]["tokenizer"]
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -148,28 +131,22 @@ def run_tokenizer(args):
         return {"note": "trained by train.base on its corpus"}
     stats = {}
     if is_rank0():
-        from train.tokenizer import train_tokenizer
         _, stats = train_tokenizer(vocab_size=cfg["vocab_size"], max_chars=cfg["max_chars"], out_dir=tok_dir)
-    _barrier()
+    barrier()
     return stats
 
 
+STAGE_MODULES = {"base": base, "mid": mid, "sft": sft, "rl": rl}
+
+
 def run_train_stage(stage, args):
+    """One training stage, in this process, on the process group every stage shares."""
     argv = stage_argv(args, stage)
     print0(f"\n=== {stage}: python -m train.{stage} {' '.join(argv)}")
-    if stage == "base":
-        from train import base
-        return base.main(argv)
-    if stage in ("mid", "sft"):
-        from train.sft import run_stage
-        return run_stage(stage, argv)
-    from train import rl
-    return rl.run(argv)
+    return STAGE_MODULES[stage].run(argv)
 
 
 def run_evals(args):
-    from train.distributed import cleanup, init_distributed
-    from train.evaluate import evaluate_checkpoint
     cfg = dict(PRESETS[args.preset]["eval"])
     if args.eval_examples is not None:
         cfg["max_examples"] = args.eval_examples
@@ -184,39 +161,10 @@ def run_evals(args):
         out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"),
                                        max_examples=cfg["max_examples"], max_tokens=cfg["max_tokens"],
                                        device=info.device, stage=f"eval {src}")
-    cleanup()  # a no-op inside the speedrun (one_process_group)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _versions():
-    import triton
-    v = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-         "cuda": torch.version.cuda or "none"}
-    try:
-        v["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        v["git"] = "unknown"
-    return v
-
-
-def _hardware():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    hw = f"CPU: {cpu} ({os.cpu_count()} cores)"
-    if torch.cuda.is_available():
-        hw += f"; GPU: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    else:
-        hw += "; no GPU"
-    return hw
-
-
 def _fmt(v, nd=4):
     if v is None:
         return "-"
@@ -247,13 +195,13 @@ def _stage_row(name, rec):
 
 
 def report_card(state, args, total_s):
-    import kernels
-    v = _versions()
+    v = versions()
+    gpu = f"GPU: {v['gpus']} x {v['device']}" if v["kind"] == "cuda" else "no GPU"
     lines = ["# tritonchat report card", "",
              f"preset **{args.preset}** · run `{state['run']}` · kernels **{kernels.get_mode()}** · "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} · git {v['git']}", "",
-             "## Hardware and versions", "", f"- {_hardware()}",
-             f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}", "",
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} · git {v['git_commit'] or 'unknown'}", "",
+             "## Hardware and versions", "", f"- CPU: {v['cpu']} ({v['cpu_cores']} cores); {gpu}",
+             f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda'] or 'none'}", "",
              "## Stages", "", "| stage | time | steps | tokens | loss | metrics |", "|---|---|---|---|---|---|"]
     for name in STAGES:
         if name in state["stages"]:
@@ -279,8 +227,6 @@ def report_card(state, args, total_s):
 
 def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
     """One greedy answer of the newest chat model (rl, else sft), tools live."""
-    from model.engine import Engine
-    from model.checkpoint import find_last_checkpoint, load_model
     src = "rl" if find_last_checkpoint("rl", run) else "sft"
     model, tok, _ = load_model(src, device="cuda" if torch.cuda.is_available() else "cpu", run=run)
     ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
@@ -290,9 +236,6 @@ def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    import kernels
-    from model.checkpoint import checkpoint_dir
-    from train.distributed import cleanup, init_distributed
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
     if args.data_url:
@@ -305,10 +248,9 @@ def main(argv=None):
         if is_rank0():
             for s in TRAIN_STAGES:
                 shutil.rmtree(checkpoint_dir(s, args.run), ignore_errors=True)
-        _barrier()
+        barrier()
     state["preset"] = args.preset
-    with one_process_group():
-        run_stages(args, state, args.stages.split(","))
+    run_stages(args, state, args.stages.split(","))  # every stage on this one process group
     rank0 = is_rank0()
     cleanup()  # the rest is rank 0 alone: no collectives (load_model is single-process without a group)
     card = report_card(state, args, time.time() - t_start)
@@ -326,8 +268,6 @@ def main(argv=None):
 
 def run_stages(args, state, wanted):
     """Each wanted stage not finished yet, in order; the state file is updated after every stage."""
-    from model.common import UserError
-    from train.tasks import TaskError
     for stage in STAGES:
         if stage not in wanted:
             continue

@@ -15,6 +15,7 @@ import time
 
 from model.common import home_dir, print0
 from model.tokenizer import Tokenizer
+from train.data import load_corpus
 
 
 def bytes_per_token(tok, docs):
@@ -37,8 +38,6 @@ def capped_docs(docs, max_chars=None, doc_cap=10_000):
 
 def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=None, num_threads=None):
     """Train, save and evaluate; returns (tokenizer, stats dict)."""
-    from train.data import load_corpus
-
     train_docs, val_docs = load_corpus("train"), load_corpus("val")
     docs = list(capped_docs(train_docs, max_chars, doc_cap))
     t0 = time.perf_counter()

@@ -5,7 +5,8 @@ builds a weighted mixture from a spec string such as "arithmetic:2,spelling,iden
 Real tasks download on first use (see common.py); embedded tasks are generated offline from a seed
 (train and test use different seeds, so test problems are unseen).
 """
-from train.tasks.common import Task, TaskError, TaskMixture
+from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
+from train.tasks.common import TaskError, TaskMixture
 
 EMBEDDED = ("arithmetic", "spelling", "identity", "number_mc")
 REAL = ("smoltalk", "mmlu", "mmlu_aux", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
@@ -14,7 +15,6 @@ TASKS = EMBEDDED + REAL
 
 def get_task(name, split="train", n=None, files=None, **kwargs):
     """One task by name. split: train | test (| validation for ARC). n: size of an embedded task (or a cap)."""
-    from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
     if name in EMBEDDED:
         cls = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
                "number_mc": embedded.NumberMC}[name]

@@ -13,8 +13,10 @@ class ARC(MCTask):
         self.rows = hf_rows("allenai/ai2_arc", subset, split, files)
         for i, r in enumerate(self.rows):
             ch = r.get("choices")
-            if not (isinstance(r.get("question"), str) and isinstance(ch, dict) and r.get("answerKey") in ch.get("label", [])):
-                raise TaskError(f"{self.name}: row {i} needs question, choices {{text, label}} and an answerKey among the labels")
+            if not (isinstance(r.get("question"), str) and isinstance(ch, dict)
+                    and r.get("answerKey") in ch.get("label", [])):
+                raise TaskError(f"{self.name}: row {i} needs question, choices {{text, label}} and an answerKey "
+                                "among the labels")
 
     def num_examples(self):
         return len(self.rows)

@@ -1,4 +1,5 @@
-"""What every task shares: the Task base class, the mixture, multiple-choice rendering, and the dataset downloader.
+"""What every task shares: the Task base class, the mixture, the two scored formats (multiple choice: MCTask; a
+number after "####": AnswerTask), and the dataset downloader.
 
 A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), has an `eval_type`
 ("categorical" for multiple choice, "generative" otherwise) and scores a completion with
@@ -7,22 +8,22 @@ A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), 
 Real datasets come from Hugging Face's parquet export, one URL scheme for all of them:
     {base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet
 with base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets). Shards are fetched 0, 1, 2, ... until
-the server answers 404, with retries and exponential backoff, into a temp file renamed into the cache at
-$TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given `files=[...]`: local paths or
-URLs of .parquet or .jsonl files. Tests serve small fixtures with http.server on 127.0.0.1.
+the server answers 404, with model.common.download (retries with exponential backoff, a temp file renamed into
+place), into the cache at $TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given
+`files=[...]`: local paths or URLs of .parquet or .jsonl files. Tests serve small fixtures with http.server on
+127.0.0.1.
 """
 import hashlib
 import json
 import os
 import random
-import time
-import urllib.error
-import urllib.request
+import re
+
+import pyarrow.parquet as pq
+
+from model.common import DownloadError, UserError, download, home_dir
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
-
-
-from model.common import UserError
 
 
 class TaskError(UserError):
@@ -119,42 +120,54 @@ class MCTask(Task):
         return int(completion.strip() == answer)
 
 
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(text):
+    """The number after '####' with commas removed (the official normalisation), or None."""
+    m = ANSWER_RE.search(text)
+    return m.group(1).strip().replace(",", "").rstrip(".") if m else None
+
+
+def completion_text(parts_or_text):
+    """Flatten an assistant message (str or parts) into the text scored by extract_answer."""
+    if isinstance(parts_or_text, str):
+        return parts_or_text
+    return "".join(p["text"] for p in parts_or_text)
+
+
+class AnswerTask(Task):
+    """Generative task scored by exact match of the '####' answer (GSM8K and the embedded arithmetic)."""
+    eval_type = "generative"
+
+    def evaluate(self, conversation, completion):
+        ref = extract_answer(completion_text(conversation["messages"][-1]["content"]))
+        pred = extract_answer(completion)
+        return int(pred is not None and pred == ref)
+
+
 # ------------------------------------------------------------------------------------------------ downloading
 def data_url():
     return os.environ.get("TRITONCHAT_DATA_URL", DEFAULT_DATA_URL).rstrip("/")
 
 
 def cache_dir(*parts):
-    from model.common import home_dir
     path = os.path.join(home_dir(), "data", "tasks", *parts)
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def download(url, path, retries=5, backoff=0.5, timeout=60):
-    """Fetch url to path (temp file + rename, so a crash never leaves a half file). Returns path, or None on 404.
-    Other failures are retried with exponential backoff, then raise TaskError naming the URL."""
+def cached_download(url, path):
+    """url -> path unless path is already there (model.common.download: retries with backoff, temp file + rename).
+    Returns path, or None when the server answers 404; other failures raise TaskError naming the URL."""
     if os.path.exists(path):
         return path
-    tmp = f"{path}.tmp{os.getpid()}"
-    for attempt in range(retries):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-            os.replace(tmp, path)
-            return path
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            err = e
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            err = e
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if attempt + 1 < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise TaskError(f"download failed after {retries} tries: {url}: {err}")
+    try:
+        return download(url, path, retries=4, backoff=0.5)
+    except DownloadError as e:
+        if e.status == 404:
+            return None
+        raise TaskError(str(e)) from None
 
 
 def read_rows(path):
@@ -163,7 +176,6 @@ def read_rows(path):
         if path.endswith(".jsonl") or path.endswith(".json"):
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
-        import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
     except Exception as e:  # noqa: BLE001 - any parse failure becomes one clear message
         raise TaskError(f"cannot parse task file {path}: {type(e).__name__}: {e}") from e
@@ -175,8 +187,9 @@ def hf_rows(repo, config, split, files=None):
         rows = []
         for f in files:
             if "://" in f:
-                local = os.path.join(cache_dir("urls"), f"{hashlib.sha1(f.encode()).hexdigest()[:12]}_{os.path.basename(f)}")
-                if download(f, local) is None:
+                name = f"{hashlib.sha1(f.encode()).hexdigest()[:12]}_{os.path.basename(f)}"
+                local = os.path.join(cache_dir("urls"), name)
+                if cached_download(f, local) is None:
                     raise TaskError(f"not found (404): {f}")
                 f = local
             if not os.path.exists(f):
@@ -191,7 +204,7 @@ def hf_rows(repo, config, split, files=None):
     rows, i = [], 0
     while True:
         url = f"{data_url()}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
-        path = download(url, os.path.join(folder, f"{i:04d}.parquet"))
+        path = cached_download(url, os.path.join(folder, f"{i:04d}.parquet"))
         if path is None:
             if i == 0:
                 raise TaskError(f"no data for {repo} {config}/{split}: 404 at {url}")

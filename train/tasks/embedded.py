@@ -8,8 +8,7 @@ no download. Same conversation format and scoring as the real tasks:
 """
 import random
 
-from train.tasks.common import MCTask, Task, mc_conversation
-from train.tasks.gsm8k import AnswerTask, extract_answer
+from train.tasks.common import AnswerTask, MCTask, Task, extract_answer, mc_conversation
 
 WORDS = ("apple banana cherry orange grape lemon melon peach river mountain forest ocean island garden window "
          "kitchen pencil letter bottle button candle doctor dragon engine finger flower guitar hammer jacket "

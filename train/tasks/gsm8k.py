@@ -2,19 +2,12 @@
 
 The reference solutions carry calculator annotations `<<48/2=24>>`; each becomes a python tool call (the
 expression) followed by its output (the result), so the model learns to call the tool and the Engine can run it:
-    "She sold 48/2 = <<48/2=24>>24 clips"  ->  text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"
+    "She sold 48/2 = <<48/2=24>>24 clips"
+        -> text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"
 """
 import re
 
-from train.tasks.common import Task, TaskError, hf_rows
-
-ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-
-
-def extract_answer(text):
-    """The number after '####' with commas removed (the official normalisation), or None."""
-    m = ANSWER_RE.search(text)
-    return m.group(1).strip().replace(",", "").rstrip(".") if m else None
+from train.tasks.common import AnswerTask, TaskError, extract_answer, hf_rows
 
 
 def solution_parts(answer):
@@ -30,29 +23,13 @@ def solution_parts(answer):
     return parts
 
 
-def completion_text(parts_or_text):
-    """Flatten an assistant message (str or parts) into the text scored by extract_answer."""
-    if isinstance(parts_or_text, str):
-        return parts_or_text
-    return "".join(p["text"] for p in parts_or_text)
-
-
-class AnswerTask(Task):
-    """Generative task scored by exact match of the '####' answer (GSM8K and the embedded arithmetic)."""
-    eval_type = "generative"
-
-    def evaluate(self, conversation, completion):
-        ref = extract_answer(completion_text(conversation["messages"][-1]["content"]))
-        pred = extract_answer(completion)
-        return int(pred is not None and pred == ref)
-
-
 class GSM8K(AnswerTask):
     name = "gsm8k"
 
     def __init__(self, subset="main", split="test", files=None, **kwargs):
         super().__init__(**kwargs)
-        assert subset in ("main", "socratic") and split in ("train", "test"), "GSM8K: subset main|socratic, split train|test"
+        assert subset in ("main", "socratic") and split in ("train", "test"), \
+            "GSM8K: subset main|socratic, split train|test"
         self.rows = hf_rows("openai/gsm8k", subset, split, files)
         for i, r in enumerate(self.rows):
             if not (isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)

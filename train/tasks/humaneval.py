@@ -2,6 +2,7 @@
 sandbox (model/sandbox.py: subprocess, timeout, memory limit)."""
 import re
 
+from model.sandbox import run_python
 from train.tasks.common import Task, TaskError, hf_rows
 
 
@@ -33,7 +34,6 @@ class HumanEval(Task):
                 "entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"]}
 
     def evaluate(self, conversation, completion):
-        from model.sandbox import run_python
         code = extract_program(completion)
         if f"def {conversation['entry_point']}" not in code:  # the model continued the body only
             code = conversation["prompt"] + code

@@ -1,0 +1,132 @@
+"""What the training stages share: one preset-aware argument parser, the start of a stage that continues an earlier
+one (its flags, kernels, seed, process group, the source checkpoint), the summary the speedrun reads, and the recipe
+mid and SFT have in common (a task mixture through the shared loop).
+
+Every stage module (train.base, train.mid, train.sft, train.rl) has the same shape: PRESETS, `parse_args(argv)`,
+`run(argv) -> summary` (leaves the process group up, so train.speedrun runs the stages one after another on one
+group: destroying and re-creating it under torchrun races) and `main(argv)` = stage.main(run, argv).
+"""
+import argparse
+import json
+import os
+
+import torch
+
+import kernels
+from model.checkpoint import checkpoint_dir, find_last_checkpoint, load_checkpoint, load_tokenizer, read_meta
+from model.common import UserError, is_rank0, print0
+from model.gpt import GPTConfig
+from train.distributed import build_model, cleanup, init_distributed
+from train.loop import add_train_args, grad_accum_steps, run_main, train
+from train.tasks import build_mixture
+
+PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose newest checkpoint a stage starts from
+
+
+def main(run, argv=None):
+    """A stage's entry point: run(argv) under train.loop.run_main (a UserError -> one line on stderr, exit status 2),
+    then the process group is destroyed -> run's summary."""
+    summary = run_main(lambda: run(argv))
+    cleanup()
+    return summary
+
+
+def parse_args(parser, presets, argv=None):
+    """Two-phase parse: --preset (default "tiny") picks presets[name], a dict of flag defaults; every flag given
+    overrides them. Adds --preset to `parser`. Raises UserError for an unknown preset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in presets:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(presets)}")
+    parser.add_argument("--preset", default="tiny", help=f"defaults of the other flags: {' | '.join(presets)}")
+    parser.set_defaults(**presets[name])
+    return parser.parse_args(argv)
+
+
+def add_stage_args(parser, stage):
+    """The loop's flags plus those of a stage that starts from an earlier stage's checkpoint -> the stage's group."""
+    add_train_args(parser)
+    g = parser.add_argument_group(stage)
+    g.add_argument("--source", default=PREVIOUS[stage], help="stage whose newest checkpoint we start from")
+    g.add_argument("--source-run", default=None, help="run of the source stage (default: its newest)")
+    g.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
+    g.add_argument("--epochs", type=float, default=1.0, help="with --num-iterations -1: passes over the train data")
+    return g
+
+
+def start(args):
+    """Task data URL, kernels mode, seed, process group: the start of a stage after base -> DistInfo."""
+    if args.data_url:
+        os.environ["TRITONCHAT_DATA_URL"] = args.data_url
+    kernels.set_mode(args.kernels)
+    torch.manual_seed(args.seed)
+    return init_distributed()
+
+
+def load_source(stage, args, info):
+    """The newest checkpoint of args.source (run args.source_run, default its newest) in an FSDP2 model
+    -> (model, tokenizer, source meta, source path). UserError naming the stage when there is none."""
+    path = find_last_checkpoint(args.source, args.source_run)
+    if path is None:
+        where = checkpoint_dir(args.source, args.source_run or "<newest run>")
+        raise UserError(f"[{stage}] no {args.source} checkpoint found in {where}: run the {args.source} stage first "
+                        f"(python -m train.{args.source}) or pass --source/--source-run")
+    meta = read_meta(path)
+    model = build_model(GPTConfig(**meta["config"]), info)
+    load_checkpoint(path, model)
+    tokenizer = load_tokenizer(meta)
+    print0(f"[{stage}] starting from {path}")
+    return model, tokenizer, meta, path
+
+
+def write_summary(stage, run, summary):
+    """checkpoints/<stage>/<run>/summary.json (rank 0): what the speedrun's report card reads."""
+    if is_rank0():
+        path = os.path.join(checkpoint_dir(stage, run), "summary.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+
+
+# ------------------------------------------------------------------------------------------------ mid and SFT
+def add_mixture_args(parser, stage):
+    g = add_stage_args(parser, stage)
+    g.add_argument("--tasks", default=None, help="task mixture spec, e.g. 'arithmetic:2,spelling,smoltalk@10000'")
+    g.add_argument("--val-batches", type=int, default=None, help="batches of the test mixture per evaluation")
+    return g
+
+
+def train_on_mixture(stage, args, loader_cls):
+    """The source checkpoint -> FSDP2 model -> loader_cls (train.data.PackedLoader or SFTLoader) over the train split
+    of the mixture args.tasks -> train.loop.train, with the mean loss of args.val_batches batches of the test split as
+    val_loss -> the loop's summary plus "tasks" (also written by write_summary). --num-iterations -1: args.epochs
+    passes over the mixture."""
+    info = start(args)
+    model, tokenizer, src_meta, src_path = load_source(stage, args, info)
+    T = src_meta["config"]["sequence_len"]
+    train_ds = build_mixture(args.tasks, "train", stage=stage)
+    val_ds = build_mixture(args.tasks, "test", stage=stage)
+    mk = lambda ds: loader_cls(ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, info.device)
+    loader = mk(train_ds)
+    if args.num_iterations < 1:
+        rows = args.device_batch_size * info.world_size * grad_accum_steps(args.total_batch_size, info.world_size,
+                                                                           args.device_batch_size, T)
+        per_row = loader_cls.rows_per_conversation(T)
+        args.num_iterations = max(1, int(args.epochs * len(train_ds) * per_row / rows))
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+
+    def eval_fn(model, step):
+        model.eval()
+        vl = mk(val_ds)  # a fresh loader each time: the same batches every evaluation
+        with torch.no_grad():
+            losses = [model(*vl.next_batch()).item() for _ in range(args.val_batches)]
+        return {"val_loss": sum(losses) / len(losses)}
+
+    meta = {"config": src_meta["config"], "tokenizer_dir": src_meta.get("tokenizer_dir"), "source": src_path,
+            "tasks": args.tasks}
+    summary = train(stage, model, optimizers, loader, args, eval_fn=eval_fn, meta=meta)
+    summary["tasks"] = args.tasks
+    write_summary(stage, args.run, summary)
+    return summary
