@@ -1,43 +1,51 @@
-"""Run untrusted Python (model tool calls, HumanEval solutions) in a throw-away jail.
+"""Run untrusted Python (model tool calls, HumanEval solutions) inside an OS jail, or not at all.
 
-    from model.sandbox import run_python, run_tool_call
+    from model.sandbox import jail_status, run_python, run_tool_call
     r = run_python("print(6 * 7)", timeout=5.0, memory_mb=256)
     r.success, r.stdout, r.error, r.timed_out, r.jail      # True, "42\\n", None, False, "bwrap"
-    run_tool_call("6 * 7", timeout=5.0, memory_mb=256)       # "42": the model's tool call, REPL-style
+    run_tool_call("6 * 7")                                  # "42": exactly what a Python REPL shows
+    jail_status().banner                                    # one line saying how the tool runs here
 
-Defense in depth; any one layer failing still leaves the others:
-1. A separate process in its own session / process group, killed as a group (SIGKILL) on timeout or when done,
-   so no grandchild outlives the call. The parent reads stdout/stderr incrementally and stops (and kills) once
-   `max_output` bytes arrived: a huge print costs the parent nothing.
-2. Resource limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS
-   (address space = memory_mb), RLIMIT_FSIZE (files <= 16 MiB), RLIMIT_NPROC (fork limit), RLIMIT_NOFILE,
-   no core dumps; plus a wall-clock timeout in the parent. Started as root, the bootstrap drops to uid/gid
-   65534 (nobody), so RLIMIT_NPROC applies (the kernel exempts root) and file permissions bite.
-3. A PEP 578 audit hook (sys.addaudithook; it cannot be removed) installed before user code: it refuses
-   sockets, subprocess / os.system / os.exec* / os.spawn* / os.fork / os.posix_spawn / os.kill, ctypes, imports
-   of socket / ctypes / subprocess machinery, open() for writing and remove / rename / mkdir / chmod / symlink
-   outside the temp dir (the cwd; chdir is refused), setrlimit, gc introspection, and re-assigning a function's
-   __defaults__ / __code__ (all the hook's state lives in its default arguments, so code that walks frames to the
-   bootstrap's globals still cannot loosen it). Dangerous os functions are replaced by stubs that raise.
-4. An OS-level jail when bubblewrap (`bwrap`) is installed and works: new network namespace (no interfaces
-   but a down-or-empty loopback: nothing to connect to), new PID namespace (everything dies with it), IPC and
-   UTS namespaces, a root made of read-only binds of /usr and the Python install only (no /home, /root, /etc,
-   repo or checkpoints visible), a fresh tmpfs /tmp with the throw-away dir as the only writable path.
-   Without bwrap (a fresh machine, a container without user namespaces) the call still runs on layers 1-3 and
-   says so in `ExecResult.jail` ("none: <why>").
+The boundary is the OS; every call gets a fresh jail:
+1. bubblewrap (bwrap), started as an unprivileged user (uid/gid 65534 when this process is root, else our own
+   uid), with new user (uid/gid 65534 inside, no capabilities, no nested user namespaces, no_new_privs), PID,
+   network (no interfaces), IPC, UTS and cgroup namespaces. The new root holds only read-only nosuid binds of /usr
+   (and /bin, /lib, ... links) and the Python install, a fresh /proc that shows the jail's own processes only, a
+   read-only minimal /dev, and a tmpfs /tmp of TEMP_QUOTA bytes: the working dir and the only writable path. No
+   home, repository, checkpoint or /etc is visible, nor any process outside (the caller cannot be signalled, its
+   /proc/<pid>/environ cannot be read). When the call ends the jail's PID 1 dies and the kernel kills whatever is
+   left in it (--die-with-parent covers a killed caller). A seccomp filter (x86_64 and aarch64) answers EPERM to
+   kernel interfaces a calculator never needs: ptrace, process_vm_*, keyctl, bpf, userfaultfd, perf_event_open,
+   io_uring, mount, unshare, setns, kernel modules, kexec, ...
+2. Resource limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (address
+   space = memory_mb), RLIMIT_FSIZE (files <= 16 MiB), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; a wall-clock
+   timeout and an output cap (`max_output` bytes per stream, read incrementally) in the parent, which kills the
+   process group when the call ends.
+3. A PEP 578 audit hook (sys.addaudithook) in the bootstrap: a tripwire, not a wall (native code walks past it),
+   that turns the obvious attempts (sockets, subprocesses, ctypes, writes outside the temp dir) into clear errors.
 
-nanochat's sandbox (layers 1-2 + nulled functions,
-https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) leaks network and ctypes;
-tests/test_sandbox.py shows both blocked here, each with the audit hook alone and, where bwrap exists, with the jail
-alone.
+Without a working bwrap (not installed, or no unprivileged user namespaces) the tool refuses: the result is an error
+naming the reason and how to install bubblewrap, and run_tool_call answers "Error: python tool disabled: ...". Only
+TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers 2-3 without the jail (a separate process in its own session, as uid 65534
+when we are root; its temp dir on the host, swept at the next start if the caller was killed mid-call): for local
+experiments with code you trust, never a boundary.
+
+The jail's user must be able to read the interpreter: when ours is not readable by uid 65534 (a pyenv under /root),
+the system's /usr/bin/python3 runs the code. Either way user code sees the standard library only (-I -S).
+nanochat's sandbox (https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) is layer 2 plus nulled
+functions, with no OS boundary.
 """
-import ast
+import errno
+import itertools
 import json
 import os
+import re
+import select
 import selectors
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,8 +53,15 @@ import time
 from dataclasses import dataclass
 
 MAX_OUTPUT = 64 * 1024  # bytes per stream; more and the program is killed and marked as an error
-FILE_SIZE_LIMIT = 16 * 1024 * 1024
+FILE_SIZE_LIMIT = 16 * 1024 * 1024  # bytes per file (RLIMIT_FSIZE)
+TEMP_QUOTA = 32 * 1024 * 1024  # bytes of the jail's /tmp, all files together
 NOBODY = 65534
+UNSAFE_ENV = "TRITONCHAT_UNSAFE_NO_JAIL"
+BWRAP = "bwrap"  # looked up on PATH (tests point it at a missing file to take the jail away)
+SYSTEM_PYTHON = "/usr/bin/python3"
+INSTALL_HINT = ("install bubblewrap (`sudo apt-get install -y bubblewrap`, or `make install` as root); only for code "
+                f"you trust, {UNSAFE_ENV}=1 runs it without a jail")
+_TAG = "tc_sbx_"  # heads every call's code (so ps shows it) and names unsafe-mode temp dirs: tc_sbx_<pid>_<n>
 
 
 @dataclass
@@ -56,29 +71,50 @@ class ExecResult:
     error: str | None  # None on success; else a one-line reason ("ZeroDivisionError: ...", "timed out", ...)
     timed_out: bool
     success: bool
-    jail: str = ""  # "bwrap" or "none: <why>": which OS-level jail this run had
+    jail: str = ""  # "bwrap", or "none: <why>" when the call ran without a jail or was refused
     returncode: int | None = None
 
 
-# The trusted bootstrap: runs first in the child, arms every layer, then executes the user code read from stdin.
-# argv: [result_fd, workdir, timeout_s, memory_mb, max_file_bytes, layers(json)]
+@dataclass(frozen=True)
+class JailStatus:
+    """How the python tool runs on this machine (jail_status())."""
+    mode: str                # "bwrap" (jailed), "unsafe" (no jail, TRITONCHAT_UNSAFE_NO_JAIL=1) or "refused"
+    why: str                 # why there is no jail ("" when jailed)
+    python: str | None = None  # the interpreter that runs user code
+    prefix: str | None = None  # its install prefix (bound read-only into the jail)
+    bwrap: str | None = None   # the bwrap binary
+
+    @property
+    def banner(self):
+        """One line for the chat CLI and the server to print at start."""
+        if self.mode == "bwrap":
+            return (f"python tool: jailed by bubblewrap (no network, own user/PID namespaces, uid {NOBODY}, read-only "
+                    f"system, {TEMP_QUOTA >> 20} MiB temp dir; {self.python})")
+        if self.mode == "unsafe":
+            return (f"python tool: UNSAFE, NO JAIL ({UNSAFE_ENV}=1): model-written code runs with resource limits "
+                    f"and an audit hook only ({self.why})")
+        return f"python tool: DISABLED: {self.why}; to enable it, {INSTALL_HINT}"
+
+
+# The trusted bootstrap: runs first in the child, arms layers 2-3, then executes the user code read from stdin (as a
+# program, or statement by statement as the REPL does: compile mode "single" shows each expression's repr unless None).
+# argv: [result_fd, workdir, timeout_s, memory_mb, max_file_bytes, layers(json), call tag]; the tag also heads the
+# code, so that `ps` shows it
 _BOOTSTRAP = r'''
-import sys, os, json, resource, builtins, stat
+import sys, os, json, resource, builtins, stat, ast
 _fd = int(sys.argv[1]); _work = os.path.realpath(sys.argv[2]); _layers = json.loads(sys.argv[6])
 _code = sys.stdin.read()
 sys.stdin = open(os.devnull)
 def _report(err):
     try: os.write(_fd, json.dumps({"error": err}).encode()[:4096])
     except Exception: pass
-import pathlib  # the hook accepts pathlib paths; privileges are only dropped where nobody can read the stdlib
+import pathlib  # imported before the hook: the hook accepts pathlib paths
 if _layers["rlimits"]:
     _t = int(float(sys.argv[3])) + 1
     for _r, _v in ((resource.RLIMIT_CPU, (_t, _t + 1)), (resource.RLIMIT_AS, (int(sys.argv[4]) << 20,) * 2),
                    (resource.RLIMIT_FSIZE, (int(sys.argv[5]),) * 2), (resource.RLIMIT_NPROC, (32, 32)),
                    (resource.RLIMIT_NOFILE, (64, 64)), (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(_r, _v)
-    if _layers["drop"]:  # drop root: RLIMIT_NPROC does not apply to root, file permissions do not either
-        os.setgroups([]); os.setgid(65534); os.setuid(65534)
 os.chdir(_work)
 if _layers["audit"]:
     _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -120,7 +156,7 @@ if _layers["audit"]:
     # user code that reaches this module's globals (frames are not hidden) still cannot loosen it.
     def _hook(event, args, _B=_BANNED_EVENTS, _M=_BANNED_MODULES, _FA=_FUNC_ATTRS, _P=_PATH_EVENTS,
               _in=_inside, _W=_W, _D=os.O_DIRECTORY, _stat=os.stat, _isdir=stat.S_ISDIR, _any=any,
-              _isinstance=isinstance, _int=int, _E=PermissionError, _SELF=()):
+              _isinstance=isinstance, _int=int, _str=str, _E=PermissionError, _SELF=()):
         if event in _B:
             raise _E(f"sandbox: {event} is not allowed")
         if event == "import" and (args[0] in _M or args[0].split(".")[0] in _M):
@@ -134,6 +170,9 @@ if _layers["audit"]:
             # no fds of outside directories: with dir_fd they would make relative paths escape the check above
             if not _in(args[0]) and ((args[2] or 0) & _D or _isdir(_stat(args[0]).st_mode)):
                 raise _E(f"sandbox: opening directory {args[0]!r} outside the temp dir is not allowed")
+        if event == "sqlite3.connect" and args[0] != ":memory:" and (
+                not _in(args[0]) or _str(args[0]).startswith("file:")):
+            raise _E(f"sandbox: a database at {args[0]!r} outside the temp dir is not allowed")
         if event in _P:
             paths = args[:2] if event == "os.rename" else args[:1]
             if _any(_isinstance(a, _int) and a >= 0 for a in args[2:] if a is not True and a is not False):
@@ -151,7 +190,8 @@ if _layers["audit"]:
     for _n in ("system", "fork", "forkpty", "kill", "killpg", "setuid", "setgid", "setreuid", "setregid",
                "setresuid", "setresgid", "setsid", "setpgid", "chroot", "execv", "execve", "execl", "execlp",
                "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnvp", "posix_spawn",
-               "posix_spawnp", "popen", "symlink", "link", "chown", "lchown", "fchown", "chdir", "fchdir"):
+               "posix_spawnp", "popen", "symlink", "link", "chown", "lchown", "fchown", "chdir", "fchdir", "mkfifo",
+               "mknod"):
         for _mod in (os, posix):
             if hasattr(_mod, _n):
                 setattr(_mod, _n, _deny("os." + _n))
@@ -160,13 +200,18 @@ if _layers["audit"]:
             del sys.modules[_m]
     builtins.exit = builtins.quit = _deny("exit()")
     sys.addaudithook(_hook)
+_repl = _layers["repl"]
 del _layers
 import types
 _main = types.ModuleType("__main__")  # user code gets a fresh __main__: `import __main__` cannot reach us
 _main.__builtins__ = builtins
 sys.modules["__main__"] = _main
 try:
-    exec(compile(_code, "<sandbox>", "exec"), _main.__dict__)
+    if _repl:
+        _compiled = compile(ast.Interactive(ast.parse(_code, "<sandbox>").body), "<sandbox>", "single")
+    else:
+        _compiled = compile(_code, "<sandbox>", "exec")
+    exec(_compiled, _main.__dict__)
 except BaseException as e:
     name = type(e).__name__
     if isinstance(e, SystemExit):
@@ -182,61 +227,182 @@ os._exit(0)
 '''
 
 
-_bwrap_status = None  # cached (ok: bool, why: str)
+
+# Seccomp: syscalls answered with EPERM inside the jail. name: (x86_64 number, aarch64 number).
+_DENIED_SYSCALLS = {
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "keyctl": (250, 219),
+    "add_key": (248, 217), "request_key": (249, 218), "bpf": (321, 280), "userfaultfd": (323, 282),
+    "perf_event_open": (298, 241), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "unshare": (272, 97), "setns": (308, 268), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264), "swapon": (167, 224), "swapoff": (168, 225),
+    "reboot": (169, 142), "acct": (163, 89), "quotactl": (179, 60), "syslog": (103, 116), "open_tree": (428, 428),
+    "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "mount_setattr": (442, 442),
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # linux/audit.h
 
 
-def _bwrap_args(workdir):
-    """bwrap command prefix: read-only system + Python install, private /tmp with workdir the only writable dir."""
-    args = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev"]
+def seccomp_program(machine=None):
+    """Classic BPF (struct sock_filter array, as bwrap --seccomp reads it) denying _DENIED_SYSCALLS with EPERM and
+    every syscall of a foreign ABI (i386 on x86_64, x32); None on an architecture without a table here."""
+    machine = machine or os.uname().machine
+    if machine not in _AUDIT_ARCH:
+        return None
+    nrs = sorted({nums[0 if machine == "x86_64" else 1] for nums in _DENIED_SYSCALLS.values()})
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO(EPERM)
+    # seccomp_data: nr at offset 0, arch at offset 4; jump offsets count the instructions skipped
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[machine]), (ret, 0, 0, deny), (ld, 0, 0, 0)]
+    if machine == "x86_64":
+        prog.append((jge, len(nrs) + 1, 0, 0x40000000))  # __X32_SYSCALL_BIT
+    prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)]
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def _data_fd(data):
+    """A pipe's read end holding `data` (small: it must fit the pipe buffer), for bwrap to read."""
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    finally:
+        os.close(w)
+    return r
+
+
+def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
+    """The jail's command prefix (see the module docstring); `prefix`: the interpreter's install, bound read-only;
+    bwrap writes {"child-pid": <host pid of the jail's PID 1>, ...} to `info_fd`."""
+    args = [bwrap, "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns",
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev"]
     for p in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(p):
             args += ["--symlink", os.readlink(p), p]
         elif os.path.isdir(p):
             args += ["--ro-bind", p, p]
-    prefix = os.path.realpath(sys.base_prefix)
-    if not prefix.startswith("/usr/") and prefix != "/usr":
+    if prefix != "/usr" and not prefix.startswith("/usr/"):
         parts = prefix.strip("/").split("/")
-        for i in range(1, len(parts)):  # parents of the Python install must be traversable by nobody
+        for i in range(1, len(parts)):  # parents of the Python install, traversable by the jail's user
             args += ["--perms", "0755", "--dir", "/" + "/".join(parts[:i])]
         args += ["--ro-bind", prefix, prefix]
-    args += ["--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir]
+    args += ["--size", str(TEMP_QUOTA), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/dev",
+             "--remount-ro", "/"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
     return args
 
 
-def _python():
-    return os.path.realpath(sys.executable)
+def _jail_init(info_fd):
+    """A pidfd of the jail's PID 1, read from bwrap's --info-fd (None if bwrap failed first). Killing it makes the
+    kernel kill every process left in the jail's PID namespace; the pidfd cannot hit a recycled pid."""
+    data = b""
+    while True:
+        if not select.select([info_fd], [], [], 30)[0]:
+            return None
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+        try:
+            pid = json.loads(data)["child-pid"]
+            break
+        except (ValueError, KeyError, TypeError):
+            continue
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # already gone
+        return None
 
 
-def bwrap_available():
-    """(ok, why): is bubblewrap installed and able to run Python here? Probed once per process."""
-    global _bwrap_status
-    if _bwrap_status is None:
-        if os.environ.get("TRITONCHAT_NO_BWRAP") == "1":
-            _bwrap_status = (False, "bubblewrap disabled by TRITONCHAT_NO_BWRAP=1")
-        elif shutil.which("bwrap") is None:
-            _bwrap_status = (False, "bubblewrap (bwrap) not installed; `apt-get install bubblewrap` adds the OS jail")
-        else:
-            with tempfile.TemporaryDirectory(prefix="tc_sbx_probe_") as d:
-                try:
-                    p = subprocess.run(_bwrap_args(d) + [_python(), "-I", "-S", "-c", "print('ok')"],
-                                       capture_output=True, timeout=20)
-                    ok = p.returncode == 0 and p.stdout.strip() == b"ok"
-                    why = "" if ok else f"bwrap does not work here: {p.stderr.decode(errors='replace').strip()[:200]}"
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    ok, why = False, f"bwrap does not work here: {e}"
-            _bwrap_status = (ok, why)
-    return _bwrap_status
+def _unprivileged():
+    """Popen arguments that start the child as uid/gid 65534 when we are root (user code never runs as root)."""
+    return dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
 
 
-def _world_readable(path):
-    """Can any user reach and read `path` (o+x on every parent, o+rx on path)?"""
-    parts = os.path.realpath(path).split("/")
-    for i in range(2, len(parts) + 1):
-        mode = os.stat("/".join(parts[:i]) or "/").st_mode
-        if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
-            return False
-    return True
+def _interpreters():
+    """(interpreter, install prefix) pairs that may run user code, best first: ours, then the system's."""
+    ours = (os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix))
+    system = os.path.realpath(SYSTEM_PYTHON)
+    return [ours] + ([(system, "/usr")] if os.path.exists(system) and system != ours[0] else [])
+
+
+def _try(cmd, pass_fds=()):
+    """Run a probe command unprivileged -> "" if it printed ok, else a short reason."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=30, pass_fds=pass_fds, cwd="/", **_unprivileged())
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+    if p.returncode == 0 and p.stdout.strip() == b"ok":
+        return ""
+    return p.stderr.decode(errors="replace").strip()[-200:] or f"exit code {p.returncode}"
+
+
+_probed = {}  # (bwrap path, euid, unsafe) -> JailStatus; the machine does not change under a running process
+
+
+def _probe(bwrap, unsafe):
+    if bwrap is None:
+        why = f"bubblewrap ({BWRAP}) is not installed"
+    else:
+        errors = []
+        for python, prefix in _interpreters():
+            program = seccomp_program()
+            fd = _data_fd(program) if program else None
+            try:
+                err = _try(_bwrap_args(bwrap, prefix, fd) + [python, "-I", "-S", "-c", "print('ok')"],
+                           () if fd is None else (fd,))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            if not err:
+                return JailStatus("bwrap", "", python, prefix, bwrap)
+            errors.append(f"{python}: {err}")
+        why = "bubblewrap does not work here (" + "; ".join(errors) + ")"
+    if not unsafe:
+        return JailStatus("refused", why)
+    for python, prefix in _interpreters():
+        if not _try([python, "-I", "-S", "-c", "print('ok')"]):
+            return JailStatus("unsafe", why, python, prefix)
+    return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}")
+
+
+def jail_status():
+    """-> JailStatus: how run_python runs code here. The jail is probed once per process (per bwrap path)."""
+    bwrap = shutil.which(BWRAP)
+    key = (bwrap, os.geteuid(), os.environ.get(UNSAFE_ENV) == "1")
+    if key not in _probed:
+        _probed[key] = _probe(bwrap, key[2])
+    return _probed[key]
+
+
+_swept = set()  # temp dirs roots already swept by this process
+_calls = itertools.count()
+
+
+def _sweep_stale_dirs(root):
+    """Remove unsafe-mode temp dirs (tc_sbx_<pid>_...) whose process is gone: a caller killed mid-call ran no cleanup.
+    Once per process and temp root."""
+    if root in _swept:
+        return
+    _swept.add(root)
+    for name in os.listdir(root):
+        m = re.fullmatch(_TAG + r"(\d+)_.*", name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        path = os.path.join(root, name)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive under another user, or gone already
+            continue
 
 
 def _kill_group(proc):
@@ -246,43 +412,74 @@ def _kill_group(proc):
         pass
 
 
-def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True):
-    """run_python with switches for each layer, so tests can show that every layer holds on its own."""
-    ok, why = bwrap_available() if jail else (False, "jail switched off")
-    workdir = tempfile.mkdtemp(prefix="tc_sbx_")
+def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True,
+         repl=False):
+    """run_python with switches for each layer, so tests can show what every layer holds on its own; jail=False runs
+    the unsafe mode whatever the environment says."""
+    _sweep_stale_dirs(tempfile.gettempdir())
+    if jail:
+        status = jail_status()
+    else:
+        key = ("no jail", os.geteuid())
+        if key not in _probed:
+            _probed[key] = _probe(None, True)
+        weak = _probed[key]
+        status = JailStatus("unsafe", "jail switched off", weak.python, weak.prefix) if weak.python else weak
+    if status.mode == "refused":
+        return ExecResult("", "", f"python tool disabled: {status.why}; {INSTALL_HINT}", False, False,
+                          f"none: {status.why}")
+    tag = f"{_TAG}{os.getpid()}_{next(_calls)}"
+    layers = json.dumps({"audit": audit, "rlimits": rlimits, "repl": repl})
     r_fd, w_fd = os.pipe()
+    ours, theirs = [r_fd], [w_fd]  # fds closed at the end / as soon as the child holds its copies
+    workdir = None
     try:
-        if os.getuid() == 0 and rlimits:
-            os.chown(workdir, NOBODY, NOBODY)  # the bootstrap drops to nobody, who must own the temp dir
-        # Drop root to nobody, in the jail always (its Python bind is world-readable), outside only when nobody
-        # can still read the Python install (a Python under /root cannot be: then the hook has to do).
-        drop = rlimits and os.getuid() == 0 and (ok or _world_readable(os.path.dirname(os.__file__)))
-        layers = json.dumps({"audit": audit, "rlimits": rlimits, "drop": drop})
-        cmd = [_python(), "-I", "-S", "-B", "-c", _BOOTSTRAP, str(w_fd), workdir, str(timeout), str(memory_mb),
-               str(FILE_SIZE_LIMIT), layers]
-        if ok:
-            cmd = _bwrap_args(workdir) + cmd
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": workdir}
+        if status.mode == "bwrap":
+            program = seccomp_program()
+            seccomp_fd = _data_fd(program) if program else None
+            theirs += [] if seccomp_fd is None else [seccomp_fd]
+            info_r, info_w = os.pipe()
+            ours.append(info_r)
+            theirs.append(info_w)
+            cmd, work = _bwrap_args(status.bwrap, status.prefix, seccomp_fd, info_w), "/tmp"
+        else:
+            workdir = work = tempfile.mkdtemp(prefix=tag + "_")
+            if os.geteuid() == 0:
+                os.chown(workdir, NOBODY, NOBODY)
+            cmd = []
+        cmd += [status.python, "-I", "-S", "-B", "-c", f"# {tag}\n{_BOOTSTRAP}", str(w_fd), work, str(timeout),
+                str(memory_mb), str(FILE_SIZE_LIMIT), layers, tag]
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": work}
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(w_fd,), cwd=workdir, env=env, start_new_session=True)
-        os.close(w_fd)
-        w_fd = None
+                                pass_fds=theirs, cwd=workdir or "/", env=env, start_new_session=True,
+                                **_unprivileged())
+        while theirs:
+            os.close(theirs.pop())
+        init = _jail_init(info_r) if status.mode == "bwrap" else None
+        if init is not None:
+            ours.append(init)
         try:
             proc.stdin.write(code.encode("utf-8", errors="replace"))
             proc.stdin.close()
         except BrokenPipeError:
             pass
         out, err, timed_out, overflow = _collect(proc, timeout, max_output)
-        _kill_group(proc)  # anything the program left behind dies with it
+        if init is not None and proc.poll() is None:
+            signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel empties the jail; then bwrap exits
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(proc)  # the unsafe mode's process group (and a bwrap that did not exit)
         rc = proc.wait()
         proc.stdout.close()
         proc.stderr.close()
         report = _read_all(r_fd)
     finally:
-        if w_fd is not None:
-            os.close(w_fd)
-        os.close(r_fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for f in ours + theirs:
+            os.close(f)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     error = None
     if timed_out:
@@ -298,9 +495,7 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
             error = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
             if rc in (-signal.SIGXCPU, -signal.SIGKILL) or "MemoryError" in stderr:
                 error += " (CPU or memory limit)"
-    jail_note = "bwrap" if ok else f"none: {why}"
-    if os.getuid() == 0 and rlimits and not drop:
-        jail_note += "; ran as root (the Python install is not readable by nobody), so RLIMIT_NPROC does not bind"
+    jail_note = "bwrap" if status.mode == "bwrap" else f"none: {status.why}"
     return ExecResult(stdout, stderr, error, timed_out, error is None, jail_note, rc)
 
 
@@ -353,36 +548,25 @@ def _read_all(fd):
 
 
 def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
-    """Execute `code` in a fresh jailed Python process. Never raises for anything the code does.
+    """Execute `code` as a program in a fresh jailed Python process. Never raises for anything the code does.
 
     Returns ExecResult(stdout, stderr, error, timed_out, success, jail, returncode); stdout/stderr are capped at
-    `max_output` bytes each (more kills the program: error "output limit exceeded")."""
+    `max_output` bytes each (more kills the program: error "output limit exceeded"). Without a jail (and without
+    TRITONCHAT_UNSAFE_NO_JAIL=1) nothing runs: success False, error "python tool disabled: <why>; <how to fix>"."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     return _run(code, timeout=timeout, memory_mb=memory_mb, max_output=max_output)
 
 
-def _print_last_expression(code):
-    """`code` with a trailing expression statement wrapped in print(), as a REPL shows it; unchanged if the code
-    ends otherwise or does not parse (the sandbox then reports the SyntaxError)."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return code
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return code
-    last = tree.body[-1]
-    tree.body[-1] = ast.Expr(ast.Call(ast.Name("print", ast.Load()), [last.value], []))
-    return ast.unparse(ast.fix_missing_locations(tree))
-
-
 def run_tool_call(code, timeout=5.0, memory_mb=256):
     """Run a model's python tool call (the text between <|python_start|> and <|python_end|>) -> the tool's answer.
 
-    A trailing expression is printed, REPL-style, so a calculator call such as `12 * 7` answers "84". The answer is
-    stdout without its final newline; a failed call answers its stdout followed by "Error: <reason>" ("Error: timed
-    out"). Limits as run_python: timeout in seconds, memory_mb of address space."""
-    res = run_python(_print_last_expression(code), timeout=timeout, memory_mb=memory_mb)
+    The answer is exactly what a Python REPL shows for the code, without the final newline: printed output, and the
+    repr of each top-level expression statement whose value is not None (`12 * 7` -> "84", `print(6 * 7)` -> "42",
+    `[].append(1)` -> "", `'a'` -> "'a'"). A failed call answers its stdout followed by "Error: <reason>"
+    ("Error: timed out", "Error: python tool disabled: ..."). Limits as run_python: timeout in seconds, memory_mb
+    of address space."""
+    res = _run(code, timeout=timeout, memory_mb=memory_mb, repl=True)
     if res.success:
         return res.stdout.rstrip("\n")
     err = "timed out" if res.timed_out else (res.error or "error")
@@ -390,5 +574,5 @@ def run_tool_call(code, timeout=5.0, memory_mb=256):
 
 
 if __name__ == "__main__":
-    src = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
-    print(run_python(src))
+    print(jail_status().banner)
+    print(run_python(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()))
