@@ -31,8 +31,15 @@ API
     engine.start()                    # ... or let a background thread step while there is work (engine.stop())
     for tokens, masks in req.stream(): ...   # blocking iterator over req's columns (any thread)
     req.done, req.completions, req.completion_masks, req.finish_reasons ("stop" | "length" | "cancelled" | "error"),
-    req.error (the exception text if the background loop failed: every request in flight then ends with "error")
+    req.error (the exception text when it ended with "error"), req.stopped_by (the stop string per sample, or None)
     engine.cancel(req)                # frees its blocks at the next step (a closed generate() cancels itself)
+    engine.load()                     # {"running", "waiting", "running_sequences", "free_blocks", "total_blocks"}
+
+Sampling parameters are checked at submit (ValueError). stop=["..."]: a sample ends ("stop") right after the token
+that completes one of the strings in its decoded text (across token boundaries); the text is not cut here (the
+server cuts it). One request's failure (its sampling, tool call, stop check, or a forward that fails when run for
+it alone) ends that request with "error" and never another: a failed batched forward is retried request by
+request.
 engine.stats counts prefill/decode tokens, steps and copy-on-write copies; engine.cache.num_free() the free blocks.
 """
 import math
@@ -46,6 +53,32 @@ import torch.nn.functional as F
 
 from model import sandbox
 from model.kv_cache import PagedKVCache
+from model.tokenizer import IncrementalDecoder
+
+# Below this, sampling is greedy: logits / temperature would overflow fp32 (inf - inf = NaN in the softmax).
+MIN_TEMPERATURE = 1e-5
+
+
+def check_sampling(num_samples, max_tokens, temperature, top_k, seed, stop):
+    """ValueError naming the first bad sampling parameter (see Engine.submit); returns `stop` as a tuple."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    problems = [(not is_int(num_samples) or num_samples < 1, f"num_samples must be an int >= 1, got {num_samples!r}"),
+                (not is_int(max_tokens) or max_tokens < 0, f"max_tokens must be an int >= 0, got {max_tokens!r}"),
+                (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                 or not math.isfinite(temperature) or temperature < 0,
+                 f"temperature must be a finite number >= 0, got {temperature!r}"),
+                (top_k is not None and (not is_int(top_k) or top_k < 1),
+                 f"top_k must be None or an int >= 1, got {top_k!r}"),
+                (not is_int(seed), f"seed must be an int, got {seed!r}")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"Engine: bad sampling parameters: {message}")
+    stop = () if stop is None else tuple(stop)
+    if not all(isinstance(x, str) and x for x in stop):
+        raise ValueError(f"Engine: bad sampling parameters: stop must be a list of non-empty strings, got {stop!r}")
+    return stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,19 +87,22 @@ from model.kv_cache import PagedKVCache
 class Request:
     """One prompt with num_samples continuations. Filled in by the engine; read from any thread."""
 
-    def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed):
+    def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop=()):
         self.prompt = list(prompt_ids)
         self.num_samples = num_samples
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
+        self.stop = tuple(stop)                                   # stop strings: a sample ends once its text has one
+        self.stopped_by = [None] * num_samples                    # the stop string that ended each sample
+        self.texts = None                                         # per sample: (IncrementalDecoder, recent text)
         self.completions = [[] for _ in range(num_samples)]       # generated tokens (incl. forced, incl. stop)
         self.completion_masks = [[] for _ in range(num_samples)]  # 1 sampled, 0 forced
         self.finish_reasons = [None] * num_samples
         self.done = False
         self.cancelled = False
-        self.error = None                                         # set if the background loop failed
+        self.error = None                                         # why it ended with "error" (exception text)
         self.events = queue.Queue()                               # (tokens, masks) columns, then None
         self.generator = None                                     # torch.Generator seeded at admission
         self.seqs = []                                            # one _Sequence per sample, once admitted
@@ -142,26 +178,29 @@ class Engine:
         self.cond = threading.Condition(threading.Lock())  # the waiting queue + background wake-ups
         self.thread = None           # the background stepping thread (start/stop)
         self.stopping = False
+        self._solo = 0               # after a failed batched prefill: prefill this many requests one at a time
         self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0)
 
     # -- public API ------------------------------------------------------------------------------------------------
-    def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+    def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
+        """Queue one prompt -> its Request. ValueError (naming the parameter) for an empty or too long prompt or a
+        bad sampling parameter: num_samples >= 1, max_tokens >= 0 (ints), temperature finite >= 0, top_k None or
+        an int >= 1, seed an int, stop None or a list of non-empty strings."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("Engine: the prompt must hold at least one token")
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"Engine: prompt of {len(prompt_ids)} tokens leaves no room in the context "
                              f"({self.max_context})")
-        if num_samples < 1 or max_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"Engine: bad sampling parameters num_samples={num_samples} max_tokens={max_tokens} "
-                             f"temperature={temperature} top_k={top_k}")
-        req = Request(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+        stop = check_sampling(num_samples, max_tokens, temperature, top_k, seed, stop)
+        req = Request(prompt_ids, num_samples, max_tokens, float(temperature), top_k, seed, stop)
         with self.cond:
             self.waiting.append(req)
             self.cond.notify()
         return req
 
     def cancel(self, req):
+        """End `req` (finish reason "cancelled") and free its blocks at the next step: a client went away."""
         req.cancelled = True
         if self.thread is None:
             with self.lock:
@@ -169,6 +208,14 @@ class Engine:
 
     def has_work(self):
         return bool(self.waiting or self.running)
+
+    def load(self):
+        """What the engine holds now (for /health; read without the step lock, so a snapshot, not a transaction):
+        running / waiting requests, running sequences, free (incl. evictable) and total KV blocks."""
+        running = list(self.running)
+        return {"running": len(running), "waiting": len(self.waiting),
+                "running_sequences": sum(sum(not s.done for s in r.seqs) for r in running),
+                "free_blocks": self.cache.num_free(), "total_blocks": self.cache.num_blocks}
 
     @torch.inference_mode()
     def step(self):
@@ -194,7 +241,10 @@ class Engine:
                         return
                 try:
                     self.step()
-                except Exception as e:  # never leave a client waiting on a dead loop: fail what is in flight
+                except Exception as e:
+                    # A request's own failure (its sampling, tool call, stop check or forward) ends that request
+                    # alone inside step(); what still gets here is an engine bug whose damage cannot be bounded:
+                    # fail what is in flight rather than leave clients waiting on a dead loop.
                     traceback.print_exc()
                     self._fail_all(f"{type(e).__name__}: {e}")
 
@@ -210,9 +260,10 @@ class Engine:
         self.thread.join()
         self.thread = None
 
-    def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
-        """Yields (token_column, mask_column) per step; entries are None for samples that already finished."""
-        req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+    def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
+        """Yields (token_column, mask_column) per step; entries are None for samples that already finished.
+        RuntimeError(the request's error) if the engine failed it."""
+        req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop)
         try:
             if self.thread is not None:
                 yield from req.stream()
@@ -221,6 +272,8 @@ class Engine:
                 self.step()
                 yield from req._drain()
             yield from req._drain()
+            if req.error:
+                raise RuntimeError(req.error)
         finally:
             if not req.done:
                 self.cancel(req)
@@ -238,12 +291,15 @@ class Engine:
                     pass
         while not all(r.done for r in reqs):
             self.step()
+        for r in reqs:
+            if r.error:
+                raise RuntimeError(r.error)
         return [self._result(r) for r in reqs]
 
     def _result(self, req):
         seqs, masks = [], []
         for comp, mask, reason in zip(req.completions, req.completion_masks, req.finish_reasons):
-            n = len(comp) - 1 if reason == "stop" else len(comp)
+            n = len(comp) - 1 if reason == "stop" and comp and comp[-1] in self.stop_ids else len(comp)
             seqs.append(req.prompt + comp[:n])
             masks.append([0] * len(req.prompt) + mask[:n])
         return seqs, masks
@@ -258,7 +314,7 @@ class Engine:
                 req = self.waiting[0]
                 longest = max([len(r.prompt) for r in batch] + [len(req.prompt)])
                 if ((batch or n_running) and n_running + req.num_samples > self.max_batch) or \
-                        (batch and longest * (len(batch) + 1) > self.max_prefill_tokens):
+                        (batch and longest * (len(batch) + 1) > self.max_prefill_tokens) or (batch and self._solo):
                     break
                 self.waiting.popleft()
                 if req.cancelled or req.max_tokens == 0:
@@ -268,6 +324,7 @@ class Engine:
                 n_running += req.num_samples
         if not batch:
             return
+        self._solo = max(0, self._solo - 1)
         cache = self.cache
         dev = self.device
         T = max(len(r.prompt) for r in batch)
@@ -284,12 +341,16 @@ class Engine:
             with cache.planned(plan):
                 logits = self.model(idx.to(dev), kv_cache=cache)     # (R, T, V)
         except Exception as e:                                        # e.g. out of memory: give the blocks back
-            for r, blocks in zip(batch, prefix):
+            for blocks in prefix:
                 for b in blocks:
                     cache.decref(b)
-                r.error = f"{type(e).__name__}: {e}"
-                self._finish_request(r, "error")
-            raise
+            if len(batch) > 1:  # which request failed it? prefill them one at a time
+                with self.cond:
+                    self.waiting.extendleft(reversed(batch))
+                self._solo = len(batch)
+                return
+            self._fail(batch[0], e)
+            return
         last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)
         self.stats["prefill_tokens"] += int(lens.sum())
         self.stats["prefill_batches"] += 1
@@ -304,10 +365,15 @@ class Engine:
                         cache.incref(b)
                 r.seqs.append(_Sequence(r, s, list(r.prompt), blocks, n))
             self.running.append(r)
-            self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
+            try:
+                self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
+            except Exception as e:
+                self._fail(r, e)
 
-    def _decode(self):
-        seqs = [s for r in self.running for s in r.seqs if not s.done]
+    def _decode(self, requests=None):
+        """One decode step for the running sequences of `requests` (default: all running)."""
+        requests = list(self.running if requests is None else requests)
+        seqs = [s for r in requests for s in r.seqs if not s.done]
         if not seqs:
             return
         cache = self.cache
@@ -315,26 +381,42 @@ class Engine:
             self.stats["cow_copies"] += cache.writable(s.blocks, s.num_cached)
         plan = cache.decode_plan([s.blocks for s in seqs], [s.num_cached for s in seqs])
         idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        with cache.planned(plan):
-            logits = self.model(idx, kv_cache=cache)[:, 0]           # (B, V)
+        try:
+            with cache.planned(plan):
+                logits = self.model(idx, kv_cache=cache)[:, 0]       # (B, V)
+        except Exception as e:
+            # Nothing advanced (rewriting the same k/v is harmless): find the failing request(s), one per forward.
+            if len(requests) == 1:
+                self._fail(requests[0], e)
+            else:
+                for r in requests:
+                    self._decode([r])
+            return
         for s in seqs:
             s.num_cached += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(seqs)
-        groups, picks, start = [], [], 0
-        for r in list(self.running):                                  # rows are grouped by request, in order
+        groups, picks, start, at = [], [], 0, 0
+        for r in requests:                                            # rows are grouped by request, in order
             live = [s for s in r.seqs if not s.done]
             if live:
-                groups.append((r, live, start))
-                picks.append(self._sample(logits[start:start + len(live)], r))
+                try:
+                    picks.append(self._sample(logits[start:start + len(live)], r))
+                    groups.append((r, live, at))
+                    at += len(live)
+                except Exception as e:
+                    self._fail(r, e)
                 start += len(live)
-        tokens = torch.cat(picks).tolist()                            # one device->host sync per step
-        for r, live, start in groups:
-            self._emit(r, live, tokens[start:start + len(live)])
+        tokens = torch.cat(picks).tolist() if picks else []           # one device->host sync per step
+        for r, live, at in groups:
+            try:
+                self._emit(r, live, tokens[at:at + len(live)])
+            except Exception as e:
+                self._fail(r, e)
 
     def _sample(self, logits, req):
         """logits (n, V) fp32 -> n token ids (a tensor), with the request's own generator."""
-        if req.temperature == 0:
+        if req.temperature < MIN_TEMPERATURE:
             return logits.argmax(-1)
         logits = logits.float()
         if req.top_k is not None and req.top_k < logits.shape[-1]:
@@ -370,11 +452,33 @@ class Engine:
                 s.python_tokens.append(tok)
             if tok in self.stop_ids and not forced:
                 self._finish_seq(s, "stop")
+            elif req.stop and self._hit_stop(req, s.index, tok):
+                self._finish_seq(s, "stop")
             elif len(req.completions[s.index]) >= req.max_tokens or len(s.tokens) >= self.max_context:
                 self._finish_seq(s, "length")
         req.events.put((col, mcol))
         if all(s.done for s in req.seqs):
             self._finish_request(req, None)
+
+    def _hit_stop(self, req, i, tok):
+        """Does sample i's text (its completion decoded as the server shows it) now contain a stop string? Only a
+        window as long as the longest stop string is kept, so a match across token boundaries is found once."""
+        if req.texts is None:
+            req.texts = [[IncrementalDecoder(self.tokenizer), ""] for _ in range(req.num_samples)]
+        state = req.texts[i]
+        state[1] += state[0].add(tok)
+        for stop in req.stop:
+            if stop in state[1]:
+                req.stopped_by[i] = stop
+                return True
+        keep = max(map(len, req.stop)) - 1
+        state[1] = state[1][-keep:] if keep else ""
+        return False
+
+    def _fail(self, req, e):
+        """End one request with finish reason "error" (the others go on)."""
+        req.error = f"{type(e).__name__}: {e}"
+        self._finish_request(req, "error")
 
     def _finish_seq(self, s, reason):
         if s.done:

@@ -289,3 +289,108 @@ def test_fused_engine_gpu_bf16():
             torch.testing.assert_close(logits.float(), full.float(), atol=0.1, rtol=0.05)  # bf16 activations
     assert len(log) == sum(len(c) for r in reqs for c in r.completions)
     assert_all_free(engine)
+
+
+def test_sampling_parameters_checked_at_submit(model):
+    engine = Engine(model, TOK)
+    for bad in [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1),
+                dict(temperature="hot"), dict(top_k=0), dict(top_k=2.5), dict(num_samples=0), dict(max_tokens=-5),
+                dict(max_tokens=1.5), dict(seed="x"), dict(stop=[""]), dict(stop=[3])]:
+        with pytest.raises(ValueError, match="bad sampling parameters"):
+            engine.submit(PROMPTS[0], **bad)
+    assert not engine.waiting
+
+
+def test_tiny_temperature_is_greedy(model):
+    """1e-300 overflows logits / temperature in fp32 (NaN probabilities): it must behave as the limit, greedy."""
+    engine = Engine(model, TOK)
+    greedy = engine.generate_batch(PROMPTS[0], max_tokens=8, temperature=0)
+    for t in (1e-300, 5e-324, 1e-7):
+        assert engine.generate_batch(PROMPTS[0], max_tokens=8, temperature=t, seed=1) == greedy
+    assert_all_free(engine)
+
+
+def test_one_failing_request_ends_alone(model, monkeypatch):
+    """A request whose sampling raises ends with "error"; the requests batched with it finish unharmed."""
+    engine = Engine(model, TOK)
+    expected = [engine.generate_batch(p, max_tokens=8, temperature=0)[0][0] for p in PROMPTS[:3]]
+    sample = engine._sample
+
+    def flaky(logits, req):
+        if req.seed == 666 and len(req.completions[0]) == 3:
+            raise RuntimeError("bad request state")
+        return sample(logits, req)
+
+    monkeypatch.setattr(engine, "_sample", flaky)
+    engine.start()
+    try:
+        reqs = [engine.submit(p, max_tokens=8, temperature=0, seed=s) for p, s in zip(PROMPTS[:3], (1, 666, 2))]
+        for r in reqs:
+            list(r.stream(timeout=60))
+    finally:
+        engine.stop()
+    assert reqs[1].finish_reasons == ["error"] and "bad request state" in reqs[1].error
+    for r, want in zip((reqs[0], reqs[2]), (expected[0], expected[2])):
+        assert r.error is None and r.prompt + r.completions[0] == want
+    assert_all_free(engine)
+
+
+def test_failed_forward_is_isolated(model, monkeypatch):
+    """A forward that fails for one request (a poisoned prompt) fails that request alone; a forward that fails for
+    the batch (out of memory) is retried one request at a time and everyone finishes."""
+    engine = Engine(model, TOK)
+    expected = [engine.generate_batch(p, max_tokens=6, temperature=0)[0][0] for p in PROMPTS[:3]]
+    real = engine.model
+    poison = 255
+
+    def model_fn(idx, kv_cache=None):
+        if (idx == poison).any():
+            raise RuntimeError("poisoned input")
+        if idx.shape[1] == 1 and idx.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated, batch of %d)" % idx.shape[0])
+        return real(idx, kv_cache=kv_cache)
+
+    monkeypatch.setattr(engine, "model", model_fn)
+    reqs = [engine.submit(p, max_tokens=6, temperature=0) for p in (PROMPTS[0], PROMPTS[1] + [poison], PROMPTS[2])]
+    while engine.has_work():
+        engine.step()
+    assert reqs[1].finish_reasons == ["error"] and "poisoned input" in reqs[1].error
+    assert [r.prompt + r.completions[0] for r in (reqs[0], reqs[2])] == [expected[0], expected[2]]
+    assert reqs[0].error is None and reqs[2].error is None
+    assert_all_free(engine)
+
+
+def test_stop_strings():
+    """A stop string ends the sample right after the token completing it, across token boundaries, any of a list."""
+    ScriptedGPT.SCRIPT = {SP["<|assistant_start|>"]: ord("a"), ord("g"): SP["<|assistant_end|>"],
+                          **{ord(c): ord(n) for c, n in zip("abcdef", "bcdefg")}}
+    engine = Engine(tiny_model(ScriptedGPT), TOK)
+    prompt = [SP["<|bos|>"], SP["<|user_start|>"], ord("x"), SP["<|user_end|>"], SP["<|assistant_start|>"]]
+    req = engine.submit(prompt, num_samples=2, max_tokens=20, temperature=0, stop=["zz", "cd"])
+    while engine.has_work():
+        engine.step()
+    assert req.completions == [[ord(c) for c in "abcd"]] * 2
+    assert req.finish_reasons == ["stop", "stop"] and req.stopped_by == ["cd", "cd"]
+    # the engine keeps the stop text (the server cuts it); without a stop string the script runs to its end
+    cols = list(engine.generate(prompt, max_tokens=20, temperature=0, stop=["ef"]))
+    assert [c[0][0] for c in cols] == [ord(c) for c in "abcdef"]
+    assert engine.generate_batch(prompt, max_tokens=20, temperature=0)[0][0][len(prompt):] == \
+        [ord(c) for c in "abcdefg"]
+    assert_all_free(engine)
+
+
+def test_load_reports_queue_and_blocks(model):
+    engine = Engine(model, TOK, num_blocks=8)
+    assert engine.load() == {"running": 0, "waiting": 0, "running_sequences": 0, "free_blocks": 8, "total_blocks": 8}
+    a = engine.submit(PROMPTS[1], num_samples=2, max_tokens=20, temperature=0)
+    engine.submit(PROMPTS[0], max_tokens=20, temperature=0)
+    assert engine.load()["waiting"] == 2
+    engine.step()
+    load = engine.load()
+    assert load["running"] == 2 and load["waiting"] == 0 and load["running_sequences"] == 3
+    assert load["free_blocks"] < load["total_blocks"]
+    engine.cancel(a)
+    while engine.has_work():
+        engine.step()
+    assert a.finish_reasons == ["cancelled", "cancelled"]
+    assert engine.load()["free_blocks"] == engine.load()["total_blocks"]
