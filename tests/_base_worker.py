@@ -19,37 +19,11 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
+from stand_ins import ByteTokenizer, synthetic_docs  # noqa: E402
 from train import loop  # noqa: E402
 from train.data import TokenLoader  # noqa: E402
 from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
 from train.evaluate import evaluate_bpb, token_bytes  # noqa: E402
-
-
-class ByteTokenizer:
-    """Stand-in for model.tokenizer.Tokenizer: bytes 0..255, <|bos|> = 256."""
-    vocab_size = 257
-    bos_token_id = 256
-
-    def encode(self, texts, prepend=None, append=None, num_threads=None):
-        one = isinstance(texts, str)
-        out = [([prepend] if prepend is not None else []) + list(t.encode("utf-8")) + ([append] if append else [])
-               for t in ([texts] if one else texts)]
-        return out[0] if one else out
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
-
-    def encode_special(self, name):
-        if name == "<|bos|>":
-            return 256
-        raise KeyError(name)
-
-
-def synthetic_docs(n=300, seed=0):
-    import random
-    rng = random.Random(seed)
-    words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
-    return [f"{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for i in range(n)]
 
 
 class RowLoader:

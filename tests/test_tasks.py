@@ -19,7 +19,8 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
 # fixture file -> (repo, config, split) in Hugging Face's parquet-export layout
 LAYOUT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"), "mmlu": ("cais/mmlu", "all", "test"),
           "mmlu_aux": ("cais/mmlu", "auxiliary_train", "train"), "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
-          "gsm8k": ("openai/gsm8k", "main", "test"), "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test")}
+          "gsm8k": ("openai/gsm8k", "main", "test"),
+          "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test")}
 
 
 def rows_of(name):
@@ -99,7 +100,8 @@ def test_files_option_jsonl_and_bad_files(server):
 def test_gsm8k_annotations_become_tool_calls():
     parts = solution_parts(rows_of("gsm8k")[0]["answer"])
     assert parts[:4] == [{"type": "text", "text": "Natalia sold 48/2 = "}, {"type": "python", "text": "48/2"},
-                         {"type": "python_output", "text": "24"}, {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "}]
+                         {"type": "python_output", "text": "24"},
+                         {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "}]
     assert parts[-1]["text"].endswith("#### 72") and sum(p["type"] == "python" for p in parts) == 2
     assert extract_answer("so #### 2,400") == "2400" and extract_answer("no marker 42") is None
 
@@ -169,7 +171,8 @@ def test_mixture_weights_and_errors():
         counts[t] = counts.get(t, 0) + 1
     assert counts == {0: 20, 1: 10, 2: 5}
     assert mix.index_map[:10] != sorted(mix.index_map[:10])  # shuffled
-    assert [mix[i] for i in range(5)] == [build_mixture("arithmetic:2,spelling,identity:0.5", n=10)[i] for i in range(5)]
+    again = build_mixture("arithmetic:2,spelling,identity:0.5", n=10)
+    assert [mix[i] for i in range(5)] == [again[i] for i in range(5)]
     with pytest.raises(TaskError, match=r"\[sft\] unknown task 'nope'"):
         build_mixture("arithmetic,nope", stage="sft")
     with pytest.raises(TaskError, match="bad task spec"):

@@ -6,8 +6,7 @@ import random
 import pytest
 
 from model.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, IncrementalDecoder, Tokenizer, get_tokenizer
-from stand_ins import ByteTokenizer
-from tests.test_rustbpe import CORPORA, zipf_corpus
+from stand_ins import CORPORA, ByteTokenizer, zipf_corpus
 
 random.seed(0)
 
