@@ -2,8 +2,9 @@
 
 Every kernel family in this package ends with the same three public functions: `<name>` dispatches on the mode set
 here, `<name>_triton` always runs the Triton kernels, `<name>_reference` is plain PyTorch with the same signature
-(attention, relu2_mlp, newton_schulz, paged_decode_attention, write_kv). Flip one switch and the whole stack (model,
-optimizer, engine) runs on the references:
+(attention, relu2_mlp, newton_schulz, paged_decode_attention, write_kv); the Triton side of each is a PyTorch operator
+(torch.ops.tritonchat.*), so torch.compile(fullgraph=True) traces a fused model whole. Flip one switch and the whole
+stack (model, optimizer, engine) runs on the references:
 
     kernels.set_mode("eager")          # or "fused", or "auto"
     TRITONCHAT_KERNELS=eager python -m train.base ...

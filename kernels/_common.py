@@ -1,5 +1,5 @@
 """What the kernel families share: interpreter detection, log2(e), dot precision, autotune lists, the GEMM tile
-order and K loop."""
+order and K loop, and the torch.library registration of a launcher."""
 import os
 
 import torch
@@ -57,3 +57,12 @@ def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, str
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+def kernel_op(qualname, mutates_args=()):
+    """Decorator: register a Triton launcher as the PyTorch operator `qualname` ("tritonchat::<name>", typed
+    signature); then give it a fake (shape) function with .register_fake and a gradient with .register_autograd."""
+    # custom_op, not triton_op + wrap_triton: under TRITON_INTERPRET=1 torch's wrap_triton hands interpreted kernels
+    # back unwrapped, so tracing a triton_op's body with FakeTensors launches them on tensors without data. An opaque
+    # op traces alike on CPU and GPU (fullgraph, no breaks); inductor calls it rather than inlining its kernels.
+    return torch.library.custom_op(qualname, mutates_args=mutates_args)

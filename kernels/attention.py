@@ -5,6 +5,7 @@ attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None)
 Per head: rotate (x1, x2 = halves of D; y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos), RMS-normalise q and k over D
 (no weight), then softmax(q k^T * scale [causal]) v, scale = 1/sqrt(D) by default. Differentiable w.r.t. q, k, v.
 Triton path: fp32/fp16/bf16, D a power of two in [16, 256]; a bad shape is a ValueError, a bad dtype a TypeError.
+It is the PyTorch operator tritonchat::attention (fake shapes + autograd registered): torch.compile traces it whole.
 
 Maths. Per row x (one token, one head): y = R_t x (the rotation at position t), rstd = (mean(y^2) + eps)^-1/2,
 x_hat = y * rstd (x_hat = y when qk_norm=False). Attention on the hats, FlashAttention-2 style: S = q_hat k_hat^T *
@@ -55,7 +56,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import LOG2E, configs, dot_precision
+from kernels._common import LOG2E, configs, dot_precision, kernel_op
 
 # Hopper (H100/H200), D = 64/128, bf16; fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal
 # diagonal then falls in whole blocks). Not timed on GPU; `python -m bench.sass` shows their wgmma use and spills.
@@ -460,24 +461,9 @@ def _attn_backward(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, causal, qk_norm, eps, scale):
-        o, q_hat, k_hat, lse, rstd_q, rstd_k = _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale)
-        ctx.save_for_backward(q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin)
-        ctx.flags = (causal, qk_norm, scale)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        dq, dk, dv = _attn_backward(do.contiguous(), *ctx.saved_tensors, *ctx.flags)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 def _prepare(q, k, v, cos, sin, scale):
     _check_inputs(q, k, v, cos, sin)
-    scale = float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
-    return [x.contiguous() for x in (q, k, v, cos, sin)], scale
+    return float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
 
 
 def triton_kernels():
@@ -490,8 +476,59 @@ def triton_kernels():
 def attention_forward_kloop_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """Forward-only timing alternative to attention_triton: each K tile rotated + normalised in the inner loop, no
     pre-pass; same arguments and result (bench.attention row "fused_kloop")."""
-    (q, k, v, cos, sin), scale = _prepare(q, k, v, cos, sin, scale)
+    scale = _prepare(q, k, v, cos, sin, scale)
+    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
     return _attn_forward(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale, k_in_loop=True)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library: tritonchat::attention (differentiable through tritonchat::attention_backward)
+
+@kernel_op("tritonchat::attention")
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  causal: bool, qk_norm: bool, eps: float, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only."""
+    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
+    return _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cos, sin, causal, qk_norm, eps, scale):
+    B, T, H, _ = q.shape
+    stats = lambda heads: q.new_empty(B, heads, T, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape), k.new_empty(k.shape), stats(H), stats(H), stats(k.shape[2])
+
+
+@kernel_op("tritonchat::attention_backward")
+def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, rstd_q: torch.Tensor, rstd_k: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, causal: bool, qk_norm: bool, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) w.r.t. the raw q, k, v of tritonchat::attention, from its saved tensors."""
+    saved = (x.contiguous() for x in (q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin))
+    return _attn_backward(do.contiguous(), *saved, causal, qk_norm, scale)
+
+
+@_attention_backward_op.register_fake
+def _(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal, qk_norm, scale):
+    return q_hat.new_empty(q_hat.shape), k_hat.new_empty(k_hat.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    _, _, v, cos, sin, causal, qk_norm, _, scale = inputs
+    o, q_hat, k_hat, lse, rstd_q, rstd_k = output
+    ctx.mark_non_differentiable(q_hat, k_hat, lse, rstd_q, rstd_k)
+    ctx.save_for_backward(q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin)
+    ctx.flags = (causal, qk_norm, scale)
+
+
+def _attention_backward(ctx, do, *_):
+    dq, dk, dv = torch.ops.tritonchat.attention_backward(do, *ctx.saved_tensors, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,11 +556,10 @@ def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=N
     return fn(q, k, v, cos, sin, causal=causal, qk_norm=qk_norm, eps=eps, scale=scale)
 
 
-@torch.compiler.disable  # a torch.compile'd caller graph-breaks here instead of tracing the launchers / interpreter
 def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
-    """The Triton kernels with autograd, whatever the eager/fused mode; views of any strides are accepted."""
-    (q, k, v, cos, sin), scale = _prepare(q, k, v, cos, sin, scale)
-    return _Attention.apply(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)
+    """tritonchat::attention (the Triton kernels, differentiable) whatever the eager/fused mode; any strides."""
+    scale = _prepare(q, k, v, cos, sin, scale)
+    return torch.ops.tritonchat.attention(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)[0]
 
 
 def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):

@@ -1,7 +1,8 @@
 """Muon's Newton-Schulz orthogonalisation (quintic iteration), batched, with symmetric Triton GEMMs.
 
 newton_schulz(G, steps=5, eps=1e-7): G (m, n) or (batch, m, n) -> same shape and dtype, contiguous. Triton path:
-fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 are a ValueError.
+fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 are a ValueError; the PyTorch operator
+tritonchat::newton_schulz.
 X = G / (||G||_F + eps), transposed when m > n so the Gram matrix is the small one; then `steps` times
     A = X X^T;  B = b A + c A A;  X = a X + B X       with (a, b, c) = NS_COEFFS = (3.4445, -4.7750, 2.0315).
 On the singular values s of X each step applies p(s) = a s + b s^3 + c s^5 (U and V are untouched), so the result is
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import configs, dot_precision, grouped_tile, matmul_tile
+from kernels._common import configs, dot_precision, grouped_tile, kernel_op, matmul_tile
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -179,6 +180,23 @@ def _newton_schulz(G, steps, eps):
     return result.squeeze(0) if squeeze else result
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library: tritonchat::newton_schulz (no autograd: Muon calls it on gradients)
+
+@kernel_op("tritonchat::newton_schulz")
+def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    """The batched symmetric iteration on G (m, n) or (batch, m, n) -> a new contiguous tensor of G's shape."""
+    return _newton_schulz(G, steps, eps)
+
+
+@_newton_schulz_op.register_fake
+def _(G, steps, eps):
+    return torch.empty_like(G, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+
 def newton_schulz(G, steps=5, eps=1e-7):
     """Orthogonalise G (m, n) or (batch, m, n) with `steps` quintic Newton-Schulz iterations -> same shape and dtype.
     Triton in fused mode, else the reference."""
@@ -187,14 +205,14 @@ def newton_schulz(G, steps=5, eps=1e-7):
 
 
 def newton_schulz_triton(G, steps=5, eps=1e-7):
-    """The batched symmetric Triton kernels, whatever the eager/fused mode; not differentiable."""
+    """tritonchat::newton_schulz (the batched symmetric Triton kernels) whatever the mode; not differentiable."""
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz: expected a (m, n) or (batch, m, n) tensor, got shape {tuple(G.shape)}")
     if G.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"newton_schulz: G must be fp32, fp16 or bf16, got {G.dtype}")
     if steps < 0:
         raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
-    return _newton_schulz(G, steps, eps)
+    return torch.ops.tritonchat.newton_schulz(G, int(steps), float(eps))
 
 
 def newton_schulz_reference(G, steps=5, eps=1e-7):

@@ -7,7 +7,8 @@ paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None
 write_kv(k_cache, v_cache, k, v, block_table, positions) -> None: k, v (N, Hkv, D), block_table (N, max_blocks)
   int32, positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
 Triton path: caches of one dtype among fp16/bf16/fp32 and q of the same (else TypeError); bad shapes: ValueError.
-Inference only: nothing here is differentiable.
+Inference only: nothing here is differentiable. PyTorch operators tritonchat::paged_decode_attention and
+tritonchat::write_kv (which declares that it mutates both caches).
 
 The maths. One decode step of sequence b, query head h (kv head g = h // (H / Hkv)), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
@@ -40,6 +41,7 @@ References:
     https://github.com/sgl-project/sglang/blob/main/python/sglang/srt/layers/attention/triton_ops/decode_attention.py
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import LOG2E, dot_precision
+from kernels._common import LOG2E, dot_precision, kernel_op
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -199,7 +201,7 @@ def triton_kernels():
     return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel}
 
 
-def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
+def _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens):
     _check_cache(k_cache, v_cache, "paged_decode_attention")
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
@@ -217,6 +219,11 @@ def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"paged_decode_attention: seq_lens must be int32 (B={B},), got {tuple(seq_lens.shape)} "
                          f"{seq_lens.dtype}")
+
+
+def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
+    B, H, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
     q = q.contiguous()
     block_table = block_table.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -254,7 +261,7 @@ def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     return out
 
 
-def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
+def _check_write_kv(k_cache, v_cache, k, v, block_table, positions):
     _check_cache(k_cache, v_cache, "write_kv")
     _, block_size, Hkv, D = k_cache.shape
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
@@ -264,6 +271,11 @@ def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
     if block_table.dim() != 2 or block_table.shape[0] != N or positions.shape != (N,):
         raise ValueError(f"write_kv: block_table must be (N={N}, max_blocks) and positions (N,), got "
                          f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
+
+
+def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
+    _, block_size, Hkv, D = k_cache.shape
+    N = k.shape[0]
     if N == 0:
         return
     k, v = k.contiguous(), v.contiguous()
@@ -277,6 +289,34 @@ def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# torch.library: tritonchat::paged_decode_attention and tritonchat::write_kv (no autograd: inference only)
+
+@kernel_op("tritonchat::paged_decode_attention")
+def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: Optional[float],
+                               num_splits: Optional[int]) -> torch.Tensor:
+    """One decode step over the paged cache -> (B, H, D), contiguous."""
+    return _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
+    return q.new_empty(q.shape)
+
+
+@kernel_op("tritonchat::write_kv", mutates_args=("k_cache", "v_cache"))
+def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 block_table: torch.Tensor, positions: torch.Tensor) -> None:
+    """Scatter k, v (N, Hkv, D) into the caches in place."""
+    _write_kv_launch(k_cache, v_cache, k, v, block_table, positions)
+
+
+@_write_kv_op.register_fake
+def _(k_cache, v_cache, k, v, block_table, positions):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Public functions (no autograd: inference only)
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
@@ -287,8 +327,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
-    """The split-KV Triton kernels whatever the mode; num_splits (per sequence) defaults to choose_num_splits."""
-    return _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
+    """tritonchat::paged_decode_attention (the split-KV Triton kernels) whatever the mode; num_splits (per sequence)
+    defaults to choose_num_splits."""
+    _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens)
+    scale = None if scale is None else float(scale)
+    num_splits = None if num_splits is None else int(num_splits)
+    return torch.ops.tritonchat.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
@@ -316,8 +360,9 @@ def write_kv(k_cache, v_cache, k, v, block_table, positions):
 
 
 def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
-    """The Triton scatter (one program per token) whatever the mode."""
-    return _write_kv_launch(k_cache, v_cache, k, v, block_table, positions)
+    """tritonchat::write_kv (the Triton scatter, one program per token) whatever the mode."""
+    _check_write_kv(k_cache, v_cache, k, v, block_table, positions)
+    torch.ops.tritonchat.write_kv(k_cache, v_cache, k, v, block_table, positions)
 
 
 def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):

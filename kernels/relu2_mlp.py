@@ -3,7 +3,7 @@
 relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear weight layout, no bias) -> (..., C),
 x's dtype; differentiable w.r.t. x, w_fc and w_proj. Inputs are flattened to M = prod(...) tokens. Triton path: one
 dtype among fp32/fp16/bf16 (under autocast: the autocast dtype); a shape mismatch is a ValueError, a dtype one a
-TypeError.
+TypeError. It is the PyTorch operator tritonchat::relu2_mlp (fake shapes + autograd registered).
 
 Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     forward    y  = a W_proj^T
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import configs, dot_precision, grouped_tile, matmul_tile
+from kernels._common import configs, dot_precision, grouped_tile, kernel_op, matmul_tile
 
 # GEMM epilogues of `_matmul_kernel`
 _ACT_NONE: tl.constexpr = tl.constexpr(0)    # C = A @ B
@@ -127,31 +127,61 @@ def _check(x, w_fc, w_proj):
         raise ValueError(f"relu2_mlp: tensors on different devices: {x.device}, {w_fc.device}, {w_proj.device}")
 
 
-class _ReLU2MLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_fc, w_proj):
-        x2 = x.reshape(-1, x.shape[-1])                       # (M, C), a view when possible
-        a = _matmul(x2, w_fc.t(), act=_ACT_RELU2)             # (M, F) = relu(x W_fc^T)^2
-        y = torch.matmul(a, w_proj.t())                       # (M, C), cuBLAS
-        ctx.save_for_backward(x2, w_fc, w_proj, a)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], w_proj.shape[0])
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library: tritonchat::relu2_mlp (differentiable; its backward calls tritonchat::relu2_mlp_dh)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, w_fc, w_proj, a = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])                     # (M, C)
-        dx = dw_fc = dw_proj = None
-        if ctx.needs_input_grad[2]:
-            dw_proj = torch.matmul(dy.t(), a)                 # (C, F)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dh = _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)  # (M, F) = (dy W_proj) * 2 sqrt(a)
-            if ctx.needs_input_grad[1]:
-                dw_fc = torch.matmul(dh.t(), x2)              # (F, C)
-            if ctx.needs_input_grad[0]:
-                dx = torch.matmul(dh, w_fc).view(ctx.x_shape)  # (..., C)
-        return dx, dw_fc, dw_proj
+@kernel_op("tritonchat::relu2_mlp")
+def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y (..., C), a = relu(x w_fc^T)^2 (M, F), the one activation saved for the backward)."""
+    x2 = x.reshape(-1, x.shape[-1])                           # (M, C), a view when possible
+    a = _matmul(x2, w_fc.t(), act=_ACT_RELU2)                 # (M, F) = relu(x W_fc^T)^2
+    y = torch.matmul(a, w_proj.t())                           # (M, C), cuBLAS
+    return y.view(*x.shape[:-1], w_proj.shape[0]), a
 
+
+@_relu2_mlp_op.register_fake
+def _(x, w_fc, w_proj):
+    return x.new_empty(*x.shape[:-1], w_proj.shape[0]), x.new_empty(x.numel() // x.shape[-1], w_fc.shape[0])
+
+
+@kernel_op("tritonchat::relu2_mlp_dh")
+def _relu2_mlp_dh_op(dy: torch.Tensor, w_proj: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dh = (dy w_proj) * 2 sqrt(a) (M, F) for dy (M, C): the backward GEMM with the ReLU^2-derivative epilogue."""
+    return _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)
+
+
+@_relu2_mlp_dh_op.register_fake
+def _(dy, w_proj, a):
+    return dy.new_empty(dy.shape[0], w_proj.shape[1])
+
+
+def _relu2_mlp_setup_context(ctx, inputs, output):
+    x, w_fc, w_proj = inputs
+    a = output[1]
+    ctx.mark_non_differentiable(a)
+    ctx.save_for_backward(x, w_fc, w_proj, a)
+
+
+def _relu2_mlp_backward(ctx, dy, _da):
+    x, w_fc, w_proj, a = ctx.saved_tensors
+    x2, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (M, C)
+    dx = dw_fc = dw_proj = None
+    if ctx.needs_input_grad[2]:
+        dw_proj = torch.matmul(dy.t(), a)                                  # (C, F)
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        dh = torch.ops.tritonchat.relu2_mlp_dh(dy, w_proj, a)              # (M, F) = (dy W_proj) * 2 sqrt(a)
+        if ctx.needs_input_grad[1]:
+            dw_fc = torch.matmul(dh.t(), x2)                               # (F, C)
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(dh, w_fc).view(x.shape)                      # (..., C)
+    return dx, dw_fc, dw_proj
+
+
+_relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
 
 def relu2_mlp(x, w_fc, w_proj):
     """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C). Triton in fused mode, else the
@@ -161,13 +191,13 @@ def relu2_mlp(x, w_fc, w_proj):
 
 
 def relu2_mlp_triton(x, w_fc, w_proj):
-    """The Triton GEMM epilogues with autograd, whatever the eager/fused mode; runs in autocast's dtype if enabled."""
+    """tritonchat::relu2_mlp (the Triton GEMM epilogues, differentiable) whatever the mode; autocast dtype if on."""
     if torch.is_autocast_enabled(x.device.type):  # the kernel runs in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
     _check(x, w_fc, w_proj)
     with torch.autocast(x.device.type, enabled=False):
-        return _ReLU2MLP.apply(x, w_fc, w_proj)
+        return torch.ops.tritonchat.relu2_mlp(x, w_fc, w_proj)[0]
 
 
 def relu2_mlp_reference(x, w_fc, w_proj):

@@ -85,8 +85,21 @@ def test_public_function_dispatches_to_triton(fused):
     q, k, v, _ = make_case(1, 17, 4, 2, 64, torch.float32)
     cos, sin = rotary(17, 64)
     out = attention(q, k, v, cos, sin)
-    assert out.grad_fn is not None and "Attention" in type(out.grad_fn).__name__
+    assert out.grad_fn is not None and "tritonchat_attention" in type(out.grad_fn).__name__
     torch.testing.assert_close(out, attention_reference(q, k, v, cos, sin), atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck():
+    """torch.library.opcheck (schema, autograd registration, fake vs real outputs, AOT dispatch with dynamic shapes)
+    of tritonchat::attention and its backward op, at a tiny GQA shape."""
+    q, k, v, do = make_case(1, 5, 2, 1, 16, torch.float32)
+    cos, sin = rotary(5, 16)
+    flags = (True, True, 1e-6, 0.25)
+    torch.library.opcheck(torch.ops.tritonchat.attention, (q, k, v, cos, sin, *flags))
+    o, q_hat, k_hat, lse, rstd_q, rstd_k = torch.ops.tritonchat.attention(q.detach(), k.detach(), v.detach(), cos, sin,
+                                                                          *flags)
+    torch.library.opcheck(torch.ops.tritonchat.attention_backward,
+                          (do, q_hat, k_hat, v.detach(), o, lse, rstd_q, rstd_k, cos, sin, True, True, 0.25))
 
 
 def test_views_are_accepted():

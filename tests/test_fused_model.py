@@ -6,6 +6,7 @@ tolerance 1e-4 relative on the losses. GPU (bf16 autocast through FSDP2's mixed 
 """
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import kernels
 from model.gpt import GPT, GPTConfig
@@ -47,6 +48,50 @@ def test_fused_training_matches_eager_cpu():
     assert fused == pytest.approx(eager, rel=1e-4)
     for name in w_eager:
         torch.testing.assert_close(w_fused[name], w_eager[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def _loss_and_grads(forward, model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = forward(x, y)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["fused", "eager"])
+def test_compiled_gpt_matches_eager_cpu(mode):
+    """torch.compile(fullgraph=True) traces the tiny GPT's forward and backward as one graph (a graph break raises)
+    with every kernel a tritonchat:: operator (fused) or the references (eager); loss and every gradient match the
+    uncompiled eager model. aot_eager: no C++ compiler needed, the graph runs op by op."""
+    config = GPTConfig(sequence_len=17, vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=128)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():  # the zero-initialised projections would zero most gradients
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, config.vocab_size, (2, config.sequence_len), generator=gen)
+    y = torch.randint(0, config.vocab_size, (2, config.sequence_len), generator=gen)
+    y[0, :3] = -1
+    prev = kernels.get_mode()
+    try:
+        kernels.set_mode("eager")
+        loss_ref, grads_ref = _loss_and_grads(model, model, x, y)
+        kernels.set_mode(mode)
+        torch._dynamo.reset()
+        backend = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        loss, grads = _loss_and_grads(compiled, model, x, y)
+    finally:
+        kernels.set_mode(prev)
+        torch._dynamo.reset()
+    assert backend.frame_count == 1
+    graph = str(backend.graphs[0].graph)
+    ops = ("tritonchat.attention", "tritonchat.relu2_mlp", "tritonchat.linear_cross_entropy")
+    assert all((op in graph) == (mode == "fused") for op in ops), graph
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.gpu

@@ -77,6 +77,13 @@ def test_bad_inputs():
         newton_schulz_triton(torch.randn(8, 8, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (2, 40, 24)])
+def test_opcheck(shape):
+    """torch.library.opcheck (schema, fake vs real outputs, AOT dispatch with dynamic shapes) of
+    tritonchat::newton_schulz, plain and batched-transposed."""
+    torch.library.opcheck(torch.ops.tritonchat.newton_schulz, (torch.randn(*shape), 2, 1e-7))
+
+
 def test_gram_is_symmetric_product():
     X = torch.randn(2, 70, 33)
     A = gram_triton(X)

@@ -129,6 +129,16 @@ def test_fused_mode_dispatches_to_triton(fused):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
+@pytest.mark.parametrize("scale,num_splits", [(None, None), (0.3, 2)])
+def test_opcheck(scale, num_splits):
+    """torch.library.opcheck (schema incl. the declared cache mutation, fake vs real outputs, AOT dispatch with
+    dynamic shapes) of tritonchat::paged_decode_attention and tritonchat::write_kv."""
+    q, kc, vc, table, seq = make_case(2, 4, 2, 64, 16, [20, 3], torch.float32)
+    torch.library.opcheck(torch.ops.tritonchat.paged_decode_attention, (q, kc, vc, table, seq, scale, num_splits))
+    k, v = q[:, :2].contiguous(), q[:, 2:].contiguous()
+    torch.library.opcheck(torch.ops.tritonchat.write_kv, (kc, vc, k, v, table, seq.long()))
+
+
 HOPPER_COMPILE = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget

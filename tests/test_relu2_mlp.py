@@ -109,6 +109,16 @@ def test_bad_inputs():
         relu2_mlp_triton(x, torch.randn(128, 32, dtype=torch.float16), torch.randn(32, 128))
 
 
+def test_opcheck():
+    """torch.library.opcheck (schema, autograd registration, fake vs real outputs, AOT dispatch with dynamic shapes)
+    of tritonchat::relu2_mlp on a (B, T, C) input and of its backward GEMM tritonchat::relu2_mlp_dh."""
+    x, w_fc, w_proj, dy = _inputs((3, 5), 32, 64, torch.float32)
+    torch.library.opcheck(torch.ops.tritonchat.relu2_mlp, (x.requires_grad_(), w_fc.requires_grad_(),
+                                                            w_proj.requires_grad_()))
+    a = torch.ops.tritonchat.relu2_mlp(x.detach(), w_fc.detach(), w_proj.detach())[1]
+    torch.library.opcheck(torch.ops.tritonchat.relu2_mlp_dh, (dy.reshape(15, 32), w_proj.detach(), a))
+
+
 def test_eager_mode_is_reference():
     prev = kernels.get_mode()
     kernels.set_mode("eager")
