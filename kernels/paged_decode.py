@@ -201,7 +201,7 @@ def triton_kernels():
     return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel}
 
 
-def _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens):
+def _check_paged_decode_inputs(q, k_cache, v_cache, block_table, seq_lens):
     _check_cache(k_cache, v_cache, "paged_decode_attention")
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
@@ -261,7 +261,7 @@ def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_
     return out
 
 
-def _check_write_kv(k_cache, v_cache, k, v, block_table, positions):
+def _check_write_kv_inputs(k_cache, v_cache, k, v, block_table, positions):
     _check_cache(k_cache, v_cache, "write_kv")
     _, block_size, Hkv, D = k_cache.shape
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
@@ -329,7 +329,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=
 def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
     """tritonchat::paged_decode_attention (the split-KV Triton kernels) whatever the mode; num_splits (per sequence)
     defaults to choose_num_splits."""
-    _check_paged_decode(q, k_cache, v_cache, block_table, seq_lens)
+    _check_paged_decode_inputs(q, k_cache, v_cache, block_table, seq_lens)
     scale = None if scale is None else float(scale)
     num_splits = None if num_splits is None else int(num_splits)
     return torch.ops.tritonchat.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
@@ -361,7 +361,7 @@ def write_kv(k_cache, v_cache, k, v, block_table, positions):
 
 def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
     """tritonchat::write_kv (the Triton scatter, one program per token) whatever the mode."""
-    _check_write_kv(k_cache, v_cache, k, v, block_table, positions)
+    _check_write_kv_inputs(k_cache, v_cache, k, v, block_table, positions)
     torch.ops.tritonchat.write_kv(k_cache, v_cache, k, v, block_table, positions)
 
 
