@@ -5,14 +5,22 @@
     python -m model.chat --source base --temperature 0 --max-tokens 64 --kernels eager
 
 The checkpoint is the newest of `--source` (base | mid | sft | rl) under $TRITONCHAT_HOME/checkpoints/<stage>/
-(`--run` picks a run). In the REPL: `/clear` starts a new conversation, `/quit` (or Ctrl-D) leaves.
+(`--run` picks a run). In the REPL, lines that are a slash command are not sent to the model: /help, /clear (new
+conversation), /quit or /exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt.
+
+Lengths: the context is what the model was trained on (its config's sequence_len). --max-tokens unset = the room
+the conversation leaves; when the history no longer fits, its oldest turns are dropped (the system message is kept)
+and a message too long on its own is refused with a note, the conversation going on. A bad flag is one line on
+stderr and exit code 2. The python tool's mode (jailed, disabled, or unsafe) is printed at start.
 """
 import argparse
+import math
 import sys
 
 import torch
 
 import kernels
+from model import sandbox
 from model.checkpoint import find_last_checkpoint, load_model
 from model.common import UserError, home_dir
 from model.engine import Engine
@@ -25,12 +33,111 @@ TRAIN_COMMANDS = {
     "sft": "python -m train.sft",
     "rl": "python -m train.rl",
 }
+COMMANDS = {"/help": "this list", "/clear": "start a new conversation", "/quit": "leave (also /exit or Ctrl-D)"}
 
 
 class NoCheckpoint(SystemExit):
     pass
 
 
+# ------------------------------------------------------------------------------------------------- flags
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`, exit code 2) instead of usage + error, and whose
+    help shows each default once (only where the help text does not describe it)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsOnce)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsOnce(argparse.HelpFormatter):
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def int_at_least(lo, hi=None):
+    """argparse type: an int in [lo, hi]."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    return parse
+
+
+def float_between(lo, hi):
+    """argparse type: a finite float in [lo, hi] (nan / inf refused)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number between {lo:g} and {hi:g}, got {text}")
+        return value
+    return parse
+
+
+def device_type(text):
+    """argparse type: cpu, cuda, cuda:N or mps, and only if this machine has it."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (torch sees none); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- lengths
+def context_of(engine):
+    """The context a conversation may fill: what the model was trained on (its rotary tables reach further, its
+    skill does not)."""
+    return min(engine.model.config.sequence_len, engine.max_context)
+
+
+def default_reserve(context):
+    """Room kept for an answer whose length was not given, when old turns have to go: a quarter of the context."""
+    return max(1, context // 4)
+
+
+def fit_conversation(tokenizer, messages, context, reserve):
+    """Drop the oldest turns (a user message and the assistant messages after it) until the prompt plus `reserve`
+    tokens fits `context`; the leading system message and the last user turn always stay.
+
+    messages: [{"role", "content"}] ending with the user's -> (prompt ids ending in <|assistant_start|>, number of
+    messages dropped). The prompt may still not fit (a single long message): the caller refuses it. ValueError
+    from the tokenizer for a conversation it cannot render."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = list(messages[len(system):])
+    dropped = 0
+    while True:
+        prompt = tokenizer.render_for_completion({"messages": system + rest})
+        nxt = next((k for k in range(1, len(rest)) if rest[k]["role"] == "user"), None)
+        if len(prompt) + reserve <= context or nxt is None:
+            return prompt, dropped
+        rest, dropped = rest[nxt:], dropped + nxt
+
+
+# ------------------------------------------------------------------------------------------------- the model
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
     if source not in TRAIN_COMMANDS:
@@ -72,14 +179,15 @@ def assistant_content(tokenizer, ids):
     return parts
 
 
-def respond(engine, tokenizer, conversation, args, out=None):
-    """Stream the assistant's answer to `conversation` to `out`; returns the message content (stop token dropped;
-    a str, or parts if the python tool was used)."""
-    prompt = tokenizer.render_for_completion(conversation)
+def respond(engine, tokenizer, prompt, args, out=None):
+    """Stream the assistant's answer to `prompt` (ids) to `out`, at most args.max_tokens (None: the room the
+    context leaves); returns the message content (stop token dropped; a str, or parts if the python tool was used)."""
     out = out or sys.stdout
+    room = context_of(engine) - len(prompt)
+    max_tokens = room if args.max_tokens is None else min(args.max_tokens, room)
     decoder = IncrementalDecoder(tokenizer)
-    for tokens, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+    for tokens, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, seed=args.seed):
         token = tokens[0]
         if token is None or token in engine.stop_ids:
             break
@@ -90,57 +198,96 @@ def respond(engine, tokenizer, conversation, args, out=None):
     return assistant_content(tokenizer, decoder.ids)
 
 
+def _prompt_for(engine, tokenizer, conversation, args):
+    """Fit the conversation into the context -> prompt ids, or None (after saying why) when its last message cannot
+    fit; dropped old turns are removed from `conversation` and announced."""
+    context = context_of(engine)
+    reserve = args.max_tokens if args.max_tokens is not None else default_reserve(context)
+    prompt, dropped = fit_conversation(tokenizer, conversation["messages"], context, reserve)
+    room = context - len(prompt)
+    if room < 1 or (args.max_tokens is not None and args.max_tokens > room):
+        need = f" + --max-tokens {args.max_tokens}" if args.max_tokens is not None else ""
+        print(f"(not sent: the message takes {len(prompt)} tokens{need}, more than the context of {context} "
+              f"tokens; shorten it or /clear)")
+        return None
+    if dropped:
+        msgs = conversation["messages"]
+        keep = 1 if msgs[0]["role"] == "system" else 0
+        del msgs[keep:keep + dropped]
+        print(f"(the {dropped} oldest messages were dropped to fit the context of {context} tokens)")
+    return prompt
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="chat with a tritonchat checkpoint",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="python -m model.chat", description="chat with a tritonchat checkpoint")
     parser.add_argument("--source", default="sft", choices=list(TRAIN_COMMANDS), help="which stage to load")
     parser.add_argument("--run", default=None, help="checkpoint run name (default: the newest run)")
     parser.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--max-tokens", type=int, default=512, help="per answer")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--temperature", type=float_between(0.0, 2.0), default=0.6, help="0 = greedy, up to 2")
+    parser.add_argument("--top-k", type=int_at_least(1), default=50, help="sample among the k likeliest tokens")
+    parser.add_argument("--max-tokens", type=int_at_least(1), default=None,
+                        help="per answer (default: the room the context leaves)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
+    parser.add_argument("--device", type=device_type, default=None,
+                        help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     kernels.add_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_mode(args.kernels)
 
     model, tokenizer, meta = load_chat_model(args.source, args.device, args.run)
     engine = Engine(model, tokenizer)
+    context = context_of(engine)
+    if args.max_tokens is not None and args.max_tokens >= context:
+        parser.error(f"argument --max-tokens: {args.max_tokens} does not fit this model's context of {context} "
+                     f"tokens (the prompt needs some too)")
+    tool = sandbox.jail_status().banner
     conversation = {"messages": []}
     if args.prompt is not None:
+        print(tool, file=sys.stderr, flush=True)
         conversation["messages"].append({"role": "user", "content": args.prompt})
-        respond(engine, tokenizer, conversation, args)
+        prompt = _prompt_for(engine, tokenizer, conversation, args)
+        if prompt is None:
+            sys.exit(1)
+        respond(engine, tokenizer, prompt, args)
         return
-    print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}). "
-          "/clear = new conversation, /quit or Ctrl-D = leave.", flush=True)
+    print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}, context {context} "
+          f"tokens). /help lists the commands; Ctrl-D leaves.\n{tool}", flush=True)
     while True:
         try:
             line = input("\nUser: ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
-        if line in ("/quit", "/exit", "quit", "exit"):
-            return
-        if line == "/clear":
-            conversation = {"messages": []}
-            print("(new conversation)")
+        except KeyboardInterrupt:  # as a shell does: drop the line, prompt again
+            print("^C")
             continue
         if not line:
             continue
+        command = line.split()[0].lower() if line.startswith("/") else None
+        if command is not None and (command in COMMANDS or command == "/exit" or line[1:].isidentifier()):
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/clear":
+                conversation = {"messages": []}
+                print("(new conversation)")
+            elif command == "/help":
+                print("\n".join(f"  {name:8s} {what}" for name, what in COMMANDS.items()))
+            else:
+                print(f"(unknown command {command}; /help lists the commands)")
+            continue
         conversation["messages"].append({"role": "user", "content": line})
+        prompt = _prompt_for(engine, tokenizer, conversation, args)
+        if prompt is None:
+            conversation["messages"].pop()
+            continue
         print("\nAssistant: ", end="", flush=True)
         try:
-            answer = respond(engine, tokenizer, conversation, args)
+            answer = respond(engine, tokenizer, prompt, args)
         except KeyboardInterrupt:  # stop this answer, keep the session
             print("\n(interrupted)")
             conversation["messages"].pop()
             continue
         conversation["messages"].append({"role": "assistant", "content": answer})
-        used = len(tokenizer.render_conversation(conversation, max_tokens=None)[0])
-        if used + args.max_tokens >= engine.max_context:
-            print(f"(the conversation fills the context of {engine.max_context} tokens: starting a new one)")
-            conversation = {"messages": []}
 
 
 if __name__ == "__main__":

@@ -94,3 +94,75 @@ def test_tool_use_round_trips_into_the_next_turn(home):
     prompt = tok.render_for_completion({"messages": conv["messages"][:1]})
     assert rendered == prompt + ids + [sp["<|assistant_end|>"]]
     assert assistant_content(tok, tok.encode("plain")) == "plain"
+
+
+BAD_FLAGS = [["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"], ["--max-tokens", "-5"],
+             ["--top-k", "0"], ["--device", "tpu"], ["--seed", "x"], ["--source", "nope"]]
+if not torch.cuda.is_available():
+    BAD_FLAGS.append(["--device", "cuda"])
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS + [["-p", "hi", "--max-tokens", "5000"]], ids=" ".join)
+def test_bad_flag_is_one_line_exit_2(home, capsys, flags):
+    """Each bad flag: one clear line on stderr, exit code 2, before any generation (--max-tokens past the trained
+    context of 64 is known once the checkpoint is read)."""
+    with pytest.raises(SystemExit) as e:
+        main(flags + ["--kernels", "eager"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = [line for line in err.splitlines() if not line.startswith("python tool:")]
+    assert len(lines) == 1 and lines[0].startswith(f"python -m model.chat: error: argument {flags[-2]}"), err
+    assert "Traceback" not in err
+
+
+def test_help_prints_each_default_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    entries = out.split("\n  -")[1:]  # one per option
+    assert len(entries) >= 8
+    for entry in entries:
+        assert entry.count("default") <= 1 and "default: None" not in entry, entry
+
+
+def _scripted_input(monkeypatch, items):
+    """input() answering from `items`: strings, or exceptions (KeyboardInterrupt = Ctrl-C, EOFError = Ctrl-D)."""
+    items = list(items)
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        item = items.pop(0)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr("builtins.input", fake_input)
+
+
+def test_repl_commands_ctrl_c_and_ctrl_d(home, monkeypatch, capsys):
+    """Slash commands never reach the model; Ctrl-C at the prompt only clears the line; Ctrl-D leaves."""
+    _, model, tok = home
+    _scripted_input(monkeypatch, [KeyboardInterrupt, "/help", "/nonsense", "Hello there!", EOFError])
+    main(["--temperature", "0", "--max-tokens", "6", "--kernels", "eager"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("python tool: ")  # the tool's mode, said at start
+    assert "/clear" in out and "/quit" in out and "(unknown command /nonsense" in out
+    answers = [part.split("\n")[0] for part in out.split("Assistant: ")[1:]]
+    expected = _greedy(model, tok, {"messages": [{"role": "user", "content": "Hello there!"}]}, 6)
+    assert answers == [expected.split("\n")[0]]  # one answer: to the one message that was not a command
+
+
+def test_long_messages_and_history_fit_the_context(home, monkeypatch, capsys):
+    """A message longer than the trained context (64) is refused with a note and the session goes on; a history
+    that outgrows the context loses its oldest turns; no traceback, ever."""
+    _, model, tok = home
+    turns = ["Hello there! " * 30, "Hello there!"] + ["How are you today? I am fine." for _ in range(6)]
+    _scripted_input(monkeypatch, turns + [EOFError])
+    main(["--temperature", "0", "--max-tokens", "6", "--kernels", "eager"])
+    out = capsys.readouterr().out
+    assert "(not sent: the message takes" in out and "more than the context of 64 tokens" in out
+    assert out.count("Assistant: ") == len(turns) - 1
+    assert "oldest messages were dropped to fit the context of 64 tokens" in out
+    first = _greedy(model, tok, {"messages": [{"role": "user", "content": "Hello there!"}]}, 6)
+    assert out.split("Assistant: ")[1].split("\n")[0] == first.split("\n")[0]
