@@ -8,7 +8,7 @@ The `num_samples` continuations of one prompt are forked from ONE prefill and sh
 Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) so a request's samples do not depend
 on what else is in the batch; stop on <|assistant_end|> or <|bos|> (Engine.stop_ids), or after max_tokens. Tool use:
 the tokens a sample writes between <|python_start|> and <|python_end|> are decoded and run by
-model.sandbox.run_tool_call (a trailing expression is printed, as a REPL would); its answer is then forced, one token
+model.sandbox.run_tool_call in its jail (the answer is what a Python REPL shows); it is then forced, one token
 per step, as <|output_start|> answer <|output_end|> with mask 0 (sampled tokens have mask 1). A failed call answers
 its stdout followed by "Error: <reason>" ("Error: timed out"). The sandbox runs synchronously inside the step (limits:
 Engine(tool_timeout=5.0, tool_memory_mb=256)), so a slow tool call pauses the whole batch for that long.

@@ -442,8 +442,10 @@ def create_app(service):
                 return Response(status_code=499)
             try:
                 job = s.start(params)
-            except BaseException:
+            except BaseException as e:
                 slot.release()
+                if isinstance(e, ValueError):  # the engine refused the parameters
+                    raise APIError(400, str(e)) from None
                 raise
             return StreamingResponse(_stream(s, job, slot, params, meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
