@@ -1,9 +1,12 @@
 """Inference engine: batched prefill + decode over a paged KV cache, sampling, tool use, continuous batching.
 
-Each engine step = admit + prefill the waiting requests (one right-padded batch, all prompts at positions 0..n-1),
-then one decode step for every running sequence of every request (one token each, at each sequence's own position).
-The KV cache (model/kv_cache.py) holds the pages; the engine gives each forward its plan (PrefillPlan or DecodePlan).
-The `num_samples` continuations of one prompt are forked from ONE prefill and share the prompt's pages.
+Each engine step = admit + prefill the waiting requests (one right-padded batch of the tokens each prompt does not
+find in the prefix cache), then one decode step for every running sequence of every request (one token each, at
+each sequence's own position). The KV cache (model/kv_cache.py) holds the pages; the engine gives each forward its
+plan (PrefillPlan or DecodePlan). The `num_samples` continuations of one prompt are forked from ONE prefill and share
+the prompt's pages. Full pages outlive their request in the prefix cache: a later prompt that starts with the same
+tokens (a system prompt, a chat's earlier turns) reuses them and prefills only the rest (Engine(prefix_caching=False)
+turns this off).
 
 Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) so a request's samples do not depend
 on what else is in the batch; stop on <|assistant_end|> or <|bos|> (Engine.stop_ids), or after max_tokens. Tool use:
@@ -40,7 +43,8 @@ that completes one of the strings in its decoded text (across token boundaries);
 server cuts it). One request's failure (its sampling, tool call, stop check, or a forward that fails when run for
 it alone) ends that request with "error" and never another: a failed batched forward is retried request by
 request.
-engine.stats counts prefill/decode tokens, steps and copy-on-write copies; engine.cache.num_free() the free blocks.
+engine.stats counts prefill/decode tokens, steps, copy-on-write copies and prefix-cache hits (prefix_hit_tokens);
+engine.cache.num_free() the blocks an allocation can take (free, or cached and unused).
 """
 import math
 import queue
@@ -135,6 +139,7 @@ class _Sequence:
         self.tokens = tokens            # prompt + completion so far
         self.blocks = blocks            # block table in the cache
         self.num_cached = num_cached    # tokens whose k/v are in the cache
+        self.row = None                 # its dense row in the cache (the eager decode path)
         self.forced = deque()           # tool output still to be forced, one token per step
         self.in_python = False          # inside <|python_start|> ... <|python_end|>
         self.python_tokens = []         # the tool call's tokens so far
@@ -149,10 +154,11 @@ class Engine:
 
     block_size: tokens per KV page (16, 32 or 64); num_blocks: the initial pool (default: 8 full-length sequences,
     doubled on demand); max_batch: running sequences; max_prefill_tokens: padded tokens per prefill batch;
-    tool_timeout (s) and tool_memory_mb: the sandbox limits of one tool call."""
+    tool_timeout (s) and tool_memory_mb: the sandbox limits of one tool call; prefix_caching: reuse the cached
+    k/v of earlier requests' full blocks (model/kv_cache.py)."""
 
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
-                 tool_timeout=5.0, tool_memory_mb=256):
+                 tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True):
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -162,7 +168,7 @@ class Engine:
         if num_blocks is None:
             num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
         self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
-                                  param.dtype, self.device, model.cos, model.sin)
+                                  param.dtype, self.device, model.cos, model.sin, prefix_caching=prefix_caching)
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.tool_timeout = tool_timeout
@@ -179,7 +185,8 @@ class Engine:
         self.thread = None           # the background stepping thread (start/stop)
         self.stopping = False
         self._solo = 0               # after a failed batched prefill: prefill this many requests one at a time
-        self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0)
+        self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0,
+                          prefix_hit_tokens=0)
 
     # -- public API ------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
@@ -327,16 +334,19 @@ class Engine:
         self._solo = max(0, self._solo - 1)
         cache = self.cache
         dev = self.device
-        T = max(len(r.prompt) for r in batch)
-        prefix = []
+        # Each prompt's longest cached prefix (whole blocks) is reused; only the rest is prefilled.
+        prefix, starts = [], []
         for r in batch:
-            blocks = [cache.allocate() for _ in range(math.ceil(len(r.prompt) / cache.block_size))]
+            blocks = cache.match_prefix(r.prompt)
+            starts.append(len(blocks) * cache.block_size)
+            blocks += [cache.allocate() for _ in range(math.ceil(len(r.prompt) / cache.block_size) - len(blocks))]
             prefix.append(blocks)
+        T = max(len(r.prompt) - start for r, start in zip(batch, starts))
         idx = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, r in enumerate(batch):
-            idx[i, :len(r.prompt)] = torch.tensor(r.prompt)
-        lens = torch.tensor([len(r.prompt) for r in batch])
-        plan = cache.prefill_plan(prefix, lens.tolist())
+        for i, (r, start) in enumerate(zip(batch, starts)):
+            idx[i, :len(r.prompt) - start] = torch.tensor(r.prompt[start:])
+        lens = torch.tensor([len(r.prompt) - start for r, start in zip(batch, starts)])
+        plan = cache.prefill_plan(prefix, lens.tolist(), starts)
         try:
             with cache.planned(plan):
                 logits = self.model(idx.to(dev), kv_cache=cache)     # (R, T, V)
@@ -354,8 +364,10 @@ class Engine:
         last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)
         self.stats["prefill_tokens"] += int(lens.sum())
         self.stats["prefill_batches"] += 1
+        self.stats["prefix_hit_tokens"] += sum(starts)
         for i, r in enumerate(batch):
             n = len(r.prompt)
+            cache.insert_prefix(r.prompt, prefix[i], n)  # its full blocks serve later requests from now on
             r.generator = torch.Generator(device=dev).manual_seed(r.seed)
             # Fork: sample 0 owns the prefix blocks, the others share them (refcount); COW on the first write.
             for s in range(r.num_samples):
@@ -364,6 +376,7 @@ class Engine:
                     for b in blocks:
                         cache.incref(b)
                 r.seqs.append(_Sequence(r, s, list(r.prompt), blocks, n))
+                r.seqs[-1].row = cache.open_row()
             self.running.append(r)
             try:
                 self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
@@ -379,7 +392,7 @@ class Engine:
         cache = self.cache
         for s in seqs:
             self.stats["cow_copies"] += cache.writable(s.blocks, s.num_cached)
-        plan = cache.decode_plan([s.blocks for s in seqs], [s.num_cached for s in seqs])
+        plan = cache.decode_plan([s.blocks for s in seqs], [s.num_cached for s in seqs], [s.row for s in seqs])
         idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         try:
             with cache.planned(plan):
@@ -485,9 +498,14 @@ class Engine:
             return
         s.done = True
         s.req.finish_reasons[s.index] = reason
+        # Its full blocks (prompt and completion: a chat's next turn starts with them) go to the prefix cache.
+        self.cache.insert_prefix(s.tokens, s.blocks, s.num_cached)
         for b in s.blocks:
             self.cache.decref(b)
         s.blocks = []
+        if s.row is not None:
+            self.cache.close_row(s.row)
+            s.row = None
 
     def _finish_request(self, req, reason):
         for s in req.seqs:

@@ -1,54 +1,123 @@
-"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence.
+"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence, with
+a prefix cache across requests and, for the eager decode path, a dense row per running sequence.
 
-k and v are (n_layer, num_blocks, block_size, n_kv_head, head_dim) tensors, with a free list and a refcount per
+Pages. k and v are (n_layer, num_blocks, block_size, n_kv_head, head_dim) tensors with a free list and a refcount per
 block. A sequence owns a block table (a list of block ids): block j holds its tokens j*block_size ...
 (j+1)*block_size - 1. Sequences forked from one prompt share its blocks (refcount > 1); the first write into a shared
-block copies it first (copy-on-write), so full prompt pages are stored once however many samples run. A finished
-sequence gives its blocks back at once, and the pool doubles whenever it runs dry.
+block copies it first (copy-on-write), so full prompt pages are stored once however many samples run. The pool
+doubles when it runs dry and nothing can be evicted. vLLM's PagedAttention, https://arxiv.org/abs/2309.06180.
+
+Prefix cache (across requests). Full blocks are indexed in a tree keyed by their tokens: a node is one block, its
+path from the root the whole prefix it holds, as SGLang's RadixAttention (https://arxiv.org/abs/2312.07104) at block
+granularity. `match_prefix(tokens)` hands a new request the blocks of its longest cached prefix (a chat's system
+prompt and earlier turns), so only the rest is prefilled; `insert_prefix` adds a prompt's full blocks after its
+prefill and a finished sequence's full blocks (prompt + completion) when it ends. A cached block whose refcount
+drops to 0 is not freed but becomes evictable: allocation takes free blocks first, then evicts the least recently
+used evictable leaf, and grows the pool only when nothing is evictable. num_free() counts free + evictable blocks.
+
+Dense rows (eager decode). The eager decode step must not copy every page of every sequence each step (a gather of
+the whole context, per layer, per step). So each running sequence also gets a row of a dense
+(n_layer, rows, n_kv_head, row_len, head_dim) tensor, the layout SDPA reads without a copy (as nanochat's dense
+cache). A row is filled once from the pages when it falls behind (after the prefill, or a fused step), then each
+eager step writes the new token's k/v into the pages and the row and runs ONE SDPA over the rows in use. Rows stay
+compact (a closed row is replaced by the last one), so the rows in use are always rows[:n]. Eager mode therefore
+holds a running sequence's context twice (pages + row); the fused path reads only the pages.
 
 The model calls `cache.attend(layer_idx, q, k, v)` with raw q/k/v during a forward (model/gpt.py). What kind of
 forward that is, the engine says by setting `cache.plan` around it (`with cache.planned(plan): model(...)`):
-- PrefillPlan: R prompts right padded to T, each at positions 0..len-1. Attention by kernels.attention.attention
-  (causal, so the padding is never attended); the rotated + normalised k and the v of the valid tokens are scattered
-  into the pages by kernels.paged_decode.write_kv.
-- DecodePlan: one new token per sequence, at its own position. Rotary + RMS norm here, write_kv, then
-  kernels.paged_decode.paged_decode_attention over the sequence's pages.
-Both follow kernels.set_mode: eager = the PyTorch references, fused = the Triton kernels.
+- PrefillPlan: R prompts right padded to T. Without a cached prefix, each at positions 0..len-1: attention by
+  kernels.attention.attention (causal, so the padding is never attended). With one (plan.starts > 0), row r's tokens
+  sit at starts[r] + 0..len-1 and attend to the cached pages too: SDPA over the gathered pages with a causal mask
+  shifted by starts[r] (PyTorch in both modes). The rotated + normalised k and the v of the valid tokens go into the
+  pages by kernels.paged_decode.write_kv.
+- DecodePlan: one new token per sequence, at its own position. Rotary + RMS norm here, then either the dense rows
+  (eager, rows given) or write_kv + kernels.paged_decode.paged_decode_attention over the pages (fused; or eager
+  without rows: the reference that gathers the pages).
 """
 import contextlib
+import heapq
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from kernels.attention import apply_rotary, attention, rms_norm
+import kernels
+from kernels.attention import attention
 from kernels.paged_decode import paged_decode_attention, write_kv
 
 QK_NORM_EPS = 1e-6  # kernels.attention.attention's default, so the prefill and decode paths normalise alike
 
 
+def rope_norm(x, cos, sin):
+    """x (..., D) rotated (half-split: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin) then RMS-normalised over D;
+    cos and sin broadcast against x[..., :D/2]. x's dtype."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return F.rms_norm(torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1), (x.shape[-1],), eps=QK_NORM_EPS)
+
+
 @dataclass
 class PrefillPlan:
-    """The N valid tokens of a right-padded (R, T) prompt batch: token i sits at (rows[i], cols[i])."""
+    """The N valid tokens of a right-padded (R, T) prompt batch: token i sits at (rows[i], cols[i]), at position
+    starts[rows[i]] + cols[i] (starts: each row's cached prefix, 0 without one)."""
     rows: torch.Tensor          # (N,) int64: the batch row of each valid token
-    cols: torch.Tensor          # (N,) int64: its position in its prompt (= its column in the batch)
+    cols: torch.Tensor          # (N,) int64: its column in the batch
     token_tables: torch.Tensor  # (N, max_blocks) int32: the block table of its row
+    starts: torch.Tensor = None  # (R,) int64: cached tokens before each row's first new token; None = all zero
+    tables: torch.Tensor = None  # (R, max_blocks) int32: each row's block table (only with starts)
 
 
 @dataclass
 class DecodePlan:
     """One new token for each of B sequences."""
     positions: torch.Tensor  # (B,) int64: the new token's position
-    tables: torch.Tensor     # (B, max_blocks) int32: block tables, padded with block 0 (never read)
-    seq_lens: torch.Tensor   # (B,) int32: positions + 1, the new token's k/v included
+    tables: torch.Tensor     # (B, max_blocks) int32: block tables, padded with block 0 (never read); None with rows
+    seq_lens: torch.Tensor   # (B,) int32: positions + 1, the new token's k/v included; None with rows
+    # The dense-row (eager) path, else None:
+    row_index: torch.Tensor = None  # (B,) int64: each sequence's row
+    row_slots: torch.Tensor = None  # (B * Hkv,) int64: the new token's (row, head, position) in a layer's rows, flat
+    page_slots: torch.Tensor = None  # (B * Hkv,) int64: its (block, offset, head) in a layer's pages, flat
+    rot_cos: torch.Tensor = None    # (B, 1, D): [cos, cos] at each position, the cache dtype
+    rot_sin: torch.Tensor = None    # (B, 1, D): [sin, -sin]
+    n_rows: int = 0                 # rows in use (attention runs over rows[:n_rows])
+    row_len: int = 0                # max seq_len: the columns attention reads
+    mask: torch.Tensor = None       # (n_rows, 1, 1, row_len) bool, None when every row is row_len long
+    direct: bool = False            # row_index == arange(B) and n_rows == B: no permutation
+    rows: list = None               # the Row handles, advanced after the forward
+
+
+class Row:
+    """A running sequence's dense row: `index` moves when rows are compacted, `length` counts the tokens in it."""
+    __slots__ = ("index", "length")
+
+    def __init__(self, index):
+        self.index = index
+        self.length = 0
+
+
+class _Node:
+    """A cached full block: `tokens` its block_size tokens, the path from the root the prefix before them."""
+    __slots__ = ("tokens", "parent", "children", "block", "last_used", "depth")
+
+    def __init__(self, tokens, parent, block, depth):
+        self.tokens, self.parent, self.block, self.depth = tokens, parent, block, depth
+        self.children = {}
+        self.last_used = 0
 
 
 class PagedKVCache:
-    """Block pool for all layers + free list + refcounts; `attend` is what the model calls during a forward.
+    """Block pool for all layers + free list + refcounts + prefix cache + dense rows; `attend` is what the model
+    calls during a forward.
 
     cos, sin: the model's rotary tables (rotary_len, head_dim / 2). block_size: 16, 32 or 64 tokens per page (else
-    ValueError); num_blocks: the initial pool size, doubled on demand."""
+    ValueError); num_blocks: the initial pool size, doubled on demand; prefix_caching: keep full blocks for later
+    requests (False: a finished sequence's blocks go straight back to the free list)."""
 
-    def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin):
+    def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin,
+                 prefix_caching=True):
         if block_size not in (16, 32, 64):
             raise ValueError(f"PagedKVCache: block_size must be 16, 32 or 64, got {block_size}")
         self.block_size = block_size
@@ -60,13 +129,31 @@ class PagedKVCache:
         self.cos = cos
         self.sin = sin
         self.plan = None  # a PrefillPlan or DecodePlan while the engine runs a forward, else None
+        # prefix cache
+        self.prefix_caching = prefix_caching
+        self.root = _Node((), None, None, 0)
+        self.node_of = {}          # block id -> its _Node, for every cached block
+        self.n_evictable = 0       # cached blocks with refcount 0
+        self.evictions = 0         # cached blocks given back to the free list so far
+        self._heap = []            # (last_used, -depth, tiebreak, node): eviction candidates, checked when popped
+        self._clock = itertools.count(1)
+        self._tiebreak = itertools.count()
+        # dense rows
+        self.rows = []             # Row handles in use, rows[i].index == i
+        self.row_k = self.row_v = None  # (n_layer, row capacity, Hkv, row_len capacity, D), allocated on first use
+        self._rot = None           # ([cos, cos], [sin, -sin]) (rotary_len, D) in the cache dtype, for the rows path
 
     @property
     def num_blocks(self):
         return self.k.shape[1]
 
     def num_free(self):
-        return len(self.free)
+        """Blocks an allocation can take: free, or cached and unused (evictable)."""
+        return len(self.free) + self.n_evictable
+
+    def num_cached(self):
+        """Blocks held by the prefix cache (in use or evictable)."""
+        return len(self.node_of)
 
     # -- blocks ----------------------------------------------------------------------------------------------------
     def _grow(self):
@@ -80,21 +167,28 @@ class PagedKVCache:
         self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
 
     def allocate(self):
-        """A free block id with refcount 1 (the pool doubles if none is free)."""
-        if not self.free:
+        """A free block id with refcount 1: a free one, else the LRU evictable cached one, else the pool doubles."""
+        if not self.free and not self._evict():
             self._grow()
         b = self.free.pop()
         self.refcount[b] = 1
         return b
 
     def incref(self, b):
+        if self.refcount[b] == 0 and b in self.node_of:
+            self.n_evictable -= 1
         self.refcount[b] += 1
 
     def decref(self, b):
         self.refcount[b] -= 1
         assert self.refcount[b] >= 0, f"block {b} freed twice"
         if self.refcount[b] == 0:
-            self.free.append(b)
+            node = self.node_of.get(b)
+            if node is None:
+                self.free.append(b)
+            else:
+                self.n_evictable += 1
+                self._push(node)
 
     def writable(self, blocks, pos):
         """Make sure token position `pos` of a sequence with block table `blocks` can be written: append a fresh
@@ -102,7 +196,8 @@ class PagedKVCache:
         j = pos // self.block_size
         if j == len(blocks):
             blocks.append(self.allocate())
-        elif self.refcount[blocks[j]] > 1:
+        elif self.refcount[blocks[j]] > 1 or blocks[j] in self.node_of:
+            # Shared, or cached (a cached block is only ever full, so this is defensive): never write into it.
             new = self.allocate()
             self.k[:, new] = self.k[:, blocks[j]]
             self.v[:, new] = self.v[:, blocks[j]]
@@ -111,55 +206,268 @@ class PagedKVCache:
             return True
         return False
 
+    # -- prefix cache ----------------------------------------------------------------------------------------------
+    def _push(self, node):
+        """node may now be evictable (refcount 0, no children): queue it, keyed by last use (deeper first on ties)."""
+        if not node.children and self.refcount[node.block] == 0:
+            heapq.heappush(self._heap, (node.last_used, -node.depth, next(self._tiebreak), node))
+
+    def _evict(self):
+        """Move the least recently used evictable leaf's block to the free list. False if there is none."""
+        while self._heap:
+            last_used, _, _, node = heapq.heappop(self._heap)
+            if (node.block is None or node.children or self.refcount[node.block] or last_used != node.last_used
+                    or self.node_of.get(node.block) is not node):
+                continue  # stale entry: used, grown or evicted since it was queued
+            del node.parent.children[node.tokens]
+            del self.node_of[node.block]
+            self.n_evictable -= 1
+            self.evictions += 1
+            self.free.append(node.block)
+            node.block = None
+            if node.parent is not self.root:
+                self._push(node.parent)
+            return True
+        return False
+
+    def clear_prefix_cache(self):
+        """Drop every cached block: the evictable ones go back to the free list, the ones in use stay with their
+        sequences (and are freed when those end)."""
+        for b, node in list(self.node_of.items()):
+            node.block = None
+            if self.refcount[b] == 0:
+                self.free.append(b)
+        self.node_of.clear()
+        self.root.children.clear()
+        self.n_evictable = 0
+        self._heap = []
+
+    def match_prefix(self, tokens):
+        """Blocks of the longest cached prefix of `tokens` (whole blocks), at most (len(tokens) - 1) // block_size
+        of them so at least one token is left to prefill (its logits give the first sample). The caller owns one
+        reference to each (decref when done)."""
+        if not self.prefix_caching:
+            return []
+        bs, node, blocks = self.block_size, self.root, []
+        now = next(self._clock)
+        for j in range((len(tokens) - 1) // bs):
+            node = node.children.get(tuple(tokens[j * bs:(j + 1) * bs]))
+            if node is None:
+                break
+            node.last_used = now
+            self.incref(node.block)
+            blocks.append(node.block)
+        return blocks
+
+    def insert_prefix(self, tokens, blocks, n_tokens):
+        """Cache the full blocks among the first n_tokens of a sequence (`tokens`, block table `blocks`, their k/v
+        in the pages). A prefix already cached under other blocks (computed twice) keeps the cached ones."""
+        if not self.prefix_caching:
+            return
+        bs, node = self.block_size, self.root
+        now = next(self._clock)
+        for j in range(min(n_tokens // bs, len(blocks))):
+            key = tuple(tokens[j * bs:(j + 1) * bs])
+            child = node.children.get(key)
+            if child is None:
+                b = blocks[j]
+                if b in self.node_of:  # cannot happen for a block holding exactly this prefix; keep the tree sound
+                    return
+                child = _Node(key, node, b, node.depth + 1)
+                node.children[key] = child
+                self.node_of[b] = child
+                if self.refcount[b] == 0:
+                    self.n_evictable += 1
+            child.last_used = now
+            node = child
+        # Queue the path's evictable nodes with their new last use (a leaf's parent is queued once the leaf goes).
+        if node is not self.root:
+            self._push(node)
+
+    # -- dense rows ------------------------------------------------------------------------------------------------
+    def open_row(self):
+        """A dense row for a new running sequence (no memory until the eager path uses it)."""
+        row = Row(len(self.rows))
+        self.rows.append(row)
+        return row
+
+    def close_row(self, row):
+        """Give `row` back; the last row moves into its place so the rows in use stay rows[:n]."""
+        i, last = row.index, self.rows[-1]
+        if last is not row:
+            if self.row_k is not None and last.length:
+                n = last.length
+                with torch.inference_mode():  # also called outside a step (engine.cancel)
+                    self.row_k[:, i, :, :n] = self.row_k[:, last.index, :, :n]
+                    self.row_v[:, i, :, :n] = self.row_v[:, last.index, :, :n]
+            last.index = i
+            self.rows[i] = last
+        self.rows.pop()
+        row.index, row.length = -1, 0
+
+    def _ensure_rows(self, n_rows, row_len):
+        """Room for n_rows rows of row_len tokens: capacities grow by doubling (rows) and to a power of two (len)."""
+        if self.row_k is not None and self.row_k.shape[1] >= n_rows and self.row_k.shape[3] >= row_len:
+            return
+        L, _, _, Hkv, D = self.k.shape
+        old = self.row_k
+        cap_rows = max(n_rows, 2 * old.shape[1] if old is not None else 8)
+        cap_len = max(64, 1 << (row_len - 1).bit_length(), old.shape[3] if old is not None else 0)
+        for name in ("row_k", "row_v"):
+            t = torch.zeros(L, cap_rows, Hkv, cap_len, D, dtype=self.k.dtype, device=self.k.device)
+            if old is not None:
+                o = getattr(self, name)
+                t[:, :o.shape[1], :, :o.shape[3]] = o
+            setattr(self, name, t)
+
+    def _fill_row(self, row, blocks, upto):
+        """Copy tokens row.length .. upto-1 of a sequence from its pages into its row (all layers)."""
+        bs, start = self.block_size, row.length
+        j0 = start // bs
+        pages = torch.tensor(blocks[j0:math.ceil(upto / bs)], device=self.k.device)
+        lo, hi = start - j0 * bs, upto - j0 * bs
+        for src, dst in ((self.k, self.row_k), (self.v, self.row_v)):
+            dst[:, row.index, :, start:upto] = src[:, pages].flatten(1, 2)[:, lo:hi].transpose(1, 2)
+        row.length = upto
+
     # -- plans -----------------------------------------------------------------------------------------------------
     def _table(self, tables):
         """List of B block lists -> (B, max_blocks) int32 (padding 0: never read, seq_lens masks it)."""
         width = max(1, max(len(t) for t in tables))
         return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.k.device)
 
-    def prefill_plan(self, tables, lengths):
-        """tables: the block list of each of R prompts, lengths: their token counts -> PrefillPlan."""
+    def prefill_plan(self, tables, lengths, starts=None):
+        """tables: the block list of each of R prompts (cached prefix blocks first), lengths: their new-token counts,
+        starts: their cached-prefix lengths (default 0) -> PrefillPlan."""
         device = self.k.device
         lens = torch.tensor(lengths)
         rows = torch.repeat_interleave(torch.arange(len(lengths)), lens).to(device)
         cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        return PrefillPlan(rows=rows, cols=cols, token_tables=self._table(tables)[rows])
+        table = self._table(tables)
+        if not starts or not any(starts):
+            return PrefillPlan(rows=rows, cols=cols, token_tables=table[rows])
+        return PrefillPlan(rows=rows, cols=cols, token_tables=table[rows], tables=table,
+                           starts=torch.tensor(starts, dtype=torch.long, device=device))
 
-    def decode_plan(self, tables, positions):
-        """tables: the block list of each of B sequences, positions: where each one's new token goes -> DecodePlan."""
-        positions = torch.tensor(positions, device=self.k.device)
-        return DecodePlan(positions=positions, tables=self._table(tables), seq_lens=(positions + 1).to(torch.int32))
+    def decode_plan(self, tables, positions, rows=None):
+        """tables: the block list of each of B sequences, positions: where each one's new token goes, rows: their
+        Row handles (eager mode then attends over the dense rows) -> DecodePlan."""
+        device = self.k.device
+        pos_t = torch.tensor(positions, device=device)
+        if rows is None or kernels.use_fused():
+            return DecodePlan(positions=pos_t, tables=self._table(tables), seq_lens=(pos_t + 1).to(torch.int32))
+        # The eager rows: a handful of tensors built once per step (the step is overhead bound at small batch).
+        bs, n = self.block_size, len(self.rows)
+        row_len = max(positions) + 1
+        self._ensure_rows(n, row_len)
+        for row, blocks, p in zip(rows, tables, positions):
+            if row.length != p:  # behind (new, or after a fused step); ahead cannot happen but is rewritten
+                row.length = min(row.length, p)
+                self._fill_row(row, blocks, p)
+        index = [r.index for r in rows]
+        Hkv, cap_len = self.k.shape[3], self.row_k.shape[3]
+        row_slots = [(i * Hkv + h) * cap_len + p for i, p in zip(index, positions) for h in range(Hkv)]
+        page_slots = [(blocks[p // bs] * bs + p % bs) * Hkv + h for blocks, p in zip(tables, positions)
+                      for h in range(Hkv)]
+        if self._rot is None or self._rot[0].dtype != self.k.dtype:
+            cos, sin = self.cos.to(self.k.dtype), self.sin.to(self.k.dtype)  # (rotary_len, D/2)
+            self._rot = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
+        direct = n == len(rows) and index == list(range(n))
+        mask = None
+        if n != len(rows) or min(positions) + 1 != row_len:
+            lens = [1] * n
+            for i, p in zip(index, positions):
+                lens[i] = p + 1
+            mask = (torch.arange(row_len, device=device) < torch.tensor(lens, device=device)[:, None])[:, None, None]
+        return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=torch.tensor(index, device=device),
+                          row_slots=torch.tensor(row_slots, device=device),
+                          page_slots=torch.tensor(page_slots, device=device),
+                          rot_cos=self._rot[0][pos_t][:, None], rot_sin=self._rot[1][pos_t][:, None],
+                          n_rows=n, row_len=row_len, mask=mask, direct=direct, rows=list(rows))
 
     @contextlib.contextmanager
     def planned(self, plan):
-        """Set `plan` for the forwards inside the block; cleared on the way out, also on an exception."""
+        """Set `plan` for the forwards inside the block; cleared on the way out, also on an exception. A decode
+        plan's rows count their new token once the forward has finished."""
         self.plan = plan
         try:
             yield
+            if isinstance(plan, DecodePlan) and plan.rows is not None:
+                self._commit_rows(plan)
         finally:
             self.plan = None
+
+    def _commit_rows(self, plan):
+        """After an eager decode forward: the rows hold the new token; copy its k/v (all layers) into the pages."""
+        n_layer, D = self.k.shape[0], self.k.shape[-1]
+        for rows, pages in ((self.row_k, self.k), (self.row_v, self.v)):
+            new = rows.view(n_layer, -1, D).index_select(1, plan.row_slots)  # (n_layer, B * Hkv, D)
+            pages.view(n_layer, -1, D).index_copy_(1, plan.page_slots, new)
+        for row, p in zip(plan.rows, plan.positions.tolist()):
+            row.length = p + 1
 
     # -- what the model calls --------------------------------------------------------------------------------------
     def attend(self, layer_idx, q, k, v):
         """q (B, T, H, D), k and v (B, T, Hkv, D) raw, not rotated or normalised -> y (B, T, H, D).
 
-        Prefill: T prompt tokens at positions 0..T-1 (right padded); decode: T = 1 at plan.positions[b]."""
+        Prefill: T prompt tokens at positions starts + 0..T-1 (right padded); decode: T = 1 at plan.positions[b]."""
         plan = self.plan
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]  # (num_blocks, block_size, Hkv, D)
         if isinstance(plan, PrefillPlan):
-            T = q.shape[1]
-            cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
-            y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended
-            k = rms_norm(apply_rotary(k, cos, sin), QK_NORM_EPS)
-            rows, cols = plan.rows, plan.cols
-            write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, cols)  # (N, Hkv, D) each
-            return y
+            return self._prefill(plan, k_cache, v_cache, q, k, v)
         if not isinstance(plan, DecodePlan):
             raise RuntimeError("PagedKVCache.attend called outside a planned forward (use `with cache.planned(...)`)")
+        if plan.row_index is not None:
+            return self._decode_rows(plan, layer_idx, q, k, v)[:, None]
         pos = plan.positions
-        cos, sin = self.cos[pos], self.sin[pos]                   # (B, D/2): a "time" axis of length B
-        q = rms_norm(apply_rotary(q.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]  # (B, H, D)
-        k = rms_norm(apply_rotary(k.transpose(0, 1), cos, sin), QK_NORM_EPS)[0]  # (B, Hkv, D)
-        write_kv(k_cache, v_cache, k, v[:, 0], plan.tables, pos)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, D/2)
+        q = rope_norm(q[:, 0], cos, sin)                          # (B, H, D)
+        k = rope_norm(k[:, 0], cos, sin)                          # (B, Hkv, D)
+        v = v[:, 0]
+        write_kv(k_cache, v_cache, k, v, plan.tables, plan.positions)
         y = paged_decode_attention(q.to(k_cache.dtype).contiguous(), k_cache, v_cache, plan.tables, plan.seq_lens)
         return y.to(v.dtype)[:, None]                             # (B, 1, H, D)
+
+    def _decode_rows(self, plan, layer_idx, q, k, v):
+        """Eager decode over the dense rows: q, k, v (B, 1, heads, D) raw. Rotate + normalise q and k together (one
+        cat, and the rotation as x * [cos, cos] + roll(x, D/2) * [sin, -sin]: few ops, as the step is overhead bound
+        at small batch), write k/v into the rows (the pages get them after the forward), one SDPA -> (B, H, D)."""
+        B, _, H, D = q.shape
+        Hkv = k.shape[2]
+        qk = torch.cat([q, k], dim=2)[:, 0].to(self.row_k.dtype)  # (B, H + Hkv, D)
+        qk = F.rms_norm(torch.addcmul(qk * plan.rot_cos, qk.roll(D // 2, -1), plan.rot_sin), (D,), eps=QK_NORM_EPS)
+        q, k = qk[:, :H], qk[:, H:]
+        rk, rv = self.row_k[layer_idx], self.row_v[layer_idx]    # (rows, Hkv, row_len, D)
+        rk.view(-1, D).index_copy_(0, plan.row_slots, k.reshape(-1, D))
+        rv.view(-1, D).index_copy_(0, plan.row_slots, v.reshape(-1, D).to(rv.dtype))
+        n, L = plan.n_rows, plan.row_len
+        if not plan.direct:                                       # rows in a different order (or more): scatter q
+            q = q.new_zeros(n, H, D).index_copy_(0, plan.row_index, q)
+        y = F.scaled_dot_product_attention(q[:, :, None], rk[:n, :, :L], rv[:n, :, :L], attn_mask=plan.mask,
+                                           enable_gqa=H != Hkv)[:, :, 0]  # (n, H, D)
+        if not plan.direct:
+            y = y.index_select(0, plan.row_index)
+        return y.to(v.dtype)
+
+    def _prefill(self, plan, k_cache, v_cache, q, k, v):
+        rows, cols = plan.rows, plan.cols
+        R, T, H, D = q.shape
+        if plan.starts is None:
+            cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
+            y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended
+            k = rope_norm(k, cos[:, None], sin[:, None])
+            write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, cols)  # (N, Hkv, D) each
+            return y
+        # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
+        pos = plan.starts[:, None] + torch.arange(T, device=q.device)  # (R, T)
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, T, 1, D/2)
+        q, k = rope_norm(q, cos, sin), rope_norm(k, cos, sin)
+        write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, pos[rows, cols])
+        _, block_size, Hkv, _ = k_cache.shape
+        n_pages = plan.tables.shape[1]
+        keys = k_cache[plan.tables.long()].flatten(1, 2)          # (R, n_pages * block_size, Hkv, D)
+        vals = v_cache[plan.tables.long()].flatten(1, 2)
+        mask = torch.arange(n_pages * block_size, device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2),
+                                           vals.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=H != Hkv)
+        return y.transpose(1, 2).to(v.dtype)
