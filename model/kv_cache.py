@@ -25,11 +25,11 @@ holds a running sequence's context twice (pages + row); the fused path reads onl
 
 The model calls `cache.attend(layer_idx, q, k, v)` with raw q/k/v during a forward (model/gpt.py). What kind of
 forward that is, the engine says by setting `cache.plan` around it (`with cache.planned(plan): model(...)`):
-- PrefillPlan: R prompts right padded to T. Without a cached prefix, each at positions 0..len-1: attention by
-  kernels.attention.attention (causal, so the padding is never attended). With one (plan.starts > 0), row r's tokens
-  sit at starts[r] + 0..len-1 and attend to the cached pages too: SDPA over the gathered pages with a causal mask
-  shifted by starts[r] (PyTorch in both modes). The rotated + normalised k and the v of the valid tokens go into the
-  pages by kernels.paged_decode.write_kv.
+- PrefillPlan: R prompts right padded to T. Without a cached prefix, each at positions 0..len-1: fused, attention by
+  kernels.attention.attention (causal, so the padding is never attended) and write_kv; eager, q and k rotated and
+  normalised once, causal SDPA, and the valid tokens' k/v copied into their page slots. With a cached prefix
+  (plan.starts > 0), row r's tokens sit at starts[r] + 0..len-1 and attend to the cached pages too: SDPA over the
+  gathered pages with a causal mask shifted by starts[r] (PyTorch in both modes).
 - DecodePlan: one new token per sequence, at its own position. Rotary + RMS norm here, then either the dense rows
   (eager, rows given) or write_kv + kernels.paged_decode.paged_decode_attention over the pages (fused; or eager
   without rows: the reference that gathers the pages).
@@ -66,8 +66,11 @@ class PrefillPlan:
     rows: torch.Tensor          # (N,) int64: the batch row of each valid token
     cols: torch.Tensor          # (N,) int64: its column in the batch
     token_tables: torch.Tensor  # (N, max_blocks) int32: the block table of its row
+    slots: torch.Tensor         # (N,) int64: block * block_size + offset, its flat page slot
+    token_index: torch.Tensor   # (N,) int64: rows * T + cols, its flat index in the batch; None without padding
     starts: torch.Tensor = None  # (R,) int64: cached tokens before each row's first new token; None = all zero
     tables: torch.Tensor = None  # (R, max_blocks) int32: each row's block table (only with starts)
+    rot: tuple = None            # (positions, [cos, cos], [sin, -sin]) for the eager path, set by its first layer
 
 
 @dataclass
@@ -339,15 +342,20 @@ class PagedKVCache:
     def prefill_plan(self, tables, lengths, starts=None):
         """tables: the block list of each of R prompts (cached prefix blocks first), lengths: their new-token counts,
         starts: their cached-prefix lengths (default 0) -> PrefillPlan."""
-        device = self.k.device
-        lens = torch.tensor(lengths)
-        rows = torch.repeat_interleave(torch.arange(len(lengths)), lens).to(device)
+        device, bs = self.k.device, self.block_size
+        starts = list(starts) if starts else [0] * len(lengths)
+        T = max(lengths)
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
         cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        slots = [blocks[p // bs] * bs + p % bs
+                 for blocks, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
         table = self._table(tables)
-        if not starts or not any(starts):
-            return PrefillPlan(rows=rows, cols=cols, token_tables=table[rows])
-        return PrefillPlan(rows=rows, cols=cols, token_tables=table[rows], tables=table,
-                           starts=torch.tensor(starts, dtype=torch.long, device=device))
+        plan = PrefillPlan(rows=rows, cols=cols, token_tables=table[rows],
+                           slots=torch.tensor(slots, device=device),
+                           token_index=None if min(lengths) == T else rows * T + cols)
+        if any(starts):
+            plan.starts, plan.tables = torch.tensor(starts, device=device), table
+        return plan
 
     def decode_plan(self, tables, positions, rows=None):
         """tables: the block list of each of B sequences, positions: where each one's new token goes, rows: their
@@ -452,22 +460,37 @@ class PagedKVCache:
     def _prefill(self, plan, k_cache, v_cache, q, k, v):
         rows, cols = plan.rows, plan.cols
         R, T, H, D = q.shape
-        if plan.starts is None:
+        Hkv = k.shape[2]
+        if plan.starts is None and kernels.use_fused():
             cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
             y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended
             k = rope_norm(k, cos[:, None], sin[:, None])
             write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, cols)  # (N, Hkv, D) each
             return y
+        # Eager, or a cached prefix (then in both modes): q and k rotated + normalised together, once.
+        if plan.rot is None:                                      # once per forward, not per layer
+            pos = torch.arange(T, device=q.device) if plan.starts is None else \
+                plan.starts[:, None] + torch.arange(T, device=q.device)  # (T,) or (R, T)
+            cos, sin = self.cos[pos].to(k_cache.dtype)[..., None, :], self.sin[pos].to(k_cache.dtype)[..., None, :]
+            plan.rot = (pos, torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1))  # (..., T, 1, D)
+        pos, rot_cos, rot_sin = plan.rot
+        qk = torch.cat([q, k], dim=2).to(k_cache.dtype)           # (R, T, H + Hkv, D)
+        qk = F.rms_norm(torch.addcmul(qk * rot_cos, qk.roll(D // 2, -1), rot_sin), (D,), eps=QK_NORM_EPS)
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        k_new, v_new = k.reshape(R * T, Hkv * D), v.reshape(R * T, Hkv * D).to(v_cache.dtype)
+        if plan.token_index is not None:                          # right padding: its k/v are not stored
+            k_new, v_new = k_new[plan.token_index], v_new[plan.token_index]
+        k_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, k_new)
+        v_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, v_new)
+        if plan.starts is None:                                   # causal: right padding is never attended
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype),
+                                               is_causal=True, enable_gqa=H != Hkv)
+            return y.transpose(1, 2).to(v.dtype)
         # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
-        pos = plan.starts[:, None] + torch.arange(T, device=q.device)  # (R, T)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # (R, T, 1, D/2)
-        q, k = rope_norm(q, cos, sin), rope_norm(k, cos, sin)
-        write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, pos[rows, cols])
-        _, block_size, Hkv, _ = k_cache.shape
-        n_pages = plan.tables.shape[1]
+        n_pages, block_size = plan.tables.shape[1], k_cache.shape[1]
         keys = k_cache[plan.tables.long()].flatten(1, 2)          # (R, n_pages * block_size, Hkv, D)
         vals = v_cache[plan.tables.long()].flatten(1, 2)
         mask = torch.arange(n_pages * block_size, device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2),
-                                           vals.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=H != Hkv)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                           attn_mask=mask[:, None], enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
