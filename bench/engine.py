@@ -1,0 +1,364 @@
+"""Benchmark: the inference Engine end to end, side by side with nanochat's Engine on the same random-weight model.
+
+    python -m bench.engine --peer /tmp/nanochat          # ours vs nanochat (a local checkout; nothing of it is shipped)
+    python -m bench.engine                                # ours only
+    python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
+
+Cases (one 64-token prompt, 128 new tokens, greedy, every run makes all 128: the stop tokens lie outside the model's
+vocabulary, so neither engine can sample them):
+  samples=N   one prompt, N samples (N = 1, 8, 32): one prefill, then N rows decode together
+  prompts=N   N different prompts at once: ours batches them (one padded prefill, one decode step for all); nanochat's
+              Engine takes one prompt per call, so it runs them one after another
+Providers: ours-eager (kernels.set_mode("eager"): the PyTorch paths), ours-fused (the Triton kernels; CUDA only, so
+"not measured on GPU" in a CPU run), ours-fused-graphs (fused + the decode step replayed from CUDA graphs; CUDA only),
+nanochat (its Engine.generate, eager PyTorch; SDPA on this machine).
+Metrics per row:
+  ms          decode time (first token to last) for samples cases, whole wall time for prompts cases, so
+              ratio = nanochat ms / ours ms is the speed-up on decode tokens/s (samples) or end-to-end tokens/s
+  cpu_ms      the same in process CPU time, and cpu_ratio: steadier than wall time on a shared machine (with
+              --threads 1 it is the work done)
+  decode_tok_s, tok_s (end to end, prefill included), ttft_ms (submit to first token, mean over requests), itl_ms
+              (median gap between two tokens of a request)
+  kv_mb       KV-cache bytes held at the peak: ours the pages in use, nanochat its dense (rows, prompt + max_tokens)
+  peak_mb     CUDA allocator peak over the run (None on CPU)
+  agree       fraction of the first sample's greedy tokens equal to nanochat's, up to the first difference
+On a shared CPU pass --threads 1: two OpenMP threads that get descheduled cost far more than they bring.
+
+The model: depth 4, width 256, 4 heads of 64, plain full attention, random weights (every matrix N(0, 1/fan_in) so
+the greedy path is not degenerate). nanochat's GPT at commit 92d63d4 has more than this architecture (value
+embeddings, smear, backout, per-layer residual scalars, sliding windows, q and k scaled by 1.2, rotary base 100 000);
+it is configured as the plain one: window pattern "L", value embeddings removed, resid_lambdas 1, x0_lambdas 0, smear
+and backout lambdas 0, our rotary tables, and its attention called with q / 1.44 (undoing the 1.2 x 1.2 on the
+logits). Our weights are copied into it, so both compute the same function; `agree` checks it.
+
+Runs are interleaved (each rep runs every case x provider once) and the medians are reported. On CPU this is the real
+measurement (the JSON says "cpu"); GPU numbers come only from a GPU run.
+"""
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import time
+
+import torch
+
+import kernels
+from bench import harness
+from model.engine import Engine
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import SPECIAL_TOKENS
+
+SUITE = "engine"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model, its tokenizer stand-in, and nanochat's twin
+
+class _Tokenizer:
+    """The surface both engines read. Special ids start at the model's vocab size: no model can sample them."""
+
+    def __init__(self, vocab_size):
+        self.special = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.bos_token_id = self.special["<|bos|>"]
+
+    def encode_special(self, name):
+        return self.special[name]
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, *args, **kwargs):
+        return [b % 256 for b in text.encode()]
+
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode(errors="replace")
+
+
+def build_model(depth, head_dim, vocab, seq_len, device, dtype, seed=0):
+    """Our GPT with random weights: the init, then every zero-initialised matrix drawn N(0, 1/fan_in)."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_embd=64 * depth,
+                    n_head=64 * depth // head_dim, n_kv_head=64 * depth // head_dim)
+    model = GPT(cfg).to(device)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    return model.to(dtype).eval()
+
+
+def load_peer(path):
+    """Import nanochat's gpt, engine and flash_attention modules from a local checkout at `path`."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "nanochat", "engine.py")):
+        sys.exit(f"bench.engine: {path} is not a nanochat checkout (no nanochat/engine.py)")
+    sys.path.insert(0, path)
+    import nanochat.engine
+    import nanochat.flash_attention
+    import nanochat.gpt
+    return nanochat
+
+
+def peer_model(nanochat, ours):
+    """nanochat's GPT configured as the plain architecture, holding our weights (module docstring)."""
+    c = ours.config
+    gpt, fa = nanochat.gpt, nanochat.flash_attention
+    cfg = gpt.GPTConfig(sequence_len=c.sequence_len, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, window_pattern="L")
+    device = ours.lm_head.weight.device
+    with torch.device(device):
+        model = gpt.GPT(cfg)
+    model.init_weights()
+    dtype = nanochat.common.COMPUTE_DTYPE
+    with torch.no_grad():
+        model.value_embeds = torch.nn.ModuleDict()  # no value embeddings: its forward then passes ve=None
+        for blk in model.transformer.h:
+            blk.attn.ve_gate = None
+        model.resid_lambdas.fill_(1.0)
+        model.x0_lambdas.fill_(0.0)
+        model.smear_lambda.fill_(0.0)
+        model.backout_lambda.fill_(0.0)
+        model.transformer.wte.weight.zero_()[:c.vocab_size].copy_(ours.transformer.wte.weight)
+        model.lm_head.weight.zero_()[:c.vocab_size].copy_(ours.lm_head.weight)
+        for mine, theirs in zip(ours.transformer.h, model.transformer.h):
+            for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                theirs.get_submodule(name).weight.copy_(mine.get_submodule(name).weight)
+        model.cos = ours.cos[None, :, None, :].to(dtype)
+        model.sin = ours.sin[None, :, None, :].to(dtype)
+        model.to(dtype)  # its Linear casts weights to the activation dtype each call: store them in it already
+    if not getattr(fa.flash_attn, "_plain_scale", False):
+        # q and k are both scaled by 1.2 after the QK norm: divide q by 1.44 so the logits are q.k / sqrt(D), ours.
+        kv, func = fa.flash_attn.flash_attn_with_kvcache, fa.flash_attn.flash_attn_func
+        fa.flash_attn.flash_attn_with_kvcache = lambda q, *a, **k: kv(q / 1.44, *a, **k)
+        fa.flash_attn.flash_attn_func = lambda q, *a, **k: func(q / 1.44, *a, **k)
+        fa.flash_attn._plain_scale = True
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timed runs
+
+class _StampedQueue(queue.Queue):
+    """A request's event queue that records when each token column was produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.stamps, self.cpu_stamps = [], []
+
+    def put(self, item, *args, **kwargs):
+        if item is not None:
+            self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
+        super().put(item, *args, **kwargs)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _summary(t0, t_end, cpu0, cpu_end, streams, num_samples, kv_bytes):
+    """streams: per request (submit time, [column times], [column process times], first sample's tokens) -> the
+    row's metrics. Process (CPU) times are what a loaded machine disturbs least."""
+    n_tok = sum(len(times) for _, times, _, _ in streams) * num_samples
+    decode_s = _union([(times[0], times[-1]) for _, times, _, _ in streams])  # requests may overlap (batched)
+    decode_tok = sum(len(times) - 1 for _, times, _, _ in streams) * num_samples
+    gaps = [b - a for _, times, _, _ in streams for a, b in zip(times, times[1:])]
+    return dict(wall_s=t_end - t0, decode_s=decode_s, tok_s=n_tok / (t_end - t0),
+                cpu_s=cpu_end - cpu0, decode_cpu_s=_union([(cpu[0], cpu[-1]) for _, _, cpu, _ in streams]),
+                decode_tok_s=decode_tok / decode_s if decode_s > 0 else None,
+                ttft_ms=1e3 * statistics.mean(times[0] - ts for ts, times, _, _ in streams),
+                itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20,
+                tokens=[toks for _, _, _, toks in streams])
+
+
+def _union(intervals):
+    """Total length covered by a list of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
+
+
+def run_ours(engine, prompts, num_samples, max_tokens):
+    """All prompts submitted at once and stepped until done (continuous batching)."""
+    cache = engine.cache
+    _sync(engine.device)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    reqs = []
+    for i, p in enumerate(prompts):
+        r = engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i)
+        r.events = _StampedQueue()
+        reqs.append((time.perf_counter(), r))
+    peak_blocks = 0
+    while engine.has_work():
+        engine.step()
+        peak_blocks = max(peak_blocks, cache.num_blocks - cache.num_free())
+    _sync(engine.device)
+    t_end, cpu_end = time.perf_counter(), time.process_time()
+    bytes_per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
+    return _summary(t0, t_end, cpu0, cpu_end,
+                    [(ts, r.events.stamps, r.events.cpu_stamps, r.completions[0]) for ts, r in reqs], num_samples,
+                    peak_blocks * bytes_per_block)
+
+
+def run_peer(engine, prompts, num_samples, max_tokens):
+    """nanochat's Engine.generate, one prompt after another (it takes one prompt per call)."""
+    device = engine.model.get_device()
+    c = engine.model.config
+    _sync(device)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    streams = []
+    for i, p in enumerate(prompts):
+        ts, times, cpu, toks = t0, [], [], []  # all prompts arrive at t0: the later ones wait for the earlier ones
+        for col, _ in engine.generate(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i):
+            times.append(time.perf_counter())
+            cpu.append(time.process_time())
+            toks.append(col[0])
+            if len(toks) == max_tokens:  # stop here: its loop would run one more forward before it notices
+                break
+        streams.append((ts, times, cpu, toks))
+    _sync(device)
+    t_end, cpu_end = time.perf_counter(), time.process_time()
+    head_dim = c.n_embd // c.n_head
+    per_token = 2 * c.n_layer * c.n_kv_head * head_dim * engine.model.cos.element_size()
+    kv_bytes = per_token * (num_samples * (len(prompts[-1]) + max_tokens) + len(prompts[-1]))
+    return _summary(t0, t_end, cpu0, cpu_end, streams, num_samples, kv_bytes)
+
+
+def _agree(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / max(len(a), 1)
+
+
+def _peak_mb(fn, device):
+    if device.type != "cuda":
+        return fn(), None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_len=64, max_tokens=128, depth=4,
+        head_dim=64, vocab=2048, seq_len=256, threads=None):
+    """-> harness rows (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if harness.on_gpu() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quick:
+        reps = min(reps, 2)
+    model = build_model(depth, head_dim, vocab, seq_len, device, dtype)
+    tok = _Tokenizer(vocab)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+    many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
+    cases = [(dict(samples=n), [prompt], n) for n in samples] + [(dict(prompts=n_prompts), many, 1)]
+
+    providers = {}  # name -> (mode, runner(prompts, num_samples))
+    ours = Engine(model, tok, prefix_caching=False)  # every run prefills its prompt, as nanochat's
+    providers["ours-eager"] = ("eager", lambda ps, n: run_ours(ours, ps, n, max_tokens))
+    if device.type == "cuda":
+        providers["ours-fused"] = ("fused", lambda ps, n: run_ours(ours, ps, n, max_tokens))
+        if hasattr(ours, "use_cuda_graphs"):
+            graphs = Engine(model, tok, cuda_graphs=True)
+            providers["ours-fused-graphs"] = ("fused", lambda ps, n: run_ours(graphs, ps, n, max_tokens))
+    if peer:
+        nanochat = load_peer(peer)
+        theirs = nanochat.engine.Engine(peer_model(nanochat, model), tok)
+        providers["nanochat"] = ("eager", lambda ps, n: run_peer(theirs, ps, n, max_tokens))
+
+    results = {}  # (case index, provider) -> list of runs
+    old_mode = kernels.get_mode()
+    try:
+        for rep in range(reps + 1):  # rep 0 warms up (allocations, kernel compiles) and is dropped
+            for ci, (case, ps, n) in enumerate(cases):
+                for name, (mode, fn) in providers.items():
+                    kernels.set_mode(mode)
+                    with torch.inference_mode():
+                        out, peak = _peak_mb(lambda: fn(ps, n), device)
+                    out["peak_mb"] = peak
+                    if rep:
+                        results.setdefault((ci, name), []).append(out)
+                    print(f"[{SUITE}] rep {rep} {harness.fmt_case(case)} {name}: "
+                          f"decode {out['decode_tok_s'] or 0:.0f} tok/s, ttft {out['ttft_ms']:.1f} ms", flush=True)
+    finally:
+        kernels.set_mode(old_mode)
+
+    rows = []
+    for ci, (case, ps, n) in enumerate(cases):
+        ref = results.get((ci, "nanochat"))
+        for name in providers:
+            runs = results[(ci, name)]
+            med = lambda key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
+            ms = 1e3 * (med("decode_s") if "samples" in case else med("wall_s"))
+            cpu_ms = 1e3 * (med("decode_cpu_s") if "samples" in case else med("cpu_s"))
+            extra = dict(cpu_ms=cpu_ms, decode_tok_s=med("decode_tok_s"), tok_s=med("tok_s"), ttft_ms=med("ttft_ms"),
+                         itl_ms=med("itl_ms"), kv_mb=med("kv_mb"), reps=len(runs),
+                         ms_all=[round(1e3 * (r["decode_s"] if "samples" in case else r["wall_s"]), 2) for r in runs])
+            if ref and name != "nanochat":
+                extra["agree"] = _agree(runs[-1]["tokens"][0], ref[-1]["tokens"][0])
+            rows.append(harness.row(SUITE, dict(case, prompt_len=prompt_len, new=max_tokens), name, "decode", ms,
+                                    peak_mb=med("peak_mb"), **extra))
+    if device.type != "cuda":
+        for name in ("ours-fused", "ours-fused-graphs"):
+            rows.append(harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
+                                    status="not measured on GPU"))
+    if peer:
+        base = {json.dumps(r["case"], sort_keys=True): r["cpu_ms"] for r in rows if r["provider"] == "nanochat"}
+        for r in rows:
+            b = base.get(json.dumps(r["case"], sort_keys=True))
+            r["cpu_ratio"] = b / r["cpu_ms"] if b and r.get("cpu_ms") else None
+        harness.add_ratios(rows, "nanochat")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peer", default=None, help="a nanochat checkout to run side by side (imported at run time)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians are reported)")
+    ap.add_argument("--samples", default="1,8,32", help="comma list of num_samples for the one-prompt cases")
+    ap.add_argument("--prompts", type=int, default=8, help="number of different prompts for the batching case")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=2048, help="vocabulary size (the tiny preset's tokenizer: 2048)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="at most 2 reps")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--no-png", action="store_true", help="skip the plot")
+    args = ap.parse_args(argv)
+    info = harness.device_info()
+    print(f"[{SUITE}] {info['device']}  torch {info['torch']}  commit {info['git_commit']}  threads "
+          f"{args.threads or torch.get_num_threads()}  load {os.getloadavg()[0]:.1f}")
+    rows = run(args.quick, peer=args.peer, reps=args.reps, samples=[int(s) for s in args.samples.split(",")],
+               n_prompts=args.prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens, depth=args.depth,
+               head_dim=args.head_dim, vocab=args.vocab, threads=args.threads)
+    info["load_avg_1min"] = os.getloadavg()[0]
+    if args.peer:
+        info["peer"] = os.path.abspath(args.peer)
+    harness.print_table([r for r in rows if r["ms"] is not None])
+    for r in rows:
+        if r["ms"] is not None:
+            print(f"  {harness.fmt_case(r['case'])} {r['provider']}: decode {r['decode_tok_s']:.0f} tok/s, "
+                  f"e2e {r['tok_s']:.0f} tok/s, ttft {r['ttft_ms']:.1f} ms, itl {r['itl_ms']:.2f} ms, "
+                  f"kv {r['kv_mb']:.1f} MB, ratio {r.get('ratio') or float('nan'):.2f} (CPU time "
+                  f"{r.get('cpu_ratio') or float('nan'):.2f}), agree {r.get('agree')}")
+    path = harness.write_results(SUITE, rows, info, None, args.out, not args.no_png, args.quick)
+    print(f"[{SUITE}] wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
