@@ -362,10 +362,10 @@ def test_never_runs_as_root():
     """Seen from the host: every process of a call (bwrap included) runs under an unprivileged uid."""
     seen = []
     th = threading.Thread(target=lambda: seen.append(run_python("import time, os\nprint(os.getuid())\n"
-                                                                "time.sleep(1.5)")))
+                                                                "time.sleep(3)")))
     th.start()
     procs = []
-    for _ in range(40):
+    for _ in range(120):
         procs = _ours() or procs
         if procs and any("python" in line for line in procs):
             break
