@@ -59,8 +59,10 @@ NOBODY = 65534
 UNSAFE_ENV = "TRITONCHAT_UNSAFE_NO_JAIL"
 BWRAP = "bwrap"  # looked up on PATH (tests point it at a missing file to take the jail away)
 SYSTEM_PYTHON = "/usr/bin/python3"
-INSTALL_HINT = ("install bubblewrap (`sudo apt-get install -y bubblewrap`, or `make install` as root); only for code "
-                f"you trust, {UNSAFE_ENV}=1 runs it without a jail")
+UNSAFE_HINT = f"only for code you trust, {UNSAFE_ENV}=1 runs it without a jail"
+INSTALL_HINT = f"install bubblewrap (`sudo apt-get install -y bubblewrap`, or `make install` as root); {UNSAFE_HINT}"
+USERNS_HINT = ("the jail needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0; where AppArmor "
+               f"restricts them, kernel.apparmor_restrict_unprivileged_userns=0); {UNSAFE_HINT}")
 _TAG = "tc_sbx_"  # heads every call's code (so ps shows it) and names unsafe-mode temp dirs: tc_sbx_<pid>_<n>
 
 
@@ -83,6 +85,7 @@ class JailStatus:
     python: str | None = None  # the interpreter that runs user code
     prefix: str | None = None  # its install prefix (bound read-only into the jail)
     bwrap: str | None = None   # the bwrap binary
+    fix: str = INSTALL_HINT    # how to get the jail
 
     @property
     def banner(self):
@@ -93,7 +96,7 @@ class JailStatus:
         if self.mode == "unsafe":
             return (f"python tool: UNSAFE, NO JAIL ({UNSAFE_ENV}=1): model-written code runs with resource limits "
                     f"and an audit hook only ({self.why})")
-        return f"python tool: DISABLED: {self.why}; to enable it, {INSTALL_HINT}"
+        return f"python tool: DISABLED: {self.why}. To enable it: {self.fix}"
 
 
 # The trusted bootstrap: runs first in the child, arms layers 2-3, then executes the user code read from stdin (as a
@@ -361,14 +364,16 @@ def _probe(bwrap, unsafe):
                     os.close(fd)
             if not err:
                 return JailStatus("bwrap", "", python, prefix, bwrap)
-            errors.append(f"{python}: {err}")
-        why = "bubblewrap does not work here (" + "; ".join(errors) + ")"
+            errors.append(err)
+        why = f"bubblewrap ({bwrap}) cannot start a jail here: " + "; ".join(dict.fromkeys(errors))
+    fix = INSTALL_HINT if bwrap is None else USERNS_HINT
     if not unsafe:
-        return JailStatus("refused", why)
+        return JailStatus("refused", why, fix=fix)
     for python, prefix in _interpreters():
         if not _try([python, "-I", "-S", "-c", "print('ok')"]):
-            return JailStatus("unsafe", why, python, prefix)
-    return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}")
+            return JailStatus("unsafe", why, python, prefix, fix=fix)
+    return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}",
+                      fix=fix)
 
 
 def jail_status():
@@ -426,7 +431,7 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         weak = _probed[key]
         status = JailStatus("unsafe", "jail switched off", weak.python, weak.prefix) if weak.python else weak
     if status.mode == "refused":
-        return ExecResult("", "", f"python tool disabled: {status.why}; {INSTALL_HINT}", False, False,
+        return ExecResult("", "", f"python tool disabled: {status.why}; {status.fix}", False, False,
                           f"none: {status.why}")
     tag = f"{_TAG}{os.getpid()}_{next(_calls)}"
     layers = json.dumps({"audit": audit, "rlimits": rlimits, "repl": repl})

@@ -63,6 +63,21 @@ def test_refuses_without_jail(monkeypatch):
     assert r.success and r.stdout == "42\n" and r.jail.startswith("none: ")
 
 
+def test_refuses_with_a_broken_jail(monkeypatch):
+    """bwrap installed but unable to make its namespaces (no unprivileged user namespaces): refused, saying so."""
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)  # the probe runs it unprivileged
+        fake = os.path.join(d, "bwrap")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+        os.chmod(fake, 0o755)
+        monkeypatch.setattr(sandbox, "BWRAP", fake)
+        monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+        r = run_python("print('ran')")
+    assert not r.success and r.stdout == "" and "cannot start a jail here" in r.error
+    assert "No permissions to creating new namespace" in r.error and "user namespaces" in r.error
+
+
 @needs_jail
 def test_user_exception_and_temp_dir_writes():
     r = run_python("open('a.txt', 'w').write('hi')\nprint(open('a.txt').read())\n1 / 0")
