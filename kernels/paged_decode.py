@@ -1,4 +1,4 @@
-"""Paged KV-cache decode attention (flash-decoding) and the KV scatter.
+"""Paged KV-cache decode attention (flash-decoding), the KV scatter, and the fused decode-step prologue.
 
 paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D), q's dtype
   q (B, H, D) one new token per sequence, already rotated and normalised; k_cache, v_cache
@@ -6,9 +6,15 @@ paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None
   (B,) int32 valid tokens (the new token's k/v already written); scale defaults to 1/sqrt(D).
 write_kv(k_cache, v_cache, k, v, block_table, positions) -> None: k, v (N, Hkv, D), block_table (N, max_blocks)
   int32, positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
+rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D)
+  in the cache dtype: the new token of each of B sequences, q (B, H, D), k and v (B, Hkv, D) raw (not rotated or
+  normalised); cos, sin the rotary tables (rotary_len, D/2) fp32, read at positions (B,); block_table
+  (B, max_blocks) int32. Rotates q and k (half split: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-normalises
+  them over D (no weight), writes k_hat and v into slot positions % block_size of page
+  block_table[b, positions // block_size] (in place) and returns q_hat, ready for paged_decode_attention.
 Triton path: caches of one dtype among fp16/bf16/fp32 and q of the same (else TypeError); bad shapes: ValueError.
-Inference only: nothing here is differentiable. PyTorch operators tritonchat::paged_decode_attention and
-tritonchat::write_kv (which declares that it mutates both caches).
+Inference only: nothing here is differentiable. PyTorch operators tritonchat::paged_decode_attention,
+tritonchat::write_kv and tritonchat::rope_norm_write_kv (the last two declare that they mutate both caches).
 
 The maths. One decode step of sequence b, query head h (kv head g = h // (H / Hkv)), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
@@ -30,6 +36,11 @@ row is looked up in the block table, and rows past seq_len are masked, so unused
 of a partial page) are never read.
 
 write_kv: one program per new token (grid (N,)) copies its (Hkv, D) k and v rows into their slot.
+rope_norm_write_kv: the decode step's prologue in one launch per layer instead of ~20 elementwise ones (gather
+cos/sin at the positions, rotate, normalise q and k, scatter k and v), since at small batch a decode step is launch
+bound (the gain is not measured on GPU). One program per sequence (grid (B,)) loads the H query rows and Hkv key
+rows as two halves of D/2 columns, so the rotation needs no register shuffle, computes in fp32 and stores in the
+cache dtype.
 Under TRITON_INTERPRET=1 (CPU) everything runs in fp32/fp16; on GPU in bf16/fp16 (fp32 accumulation).
 
 References:
@@ -147,6 +158,51 @@ def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
     tl.store(OUT + b * stride_ob + h * stride_oh + cols, y.to(OUT.dtype.element_ty), mask=cols < D)
 
 
+@triton.jit
+def _rope_rms(X, row_mask, cols, col_ok, c, s, eps, HALF: tl.constexpr):
+    """Rows of X (two halves of HALF columns) rotated and RMS-normalised over the 2 * HALF columns, fp32."""
+    m = row_mask[:, None] & col_ok[None, :]
+    x1 = tl.load(X + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    y1 = x1 * c[None, :] + x2 * s[None, :]
+    y2 = x2 * c[None, :] - x1 * s[None, :]
+    rstd = tl.rsqrt((tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1)) / (2 * HALF) + eps)
+    return y1 * rstd[:, None], y2 * rstd[:, None], m
+
+
+@triton.jit(do_not_specialize=["stride_btb"])
+def _rope_norm_write_kv_kernel(Q, K, V, COS, SIN, KC, VC, BT, POS, QOUT,
+                               stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos,
+                               stride_kcblk, stride_kctok, stride_kch, stride_vcblk, stride_vctok, stride_vch,
+                               stride_btb, stride_ob, stride_oh, eps,
+                               H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+                               HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Grid (B,): sequence b's new q rotated + normalised into QOUT, its k (rotated + normalised) and v into slot
+    POS[b] % BLOCK_SIZE of page BT[b, POS[b] // BLOCK_SIZE]."""
+    b = tl.program_id(0)
+    pos = tl.load(POS + b).to(tl.int64)
+    blk = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    cols = tl.arange(0, HALF_PAD)
+    col_ok = cols < HALF
+    c = tl.load(COS + pos * stride_cos + cols, mask=col_ok, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cos + cols, mask=col_ok, other=0.0).to(tl.float32)
+    hq = tl.arange(0, H_PAD)
+    y1, y2, m = _rope_rms(Q + b * stride_qb + hq[:, None] * stride_qh, hq < H, cols, col_ok, c, s, eps, HALF)
+    out = QOUT + b * stride_ob + hq[:, None] * stride_oh + cols[None, :]
+    tl.store(out, y1.to(QOUT.dtype.element_ty), mask=m)
+    tl.store(out + HALF, y2.to(QOUT.dtype.element_ty), mask=m)
+    hk = tl.arange(0, HKV_PAD)
+    y1, y2, m = _rope_rms(K + b * stride_kb + hk[:, None] * stride_kh, hk < HKV, cols, col_ok, c, s, eps, HALF)
+    kc = KC + blk * stride_kcblk + slot * stride_kctok + hk[:, None] * stride_kch + cols[None, :]
+    tl.store(kc, y1.to(KC.dtype.element_ty), mask=m)
+    tl.store(kc + HALF, y2.to(KC.dtype.element_ty), mask=m)
+    vsrc = V + b * stride_vb + hk[:, None] * stride_vh + cols[None, :]
+    vc = VC + blk * stride_vcblk + slot * stride_vctok + hk[:, None] * stride_vch + cols[None, :]
+    tl.store(vc, tl.load(vsrc, mask=m).to(VC.dtype.element_ty), mask=m)
+    tl.store(vc + HALF, tl.load(vsrc + HALF, mask=m).to(VC.dtype.element_ty), mask=m)
+
+
 @triton.jit(do_not_specialize=["stride_btn"])
 def _write_kv_kernel(K, V, KC, VC, BT, POS,
                      stride_kn, stride_kh, stride_vn, stride_vh,
@@ -197,8 +253,10 @@ def choose_num_splits(batch, n_kv_head, max_context, device=None):
 
 
 def triton_kernels():
-    """{"split", "combine", "write_kv"} -> this family's @triton.jit kernels, for ahead-of-time compile checks."""
-    return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel}
+    """{"split", "combine", "write_kv", "rope_norm_write_kv"} -> this family's @triton.jit kernels, for
+    ahead-of-time compile checks."""
+    return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel,
+            "rope_norm_write_kv": _rope_norm_write_kv_kernel}
 
 
 def _check_paged_decode_inputs(q, k_cache, v_cache, block_table, seq_lens):
@@ -288,8 +346,50 @@ def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
                            BLOCK_SIZE=block_size, num_warps=4)
 
 
+def _check_rope_norm_write_kv_inputs(q, k, v, cos, sin, k_cache, v_cache, block_table, positions):
+    _check_cache(k_cache, v_cache, "rope_norm_write_kv")
+    _, _, Hkv, D = k_cache.shape
+    if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % Hkv != 0:
+        raise ValueError(f"rope_norm_write_kv: q must be (B, H, D={D}) with H a multiple of Hkv={Hkv}, got "
+                         f"{tuple(q.shape)}")
+    B = q.shape[0]
+    if k.shape != (B, Hkv, D) or v.shape != (B, Hkv, D):
+        raise ValueError(f"rope_norm_write_kv: k and v must be (B={B}, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in _DTYPES:
+        raise TypeError(f"rope_norm_write_kv: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D // 2 or D % 2:
+        raise ValueError(f"rope_norm_write_kv: cos and sin must be (rotary_len, D/2={D // 2}), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or positions.shape != (B,):
+        raise ValueError(f"rope_norm_write_kv: block_table must be (B={B}, max_blocks) and positions (B,), got "
+                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
+
+
+def _rope_norm_write_kv_launch(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
+    B, H, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    out = torch.empty(B, H, D, device=q.device, dtype=k_cache.dtype)
+    if B == 0:
+        return out
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    block_table, positions = block_table.contiguous(), positions.contiguous()
+    # A few KB per program, pure load/compute/store: 2 warps cover a (16, 64) half tile without idle lanes.
+    _rope_norm_write_kv_kernel[(B,)](
+        q, k, v, cos, sin, k_cache, v_cache, block_table, positions, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1), eps,
+        H=H, HKV=Hkv, H_PAD=triton.next_power_of_2(H), HKV_PAD=triton.next_power_of_2(Hkv), HALF=D // 2,
+        HALF_PAD=triton.next_power_of_2(D // 2), BLOCK_SIZE=block_size, num_warps=2)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library: tritonchat::paged_decode_attention and tritonchat::write_kv (no autograd: inference only)
+# torch.library: tritonchat::paged_decode_attention, tritonchat::write_kv and tritonchat::rope_norm_write_kv
+# (no autograd: inference only)
 
 @kernel_op("tritonchat::paged_decode_attention")
 def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -314,6 +414,19 @@ def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
 @_write_kv_op.register_fake
 def _(k_cache, v_cache, k, v, block_table, positions):
     return None
+
+
+@kernel_op("tritonchat::rope_norm_write_kv", mutates_args=("k_cache", "v_cache"))
+def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, positions: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rotate + normalise the new q and k, write k and v into the caches in place -> q_hat (B, H, D)."""
+    return _rope_norm_write_kv_launch(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps)
+
+
+@_rope_norm_write_kv_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
+    return q.new_empty(q.shape, dtype=k_cache.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,3 +487,30 @@ def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
     slots = positions % block_size
     k_cache[blocks, slots] = k.to(k_cache.dtype)
     v_cache[blocks, slots] = v.to(v_cache.dtype)
+
+
+def rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
+    """The decode step's prologue (module docstring): rotate + RMS-normalise the new q and k, write k and v into the
+    pages -> q_hat (B, H, D) in the cache dtype. Triton in fused mode, else the reference."""
+    fn = rope_norm_write_kv_triton if kernels.use_fused() else rope_norm_write_kv_reference
+    return fn(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps=eps)
+
+
+def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
+    """tritonchat::rope_norm_write_kv (one program per sequence) whatever the mode."""
+    _check_rope_norm_write_kv_inputs(q, k, v, cos, sin, k_cache, v_cache, block_table, positions)
+    return torch.ops.tritonchat.rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions,
+                                                   float(eps))
+
+
+def rope_norm_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
+    """Eager PyTorch, in fp32 as the kernel: gather cos/sin, rotate halves, rms_norm, write_kv_reference."""
+    pos = positions.long()
+    c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]  # (B, 1, D/2)
+
+    def rope_norm(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return F.rms_norm(torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], -1), (x.shape[-1],), eps=eps)
+
+    write_kv_reference(k_cache, v_cache, rope_norm(k), v, block_table, positions)
+    return rope_norm(q).to(k_cache.dtype)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from model import sandbox
-from model.kv_cache import PagedKVCache
+from model.kv_cache import DecodeGraphs, PagedKVCache
 from model.tokenizer import IncrementalDecoder
 
 # Below this, sampling is greedy: logits / temperature would overflow fp32 (inf - inf = NaN in the softmax).
@@ -155,10 +155,12 @@ class Engine:
     block_size: tokens per KV page (16, 32 or 64); num_blocks: the initial pool (default: 8 full-length sequences,
     doubled on demand); max_batch: running sequences; max_prefill_tokens: padded tokens per prefill batch;
     tool_timeout (s) and tool_memory_mb: the sandbox limits of one tool call; prefix_caching: reuse the cached
-    k/v of earlier requests' full blocks (model/kv_cache.py)."""
+    k/v of earlier requests' full blocks (model/kv_cache.py); cuda_graphs: replay the fused decode step from CUDA
+    graphs, one per batch bucket (model.kv_cache.DecodeGraphs; only on CUDA in fused mode, where it holds one
+    scratch page; ignored elsewhere; off by default: not measured on GPU)."""
 
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
-                 tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True):
+                 tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True, cuda_graphs=False):
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -169,6 +171,8 @@ class Engine:
             num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
         self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
                                   param.dtype, self.device, model.cos, model.sin, prefix_caching=prefix_caching)
+        self.graphs = DecodeGraphs(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" \
+            else None
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.tool_timeout = tool_timeout
@@ -392,11 +396,15 @@ class Engine:
         cache = self.cache
         for s in seqs:
             self.stats["cow_copies"] += cache.writable(s.blocks, s.num_cached)
-        plan = cache.decode_plan([s.blocks for s in seqs], [s.num_cached for s in seqs], [s.row for s in seqs])
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        tables, positions, tokens = [s.blocks for s in seqs], [s.num_cached for s in seqs], [s.tokens[-1] for s in seqs]
+        graphs = self.graphs if self.graphs is not None and self.graphs.usable(len(seqs)) else None
+        plan = None if graphs else cache.decode_plan(tables, positions, [s.row for s in seqs])
         try:
-            with cache.planned(plan):
-                logits = self.model(idx, kv_cache=cache)[:, 0]       # (B, V)
+            if graphs:
+                logits = graphs.run(tables, positions, tokens)         # (B, V), replayed from a CUDA graph
+            else:
+                with cache.planned(plan):
+                    logits = self.model(torch.tensor(tokens, device=self.device)[:, None], kv_cache=cache)[:, 0]
         except Exception as e:
             # Nothing advanced (rewriting the same k/v is harmless): find the failing request(s), one per forward.
             if len(requests) == 1:

@@ -30,9 +30,10 @@ forward that is, the engine says by setting `cache.plan` around it (`with cache.
   normalised once, causal SDPA, and the valid tokens' k/v copied into their page slots. With a cached prefix
   (plan.starts > 0), row r's tokens sit at starts[r] + 0..len-1 and attend to the cached pages too: SDPA over the
   gathered pages with a causal mask shifted by starts[r] (PyTorch in both modes).
-- DecodePlan: one new token per sequence, at its own position. Rotary + RMS norm here, then either the dense rows
-  (eager, rows given) or write_kv + kernels.paged_decode.paged_decode_attention over the pages (fused; or eager
-  without rows: the reference that gathers the pages).
+- DecodePlan: one new token per sequence, at its own position. Eager with rows: rotary + RMS norm here, the dense
+  rows. Otherwise kernels.paged_decode.rope_norm_write_kv (rotary + RMS norm of q and k, k/v into the pages: one
+  Triton launch when fused) then paged_decode_attention over the pages (fused; or eager without rows: the references,
+  which gather the pages).
 """
 import contextlib
 import heapq
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.attention import attention
-from kernels.paged_decode import paged_decode_attention, write_kv
+from kernels.paged_decode import paged_decode_attention, rope_norm_write_kv, write_kv
 
 QK_NORM_EPS = 1e-6  # kernels.attention.attention's default, so the prefill and decode paths normalise alike
 
@@ -427,13 +428,10 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.attend called outside a planned forward (use `with cache.planned(...)`)")
         if plan.row_index is not None:
             return self._decode_rows(plan, layer_idx, q, k, v)[:, None]
-        pos = plan.positions
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, D/2)
-        q = rope_norm(q[:, 0], cos, sin)                          # (B, H, D)
-        k = rope_norm(k[:, 0], cos, sin)                          # (B, Hkv, D)
-        v = v[:, 0]
-        write_kv(k_cache, v_cache, k, v, plan.tables, plan.positions)
-        y = paged_decode_attention(q.to(k_cache.dtype).contiguous(), k_cache, v_cache, plan.tables, plan.seq_lens)
+        # Fused: one kernel rotates + normalises q and k and writes k/v into the pages, one attends over them.
+        q = rope_norm_write_kv(q[:, 0], k[:, 0], v[:, 0], self.cos, self.sin, k_cache, v_cache, plan.tables,
+                               plan.positions, eps=QK_NORM_EPS)   # (B, H, D), the cache dtype
+        y = paged_decode_attention(q, k_cache, v_cache, plan.tables, plan.seq_lens)
         return y.to(v.dtype)[:, None]                             # (B, 1, H, D)
 
     def _decode_rows(self, plan, layer_idx, q, k, v):
@@ -494,3 +492,110 @@ class PagedKVCache:
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=mask[:, None], enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the fused decode step (the model's forward over a DecodePlan), one per (batch bucket, block
+    table width), captured on first use and replayed after.
+
+    A decode step at small batch is launch bound (a few kernels per layer, each far shorter than its launch): a graph
+    replays them all with one launch from the host. Graphs need fixed shapes and addresses, so the batch is padded up
+    to its bucket (BUCKETS, up to max_batch; bigger batches run without a graph) and the block table to a power-of-two
+    width. Padded rows write their k/v into one reserved scratch page and attend to that slot alone (seq_len 1), so
+    they touch no sequence's pages; padding table entries are never read. The graph reads its inputs (token ids,
+    positions, tables, seq_lens) from static buffers and writes the logits into a static buffer; a step copies its
+    inputs in and replays. A graph holds the pool's addresses: when the pool grows, every graph is dropped and
+    captured again on demand.
+
+    capture=False runs the same padded step without graphs (what a CPU test can check: buckets, padding, equal
+    outputs); the engine uses this class only on CUDA in fused mode."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __init__(self, model, cache, max_batch=256, capture=True):
+        self.model, self.cache = model, cache
+        self.buckets = [b for b in self.BUCKETS if b < max_batch] + [max_batch]
+        self.capture = capture
+        self.graphs = {}      # (batch, width) -> dict of the graph and its static tensors
+        self.scratch = None   # the page the padded rows write into
+        self._storage = None  # cache.k's address the graphs were captured with
+        self._pool = None     # one memory pool shared by all graphs (they never run at the same time)
+
+    def usable(self, n):
+        """Whether a step of n sequences goes through run(): a bucket fits, and graphs run in fused mode only."""
+        return self.bucket(n) is not None and (kernels.use_fused() or not self.capture)
+
+    def bucket(self, n):
+        """The batch a step of n sequences is padded to, or None if n is bigger than every bucket."""
+        return next((b for b in self.buckets if b >= n), None)
+
+    @staticmethod
+    def width(n_blocks):
+        """The block-table width a step whose longest table has n_blocks pages is padded to (a power of two)."""
+        return 1 << max(0, n_blocks - 1).bit_length()
+
+    def release(self):
+        """Drop the graphs and give the scratch page back."""
+        self.graphs.clear()
+        if self.scratch is not None:
+            self.cache.decref(self.scratch)
+            self.scratch = None
+
+    def run(self, tables, positions, tokens):
+        """One decode step: tables (B lists of block ids), positions (B,), tokens (B,) ints -> logits (B, V) fp32,
+        valid until the next run; None when B is bigger than every bucket (the caller runs the step itself)."""
+        B = len(tables)
+        batch = self.bucket(B)
+        if batch is None:
+            return None
+        cache = self.cache
+        if self.scratch is None:
+            self.scratch = cache.allocate()
+        width = self.width(max(len(t) for t in tables))
+        if self._storage != cache.k.data_ptr():  # the pool grew: the graphs point at the old one
+            self.graphs.clear()
+            self._storage = cache.k.data_ptr()
+        pad = batch - B
+        sc = self.scratch
+        inputs = dict(
+            idx=torch.tensor([[t] for t in tokens] + [[0]] * pad),
+            positions=torch.tensor(list(positions) + [0] * pad),
+            tables=torch.tensor([t + [sc] * (width - len(t)) for t in tables] + [[sc] * width] * pad,
+                                dtype=torch.int32),
+            seq_lens=torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32))
+        if not self.capture:
+            return self._forward({k: v.to(cache.k.device) for k, v in inputs.items()})[:B]
+        g = self.graphs.get((batch, width))
+        if g is None:
+            g = self.graphs[(batch, width)] = self._capture(batch, width)
+        for name, value in inputs.items():
+            g[name].copy_(value, non_blocking=True)
+        g["graph"].replay()
+        return g["logits"][:B]
+
+    def _forward(self, static):
+        plan = DecodePlan(positions=static["positions"], tables=static["tables"], seq_lens=static["seq_lens"])
+        with self.cache.planned(plan):
+            return self.model(static["idx"], kv_cache=self.cache)[:, 0]
+
+    def _capture(self, batch, width):
+        device, sc = self.cache.k.device, self.scratch
+        static = dict(idx=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                      positions=torch.zeros(batch, dtype=torch.long, device=device),
+                      tables=torch.full((batch, width), sc, dtype=torch.int32, device=device),
+                      seq_lens=torch.ones(batch, dtype=torch.int32, device=device))
+        # Warm up on a side stream (Triton compiles and autotunes there, not during capture): with every row pointed
+        # at the scratch page, the warm-up writes nowhere else.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(static)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static["logits"] = self._forward(static)
+        static["graph"] = graph
+        return static

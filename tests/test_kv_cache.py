@@ -8,7 +8,7 @@ import torch
 import kernels
 from model.engine import Engine
 from model.gpt import GPT, GPTConfig
-from model.kv_cache import PagedKVCache
+from model.kv_cache import DecodeGraphs, PagedKVCache
 from stand_ins import ByteTokenizer
 
 torch.manual_seed(0)
@@ -203,3 +203,89 @@ def test_engine_under_pool_pressure(model):
     assert cached.stats["prefix_hit_tokens"] == 32 + 32 + 16
     assert_all_returned(cached)
     assert_all_returned(plain)
+
+
+@torch.inference_mode()
+def test_fused_decode_step_matches_reference(fused):
+    """The fused decode step (rope_norm_write_kv + paged_decode_attention, Triton under the interpreter) gives the
+    outputs and pages of the references and of the eager dense rows."""
+    H, Hkv, D = 4, 2, 64
+    fused_cache = make_cache(n_layer=1, Hkv=Hkv, D=D)
+    ref, rows_cache = copy.deepcopy(fused_cache), copy.deepcopy(fused_cache)
+    tables, positions = [[2], [5, 6]], [3, 16]
+    rows = [rows_cache.open_row() for _ in tables]
+    q, k, v = torch.randn(2, 1, H, D), torch.randn(2, 1, Hkv, D), torch.randn(2, 1, Hkv, D)
+    with fused_cache.planned(fused_cache.decode_plan(tables, positions, rows)):  # fused: the rows are not used
+        y = fused_cache.attend(0, q, k, v)
+    kernels.set_mode("eager")
+    try:
+        with ref.planned(ref.decode_plan(tables, positions)):
+            y_ref = ref.attend(0, q, k, v)
+        with rows_cache.planned(rows_cache.decode_plan(tables, positions, rows)):
+            y_rows = rows_cache.attend(0, q, k, v)
+    finally:
+        kernels.set_mode("fused")
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_cache.k, ref.k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused_cache.k, rows_cache.k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(fused_cache.v, ref.v) and torch.equal(fused_cache.v, rows_cache.v)
+
+
+def test_fused_engine_with_prefix_cache_matches_full_recompute(model, fused):
+    """Fused mode (Triton under the interpreter): greedy tokens of a fresh prompt and of one that hits the prefix
+    cache equal a full forward per token (eager, no cache)."""
+    engine = Engine(model, TOK, block_size=16)
+    prompts = [list(range(30, 50)), list(range(30, 48)) + [7, 8]]  # the second reuses the first's full page
+    outs = [engine.generate_batch(p, max_tokens=3, temperature=0)[0][0] for p in prompts]
+    assert engine.stats["prefix_hit_tokens"] == 16
+    kernels.set_mode("eager")
+    refs = [p + list(model.generate(p, 3, temperature=0)) for p in prompts]
+    kernels.set_mode("fused")
+    assert outs == refs
+    assert_all_returned(engine)
+
+
+def test_decode_graph_buckets_and_padding(model):
+    """CUDA graphs run only on a GPU; what the CPU can check: the buckets, the table widths, and that the padded
+    step (capture=False: the same padded forward without a graph) gives the tokens and logits of the plain step,
+    with the padded rows confined to the scratch page."""
+    cache = Engine(model, TOK).cache
+    graphs = DecodeGraphs(model, cache, max_batch=40, capture=False)
+    assert [graphs.bucket(n) for n in (1, 2, 3, 17, 33, 40, 41)] == [1, 2, 4, 24, 40, 40, None]
+    assert [graphs.width(n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16]
+    assert graphs.usable(3) and not graphs.usable(41)
+    assert not DecodeGraphs(model, cache).usable(1)  # capturing graphs: fused mode only (eager here)
+    prompts = [list(range(10, 40)), [1, 2, 3], list(range(50, 67))]  # B = 3: padded to 4, tables of 2 and 1 pages
+    plain = Engine(model, TOK, prefix_caching=False)
+    padded = Engine(model, TOK, prefix_caching=False)
+    padded.graphs = DecodeGraphs(model, padded.cache, max_batch=40, capture=False)
+    logs = []
+    for engine in (plain, padded):
+        log, sample = [], engine._sample
+        engine._sample = lambda logits, req, log=log, sample=sample: log.append(logits.clone()) or sample(logits, req)
+        logs.append((engine.generate_many(prompts, max_tokens=6, temperature=0), log))
+    assert logs[0][0] == logs[1][0]
+    for a, b in zip(logs[0][1], logs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    scratch = padded.graphs.scratch
+    assert scratch is not None and padded.cache.refcount[scratch] == 1
+    padded.graphs.release()
+    assert_all_returned(padded)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_the_plain_fused_step(model, fused):
+    """On a GPU: the decode step replayed from CUDA graphs gives the tokens of the same fused step run directly,
+    across buckets (3 then 2 then 1 running sequences) and a pool that grows mid-run (the graphs are captured
+    again)."""
+    m = copy.deepcopy(model).cuda()
+    prompts = [list(range(10, 40)), [1, 2, 3], list(range(50, 67))]
+    outs = []
+    for graphs in (False, True):
+        engine = Engine(m, TOK, num_blocks=4, prefix_caching=False, cuda_graphs=graphs)
+        outs.append([engine.generate_many(prompts[:n], max_tokens=40, temperature=0) for n in (3, 2, 1)])
+    assert outs[0] == outs[1]
+    assert engine.graphs.graphs and engine.cache.num_blocks > 4
+    engine.graphs.release()
+    assert_all_returned(engine)

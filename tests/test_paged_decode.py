@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kernels.paged_decode import (choose_num_splits, paged_decode_attention, paged_decode_attention_reference,
-                                  paged_decode_attention_triton, write_kv, write_kv_reference, write_kv_triton)
+                                  paged_decode_attention_triton, rope_norm_write_kv, rope_norm_write_kv_reference,
+                                  rope_norm_write_kv_triton, write_kv, write_kv_reference, write_kv_triton)
 
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,6 +138,57 @@ def test_opcheck(scale, num_splits):
     torch.library.opcheck(torch.ops.tritonchat.paged_decode_attention, (q, kc, vc, table, seq, scale, num_splits))
     k, v = q[:, :2].contiguous(), q[:, 2:].contiguous()
     torch.library.opcheck(torch.ops.tritonchat.write_kv, (kc, vc, k, v, table, seq.long()))
+
+
+def make_prologue_case(B, H, Hkv, D, block_size, dtype):
+    """Raw q, k, v as strided views of one packed (B, 1, H + 2 Hkv, D) projection (as the model hands them over),
+    rotary tables, caches, a shuffled block table and positions at and around page boundaries."""
+    g = torch.Generator().manual_seed(B * 100 + H * 10 + D + block_size)
+    x = torch.randn(B, 1, H + 2 * Hkv, D, generator=g).to(DEVICE, dtype)
+    q, k, v = x[:, 0, :H], x[:, 0, H:H + Hkv], x[:, 0, H + Hkv:]
+    t = torch.arange(4 * block_size, dtype=torch.float32)[:, None] * 0.3 ** torch.arange(D // 2)[None, :]
+    cos, sin = t.cos().to(DEVICE), t.sin().to(DEVICE)
+    num_blocks = 4 * B + 3
+    caches = [torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    table = torch.randperm(num_blocks, generator=g)[:B * 4].view(B, 4).to(DEVICE, torch.int32)
+    positions = torch.tensor([0, block_size, 3 * block_size - 1, block_size - 1, 5][:B], device=DEVICE)
+    return q, k, v, cos, sin, caches, table, positions
+
+
+@pytest.mark.parametrize("B,H,Hkv,D", [(3, 4, 2, 64), (5, 6, 3, 128), (1, 2, 2, 64)])  # Hkv = 3, H = 6: padded tiles
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES + [(torch.float16, 2e-3, 2e-3)])
+def test_rope_norm_write_kv_vs_reference(B, H, Hkv, D, block_size, dtype, atol, rtol):
+    q, k, v, cos, sin, caches, table, positions = make_prologue_case(B, H, Hkv, D, block_size, dtype)
+    ours, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    q_hat = rope_norm_write_kv_triton(q, k, v, cos, sin, *ours, table, positions, eps=1e-6)
+    q_ref = rope_norm_write_kv_reference(q, k, v, cos, sin, *theirs, table, positions, eps=1e-6)
+    assert q_hat.shape == (B, H, D) and q_hat.dtype == dtype
+    torch.testing.assert_close(q_hat, q_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ours[0], theirs[0], atol=atol, rtol=rtol)  # k: only the B new slots differ
+    assert torch.equal(ours[1], theirs[1])                                  # v: copied as is
+    # the new k rows are unit-RMS, and nothing but the B new slots changed
+    blocks = table.long()[torch.arange(B), positions // block_size]
+    rms = ours[0][blocks, positions % block_size].float().pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=2e-3, rtol=0)
+    changed = (ours[0] != caches[0]).any(-1).any(-1).nonzero().tolist()
+    assert sorted(map(tuple, changed)) == sorted(zip(blocks.tolist(), (positions % block_size).tolist()))
+
+
+def test_rope_norm_write_kv_errors_dispatch_and_opcheck(fused):
+    q, k, v, cos, sin, caches, table, positions = make_prologue_case(2, 4, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        rope_norm_write_kv_triton(q[:, :3], k, v, cos, sin, *caches, table, positions)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_norm_write_kv_triton(q, k, v, cos[:, :8], sin[:, :8], *caches, table, positions)
+    with pytest.raises(TypeError, match="share"):
+        rope_norm_write_kv_triton(q.half(), k, v, cos, sin, *caches, table, positions)
+    ours, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    assert torch.equal(rope_norm_write_kv(q, k, v, cos, sin, *ours, table, positions),
+                       rope_norm_write_kv_triton(q, k, v, cos, sin, *theirs, table, positions))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    torch.library.opcheck(torch.ops.tritonchat.rope_norm_write_kv,
+                          (q, k, v, cos, sin, *caches, table, positions, 1e-6))
 
 
 HOPPER_COMPILE = r"""
