@@ -11,7 +11,8 @@ vocabulary, so neither engine can sample them):
               Engine takes one prompt per call, so it runs them one after another
 Providers: ours-eager (kernels.set_mode("eager"): the PyTorch paths), ours-fused (the Triton kernels; CUDA only, so
 "not measured on GPU" in a CPU run), ours-fused-graphs (fused + the decode step replayed from CUDA graphs; CUDA only),
-nanochat (its Engine.generate, eager PyTorch; SDPA on this machine).
+nanochat (its Engine.generate, eager PyTorch; its attention is SDPA on CPU, and on a GPU too when its flash-attention
+3 download is unavailable: run from this repository, `kernels` names our package, not the Hugging Face one).
 Metrics per row:
   ms          decode time (first token to last) for samples cases, whole wall time for prompts cases, so
               ratio = nanochat ms / ours ms is the speed-up on decode tokens/s (samples) or end-to-end tokens/s
@@ -270,9 +271,8 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     providers["ours-eager"] = ("eager", lambda ps, n: run_ours(ours, ps, n, max_tokens))
     if device.type == "cuda":
         providers["ours-fused"] = ("fused", lambda ps, n: run_ours(ours, ps, n, max_tokens))
-        if hasattr(ours, "use_cuda_graphs"):
-            graphs = Engine(model, tok, cuda_graphs=True)
-            providers["ours-fused-graphs"] = ("fused", lambda ps, n: run_ours(graphs, ps, n, max_tokens))
+        graphs = Engine(model, tok, prefix_caching=False, cuda_graphs=True)
+        providers["ours-fused-graphs"] = ("fused", lambda ps, n: run_ours(graphs, ps, n, max_tokens))
     if peer:
         nanochat = load_peer(peer)
         theirs = nanochat.engine.Engine(peer_model(nanochat, model), tok)
