@@ -506,14 +506,14 @@ class Engine:
             return
         s.done = True
         s.req.finish_reasons[s.index] = reason
+        if s.row is not None:  # first: its dense row flushes what only it holds into the pages
+            self.cache.close_row(s.row)
+            s.row = None
         # Its full blocks (prompt and completion: a chat's next turn starts with them) go to the prefix cache.
         self.cache.insert_prefix(s.tokens, s.blocks, s.num_cached)
         for b in s.blocks:
             self.cache.decref(b)
         s.blocks = []
-        if s.row is not None:
-            self.cache.close_row(s.row)
-            s.row = None
 
     def _finish_request(self, req, reason):
         for s in req.seqs:

@@ -18,8 +18,10 @@ used evictable leaf, and grows the pool only when nothing is evictable. num_free
 Dense rows (eager decode). The eager decode step must not copy every page of every sequence each step (a gather of
 the whole context, per layer, per step). So each running sequence also gets a row of a dense
 (n_layer, rows, n_kv_head, row_len, head_dim) tensor, the layout SDPA reads without a copy (as nanochat's dense
-cache). A row is filled once from the pages when it falls behind (after the prefill, or a fused step), then each
-eager step writes the new token's k/v into the pages and the row and runs ONE SDPA over the rows in use. Rows stay
+cache). A row is filled once from the pages when it falls behind (after the prefill, or a fused step); then each
+eager step writes the new token's k/v into the rows only and runs ONE SDPA over the rows in use per layer. The
+tokens a row holds beyond its pages are flushed into the pages, all at once, when the pages are read next: when the
+row closes (before its sequence's blocks go to the prefix cache) and before a step on the pages (fused). Rows stay
 compact (a closed row is replaced by the last one), so the rows in use are always rows[:n]. Eager mode therefore
 holds a running sequence's context twice (pages + row); the fused path reads only the pages.
 
@@ -83,7 +85,6 @@ class DecodePlan:
     # The dense-row (eager) path, else None:
     row_index: torch.Tensor = None  # (B,) int64: each sequence's row
     row_slots: torch.Tensor = None  # (B * Hkv,) int64: the new token's (row, head, position) in a layer's rows, flat
-    page_slots: torch.Tensor = None  # (B * Hkv,) int64: its (block, offset, head) in a layer's pages, flat
     rot_cos: torch.Tensor = None    # (B, 1, D): [cos, cos] at each position, the cache dtype
     rot_sin: torch.Tensor = None    # (B, 1, D): [sin, -sin]
     n_rows: int = 0                 # rows in use (attention runs over rows[:n_rows])
@@ -94,12 +95,14 @@ class DecodePlan:
 
 
 class Row:
-    """A running sequence's dense row: `index` moves when rows are compacted, `length` counts the tokens in it."""
-    __slots__ = ("index", "length")
+    """A running sequence's dense row: `index` moves when rows are compacted, `length` counts the tokens in it, the
+    first `synced` of them are in the pages too; `blocks` is the sequence's block table (the engine's list)."""
+    __slots__ = ("index", "length", "synced", "blocks")
 
     def __init__(self, index):
         self.index = index
-        self.length = 0
+        self.length = self.synced = 0
+        self.blocks = None
 
 
 class _Node:
@@ -145,7 +148,7 @@ class PagedKVCache:
         # dense rows
         self.rows = []             # Row handles in use, rows[i].index == i
         self.row_k = self.row_v = None  # (n_layer, row capacity, Hkv, row_len capacity, D), allocated on first use
-        self._rot = None           # ([cos, cos], [sin, -sin]) (rotary_len, D) in the cache dtype, for the rows path
+        self._rot = None           # ([cos, cos], [sin, -sin]) stacked (rotary_len, 2, D), the cache dtype: rows path
 
     @property
     def num_blocks(self):
@@ -296,18 +299,36 @@ class PagedKVCache:
         return row
 
     def close_row(self, row):
-        """Give `row` back; the last row moves into its place so the rows in use stay rows[:n]."""
+        """Flush `row` into its pages and give it back; the last row moves into its place so the rows in use stay
+        rows[:n]. Call it before the sequence's blocks go to the prefix cache or back to the pool."""
         i, last = row.index, self.rows[-1]
-        if last is not row:
-            if self.row_k is not None and last.length:
-                n = last.length
-                with torch.inference_mode():  # also called outside a step (engine.cancel)
+        with torch.inference_mode():  # also called outside a step (engine.cancel)
+            self._flush(row)
+            if last is not row:
+                if self.row_k is not None and last.length:
+                    n = last.length
                     self.row_k[:, i, :, :n] = self.row_k[:, last.index, :, :n]
                     self.row_v[:, i, :, :n] = self.row_v[:, last.index, :, :n]
-            last.index = i
-            self.rows[i] = last
+                last.index = i
+                self.rows[i] = last
         self.rows.pop()
-        row.index, row.length = -1, 0
+        row.index, row.length, row.synced, row.blocks = -1, 0, 0, None
+
+    def _flush(self, row):
+        """Copy the tokens `row` holds beyond its pages (row.synced .. row.length - 1) into the pages, all layers."""
+        a, b = row.synced, row.length
+        if a < b and row.blocks is not None:
+            bs, n_layer, _, _, Hkv, D = (self.block_size,) + tuple(self.k.shape)
+            slots = torch.tensor([row.blocks[p // bs] * bs + p % bs for p in range(a, b)], device=self.k.device)
+            for rows, pages in ((self.row_k, self.k), (self.row_v, self.v)):
+                pages.view(n_layer, -1, Hkv, D).index_copy_(1, slots, rows[:, row.index, :, a:b].transpose(1, 2))
+        row.synced = b
+
+    def flush_rows(self):
+        """Make the pages complete: flush every row that holds tokens beyond them (before a step on the pages)."""
+        for row in self.rows:
+            if row.synced < row.length:
+                self._flush(row)
 
     def _ensure_rows(self, n_rows, row_len):
         """Room for n_rows rows of row_len tokens: capacities grow by doubling (rows) and to a power of two (len)."""
@@ -315,8 +336,9 @@ class PagedKVCache:
             return
         L, _, _, Hkv, D = self.k.shape
         old = self.row_k
-        cap_rows = max(n_rows, 2 * old.shape[1] if old is not None else 8)
-        cap_len = max(64, 1 << (row_len - 1).bit_length(), old.shape[3] if old is not None else 0)
+        old_rows, old_len = (old.shape[1], old.shape[3]) if old is not None else (0, 0)
+        cap_rows = old_rows if old_rows >= n_rows else max(n_rows, 2 * old_rows, 8)
+        cap_len = old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length())
         for name in ("row_k", "row_v"):
             t = torch.zeros(L, cap_rows, Hkv, cap_len, D, dtype=self.k.dtype, device=self.k.device)
             if old is not None:
@@ -332,7 +354,7 @@ class PagedKVCache:
         lo, hi = start - j0 * bs, upto - j0 * bs
         for src, dst in ((self.k, self.row_k), (self.v, self.row_v)):
             dst[:, row.index, :, start:upto] = src[:, pages].flatten(1, 2)[:, lo:hi].transpose(1, 2)
-        row.length = upto
+        row.length = row.synced = upto
 
     # -- plans -----------------------------------------------------------------------------------------------------
     def _table(self, tables):
@@ -362,37 +384,38 @@ class PagedKVCache:
         """tables: the block list of each of B sequences, positions: where each one's new token goes, rows: their
         Row handles (eager mode then attends over the dense rows) -> DecodePlan."""
         device = self.k.device
-        pos_t = torch.tensor(positions, device=device)
         if rows is None or kernels.use_fused():
+            self.flush_rows()  # this step reads the pages
+            pos_t = torch.tensor(positions, device=device)
             return DecodePlan(positions=pos_t, tables=self._table(tables), seq_lens=(pos_t + 1).to(torch.int32))
-        # The eager rows: a handful of tensors built once per step (the step is overhead bound at small batch).
-        bs, n = self.block_size, len(self.rows)
+        # The eager rows: few tensors, built once per step (the step is overhead bound at small batch).
+        B, n = len(rows), len(self.rows)
         row_len = max(positions) + 1
         self._ensure_rows(n, row_len)
         for row, blocks, p in zip(rows, tables, positions):
-            if row.length != p:  # behind (new, or after a fused step); ahead cannot happen but is rewritten
-                row.length = min(row.length, p)
+            row.blocks = blocks
+            if row.length < p:    # behind: new, or after a step on the pages alone (fused)
                 self._fill_row(row, blocks, p)
+            row.length = p        # (never ahead; if it were, position p is simply written again)
         index = [r.index for r in rows]
         Hkv, cap_len = self.k.shape[3], self.row_k.shape[3]
         row_slots = [(i * Hkv + h) * cap_len + p for i, p in zip(index, positions) for h in range(Hkv)]
-        page_slots = [(blocks[p // bs] * bs + p % bs) * Hkv + h for blocks, p in zip(tables, positions)
-                      for h in range(Hkv)]
-        if self._rot is None or self._rot[0].dtype != self.k.dtype:
+        ints = torch.tensor(positions + index + row_slots, device=device)  # one host -> device copy
+        pos_t, index_t, slots_t = ints[:B], ints[B:2 * B], ints[2 * B:]
+        if self._rot is None or self._rot.dtype != self.k.dtype:
             cos, sin = self.cos.to(self.k.dtype), self.sin.to(self.k.dtype)  # (rotary_len, D/2)
-            self._rot = torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)
-        direct = n == len(rows) and index == list(range(n))
+            self._rot = torch.stack([torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)], 1)  # (rotary_len, 2, D)
+        rot = self._rot[pos_t]                                   # (B, 2, D)
+        direct = n == B and index == list(range(n))
         mask = None
-        if n != len(rows) or min(positions) + 1 != row_len:
+        if n != B or min(positions) + 1 != row_len:
             lens = [1] * n
             for i, p in zip(index, positions):
                 lens[i] = p + 1
             mask = (torch.arange(row_len, device=device) < torch.tensor(lens, device=device)[:, None])[:, None, None]
-        return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=torch.tensor(index, device=device),
-                          row_slots=torch.tensor(row_slots, device=device),
-                          page_slots=torch.tensor(page_slots, device=device),
-                          rot_cos=self._rot[0][pos_t][:, None], rot_sin=self._rot[1][pos_t][:, None],
-                          n_rows=n, row_len=row_len, mask=mask, direct=direct, rows=list(rows))
+        return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=index_t, row_slots=slots_t,
+                          rot_cos=rot[:, :1], rot_sin=rot[:, 1:], n_rows=n, row_len=row_len, mask=mask,
+                          direct=direct, rows=list(rows))
 
     @contextlib.contextmanager
     def planned(self, plan):
@@ -402,18 +425,10 @@ class PagedKVCache:
         try:
             yield
             if isinstance(plan, DecodePlan) and plan.rows is not None:
-                self._commit_rows(plan)
+                for row in plan.rows:  # the new token is in the rows (the pages get it when flushed)
+                    row.length += 1
         finally:
             self.plan = None
-
-    def _commit_rows(self, plan):
-        """After an eager decode forward: the rows hold the new token; copy its k/v (all layers) into the pages."""
-        n_layer, D = self.k.shape[0], self.k.shape[-1]
-        for rows, pages in ((self.row_k, self.k), (self.row_v, self.v)):
-            new = rows.view(n_layer, -1, D).index_select(1, plan.row_slots)  # (n_layer, B * Hkv, D)
-            pages.view(n_layer, -1, D).index_copy_(1, plan.page_slots, new)
-        for row, p in zip(plan.rows, plan.positions.tolist()):
-            row.length = p + 1
 
     # -- what the model calls --------------------------------------------------------------------------------------
     def attend(self, layer_idx, q, k, v):
@@ -549,6 +564,7 @@ class DecodeGraphs:
         if batch is None:
             return None
         cache = self.cache
+        cache.flush_rows()  # the graph reads the pages
         if self.scratch is None:
             self.scratch = cache.allocate()
         width = self.width(max(len(t) for t in tables))

@@ -60,7 +60,8 @@ def make_cache(n_layer=2, Hkv=2, D=64, block_size=16, num_blocks=12, rotary_len=
 @torch.inference_mode()
 def test_dense_rows_match_paged_reference():
     """Eager decode over the dense rows (compacted, so in a permuted order; one row filled from the pages on first
-    use) gives the outputs and the page contents of write_kv + paged_decode_attention_reference, over two steps."""
+    use) gives the outputs of write_kv + paged_decode_attention_reference over two steps, and once flushed, the
+    same pages."""
     H, Hkv, D = 4, 2, 64
     cache = make_cache(Hkv=Hkv, D=D)
     ref = copy.deepcopy(cache)
@@ -77,17 +78,17 @@ def test_dense_rows_match_paged_reference():
         plan = cache.decode_plan(tables, pos, rows)
         ref_plan = ref.decode_plan(tables, pos)
         assert plan.row_index is not None and not plan.direct and plan.mask is not None
-        for layer in range(2):
-            q, k, v = torch.randn(3, 1, H, D), torch.randn(3, 1, Hkv, D), torch.randn(3, 1, Hkv, D)
-            with cache.planned(plan):
-                y = cache.attend(layer, q, k, v)
-            with ref.planned(ref_plan):
-                y_ref = ref.attend(layer, q, k, v)
-            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-        # after the forward the pages hold the new tokens' k/v, as write_kv put them
-        torch.testing.assert_close(cache.k, ref.k, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(cache.v, ref.v)
-        assert [r.length for r in rows] == [p + 1 for p in pos]
+        qkv = [(torch.randn(3, 1, H, D), torch.randn(3, 1, Hkv, D), torch.randn(3, 1, Hkv, D)) for _ in range(2)]
+        with cache.planned(plan):  # one forward: both layers
+            ys = [cache.attend(layer, *qkv[layer]) for layer in range(2)]
+        with ref.planned(ref_plan):
+            ys_ref = [ref.attend(layer, *qkv[layer]) for layer in range(2)]
+        torch.testing.assert_close(ys, ys_ref, atol=1e-5, rtol=1e-5)
+        assert [r.length - r.synced for r in rows] == [step + 1] * 3  # the new k/v wait in the rows
+    cache.flush_rows()                                                # the pages as write_kv left them
+    torch.testing.assert_close(cache.k, ref.k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache.v, ref.v)
+    assert [r.length for r in rows] == [p + 2 for p in positions] and all(r.synced == r.length for r in rows)
 
 
 @torch.inference_mode()
@@ -223,6 +224,7 @@ def test_fused_decode_step_matches_reference(fused):
             y_ref = ref.attend(0, q, k, v)
         with rows_cache.planned(rows_cache.decode_plan(tables, positions, rows)):
             y_rows = rows_cache.attend(0, q, k, v)
+        rows_cache.flush_rows()
     finally:
         kernels.set_mode("fused")
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
