@@ -1,4 +1,5 @@
-"""model/gpt.py: reference formulas, shapes (MHA/GQA), init, FLOPs by hand, overfitting, meta build, the kv_cache hook."""
+"""model/gpt.py: reference formulas, shapes (MHA/GQA), init, FLOPs by hand, overfitting, meta build, the kv_cache
+hook."""
 import math
 
 import pytest
@@ -34,7 +35,8 @@ def explicit_attention(q, k, v, base=10000, eps=1e-6):
     """RoPE by complex multiplication (pairs (x_i, x_{i+D/2}) rotated by -t*theta_i), RMS norm, softmax(QK^T)V."""
     B, T, H, D = q.shape
     theta = base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
-    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), -torch.arange(T, dtype=torch.float64)[:, None] * theta)
+    angles = -torch.arange(T, dtype=torch.float64)[:, None] * theta
+    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), angles)
 
     def rope(x):
         z = torch.complex(x[..., :D // 2].double(), x[..., D // 2:].double()) * rot[None, :, None, :]
