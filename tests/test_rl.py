@@ -133,27 +133,106 @@ def test_batch_masks_prompt_forced_and_padding():
     assert m.sum().item() == 3
 
 
+class ScriptedEngine:
+    """The Engine's submit/step/stop_ids surface replaying fixed completions: script[p] = [(tokens, masks, finish
+    reason)] per sample of prompt p (tokens as the engine appends them, the stop token included)."""
+
+    def __init__(self, tok, script):
+        self.stop_ids = {tok.encode_special("<|assistant_end|>"), tok.bos_token_id}
+        self.script, self.submitted = script, 0
+
+    def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
+        from model.engine import Request
+        req = Request(prompt_ids, num_samples, max_tokens, temperature, top_k, seed)
+        rows = self.script[self.submitted]
+        self.submitted += 1
+        assert len(rows) == num_samples
+        for i, (tokens, masks, reason) in enumerate(rows):
+            req.completions[i], req.completion_masks[i], req.finish_reasons[i] = list(tokens), list(masks), reason
+        req.done = True
+        return req
+
+    def step(self):
+        raise AssertionError("every scripted request is done at submit")
+
+
 def test_tool_crash_scores_zero_and_reward_errors_name_the_stage():
     from train.rl import rollout
     from train.tasks import TaskError
     tok = SmallTok()
+    end = tok.encode_special("<|assistant_end|>")
+    script = [[([0, 0, 0, end], [1, 1, 1, 1], "stop"),  # "aaa" <end>
+               ([0, 11, 0, 12, 13, 99, 14, 0, end], [1, 1, 1, 1, 0, 0, 0, 1, 1], "stop")]]  # a crashed tool call
 
-    class Eng:
-        def generate_many(self, prompts, num_samples, **kw):
-            ok = prompts[0] + [0, 0, 0]                            # "aaa"
-            crash = prompts[0] + [0, 11, 0, 12, 13, 99, 14, 0]     # a <py>a</py> <out>Error: x</out> a
-            return [([ok, crash], [[0] * len(prompts[0]) + [1] * 3, [0] * len(prompts[0]) + [1, 1, 1, 1, 0, 0, 0, 1]])]
-
-    out = rollout(Eng(), tok, PreferA(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
+    out = rollout(ScriptedEngine(tok, script), tok, PreferA(), [0], 2, max_tokens=16, temperature=1.0, top_k=None,
+                  seed=0)
     assert [o["reward"] for o in out] == [1.0, 0.0] and [o["crashed"] for o in out] == [False, True]
-    assert out[0]["ids"][-1] == tok.encode_special("<|assistant_end|>")  # stopped by itself: stop token learned
+    assert out[0]["ids"][-1] == end and out[0]["mask"][-1] == 1  # the stop token it emitted is learned
 
     class Bad(PreferA):
         def reward(self, conv, text):
             raise ZeroDivisionError("oops")
 
     with pytest.raises(TaskError, match=r"\[rl\] reward function of task prefer_a raised: ZeroDivisionError"):
-        rollout(Eng(), tok, Bad(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
+        rollout(ScriptedEngine(tok, script), tok, Bad(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
+
+
+def test_rollout_trains_exactly_the_emitted_tokens():
+    """The end comes from the engine's finish reason: a stop on <|bos|> keeps <|bos|> (never <|assistant_end|>),
+    a "length" finish short of max_tokens (the context limit) and a stop string add nothing."""
+    from train.rl import rollout
+    tok = SmallTok()
+    bos, end = tok.bos_token_id, tok.encode_special("<|assistant_end|>")
+    script = [[([3, bos], [1, 1], "stop"),         # "d" then <|bos|>: the engine stopped on <|bos|>
+               ([3, 0], [1, 1], "length"),         # the context limit after 2 of 16 tokens
+               ([0, 1], [1, 1], "stop"),           # a stop string completed by "b"
+               ([0, end], [1, 1], "stop")]]
+    out = rollout(ScriptedEngine(tok, script), tok, PreferA(), [0], 4, max_tokens=16, temperature=1.0, top_k=None,
+                  seed=0)
+    prompt = tok.render_for_completion(PreferA()[0])
+    assert [o["ids"][len(prompt):] for o in out] == [[3, bos], [3, 0], [0, 1], [0, end]]
+    assert [o["mask"] for o in out] == [[0] * len(prompt) + [1, 1]] * 4
+    assert [o["finish"] for o in out] == ["stop", "length", "stop", "stop"]
+    assert [o["reward"] for o in out] == [0.0, 0.5, 0.5, 1.0]  # scored on the text without the stop token
+
+
+def test_rollout_logp_at_the_sampled_positions():
+    """With a real Engine (greedy, a model that never stops) the context limit ends the sample before max_tokens:
+    the update's targets are exactly the emitted tokens and token_logp scores each at the position it was
+    sampled from."""
+    from model.engine import Engine
+    from model.gpt import GPT, GPTConfig
+    from train.rl import pad_samples, rollout, token_logp
+    torch.manual_seed(0)
+    tok = SmallTok()
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():  # every hidden state is norm(ones) (c_proj starts at zero): greedy emits "c" forever
+        model.transformer.wte.weight.fill_(1.0)
+        model.lm_head.weight[2] = 0.1
+    engine = Engine(model, tok)
+
+    class Long(PreferA):
+        def __getitem__(self, i):
+            return {"messages": [{"role": "user", "content": "ab" * ((engine.max_context - 6) // 2)}]}
+
+    out = rollout(engine, tok, Long(), [0], 1, max_tokens=16, temperature=0.0, top_k=None, seed=0)
+    prompt = tok.render_for_completion(Long()[0])
+    comp = out[0]["ids"][len(prompt):]
+    assert out[0]["finish"] == "length" and len(prompt) + len(comp) == engine.max_context and len(comp) < 16
+    assert tok.encode_special("<|assistant_end|>") not in comp and out[0]["mask"][len(prompt):] == [1] * len(comp)
+    x, y, m = pad_samples(out, "cpu", pad_id=6)
+    assert y[0, len(prompt) - 1:].tolist() == comp and int(m.sum()) == len(comp)
+    torch.nn.init.normal_(model.lm_head.weight)  # position-dependent log-probs from here on
+    for block in model.transformer.h:
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
+    with torch.no_grad():
+        logp = token_logp(model, x, y)
+        ids = torch.tensor(out[0]["ids"])
+        for j, t in enumerate(comp):  # the log-prob of token t given everything before it
+            pos = len(prompt) + j
+            want = torch.log_softmax(model(ids[None, :pos])[0, -1].float(), -1)[t]
+            assert torch.allclose(logp[0, pos - 1], want, atol=1e-5)
 
 
 def test_reward_preferring_one_token_rises():

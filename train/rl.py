@@ -7,6 +7,9 @@
 Each step, every rank takes `--prompts-per-step / world` prompts and samples `--num-samples` completions of each
 from the Engine (paged KV cache; python tool calls run live in the sandbox and their output is forced in). Each
 completion gets the task's reward; a completion whose tool call crashed scores 0 and training goes on.
+The update scores exactly the tokens the engine emitted, each at the position it was sampled from: the stop
+token when the engine stopped on one (<|assistant_end|> or <|bos|>), nothing added when it stopped for length
+(--max-new-tokens or the context limit); the log counts those as `cut`.
 
 Objective (per sampled token t of completion i in group g; forced tool-output tokens and the prompt are masked):
     A_i   = r_i - mean_g(r)                          group-relative advantage (--std-scale: / (std_g(r) + 1e-6),
@@ -119,31 +122,55 @@ def tool_crashed(tokenizer, completion):
     return False
 
 
+def sample(engine, prompts, num_samples, max_tokens, temperature, top_k, seed):
+    """The engine's completions as it emitted them -> per prompt, per sample (completion, mask, finish reason).
+
+    completion: every token the engine appended after the prompt, the stop token included when it emitted one;
+    mask: 1 where the token was sampled, 0 where it was forced (tool output); finish reason: "stop" (a stop token
+    or string) or "length" (max_tokens or the context limit). Prompt i is seeded with seed + i (as
+    Engine.generate_many). RuntimeError with the engine's message when it failed a request."""
+    reqs = [engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                          seed=seed + i) for i, p in enumerate(prompts)]
+    if getattr(engine, "thread", None) is not None:  # a background loop steps: wait for each end of stream
+        for r in reqs:
+            for _ in r.stream():
+                pass
+    while not all(r.done for r in reqs):
+        engine.step()
+    out = []
+    for r in reqs:
+        if r.error:
+            raise RuntimeError(f"the engine failed a rollout: {r.error}")
+        out.append([(list(c), list(m), f) for c, m, f in zip(r.completions, r.completion_masks, r.finish_reasons)])
+    return out
+
+
 def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed, stage="rl"):
     """Sample num_samples completions for each task example in `indices` and score them.
-    Returns a list of dicts (prompt-major): ids (prompt + completion [+ <|assistant_end|> when it stopped]),
-    mask (1 on sampled tokens), reward, prompt index, completion length, crashed."""
+
+    Returns a list of dicts (prompt-major): ids = prompt + exactly the tokens the engine emitted (its stop token
+    included when it stopped on one, nothing added after a "length" finish), mask (1 on sampled tokens, 0 on the
+    prompt and forced tool output), reward, prompt index, completion length, crashed, finish ("stop" | "length").
+    The reward scores the completion's text without its stop token."""
     convs = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
-    end_id = tokenizer.encode_special("<|assistant_end|>")
-    results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
-                                   temperature=temperature, top_k=top_k, seed=seed)
+    results = sample(engine, prompts, num_samples, max_tokens, temperature, top_k, seed)
     out = []
-    for p, (conv, prompt, (seqs, masks)) in enumerate(zip(convs, prompts, results)):
-        for seq, mask in zip(seqs, masks):
-            comp = seq[len(prompt):]
-            if len(comp) < max_tokens:  # it stopped by itself: reinforce the stop token too
-                seq, mask = seq + [end_id], mask + [1]
-            crashed = tool_crashed(tokenizer, comp)
+    for p, (conv, prompt, completions) in enumerate(zip(convs, prompts, results)):
+        for comp, mask, finish in completions:
+            stopped = finish == "stop" and comp and comp[-1] in engine.stop_ids
+            text_ids = comp[:-1] if stopped else comp
+            crashed = tool_crashed(tokenizer, text_ids)
             if crashed:
                 reward = 0.0
             else:
                 try:
-                    reward = float(task.reward(conv, tokenizer.decode(comp)))
+                    reward = float(task.reward(conv, tokenizer.decode(text_ids)))
                 except Exception as e:  # noqa: BLE001
                     raise TaskError(f"[{stage}] reward function of task {getattr(task, 'name', task)} raised: "
                                     f"{type(e).__name__}: {e}") from e
-            out.append(dict(ids=seq, mask=mask, reward=reward, prompt=p, length=len(comp), crashed=crashed))
+            out.append(dict(ids=prompt + comp, mask=[0] * len(prompt) + mask, reward=reward, prompt=p,
+                            length=len(comp), crashed=crashed, finish=finish))
     return out
 
 
@@ -325,19 +352,21 @@ def run(argv=None):
         stats = grpo_update(model, optimizers, samples, args, ref_model)
         G = args.num_samples
         solved = [max(s["reward"] for s in samples[j * G:(j + 1) * G]) > 0 for j in range(per_rank)]
-        r_sum, n, l_sum, crash, solved_n = all_reduce_sum([sum(s["reward"] for s in samples), len(samples),
-                                                           sum(s["length"] for s in samples),
-                                                           sum(s["crashed"] for s in samples), sum(solved)])
+        r_sum, n, l_sum, crash, solved_n, cut = all_reduce_sum([sum(s["reward"] for s in samples), len(samples),
+                                                                sum(s["length"] for s in samples),
+                                                                sum(s["crashed"] for s in samples), sum(solved),
+                                                                sum(s["finish"] == "length" for s in samples)])
         step += 1
         dt = time.perf_counter() - t0
         t_total += dt
         rec = {"step": step, "reward": r_sum / n, f"pass@{args.num_samples}": solved_n / args.prompts_per_step,
-               "seq_len": l_sum / n, "tool_crashes": int(crash), "loss": stats["loss"], "dt": dt}
+               "seq_len": l_sum / n, "tool_crashes": int(crash), "truncated": cut / n, "loss": stats["loss"],
+               "dt": dt}
         rec.update({k: v for k, v in stats.items() if k != "loss"})
         history.append(rec)
         print0(f"[rl] step {step:05d}/{args.num_iterations:05d} | reward {rec['reward']:.4f} | "
                f"pass@{args.num_samples} {rec[f'pass@{args.num_samples}']:.3f} | len {rec['seq_len']:.1f} | "
-               f"crashes {rec['tool_crashes']} | loss {rec['loss']:+.5f} | dt {dt:.2f}s")
+               f"crashes {rec['tool_crashes']} | cut {rec['truncated']:.2f} | loss {rec['loss']:+.5f} | dt {dt:.2f}s")
     summary = {"stage": "rl", "run": args.run, "steps": args.num_iterations, "steps_this_run": step - start,
                "time_s": t_total, "task": args.task,
                "tokens": sum(h["seq_len"] for h in history) * args.prompts_per_step * args.num_samples,
