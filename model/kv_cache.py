@@ -452,16 +452,20 @@ class PagedKVCache:
     def _decode_rows(self, plan, layer_idx, q, k, v):
         """Eager decode over the dense rows: q, k, v (B, 1, heads, D) raw. Rotate + normalise q and k together (one
         cat, and the rotation as x * [cos, cos] + roll(x, D/2) * [sin, -sin]: few ops, as the step is overhead bound
-        at small batch), write k/v into the rows (the pages get them after the forward), one SDPA -> (B, H, D)."""
+        at small batch), write k/v into the rows (the pages get them when flushed), one SDPA -> (B, H, D)."""
         B, _, H, D = q.shape
         Hkv = k.shape[2]
         qk = torch.cat([q, k], dim=2)[:, 0].to(self.row_k.dtype)  # (B, H + Hkv, D)
         qk = F.rms_norm(torch.addcmul(qk * plan.rot_cos, qk.roll(D // 2, -1), plan.rot_sin), (D,), eps=QK_NORM_EPS)
-        q, k = qk[:, :H], qk[:, H:]
+        q, k, v = qk[:, :H], qk[:, H:], v[:, 0].to(self.row_v.dtype)
         rk, rv = self.row_k[layer_idx], self.row_v[layer_idx]    # (rows, Hkv, row_len, D)
-        rk.view(-1, D).index_copy_(0, plan.row_slots, k.reshape(-1, D))
-        rv.view(-1, D).index_copy_(0, plan.row_slots, v.reshape(-1, D).to(rv.dtype))
         n, L = plan.n_rows, plan.row_len
+        if plan.direct and plan.mask is None:                     # rows 0..B-1 in order, one position: a slice
+            rk[:n, :, L - 1] = k
+            rv[:n, :, L - 1] = v
+        else:
+            rk.view(-1, D).index_copy_(0, plan.row_slots, k.reshape(-1, D))
+            rv.view(-1, D).index_copy_(0, plan.row_slots, v.reshape(-1, D))
         if not plan.direct:                                       # rows in a different order (or more): scatter q
             q = q.new_zeros(n, H, D).index_copy_(0, plan.row_index, q)
         y = F.scaled_dot_product_attention(q[:, :, None], rk[:n, :, :L], rv[:n, :, :L], attn_mask=plan.mask,
