@@ -20,7 +20,8 @@ Metrics per row:
               --threads 1 it is the work done)
   decode_tok_s, tok_s (end to end, prefill included), ttft_ms (submit to first token, mean over requests), itl_ms
               (median gap between two tokens of a request)
-  kv_mb       KV-cache bytes held at the peak: ours the pages in use, nanochat its dense (rows, prompt + max_tokens)
+  kv_mb       KV-cache bytes held at the peak: ours the pages in use plus, in eager mode, the dense rows (a second
+              copy of each running sequence's context); nanochat its dense (rows, prompt + max_tokens) cache
   peak_mb     CUDA allocator peak over the run (None on CPU)
   agree       fraction of the first sample's greedy tokens equal to nanochat's, up to the first difference
 On a shared CPU pass --threads 1: two OpenMP threads that get descheduled cost far more than they bring.
@@ -195,16 +196,18 @@ def run_ours(engine, prompts, num_samples, max_tokens):
         r = engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i)
         r.events = _StampedQueue()
         reqs.append((time.perf_counter(), r))
-    peak_blocks = 0
+    bytes_per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
+    peak = 0
     while engine.has_work():
         engine.step()
-        peak_blocks = max(peak_blocks, cache.num_blocks - cache.num_free())
+        # pages in use, plus the dense rows of the eager path (each row as long as the longest one)
+        rows = 0 if cache.row_k is None else 2 * len(cache.rows) * cache.row_k[:, 0].numel() * cache.k.element_size()
+        peak = max(peak, (cache.num_blocks - cache.num_free()) * bytes_per_block + rows)
     _sync(engine.device)
     t_end, cpu_end = time.perf_counter(), time.process_time()
-    bytes_per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
     return _summary(t0, t_end, cpu0, cpu_end,
                     [(ts, r.events.stamps, r.events.cpu_stamps, r.completions[0]) for ts, r in reqs], num_samples,
-                    peak_blocks * bytes_per_block)
+                    peak)
 
 
 def run_peer(engine, prompts, num_samples, max_tokens):
