@@ -161,47 +161,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------ conversations
     def _messages(self, conversation):
-        """Validate; return the messages with a leading system message merged into the first user message."""
-        if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-            raise ValueError('a conversation must be a dict {"messages": [...]}, got '
-                             f"{type(conversation).__name__}" + (f" with keys {list(conversation)}"
-                                                                 if isinstance(conversation, dict) else ""))
-        messages = conversation["messages"]
-        if not messages:
-            raise ValueError("a conversation needs at least one message")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f'message {i} must be a dict with "role" and "content", got {m!r:.200}')
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i}: unknown role {m['role']!r} (system, user or assistant)")
-            content = m["content"]
-            if isinstance(content, list):
-                for j, part in enumerate(content):
-                    if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-                        raise ValueError(f'message {i} part {j}: a part is {{"type": ..., "text": str}}, '
-                                         f"got {part!r:.200}")
-                    if part.get("type") not in ("text", "python", "python_output"):
-                        raise ValueError(f"message {i} part {j}: unknown part type {part.get('type')!r} "
-                                         f"(text, python or python_output)")
-                    if m["role"] != "assistant" and part["type"] != "text":
-                        raise ValueError(f"message {i} part {j}: only assistant messages hold {part['type']} parts")
-            elif not isinstance(content, str):
-                raise ValueError(f"message {i}: content must be a str or a list of parts, "
-                                 f"got {type(content).__name__}")
-        if messages[0]["role"] == "system":
-            if len(messages) < 2 or messages[1]["role"] != "user":
-                raise ValueError("a system message must be followed by a user message")
-            merged = copy.deepcopy(messages[1])
-            merged["content"] = _text(messages[0]["content"]) + "\n\n" + _text(merged["content"])
-            messages = [merged] + messages[2:]
-        for i, m in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                if m["role"] == "system":
-                    raise ValueError(f"message {i}: a system message may only come first")
-                raise ValueError(f"message {i} (after merging a system message) has role {m['role']!r}, expected "
-                                 f"{expected!r}: turns alternate user, assistant, user, ...")
-        return messages
+        return conversation_messages(conversation)
 
     def render_conversation(self, conversation, max_tokens=2048):
         """-> (ids, mask), both lists of the same length, truncated to max_tokens (None: no limit)."""
@@ -241,6 +201,55 @@ class Tokenizer:
             raise ValueError("render_for_completion needs a user message to answer")
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
+
+
+def conversation_messages(conversation):
+    """What render_conversation and render_for_completion require of a conversation, checked -> its messages with a
+    leading system message merged into the first user message. ValueError naming the message (and part) otherwise:
+    a dict {"messages": [...]} of at least one message; each message a dict with "role" in (system, user, assistant)
+    and "content" a str or a list of parts {"type": text | python | python_output, "text": str} (only assistant
+    messages hold python / python_output parts); a system message only first and followed by a user message; then
+    turns alternating user, assistant, user, ... Needs no tokenizer: task loaders check their rows with it."""
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError('a conversation must be a dict {"messages": [...]}, got '
+                         f"{type(conversation).__name__}" + (f" with keys {list(conversation)}"
+                                                             if isinstance(conversation, dict) else ""))
+    messages = conversation["messages"]
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'message {i} must be a dict with "role" and "content", got {m!r:.200}')
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: unknown role {m['role']!r} (system, user or assistant)")
+        content = m["content"]
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+                    raise ValueError(f'message {i} part {j}: a part is {{"type": ..., "text": str}}, '
+                                     f"got {part!r:.200}")
+                if part.get("type") not in ("text", "python", "python_output"):
+                    raise ValueError(f"message {i} part {j}: unknown part type {part.get('type')!r} "
+                                     f"(text, python or python_output)")
+                if m["role"] != "assistant" and part["type"] != "text":
+                    raise ValueError(f"message {i} part {j}: only assistant messages hold {part['type']} parts")
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a str or a list of parts, "
+                             f"got {type(content).__name__}")
+    if messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        merged = copy.deepcopy(messages[1])
+        merged["content"] = _text(messages[0]["content"]) + "\n\n" + _text(merged["content"])
+        messages = [merged] + messages[2:]
+    for i, m in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            if m["role"] == "system":
+                raise ValueError(f"message {i}: a system message may only come first")
+            raise ValueError(f"message {i} (after merging a system message) has role {m['role']!r}, expected "
+                             f"{expected!r}: turns alternate user, assistant, user, ...")
+    return messages
 
 
 def _text(content):

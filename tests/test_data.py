@@ -3,6 +3,7 @@ the TokenLoader (packing, BOS, per-rank slices, exact resume), and the embedded 
 import hashlib
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -146,6 +147,24 @@ def test_loader_state_resume_exact_across_units_and_epochs(tmp_path):
         assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(want, got))
     with pytest.raises(data.UserError, match="same number of processes"):
         TokenLoader(tok, src, 2, 24, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_loader_rank_without_documents_ends_with_a_clear_error():
+    """A rank that no unit gives a document (2 ranks, 1 document) would look for one forever: DataError instead."""
+    def alarm(*_):
+        raise TimeoutError("next_batch still running after 20 s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        with pytest.raises(DataError, match="rank 1 of 2 gets no document"):
+            TokenLoader(ByteTokenizer(), ["only one document"], 1, 8, rank=1, world_size=2).next_batch()
+        x, _ = TokenLoader(ByteTokenizer(), ["only one document"], 1, 8, rank=0, world_size=2).next_batch()
+        assert x[0, 0] == ByteTokenizer.bos_token_id
+        val = TokenLoader(ByteTokenizer(), ["only one document"], 1, 8, rank=1, world_size=2, loop=False)
+        assert list(val) == []  # an evaluation loader simply has nothing for that rank
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_list_source_rejects_empty():

@@ -15,7 +15,8 @@ from model.gpt import GPT, GPTConfig
 from model.tokenizer import Tokenizer
 from train import sft
 from train.data import PackedLoader, SFTLoader
-from train.tasks import build_mixture, get_task
+from train.tasks import TaskError, build_mixture, get_task
+from train.tasks.common import Task, TaskMixture
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,3 +152,67 @@ def test_missing_previous_checkpoint_names_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"\[sft\] no mid checkpoint found in .*checkpoints/mid"):
         sft.run(["--kernels", "eager", "--num-iterations", "1"])
+
+
+# ------------------------------------------------------------------------------------------------ loops that skip
+def within(seconds, fn):
+    """fn() -> its result; a TimeoutError after `seconds` (an endless loop fails the test instead of hanging it)."""
+    def alarm(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class Conversations(Task):
+    name = "long_questions"
+
+    def __init__(self, convs):
+        super().__init__()
+        self.convs = convs
+
+    def num_examples(self):
+        return len(self.convs)
+
+    def get_example(self, index):
+        return self.convs[index]
+
+
+LONG = {"messages": [{"role": "user", "content": "what is two plus two? " * 40},
+                     {"role": "assistant", "content": "four"}]}
+SHORT = {"messages": [{"role": "user", "content": "two plus two?"}, {"role": "assistant", "content": "four"}]}
+QUESTION = {"messages": [{"role": "user", "content": "two plus two?"}]}
+
+
+def test_sft_loader_ends_when_a_whole_pass_is_skipped(tok):
+    """Every assistant token beyond sequence_len + 1: a TaskError naming the task, not an endless loop."""
+    with pytest.raises(TaskError, match=r"SFTLoader: none of the 3 conversations of long_questions that rank 0 of 1 "
+                                        r"reads has an assistant token within its first 33 tokens \(sequence_len 32\)"):
+        within(20, lambda: SFTLoader(Conversations([LONG] * 3), tok, 2, 32).next_batch())
+    x, y = within(20, lambda: SFTLoader(Conversations([LONG, SHORT, LONG]), tok, 2, 32).next_batch())
+    assert (y >= 0).any(1).all()  # the usable conversation fills every row
+    four = Conversations([LONG, SHORT, LONG, SHORT])  # rank 0 of 2 reads 0 and 2 only, rank 1 reads 1 and 3
+    with pytest.raises(TaskError, match="none of the 2 conversations of long_questions that rank 0 of 2"):
+        within(20, lambda: SFTLoader(four, tok, 1, 32, rank=0, world_size=2).next_batch())
+    assert (within(20, lambda: SFTLoader(four, tok, 1, 32, rank=1, world_size=2).next_batch())[1] >= 0).any()
+    mix = TaskMixture([Conversations([LONG]), build_mixture("identity", n=2).tasks[0]], weights=[1, 0])
+    with pytest.raises(TaskError, match="of mixture of long_questions, identity"):
+        within(20, lambda: SFTLoader(mix, tok, 1, 32).next_batch())
+
+
+def test_packed_loader_with_mask_loss_ends_without_targets(tok):
+    """mask_loss over conversations with no assistant turn would give all -1 targets (a NaN loss): TaskError."""
+    with pytest.raises(TaskError, match="PackedLoader: none of the 2 conversations of long_questions .* a token to "
+                                        "learn"):
+        within(20, lambda: PackedLoader(Conversations([QUESTION] * 2), tok, 2, 32, mask_loss=True).next_batch())
+    x, y = PackedLoader(Conversations([QUESTION] * 2), tok, 2, 32).next_batch()  # without mask_loss: all targets
+    assert (y >= 0).all()
+
+
+def test_empty_mixture_is_a_user_error(tok):
+    with pytest.raises(UserError, match="mixture of arithmetic has no examples"):
+        SFTLoader(build_mixture("arithmetic:0"), tok, 2, 32)

@@ -31,8 +31,12 @@ conversation loaders of mid and SFT.
 (d) Conversation loaders over a task (mixture), rank r taking conversations r, r + world, ...: PackedLoader (mid:
     rendered conversations packed into (B, T+1) rows like documents) and SFTLoader (one right-padded conversation
     per row, loss only where the tokenizer's mask is 1). Both have the TokenLoader's next_batch/state_dict surface.
+    A loop that skips rows ends: SFTLoader skips rows without a target, and a whole pass of this rank's
+    conversations without one is a TaskError naming the task (so is PackedLoader(mask_loss=True) on a pass without
+    a mask-1 token, and a TokenLoader rank that no unit gives a document is a DataError).
 """
 import hashlib
+import math
 import os
 import random
 import re
@@ -46,6 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from model.common import DownloadError, UserError, download, home_dir
+from train.tasks.common import TaskError
 
 
 class DataError(UserError):
@@ -305,7 +310,9 @@ class TokenLoader:
         self._docs = None   # documents of the current unit (read lazily)
 
     def _refill(self):
-        """Tokenize the next chunk of this rank's documents into self._pending; move to the next unit/epoch."""
+        """Tokenize the next chunk of this rank's documents into self._pending; move to the next unit/epoch.
+        DataError when a whole pass over the units holds no document for this rank (it would spin forever)."""
+        empty = 0  # units in a row without a document for this rank
         while True:
             if self._docs is None:
                 self._docs = self.source.read_unit(self.unit)
@@ -314,11 +321,16 @@ class TokenLoader:
                 ids = self.tok.encode([self._docs[i] for i in idx], prepend=self.bos)
                 self._pending = list(zip(idx, ids))
                 return
+            empty = empty + 1 if self.doc == self.rank else 0  # a unit this rank left part-way does not count
             self._docs, self.unit, self.doc, self.offset = None, self.unit + 1, self.rank, 0
             if self.unit == self.source.num_units():
                 if not self.loop:
                     raise StopIteration
                 self.epoch, self.unit = self.epoch + 1, 0
+            if empty >= self.source.num_units():
+                raise DataError(f"rank {self.rank} of {self.world_size} gets no document: no unit (row group or "
+                                f"document list) holds more than {self.rank} documents; use fewer processes or "
+                                f"more data")
 
     def _take(self, n):
         """The next n tokens of this rank's stream, advancing (doc, offset)."""
@@ -353,16 +365,23 @@ class TokenLoader:
 # ----------------------------------------------------------------------------------------------------------------
 # (d) conversation loaders (mid: packed, SFT: one padded conversation per row)
 
+def _describe(task):
+    """A task's name for messages: a mixture lists its tasks."""
+    return task.describe() if hasattr(task, "describe") else getattr(task, "name", type(task).__name__)
+
+
 class _ConversationStream:
     """Walks a task (mixture) in order, this rank taking examples rank, rank + world, ...; epochs wrap around.
     Position = (epoch, index) -> exact resume."""
 
     def __init__(self, task, tokenizer, B, T, rank=0, world_size=1, device="cpu"):
         if len(task) == 0:
-            raise ValueError("conversation loader: the task mixture is empty")
+            raise TaskError(f"conversation loader: {_describe(task)} has no examples")
         self.task, self.tok, self.B, self.T = task, tokenizer, B, T
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.epoch, self.index = 0, rank
+        # conversations this rank reads before its sequence repeats: a whole pass of its share
+        self.pass_len = len(task) // math.gcd(len(task), world_size)
 
     def _next_conversation(self):
         conv = self.task[self.index % len(self.task)]
@@ -370,6 +389,13 @@ class _ConversationStream:
         if self.index >= len(self.task):
             self.epoch, self.index = self.epoch + 1, self.index - len(self.task)
         return self.tok.render_conversation(conv, max_tokens=self.T + 1)
+
+    def _nothing_to_learn(self, what):
+        """TaskError after a whole pass of this rank's conversations gave nothing to train on (else: an endless
+        loop)."""
+        return TaskError(f"{type(self).__name__}: none of the {self.pass_len} conversations of {_describe(self.task)} "
+                         f"that rank {self.rank} of {self.world} reads has {what} within its first {self.T + 1} tokens "
+                         f"(sequence_len {self.T}); shorten them or train with a longer sequence_len")
 
     def _to_device(self, x, y):
         if self.device.type == "cuda":
@@ -385,7 +411,8 @@ class _ConversationStream:
 
 class SFTLoader(_ConversationStream):
     """One conversation per row, truncated to T + 1 tokens and right-padded with <|bos|>; y == -1 where the target's
-    mask is 0 and on the padding. Rows whose targets would all be masked are skipped."""
+    mask is 0 and on the padding. Rows whose targets would all be masked are skipped; TaskError (naming the task)
+    when a whole pass of this rank's conversations is skipped."""
 
     @staticmethod
     def rows_per_conversation(T):
@@ -395,13 +422,17 @@ class SFTLoader(_ConversationStream):
         pad = self.tok.bos_token_id
         x = torch.full((self.B, self.T), pad, dtype=torch.long)
         y = torch.full((self.B, self.T), -1, dtype=torch.long)
-        row = 0
+        row = skipped = 0
         while row < self.B:
             ids, mask = self._next_conversation()
             ids, mask = ids[:self.T + 1], mask[:self.T + 1]
             tgt = [t if m == 1 else -1 for t, m in zip(ids[1:], mask[1:])]
             if all(t == -1 for t in tgt):  # nothing to learn (e.g. truncated before the assistant turn)
+                skipped += 1
+                if skipped >= self.pass_len:
+                    raise self._nothing_to_learn("an assistant token")
                 continue
+            skipped = 0
             n = len(ids) - 1
             x[row, :n] = torch.tensor(ids[:-1])
             y[row, :n] = torch.tensor(tgt)
@@ -417,6 +448,7 @@ class PackedLoader(_ConversationStream):
     def __init__(self, *a, mask_loss=False, **kw):
         super().__init__(*a, **kw)
         self.mask_loss, self.buf_ids, self.buf_mask = mask_loss, [], []
+        self.barren = 0  # with mask_loss: conversations in a row without a target (a whole pass of them: TaskError)
 
     @staticmethod
     def rows_per_conversation(T):
@@ -426,6 +458,10 @@ class PackedLoader(_ConversationStream):
         need = self.B * (self.T + 1)
         while len(self.buf_ids) < need:
             ids, mask = self._next_conversation()
+            if self.mask_loss:  # batches of nothing but -1 targets would give a NaN loss
+                self.barren = 0 if any(m == 1 for m in mask[1:]) else self.barren + 1
+                if self.barren >= self.pass_len:
+                    raise self._nothing_to_learn("a token to learn (mask 1)")
             self.buf_ids += ids
             self.buf_mask += mask
         ids = torch.tensor(self.buf_ids[:need]).view(self.B, self.T + 1)

@@ -14,7 +14,12 @@ TASKS = EMBEDDED + REAL
 
 
 def get_task(name, split="train", n=None, files=None, **kwargs):
-    """One task by name. split: train | test (| validation for ARC). n: size of an embedded task (or a cap)."""
+    """One task by name, every example checked against what rendering requires (Task.validate: TaskError naming
+    the task and the example). split: train | test (| validation for ARC). n: size of an embedded task (or a cap)."""
+    return _build(name, split, n, files, **kwargs).validate()
+
+
+def _build(name, split, n, files, **kwargs):
     if name in EMBEDDED:
         cls = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
                "number_mc": embedded.NumberMC}[name]

@@ -22,13 +22,25 @@ import re
 import pyarrow.parquet as pq
 
 from model.common import DownloadError, UserError, download, home_dir
+from model.tokenizer import conversation_messages
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
+MAX_PARQUET_SHARDS = 10_000
 
 
 class TaskError(UserError):
     """Bad task input: unknown task, a file that does not parse, a download that failed, a reward that raised.
     A UserError: entry points print its one-line message (naming the stage and the file) and exit with status 2."""
+
+
+def check_conversation(conversation):
+    """A conversation as model/tokenizer.py's renderers require it (see conversation_messages) -> it, unchanged;
+    TaskError with the renderer's reason (naming the message and part) otherwise."""
+    try:
+        conversation_messages(conversation)
+    except ValueError as e:
+        raise TaskError(str(e)) from None
+    return conversation
 
 
 class Task:
@@ -57,6 +69,23 @@ class Task:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def describe(self):
+        """The task's name as messages show it (a mixture lists its tasks)."""
+        return self.name
+
+    def validate(self):
+        """Check every example once, at load time, against what rendering requires (model.tokenizer's
+        conversation_messages: message and part types, roles alternating) -> self. TaskError naming the task and
+        the example's index, so a bad row stops the run before training instead of mid-way."""
+        for i in range(len(self)):
+            try:
+                check_conversation(self[i])
+            except TaskError as e:
+                raise TaskError(f"{self.name}: example {i}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a row the task's own code cannot turn into a conversation
+                raise TaskError(f"{self.name}: example {i}: {type(e).__name__}: {e}") from None
+        return self
 
     def evaluate(self, conversation, completion):
         raise NotImplementedError(f"{self.name} has no evaluation")
@@ -94,6 +123,15 @@ class TaskMixture(Task):
     def get_example(self, index):
         t, i = self.index_map[index]
         return self.tasks[t][i]
+
+    def validate(self):
+        """Every task of the mixture validated on its own (errors name the task, not the mixture) -> self."""
+        for task in self.tasks:
+            task.validate()
+        return self
+
+    def describe(self):
+        return "mixture of " + ", ".join(task.name for task in self.tasks)
 
 
 def render_mc(question, letters, choices):
@@ -203,6 +241,9 @@ def hf_rows(repo, config, split, files=None):
         return [row for i in range(n) for row in read_rows(os.path.join(folder, f"{i:04d}.parquet"))]
     rows, i = [], 0
     while True:
+        if i == MAX_PARQUET_SHARDS:  # the export numbers shards with 4 digits; a server that never 404s would loop
+            raise TaskError(f"{repo} {config}/{split}: {data_url()} served {i} shards without the 404 that ends the "
+                            f"list; check $TRITONCHAT_DATA_URL / --data-url")
         url = f"{data_url()}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
         path = cached_download(url, os.path.join(folder, f"{i:04d}.parquet"))
         if path is None:
