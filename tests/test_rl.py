@@ -272,3 +272,19 @@ def test_grpo_update_with_clipping_inner_steps_and_kl():
     assert set(stats) >= {"loss", "clip_frac", "kl"} and stats["kl"] > 0  # the 2nd/3rd inner step moved away from ref
     assert not torch.equal(before, model.lm_head.weight)
     assert all(not p.requires_grad for p in ref.parameters())
+
+
+def test_prompts_that_leave_no_room_fail_at_load():
+    from train.rl import check_prompts
+    from train.tasks import TaskError
+    tok = SmallTok()
+
+    class Prompts(PreferA):
+        def __getitem__(self, i):
+            return {"messages": [{"role": "user", "content": "ab" * (20 if i == 2 else 1)}]}
+
+    check_prompts(tok, Prompts(), max_context=60)
+    check_prompts(tok, Prompts(), max_context=30, count=2)  # only the examples the evaluation reads
+    with pytest.raises(TaskError, match=r"\[rl\] prefer_a: example 2: its prompt of 44 tokens leaves no room for a "
+                                        r"completion in the context of 44 tokens"):
+        check_prompts(tok, Prompts(), max_context=44)

@@ -174,6 +174,17 @@ def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperatu
     return out
 
 
+def check_prompts(tokenizer, task, max_context, count=None, stage="rl"):
+    """At load time: the prompt of each of the first `count` examples (default all) leaves room for a completion
+    in the Engine's context of max_context tokens (Engine.submit would refuse it mid-run). TaskError naming the
+    task and the example otherwise."""
+    for i in range(min(len(task), len(task) if count is None else count)):
+        n = len(tokenizer.render_for_completion(task[i]))
+        if n >= max_context:
+            raise TaskError(f"[{stage}] {getattr(task, 'name', task)}: example {i}: its prompt of {n} tokens leaves "
+                            f"no room for a completion in the context of {max_context} tokens")
+
+
 def pad_samples(samples, device, pad_id):
     """Scored samples (dicts with ids and mask, see rollout) -> right-padded int64 (x, y) and bool m, each (N, T) with
     T = longest ids - 1: y = ids[1:] with -1 where the target was not sampled (prompt, tool output, padding),
@@ -324,6 +335,8 @@ def run(argv=None):
     sampler = plain_copy(model)  # the Engine samples from an unsharded copy; ranks roll out independently
     ref_model = plain_copy(model) if args.kl_coef else None
     engine = Engine(sampler, tokenizer)
+    check_prompts(tokenizer, train_task, engine.max_context)
+    check_prompts(tokenizer, test_task, engine.max_context, count=args.eval_examples)
     print0(f"[rl] {args.num_iterations} steps x {args.prompts_per_step} prompts x {args.num_samples} samples of "
            f"{args.task}, max {args.max_new_tokens} new tokens, kernels {kernels.get_mode()}")
     history, t_total, last_eval = [], 0.0, {}
