@@ -6,9 +6,9 @@
 Training (same corpus, same split pattern, same vocab size incl. the 256 bytes; the median of a few runs, timed
 around the training call only):
   "ours"          rustbpe from this repository (rustbpe/src/lib.rs)
-  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's). Its module name clashes with ours, so it is
-                  installed with `pip install --target /tmp/pypi_rustbpe rustbpe` and timed in a subprocess with that
-                  path first; skipped with a note when it cannot be installed.
+  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's), installed with `pip install --target
+                  /tmp/pypi_rustbpe rustbpe` (ours is the module `tritonchat_rustbpe`, so both run in this process);
+                  skipped with a note when it cannot be installed.
   "hf_tokenizers" HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
 Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long
 string ("encode") and the list of documents in threads ("encode_batch"). Compression: bytes per token on the held-out
@@ -17,41 +17,23 @@ play. Tokenizer training is CPU work, so unlike the kernel suites the full run i
 """
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import tiktoken
+import tritonchat_rustbpe
 
 from bench import harness
 
 SUITE = "tokenizer"
 PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE", "/tmp/pypi_rustbpe")
 
-_PYPI_WORKER = r"""
-import hashlib, json, sys, time
-import rustbpe, tiktoken
-docs, val = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-vocab, reps, pattern = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-times, cpu = [], []
-for _ in range(reps):
-    tok = rustbpe.Tokenizer()
-    t0, c0 = time.perf_counter(), time.process_time()
-    tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
-enc = tiktoken.Encoding("p", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-ntok = sum(len(x) for x in enc.encode_ordinary_batch(val))
-digest = hashlib.sha256(b"".join(k for k, _ in sorted(ranks.items(), key=lambda kv: kv[1]))).hexdigest()
-print(json.dumps({"module": rustbpe.__file__, "times": times, "cpu": cpu, "vocab": len(ranks), "ntok": ntok,
-                  "digest": digest}))
-"""
 
 
 def load_texts(quick):
@@ -89,17 +71,18 @@ def _utf8(docs):
     return sum(len(d.encode("utf-8")) for d in docs)
 
 
-def train_ours(docs, vocab, reps, pattern):
-    import tritonchat_rustbpe as rustbpe
+def train_bpe(module, docs, vocab, reps, pattern):
+    """Train `reps` times with a rustbpe-API module (ours or PyPI's): (wall s list, CPU s list, tiktoken Encoding,
+    sha256 of the merged tokens in rank order)."""
     times, cpu = [], []
     for _ in range(reps):
-        tok = rustbpe.Tokenizer()
+        tok = module.Tokenizer()
         t0, c0 = time.perf_counter(), time.process_time()
         tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    ranks = dict(tok.get_mergeable_ranks())
-    enc = tiktoken.Encoding("ours", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
+    enc = tiktoken.Encoding(module.__name__, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     return times, cpu, enc, _digest([b for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
 
 
@@ -120,25 +103,20 @@ def ensure_pypi_rustbpe():
     return PYPI_DIR
 
 
-def train_pypi(docs, val, vocab, reps, pattern):
+def import_pypi_rustbpe():
+    """PyPI's `rustbpe` module (ours is `tritonchat_rustbpe`, so both load in one process), or None."""
     path = ensure_pypi_rustbpe()
     if path is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        fd, fv = os.path.join(tmp, "docs.json"), os.path.join(tmp, "val.json")
-        json.dump(docs, open(fd, "w"))
-        json.dump(val, open(fv, "w"))
-        env = dict(os.environ, PYTHONPATH=path)  # PYTHONPATH precedes site-packages, where our rustbpe lives
-        proc = subprocess.run([sys.executable, "-c", _PYPI_WORKER, fd, fv, str(vocab), str(reps), pattern],
-                              capture_output=True, text=True, env=env, cwd=tmp, timeout=1800)
-    if proc.returncode != 0:
-        print(f"[{SUITE}] pypi_rustbpe run failed: {proc.stderr.strip()[-500:]}")
+    sys.path.insert(0, path)
+    try:
+        module = importlib.import_module("rustbpe")
+    finally:
+        sys.path.remove(path)
+    if not module.__file__.startswith(path):
+        print(f"[{SUITE}] pypi_rustbpe: imported {module.__file__} instead of the PyPI package; skipped")
         return None
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not out["module"].startswith(path):
-        print(f"[{SUITE}] pypi_rustbpe: imported {out['module']} instead of the PyPI package; skipped")
-        return None
-    return out
+    return module
 
 
 def train_hf(docs, vocab, reps, pattern):
@@ -176,20 +154,22 @@ def run(quick=False):
     reps = 1 if quick else 3
     nbytes, val_bytes = _utf8(docs), _utf8(val)
     threads = os.cpu_count()
+    pypi = import_pypi_rustbpe()
     rows = []
     for vocab in vocabs:
         case = {"corpus": corpus, "corpus_mb": round(nbytes / 1e6, 2), "vocab": vocab}
-        times, cpu, enc, digest = train_ours(docs, vocab, reps, pattern)
+        times, cpu, enc, digest = train_bpe(tritonchat_rustbpe, docs, vocab, reps, pattern)
         rows.append(harness.row(SUITE, case, "ours", "train", _median(times), bytes_=nbytes,
                                 vocab_reached=enc.n_vocab, val_bytes_per_token=val_bytes / sum(
                                     len(x) for x in enc.encode_ordinary_batch(val)), times_s=times,
                                 cpu_s=statistics.median(cpu)))
-        pypi = train_pypi(docs, val, vocab, reps, pattern)
-        if pypi:
-            rows.append(harness.row(SUITE, case, "pypi_rustbpe", "train", _median(pypi["times"]), bytes_=nbytes,
-                                    vocab_reached=pypi["vocab"], val_bytes_per_token=val_bytes / pypi["ntok"],
-                                    same_vocab_as_ours=pypi["digest"] == digest, times_s=pypi["times"],
-                                    cpu_s=statistics.median(pypi["cpu"])))
+        if pypi is not None:
+            p_times, p_cpu, p_enc, p_digest = train_bpe(pypi, docs, vocab, reps, pattern)
+            rows.append(harness.row(SUITE, case, "pypi_rustbpe", "train", _median(p_times), bytes_=nbytes,
+                                    vocab_reached=p_enc.n_vocab, val_bytes_per_token=val_bytes / sum(
+                                        len(x) for x in p_enc.encode_ordinary_batch(val)),
+                                    same_vocab_as_ours=p_digest == digest, times_s=p_times,
+                                    cpu_s=statistics.median(p_cpu)))
         hf_times, hf_cpu, hf = train_hf(docs, vocab, reps, pattern)
         hf_val = sum(len(e.ids) for e in hf.encode_batch(val))
         rows.append(harness.row(SUITE, case, "hf_tokenizers", "train", _median(hf_times), bytes_=nbytes,
