@@ -216,3 +216,31 @@ def test_packed_loader_with_mask_loss_ends_without_targets(tok):
 def test_empty_mixture_is_a_user_error(tok):
     with pytest.raises(UserError, match="mixture of arithmetic has no examples"):
         SFTLoader(build_mixture("arithmetic:0"), tok, 2, 32)
+
+
+def test_conversation_loaders_resume_on_another_number_of_ranks(tok):
+    """Saved by 2 ranks, resumed on 1 or 3: the ranks continue from the first conversation a saved rank had not
+    delivered (for packed rows: the oldest conversation still in its buffer), so nothing is skipped."""
+    task = build_mixture("arithmetic,spelling", n=20)
+    for cls in (SFTLoader, PackedLoader):
+        old = [cls(task, tok, 2, 64, rank=r, world_size=2) for r in range(2)]
+        for r, loader in enumerate(old):
+            for _ in range(2 + r):
+                loader.next_batch()
+        states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+        first = []  # per saved rank: position of its first undelivered conversation
+        for loader, st in zip(old, states):
+            pos = st["epoch"] * len(task) + st["index"]
+            if cls is PackedLoader and st["buf_lens"]:
+                pos -= 2 * len(st["buf_lens"])
+                ids, _ = tok.render_conversation(task[pos % len(task)], max_tokens=65)
+                assert st["buf_ids"][:st["buf_lens"][0]] == ids[len(ids) - st["buf_lens"][0]:]  # its unread tail
+            first.append(pos)
+        for world in (1, 3):
+            for r in range(world):
+                new = cls(task, tok, 2, 64, rank=r, world_size=world)
+                assert new.load_state_dicts(states) is False
+                assert new.epoch * len(task) + new.index == min(first) + r
+        same = cls(task, tok, 2, 64, rank=0, world_size=2)
+        assert same.load_state_dicts(states) is True
+        assert all(torch.equal(a, b) for a, b in zip(same.next_batch(), old[0].next_batch()))

@@ -29,11 +29,13 @@ conversation loaders of mid and SFT.
     of the documents (document d of a unit goes to rank d % world_size), so ranks never see the same text. The
     position (epoch, unit = shard or row group, document, token offset inside that document) is the loader's
     state_dict(): after load_state_dict() the loader re-tokenizes from that document and skips to the offset, so
-    it continues bit-for-bit.
+    it continues bit-for-bit. load_state_dicts(every rank's state) does that on the same number of ranks, and on
+    another number continues from the slowest saved position (nothing skipped; the order differs).
 
 (d) Conversation loaders over a task (mixture), rank r taking conversations r, r + world, ...: PackedLoader (mid:
     rendered conversations packed into (B, T+1) rows like documents) and SFTLoader (one right-padded conversation
-    per row, loss only where the tokenizer's mask is 1). Both have the TokenLoader's next_batch/state_dict surface.
+    per row, loss only where the tokenizer's mask is 1). Both have the TokenLoader's next_batch/state_dict/
+    load_state_dicts surface.
     A loop that skips rows ends: SFTLoader skips rows without a target, and a whole pass of this rank's
     conversations without one is a TaskError naming the task (so is PackedLoader(mask_loss=True) on a pass without
     a mask-1 token, and a TokenLoader rank that no unit gives a document is a DataError).
@@ -337,7 +339,8 @@ class TokenLoader:
     """BOS-prefixed documents packed into (B, T+1) rows; `next_batch() -> (x, y)` int64 (B, T) on `device`.
 
     Each rank reads documents d with d % world_size == rank of every unit. `state_dict()` holds the position of
-    the next token to emit: {"epoch", "unit", "doc", "offset", "rank", "world_size"}. With loop=False the loader
+    the next token to emit: {"epoch", "unit", "doc", "offset", "rank", "world_size"}; `load_state_dicts(states)`
+    resumes from every rank's state, also on another number of ranks. With loop=False the loader
     raises StopIteration when the data are exhausted (for evaluation); with loop=True it starts the next epoch.
     """
 
@@ -358,10 +361,26 @@ class TokenLoader:
     def load_state_dict(self, state):
         if state.get("world_size", self.world_size) != self.world_size or state.get("rank", self.rank) != self.rank:
             raise UserError(f"loader state is for rank {state.get('rank')} of {state.get('world_size')} but this is "
-                            f"rank {self.rank} of {self.world_size}: resume with the same number of processes")
+                            f"rank {self.rank} of {self.world_size}: resume with the same number of processes, or call "
+                            f"load_state_dicts with every rank's state")
         self.epoch, self.unit, self.doc, self.offset = state["epoch"], state["unit"], state["doc"], state["offset"]
         self._pending = []  # (doc index, token list) tokenized but not yet consumed, in order
         self._docs = None   # documents of the current unit (read lazily)
+
+    def load_state_dicts(self, states):
+        """Resume from the states of every rank of a run (a checkpoint's loader_states, rank order) -> True when
+        exact. Same number of ranks: this rank's own state, bit-for-bit. Another number: every rank continues from
+        the first document some saved rank had not finished (the slowest position: no document is skipped), this
+        rank taking documents d = rank (mod world_size) from there; the documents in flight at the save are read
+        again and the order differs from an uninterrupted run -> False."""
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return True
+        epoch, unit, doc = min((st["epoch"], st["unit"], st["doc"]) for st in states)
+        doc += (self.rank - doc) % self.world_size  # the first document of this rank's stripe at or after doc
+        self.load_state_dict({"epoch": epoch, "unit": unit, "doc": doc, "offset": 0, "rank": self.rank,
+                              "world_size": self.world_size})
+        return False
 
     def _refill(self):
         """Tokenize the next chunk of this rank's documents into self._pending; move to the next unit/epoch.
@@ -462,6 +481,22 @@ class _ConversationStream:
     def load_state_dict(self, state):
         self.epoch, self.index = state["epoch"], state["index"]
 
+    def _unread(self, state, world):
+        """Position (epoch * len + index) of the first conversation a saved rank had not delivered yet."""
+        return state["epoch"] * len(self.task) + state["index"]
+
+    def load_state_dicts(self, states):
+        """Resume from the states of every rank of a run (a checkpoint's loader_states, rank order) -> True when
+        exact. Same number of ranks: this rank's own state. Another number: the ranks continue from the first
+        conversation some saved rank had not delivered (no conversation is skipped; those in flight are read
+        again), this rank taking every world_size-th from there -> False (the order differs)."""
+        if len(states) == self.world:
+            self.load_state_dict(states[self.rank])
+            return True
+        start = min(self._unread(st, len(states)) for st in states) + self.rank
+        self.load_state_dict({"epoch": start // len(self.task), "index": start % len(self.task)})
+        return False
+
 
 class SFTLoader(_ConversationStream):
     """One conversation per row, truncated to T + 1 tokens and right-padded with <|bos|>; y == -1 where the target's
@@ -502,6 +537,7 @@ class PackedLoader(_ConversationStream):
     def __init__(self, *a, mask_loss=False, **kw):
         super().__init__(*a, **kw)
         self.mask_loss, self.buf_ids, self.buf_mask = mask_loss, [], []
+        self.buf_lens = []  # tokens of each conversation in the buffer (the first may be partly emitted)
         self.barren = 0  # with mask_loss: conversations in a row without a target (a whole pass of them: TaskError)
 
     @staticmethod
@@ -518,17 +554,33 @@ class PackedLoader(_ConversationStream):
                     raise self._nothing_to_learn("a token to learn (mask 1)")
             self.buf_ids += ids
             self.buf_mask += mask
+            self.buf_lens.append(len(ids))
         ids = torch.tensor(self.buf_ids[:need]).view(self.B, self.T + 1)
         mask = torch.tensor(self.buf_mask[:need]).view(self.B, self.T + 1)
         self.buf_ids, self.buf_mask = self.buf_ids[need:], self.buf_mask[need:]
+        left = need
+        while left:
+            take = min(left, self.buf_lens[0])
+            self.buf_lens[0] -= take
+            left -= take
+            if not self.buf_lens[0]:
+                self.buf_lens.pop(0)
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         if self.mask_loss:
             y = torch.where(mask[:, 1:] == 1, y, torch.full_like(y, -1))
         return self._to_device(x, y)
 
     def state_dict(self):
-        return dict(super().state_dict(), buf_ids=list(self.buf_ids), buf_mask=list(self.buf_mask))
+        return dict(super().state_dict(), buf_ids=list(self.buf_ids), buf_mask=list(self.buf_mask),
+                    buf_lens=list(self.buf_lens))
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.buf_ids, self.buf_mask = list(state.get("buf_ids", [])), list(state.get("buf_mask", []))
+        self.buf_lens = list(state.get("buf_lens", [len(self.buf_ids)] if self.buf_ids else []))
+
+    def _unread(self, state, world):
+        """The buffer's conversations are not delivered yet: the first of them, the len(buf_lens)-th last this
+        saved rank drew (its conversations are world apart)."""
+        lens = state.get("buf_lens", [1] if state.get("buf_ids") else [])
+        return super()._unread(state, world) - world * len(lens)
