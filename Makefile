@@ -55,7 +55,7 @@ bench: install
 
 speedrun: install
 	@if [ "$(NGPUS)" -lt 1 ]; then echo "make speedrun needs CUDA GPUs (found none); try 'make run' for the CPU tiny preset"; exit 1; fi
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m train.speedrun --preset d20 $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPUS) -m train.speedrun -- --preset d20 $(ARGS)
 
 chat: install
 	$(PY) -m model.chat $(ARGS)

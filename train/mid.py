@@ -3,8 +3,8 @@ multiple-choice format (nanochat: SmolTalk + MMLU auxiliary_train + GSM8K,
 https://github.com/karpathy/nanochat/blob/master/scripts/mid_train.py).
 
     python -m train.mid --preset tiny                                    # from the newest base checkpoint
-    torchrun --nproc_per_node=8 -m train.mid --preset d20 [--data-url URL]
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.mid --preset tiny --num-iterations 3
+    torchrun --nproc_per_node=8 -m train.mid -- --preset d20 [--data-url URL]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.mid -- --preset tiny --num-iterations 3
 
 Rendered conversations are packed into (B, T+1) rows like base training (train.data.PackedLoader); every token is a
 target, as in nanochat's first release. Same loop, FSDP2, checkpoints and --resume as every stage (train/loop.py);

@@ -1,8 +1,8 @@
 """GRPO reinforcement learning on a task with a verifiable reward (the embedded arithmetic, or GSM8K).
 
     python -m train.rl --task arithmetic --num-iterations 50            # single process (CPU or one GPU)
-    torchrun --nproc_per_node=8 -m train.rl --task gsm8k                 # nanochat's RL stage (from the SFT model)
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.rl --preset tiny ...   # CPU, gloo
+    torchrun --nproc_per_node=8 -m train.rl -- --task gsm8k              # nanochat's RL stage (from the SFT model)
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.rl -- --preset tiny ...   # CPU, gloo
 
 Each step, every rank takes `--prompts-per-step / world` prompts and samples `--num-samples` completions of each
 from the Engine (paged KV cache; python tool calls run live in the sandbox and their output is forced in). Each

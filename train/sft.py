@@ -1,8 +1,8 @@
 """Supervised fine-tuning on conversations: loss only on the assistant tokens the tokenizer's mask marks (mask == 1).
 
     python -m train.sft --preset tiny                                    # from the newest mid checkpoint
-    torchrun --nproc_per_node=8 -m train.sft --preset d20                # ARC-E/C + GSM8K + SmolTalk 10k
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.sft --preset tiny --num-iterations 3
+    torchrun --nproc_per_node=8 -m train.sft -- --preset d20             # ARC-E/C + GSM8K + SmolTalk 10k
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.sft -- --preset tiny --num-iterations 3
 
 One conversation per row (train.data.SFTLoader), truncated to sequence_len + 1 tokens and right-padded:
 y = ids[1:] with -1 wherever the target token has mask 0 (user turns, tool output, the <|bos|>/<|user_start|>...
