@@ -1,7 +1,7 @@
 """The whole pipeline in one command: tokenizer -> base -> mid -> SFT -> RL -> evals -> report card.
 
     python -m train.speedrun --preset tiny              # `make run`: CPU, embedded corpus and tasks, a few minutes
-    torchrun --standalone --nproc_per_node=8 -m train.speedrun --preset d20     # `make speedrun`: nanochat's d20
+    torchrun --standalone --nproc_per_node=8 -m train.speedrun -- --preset d20  # `make speedrun`: nanochat's d20
     python -m train.speedrun --preset tiny --num-iterations 2 --run ci          # smoke test: 2 steps per stage
 
 Every stage runs in this process (every rank under torchrun) on one process group, through the same `run(argv)`
