@@ -89,6 +89,27 @@ def precompute_rotary(seq_len, head_dim, base=ROPE_BASE, device=None):
     return freqs.cos(), freqs.sin()
 
 
+def embed(idx, wte):
+    """Token ids (B, T) int64, embedding table (V, C) -> normalised embeddings (B, T, C)."""
+    return norm(F.embedding(idx, wte))
+
+
+def head_logits(x, w):
+    """Last hidden states (B, T, C), lm_head weight (V, C) -> soft-capped logits (B, T, V) in fp32."""
+    logits = F.linear(norm(x), w).float()
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def head_loss(x, w, targets, reduction="mean"):
+    """Last hidden states (B, T, C), lm_head weight (V, C), targets (B, T) int64 (-1 = no loss) -> the mean loss
+    over targets != -1 (reduction "mean") or per token (B, T) (reduction "none"). lm_head + softcap + cross-entropy
+    in one op, so the fused path never holds the (B*T, V) logits."""
+    B, T, C = x.shape
+    loss = linear_cross_entropy(norm(x).reshape(B * T, C), w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
+                                reduction=reduction)
+    return loss.view(B, T) if reduction == "none" else loss
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -149,6 +170,8 @@ class GPT(nn.Module):
         cos, sin = precompute_rotary(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # What GPT.forward runs outside the blocks; train.distributed.apply_compile swaps in compiled versions
+        self.embed, self.head_logits, self.head_loss = embed, head_logits, head_loss
 
     # -- init ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -199,18 +222,15 @@ class GPT(nn.Module):
         if T > self.rotary_len:
             raise ValueError(f"GPT: sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:T], self.sin[:T]
-        x = norm(self.transformer.wte(idx))
+        # The root's weights are read directly, not through wte's / lm_head's forward: under FSDP2 they are the
+        # root's gathered full tensors here, and embed / head_* take them as plain inputs (so torch.compile of those
+        # functions sees tensors, not FSDP-managed modules)
+        x = self.embed(idx, self.transformer.wte.weight)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
-        x = norm(x)
         if targets is None:
-            logits = self.lm_head(x).float()
-            return SOFTCAP * torch.tanh(logits / SOFTCAP)
-        # lm_head + softcap + cross-entropy in one op, so the fused path never holds the (B*T, V) logits. The weight
-        # is read directly, not through lm_head's forward: under FSDP2 it is the root's gathered full tensor here
-        loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), softcap=SOFTCAP,
-                                    ignore_index=-1, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return self.head_logits(x, self.lm_head.weight)
+        return self.head_loss(x, self.lm_head.weight, targets, loss_reduction)
 
     @torch.no_grad()  # not inference_mode: FSDP2 cannot gather its parameters into inference tensors
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
@@ -220,7 +240,10 @@ class GPT(nn.Module):
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self(ids[:, -self.rotary_len:])[:, -1, :]  # self(): FSDP hooks gather the params
+            # self(): FSDP hooks gather the params. Uncompiled even after train.distributed.apply_compile: every
+            # token changes the shape, which would recompile each compiled part
+            with torch.compiler.set_stance("force_eager"):
+                logits = self(ids[:, -self.rotary_len:])[:, -1, :]
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

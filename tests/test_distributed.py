@@ -131,6 +131,98 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
         torch.set_num_threads(threads)
 
 
+def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
+    """build_model(compile="on") at world size 1 in this process (gloo): every block and the root's embedding and head
+    compiled (aot_eager), then sharded. Three graphs (embedding, the block - shared by both blocks -, head + loss), no
+    graph break, nothing compiled after the first step; evaluation without grad compiles its own three, generate()
+    none (it runs uncompiled); losses and parameters equal the uncompiled FSDP2 build; parameter names unchanged."""
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from model.gpt import GPTConfig
+    from tests._dist_worker import CONFIG
+    from train.distributed import build_model, cleanup, init_distributed
+    owned = not dist.is_initialized()
+    info = init_distributed("cpu")
+    cfg = GPTConfig(**CONFIG)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    try:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            backend = CompileCounterWithBackend("aot_eager")
+            torch.manual_seed(0)
+            model = build_model(cfg, info, compile="on" if compiled else "off", compile_backend=backend)
+            opts = model.setup_optimizers()
+            losses, frames = [], []
+            for step in range(3):
+                loss = model(x[:, :-1], x[:, 1:])
+                loss.backward()
+                for opt in opts:
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                frames.append(backend.frame_count)
+                if step == 1:  # evaluation and sampling between steps, as the training loop runs them
+                    with torch.no_grad():
+                        per_token = model(x[:, :-1], x[:, 1:], loss_reduction="none")
+                    frames.append(backend.frame_count)
+                    sample = list(model.generate([1, 2, 3], max_tokens=3, temperature=0.0))
+                    frames.append(backend.frame_count)
+            runs[compiled] = dict(losses=losses, per_token=per_token, sample=sample, frames=frames,
+                                  breaks=sum(counters["graph_break"].values()),
+                                  params={n: p.full_tensor() for n, p in model.named_parameters()})
+    finally:
+        torch._dynamo.reset()
+        if owned:
+            cleanup()
+    plain, comp = runs[False], runs[True]
+    assert plain["frames"] == [0] * 5
+    # step 0: 3 graphs; step 1; eval without grad: 3 more; generate: none; step 2: none
+    assert comp["frames"] == [3, 3, 6, 6, 6] and comp["breaks"] == 0
+    assert comp["params"].keys() == plain["params"].keys()
+    torch.testing.assert_close(torch.tensor(comp["losses"]), torch.tensor(plain["losses"]), atol=0, rtol=1e-5)
+    torch.testing.assert_close(comp["per_token"], plain["per_token"], atol=1e-5, rtol=1e-5)
+    assert comp["sample"] == plain["sample"]
+    for name, p in plain["params"].items():
+        torch.testing.assert_close(comp["params"][name], p, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["base", "mid", "sft", "rl"])
+def test_compile_flag_parses_and_defaults_per_preset(stage):
+    """--compile auto|on|off (default auto: on with CUDA, off on CPU) and --compile-backend on every stage, every
+    preset; base's d20 batch per GPU follows the kernels (32 fused, 16 eager) unless given."""
+    import importlib
+
+    from train.distributed import compile_enabled
+    mod = importlib.import_module(f"train.{stage}")
+    for preset in mod.PRESETS:
+        args = mod.parse_args(["--preset", preset])
+        assert (args.compile, args.compile_backend) == ("auto", "inductor"), preset
+        assert compile_enabled(args.compile, "cuda") and not compile_enabled(args.compile, "cpu")
+    args = mod.parse_args(["--compile", "off"])
+    assert not compile_enabled(args.compile, "cuda")
+    args = mod.parse_args(["--compile", "on", "--compile-backend", "aot_eager"])
+    assert compile_enabled(args.compile, "cpu") and args.compile_backend == "aot_eager"
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--compile", "yes"])
+    if stage == "base":
+        batch = lambda *a: mod.parse_args(["--preset", "d20", *a]).device_batch_size
+        assert (batch("--kernels", "fused"), batch("--kernels", "eager"), batch("--device-batch-size", "8")) == \
+            (32, 16, 8)
+        assert batch() == (32 if torch.cuda.is_available() else 16)  # auto: fused with CUDA
+        assert mod.parse_args(["--preset", "tiny"]).device_batch_size == 8
+
+
+def test_compile_enabled_rejects_unknown_values():
+    from train.distributed import compile_enabled
+    assert compile_enabled(True, "cpu") and not compile_enabled(False, "cuda")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_enabled("maybe", "cpu")
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_fsdp_single_process():
     """CUDA: 1-rank NCCL group, bf16 MixedPrecisionPolicy, Muon in bf16: trains and stays close to a plain fp32 model

@@ -11,9 +11,10 @@ Presets (PRESETS below; any flag overrides them):
         corpus if $TRITONCHAT_HOME/tokenizer is missing), 8 x 256 tokens per micro-batch, 200 steps of 2048 tokens
         on the embedded corpus; val bpb on 16 k tokens of the held-out play every 50 steps; greedy samples at the end.
   d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 524 288 tokens per
-        step as 16 x 2048 tokens per GPU x 2 accumulation steps on 8 GPUs (nanochat runs 32 x 2048 with no
-        accumulation under torch.compile; in eager the fp32 soft-capped logits and their saved copies cost ~17 GB
-        each at 32 x 2048 x 65536, so batch 32 would not fit an 80 GB H100 — estimated, not measured);
+        step on 8 GPUs: with the fused kernels nanochat's 32 x 2048 tokens per GPU and no accumulation (the fused
+        loss never holds the (B*T, 65536) logits: ~52 GB estimated, not measured on GPU; bench/train.py has the
+        arithmetic); with --kernels eager 16 x 2048 x 2 accumulation steps (the eager loss keeps ~4 fp32 logit
+        copies of ~17 GB each at batch 32); torch.compile on (--compile auto on CUDA);
         steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240, the last one is the
         validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps.
         If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
@@ -46,11 +47,13 @@ PRESETS = {
                  num_iterations=200, target_param_data_ratio=-1, eval_every=50, eval_tokens=4 * 256 * 16,
                  sample_every=0, sample_tokens=48, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                  data="shakespeare", num_shards=0),
-    "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=16, total_batch_size=524288,
+    "d20": dict(depth=20, max_seq_len=2048, vocab_size=65536, device_batch_size=None, total_batch_size=524288,
                 num_iterations=-1, target_param_data_ratio=20, eval_every=250, eval_tokens=20 * 524288,
                 sample_every=2000, sample_tokens=16, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                 data="fineweb", num_shards=240),
 }
+# d20's sequences per GPU by kernel mode (device_batch_size None = this table; memory arithmetic: bench/train.py)
+D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "If 5*x + 3 = 13, then x is"]
 
 
@@ -75,6 +78,9 @@ def parse_args(argv=None):
         raise UserError(f"--depth must be an integer >= 1 (got {args.depth})")
     if args.max_seq_len < 2:
         raise UserError(f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
+    if args.device_batch_size is None:  # by kernel mode; "auto" resolves as kernels.set_mode will (fused iff CUDA)
+        fused = args.kernels == "fused" or (args.kernels == "auto" and torch.cuda.is_available())
+        args.device_batch_size = D20_DEVICE_BATCH["fused" if fused else "eager"]
     if args.device_batch_size < 1:
         raise UserError(f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     if args.data == "fineweb" and args.num_shards < 2:
@@ -166,7 +172,7 @@ def run(argv=None):
         config = GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=args.max_seq_len)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model = build_model(config, info)
+    model = build_model(config, info, compile=args.compile, compile_backend=args.compile_backend)
     barrier()  # every rank is past the marker files now: rank 0 may delete them
     if info.rank == 0:
         for m in (os.path.join(home_dir(), "data", f".ready-{_launch_id()}"),

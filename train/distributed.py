@@ -9,10 +9,18 @@ backed by an in-memory HashStore, so no port is needed) and the model is sharded
 torchrun. Parameters are therefore always DTensors after build_model; optimizers (model/optim.py), checkpoints
 (torch.distributed.checkpoint) and the loop see the same types whatever the world size.
 
-build_model: GPT on the meta device (no memory) -> fully_shard every block, then the root -> to_empty(device) ->
-init_weights(). On CUDA the FSDP2 MixedPrecisionPolicy computes in bf16 (params gathered in bf16, gradients
-reduced in fp32, fp32 master weights in the optimizer); on CPU everything stays fp32 (the Triton interpreter and
-the tight cross-world-size tests need fp32).
+build_model: GPT on the meta device (no memory) -> [apply_compile] -> fully_shard every block, then the root ->
+to_empty(device) -> init_weights(). On CUDA the FSDP2 MixedPrecisionPolicy computes in bf16 (params gathered in bf16,
+gradients reduced in fp32, fp32 master weights in the optimizer); on CPU everything stays fp32 (the Triton
+interpreter and the tight cross-world-size tests need fp32).
+
+Compile (`--compile`, as torchtitan's apply_compile, torchtitan/models/llama3/infra/parallelize.py): each block's
+forward and the root's embedding and head (final norm + lm_head + softcap + loss) are compiled separately with
+fullgraph=True, then sharded. FSDP2's hooks (all-gather before a module's forward, reduce-scatter after its backward)
+run eagerly between those graphs, never inside one, so there is no graph break; torch.compile of the whole sharded
+model instead breaks its graph at every hook and leaves the head uncompiled. The blocks share one compiled graph
+(same code, same shapes). Training shapes compile once (a second entry per part for no-grad evaluation);
+GPT.generate runs uncompiled (every token changes the shape).
 """
 import os
 
@@ -21,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from model.common import DistInfo
+from model.common import DistInfo, print0
 from model.gpt import GPT
 
 
@@ -61,13 +69,46 @@ def init_distributed(device_type=None):
     return DistInfo(is_dist, rank, local_rank, world_size, device)
 
 
-def build_model(config, dist_info):
-    """GPT(config) sharded with FSDP2 over all ranks and initialised; identical weights for any world size."""
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compile_enabled(value, device):
+    """--compile value ("on" | "off" | "auto", or a bool) and the training device -> bool. auto = on with CUDA, off
+    on CPU (inductor builds C++ per graph there: minutes of compile for a model that trains in seconds)."""
+    if isinstance(value, bool):
+        return value
+    if value not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)} or a bool, got {value!r}")
+    return value == "on" or (value == "auto" and torch.device(device).type == "cuda")
+
+
+def apply_compile(model, backend="inductor"):
+    """Compile a GPT in place, part by part: every block (nn.Module.compile, so parameter names and state dicts do
+    not change) and the root's embed / head_loss / head_logits functions, each with fullgraph=True (a graph break
+    raises). Call it before fully_shard (torchtitan's order) or on a plain model. backend: "inductor" (the
+    default), or "aot_eager" for CPU smoke runs and tests (traced and differentiated, then run op by op: no C++
+    build, no speed-up). Returns the model."""
+    kwargs = dict(backend=backend, fullgraph=True)
+    for block in model.transformer.h:
+        block.compile(**kwargs)
+    model.embed = torch.compile(model.embed, **kwargs)
+    model.head_loss = torch.compile(model.head_loss, **kwargs)
+    model.head_logits = torch.compile(model.head_logits, **kwargs)
+    return model
+
+
+def build_model(config, dist_info, compile=False, compile_backend="inductor"):
+    """GPT(config) sharded with FSDP2 over all ranks and initialised; identical weights for any world size.
+    compile: "on" | "off" | "auto" | bool (see compile_enabled); when on, apply_compile(model, compile_backend)
+    before sharding."""
     device = dist_info.device
     if not dist.is_initialized():
         raise RuntimeError("build_model: call init_distributed() first")
     with torch.device("meta"):
         model = GPT(config)
+    if compile_enabled(compile, device):
+        apply_compile(model, compile_backend)
+        print0(f"torch.compile ({compile_backend}): {config.n_layer} blocks, embedding, head")
     mesh = init_device_mesh(device.type, (dist_info.world_size,))
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

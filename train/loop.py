@@ -40,6 +40,7 @@ from model.checkpoint import (checkpoint_dir, find_last_checkpoint, load_checkpo
                               set_rng_state, step_dir)
 from model.common import UserError, dist_info, peak_flops, print0
 from model.optim import muon_momentum
+from train.distributed import COMPILE_CHOICES
 
 
 def add_train_args(parser):
@@ -66,6 +67,11 @@ def add_train_args(parser):
     g.add_argument("--log-every", type=int, default=1, help="steps between log lines")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage/run")
     g.add_argument("--seed", type=int, default=42, help="seed of torch/python RNGs")
+    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile every block and the root's embedding and loss, then shard (auto: on with "
+                        "CUDA, off on CPU; see train/distributed.py)")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend: inductor, or aot_eager for quick CPU runs (no C++ build, no speed-up)")
     return parser
 
 

@@ -73,7 +73,7 @@ def load_source(stage, args, info):
         raise UserError(f"[{stage}] no {args.source} checkpoint found in {where}: run the {args.source} stage first "
                         f"(python -m train.{args.source}) or pass --source/--source-run")
     meta = read_meta(path)
-    model = build_model(GPTConfig(**meta["config"]), info)
+    model = build_model(GPTConfig(**meta["config"]), info, compile=args.compile, compile_backend=args.compile_backend)
     load_checkpoint(path, model)
     tokenizer = load_tokenizer(meta)
     print0(f"[{stage}] starting from {path}")
