@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in about 10 minutes on one H100/H200 (estimated):
+# The GPU check, in about 12 minutes on one H100/H200 (estimated):
 #   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers,
-#   3. the d20 training step eager vs fused.
+#   3. the d20 training step: eager vs fused, each with and without torch.compile; the fused preset's batch 32.
 # Results go to $OUT when set (the device tool), else bench/results/. Commit the JSON with the numbers in the note.
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
@@ -35,11 +35,16 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 step gpu_tests 170 "$PY" -m pytest $GPU_TESTS -m gpu -v $XDIST --durations=15 --no-header -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml"
 step kernels 260 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode,linear_cross_entropy --quick --out "$OUT"
-# Batch 16 (not the d20 preset's 32): eager keeps ~21 (B*T, C) bf16 tensors per layer plus ~4 fp32 (B*T, vocab)
-# logit tensors at the loss (no torch.compile to fuse them), an estimated ~140 GB at batch 32. peak_mem_gib scales
-# with the batch.
-step train 100 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.train --depth 20 \
-  --kernels eager,fused --steps 5 --warmup 2 --device-batch-size 16 --out "$OUT"
+# The four-way table at d20 (eager, eager+compile, fused, fused+compile, each vs eager+compile) at batch 16, which
+# all four fit: eager keeps ~21 (B*T, C) bf16 tensors per layer plus ~4 fp32 (B*T, vocab) logit tensors at the
+# loss, an estimated ~140 GB at batch 32 (bench/train.py's docstring has the arithmetic). The first warm-up step of
+# a compiled configuration runs inductor (estimated ~1 min each). peak_mem_gib scales with the batch.
+step train 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.train --depth 20 \
+  --kernels eager,fused --compile off,on --steps 3 --warmup 2 --device-batch-size 16 --out "$OUT"
+# The fused d20 preset's shape: 32 x 2048 tokens per GPU, no accumulation, compiled (estimated ~52 GB). Its own
+# output folder: both runs write train-<device>-<date>.json.
+step train_b32 80 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" -m bench.train --depth 20 \
+  --kernels fused --compile on --steps 2 --warmup 1 --device-batch-size 32 --out "$OUT/b32"
 ls -la "$OUT"
 if [ -n "$FINAL" ]; then tar czf "$FINAL/gpu_check.tgz" -C "$OUT" . && rm -rf "$OUT"; fi
 exit $status

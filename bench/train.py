@@ -1,33 +1,63 @@
-"""Training-throughput profiler: the real model + optimizer step, eager vs fused, side by side.
+"""Training-throughput profiler: the real model + optimizer step, eager vs fused kernels, with and without
+torch.compile, side by side.
 
-    python -m bench.train --depth 20 --kernels eager,fused [--profile]          # one GPU
+    python -m bench.train --depth 20 --kernels eager,fused --compile off,on     # one GPU: the four-way table
     torchrun --standalone --nproc_per_node=8 -m bench.train --depth 20          # every GPU (FSDP2)
-    python -m bench.train --depth 2 --seq-len 64 --device-batch-size 2 --kernels eager   # CPU smoke
+    python -m bench.train --depth 4 --seq-len 128 --kernels eager --compile off,on        # CPU (inductor: C++)
+    python -m bench.train --depth 4 --seq-len 128 --compile on --compile-backend aot_eager --build fsdp,plain
+                                                                                # CPU smoke, FSDP2 vs plain build
 
-Per mode: build the model the way training does (meta device -> FSDP2 -> init), warm up, then time N steps of
-forward / backward / optimizer with device syncs between the phases (so the breakdown is exact, at the cost of
-the overlap a real step would get; the "step" row is timed without those syncs). Communication is the time of the
-NCCL kernels in a one-step torch.profiler capture (0 on one GPU). MFU = tokens/s x FLOPs/token / (peak x GPUs),
-with FLOPs/token from GPT.estimate_flops() and the peak from a table of dense bf16 peaks (else the matmul peak
-measured in this run). NVML telemetry (power, SM clock, temperature, memory, utilisation) is sampled in a
-background thread; without nvidia-ml-py or a GPU it reports "unavailable". Input tokens are random: throughput does
-not depend on the text.
+Per configuration (kernels x compile x build): build the model the way training does (meta device -> [compile] ->
+FSDP2 -> init; train/distributed.py), warm up (the first step compiles), then time N steps of forward / backward /
+optimizer with device syncs between the phases (so the breakdown is exact, at the cost of the overlap a real step
+would get; the "step" row is timed without those syncs). `--build plain` is the same GPT without FSDP2, compiled
+whole (torch.compile(model, fullgraph=True), nanochat's way; bf16 autocast on CUDA) - the reference the FSDP2 build
+under compile must match. Each row records torch._dynamo's counters: graphs compiled, graph breaks, and graphs
+compiled after the warm-up (recompiles; 0 expected). Communication is the time of the NCCL kernels in a one-step
+torch.profiler capture (0 on one GPU). MFU = tokens/s x FLOPs/token / (peak x GPUs), with FLOPs/token from
+GPT.estimate_flops() and the peak from a table of dense bf16 peaks (else the matmul peak measured in this run); the
+ratio column is each row's speed over eager+compile (the plain PyTorch model compiled: what users compare against
+first). NVML telemetry (power, SM clock, temperature, memory, utilisation) is sampled in a background thread;
+without nvidia-ml-py or a GPU it reports "unavailable". A configuration that runs out of GPU memory is a row marked
+"out of memory", not a failed run. Input tokens are random: throughput does not depend on the text. On CPU, inductor
+builds C++ per graph (minutes at depth 4); `--compile-backend aot_eager` traces the same graphs without code
+generation (checks breaks and recompiles, no speed-up).
 
 From the d20 step time it projects the nanochat speedrun: 20 tokens per parameter, on 8 GPUs, assuming the
 per-GPU tokens/s measured here and perfect scaling (an upper bound on speed; nanochat's 8xH100 run logs ~41-46% MFU).
+
+Memory at d20 per GPU (estimate, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
+with no accumulation and the eager one 16 x 2048 x 2. d20: C = 1280, 20 layers, V = 65 536, 561 M params (wte and
+lm_head 83.9 M each, blocks 393 M); N = B x T tokens; one (N, C) bf16 tensor is 168 MB at B = 32 (N = 65 536).
+  fixed (one GPU, the worst case; FSDP2 divides it by the world size): fp32 params 2.24 GB + fp32 grads 2.24 GB +
+    AdamW moments of wte/lm_head 1.34 GB + Muon momentum of the blocks 1.57 GB + the bf16 gathered root and one or
+    two blocks ~0.4 GB                                                                                  = ~7.8 GB
+  saved for backward per block, fused: block input and post-attention residual (RMSNorm backward) 2, normed inputs
+    of the q/k/v and MLP GEMMs 2, attention's q_hat, k_hat, v and O (O is also c_proj's input) 4, the MLP's
+    a = relu(h)^2 (N, 4C) 4 -> 12 (N, C) = 2.0 GB; x 20 blocks                                         = 40.3 GB
+  root, fused: embedding output and the final norm's input and output 3 (N, C) = 0.5 GB; linear_cross_entropy
+    computes dh and dw in its forward, never the (N, V) logits: dh 1 (N, C) + its ~1.2 GiB of buffers = ~1.5 GB
+  backward transients of one block (dh of the MLP (N, 4C), a few (N, C) gradients)                      = ~1.5 GB
+  -> fused at B = 32: ~52 GB of 80 GB (compile can only lower it: inductor recomputes norms instead of saving
+     them). Eager at B = 32: the references keep ~21 (N, C) per block (rotated and normalised q/k copies, h, r and
+     a of the MLP: 70 GB) plus ~4 fp32 (N, V) logit tensors of 17.2 GB each at the loss: ~140 GB, so the eager
+     preset keeps 16 x 2 accumulation (its compiled variant holds fewer of those copies; nanochat runs 32 x 2048
+     compiled on 80 GB - not measured here).
 """
 import argparse
+import contextlib
 import os
 import threading
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from bench import harness
 from model.common import peak_flops, print0
-from model.gpt import GPTConfig
+from model.gpt import GPT, GPTConfig
 from train.distributed import build_model, cleanup, init_distributed
 
 
@@ -103,30 +133,78 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def profile_mode(mode, args, dist_info):
-    """Warm up, then time args.steps steps in `mode`; returns one result dict."""
+def label(mode, compiled, build="fsdp"):
+    """Row name: eager, eager+compile, fused, fused+compile; " (plain)" for the build without FSDP2."""
+    return mode + ("+compile" if compiled else "") + ("" if build == "fsdp" else f" ({build})")
+
+
+def dynamo_counts():
+    """torch._dynamo's running totals -> {"graphs": graphs compiled, "graph_breaks": breaks hit while tracing}."""
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def build_for_bench(config, dist_info, compiled, build, backend):
+    """-> (model whose parameters the optimizers own, the callable a step runs, autocast context factory).
+    build "fsdp": train.distributed.build_model (compiled part by part before sharding); "plain": GPT on the device,
+    init_weights, torch.compile of the whole model (bf16 autocast on CUDA, as FSDP2's bf16 policy there)."""
+    if build == "fsdp":
+        model = build_model(config, dist_info, compile=compiled, compile_backend=backend)
+        return model, model, contextlib.nullcontext
+    with torch.device(dist_info.device):
+        model = GPT(config)
+    model.init_weights()
+    fwd = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+    cuda = dist_info.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    return model, fwd, autocast
+
+
+def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
+    """Warm up, then time args.steps steps in kernel `mode`, compiled or not, FSDP2 or plain build; returns one
+    result dict (a CUDA out-of-memory gives {"mode", "compiled", "build", "error"})."""
     kernels.set_mode(mode)
+    torch._dynamo.reset()  # each configuration compiles from scratch and counts its own graphs
+    counters.clear()
+    device = dist_info.device
+    try:
+        return _profile(mode, args, dist_info, compiled, build)
+    except torch.OutOfMemoryError as e:
+        print0(f"[{label(mode, compiled, build)}] out of memory: {str(e).splitlines()[0]}")
+        return {"mode": mode, "compiled": compiled, "build": build, "error": "out of memory"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _profile(mode, args, dist_info, compiled, build):
     device = dist_info.device
     config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
     torch.manual_seed(0)
-    model = build_model(config, dist_info)
+    model, fwd, autocast = build_for_bench(config, dist_info, compiled, build, args.compile_backend)
     optimizers = model.setup_optimizers()
     B, T = args.device_batch_size, args.seq_len
     gen = torch.Generator(device="cpu").manual_seed(dist_info.rank)
     x = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
     y = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
 
+    def forward():
+        with autocast():
+            return fwd(x, y)
+
     def step():
-        loss = model(x, y)
+        loss = forward()
         loss.backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
         return loss
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - t0
+    warm = dynamo_counts()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -134,7 +212,7 @@ def profile_mode(mode, args, dist_info):
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = model(x, y)
+        loss = forward()
         _sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -159,16 +237,21 @@ def profile_mode(mode, args, dist_info):
         _sync(device)
         step_ms = 1e3 * (time.perf_counter() - t0) / args.steps
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    end = dynamo_counts()
 
+    name = label(mode, compiled, build)
     comm_ms, top = (0.0 if dist_info.world_size == 1 else None), None
     if args.profile or (device.type == "cuda" and dist_info.world_size > 1):
-        comm_ms, top = _profile_one_step(step, mode, args, device)
+        comm_ms, top = _profile_one_step(step, name.replace(" ", "").replace("(", "-").rstrip(")"), args, device)
     flops_tok = model.estimate_flops()
     tok_s = B * T * dist_info.world_size / (step_ms / 1e3)
-    return {"mode": mode, "step_ms": step_ms, "phases_ms": phases, "comm_ms": comm_ms,
-            "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / dist_info.world_size,
+    return {"mode": mode, "compiled": compiled, "build": build, "step_ms": step_ms, "phases_ms": phases,
+            "comm_ms": comm_ms, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / dist_info.world_size,
             "flops_per_token": flops_tok, "num_params": model.num_params(), "peak_mem_gib": peak_mem,
-            "loss": loss.item(), "telemetry": telemetry.summary(), "top_kernels": top}
+            "loss": loss.item(), "warmup_s": warmup_s, "graphs": end["graphs"], "graph_breaks": end["graph_breaks"],
+            "recompiles": end["graphs"] - warm["graphs"],
+            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "telemetry": telemetry.summary(), "top_kernels": top}
 
 
 def _profile_one_step(step, mode, args, device):
@@ -192,13 +275,30 @@ def _profile_one_step(step, mode, args, device):
     return comm, top
 
 
+def _csv(value, allowed, flag):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for v in items:
+        if v not in allowed:
+            raise SystemExit(f"bench.train: unknown value {v!r} in {flag} (use {' and/or '.join(allowed)})")
+    if not items:
+        raise SystemExit(f"bench.train: {flag} is empty")
+    return items
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused)")
+    ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused, compiled or not)")
     ap.add_argument("--depth", type=int, default=20, help="model depth (width 64*depth)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--device-batch-size", type=int, default=None, help="default 16 on CUDA (the d20 preset), 2 on CPU")
     ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--kernels", default=None, help="comma list of modes (default eager,fused on CUDA, eager on CPU)")
+    ap.add_argument("--compile", default=None,
+                    help="comma list of off/on: each kernel mode uncompiled and/or compiled (default off,on on CUDA, "
+                         "off on CPU)")
+    ap.add_argument("--compile-backend", default="inductor", help="inductor, or aot_eager (CPU smoke: no C++ build)")
+    ap.add_argument("--build", default="fsdp",
+                    help="comma list: fsdp (train.distributed.build_model) and/or plain (no FSDP2, whole-model "
+                         "compile; one process only)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="torch.profiler trace + top kernels by time")
@@ -206,42 +306,66 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.depth < 1:
         raise SystemExit("bench.train: --depth must be >= 1")
-    dist_info = init_distributed()
-    cuda = dist_info.device.type == "cuda"
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit("bench.train: --steps and --warmup must be >= 1 (the first warm-up step compiles)")
+    cuda = torch.cuda.is_available()  # as init_distributed picks the device
     args.device_batch_size = args.device_batch_size or (16 if cuda else 2)
-    modes = (args.kernels or ("eager,fused" if cuda else "eager")).split(",")
-    for m in modes:
-        if m not in ("eager", "fused"):
-            raise SystemExit(f"bench.train: unknown kernel mode {m!r} in --kernels (use eager and/or fused)")
+    modes = _csv(args.kernels or ("eager,fused" if cuda else "eager"), ("eager", "fused"), "--kernels")
+    compiles = [c == "on" for c in _csv(args.compile or ("off,on" if cuda else "off"), ("off", "on"), "--compile")]
+    builds = _csv(args.build, ("fsdp", "plain"), "--build")
+    if "plain" in builds and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("bench.train: --build plain is one process (no data parallelism); run it without torchrun")
+    dist_info = init_distributed()
 
-    results = [profile_mode(m, args, dist_info) for m in modes]
+    results = [profile_mode(m, args, dist_info, c, b) for b in builds for m in modes for c in compiles]
     info = harness.device_info()
     peaks = harness.measure_peaks(quick=True)
     peak = device_peak_flops(info["device"], peaks["matmul_tflops"] * 1e12) if cuda else None
+    case = {"depth": args.depth, "T": args.seq_len, "B": args.device_batch_size, "gpus": dist_info.world_size}
+    flops_step = None
     rows = []
     for r in results:
+        name = label(r["mode"], r["compiled"], r["build"])
+        if "error" in r:
+            rows.append(harness.row("train", case, name, "step", None, **{k: v for k, v in r.items() if k != "mode"}))
+            continue
         r["mfu_pct"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak, dist_info.world_size)
         r["projection_8gpu"] = project_speedrun(r["num_params"], r["tokens_per_s_per_device"])
-        case = {"depth": args.depth, "T": args.seq_len, "B": args.device_batch_size, "gpus": dist_info.world_size}
         flops_step = r["flops_per_token"] * args.device_batch_size * args.seq_len * dist_info.world_size
-        rows.append(harness.row("train", case, r["mode"], "step", r["step_ms"], flops=flops_step,
+        rows.append(harness.row("train", case, name, "step", r["step_ms"], flops=flops_step,
                                 **{k: v for k, v in r.items() if k not in ("mode", "step_ms")}))
-    harness.add_ratios(rows, "eager")
+    names = [r["provider"] for r in rows if r["ms"]]
+    baseline = "eager+compile" if "eager+compile" in names else (names[0] if names else None)
+    harness.add_ratios(rows, baseline)
     if dist_info.rank == 0:
-        print(f"{'mode':6} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>8} {'comm':>7} {'tok/s':>10} {'MFU%':>6} "
-              f"{'mem GiB':>8} {'vs eager':>8} {'speedrun h':>10}")
-        for r in rows:
-            p, f = r["phases_ms"], lambda v, s: "n/a" if v is None else format(v, s)
-            print(f"{r['provider']:6} {r['ms']:9.1f} {p['forward']:8.1f} {p['backward']:8.1f} {p['optimizer']:8.1f} "
-                  f"{f(r['comm_ms'], '7.1f'):>7} {r['tokens_per_s']:10.0f} {f(r['mfu_pct'], '6.1f'):>6} "
-                  f"{f(r['peak_mem_gib'], '8.1f'):>8} {f(r['ratio'], '8.2f'):>8} "
-                  f"{r['projection_8gpu']['hours']:10.2f}")
-        print(f"speedrun projection: {rows[0]['projection_8gpu']['tokens'] / 1e9:.2f} B tokens (20/param) on 8 GPUs at "
-              "the per-GPU tokens/s above, perfect scaling, no eval time")
-        print("telemetry:", rows[-1]["telemetry"].get("status"), rows[-1]["telemetry"].get("reason", ""))
+        print_table(rows, baseline)
+        projected = next((r for r in rows if r.get("projection_8gpu")), None)
+        if projected:
+            print(f"speedrun projection: {projected['projection_8gpu']['tokens'] / 1e9:.2f} B tokens (20/param) on 8 "
+                  "GPUs at the per-GPU tokens/s above, perfect scaling, no eval time")
+        telemetry = rows[-1].get("telemetry") or {}
+        print("telemetry:", telemetry.get("status"), telemetry.get("reason", ""))
         print("wrote", harness.write_results("train", rows, info, peaks, args.out, png=True))
     cleanup()
     return rows
+
+
+def print_table(rows, baseline):
+    """The table: one line per configuration; "vs base" = this row's tokens/s over the baseline's."""
+    f = lambda v, s: "n/a" if v is None else format(v, s)
+    print(f"{'config':22} {'step ms':>9} {'fwd':>8} {'bwd':>8} {'opt':>8} {'comm':>7} {'tok/s':>10} {'MFU%':>6} "
+          f"{'mem GiB':>8} {'vs base':>7} {'graphs':>6} {'breaks':>6} {'recomp':>6} {'warmup s':>8} {'speedrun h':>10}")
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['provider']:22} {r['error']}")
+            continue
+        p = r["phases_ms"]
+        print(f"{r['provider']:22} {r['ms']:9.1f} {p['forward']:8.1f} {p['backward']:8.1f} {p['optimizer']:8.1f} "
+              f"{f(r['comm_ms'], '7.1f'):>7} {r['tokens_per_s']:10.0f} {f(r['mfu_pct'], '6.1f'):>6} "
+              f"{f(r['peak_mem_gib'], '8.1f'):>8} {f(r['ratio'], '7.2f'):>7} {r['graphs']:6d} {r['graph_breaks']:6d} "
+              f"{r['recompiles']:6d} {r['warmup_s']:8.1f} {r['projection_8gpu']['hours']:10.2f}")
+    print(f"baseline: {baseline}; memory: peak CUDA allocation (n/a on CPU); graphs / breaks: compiled by torch."
+          "compile / graph breaks; recomp: graphs compiled after the warm-up")
 
 
 if __name__ == "__main__":

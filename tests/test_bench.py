@@ -105,6 +105,23 @@ def test_train_profiler_runs_on_cpu(tmp_path):
     assert _json.load(open(next(tmp_path.glob("train-*.json"))))["rows"][0]["flops_per_token"] > 0
 
 
+def test_train_profiler_four_way_and_plain_build_on_cpu(tmp_path, eager_single_thread):
+    """--compile off,on x --build fsdp,plain (aot_eager: traced, no C++ build): four rows named as the table names
+    them, ratios to eager+compile, compiled rows with graphs but no graph break and no recompile after warm-up."""
+    from bench import train as bench_train
+    rows = bench_train.main(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "256",
+                             "--steps", "1", "--warmup", "1", "--kernels", "eager", "--compile", "off,on",
+                             "--compile-backend", "aot_eager", "--build", "fsdp,plain", "--out", str(tmp_path)])
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["eager", "eager+compile", "eager (plain)", "eager+compile (plain)"]
+    assert by["eager+compile"]["ratio"] == pytest.approx(1.0)
+    for name, r in by.items():
+        assert r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["graph_breaks"] == 0 and r["recompiles"] == 0, name
+        assert r["graphs"] == {"eager": 0, "eager+compile": 3, "eager (plain)": 0, "eager+compile (plain)": 1}[name]
+    with pytest.raises(SystemExit, match="unknown value 'maybe' in --compile"):
+        bench_train.main(["--compile", "maybe"])
+
+
 def test_report_prefers_a_full_run_over_a_newer_quick_one(tmp_path):
     for name, date, quick, ms in (("full", "2026-01-01T00:00:00Z", False, 1.0),
                                   ("q", "2026-02-01T00:00:00Z", True, 9.0)):
