@@ -6,6 +6,8 @@
 --kill-at K: SIGKILL this process right after the checkpoint of step K is on disk (a real crash, not an exception).
 --rows: a synthetic loader whose global micro-batch order does not depend on the world size (row block
         step*accum*W + micro*W + rank), so W ranks with accumulation a/W see the same data as one process with a.
+--dump-resumed PATH: right after --resume loaded the checkpoint, rank 0 writes the full (unsharded) model and
+        optimizer state to PATH (torch.save of get_state_dict's full_state_dict), to compare with what was saved.
 Losses land in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/log.jsonl (rank 0, full precision).
 """
 import argparse
@@ -16,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
 
 import kernels  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
@@ -54,6 +57,7 @@ def main():
     p.add_argument("--rows", action="store_true")
     p.add_argument("--stage", default="worker")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dump-resumed", default=None)
     args = p.parse_args()
     args.num_iterations = args.steps
     kernels.set_mode("eager")
@@ -78,6 +82,17 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
         loop.save_checkpoint = save_then_die
+    if args.dump_resumed:
+        resume = loop.resume
+
+        def resume_then_dump(*a, **kw):
+            out = resume(*a, **kw)
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(model, opts, options=full)
+            if info.rank == 0:
+                torch.save({"model": model_sd, "optim": optim_sd}, args.dump_resumed)
+            return out
+        loop.resume = resume_then_dump
     tb = token_bytes(ByteTokenizer())
     val_docs = synthetic_docs(21, seed=1)  # odd: under 2 ranks they hold different numbers of val batches
 

@@ -20,7 +20,10 @@ warmdown to final_lr_frac over the last warmdown_ratio, as nanochat); Muon group
 nanochat's momentum warmup 0.85 → 0.95 over the first 300 steps; grad-norm clip; optimizer steps; zero_grad.
 Every `--eval-every` steps and at the end: eval_fn. Every `--save-every` steps and at the end: an atomic checkpoint
 (model, optimizers, loader states of all ranks, RNG of all ranks, step) in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/.
-`--resume`: continue from the newest checkpoint of <stage>/<run> bit-for-bit (same world size), or a clear error.
+`--resume`: continue from the newest checkpoint of <stage>/<run>, on any number of processes: DCP reshards model and
+optimizer state; with the same number as the save, every rank's loader state and RNG are restored (bit-for-bit);
+with another, the loaders continue from the position every saved rank had reached (loader.load_state_dicts) and a
+one-line note says that the data order differs from an uninterrupted run.
 Logging (rank 0): a line per `--log-every` steps with loss, lr, tokens/s, MFU (CUDA only), ETA; the same as JSON lines
 in <run dir>/log.jsonl (appended on resume). The loss is only synchronised (.item()) on logging steps.
 
@@ -126,21 +129,42 @@ def optimizer_step(model, optimizers, grad_clip):
 
 
 def resume(stage, run, model, optimizers):
-    """Load the newest checkpoint of <stage>/<run> into model and optimizers and restore this rank's RNG -> its
-    meta.json (step, loader_states, val, ...). UserError when there is none, or when it was saved by another number
-    of processes (exact resume replays every rank's data and RNG)."""
+    """Load the newest checkpoint of <stage>/<run> into model and optimizers (DCP reshards them to this run's number
+    of processes) and restore this rank's RNG -> its meta.json (step, loader_states, val, ...) plus "path" and
+    "exact". exact: saved by as many processes as this run has (every rank's RNG and loader state fit). Otherwise
+    a rank that had a saved counterpart takes its RNG (others keep the seed's), and a one-line note is printed.
+    UserError when there is no checkpoint."""
     ckpt = find_last_checkpoint(stage, run)
     if ckpt is None:
         raise UserError(f"--resume: no checkpoint found in {checkpoint_dir(stage, run)}; run without --resume first "
                         f"(or pass the --run name of an existing run)")
     saved = load_checkpoint(ckpt, model, optimizers)
     info = dist_info()
-    if saved.get("world_size", 1) != info.world_size:
-        raise UserError(f"--resume: {ckpt} was saved by {saved.get('world_size')} processes, this run has "
-                        f"{info.world_size}; exact resume needs the same number of processes")
-    set_rng_state(saved["rng_states"][info.rank])
+    saved_world = saved.get("world_size", 1)
+    rng_states = saved.get("rng_states", [])
+    if info.rank < len(rng_states):
+        set_rng_state(rng_states[info.rank])
+    exact = saved_world == info.world_size
+    if not exact:
+        print0(f"note: {ckpt} was saved by {saved_world} process{'es' if saved_world > 1 else ''} and resumes on "
+               f"{info.world_size}: model and optimizer state resharded, the data continue from where every saved "
+               f"rank had got to, in another order than an uninterrupted run")
     print0(f"resumed from {ckpt} at step {saved['step']}")
-    return dict(saved, path=ckpt)
+    return dict(saved, path=ckpt, exact=exact)
+
+
+def restore_loader(loader, saved, rank):
+    """Put the loader at the saved position: every rank's saved state goes to loader.load_state_dicts (which also
+    handles another number of ranks); a loader with only load_state_dict resumes on the same number of ranks only
+    (UserError otherwise)."""
+    states = saved["loader_states"]
+    if hasattr(loader, "load_state_dicts"):
+        loader.load_state_dicts(states)
+    elif saved.get("exact", len(states) == dist_info().world_size):
+        loader.load_state_dict(states[rank])
+    else:
+        raise UserError(f"--resume: {saved.get('path')} was saved by {len(states)} processes and this loader "
+                        f"({type(loader).__name__}) can only continue on as many")
 
 
 def _mean_across_ranks(t):
@@ -186,7 +210,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:
         saved = resume(stage, args.run, model, optimizers)
-        loader.load_state_dict(saved["loader_states"][rank])
+        restore_loader(loader, saved, rank)
         start_step, last_val, ckpt = saved["step"], saved.get("val", {}), saved["path"]
     print0(f"{stage}: {num_iterations} steps x {tokens_per_step:,} tokens (world {world} x batch {B} x seq {T} x "
            f"accum {accum}), kernels {kernels.get_mode()}")
