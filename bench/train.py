@@ -2,7 +2,7 @@
 torch.compile, side by side.
 
     python -m bench.train --depth 20 --kernels eager,fused --compile off,on     # one GPU: the four-way table
-    torchrun --standalone --nproc_per_node=8 -m bench.train --depth 20          # every GPU (FSDP2)
+    torchrun --standalone --nproc_per_node=8 -m bench.train -- --depth 20       # every GPU (FSDP2)
     python -m bench.train --depth 4 --seq-len 128 --kernels eager --compile off,on        # CPU (inductor: C++)
     python -m bench.train --depth 4 --seq-len 128 --compile on --compile-backend aot_eager --build fsdp,plain
                                                                                 # CPU smoke, FSDP2 vs plain build

@@ -75,6 +75,54 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     assert len(v1) == len(v2) == 1 and abs(v1[0] - v2[0]) < 0.05  # uneven val shards: no hang, similar bpb
 
 
+def flat(tree, prefix=""):
+    """A nested state dict -> {dotted key: leaf}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def assert_loaded_equals_saved(dump, ckpt, tmp_path):
+    """The full model + optimizer state right after --resume (dump) equals the checkpoint's, tensor for tensor."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(ckpt), str(tmp_path / "saved.pt"))
+    saved, loaded = (flat(torch.load(f, weights_only=False)) for f in (tmp_path / "saved.pt", dump))
+    assert set(saved) == set(loaded)
+    tensors = [k for k, v in saved.items() if isinstance(v, torch.Tensor)]
+    assert sum("momentum_buffer" in k for k in tensors) == 12 and sum("exp_avg_sq" in k for k in tensors) == 2
+    for k in saved:  # Muon's momentum, AdamW's moments and steps, every weight; param groups too
+        same = torch.equal(saved[k], loaded[k]) if k in tensors else saved[k] == loaded[k]
+        assert same, k
+
+
+def test_resume_on_another_number_of_processes(tmp_path):
+    """2 ranks -> 1 -> 2: DCP reshards model and optimizer state (the tensors after each load equal those saved),
+    the data continue from where the saved ranks had got to with a one-line note, and the loss goes on falling."""
+    torchrun = [os.path.join(os.path.dirname(PY), "torchrun"), "--standalone", "--nproc_per_node=2"]
+    common = [WORKER, "--device-batch-size", "2", "--total-batch-size", "128", "--save-every", "2", "--eval-every",
+              "0", "--kernels", "eager"]
+    home, ckpts = tmp_path / "h", tmp_path / "h" / "checkpoints" / "worker" / "default"
+    first = run(torchrun + common + ["--steps", "4"], home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    one = run([PY] + common + ["--steps", "6", "--resume", "--dump-resumed", str(tmp_path / "one.pt")], home)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "saved by 2 processes and resumes on 1" in one.stdout and "in another order" in one.stdout
+    assert "world 1 x batch 2 x seq 32 x accum 2" in one.stdout
+    assert_loaded_equals_saved(tmp_path / "one.pt", ckpts / "step_000004", tmp_path)
+    two = run(torchrun + common + ["--steps", "8", "--resume", "--dump-resumed", str(tmp_path / "two.pt")], home)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "saved by 1 process and resumes on 2" in two.stdout
+    assert_loaded_equals_saved(tmp_path / "two.pt", ckpts / "step_000006", tmp_path)
+    assert json.load(open(ckpts / "step_000008" / "meta.json"))["world_size"] == 2
+    loss = losses(logged(home))
+    assert sorted(loss) == list(range(1, 9))
+    drop = {step: loss[step - 1] - loss[step] for step in range(2, 9)}
+    assert all(d > 0 for d in drop.values()), loss  # the curve keeps falling across both moves (steps 5 and 7) ...
+    assert max(drop[5], drop[7]) <= max(drop[2], drop[3], drop[4]), loss  # ... without a jump either way
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_loop_resume_and_mfu(tmp_path):
     common = [PY, WORKER, "--device", "cuda", "--steps", "6", "--device-batch-size", "8", "--total-batch-size", "512",
@@ -121,14 +169,18 @@ def test_tiny_preset_end_to_end(home, capsys):
 
 
 def test_tiny_preset_under_torchrun(home):
-    """Rank 0 fetches the corpus and trains the tokenizer while rank 1 waits on marker files; then 2-rank FSDP2."""
+    """Rank 0 fetches the corpus and trains the tokenizer while rank 1 waits on marker files; then 2-rank FSDP2.
+    Launched the documented way, flags after `--`, naming the run with --run (which torchrun alone would take for
+    its own --run-path)."""
     torchrun = os.path.join(os.path.dirname(PY), "torchrun")
-    r = run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "train.base", "--preset", "tiny",
-             "--num-iterations", "2", "--device-batch-size", "2", "--total-batch-size", "256", "--max-seq-len", "64",
-             "--eval-tokens", "512", "--sample-tokens", "2", "--vocab-size", "300", "--kernels", "eager"], home)
+    r = run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "train.base", "--", "--preset", "tiny",
+             "--run", "ws", "--num-iterations", "2", "--device-batch-size", "2", "--total-batch-size", "256",
+             "--max-seq-len", "64", "--eval-tokens", "512", "--sample-tokens", "2", "--vocab-size", "300",
+             "--kernels", "eager"], home)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world 2 x batch 2 x seq 64 x accum 1" in r.stdout and "base done: 2 steps" in r.stdout
-    report = json.load(open(home / "reports" / "base_default.json"))
+    assert os.listdir(home / "checkpoints" / "base") == ["ws"]
+    report = json.load(open(home / "reports" / "base_ws.json"))
     assert report["world_size"] == 2 and report["val"]["val_bpb"] > 0
     assert not [f for f in os.listdir(home) + os.listdir(home / "data") if f.startswith(".")]  # markers removed
 
@@ -232,3 +284,56 @@ def test_corrupt_shard(home, capsys):
                                                      "--device", "cpu"]),
                           "shard shard_00001.parquet from http://127.0.0.1")
     assert "corrupt" in err and not (home / "data" / "fineweb" / data.shard_name(1)).exists()
+
+
+# ------------------------------------------------------------------------------------------------ torchrun launches
+# Every module a documented command launches under torchrun; its flags follow `--` (torchrun's parser would take
+# a flag that abbreviates one of its own options, as --run does --run-path, for its own).
+TORCHRUN_MODULES = ("train.base", "train.mid", "train.sft", "train.rl", "train.evaluate", "train.speedrun",
+                    "bench.train")
+
+
+class _Parsed(Exception):
+    pass
+
+
+def module_parser(module, monkeypatch):
+    """The argparse parser a module's entry point builds (captured at its first parse_args call)."""
+    import importlib
+    captured = []
+
+    def capture(self, *a, **kw):
+        captured.append(self)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    mod = importlib.import_module(module)
+    with pytest.raises(_Parsed):
+        (mod.parse_args if hasattr(mod, "parse_args") else mod.main)([])
+    monkeypatch.undo()
+    return captured[0]
+
+
+@pytest.mark.parametrize("module", TORCHRUN_MODULES)
+def test_every_flag_reaches_the_module_through_torchrun(module, monkeypatch):
+    """torchrun's own parser, given the documented form `torchrun ... -m MODULE -- FLAGS`, hands every flag of the
+    module (both `--flag value` and `--flag=value`) to the module untouched, and the module parses them."""
+    from torch.distributed.run import get_args_parser
+    parser = module_parser(module, monkeypatch)
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert "--kernels" in flags and len(flags) > 5
+    torchrun = get_args_parser()
+    for flag in flags:
+        for argv in ([flag, "x"], [f"{flag}=x"]):
+            got = torchrun.parse_args(["--standalone", "--nproc_per_node=2", "-m", module, "--"] + argv)
+            assert got.module and got.training_script == module and got.training_script_args == argv, (flag, got)
+    with pytest.raises(SystemExit):  # what the undocumented form does to --run (why the `--` is there)
+        torchrun.parse_args(["--standalone", "--nproc_per_node=2", "-m", "train.base", "--run", "ws"])
+
+
+def test_stage_flags_after_a_double_dash_parse():
+    """The `--` of the documented launch, if handed on to the stage, is dropped: the flags after it still parse."""
+    from train import rl, sft
+    args = base.parse_args(["--", "--preset", "tiny", "--run", "ws", "--depth", "3"])
+    assert (args.run, args.depth, args.max_seq_len) == ("ws", 3, 256)
+    assert sft.parse_args(["--", "--run", "ws"]).run == rl.parse_args(["--", "--run", "ws"]).run == "ws"

@@ -2,8 +2,8 @@
 (https://github.com/karpathy/nanochat/blob/master/scripts/base_train.py), FSDP2 on any number of processes.
 
     python -m train.base --preset tiny                              # CPU, embedded Shakespeare corpus, ~3 minutes
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base --preset tiny       # the same on 2 CPU ranks (gloo)
-    torchrun --nproc_per_node=8 -m train.base --preset d20          # the speedrun model on FineWeb-Edu (8 GPUs)
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base -- --preset tiny    # the same on 2 CPU ranks (gloo)
+    torchrun --nproc_per_node=8 -m train.base -- --preset d20       # the speedrun model on FineWeb-Edu (8 GPUs)
     python -m train.base --preset tiny --resume                     # continue the newest checkpoint bit-for-bit
 
 Presets (PRESETS below; any flag overrides them):

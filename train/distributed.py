@@ -1,8 +1,8 @@
 """Process group setup and FSDP2 model construction, in one place.
 
     python -m train.base ...                               # single process (CPU or one GPU)
-    torchrun --nproc_per_node=8 -m train.base ...          # one process per GPU (NCCL)
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base --preset tiny   # CPU, gloo
+    torchrun --nproc_per_node=8 -m train.base -- ...       # one process per GPU (NCCL); stage flags after --
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base -- --preset tiny   # CPU, gloo
 
 One code path for every world size: a single process without torchrun still gets a process group (world size 1,
 backed by an in-memory HashStore, so no port is needed) and the model is sharded with FSDP2 exactly as under

@@ -9,6 +9,7 @@ group: destroying and re-creating it under torchrun races) and `main(argv)` = st
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -33,7 +34,11 @@ def main(run, argv=None):
 
 def parse_args(parser, presets, argv=None):
     """Two-phase parse: --preset (default "tiny") picks presets[name], a dict of flag defaults; every flag given
-    overrides them. Adds --preset to `parser`. Raises UserError for an unknown preset."""
+    overrides them. Adds --preset to `parser`. Raises UserError for an unknown preset. A leading `--` (the
+    documented `torchrun ... -m train.<stage> -- FLAGS`, which some Pythons' argparse hand on) is dropped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     name = pre.parse_known_args(argv)[0].preset
