@@ -288,3 +288,14 @@ def test_prompts_that_leave_no_room_fail_at_load():
     with pytest.raises(TaskError, match=r"\[rl\] prefer_a: example 2: its prompt of 44 tokens leaves no room for a "
                                         r"completion in the context of 44 tokens"):
         check_prompts(tok, Prompts(), max_context=44)
+
+
+@pytest.mark.parametrize("flag", ["--device-batch-size", "--num-samples", "--prompts-per-step", "--max-new-tokens",
+                                  "--eval-k", "--inner-steps"])
+def test_zero_counts_are_refused_before_training(flag):
+    """A zero batch or count would fail mid-run (a zero range step in the update, an empty group): one line first."""
+    from model.common import UserError
+    from train.rl import parse_args
+    with pytest.raises(UserError, match=rf"\[rl\] {flag} must be an integer >= 1, got 0"):
+        parse_args([flag, "0"])
+    assert parse_args([flag, "2"]) is not None

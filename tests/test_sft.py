@@ -244,3 +244,11 @@ def test_conversation_loaders_resume_on_another_number_of_ranks(tok):
         same = cls(task, tok, 2, 64, rank=0, world_size=2)
         assert same.load_state_dicts(states) is True
         assert all(torch.equal(a, b) for a, b in zip(same.next_batch(), old[0].next_batch()))
+
+
+@pytest.mark.parametrize("flag", ["--val-batches", "--device-batch-size"])
+def test_zero_batches_are_refused_before_training(tmp_path, monkeypatch, flag):
+    """--val-batches 0 would divide by zero at the first evaluation, --device-batch-size 0 in the loop: UserError."""
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=rf"\[sft\] {flag} must be an integer >= 1, got 0"):
+        sft.run(["--kernels", "eager", flag, "0"])

@@ -301,7 +301,10 @@ def parse_args(argv=None):
     g.add_argument("--init-lr-frac", type=float, default=0.05, help="LRs x this, then linear decay to 0 (nanochat)")
     g.add_argument("--eval-examples", type=int, help="test prompts for pass@k")
     g.add_argument("--eval-k", type=int, help="k of pass@k")
-    return stage.parse_args(p, PRESETS, argv)
+    args = stage.parse_args(p, PRESETS, argv)
+    stage.require_positive("rl", args, "prompts_per_step", "num_samples", "max_new_tokens", "device_batch_size",
+                           "eval_k", "inner_steps")
+    return args
 
 
 def run(argv=None):

@@ -49,6 +49,15 @@ def parse_args(parser, presets, argv=None):
     return parser.parse_args(argv)
 
 
+def require_positive(stage, args, *names):
+    """UserError naming the flag unless each args.<name> is an integer >= 1 (checked before any work starts: a zero
+    batch or count otherwise fails mid-run, e.g. at the first evaluation)."""
+    for name in names:
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"[{stage}] --{name.replace('_', '-')} must be an integer >= 1, got {value}")
+
+
 def add_stage_args(parser, stage):
     """The loop's flags plus those of a stage that starts from an earlier stage's checkpoint -> the stage's group."""
     add_train_args(parser)
@@ -107,6 +116,7 @@ def train_on_mixture(stage, args, loader_cls):
     of the mixture args.tasks -> train.loop.train, with the mean loss of args.val_batches batches of the test split as
     val_loss -> the loop's summary plus "tasks" (also written by write_summary). --num-iterations -1: args.epochs
     passes over the mixture."""
+    require_positive(stage, args, "device_batch_size", "val_batches")
     info = start(args)
     model, tokenizer, src_meta, src_path = load_source(stage, args, info)
     T = src_meta["config"]["sequence_len"]
