@@ -4,7 +4,8 @@ Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/
     *.distcp, .metadata   DCP files: every rank writes its own shards of {"model": ..., "optim": ...}; DCP reshards
                           on load, so a checkpoint saved by N ranks loads into M ranks or one plain nn.Module.
     meta.json             {"config": GPTConfig dict, "step", "stage", "kernels", "world_size",
-                           "loader_states": [state of rank 0, rank 1, ...], "rng_states": [base64 pickle per rank],
+                           "loader_states": [state of rank 0, rank 1, ...], "rng_states": [per rank: torch/CUDA
+                           states as base64 bytes, python's and numpy's as JSON numbers; never a pickle],
                            ... plus whatever the stage adds (args, val metrics, tokenizer dir)}
 
 Atomicity: everything is written into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then the directory is
@@ -20,7 +21,6 @@ checkpoint size (sum of all state tensors + 10 %); too little space -> UserError
 import base64
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -49,22 +49,40 @@ def step_dir(stage, run, step):
     return os.path.join(checkpoint_dir(stage, run), f"step_{step:06d}")
 
 
+def _b64(t):
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def rng_state():
-    """This process's RNG states (torch CPU, CUDA, python, numpy) as a base64 string for meta.json."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states (torch CPU, CUDA, python, numpy) as plain JSON values for meta.json: the torch
+    states as base64 bytes, python's and numpy's Mersenne Twister states as lists of numbers. Data only: a
+    checkpoint from anywhere can be resumed without running anything stored in it."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return base64.b64encode(pickle.dumps(state)).decode("ascii")
+        state["cuda"] = [_b64(t) for t in torch.cuda.get_rng_state_all()]
+    return state
 
 
-def set_rng_state(encoded):
-    state = pickle.loads(base64.b64decode(encoded))  # our own file: written by rng_state() above
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+def set_rng_state(state):
+    """Restore what rng_state() returned -> True. A state in another format (an older checkpoint's base64 pickle)
+    is not decoded, since unpickling would run whatever it holds: -> False, the RNG left as it is."""
+    if not isinstance(state, dict):
+        return False
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        torch.cuda.set_rng_state_all([_unb64(t) for t in state["cuda"]])
+    return True
 
 
 def _as_list(optimizers):

@@ -117,3 +117,45 @@ def test_load_model_single_process(home):
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-6, rtol=1e-6)
     assert meta["step"] == 2
+
+
+class _Effect:
+    """A pickle payload: unpickling it writes a file (what a pickle in someone else's checkpoint could do)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.write_text, (pathlib.Path(self.path), "unpickled")
+
+
+def test_rng_state_is_data_never_unpickled(home, tmp_path):
+    """RNG states are JSON values (torch bytes in base64, python/numpy numbers) that round-trip exactly; a
+    meta.json whose rng state is a pickle (the older format) is never unpickled: resume goes on without it."""
+    import base64
+    import json
+    import pickle
+    import random
+
+    import numpy as np
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    state = json.loads(json.dumps(ck.rng_state()))  # as meta.json stores it
+    want = (torch.rand(4), random.random(), np.random.rand())
+    assert ck.set_rng_state(state) is True
+    assert torch.equal(torch.rand(4), want[0]) and random.random() == want[1] and np.random.rand() == want[2]
+
+    marker = tmp_path / "unpickled"
+    payload = base64.b64encode(pickle.dumps(_Effect(str(marker)))).decode("ascii")
+    model, opts = trained_model(steps=1)
+    path = ck.step_dir("base", "planted", 1)
+    ck.save_checkpoint(path, 1, model, opts, {"config": vars(CFG)})
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    meta["rng_states"] = [payload]
+    json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
+    from train import loop
+    saved = loop.resume("base", "planted", model, opts)
+    assert saved["step"] == 1 and not marker.exists()
+    assert ck.set_rng_state(payload) is False and not marker.exists()

@@ -142,8 +142,9 @@ def resume(stage, run, model, optimizers):
     info = dist_info()
     saved_world = saved.get("world_size", 1)
     rng_states = saved.get("rng_states", [])
-    if info.rank < len(rng_states):
-        set_rng_state(rng_states[info.rank])
+    if info.rank < len(rng_states) and not set_rng_state(rng_states[info.rank]):
+        print0(f"note: {ckpt} holds its RNG state in an older format that is not decoded (it would be unpickled); "
+               f"the RNG stays seeded, so this resume is not bit-exact")
     exact = saved_world == info.world_size
     if not exact:
         print0(f"note: {ckpt} was saved by {saved_world} process{'es' if saved_world > 1 else ''} and resumes on "
