@@ -21,9 +21,11 @@ checkpoint size (sum of all state tensors + 10 %); too little space -> UserError
 import base64
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -178,6 +180,39 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     return path
 
 
+# What a DCP .metadata pickle may name: DCP's own metadata records, torch.Size, dtypes, layouts and a path. DCP
+# unpickles the file with plain pickle.load, which would run anything a foreign checkpoint put there; it is checked
+# against this list first.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = (module, name) in _DCP_GLOBALS or \
+            (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)) or \
+            (module in _DCP_MODULES and isinstance(getattr(sys.modules.get(module), name, None), type))
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path):
+    """Refuse (UserError) a checkpoint whose DCP .metadata pickle names anything but DCP's metadata types, before
+    DCP unpickles it: loading a checkpoint never runs code stored in it."""
+    meta_path = os.path.join(path, ".metadata")
+    if not os.path.exists(meta_path):
+        raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
+    try:
+        with open(meta_path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: one clear line, nothing run
+        raise UserError(f"{meta_path} is not DCP metadata this code loads ({type(e).__name__}: {e}); "
+                        f"refusing to unpickle it") from None
+
+
 def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
@@ -192,8 +227,7 @@ def load_checkpoint(path, model, optimizers=None):
     meta = read_meta(path)
     opts = _as_list(optimizers)
     state = _state_dicts(model, opts)
-    if opts and not os.path.exists(os.path.join(path, ".metadata")):
-        raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
+    check_dcp_metadata(path)
     dcp.load(state, checkpoint_id=path)
     if opts:
         set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -234,6 +268,7 @@ def load_model(stage, device="cpu", run=None, path=None):
     model.to_empty(device=device)
     model.init_weights()  # also fills the non-persistent rotary buffers
     state = {"model": model.state_dict()}
+    check_dcp_metadata(path)
     with warnings.catch_warnings():  # "no process group, assuming a single process": exactly what we want here
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())

@@ -159,3 +159,21 @@ def test_rng_state_is_data_never_unpickled(home, tmp_path):
     saved = loop.resume("base", "planted", model, opts)
     assert saved["step"] == 1 and not marker.exists()
     assert ck.set_rng_state(payload) is False and not marker.exists()
+
+
+def test_foreign_dcp_metadata_is_refused_before_unpickling(home, tmp_path):
+    """DCP unpickles .metadata with plain pickle: a checkpoint whose .metadata names anything but DCP's own types
+    is refused (one line) before DCP reads it, so loading never runs code stored in a checkpoint."""
+    import pickle
+    model, opts = trained_model(steps=1)
+    path = ck.step_dir("base", "foreign", 1)
+    ck.save_checkpoint(path, 1, model, opts, {"config": vars(CFG)})
+    ck.load_model("base", path=path)  # DCP's own metadata passes the check
+    marker = tmp_path / "unpickled"
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Effect(str(marker)), f)
+    for load in (lambda: ck.load_model("base", path=path), lambda: ck.load_checkpoint(path, model, opts)):
+        with pytest.raises(ck.UserError, match=r"\.metadata is not DCP metadata .*names pathlib\.Path\.write_text.* "
+                                               r"refusing to unpickle it"):
+            load()
+        assert not marker.exists()
