@@ -216,6 +216,26 @@ def test_d20_code_path_on_local_shards(home, capsys):
     assert sorted(os.listdir(home / "data" / "fineweb")) == [data.shard_name(s) for s in range(3)]
 
 
+def test_resume_with_another_batch_says_so(home, capsys):
+    """--total-batch-size -1 means one micro-batch per process: resumed with another batch (as on another number of
+    processes), a step holds another number of tokens, and a note says how to keep the saved one."""
+    info = init_distributed("cpu")
+    cfg = GPTConfig(sequence_len=16, vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+
+    def go(B, steps, resume):
+        model = build_model(cfg, info)
+        loader = TokenLoader(ByteTokenizer(), synthetic_docs(40), B, 16)
+        args = argparse.Namespace(**vars(loop.add_train_args(argparse.ArgumentParser()).parse_args([])))
+        args.num_iterations, args.total_batch_size, args.device_batch_size, args.resume = steps, -1, B, resume
+        args.kernels = "eager"
+        loop.train("notes", model, model.setup_optimizers(), loader, args)
+        return capsys.readouterr().out
+
+    assert "note:" not in go(2, 2, False)
+    out = go(4, 3, True)
+    assert "note: a step now holds 64 tokens, 32 before the resume; pass --total-batch-size 32" in out
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 
 def expect_exit(capsys, fn, match):

@@ -207,11 +207,16 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     meta.setdefault("stage", stage)
     meta.setdefault("kernels", kernels.get_mode())
     meta.setdefault("args", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
+    meta.setdefault("tokens_per_step", tokens_per_step)
 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:
         saved = resume(stage, args.run, model, optimizers)
         restore_loader(loader, saved, rank)
+        was = saved.get("tokens_per_step", tokens_per_step)
+        if was != tokens_per_step:  # e.g. --total-batch-size -1 (one micro-batch per process) on another world size
+            print0(f"note: a step now holds {tokens_per_step:,} tokens, {was:,} before the resume; pass "
+                   f"--total-batch-size {was} to keep the batch (and the schedule's meaning)")
         start_step, last_val, ckpt = saved["step"], saved.get("val", {}), saved["path"]
     print0(f"{stage}: {num_iterations} steps x {tokens_per_step:,} tokens (world {world} x batch {B} x seq {T} x "
            f"accum {accum}), kernels {kernels.get_mode()}")
