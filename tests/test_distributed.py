@@ -192,20 +192,23 @@ def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
 
 @pytest.mark.parametrize("stage", ["base", "mid", "sft", "rl"])
 def test_compile_flag_parses_and_defaults_per_preset(stage):
-    """--compile auto|on|off (default auto: on with CUDA, off on CPU) and --compile-backend on every stage, every
-    preset; base's d20 batch per GPU follows the kernels (32 fused, 16 eager) unless given."""
+    """--compile auto|on|off (default auto: on with CUDA, off on CPU; off for RL, whose shapes change every step)
+    and --compile-backend on every stage, every preset; base's d20 batch per GPU follows the kernels (32 fused,
+    16 eager) unless given."""
     import importlib
 
     from train.distributed import compile_enabled
+    from train.stage import compile_setting
     mod = importlib.import_module(f"train.{stage}")
     for preset in mod.PRESETS:
         args = mod.parse_args(["--preset", preset])
         assert (args.compile, args.compile_backend) == ("auto", "inductor"), preset
-        assert compile_enabled(args.compile, "cuda") and not compile_enabled(args.compile, "cpu")
+        value = compile_setting(stage, args.compile)
+        assert compile_enabled(value, "cuda") == (stage != "rl") and not compile_enabled(value, "cpu")
     args = mod.parse_args(["--compile", "off"])
     assert not compile_enabled(args.compile, "cuda")
     args = mod.parse_args(["--compile", "on", "--compile-backend", "aot_eager"])
-    assert compile_enabled(args.compile, "cpu") and args.compile_backend == "aot_eager"
+    assert compile_enabled(compile_setting(stage, args.compile), "cpu") and args.compile_backend == "aot_eager"
     with pytest.raises(SystemExit):
         mod.parse_args(["--compile", "yes"])
     if stage == "base":

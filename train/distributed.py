@@ -19,8 +19,9 @@ forward and the root's embedding and head (final norm + lm_head + softcap + loss
 fullgraph=True, then sharded. FSDP2's hooks (all-gather before a module's forward, reduce-scatter after its backward)
 run eagerly between those graphs, never inside one, so there is no graph break; torch.compile of the whole sharded
 model instead breaks its graph at every hook and leaves the head uncompiled. The blocks share one compiled graph
-(same code, same shapes). Training shapes compile once (a second entry per part for no-grad evaluation);
-GPT.generate runs uncompiled (every token changes the shape).
+(same code, same shapes). Training shapes compile once; evaluation without grad (same shapes) adds one entry per
+part; GPT.generate runs uncompiled (every token changes the shape); RL builds uncompiled unless --compile on
+(train/stage.py: its update sees a new length every step).
 """
 import os
 

@@ -72,7 +72,7 @@ def add_train_args(parser):
     g.add_argument("--seed", type=int, default=42, help="seed of torch/python RNGs")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile every block and the root's embedding and loss, then shard (auto: on with "
-                        "CUDA, off on CPU; see train/distributed.py)")
+                        "CUDA, off on CPU and for RL; see train/distributed.py)")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend: inductor, or aot_eager for quick CPU runs (no C++ build, no speed-up)")
     return parser

@@ -22,6 +22,10 @@ from train.loop import add_train_args, grad_accum_steps, run_main, train
 from train.tasks import build_mixture
 
 PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose newest checkpoint a stage starts from
+# What --compile auto means per stage (train.distributed.compile_enabled otherwise): RL's update runs on padded
+# rollouts whose length changes every step, so compiled parts would retrace for dynamic shapes, and the stage's time
+# goes to sampling (uncompiled Engine) anyway. --compile on still compiles it.
+COMPILE_AUTO = {"rl": "off"}
 
 
 def main(run, argv=None):
@@ -78,6 +82,11 @@ def start(args):
     return init_distributed()
 
 
+def compile_setting(stage, value):
+    """The --compile value `stage` builds with: "auto" becomes COMPILE_AUTO[stage] where there is one."""
+    return COMPILE_AUTO.get(stage, "auto") if value == "auto" else value
+
+
 def load_source(stage, args, info):
     """The newest checkpoint of args.source (run args.source_run, default its newest) in an FSDP2 model
     -> (model, tokenizer, source meta, source path). UserError naming the stage when there is none."""
@@ -87,7 +96,8 @@ def load_source(stage, args, info):
         raise UserError(f"[{stage}] no {args.source} checkpoint found in {where}: run the {args.source} stage first "
                         f"(python -m train.{args.source}) or pass --source/--source-run")
     meta = read_meta(path)
-    model = build_model(GPTConfig(**meta["config"]), info, compile=args.compile, compile_backend=args.compile_backend)
+    model = build_model(GPTConfig(**meta["config"]), info, compile=compile_setting(stage, args.compile),
+                        compile_backend=args.compile_backend)
     load_checkpoint(path, model)
     tokenizer = load_tokenizer(meta)
     print0(f"[{stage}] starting from {path}")
