@@ -181,3 +181,47 @@ def test_mixture_weights_and_errors():
         TaskMixture([get_task("identity", n=3)], weights=[-1])
     with pytest.raises(IndexError):
         get_task("identity", n=3)[3]
+
+
+GOOD = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]
+BAD = [  # (messages, what the renderer says about them)
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+     r"message 1 \(after merging a system message\) has role 'user', expected 'assistant'"),
+    ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"}],
+     "has role 'assistant', expected 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "a system message may only come first"),
+    ([{"role": "system", "content": "s"}], "a system message must be followed by a user message"),
+    ([{"role": "user", "content": 7}], "message 0: content must be a str or a list of parts, got int"),
+    ([{"role": "user", "content": [{"type": "python", "text": "1"}]}], "only assistant messages hold python parts"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "python"}]}],
+     r"message 1 part 0: a part is \{\"type\": ..., \"text\": str\}"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "tool", "text": "x"}]}],
+     "unknown part type 'tool'"),
+    ([{"role": "tool", "content": "a"}], "unknown role 'tool'"),
+    ([], "needs at least one message"),
+]
+
+
+@pytest.mark.parametrize("messages,reason", BAD)
+def test_load_time_validation_of_what_rendering_requires(tmp_path, monkeypatch, messages, reason):
+    """A conversation the tokenizer cannot render fails when the task loads (TaskError naming the task and the row),
+    not mid-training; the renderer's own message says why."""
+    monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (GOOD, GOOD, messages)))
+    with pytest.raises(TaskError, match=r"^smoltalk: row 2: (.* )?" + reason):  # the file's row number
+        get_task("smoltalk", files=[str(path)])
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (GOOD, GOOD)))
+    assert len(get_task("smoltalk", files=[str(path)])) == 2
+
+
+def test_every_built_in_task_renders(server):
+    """What get_task returns renders: the embedded tasks and the fixture-backed real ones pass validation."""
+    from model.tokenizer import conversation_messages
+    for name in ("arithmetic", "spelling", "identity", "number_mc"):
+        task = get_task(name, n=50)
+        assert all(conversation_messages(task[i]) for i in range(len(task)))
+    for name, split in (("smoltalk", "train"), ("mmlu", "test"), ("arc_easy", "test"), ("gsm8k", "test"),
+                        ("humaneval", "test")):
+        assert len(get_task(name, split=split)) > 0

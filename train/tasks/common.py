@@ -77,7 +77,10 @@ class Task:
     def validate(self):
         """Check every example once, at load time, against what rendering requires (model.tokenizer's
         conversation_messages: message and part types, roles alternating) -> self. TaskError naming the task and
-        the example's index, so a bad row stops the run before training instead of mid-way."""
+        the example's index, so a bad row stops the run before training instead of mid-way. A task that checked
+        its rows as it read them (naming the file's row numbers) sets self.validated and is not checked again."""
+        if getattr(self, "validated", False):
+            return self
         for i in range(len(self)):
             try:
                 check_conversation(self[i])
@@ -85,6 +88,7 @@ class Task:
                 raise TaskError(f"{self.name}: example {i}: {e}") from None
             except Exception as e:  # noqa: BLE001 - a row the task's own code cannot turn into a conversation
                 raise TaskError(f"{self.name}: example {i}: {type(e).__name__}: {e}") from None
+        self.validated = True
         return self
 
     def evaluate(self, conversation, completion):
