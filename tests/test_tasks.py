@@ -23,6 +23,11 @@ LAYOUT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"), "mmlu
           "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test")}
 
 
+def by_question(task, question):
+    """The example of a multiple-choice task with this question (real tasks present rows in a seeded order)."""
+    return next(c for c in task if c["question"] == question)
+
+
 def rows_of(name):
     with open(os.path.join(FIX, f"{name}.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -65,18 +70,20 @@ def server(tmp_path_factory):
 def test_loaders_download_parse_and_cache(server):
     st = get_task("smoltalk")
     assert len(st) == 3 and st[1]["messages"][0] == {"role": "system", "content": "Be brief."}
-    mm = get_task("mmlu", split="test")
-    assert len(mm) == 3 and mm[0]["messages"][1]["content"] == "B" and mm[0]["letters"] == ("A", "B", "C", "D")
-    assert "- 5=B\n" in mm[0]["messages"][0]["content"]
+    mm = get_task("mmlu", split="test")  # rows in the seeded order (train/tasks/order.py): found by content
+    two = by_question(mm, "What is 2 + 3?")
+    assert len(mm) == 3 and two["messages"][1]["content"] == "B" and two["letters"] == ("A", "B", "C", "D")
+    assert "- 5=B\n" in two["messages"][0]["content"]
     aux = get_task("mmlu_aux")
     assert len(aux) == 2 and aux[0]["messages"][1]["content"] == "B"
     arc = get_task("arc_easy", split="test")
-    assert arc[0]["messages"][1]["content"] == "B"
-    assert arc[1]["messages"][1]["content"] == "A" and arc[1]["letters"] == ("A", "B", "C")  # "1" -> A
+    assert by_question(arc, "Which of these is a source of light?")["messages"][1]["content"] == "B"
+    plants = by_question(arc, "What do plants need to make food?")
+    assert plants["messages"][1]["content"] == "A" and plants["letters"] == ("A", "B", "C")  # "1" -> A
     gsm = get_task("gsm8k", split="test")
     assert len(gsm) == 2  # both shards
     he = get_task("humaneval")
-    assert he[0]["entry_point"] == "add"
+    assert sorted(c["entry_point"] for c in he) == ["add", "double"]
     # second load is served from the cache: no new HTTP requests
     Quiet.hits.clear()
     assert len(get_task("gsm8k", split="test")) == 2 and Quiet.hits == []
@@ -108,20 +115,21 @@ def test_gsm8k_annotations_become_tool_calls():
 
 def test_rewards_right_wrong_malformed(server):
     gsm = get_task("gsm8k", split="test")
-    conv = gsm[1]  # answer "#### 2,400"
+    conv = next(c for c in gsm if c["messages"][0]["content"].startswith("A shop sells"))  # answer "#### 2,400"
     assert gsm.reward(conv, "It sells 2400 pens.\n#### 2400") == 1.0
     assert gsm.reward(conv, "#### 2,400") == 1.0
     assert gsm.reward(conv, "#### 2401") == 0.0
     assert gsm.reward(conv, "2400") == 0.0 and gsm.reward(conv, "") == 0.0 and gsm.reward(conv, "#### ") == 0.0
     mm = get_task("mmlu", split="test")
-    assert mm.evaluate(mm[0], "B") == 1 and mm.evaluate(mm[0], " B\n") == 1
-    assert mm.evaluate(mm[0], "A") == 0 and mm.evaluate(mm[0], "B) five") == 0 and mm.evaluate(mm[0], "") == 0
+    two = by_question(mm, "What is 2 + 3?")
+    assert mm.evaluate(two, "B") == 1 and mm.evaluate(two, " B\n") == 1
+    assert mm.evaluate(two, "A") == 0 and mm.evaluate(two, "B) five") == 0 and mm.evaluate(two, "") == 0
 
 
 def test_humaneval_runs_tests_in_sandbox(server):
     pytest.importorskip("model.sandbox")
     he = get_task("humaneval")
-    conv = he[0]
+    conv = next(c for c in he if c["entry_point"] == "add")
     assert he.evaluate(conv, "```python\ndef add(a, b):\n    return a + b\n```") == 1
     assert he.evaluate(conv, "    return a + b\n") == 1  # body only: the prompt is prepended
     assert he.evaluate(conv, "def add(a, b):\n    return a - b\n") == 0

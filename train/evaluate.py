@@ -1,23 +1,36 @@
-"""Evaluation: base models (val bits-per-byte, CORE-style in-context scoring) and chat models (ChatCORE).
+"""Evaluation: base models (val bits-per-byte, CORE, CORE-style scoring) and chat models (ChatCORE).
 
-    python -m train.evaluate --mode base --source base                  # val bpb + CORE-style on present tasks
-    python -m train.evaluate --mode chat --source sft                   # ARC/MMLU categorical, GSM8K/HumanEval/...
+    python -m train.evaluate --mode base --source base                  # val bpb, CORE-style, CORE (see below)
+    python -m train.evaluate --mode base --data-dir ../shared/realdata/core --max-per-task 200   # CORE-10, raw files
+    python -m train.evaluate --mode chat --source sft                   # embedded tasks + cached real ones
+    python -m train.evaluate --mode chat --data-dir ../shared/realdata/chat     # ARC, MMLU, GSM8K, HumanEval, offline
     torchrun --nproc_per_node=8 -m train.evaluate --mode chat --source rl --tasks gsm8k,humaneval
 
 Base metrics
 - val bpb = sum of next-token losses (nats) / (ln 2 * bytes of the target tokens) on the held-out corpus; special
   tokens count zero bytes and are skipped, so the number does not depend on the vocabulary size.
-- CORE-style in-context scoring (DCLM's CORE, as nanochat): multiple choice = few-shot "Question: ...\nAnswer: <x>"
-  prompts, the choice whose continuation has the lowest mean loss wins; language modelling = the continuation
-  (the answer after "####") must be the model's greedy prediction token for token. Centred accuracy
-  (acc - chance) / (1 - chance), CORE = mean over tasks. Runs on the embedded tasks and on every real task whose
-  files are already cached (or those named with --tasks).
+- CORE (train/core_eval.py: DCLM's in-context score, https://arxiv.org/abs/2406.11794, computed as nanochat does),
+  on the first source found: `--data-dir` holding an eval bundle (core.yaml: "CORE", all of its tasks) or raw
+  dataset files ("CORE-10": the ten raw datasets of CORE's tasks); without --data-dir, the bundle at
+  $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or ~/.cache/nanochat, /eval_bundle), else CORE-10
+  on the embedded sample of train/tasks/realdata. `--max-per-task N` scores the first N items of each task's
+  seeded shuffle. A per-task table is printed.
+- CORE-style in-context scoring on the embedded tasks (and on every real chat task whose files are already cached,
+  or those named with --tasks): multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the choice whose
+  continuation has the lowest mean loss wins; language modelling = the continuation (the answer after "####") must
+  be the model's greedy prediction token for token; solutions render as plain text (gsm8k.solution_text: tool
+  calls left out, the result shown once). Centred accuracy (acc - chance) / (1 - chance), mean over tasks.
 Chat metrics
 - categorical (ARC, MMLU, number_mc): logits at <|assistant_start|> restricted to the choice letters, argmax;
 - generative (GSM8K, HumanEval, arithmetic, spelling, identity): sample with the Engine (tools live), score with the
-  task (HumanEval runs its unit tests in the sandbox);
+  task (HumanEval runs its unit tests in the sandbox, several jails at a time);
 - ChatCORE = mean over tasks of (acc - chance) / (1 - chance), chance 0.25 for multiple choice, 0 for generative.
-Examples are split across ranks (i % world == rank) and the counts all-reduced.
+- `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat; parquet or jsonl, named as HF's parquet
+  export or the shared real-data folder names them, see CHAT_FILES) instead of the HF hub.
+Subsets: `--max-examples N` scores the first N examples of a task; real tasks present their rows in a seeded shuffle
+of the whole split (train/tasks/order.py) and embedded tasks generate each example from its own seed, so the N are
+a seeded sample, the same on every run and rank. Examples are split across ranks (i % world == rank) and the counts
+all-reduced; every rank loads the whole model, so this runs under torchrun whatever the training sharding was.
 """
 import argparse
 import json
@@ -32,14 +45,17 @@ import torch.nn.functional as F
 
 import kernels
 from model.checkpoint import load_model
-from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from model.common import UserError, all_reduce_sum, dist_info, home_dir, local, print0
 from model.engine import Engine
 from model.tokenizer import SPECIAL_TOKENS
 from train.data import TokenLoader, load_corpus
 from train.distributed import cleanup, init_distributed
 from train.loop import run_main
+from train import core_eval
 from train.tasks import TaskError, get_task
-from train.tasks.common import cache_dir, completion_text, extract_answer
+from train.tasks.common import cache_dir, extract_answer
+from train.tasks.gsm8k import solution_text
+from train.tasks.realdata import SAMPLE_DIR
 
 MC_CHANCE = 0.25
 
@@ -155,7 +171,7 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
             correct += int(min(range(len(choices)), key=losses.__getitem__) == answer)
         else:
             def qa(c):
-                text = completion_text(c["messages"][-1]["content"])
+                text = solution_text(c["messages"][-1]["content"])
                 return c["messages"][0]["content"], text[:text.rindex("#### ") + 5], extract_answer(text)
             prefix = "".join(f"Question: {q}\nAnswer: {s}{a}\n\n" for q, s, a in map(qa, shots))
             q, sol, ans = qa(conv)
@@ -198,6 +214,25 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
     return correct / max(total, 1)
 
 
+def _score(task, pairs, indices, stage):
+    """task.evaluate over (conversation, completion) pairs -> list of 0|1; through task.evaluate_many when the task
+    has it (HumanEval: several jails at a time). A scoring function that raises becomes a TaskError naming it."""
+    try:
+        if hasattr(task, "evaluate_many"):
+            return [int(v) for v in task.evaluate_many(pairs)]
+    except Exception as e:  # noqa: BLE001
+        raise TaskError(f"[{stage}] scoring function of task {task.name} raised on one of examples "
+                        f"{indices[0]}..{indices[-1]}: {type(e).__name__}: {e}") from e
+    out = []
+    for i, (conv, text) in zip(indices, pairs):
+        try:
+            out.append(int(task.evaluate(conv, text)))
+        except Exception as e:  # noqa: BLE001
+            raise TaskError(f"[{stage}] scoring function of task {task.name} raised on example {i}: "
+                            f"{type(e).__name__}: {e}") from e
+    return out
+
+
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
                         temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
     """Generative: sample with the Engine (batch_size prompts decoded together), decode each completion, score it
@@ -214,16 +249,14 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
         prompts = [_prompt_ids(tokenizer, c) for c in convs]
         results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
                                        temperature=temperature, top_k=top_k, seed=seed + chunk[0])
+        pairs, owners = [], []
         for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
-            ok = 0
             for seq in seqs:
-                text = tokenizer.decode(seq[len(prompt):])
-                try:
-                    ok |= int(task.evaluate(conv, text))
-                except Exception as e:  # noqa: BLE001
-                    raise TaskError(f"[{stage}] scoring function of task {task.name} raised on example {i}: "
-                                    f"{type(e).__name__}: {e}") from e
-            correct += ok
+                pairs.append((conv, tokenizer.decode(seq[len(prompt):])))
+                owners.append(i)
+        scores = _score(task, pairs, owners, stage)
+        for i in chunk:
+            correct += int(any(v for v, o in zip(scores, owners) if o == i))
             total += 1
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
@@ -233,19 +266,68 @@ def chance_of(task):
     return MC_CHANCE if task.eval_type == "categorical" else 0.0
 
 
-def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", engine=None):
-    """Accuracy of every named task's test split plus ChatCORE -> dict."""
+# The real chat tasks and the file stems a local folder may hold them under, first choice first: <config>_<split>
+# (ARC's HF config is the subset), or as the shared real-data folder and the embedded sample name them (the dataset
+# in front; ARC's test split rebuilt there, "_reconstructed", see its README).
+CHAT_FILES = {"arc_easy": ("ARC-Easy_test", "ARC-Easy_test_reconstructed"),
+              "arc_challenge": ("ARC-Challenge_test", "ARC-Challenge_test_reconstructed"),
+              "mmlu": ("mmlu_all_test", "all_test"), "gsm8k": ("gsm8k_main_test", "main_test"),
+              "humaneval": ("humaneval_test", "openai_humaneval_test")}
+REAL_CHAT_TASKS = tuple(CHAT_FILES)
+TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "mmlu": "MMLU", "gsm8k": "GSM8K",
+               "humaneval": "HumanEval"}
+
+
+def chat_files(data_dir, names=REAL_CHAT_TASKS):
+    """{task name: path} for each named real chat task whose file (<stem>.parquet or <stem>.jsonl, CHAT_FILES) is
+    in data_dir or data_dir/chat. UserError when data_dir is not a folder."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: not a folder")
+    found = {}
+    for name in names:
+        for folder in (data_dir, os.path.join(data_dir, "chat")):
+            for stem in CHAT_FILES.get(name, ()):
+                for ext in (".parquet", ".jsonl"):
+                    path = os.path.join(folder, stem + ext)
+                    if name not in found and os.path.isfile(path):
+                        found[name] = path
+    return found
+
+
+def format_chat_table(details, chatcore_value):
+    """{task: {accuracy, chance, centred, n, seconds}} -> a text table ending with the ChatCORE line."""
+    lines = [f"{'Task':<16} {'Accuracy':>9} {'Chance':>7} {'Centred':>9} {'Items':>6} {'Time':>8}"]
+    for name, d in details.items():
+        lines.append(f"{name:<16} {d['accuracy']:>9.4f} {d['chance']:>7.2f} {d['centred']:>+9.4f} {d['n']:>6} "
+                     f"{d['seconds']:>7.1f}s")
+    lines.append(f"{'ChatCORE':<16} {'':>9} {'':>7} {chatcore_value:>+9.4f}")
+    return "\n".join(lines)
+
+
+def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", engine=None,
+                  files=None):
+    """Accuracy of every named task's test split plus ChatCORE -> dict {task: accuracy, "chatcore": float,
+    "details": {task: {accuracy, chance, centred, n, seconds}}}. files: {task: local file} read instead of the
+    HF hub. Prints a line per task and the table."""
     engine = engine or Engine(model, tokenizer)
-    results, chances = {}, {}
+    files = files or {}
+    results, chances, details = {}, {}, {}
     for name in task_names:
-        task = get_task(name, split="test")
+        t0 = time.time()
+        task = get_task(name, split="test", files=[files[name]] if name in files else None)
         if task.eval_type == "categorical":
             acc = categorical_accuracy(model, tokenizer, task, max_examples)
         else:
             acc = generative_accuracy(engine, tokenizer, task, max_examples, max_tokens=max_tokens, stage=stage)
         results[name], chances[name] = acc, chance_of(task)
-        print0(f"[{stage}] {name}: {acc:.4f}")
-    return dict(results, chatcore=chatcore(results, chances))
+        n = len(task) if max_examples is None else min(len(task), max_examples)
+        details[name] = dict(accuracy=acc, chance=chances[name], centred=centred(acc, chances[name]), n=n,
+                             seconds=time.time() - t0, file=files.get(name))
+        print0(f"[{stage}] {name}: {acc:.4f} (chance {chances[name]:.2f}, {n} examples, "
+               f"{details[name]['seconds']:.1f}s)")
+    score = chatcore(results, chances)
+    print0(f"[{stage}] per task:\n{format_chat_table(details, score)}")
+    return dict(results, chatcore=score, details=details)
 
 
 def present_real_tasks():
@@ -260,8 +342,73 @@ def present_real_tasks():
     return found
 
 
-def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, num_shots=3, stage="eval"):
-    """val bpb (when val_batches is given) and CORE-style centred accuracies -> dict."""
+# ------------------------------------------------------------------------------------------------ base: CORE
+def bundle_dirs():
+    """Where an eval bundle is looked for when no folder is named: $TRITONCHAT_HOME/eval_bundle, then nanochat's
+    ($NANOCHAT_BASE_DIR/eval_bundle, ~/.cache/nanochat/eval_bundle: where nanochat's speedrun unzips
+    https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip)."""
+    nano = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    return [os.path.join(home_dir(), "eval_bundle"), os.path.join(nano, "eval_bundle")]
+
+
+def core_source(data_dir=None):
+    """Which CORE to run -> (kind, folder): ("bundle", dir) when data_dir (or, without one, a bundle_dirs() entry)
+    holds core.yaml; ("raw", dir) for raw dataset files in data_dir (or data_dir/core); ("sample", SAMPLE_DIR) when
+    data_dir is None or "sample" and no bundle is found. UserError when data_dir holds neither."""
+    if data_dir in (None, "auto"):
+        for d in bundle_dirs():
+            if os.path.isfile(os.path.join(d, "core.yaml")):
+                return "bundle", d
+        return "sample", SAMPLE_DIR
+    if data_dir == "sample":
+        return "sample", SAMPLE_DIR
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: not a folder")
+    if os.path.isfile(os.path.join(data_dir, "core.yaml")):
+        return "bundle", data_dir
+    for folder in (data_dir, os.path.join(data_dir, "core")):
+        if any(os.path.isfile(os.path.join(folder, t.stem + ext)) for t in core_eval.RAW_TASKS
+               for ext in (".parquet", ".jsonl")):
+            return "raw", data_dir
+    raise UserError(f"--data-dir {data_dir}: neither an eval bundle (core.yaml) nor raw CORE dataset files "
+                    f"(e.g. {core_eval.RAW_TASKS[0].stem}.parquet, here or in core/)")
+
+
+def describe_core(result):
+    """One line saying which CORE a dclm_core result is: name, data, items per task, tasks."""
+    kind, where = result["source"], result["where"]
+    notes = [{"bundle": f"the DCLM eval bundle at {where}", "raw": f"the raw datasets in {where}",
+              "sample": "the embedded sample of the raw datasets (train/tasks/realdata, 100 seeded rows each)"}[kind],
+             "all items" if result["max_per_task"] is None else f"at most {result['max_per_task']} items a task"]
+    if result["name"] != "CORE":
+        notes.append(f"{len(result['tasks'])} of CORE's 22 tasks, not nanochat's CORE")
+    return f"{result['name']} on {'; '.join(notes)}: {', '.join(result['tasks'])}"
+
+
+def run_core(model, tokenizer, data_dir=None, max_per_task=None, batch_size=8, stage="eval", max_seq_len=None):
+    """CORE (bundle) or CORE-<n> (raw files / embedded sample) of a base model -> dict {name, score, source, where,
+    max_per_task, max_seq_len, tasks: {label: {accuracy, centered, baseline, n, num_fewshot, kind, seconds}},
+    seconds}. max_seq_len: crop longer prompts to their last max_seq_len tokens (default: core_eval's, the model's
+    rotary table; nanochat does not crop). Collective under torch.distributed. Prints a line per task and the
+    table."""
+    kind, where = core_source(data_dir)
+    t0 = time.time()
+    tasks = core_eval.load_bundle(where, max_per_task) if kind == "bundle" else core_eval.load_raw(where, max_per_task)
+    res = core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, batch_size=batch_size,
+                                  max_seq_len=max_seq_len, log=lambda line: print0(f"[{stage}] {line}"))
+    out = dict(name=res["name"], score=res["score"], source=kind, where=where, max_per_task=max_per_task,
+               max_seq_len=max_seq_len,
+               tasks={k: {f: v[f] for f in ("accuracy", "centered", "baseline", "n", "num_fewshot", "kind",
+                                             "seconds")} for k, v in res["tasks"].items()},
+               seconds=time.time() - t0)
+    print0(f"[{stage}] {describe_core(out)}\n{core_eval.format_results(res)}")
+    return out
+
+
+def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, num_shots=3, stage="eval",
+                  core=None, max_per_task=None, core_max_seq_len=None):
+    """val bpb (when val_batches is given), CORE-style centred accuracies and CORE -> dict. core: None to skip
+    CORE, else run_core's data_dir ("auto", "sample" or a folder); its result is under "dclm_core"."""
     out = {}
     if val_batches is not None:
         out["val_bpb"] = evaluate_bpb(model, val_batches, token_bytes(tokenizer))
@@ -277,6 +424,9 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
         scores.append(centred(acc, chance))
         print0(f"[{stage}] CORE-style {name}: acc {acc:.4f} (centred {scores[-1]:+.4f})")
     out["core"] = sum(scores) / max(1, len(scores))
+    if core is not None:
+        out["dclm_core"] = run_core(model, tokenizer, core, max_per_task, stage=stage,
+                                         max_seq_len=core_max_seq_len)
     return out
 
 
@@ -293,10 +443,22 @@ def val_batches_for(tokenizer, B, T, device, max_batches, rank=0, world=1):
 
 
 def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, max_tokens=256, val_batches=20,
-                        device=None, stage="evaluate"):
+                        device=None, stage="evaluate", data_dir=None, core=None, max_per_task=None,
+                        core_max_seq_len=None):
     """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict.
-    Works in one process or on every rank under torchrun (examples split across ranks)."""
+    Works in one process or on every rank under torchrun (examples split across ranks).
+    base: val bpb, CORE-style on `tasks` (default: embedded + cached real) and CORE (skipped when `core` is None)
+    from `data_dir` if given, else from `core` (run_core's data_dir), max_per_task items a task, prompts cropped
+    to core_max_seq_len tokens ("trained": the checkpoint's sequence_len; None: see run_core).
+    chat: `tasks` (default: the real chat tasks found in data_dir when it is given, else embedded + cached real
+    ones), real ones read from data_dir when their files are there."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    files = chat_files(data_dir) if mode == "chat" and data_dir else {}
+    if mode == "base" and core is not None:
+        core_source(data_dir or core)  # a wrong folder fails before the model loads
+    if mode == "chat" and data_dir and not tasks and not files:
+        raise UserError(f"--data-dir {data_dir}: no chat-eval files (expected e.g. "
+                        f"{', '.join(CHAT_FILES[t][0] + '.parquet' for t in REAL_CHAT_TASKS)}, here or in chat/)")
     model, tokenizer, meta = load_model(source, device=device, run=run)
     info = dist_info()
     rank, world = info.rank, info.world_size
@@ -304,10 +466,15 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
     if mode == "base":
         T = meta["config"]["sequence_len"]
         batches = val_batches_for(tokenizer, 4, T, device, val_batches, rank, world)
-        res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage)
+        crop = T if core_max_seq_len == "trained" else core_max_seq_len
+        res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage,
+                            core=None if core is None else (data_dir or core), max_per_task=max_per_task,
+                            core_max_seq_len=crop)
     else:
-        tasks = tasks or (["arithmetic", "spelling", "identity", "number_mc"] + present_real_tasks())
-        res = run_chat_eval(model, tokenizer, tasks, max_examples, max_tokens, stage=stage)
+        if not tasks:
+            tasks = list(files) if data_dir else (["arithmetic", "spelling", "identity", "number_mc"]
+                                                   + present_real_tasks())
+        res = run_chat_eval(model, tokenizer, tasks, max_examples, max_tokens, stage=stage, files=files)
     res["eval_seconds"] = time.time() - t0
     return res
 
@@ -318,9 +485,20 @@ def main(argv=None):
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
     p.add_argument("--source", default="sft", help="checkpoint stage to evaluate: base|mid|sft|rl")
     p.add_argument("--run", default=None, help="run name (default: the newest run of the stage)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: embedded + cached real tasks)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: embedded + cached real tasks; "
+                   "chat with --data-dir: the real tasks found there)")
     p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
-    p.add_argument("--max-examples", type=int, default=100)
+    p.add_argument("--data-dir", default=None,
+                   help="local evaluation data, read offline. base: an eval bundle (core.yaml) -> CORE, or raw "
+                        "dataset files (here or in core/) -> CORE-10; chat: ARC/MMLU/GSM8K/HumanEval files (here or "
+                        "in chat/). train/tasks/realdata is the embedded sample; ../shared/realdata the full files")
+    p.add_argument("--max-examples", type=int, default=100, help="examples per task (chat; base: CORE-style)")
+    p.add_argument("--max-per-task", type=int, default=None,
+                   help="base: items per CORE task, the first of each task's seeded shuffle (default: all)")
+    p.add_argument("--max-seq-len", default=None,
+                   help="base: crop CORE prompts to their last N tokens, or 'trained' for the checkpoint's sequence "
+                        "length (default: no crop below the rotary table, as nanochat)")
+    p.add_argument("--no-core", action="store_true", help="base: skip CORE")
     p.add_argument("--max-tokens", type=int, default=256, help="generation budget for generative tasks")
     p.add_argument("--val-batches", type=int, default=20, help="base mode: batches of the held-out corpus")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
@@ -328,11 +506,19 @@ def main(argv=None):
     kernels.set_mode(args.kernels)
     if args.data_url:
         os.environ["TRITONCHAT_DATA_URL"] = args.data_url
+    if args.max_per_task is not None and args.max_per_task < 1:
+        p.error("--max-per-task must be at least 1 (leave it out for all items)")
+    if args.max_seq_len not in (None, "trained"):
+        if not args.max_seq_len.isdigit() or int(args.max_seq_len) < 2:
+            p.error(f"--max-seq-len must be a number of tokens (>= 2) or 'trained', got {args.max_seq_len!r}")
+        args.max_seq_len = int(args.max_seq_len)
 
     def go():
         info = init_distributed()
         res = evaluate_checkpoint(args.mode, args.source, args.run, args.tasks.split(",") if args.tasks else None,
-                                  args.max_examples, args.max_tokens, args.val_batches, info.device)
+                                  args.max_examples, args.max_tokens, args.val_batches, info.device,
+                                  data_dir=args.data_dir, core=None if args.no_core else "auto",
+                                  max_per_task=args.max_per_task, core_max_seq_len=args.max_seq_len)
         print0(json.dumps(res, indent=1))
         if args.out and info.rank == 0:
             with open(args.out, "w") as f:

@@ -2,7 +2,8 @@
 builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5,smoltalk@10000"
 (":w" = weight in epochs, "@n" = only the first n examples).
 
-Real tasks download on first use (see common.py); embedded tasks are generated offline from a seed
+Real tasks download on first use (see common.py) and present their rows in a seeded shuffle of the whole split
+(order.py), so their first n examples are a seeded sample; embedded tasks generate each example from its own seed
 (train and test use different seeds, so test problems are unseen).
 """
 from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
@@ -15,7 +16,8 @@ TASKS = EMBEDDED + REAL
 
 def get_task(name, split="train", n=None, files=None, **kwargs):
     """One task by name, every example checked against what rendering requires (Task.validate: TaskError naming
-    the task and the example). split: train | test (| validation for ARC). n: size of an embedded task (or a cap)."""
+    the task and the example). split: train | test (| validation for ARC). n: size of an embedded task, or the first
+    n examples (a seeded sample) of a real one. files: local paths or URLs read instead of the HF hub."""
     return _build(name, split, n, files, **kwargs).validate()
 
 

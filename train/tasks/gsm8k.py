@@ -1,13 +1,26 @@
-"""GSM8K (openai/gsm8k): grade-school math word problems with a verifiable answer after "####".
+"""GSM8K (openai/gsm8k, Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): grade-school math word problems with a
+verifiable answer after "####". Rows in the seeded order of train/tasks/order.py.
 
-The reference solutions carry calculator annotations `<<48/2=24>>`; each becomes a python tool call (the
-expression) followed by its output (the result), so the model learns to call the tool and the Engine can run it:
-    "She sold 48/2 = <<48/2=24>>24 clips"
-        -> text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"
+The reference solutions carry calculator annotations `<<48/2=24>>`: the dataset's authors inserted them for a
+calculator at sampling time, and the text after each one already states its result (true of all 4282 annotations of
+the test split, up to thousands separators). So an annotation renders two ways, the result shown once either way:
+- as text (a base model's prompt, any plain rendering): the annotation is dropped,
+    "She sold 48/2 = <<48/2=24>>24 clips"  ->  "She sold 48/2 = 24 clips"
+- as a tool call (chat training and evaluation; the Engine runs the tool): the expression is a python call and its
+  result the tool's output, which the text after it then restates,
+    -> text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"
 """
 import re
 
 from train.tasks.common import AnswerTask, TaskError, extract_answer, hf_rows
+from train.tasks.order import seeded_order
+
+ANNOTATION = re.compile(r"<<[^>]*>>")
+
+
+def strip_annotations(answer):
+    """A GSM8K solution string as plain text: every `<<expr=result>>` removed."""
+    return ANNOTATION.sub("", answer)
 
 
 def solution_parts(answer):
@@ -23,6 +36,15 @@ def solution_parts(answer):
     return parts
 
 
+def solution_text(content):
+    """An assistant message (str or parts) as plain text, as a reader sees the solution: text parts only. A tool call
+    and its output are left out because the text after them states the result (GSM8K's convention, which the
+    embedded tasks follow too); a string goes through strip_annotations."""
+    if isinstance(content, str):
+        return strip_annotations(content)
+    return "".join(p["text"] for p in content if p.get("type") == "text")
+
+
 class GSM8K(AnswerTask):
     name = "gsm8k"
 
@@ -30,11 +52,12 @@ class GSM8K(AnswerTask):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic") and split in ("train", "test"), \
             "GSM8K: subset main|socratic, split train|test"
-        self.rows = hf_rows("openai/gsm8k", subset, split, files)
-        for i, r in enumerate(self.rows):
+        rows = hf_rows("openai/gsm8k", subset, split, files)
+        for i, r in enumerate(rows):  # row numbers of the file, before the seeded order
             if not (isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
                     and extract_answer(r["answer"]) is not None):
                 raise TaskError(f"gsm8k: row {i} needs a question and an answer ending in '#### <number>'")
+        self.rows = seeded_order(rows)
 
     def num_examples(self):
         return len(self.rows)

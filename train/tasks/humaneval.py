@@ -1,15 +1,40 @@
-"""HumanEval (openai/openai_humaneval): 164 Python functions to complete, scored by running the unit tests in the
-sandbox (model/sandbox.py: subprocess, timeout, memory limit)."""
+"""HumanEval (openai/openai_humaneval, Chen et al. 2021, https://arxiv.org/abs/2107.03374): 164 Python functions to
+complete, scored by running the unit tests in the sandbox (model/sandbox.py: a bubblewrap jail, timeout, memory
+limit). Rows in the seeded order of train/tasks/order.py.
+
+The program is built as the benchmark intends: the prompt (its imports, helper functions, the signature and
+docstring) always comes first and the answer after it, so the prompt's context is available to the answer whether
+the model wrote the body only or a whole function:
+- a body (the continuation of the prompt, indented): prompt + body;
+- a whole function (a `def <entry_point>(` line): prompt, then the function (dedented), which replaces the prompt's
+  docstring-only definition; helpers and imports of the prompt stay defined (HumanEval/10, /32, /38, /50 call
+  helpers of their prompt, 21 prompts import from typing and /32 imports math).
+Then the problem's `check` function and `check(<entry_point>)`; the answer is right when the program exits cleanly.
+"""
+import os
 import re
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 from model.sandbox import run_python
 from train.tasks.common import Task, TaskError, hf_rows
+from train.tasks.order import seeded_order
 
 
 def extract_program(completion):
     """The code in a completion: the first ```python fenced block if there is one, else the whole text."""
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.DOTALL)
     return m.group(1) if m else completion
+
+
+def build_program(prompt, code, test, entry_point):
+    """The program that scores `code` (a body or a whole function) against one problem -> str."""
+    head = prompt if prompt.endswith("\n") else prompt + "\n"
+    if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.MULTILINE):
+        body = "\n" + textwrap.dedent(code)  # a whole function, at the top level after the prompt
+    else:
+        body = code
+    return f"{head}{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
 class HumanEval(Task):
@@ -19,10 +44,11 @@ class HumanEval(Task):
     def __init__(self, split="test", files=None, timeout=5.0, memory_mb=256, **kwargs):
         super().__init__(**kwargs)
         self.timeout, self.memory_mb = timeout, memory_mb
-        self.rows = hf_rows("openai/openai_humaneval", "openai_humaneval", split, files)
-        for i, r in enumerate(self.rows):
+        rows = hf_rows("openai/openai_humaneval", "openai_humaneval", split, files)
+        for i, r in enumerate(rows):  # row numbers of the file, before the seeded order
             if not all(isinstance(r.get(k), str) for k in ("prompt", "canonical_solution", "test", "entry_point")):
                 raise TaskError(f"humaneval: row {i} needs prompt, canonical_solution, test and entry_point strings")
+        self.rows = seeded_order(rows)
 
     def num_examples(self):
         return len(self.rows)
@@ -31,12 +57,24 @@ class HumanEval(Task):
         r = self.rows[index]
         return {"messages": [{"role": "user", "content": r["prompt"]},
                              {"role": "assistant", "content": r["prompt"] + r["canonical_solution"]}],
-                "entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"]}
+                "entry_point": r["entry_point"], "test": r["test"], "prompt": r["prompt"],
+                "task_id": r.get("task_id", "")}
+
+    def program(self, conversation, completion):
+        """The program run for one completion (see build_program)."""
+        return build_program(conversation["prompt"], extract_program(completion), conversation["test"],
+                             conversation["entry_point"])
 
     def evaluate(self, conversation, completion):
-        code = extract_program(completion)
-        if f"def {conversation['entry_point']}" not in code:  # the model continued the body only
-            code = conversation["prompt"] + code
-        program = f"{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
-        result = run_python(program, timeout=self.timeout, memory_mb=self.memory_mb)
+        result = run_python(self.program(conversation, completion), timeout=self.timeout, memory_mb=self.memory_mb)
         return int(bool(result.success))
+
+    def evaluate_many(self, pairs, workers=None):
+        """[(conversation, completion), ...] -> [0|1, ...] in order. Each program runs in its own jail; `workers`
+        of them at a time (default: CPU count, at least 2), as the caller mostly waits on the jailed processes."""
+        pairs = list(pairs)
+        workers = workers or max(2, os.cpu_count() or 1)
+        if workers <= 1 or len(pairs) <= 1:
+            return [self.evaluate(c, t) for c, t in pairs]
+        with ThreadPoolExecutor(min(workers, len(pairs))) as pool:
+            return list(pool.map(lambda ct: self.evaluate(*ct), pairs))
