@@ -11,6 +11,12 @@ the state of run R lives in $TRITONCHAT_HOME/reports/speedrun_R.json; finished s
 that was interrupted continues from its newest checkpoint (--resume), `--fresh` starts over (deleting run R's
 checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: per stage time, tokens, loss,
 metrics; hardware and versions; eager or fused) is printed, followed by one chat answer of the final model.
+
+Evals on real benchmarks (train/evaluate.py): the base model's CORE, named on the card as what it is: "CORE" on the
+DCLM eval bundle when one is found ($TRITONCHAT_HOME/eval_bundle or nanochat's; d20), else "CORE-10" on the raw
+datasets of ten of CORE's tasks (`--eval-data DIR`), else CORE-10 on the embedded sample (train/tasks/realdata; the
+tiny run, always). The chat models on real ARC-Easy/Challenge, MMLU, GSM8K and HumanEval: the tiny run scores the
+embedded sample beside the embedded tasks, the d20 run the full test sets (HF hub, or `--eval-data DIR`).
 """
 import argparse
 import json
@@ -29,8 +35,9 @@ from model.engine import Engine
 from model.tokenizer import Tokenizer
 from train import base, mid, rl, sft
 from train.distributed import cleanup, init_distributed
-from train.evaluate import evaluate_checkpoint
+from train.evaluate import REAL_CHAT_TASKS, TASK_TITLES, describe_core, evaluate_checkpoint
 from train.tasks import TaskError
+from train.tasks.realdata import SAMPLE_DIR
 from train.tokenizer import train_tokenizer
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval")
@@ -46,7 +53,12 @@ PRESETS = {
         "mid": "--preset tiny --num-iterations 200",
         "sft": "--preset tiny --num-iterations 150",
         "rl": "--preset tiny --num-iterations 30",
-        "eval": dict(max_examples=24, max_tokens=48, val_batches=4),
+        # Real benchmarks on the embedded sample, sized to add about half a minute on 2 idle cores: CORE-10 with 12
+        # items a task (the fewest its 10-shot tasks take) and prompts cropped to the 256 tokens the model was
+        # trained on; 16 examples of each real chat task, for the SFT and the RL model.
+        "eval": dict(max_examples=24, max_tokens=48, val_batches=4, core="sample", core_max_per_task=12,
+                     core_max_seq_len="trained", real_chat=",".join(REAL_CHAT_TASKS), real_data=SAMPLE_DIR,
+                     real_examples=16),
     },
     "d20": {
         "tokenizer": dict(vocab_size=65536, max_chars=None),  # base trains it on FineWeb-Edu when missing (None)
@@ -54,7 +66,9 @@ PRESETS = {
         "mid": "--preset d20 --save-every 500",
         "sft": "--preset d20 --save-every 500",
         "rl": "--preset d20 --save-every 60",
-        "eval": dict(max_examples=None, max_tokens=512, val_batches=20,
+        # CORE on the eval bundle when present (all items, nanochat's prompts uncropped), else CORE-10
+        "eval": dict(max_examples=None, max_tokens=512, val_batches=20, core="auto", core_max_per_task=None,
+                     core_max_seq_len=None,
                      chat_tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling,identity",
                      base_tasks="arc_easy,arc_challenge,mmlu,number_mc,arithmetic"),
     },
@@ -73,6 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
     p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluated task")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="generation budget in the chat evals")
+    p.add_argument("--eval-data", default=None,
+                   help="local real eval data: an eval bundle (-> CORE) or raw CORE files (-> CORE-10) for the base "
+                        "model, here or in core/; ARC/MMLU/GSM8K/HumanEval files for the chat models, here or in chat/")
+    p.add_argument("--core-max-per-task", type=int, default=None, help="items per CORE task (default: the preset's)")
+    p.add_argument("--real-examples", type=int, default=None,
+                   help="examples per real chat task on the embedded sample (tiny; default: the preset's)")
     for s in TRAIN_STAGES:
         p.add_argument(f"--{s}-args", default="", help=f"extra flags for train.{s} (quoted)")
     args = p.parse_args(argv)
@@ -146,21 +166,37 @@ def run_train_stage(stage, args):
     return STAGE_MODULES[stage].run(argv)
 
 
-def run_evals(args):
+def eval_config(args):
+    """The preset's eval settings with the command line's overrides. --eval-data feeds the d20 run's CORE and chat
+    evals; the tiny run's real rows stay on the embedded sample."""
     cfg = dict(PRESETS[args.preset]["eval"])
-    if args.eval_examples is not None:
-        cfg["max_examples"] = args.eval_examples
-    if args.eval_max_tokens is not None:
-        cfg["max_tokens"] = args.eval_max_tokens
+    for key, value in (("max_examples", args.eval_examples), ("max_tokens", args.eval_max_tokens),
+                       ("core_max_per_task", args.core_max_per_task), ("real_examples", args.real_examples)):
+        if value is not None:
+            cfg[key] = value
+    if args.eval_data and cfg.get("core") != "sample":
+        cfg["core"], cfg["chat_data"] = args.eval_data, args.eval_data
+    return cfg
+
+
+def run_evals(args):
+    cfg = eval_config(args)
     info = init_distributed()
     split = lambda key: cfg[key].split(",") if cfg.get(key) else None  # None: embedded + cached real tasks
     out = {"base": evaluate_checkpoint("base", "base", args.run, tasks=split("base_tasks"),
                                        max_examples=cfg["max_examples"], val_batches=cfg["val_batches"],
-                                       device=info.device, stage="eval base")}
+                                       device=info.device, stage="eval base", core=cfg.get("core"),
+                                       max_per_task=cfg.get("core_max_per_task"),
+                                       core_max_seq_len=cfg.get("core_max_seq_len"))}
     for src in ("sft", "rl"):
         out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"),
                                        max_examples=cfg["max_examples"], max_tokens=cfg["max_tokens"],
-                                       device=info.device, stage=f"eval {src}")
+                                       device=info.device, stage=f"eval {src}", data_dir=cfg.get("chat_data"))
+        if cfg.get("real_chat"):
+            out[f"{src}_real"] = evaluate_checkpoint("chat", src, args.run, tasks=split("real_chat"),
+                                                     max_examples=cfg["real_examples"], max_tokens=cfg["max_tokens"],
+                                                     device=info.device, stage=f"eval {src} real",
+                                                     data_dir=cfg["real_data"])
     return out
 
 
@@ -194,6 +230,42 @@ def _stage_row(name, rec):
             f"{f'{int(tokens):,}' if tokens else '-'} | {loss} | {metrics or '-'} |")
 
 
+def _core_lines(core):
+    """The card's CORE lines: which CORE ran (name, data, tasks), its score and a per-task table."""
+    if not core:
+        return []
+    crop = "" if not core.get("max_seq_len") else f"; prompts cropped to the model's {core['max_seq_len']} tokens"
+    lines = [f"- {core['name']} (mean centred accuracy): {_fmt(core['score'])}",
+             f"  - {describe_core(core)}{crop}; {core['seconds']:.1f} s",
+             "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"]
+    for name, t in core["tasks"].items():
+        lines.append(f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | "
+                     f"{t['centered']:+.4f} | {t['n']} |")
+    return lines
+
+
+def _real_chat_lines(ev, cfg):
+    """The card's table of the real chat benchmarks on the embedded sample (SFT and RL), each with its chance."""
+    sft, rl = ev.get("sft_real"), ev.get("rl_real")
+    if not sft and not rl:
+        return []
+    det = (sft or rl).get("details", {})
+    n = max((d["n"] for d in det.values()), default=0)
+    lines = ["", f"## Real benchmarks (embedded sample: the first {n} of each task's seeded rows)", "",
+             "Chance is the score of guessing (a letter for ARC and MMLU; nothing right for GSM8K and HumanEval); "
+             f"near-chance numbers are the honest result for a tiny CPU model, and with {n} examples one standard "
+             f"error is up to {50 / max(n, 1) ** 0.5:.0f} points. "
+             f"Generation budget {cfg.get('max_tokens')} tokens; GSM8K with the python tool live, HumanEval's tests "
+             "in the sandbox.", "",
+             "| task | chance | SFT | RL | items |", "|---|---|---|---|---|"]
+    for name in det:
+        lines.append(f"| {TASK_TITLES.get(name, name)} | {det[name]['chance']:.2f} | "
+                     f"{_fmt((sft or {}).get(name))} | {_fmt((rl or {}).get(name))} | {det[name]['n']} |")
+    lines.append(f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt((sft or {}).get('chatcore'))} | "
+                 f"{_fmt((rl or {}).get('chatcore'))} | |")
+    return lines
+
+
 def report_card(state, args, total_s):
     v = versions()
     gpu = f"GPU: {v['gpus']} x {v['device']}" if v["kind"] == "cuda" else "no GPU"
@@ -214,11 +286,14 @@ def report_card(state, args, total_s):
                   "the held-out text; the base row above used its own eval length)",
                   f"- CORE-style (centred mean): {_fmt(base.get('core'))}"]
         lines += [f"  - {k[5:]}: accuracy {_fmt(val)}" for k, val in base.items() if k.startswith("core_")]
-        tasks = [k for k in ev.get("sft", {}) if k not in ("chatcore", "eval_seconds")]
+        lines += _core_lines(base.get("dclm_core"))
+        tasks = [k for k, v in ev.get("sft", {}).items() if k not in ("chatcore", "eval_seconds")
+                 and isinstance(v, (int, float))]
         lines += ["", "## Chat model", "", "| task | SFT | RL |", "|---|---|---|"]
         lines += [f"| {t} | {_fmt(ev.get('sft', {}).get(t))} | {_fmt(ev.get('rl', {}).get(t))} |" for t in tasks]
         lines.append(f"| **ChatCORE** | {_fmt(ev.get('sft', {}).get('chatcore'))} | "
                      f"{_fmt(ev.get('rl', {}).get('chatcore'))} |")
+        lines += _real_chat_lines(ev, PRESETS[args.preset]["eval"])
     stage_s = sum(r.get("wall_s") or 0 for r in state["stages"].values())
     lines += ["", f"Total stage time: {stage_s:.1f} s; this invocation: {total_s:.1f} s "
                   "(stages finished earlier are skipped)", ""]
