@@ -131,6 +131,50 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
         torch.set_num_threads(threads)
 
 
+def test_root_stays_gathered_only_from_forward_to_backward(eager_single_thread):
+    """The FSDP2 root's wte/lm_head: gathered (plain tensors) from a training forward to its backward, sharded
+    (DTensors) after the backward and right after any forward without grad; a training forward never followed by a
+    backward, then an optimizer step, then a forward: the result still equals the plain model's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from model.gpt import GPT, GPTConfig
+    from tests._dist_worker import CONFIG
+    from train.distributed import build_model, cleanup, init_distributed
+    owned = not dist.is_initialized()
+    info = init_distributed("cpu")
+    try:
+        cfg = GPTConfig(**CONFIG)
+        torch.manual_seed(0)
+        model = build_model(cfg, info)
+        plain = GPT(cfg)
+        torch.manual_seed(0)
+        plain.init_weights()
+        x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(5))
+        sharded = lambda: all(isinstance(p, DTensor) for p in model.parameters())
+        pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
+        loss = model(x[:, :-1], x[:, 1:])
+        assert not isinstance(model.lm_head.weight, DTensor) and isinstance(model.transformer.h[0].mlp.c_fc.weight,
+                                                                             DTensor)
+        loss.backward()
+        assert sharded()
+        with torch.no_grad():
+            model(x[:, :-1])
+        assert sharded()
+        plain(x[:, :-1], x[:, 1:]).backward()
+        for m, opts in pairs:
+            m(x[:, :-1], x[:, 1:])  # a training forward without backward keeps the root gathered...
+            for opt in opts:
+                opt.step()  # ...and this step changes the shards under that copy
+            m.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), plain(x[:, :-1], x[:, 1:]), atol=1e-6, rtol=1e-5)
+        assert sharded()
+    finally:
+        if owned:
+            cleanup()
+
+
 def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
     """build_model(compile="on") at world size 1 in this process (gloo): every block and the root's embedding and head
     compiled (aot_eager), then sharded. Three graphs (embedding, the block - shared by both blocks -, head + loss), no

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from model.common import DistInfo, print0
 from model.gpt import GPT
@@ -117,13 +118,33 @@ def build_model(config, dist_info, compile=False, compile_backend="inductor"):
         mp = MixedPrecisionPolicy()  # fp32 throughout on CPU
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    # reshard_after_forward=True on the root too (FSDP2 otherwise keeps the root's wte/lm_head gathered after a
-    # forward, which goes stale if a forward without backward - eval, sampling - precedes an optimizer step).
-    # Costs one extra all-gather of wte + lm_head per step; buys a model that is safe to evaluate at any point.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # The root keeps wte + lm_head gathered from a training forward to its backward (FSDP2's default for a root): no
+    # second all-gather of the largest parameters in every backward; the backward reshards them. Forwards without
+    # grad (eval, sampling) reshard at once, so that outside a training step the module always holds its shards
+    # (optimizers and checkpoints see DTensors) and a gathered copy never outlives an optimizer step; a forward
+    # that still finds them gathered (a training forward without backward) drops them and gathers fresh shards.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    model.register_forward_pre_hook(_root_pre_forward, prepend=True)  # before FSDP2's own pre-forward
+    model.register_forward_hook(_root_post_forward)  # after FSDP2's own post-forward
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+def _root_gathered(model):
+    return not isinstance(model.lm_head.weight, DTensor)  # gathered: a plain tensor; sharded: the DTensor shard
+
+
+def _root_pre_forward(model, args):
+    """Drop root parameters left gathered by a forward without backward (an optimizer step may have followed)."""
+    if _root_gathered(model):
+        model.reshard()
+
+
+def _root_post_forward(model, args, output):
+    """Without grad there is no backward to reshard the root: reshard now."""
+    if not torch.is_grad_enabled() and _root_gathered(model):
+        model.reshard()
 
 
 def cleanup():
