@@ -24,6 +24,7 @@ part; GPT.generate runs uncompiled (every token changes the shape); RL builds un
 (train/stage.py: its update sees a new length every step).
 """
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,9 @@ def apply_compile(model, backend="inductor"):
     default), or "aot_eager" for CPU smoke runs and tests (traced and differentiated, then run op by op: no C++
     build, no speed-up). Returns the model."""
     kwargs = dict(backend=backend, fullgraph=True)
+    # Inductor may hand a block's output back as a view of its buffer; FSDP2 then warns that an in-place op on it
+    # would skip the pre-backward all-gather. GPT.forward never writes into a block's output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
     for block in model.transformer.h:
         block.compile(**kwargs)
     model.embed = torch.compile(model.embed, **kwargs)
