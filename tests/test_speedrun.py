@@ -54,9 +54,9 @@ def test_tiny_speedrun_end_to_end_and_resume(tmp_path):
         assert needle in report
     assert "chat (rl model) >" in p.stdout and report in p.stdout
     # CORE-10 on the embedded sample, named as such with its tasks, and the real chat rows with their chance
-    assert "- CORE-10 (mean centred accuracy): " in report and "not nanochat's CORE" in report
+    assert "- CORE-10 (mean centred accuracy, 0 = chance): " in report and "not nanochat's CORE" in report
     assert "hellaswag_zeroshot, arc_easy, arc_challenge, copa" in report and "| boolq | 10 |" in report
-    assert "prompts cropped to the model's 256 tokens" in report
+    assert "prompts cropped to their last 256 tokens" in report
     for row in ("| ARC-Easy | 0.25 |", "| ARC-Challenge | 0.25 |", "| MMLU | 0.25 |", "| GSM8K | 0.00 |",
                 "| HumanEval | 0.00 |", "| **ChatCORE (5 real tasks)** | 0 |"):
         assert row in report, row
@@ -119,10 +119,10 @@ def test_report_card_names_the_core_it_ran():
                                                "summary": {"base": {"val_bpb": 0.8, "core": 0.1, "dclm_core": core},
                                                            "sft": {"chatcore": 0.2}, "rl": {"chatcore": 0.3}}}}}
     card = sr.report_card(state, args, 1.0)
-    assert "- CORE (mean centred accuracy): 0.2219" in card
+    assert "- CORE (mean centred accuracy, 0 = chance): 0.2219" in card
     assert "CORE on the DCLM eval bundle at /root/.cache/nanochat/eval_bundle; all items: hellaswag" in card
     assert "| hellaswag | 10 | 0.5000 | 0.25 | +0.3333 | 10042 |" in card and "not nanochat's CORE" not in card
     core.update(name="CORE-10", source="raw", where="/data/realdata")
     card = sr.report_card(state, args, 1.0)
-    assert "- CORE-10 (mean centred accuracy): 0.2219" in card
+    assert "- CORE-10 (mean centred accuracy, 0 = chance): 0.2219" in card
     assert "CORE-10 on the raw datasets in /data/realdata; all items; 1 of CORE's 22 tasks, not nanochat's CORE" in card

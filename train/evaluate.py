@@ -1,6 +1,6 @@
 """Evaluation: base models (val bits-per-byte, CORE, CORE-style scoring) and chat models (ChatCORE).
 
-    python -m train.evaluate --mode base --source base                  # val bpb, CORE-style, CORE (see below)
+    python -m train.evaluate --mode base                                # the base model: val bpb, CORE-style, CORE
     python -m train.evaluate --mode base --data-dir ../shared/realdata/core --max-per-task 200   # CORE-10, raw files
     python -m train.evaluate --mode chat --source sft                   # embedded tasks + cached real ones
     python -m train.evaluate --mode chat --data-dir ../shared/realdata/chat     # ARC, MMLU, GSM8K, HumanEval, offline
@@ -375,11 +375,13 @@ def core_source(data_dir=None):
 
 
 def describe_core(result):
-    """One line saying which CORE a dclm_core result is: name, data, items per task, tasks."""
+    """One line saying which CORE a dclm_core result is: name, data, items per task, crop, tasks."""
     kind, where = result["source"], result["where"]
     notes = [{"bundle": f"the DCLM eval bundle at {where}", "raw": f"the raw datasets in {where}",
               "sample": "the embedded sample of the raw datasets (train/tasks/realdata, 100 seeded rows each)"}[kind],
              "all items" if result["max_per_task"] is None else f"at most {result['max_per_task']} items a task"]
+    if result.get("max_seq_len"):
+        notes.append(f"prompts cropped to their last {result['max_seq_len']} tokens")
     if result["name"] != "CORE":
         notes.append(f"{len(result['tasks'])} of CORE's 22 tasks, not nanochat's CORE")
     return f"{result['name']} on {'; '.join(notes)}: {', '.join(result['tasks'])}"
@@ -483,7 +485,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_argument(p)
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
-    p.add_argument("--source", default="sft", help="checkpoint stage to evaluate: base|mid|sft|rl")
+    p.add_argument("--source", default=None,
+                   help="checkpoint stage to evaluate: base|mid|sft|rl (default: base for --mode base, else sft)")
     p.add_argument("--run", default=None, help="run name (default: the newest run of the stage)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: embedded + cached real tasks; "
                    "chat with --data-dir: the real tasks found there)")
@@ -491,7 +494,7 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="local evaluation data, read offline. base: an eval bundle (core.yaml) -> CORE, or raw "
                         "dataset files (here or in core/) -> CORE-10; chat: ARC/MMLU/GSM8K/HumanEval files (here or "
-                        "in chat/). train/tasks/realdata is the embedded sample; ../shared/realdata the full files")
+                        "in chat/). train/tasks/realdata is the embedded sample, laid out so (core/, chat/)")
     p.add_argument("--max-examples", type=int, default=100, help="examples per task (chat; base: CORE-style)")
     p.add_argument("--max-per-task", type=int, default=None,
                    help="base: items per CORE task, the first of each task's seeded shuffle (default: all)")
@@ -515,7 +518,8 @@ def main(argv=None):
 
     def go():
         info = init_distributed()
-        res = evaluate_checkpoint(args.mode, args.source, args.run, args.tasks.split(",") if args.tasks else None,
+        source = args.source or ("base" if args.mode == "base" else "sft")
+        res = evaluate_checkpoint(args.mode, source, args.run, args.tasks.split(",") if args.tasks else None,
                                   args.max_examples, args.max_tokens, args.val_batches, info.device,
                                   data_dir=args.data_dir, core=None if args.no_core else "auto",
                                   max_per_task=args.max_per_task, core_max_seq_len=args.max_seq_len)
