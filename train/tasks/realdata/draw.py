@@ -83,6 +83,10 @@ no network: {sum(f['rows'] for f in result['files'].values())} rows in {len(resu
   rows a task its sampling error is several points.
 - chat/: the chat-eval sets (ARC-Easy/Challenge test, MMLU test, GSM8K test, HumanEval).
 
+The tiny speedrun's report card scores it (a CORE-10 row for the base model, real ARC/MMLU/GSM8K/HumanEval rows for
+the chat models), and so does `python -m train.evaluate --mode base|chat --data-dir train/tasks/realdata`; the same
+command reads the full files from any folder laid out the same way (`--data-dir ../shared/realdata`).
+
 ## Files
 
 {chr(10).join(table)}
