@@ -357,3 +357,23 @@ def test_stage_flags_after_a_double_dash_parse():
     args = base.parse_args(["--", "--preset", "tiny", "--run", "ws", "--depth", "3"])
     assert (args.run, args.depth, args.max_seq_len) == ("ws", 3, 256)
     assert sft.parse_args(["--", "--run", "ws"]).run == rl.parse_args(["--", "--run", "ws"]).run == "ws"
+
+
+def test_documented_torchrun_commands_put_flags_after_a_double_dash():
+    """README, Makefile and every module docstring: a torchrun line that passes flags to `-m module` passes them
+    after `--`."""
+    import re
+    files = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "Makefile")]
+    for folder in ("train", "bench", "model"):
+        files += [os.path.join(ROOT, folder, f) for f in sorted(os.listdir(os.path.join(ROOT, folder)))
+                  if f.endswith(".py")]
+    command = re.compile(r"torchrun\b[^\n`]*?-m\s+([\w.]+)((?:[ \t]+[^\s#`]+)*)")
+    bad, seen = [], 0
+    for path in files:
+        for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
+            for m in command.finditer(line):
+                seen += 1
+                rest = m.group(2).split()
+                if rest and rest[0] != "--" and rest[0] not in ("...", "<stage>") and rest[0].startswith("-"):
+                    bad.append(f"{os.path.relpath(path, ROOT)}:{lineno}: {line.strip()}")
+    assert seen >= 8 and not bad, "\n".join(bad)

@@ -4,7 +4,7 @@
     python -m train.evaluate --mode base --data-dir ../shared/realdata/core --max-per-task 200   # CORE-10, raw files
     python -m train.evaluate --mode chat --source sft                   # embedded tasks + cached real ones
     python -m train.evaluate --mode chat --data-dir ../shared/realdata/chat     # ARC, MMLU, GSM8K, HumanEval, offline
-    torchrun --nproc_per_node=8 -m train.evaluate --mode chat --source rl --tasks gsm8k,humaneval
+    torchrun --nproc_per_node=8 -m train.evaluate -- --mode chat --source rl --tasks gsm8k,humaneval
 
 Base metrics
 - val bpb = sum of next-token losses (nats) / (ln 2 * bytes of the target tokens) on the held-out corpus; special
