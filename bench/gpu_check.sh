@@ -2,7 +2,7 @@
 # The GPU check, in about 12 minutes on one H100/H200 (estimated):
 #   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers,
 #   3. the d20 training step: eager vs fused, each with and without torch.compile; the fused preset's batch 32.
-# Results go to $OUT when set (the device tool), else bench/results/. Commit the JSON with the numbers in the note.
+# Results go to $OUT when set, else bench/results/ (JSON + PNG per suite, with device, versions and commit).
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

