@@ -1,24 +1,18 @@
 """The GPT model: nanochat's architecture, with attention and MLP running on our kernels.
 
-Architecture choices (as nanochat's first release):
-- token embedding untied from lm_head; no biases anywhere
-- RMSNorm without learned weights: after the embedding, pre-norm in every block, before lm_head, on q and k
-- rotary position embeddings (RoPE, base 10 000, half-split convention), then QK-norm
-- grouped-query attention (n_kv_head divides n_head; the recipe uses n_kv_head == n_head)
-- ReLU^2 MLP with hidden width 4C
-- logits soft-capped in fp32: 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (the mean over a batch
-  whose targets are all ignored is 0, not nan)
-- init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
-  projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py)
+Architecture (nanochat's first release): token embedding untied from lm_head; no biases; RMSNorm without learned
+weights after the embedding, pre-norm in every block, before lm_head and on q, k (QK-norm, after RoPE with base
+10 000, half-split convention); grouped-query attention (n_kv_head divides n_head); ReLU^2 MLP of width 4C; logits
+soft-capped in fp32, 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (all ignored: mean 0, not nan).
+Init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
+projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py).
 
-Attention calls only kernels.attention.attention (raw q/k/v: the kernel rotates and normalises) or, during
-inference, kv_cache.attend(layer_idx, q, k, v); the MLP calls only kernels.relu2_mlp.relu2_mlp; the loss calls only
-kernels.linear_cross_entropy.linear_cross_entropy (lm_head, softcap and cross-entropy in one op). The kernel mode
-switch (kernels.set_mode) therefore flips the whole model between the Triton kernels and the eager references.
-
-Built on the meta device and sharded with FSDP2 (train/distributed.py), then `to_empty` + `init_weights()`: the
-init draws every full tensor with the same RNG stream and keeps the local shard, so the weights do not depend on
-the world size; the rotary buffers are recomputed there.
+Attention calls only kernels.attention.attention (raw q/k/v: the kernel rotates and normalises) or, in inference,
+kv_cache.attend(layer_idx, q, k, v); the MLP only kernels.relu2_mlp.relu2_mlp; the loss only
+kernels.linear_cross_entropy.linear_cross_entropy. So kernels.set_mode flips the whole model between the Triton
+kernels and the eager references. Built on the meta device and sharded with FSDP2 (train/distributed.py), then
+`to_empty` + `init_weights()`, which draws every full tensor from one RNG stream and keeps the local shard (weights
+independent of the world size) and recomputes the rotary buffers.
 """
 import math
 from dataclasses import dataclass
@@ -47,9 +41,9 @@ class GPTConfig:
     n_embd: int = 1280
 
     def __post_init__(self):
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head != 0:
@@ -69,11 +63,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.from_depth: depth must be an integer >= 1, got {depth!r}")
         n_embd = 64 * depth
         n_head = n_embd // 128 if n_embd % 128 == 0 else n_embd // 64
-        kwargs = dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head)
-        if "n_head" in overrides and "n_kv_head" not in overrides:
-            kwargs["n_kv_head"] = overrides["n_head"]
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        kv = overrides.get("n_head", n_head)  # n_head overridden alone: n_kv_head follows it
+        return cls(**{**dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=kv), **overrides})
 
 
 def norm(x):
@@ -84,8 +75,7 @@ def norm(x):
 def precompute_rotary(seq_len, head_dim, base=ROPE_BASE, device=None):
     """cos, sin of shape (seq_len, head_dim/2), fp32: angle[t, i] = t * base^(-2i/head_dim)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    t = torch.arange(seq_len, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos(), freqs.sin()
 
 
@@ -96,8 +86,7 @@ def embed(idx, wte):
 
 def head_logits(x, w):
     """Last hidden states (B, T, C), lm_head weight (V, C) -> soft-capped logits (B, T, V) in fp32."""
-    logits = F.linear(norm(x), w).float()
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return SOFTCAP * torch.tanh(F.linear(norm(x), w).float() / SOFTCAP)
 
 
 def head_loss(x, w, targets, reduction="mean"):
@@ -126,10 +115,8 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if kv_cache is None:
-            y = attention(q, k, v, cos, sin)  # rotary + QK-norm + causal flash attention in one kernel
-        else:
-            y = kv_cache.attend(self.layer_idx, q, k, v)  # the cache rotates at its own positions
+        # one kernel does rotary + QK-norm + causal flash attention; the cache rotates at its own positions
+        y = attention(q, k, v, cos, sin) if kv_cache is None else kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -151,8 +138,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
-        x = x + self.mlp(norm(x))
-        return x
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -173,7 +159,6 @@ class GPT(nn.Module):
         # What GPT.forward runs outside the blocks; train.distributed.apply_compile swaps in compiled versions
         self.embed, self.head_logits, self.head_loss = embed, head_logits, head_loss
 
-    # -- init ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self):
         """nanochat's first-release init; works on plain tensors and on FSDP2-sharded DTensors alike."""
@@ -191,7 +176,6 @@ class GPT(nn.Module):
         device = local(self.transformer.wte.weight).device
         self.cos, self.sin = precompute_rotary(self.rotary_len, self.config.head_dim, device=device)
 
-    # -- bookkeeping -----------------------------------------------------------------------------------------------
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # DTensor.numel() is the global count
 
@@ -206,25 +190,22 @@ class GPT(nn.Module):
         """[AdamW(lm_head, wte), Muon(2-D block matrices)]; Adam lrs scaled by (n_embd/768)^-0.5 as nanochat.
         Every group carries "initial_lr" (the loop scales lr from it); Muon groups carry "momentum"."""
         scale = (self.config.n_embd / 768) ** -0.5
-        adamw = make_adamw([
-            dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
-            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale),
-        ], weight_decay=weight_decay)
+        adamw = make_adamw([dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
+                            dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale)],
+                           weight_decay=weight_decay)
         muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
         for opt in (adamw, muon):
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
-    # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         if T > self.rotary_len:
             raise ValueError(f"GPT: sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:T], self.sin[:T]
-        # The root's weights are read directly, not through wte's / lm_head's forward: under FSDP2 they are the
-        # root's gathered full tensors here, and embed / head_* take them as plain inputs (so torch.compile of those
-        # functions sees tensors, not FSDP-managed modules)
+        # The root's weights are read directly, not through wte's / lm_head's forward: under FSDP2 they are gathered
+        # full tensors here, plain inputs to embed / head_* (so torch.compile sees tensors, not FSDP modules)
         x = self.embed(idx, self.transformer.wte.weight)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
@@ -240,17 +221,14 @@ class GPT(nn.Module):
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            # self(): FSDP hooks gather the params. Uncompiled even after train.distributed.apply_compile: every
-            # token changes the shape, which would recompile each compiled part
+            # self(): FSDP hooks gather the params. Eager even after apply_compile: each new length would recompile
             with torch.compiler.set_stance("force_eager"):
                 logits = self(ids[:, -self.rotary_len:])[:, -1, :]
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            next_id = (torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng) if temperature > 0
+                       else logits.argmax(dim=-1, keepdim=True))
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
 
