@@ -1,17 +1,15 @@
 """Checkpoints: model + optimizers (sharded, via torch.distributed.checkpoint) + meta.json, written atomically.
 
 Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/
-    *.distcp, .metadata   DCP files: every rank writes its own shards of {"model": ..., "optim": ...}; DCP reshards
-                          on load, so a checkpoint saved by N ranks loads into M ranks or one plain nn.Module.
-    meta.json             {"config": GPTConfig dict, "step", "stage", "kernels", "world_size",
-                           "loader_states": [state of rank 0, rank 1, ...], "rng_states": [per rank: torch/CUDA
-                           states as base64 bytes, python's and numpy's as JSON numbers; never a pickle],
-                           ... plus whatever the stage adds (args, val metrics, tokenizer dir)}
+    *.distcp, .metadata   DCP files: each rank writes its shards of {"model", "optim"}; DCP reshards on load, so a
+                          checkpoint saved by N ranks loads into M ranks or one plain nn.Module.
+    meta.json             {"config": GPTConfig dict, "step", "stage", "kernels", "world_size", "loader_states" (one
+                           per rank), "rng_states" (per rank: torch/CUDA states as base64 bytes, python's and numpy's
+                           as JSON numbers; never a pickle), ... plus what the stage adds (args, val metrics, ...)}
 
-Atomicity: everything is written into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then the directory is
-renamed into place (one rename on one file system). On any failure the temp dir is removed, so a step_* directory
-either is complete or does not exist. Before writing, the free disk space is checked against an estimate of the
-checkpoint size (sum of all state tensors + 10 %); too little space -> UserError, nothing written.
+Atomicity: everything goes into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then one rename puts it in
+place; on failure the temp dir is removed, so a step_* directory is complete or absent. Free disk space is checked
+first against the state tensors' size + 10 %: too little -> UserError, nothing written.
 
     save_checkpoint(path, step, model, optimizers, meta, loader_state)   (call on every rank)
     meta = load_checkpoint(path, model, optimizers=None)                  (every rank; returns meta.json)
@@ -87,14 +85,7 @@ def set_rng_state(state):
     return True
 
 
-def _as_list(optimizers):
-    if optimizers is None:
-        return []
-    return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
-
-
-def _state_dicts(model, optimizers):
-    opts = _as_list(optimizers)
+def _state_dicts(model, opts):
     if not opts:
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, opts)
@@ -106,14 +97,13 @@ def _nbytes(obj):
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()  # a DTensor reports its global shape
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
+        obj = list(obj.values())
+    return sum(_nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
-def estimate_checkpoint_bytes(model, optimizers=None):
-    return int(_nbytes(_state_dicts(model, optimizers)) * 1.1) + (1 << 20)
+def estimate_checkpoint_bytes(model, optimizers=None, state=None):
+    """Disk bytes a checkpoint needs: its tensors' global size + 10 % + 1 MiB."""
+    return int(_nbytes(state or _state_dicts(model, list(optimizers or []))) * 1.1) + (1 << 20)
 
 
 def _all_gather(obj):
@@ -134,14 +124,13 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     tmp = os.path.join(parent, f".{name}.tmp")
     info = dist_info()
     rank, world = info.rank, info.world_size
-    state = _state_dicts(model, optimizers)
+    state = _state_dicts(model, list(optimizers or []))
     loader_states = _all_gather(loader_state)
     rng_states = _all_gather(rng_state())
     ok = [True]
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
-        need = int(_nbytes(state) * 1.1) + (1 << 20)
-        free = shutil.disk_usage(parent).free
+        need, free = estimate_checkpoint_bytes(model, state=state), shutil.disk_usage(parent).free
         ok[0] = free >= need
         if ok[0]:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,22 +144,19 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     try:
         dcp.save(state, checkpoint_id=tmp)
         if rank == 0:
-            full_meta = dict(meta or {}, step=step, world_size=world, loader_states=loader_states,
-                             rng_states=rng_states)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(full_meta, f, indent=1)
+                json.dump(dict(meta or {}, step=step, world_size=world, loader_states=loader_states,
+                               rng_states=rng_states), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
+            old = os.path.join(parent, f".{name}.old")
             if os.path.exists(path):  # re-saving the same step: swap the old one out
-                old = os.path.join(parent, f".{name}.old")
                 os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,9 +166,8 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     return path
 
 
-# What a DCP .metadata pickle may name: DCP's own metadata records, torch.Size, dtypes, layouts and a path. DCP
-# unpickles the file with plain pickle.load, which would run anything a foreign checkpoint put there; it is checked
-# against this list first.
+# What a DCP .metadata pickle may name: DCP's metadata records, torch.Size, dtypes, layouts, paths. DCP unpickles
+# it with plain pickle.load, which would run anything a foreign checkpoint put there: it is checked first.
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
@@ -225,10 +210,12 @@ def load_checkpoint(path, model, optimizers=None):
     """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model. Collective.
     Returns meta.json as a dict; the caller restores loader state and RNG from it (see train/loop.py)."""
     meta = read_meta(path)
-    opts = _as_list(optimizers)
+    opts = list(optimizers or [])
     state = _state_dicts(model, opts)
     check_dcp_metadata(path)
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: as meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=path)
     if opts:
         set_state_dict(model, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -242,9 +229,7 @@ def find_last_checkpoint(stage, run=None):
     if run is None:
         runs = [os.path.join(stage_dir, r) for r in os.listdir(stage_dir)] if os.path.isdir(stage_dir) else []
         runs = [r for r in runs if os.path.isdir(r) and not os.path.basename(r).startswith(".")]
-        if not runs:
-            return None
-        run_dir = max(runs, key=os.path.getmtime)
+        run_dir = max(runs, key=os.path.getmtime, default="")
     else:
         run_dir = os.path.join(stage_dir, run)
     if not os.path.isdir(run_dir):
@@ -267,12 +252,7 @@ def load_model(stage, device="cpu", run=None, path=None):
         model = GPT(GPTConfig(**meta["config"]))
     model.to_empty(device=device)
     model.init_weights()  # also fills the non-persistent rotary buffers
-    state = {"model": model.state_dict()}
-    check_dcp_metadata(path)
-    with warnings.catch_warnings():  # "no process group, assuming a single process": exactly what we want here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    model.load_state_dict(state["model"])
+    load_checkpoint(path, model)
     model.eval()
     try:
         tokenizer = load_tokenizer(meta)
