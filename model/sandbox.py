@@ -1,39 +1,31 @@
 """Run untrusted Python (model tool calls, HumanEval solutions) inside an OS jail, or not at all.
 
-    from model.sandbox import jail_status, run_python, run_tool_call
     r = run_python("print(6 * 7)", timeout=5.0, memory_mb=256)
     r.success, r.stdout, r.error, r.timed_out, r.jail      # True, "42\\n", None, False, "bwrap"
     run_tool_call("6 * 7")                                  # "42": exactly what a Python REPL shows
     jail_status().banner                                    # one line saying how the tool runs here
 
-The boundary is the OS; every call gets a fresh jail:
-1. bubblewrap (bwrap), started as an unprivileged user (uid/gid 65534 when this process is root, else our own
-   uid), with new user (uid/gid 65534 inside, no capabilities, no nested user namespaces, no_new_privs), PID,
-   network (no interfaces), IPC, UTS and cgroup namespaces. The new root holds only read-only nosuid binds of /usr
-   (and /bin, /lib, ... links) and the Python install, a fresh /proc that shows the jail's own processes only, a
-   read-only minimal /dev, and a tmpfs /tmp of TEMP_QUOTA bytes: the working dir and the only writable path. No
-   home, repository, checkpoint or /etc is visible, nor any process outside (the caller cannot be signalled, its
-   /proc/<pid>/environ cannot be read). When the call ends the jail's PID 1 dies and the kernel kills whatever is
-   left in it (--die-with-parent covers a killed caller). A seccomp filter (x86_64 and aarch64) answers EPERM to
-   kernel interfaces a calculator never needs: ptrace, process_vm_*, keyctl, bpf, userfaultfd, perf_event_open,
-   io_uring, mount, unshare, setns, kernel modules, kexec, ...
-2. Resource limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (address
-   space = memory_mb), RLIMIT_FSIZE (files <= 16 MiB), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; a wall-clock
-   timeout and an output cap (`max_output` bytes per stream, read incrementally) in the parent, which kills the
-   process group when the call ends.
-3. A PEP 578 audit hook (sys.addaudithook) in the bootstrap: a tripwire, not a wall (native code walks past it),
-   that turns the obvious attempts (sockets, subprocesses, ctypes, writes outside the temp dir) into clear errors.
+Every call gets a fresh jail:
+1. bubblewrap (bwrap), started unprivileged (uid/gid 65534 when we are root), with new user (65534 inside, no
+   capabilities, no nested user namespaces, no_new_privs), PID, network (no interfaces), IPC, UTS and cgroup
+   namespaces. Its root holds only read-only nosuid binds of /usr (+ /bin, /lib, ... links) and the Python install,
+   its own /proc, a read-only minimal /dev and a TEMP_QUOTA-byte tmpfs /tmp (the working dir, the only writable
+   path): no home, repository, checkpoint, /etc or outside process is visible. The jail's PID 1 dies with the call
+   and the kernel kills what is left (--die-with-parent covers a killed caller). A seccomp filter (x86_64, aarch64)
+   answers EPERM to ptrace, process_vm_*, keyctl, bpf, userfaultfd, perf_event_open, io_uring, mount, unshare,
+   setns, kernel modules, kexec, ...
+2. Limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (memory_mb), RLIMIT_FSIZE
+   (16 MiB), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; in the parent a wall-clock timeout and an output cap
+   (`max_output` bytes per stream, read incrementally), then the process group is killed.
+3. A PEP 578 audit hook: a tripwire, not a wall (native code walks past it), turning the obvious attempts (sockets,
+   subprocesses, ctypes, writes outside the temp dir) into clear errors.
 
-Without a working bwrap (not installed, or no unprivileged user namespaces) the tool refuses: the result is an error
-naming the reason and how to install bubblewrap, and run_tool_call answers "Error: python tool disabled: ...". Only
-TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers 2-3 without the jail (a separate process in its own session, as uid 65534
-when we are root; its temp dir on the host, swept at the next start if the caller was killed mid-call): for local
-experiments with code you trust, never a boundary.
-
-The jail's user must be able to read the interpreter: when ours is not readable by uid 65534 (a pyenv under /root),
-the system's /usr/bin/python3 runs the code. Either way user code sees the standard library only (-I -S).
-nanochat's sandbox (https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) is layer 2 plus nulled
-functions, with no OS boundary.
+Without a working bwrap the tool refuses, naming the reason and the fix (run_tool_call: "Error: python tool disabled:
+..."). Only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers 2-3 without the jail (own session, uid 65534 when root, a host
+temp dir swept at the next start if the caller died mid-call): for code you trust, never a boundary. When uid 65534
+cannot read our interpreter (a pyenv under /root), /usr/bin/python3 runs the code; user code sees the standard library
+only (-I -S). nanochat's sandbox (https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) is layer 2
+plus nulled functions, with no OS boundary.
 """
 import errno
 import itertools
@@ -121,21 +113,19 @@ if _layers["rlimits"]:
 os.chdir(_work)
 if _layers["audit"]:
     _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    _BANNED_EVENTS = frozenset((
-        "os.system", "os.exec", "os.spawn", "os.fork", "os.forkpty", "os.posix_spawn", "os.kill", "os.killpg",
-        "subprocess.Popen", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
-        "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at", "socket.__new__", "socket.connect",
-        "socket.bind", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto", "socket.sendmsg",
-        "resource.setrlimit", "resource.prlimit", "gc.get_referrers",
-        "gc.get_referents", "gc.get_objects", "os.chroot", "os.setuid", "signal.pthread_kill", "mmap.__new__",
-        "os.symlink", "os.link", "os.chown", "os.chflags", "os.startfile", "webbrowser.open", "sys.addaudithook",
-        "sys.setprofile", "sys.settrace", "code.__new__", "os.chdir", "os.fchdir"))
-    _BANNED_MODULES = frozenset(("socket", "_socket", "ctypes", "_ctypes", "subprocess", "_posixsubprocess",
-        "multiprocessing", "_multiprocessing", "pty", "ssl", "_ssl", "posix", "nt", "webbrowser"))
+    _BANNED_EVENTS = frozenset("""os.system os.exec os.spawn os.fork os.forkpty os.posix_spawn os.kill os.killpg
+        subprocess.Popen pty.spawn ctypes.dlopen ctypes.dlsym ctypes.cdata ctypes.call_function ctypes.addressof
+        ctypes.string_at ctypes.wstring_at socket.__new__ socket.connect socket.bind socket.getaddrinfo
+        socket.gethostbyname socket.sendto socket.sendmsg resource.setrlimit resource.prlimit gc.get_referrers
+        gc.get_referents gc.get_objects os.chroot os.setuid signal.pthread_kill mmap.__new__ os.symlink os.link
+        os.chown os.chflags os.startfile webbrowser.open sys.addaudithook sys.setprofile sys.settrace code.__new__
+        os.chdir os.fchdir""".split())
+    _BANNED_MODULES = frozenset("""socket _socket ctypes _ctypes subprocess _posixsubprocess multiprocessing
+        _multiprocessing pty ssl _ssl posix nt webbrowser""".split())
     _FUNC_ATTRS = frozenset(("__defaults__", "__kwdefaults__", "__code__", "__globals__", "__closure__"))
     _PATH_TYPES = (str, bytes, type(pathlib.Path()), type(pathlib.PurePath()))
-    _PATH_EVENTS = frozenset(("os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.truncate", "os.utime",
-                              "shutil.rmtree", "os.rename", "os.listxattr", "os.setxattr", "os.removexattr"))
+    _PATH_EVENTS = frozenset("""os.remove os.rmdir os.mkdir os.chmod os.truncate os.utime shutil.rmtree os.rename
+        os.listxattr os.setxattr os.removexattr""".split())
 
     def _inside(p, _work=_work, _T=_PATH_TYPES, _isinstance=isinstance, _str=str, _type=type):
         """Is path p inside the temp dir? Pure string work on captured builtins: user code cannot monkeypatch
@@ -190,11 +180,9 @@ if _layers["audit"]:
             raise PermissionError(f"sandbox: {name} is disabled")
         return stub
     import posix
-    for _n in ("system", "fork", "forkpty", "kill", "killpg", "setuid", "setgid", "setreuid", "setregid",
-               "setresuid", "setresgid", "setsid", "setpgid", "chroot", "execv", "execve", "execl", "execlp",
-               "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnvp", "posix_spawn",
-               "posix_spawnp", "popen", "symlink", "link", "chown", "lchown", "fchown", "chdir", "fchdir", "mkfifo",
-               "mknod"):
+    for _n in """system fork forkpty kill killpg setuid setgid setreuid setregid setresuid setresgid setsid setpgid
+               chroot execv execve execl execlp execvp execvpe spawnv spawnve spawnl spawnle spawnlp spawnvp
+               posix_spawn posix_spawnp popen symlink link chown lchown fchown chdir fchdir mkfifo mknod""".split():
         for _mod in (os, posix):
             if hasattr(_mod, _n):
                 setattr(_mod, _n, _deny("os." + _n))
@@ -210,17 +198,12 @@ _main = types.ModuleType("__main__")  # user code gets a fresh __main__: `import
 _main.__builtins__ = builtins
 sys.modules["__main__"] = _main
 try:
-    if _repl:
-        _compiled = compile(ast.Interactive(ast.parse(_code, "<sandbox>").body), "<sandbox>", "single")
-    else:
-        _compiled = compile(_code, "<sandbox>", "exec")
+    _compiled = (compile(ast.Interactive(ast.parse(_code, "<sandbox>").body), "<sandbox>", "single") if _repl
+                 else compile(_code, "<sandbox>", "exec"))
     exec(_compiled, _main.__dict__)
 except BaseException as e:
-    name = type(e).__name__
-    if isinstance(e, SystemExit):
-        msg = f"SystemExit({e.code}): exiting is not allowed"
-    else:
-        msg = f"{name}: {e}" if str(e) else name
+    msg = (f"SystemExit({e.code}): exiting is not allowed" if isinstance(e, SystemExit)
+           else f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     try: sys.stdout.flush()
     except BaseException: pass
     _report(msg)
@@ -228,7 +211,6 @@ except BaseException as e:
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
 '''
-
 
 
 # Seccomp: syscalls answered with EPERM inside the jail. name: (x86_64 number, aarch64 number).
@@ -265,11 +247,14 @@ def seccomp_program(machine=None):
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 
-def _data_fd(data):
-    """A pipe's read end holding `data` (small: it must fit the pipe buffer), for bwrap to read."""
+def _seccomp_fd():
+    """A pipe's read end holding seccomp_program() for bwrap to read (it fits the pipe buffer); None without one."""
+    program = seccomp_program()
+    if program is None:
+        return None
     r, w = os.pipe()
     try:
-        os.write(w, data)
+        os.write(w, program)
     finally:
         os.close(w)
     return r
@@ -293,33 +278,23 @@ def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
         args += ["--ro-bind", prefix, prefix]
     args += ["--size", str(TEMP_QUOTA), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/dev",
              "--remount-ro", "/"]
-    if seccomp_fd is not None:
-        args += ["--seccomp", str(seccomp_fd)]
-    if info_fd is not None:
-        args += ["--info-fd", str(info_fd)]
-    return args
+    args += [] if seccomp_fd is None else ["--seccomp", str(seccomp_fd)]
+    return args + ([] if info_fd is None else ["--info-fd", str(info_fd)])
 
 
 def _jail_init(info_fd):
     """A pidfd of the jail's PID 1, read from bwrap's --info-fd (None if bwrap failed first). Killing it makes the
     kernel kill every process left in the jail's PID namespace; the pidfd cannot hit a recycled pid."""
     data = b""
-    while True:
-        if not select.select([info_fd], [], [], 30)[0]:
-            return None
-        chunk = os.read(info_fd, 4096)
-        if not chunk:
-            return None
+    while select.select([info_fd], [], [], 30)[0] and (chunk := os.read(info_fd, 4096)):
         data += chunk
         try:
-            pid = json.loads(data)["child-pid"]
-            break
-        except (ValueError, KeyError, TypeError):
+            return os.pidfd_open(json.loads(data)["child-pid"])
+        except (ValueError, KeyError, TypeError):  # not all of it yet
             continue
-    try:
-        return os.pidfd_open(pid)
-    except OSError:  # already gone
-        return None
+        except OSError:  # already gone
+            return None
+    return None
 
 
 def _unprivileged():
@@ -354,8 +329,7 @@ def _probe(bwrap, unsafe):
     else:
         errors = []
         for python, prefix in _interpreters():
-            program = seccomp_program()
-            fd = _data_fd(program) if program else None
+            fd = _seccomp_fd()
             try:
                 err = _try(_bwrap_args(bwrap, prefix, fd) + [python, "-I", "-S", "-c", "print('ok')"],
                            () if fd is None else (fd,))
@@ -372,8 +346,7 @@ def _probe(bwrap, unsafe):
     for python, prefix in _interpreters():
         if not _try([python, "-I", "-S", "-c", "print('ok')"]):
             return JailStatus("unsafe", why, python, prefix, fix=fix)
-    return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}",
-                      fix=fix)
+    return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}", fix=fix)
 
 
 def jail_status():
@@ -410,13 +383,6 @@ def _sweep_stale_dirs(root):
             continue
 
 
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True,
          repl=False):
     """run_python with switches for each layer, so tests can show what every layer holds on its own; jail=False runs
@@ -440,8 +406,7 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
     workdir = None
     try:
         if status.mode == "bwrap":
-            program = seccomp_program()
-            seccomp_fd = _data_fd(program) if program else None
+            seccomp_fd = _seccomp_fd()
             theirs += [] if seccomp_fd is None else [seccomp_fd]
             info_r, info_w = os.pipe()
             ours.append(info_r)
@@ -475,11 +440,18 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        _kill_group(proc)  # the unsafe mode's process group (and a bwrap that did not exit)
+        try:  # the unsafe mode's process group (and a bwrap that did not exit)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         rc = proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        report = _read_all(r_fd)
+        os.set_blocking(r_fd, False)
+        try:  # the bootstrap's one write of at most 4096 bytes, if any
+            report = os.read(r_fd, 8192).decode("utf-8", "replace")
+        except BlockingIOError:
+            report = ""
     finally:
         for f in ours + theirs:
             os.close(f)
@@ -512,7 +484,7 @@ def _collect(proc, timeout, max_output):
         sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     timed_out = overflow = False
-    while sel.get_map():
+    while sel.get_map() and not overflow:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
@@ -524,10 +496,7 @@ def _collect(proc, timeout, max_output):
                 continue
             buf = bufs[key.fd]
             buf += chunk[:max_output - len(buf)]
-            if len(buf) >= max_output:
-                overflow = True
-        if overflow:
-            break
+            overflow |= len(buf) >= max_output
     # EOF on both pipes; give the process (not its vanished children) the rest of the deadline to exit
     if not timed_out and not overflow:
         try:
@@ -536,20 +505,6 @@ def _collect(proc, timeout, max_output):
             timed_out = True
     sel.close()
     return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), timed_out, overflow
-
-
-def _read_all(fd):
-    os.set_blocking(fd, False)
-    data = b""
-    try:
-        while len(data) < 8192:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            data += chunk
-    except BlockingIOError:
-        pass
-    return data.decode("utf-8", "replace")
 
 
 def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
