@@ -1,7 +1,6 @@
-"""Runtime helpers every part shares (as nanochat's common.py,
-https://github.com/karpathy/nanochat/blob/master/nanochat/common.py): where artifacts live, this process's place in
-the process group, rank-0 printing, collectives on a few numbers, the GPU peak table, downloads with retries, and
-the versions and hardware a number was made with."""
+"""Runtime helpers every part shares (as https://github.com/karpathy/nanochat/blob/master/nanochat/common.py): where
+artifacts live, this process's place in the process group, rank-0 printing, collectives on a few numbers, the GPU
+peak table, downloads with retries, and the versions and hardware a number was made with."""
 import datetime
 import importlib.metadata
 import os
@@ -102,26 +101,11 @@ def local(t):
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of one GPU, from a torch device or a device name ("NVIDIA H100 80GB HBM3"); None for
     the CPU or a GPU missing from PEAK_BF16_FLOPS (MFU is then reported as n/a)."""
-    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
-        name = device
-    elif torch.device(device).type != "cuda":
-        return None
-    else:
-        name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key]
-    return None
-
-
-def _cpu_name():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return name
+    if not isinstance(device, str) or device.startswith(("cuda", "cpu")):
+        if torch.device(device).type != "cuda":
+            return None
+        device = torch.cuda.get_device_name(device)
+    return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in device), None)
 
 
 def _git_commit():
@@ -141,12 +125,16 @@ def versions():
     without CUDA), host, cpu (model name), cpu_cores, gpus (count), kind ("cuda" | "cpu"), device (GPU 0's name, or
     "cpu (<model>, <cores> cores)"), driver (None on the CPU; "unavailable" without nvidia-ml-py); on CUDA also
     sm_count, memory_gb and capability."""
-    try:
-        # read from the package metadata: importing triton here would fix TRITON_INTERPRET before a caller sets it
+    try:  # the package metadata: importing triton would fix TRITON_INTERPRET before a caller sets it
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = None
-    cpu = _cpu_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "host": platform.node(), "cpu": cpu,
@@ -168,13 +156,11 @@ def versions():
 
 # ------------------------------------------------------------------------------------------------ downloads
 def download(url, path, retries=5, backoff=1.0, timeout=60, resume=False, progress=False):
-    """Fetch url into path through a temp file renamed when complete, so a crash never leaves a half file under the
-    real name. Returns path.
-
-    Connection errors, timeouts, short reads and HTTP 429/5xx are retried `retries` times, after backoff·2^attempt
-    seconds. resume=True keeps the temp file (path + ".tmp") between attempts and runs, and continues it with an HTTP
-    Range request (a server that ignores Range sends the whole file again); only for files one process downloads.
-    resume=False writes a temp file of this process's own, so ranks fetching the same file never mix their bytes.
+    """Fetch url into path via a temp file renamed when complete (a crash never leaves a half file under the real
+    name) -> path. Connection errors, timeouts, short reads and HTTP 429/5xx are retried `retries` times, after
+    backoff·2^attempt seconds. resume=True keeps the temp file (path + ".tmp") between attempts and runs and continues
+    it with an HTTP Range request (a server ignoring Range sends it all again); only for files one process downloads.
+    resume=False uses a temp file of this process's own, so ranks fetching the same file never mix their bytes.
     progress=True prints (rank 0) one line per finished file: size and seconds.
     Raises DownloadError: at once for HTTP 4xx other than 429 (.status = the code), else after the last retry."""
     tmp = path + ".tmp" if resume else f"{path}.tmp{os.getpid()}"
