@@ -252,3 +252,14 @@ def test_zero_batches_are_refused_before_training(tmp_path, monkeypatch, flag):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=rf"\[sft\] {flag} must be an integer >= 1, got 0"):
         sft.run(["--kernels", "eager", flag, "0"])
+
+
+def test_mid_d20_batch_follows_the_kernels_as_base():
+    """mid's d20 preset takes base's sequences per GPU by kernel mode (32 fused, 16 eager) unless given."""
+    from train import base, mid
+    from train.stage import D20_DEVICE_BATCH
+    batch = lambda mod, *a: mod.parse_args(["--preset", "d20", *a]).device_batch_size
+    for kernels in ("fused", "eager"):
+        assert batch(mid, "--kernels", kernels) == batch(base, "--kernels", kernels) == D20_DEVICE_BATCH[kernels]
+    assert batch(mid) == batch(base) and batch(mid, "--device-batch-size", "8") == 8
+    assert mid.parse_args(["--preset", "tiny"]).device_batch_size == 8

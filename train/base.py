@@ -7,21 +7,19 @@
     python -m train.base --preset tiny --resume                     # continue the newest checkpoint bit-for-bit
 
 Presets (PRESETS below; any flag overrides them):
-  tiny  depth 2 (128 wide, 1 head of 128, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the
-        corpus if $TRITONCHAT_HOME/tokenizer is missing), 8 x 256 tokens per micro-batch, 200 steps of 2048 tokens
-        on the embedded corpus; val bpb on 16 k tokens of the held-out play every 50 steps; greedy samples at the end.
-  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 524 288 tokens per
-        step on 8 GPUs: with the fused kernels nanochat's 32 x 2048 tokens per GPU and no accumulation (the fused
-        loss never holds the (B*T, 65536) logits: ~52 GB estimated, not measured on GPU; bench/train.py has the
-        arithmetic); with --kernels eager 16 x 2048 x 2 accumulation steps (the eager loss keeps ~4 fp32 logit
-        copies of ~17 GB each at batch 32); torch.compile on (--compile auto on CUDA);
-        steps = 20 tokens per parameter / batch; FineWeb-Edu shards (--num-shards 240, the last one is the
-        validation shard) downloaded first; val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps.
-        If no tokenizer exists, one (vocab 65536) is trained on the first 2 B characters.
-Shared loop flags (batch sizes, schedule, eval/save cadence, --resume, --kernels): see train/loop.py.
-Bits per byte (train.evaluate.evaluate_bpb) = sum of nats / (ln 2 x UTF-8 bytes of the target tokens), special
-tokens left out (as nanochat's https://github.com/karpathy/nanochat/blob/master/nanochat/loss_eval.py).
-A summary (losses, val bpb, tokens/s, MFU) is written to $TRITONCHAT_HOME/reports/base_<run>.json.
+  tiny  depth 2 (128 wide, 1 head, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the corpus if
+        $TRITONCHAT_HOME/tokenizer is missing), 200 steps of 8 x 256 tokens on the embedded corpus; val bpb on 16 k
+        tokens of the held-out play every 50 steps; greedy samples at the end.
+  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 524 288 tokens a step
+        on 8 GPUs: 32 x 2048 per GPU with the fused kernels (the fused loss never holds the (B*T, 65536) logits:
+        ~52 GB, estimated), 16 x 2048 x 2 accumulation steps eager (its loss keeps ~4 fp32 logit copies of ~17 GB
+        each at batch 32): train.stage.D20_DEVICE_BATCH, arithmetic in bench/train.py; torch.compile on CUDA; steps
+        = 20 tokens per parameter; FineWeb-Edu shards (--num-shards 240, the last one validation) downloaded first;
+        val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps; a missing tokenizer (vocab
+        65536) is trained on the first 2 B characters.
+Shared loop flags: train/loop.py. Bits per byte (train.evaluate.evaluate_bpb) = sum of nats / (ln 2 x UTF-8 bytes of
+the target tokens), special tokens left out (as nanochat's nanochat/loss_eval.py). The summary (losses, val bpb,
+tokens/s, MFU) is also written to $TRITONCHAT_HOME/reports/base_<run>.json.
 """
 import argparse
 import itertools
@@ -52,8 +50,6 @@ PRESETS = {
                 sample_every=2000, sample_tokens=16, save_every=0, warmup_ratio=0.0, warmdown_ratio=0.2,
                 data="fineweb", num_shards=240),
 }
-# d20's sequences per GPU by kernel mode (device_batch_size None = this table; memory arithmetic: bench/train.py)
-D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "If 5*x + 3 = 13, then x is"]
 
 
@@ -78,9 +74,6 @@ def parse_args(argv=None):
         raise UserError(f"--depth must be an integer >= 1 (got {args.depth})")
     if args.max_seq_len < 2:
         raise UserError(f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
-    if args.device_batch_size is None:  # by kernel mode; "auto" resolves as kernels.set_mode will (fused iff CUDA)
-        fused = args.kernels == "fused" or (args.kernels == "auto" and torch.cuda.is_available())
-        args.device_batch_size = D20_DEVICE_BATCH["fused" if fused else "eager"]
     if args.device_batch_size < 1:
         raise UserError(f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
     if args.data == "fineweb" and args.num_shards < 2:
@@ -99,9 +92,10 @@ def resolve_num_iterations(args, num_params, world_size):
     return max(1, int(args.target_param_data_ratio * num_params) // tokens_per_step)
 
 
-def _launch_id():
-    """The same string on every rank of one launch (torchrun's run id + the agent's pid)."""
-    return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'single')}-{os.getppid()}"
+def _markers():
+    """(data, tokenizer) marker files of this launch: the same on every rank (torchrun's run id + the agent's pid)."""
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'single')}-{os.getppid()}"
+    return os.path.join(home_dir(), "data", f".ready-{launch}"), os.path.join(home_dir(), f".tok-ready-{launch}")
 
 
 def _rank0_first(rank, fn, marker):
@@ -128,7 +122,7 @@ def _rank0_first(rank, fn, marker):
 def prepare_data(args, rank):
     """-> (train source, val source): lists of documents (shakespeare) or ParquetSources (fineweb)."""
     os.makedirs(os.path.join(home_dir(), "data"), exist_ok=True)
-    marker = os.path.join(home_dir(), "data", f".ready-{_launch_id()}")
+    marker = _markers()[0]
     if args.data == "shakespeare":
         return _rank0_first(rank, lambda: (data.load_corpus("train"), data.load_corpus("val")), marker)
     paths = _rank0_first(rank, lambda: data.download_shards(args.num_shards, base_url=args.data_url,
@@ -142,18 +136,15 @@ def prepare_tokenizer(args, rank, train_source):
 
     def load_or_train():
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            if isinstance(train_source, list):
-                docs = train_source
-            else:  # nanochat: the first 2 B characters of FineWeb-Edu, documents capped at 10 000 characters
-                docs = (d for u in range(train_source.num_units()) for d in train_source.read_unit(u))
+            # nanochat: the first 2 B characters of FineWeb-Edu, documents capped at 10 000 characters
+            docs = train_source if isinstance(train_source, list) else \
+                (d for u in range(train_source.num_units()) for d in train_source.read_unit(u))
             print0(f"training a tokenizer with vocab {args.vocab_size} -> {tok_dir}")
             tok = Tokenizer.train(capped_docs(docs, max_chars=2_000_000_000), args.vocab_size)
             tok.save(tok_dir)
         return get_tokenizer(tok_dir)
 
-    marker = os.path.join(home_dir(), f".tok-ready-{_launch_id()}")
-    tok = _rank0_first(rank, load_or_train, marker)
-    return tok, tok_dir
+    return _rank0_first(rank, load_or_train, _markers()[1]), tok_dir
 
 
 def run(argv=None):
@@ -174,13 +165,10 @@ def run(argv=None):
         raise UserError(str(e)) from None
     model = build_model(config, info, compile=args.compile, compile_backend=args.compile_backend)
     barrier()  # every rank is past the marker files now: rank 0 may delete them
-    if info.rank == 0:
-        for m in (os.path.join(home_dir(), "data", f".ready-{_launch_id()}"),
-                  os.path.join(home_dir(), f".tok-ready-{_launch_id()}")):
-            if os.path.exists(m):
-                os.remove(m)
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for m in _markers() if info.rank == 0 else ():
+        if os.path.exists(m):
+            os.remove(m)
+    optimizers = stage.setup_optimizers(model, args)
     num_params = model.num_params()
     args.num_iterations = resolve_num_iterations(args, num_params, info.world_size)
     print0(f"model: depth {args.depth}, width {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
@@ -188,14 +176,13 @@ def run(argv=None):
            f"world {info.world_size}")
 
     B, T = args.device_batch_size, args.max_seq_len
-    loader = TokenLoader(tok, train_src, B, T, rank=info.rank, world_size=info.world_size, device=info.device)
-    tbytes = token_bytes(tok)
+    mk = lambda src, **kw: TokenLoader(tok, src, B, T, rank=info.rank, world_size=info.world_size, device=info.device,
+                                       **kw)
+    loader, tbytes = mk(train_src), token_bytes(tok)
     eval_steps = max(1, args.eval_tokens // (B * T * info.world_size))
 
     def eval_fn(model, step):
-        val = TokenLoader(tok, val_src, B, T, rank=info.rank, world_size=info.world_size, device=info.device,
-                          loop=False)
-        return {"val_bpb": evaluate_bpb(model, itertools.islice(val, eval_steps), tbytes)}
+        return {"val_bpb": evaluate_bpb(model, itertools.islice(mk(val_src, loop=False), eval_steps), tbytes)}
 
     def sample_fn(model, step):
         model.eval()

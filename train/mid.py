@@ -10,35 +10,19 @@ Rendered conversations are packed into (B, T+1) rows like base training (train.d
 target, as in nanochat's first release. Same loop, FSDP2, checkpoints and --resume as every stage (train/loop.py);
 the recipe is SFT's with the packed loader (train.stage.train_on_mixture).
 """
-import argparse
-
 from train import stage
 from train.data import PackedLoader
 
-# tiny = CPU minutes on the embedded tasks; d20 = nanochat's mixture on the real datasets.
+# tiny = CPU minutes on the embedded tasks; d20 = nanochat's mixture on the real datasets, with base's sequences per
+# GPU (device_batch_size None = train.stage.D20_DEVICE_BATCH: 32 fused, 16 eager; the same shapes as base's d20).
 PRESETS = {
     "tiny": dict(tasks="arithmetic,spelling,identity,number_mc", num_iterations=80, device_batch_size=8,
                  eval_every=0, val_batches=4),
     "d20": dict(tasks="smoltalk,mmlu_aux@100000,gsm8k,identity@1000,spelling@20000", num_iterations=-1,
-                device_batch_size=16, total_batch_size=524288, eval_every=150, val_batches=20),
+                device_batch_size=None, total_batch_size=524288, eval_every=150, val_batches=20),
 }
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stage.add_mixture_args(p, "mid")
-    return stage.parse_args(p, PRESETS, argv)
-
-
-def run(argv=None):
-    """Midtraining -> the loop's summary plus "tasks" (see train.stage.train_on_mixture). Leaves the process group
-    up."""
-    return stage.train_on_mixture("mid", parse_args(argv), PackedLoader)
-
-
-def main(argv=None):
-    return stage.main(run, argv)
-
+parse_args, run, main = stage.mixture_stage("mid", PRESETS, PackedLoader, __doc__)
 
 if __name__ == "__main__":
     main()

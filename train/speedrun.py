@@ -4,19 +4,18 @@
     torchrun --standalone --nproc_per_node=8 -m train.speedrun -- --preset d20  # `make speedrun`: nanochat's d20
     python -m train.speedrun --preset tiny --num-iterations 2 --run ci          # smoke test: 2 steps per stage
 
-Every stage runs in this process (every rank under torchrun) on one process group, through the same `run(argv)`
-that `python -m train.<stage>` calls, with the preset's flags plus `--<stage>-args "..."` overrides. Resumable stage
-by stage:
-the state of run R lives in $TRITONCHAT_HOME/reports/speedrun_R.json; finished stages are skipped on a rerun, a stage
-that was interrupted continues from its newest checkpoint (--resume), `--fresh` starts over (deleting run R's
-checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: per stage time, tokens, loss,
-metrics; hardware and versions; eager or fused) is printed, followed by one chat answer of the final model.
+Every stage runs in this process (every rank under torchrun) on one process group, through the `run(argv)` that
+`python -m train.<stage>` calls, with the preset's flags, --kernels/--compile/--compile-backend, then the
+`--<stage>-args "..."` overrides. Resumable stage by stage: run R's state is $TRITONCHAT_HOME/reports/speedrun_R.json;
+finished stages are skipped on a rerun, an interrupted one continues from its newest checkpoint (--resume), `--fresh`
+starts over (deleting run R's checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: time,
+tokens, loss, metrics per stage; hardware and versions; eager or fused) and one chat answer of the final model.
 
-Evals on real benchmarks (train/evaluate.py): the base model's CORE, named on the card as what it is: "CORE" on the
-DCLM eval bundle when one is found ($TRITONCHAT_HOME/eval_bundle or nanochat's; d20), else "CORE-10" on the raw
-datasets of ten of CORE's tasks (`--eval-data DIR`), else CORE-10 on the embedded sample (train/tasks/realdata; the
-tiny run, always). The chat models on real ARC-Easy/Challenge, MMLU, GSM8K and HumanEval: the tiny run scores the
-embedded sample beside the embedded tasks, the d20 run the full test sets (HF hub, or `--eval-data DIR`).
+Real benchmarks (train/evaluate.py): the base model's CORE, named as what it is: "CORE" on the DCLM eval bundle when
+one is found ($TRITONCHAT_HOME/eval_bundle or nanochat's; d20), else "CORE-10" on the raw datasets of ten of CORE's
+tasks (`--eval-data DIR`), else CORE-10 on the embedded sample (train/tasks/realdata; always for tiny). The chat
+models on real ARC-Easy/Challenge, MMLU, GSM8K and HumanEval: tiny scores the embedded sample beside the embedded
+tasks, d20 the full test sets (HF hub, or `--eval-data DIR`).
 """
 import argparse
 import json
@@ -34,14 +33,15 @@ from model.common import UserError, barrier, home_dir, is_rank0, print0, version
 from model.engine import Engine
 from model.tokenizer import Tokenizer
 from train import base, mid, rl, sft
-from train.distributed import cleanup, init_distributed
+from train.distributed import COMPILE_CHOICES, cleanup, init_distributed
 from train.evaluate import REAL_CHAT_TASKS, TASK_TITLES, describe_core, evaluate_checkpoint
 from train.tasks import TaskError
 from train.tasks.realdata import SAMPLE_DIR
 from train.tokenizer import train_tokenizer
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval")
-TRAIN_STAGES = ("base", "mid", "sft", "rl")
+STAGE_MODULES = {"base": base, "mid": mid, "sft": sft, "rl": rl}  # the training stages
+TRAIN_STAGES = tuple(STAGE_MODULES)
 
 # Flags of every stage per preset (each stage's own --preset supplies the rest).
 PRESETS = {
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--run", default="speedrun", help="run name of every stage's checkpoints")
     kernels.add_argument(p)
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile in every training stage (auto: each stage's own default; see train/loop.py)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of every training stage")
     p.add_argument("--num-iterations", type=int, default=None, help="override the steps of every training stage")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     p.add_argument("--fresh", action="store_true", help="forget finished stages and delete this run's checkpoints")
@@ -107,14 +110,6 @@ def state_path(run):
     return os.path.join(home_dir(), "reports", f"speedrun_{run}.json")
 
 
-def load_state(run):
-    path = state_path(run)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"run": run, "stages": {}}
-
-
 def save_state(state):
     if is_rank0():
         path = state_path(state["run"])
@@ -126,7 +121,9 @@ def save_state(state):
 
 # ------------------------------------------------------------------------------------------------ stages
 def stage_argv(args, stage):
-    argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels]
+    """The flags train.<stage> runs with: the preset's, the shared ones, then --<stage>-args."""
+    argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels, "--compile",
+                                                       args.compile, "--compile-backend", args.compile_backend]
     if stage != "base":
         argv += ["--source-run", args.run]
         if args.data_url:
@@ -154,16 +151,6 @@ def run_tokenizer(args):
         _, stats = train_tokenizer(vocab_size=cfg["vocab_size"], max_chars=cfg["max_chars"], out_dir=tok_dir)
     barrier()
     return stats
-
-
-STAGE_MODULES = {"base": base, "mid": mid, "sft": sft, "rl": rl}
-
-
-def run_train_stage(stage, args):
-    """One training stage, in this process, on the process group every stage shares."""
-    argv = stage_argv(args, stage)
-    print0(f"\n=== {stage}: python -m train.{stage} {' '.join(argv)}")
-    return STAGE_MODULES[stage].run(argv)
 
 
 def eval_config(args):
@@ -202,67 +189,54 @@ def run_evals(args):
 
 # ------------------------------------------------------------------------------------------------ report
 def _fmt(v, nd=4):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
 def _stage_row(name, rec):
-    s = rec.get("summary") or {}
-    t = rec.get("wall_s")
-    tokens = s.get("tokens")
+    s, t = rec.get("summary") or {}, rec.get("wall_s")
     if name == "rl":
         loss = f"reward {_fmt(s.get('first_reward'), 3)} -> {_fmt(s.get('final_reward'), 3)}"
-    elif s.get("first_train_loss") is not None:
-        loss = f"{_fmt(s.get('first_train_loss'), 3)} -> {_fmt(s.get('final_train_loss'), 3)}"
     else:
-        loss = "-"
-    metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("val") or {}).items() if isinstance(v, (int, float)))
+        loss = "-" if s.get("first_train_loss") is None else \
+            f"{_fmt(s.get('first_train_loss'), 3)} -> {_fmt(s.get('final_train_loss'), 3)}"
     if name == "eval":
         metrics = ", ".join(f"ChatCORE {src} {_fmt(s.get(src, {}).get('chatcore'))}" for src in ("sft", "rl"))
         metrics += f", CORE-style base {_fmt(s.get('base', {}).get('core'))}"
-    if name == "tokenizer":
+    elif name == "tokenizer":
         metrics = ", ".join(f"{k} {v}" for k, v in s.items() if k in ("vocab_size", "val_bytes_per_token", "note"))
-    steps = s.get("steps", "-")
-    return (f"| {name} | {_fmt(t, 1) if t is not None else '-'} s | {steps} | "
-            f"{f'{int(tokens):,}' if tokens else '-'} | {loss} | {metrics or '-'} |")
+    else:
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("val") or {}).items() if isinstance(v, (int, float)))
+    tokens = f"{int(s['tokens']):,}" if s.get("tokens") else "-"
+    return f"| {name} | {_fmt(t, 1)} s | {s.get('steps', '-')} | {tokens} | {loss} | {metrics or '-'} |"
 
 
 def _core_lines(core):
     """The card's CORE lines: which CORE ran (name, data, tasks), its score and a per-task table."""
     if not core:
         return []
-    lines = [f"- {core['name']} (mean centred accuracy, 0 = chance): {_fmt(core['score'])}",
-             f"  - {describe_core(core)} ({core['seconds']:.1f} s)",
-             "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"]
-    for name, t in core["tasks"].items():
-        lines.append(f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | "
-                     f"{t['centered']:+.4f} | {t['n']} |")
-    return lines
+    return [f"- {core['name']} (mean centred accuracy, 0 = chance): {_fmt(core['score'])}",
+            f"  - {describe_core(core)} ({core['seconds']:.1f} s)",
+            "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"] + \
+        [f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | {t['centered']:+.4f} | "
+         f"{t['n']} |" for name, t in core["tasks"].items()]
 
 
 def _real_chat_lines(ev, cfg):
     """The card's table of the real chat benchmarks on the embedded sample (SFT and RL), each with its chance."""
-    sft, rl = ev.get("sft_real"), ev.get("rl_real")
+    sft, rl = ev.get("sft_real") or {}, ev.get("rl_real") or {}
     if not sft and not rl:
         return []
     det = (sft or rl).get("details", {})
     n = max((d["n"] for d in det.values()), default=0)
-    lines = ["", f"## Real benchmarks (embedded sample: the first {n} of each task's seeded rows)", "",
-             "Chance is the score of guessing (a letter for ARC and MMLU; nothing right for GSM8K and HumanEval); "
-             f"near-chance numbers are the honest result for a tiny CPU model, and with {n} examples one standard "
-             f"error is up to {50 / max(n, 1) ** 0.5:.0f} points. "
-             f"Generation budget {cfg.get('max_tokens')} tokens; GSM8K with the python tool live, HumanEval's tests "
-             "in the sandbox.", "",
-             "| task | chance | SFT | RL | items |", "|---|---|---|---|---|"]
-    for name in det:
-        lines.append(f"| {TASK_TITLES.get(name, name)} | {det[name]['chance']:.2f} | "
-                     f"{_fmt((sft or {}).get(name))} | {_fmt((rl or {}).get(name))} | {det[name]['n']} |")
-    lines.append(f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt((sft or {}).get('chatcore'))} | "
-                 f"{_fmt((rl or {}).get('chatcore'))} | |")
-    return lines
+    return ["", f"## Real benchmarks (embedded sample: the first {n} of each task's seeded rows)", "",
+            "Chance is the score of guessing (a letter for ARC and MMLU; nothing right for GSM8K and HumanEval); "
+            f"near-chance numbers are the honest result for a tiny CPU model, and with {n} examples one standard "
+            f"error is up to {50 / max(n, 1) ** 0.5:.0f} points. "
+            f"Generation budget {cfg.get('max_tokens')} tokens; GSM8K with the python tool live, HumanEval's tests "
+            "in the sandbox.", "", "| task | chance | SFT | RL | items |", "|---|---|---|---|---|"] + \
+        [f"| {TASK_TITLES.get(k, k)} | {d['chance']:.2f} | {_fmt(sft.get(k))} | {_fmt(rl.get(k))} | {d['n']} |"
+         for k, d in det.items()] + \
+        [f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt(sft.get('chatcore'))} | {_fmt(rl.get('chatcore'))} | |"]
 
 
 def report_card(state, args, total_s):
@@ -274,25 +248,21 @@ def report_card(state, args, total_s):
              "## Hardware and versions", "", f"- CPU: {v['cpu']} ({v['cpu_cores']} cores); {gpu}",
              f"- python {v['python']}, torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda'] or 'none'}", "",
              "## Stages", "", "| stage | time | steps | tokens | loss | metrics |", "|---|---|---|---|---|---|"]
-    for name in STAGES:
-        if name in state["stages"]:
-            lines.append(_stage_row(name, state["stages"][name]))
+    lines += [_stage_row(name, state["stages"][name]) for name in STAGES if name in state["stages"]]
     ev = (state["stages"].get("eval") or {}).get("summary")
     if ev:
-        base = ev.get("base", {})
-        vb = PRESETS[args.preset]["eval"]["val_batches"]
-        lines += ["", "## Base model", "", f"- val bpb: {_fmt(base.get('val_bpb'))} (first {vb} batches of 4 rows of "
-                  "the held-out text; the base row above used its own eval length)",
+        base, cfg = ev.get("base", {}), PRESETS[args.preset]["eval"]
+        lines += ["", "## Base model", "", f"- val bpb: {_fmt(base.get('val_bpb'))} (first {cfg['val_batches']} "
+                  "batches of 4 rows of the held-out text; the base row above used its own eval length)",
                   f"- CORE-style (centred mean): {_fmt(base.get('core'))}"]
         lines += [f"  - {k[5:]}: accuracy {_fmt(val)}" for k, val in base.items() if k.startswith("core_")]
         lines += _core_lines(base.get("dclm_core"))
-        tasks = [k for k, v in ev.get("sft", {}).items() if k not in ("chatcore", "eval_seconds")
-                 and isinstance(v, (int, float))]
+        sft, rl = ev.get("sft", {}), ev.get("rl", {})
+        tasks = [k for k, v in sft.items() if k not in ("chatcore", "eval_seconds") and isinstance(v, (int, float))]
         lines += ["", "## Chat model", "", "| task | SFT | RL |", "|---|---|---|"]
-        lines += [f"| {t} | {_fmt(ev.get('sft', {}).get(t))} | {_fmt(ev.get('rl', {}).get(t))} |" for t in tasks]
-        lines.append(f"| **ChatCORE** | {_fmt(ev.get('sft', {}).get('chatcore'))} | "
-                     f"{_fmt(ev.get('rl', {}).get('chatcore'))} |")
-        lines += _real_chat_lines(ev, PRESETS[args.preset]["eval"])
+        lines += [f"| {t} | {_fmt(sft.get(t))} | {_fmt(rl.get(t))} |" for t in tasks]
+        lines.append(f"| **ChatCORE** | {_fmt(sft.get('chatcore'))} | {_fmt(rl.get('chatcore'))} |")
+        lines += _real_chat_lines(ev, cfg)
     stage_s = sum(r.get("wall_s") or 0 for r in state["stages"].values())
     lines += ["", f"Total stage time: {stage_s:.1f} s; this invocation: {total_s:.1f} s "
                   "(stages finished earlier are skipped)", ""]
@@ -316,13 +286,15 @@ def main(argv=None):
         os.environ["TRITONCHAT_DATA_URL"] = args.data_url
     t_start = time.time()
     init_distributed()
-    state = load_state(args.run)
+    state = {"run": args.run, "stages": {}}
     if args.fresh:
-        state = {"run": args.run, "stages": {}}
         if is_rank0():
             for s in TRAIN_STAGES:
                 shutil.rmtree(checkpoint_dir(s, args.run), ignore_errors=True)
         barrier()
+    elif os.path.exists(state_path(args.run)):
+        with open(state_path(args.run)) as f:
+            state = json.load(f)
     state["preset"] = args.preset
     run_stages(args, state, args.stages.split(","))  # every stage on this one process group
     rank0 = is_rank0()
@@ -354,8 +326,10 @@ def run_stages(args, state, wanted):
                 summary = run_tokenizer(args)
             elif stage == "eval":
                 summary = run_evals(args)
-            else:
-                summary = run_train_stage(stage, args)
+            else:  # in this process, on the process group every stage shares
+                argv = stage_argv(args, stage)
+                print0(f"\n=== {stage}: python -m train.{stage} {' '.join(argv)}")
+                summary = STAGE_MODULES[stage].run(argv)
         except (UserError, TaskError) as e:
             print0(f"error: [speedrun: {stage}] {e}")
             sys.exit(2)

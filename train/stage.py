@@ -1,10 +1,10 @@
-"""What the training stages share: one preset-aware argument parser, the start of a stage that continues an earlier
-one (its flags, kernels, seed, process group, the source checkpoint), the summary the speedrun reads, and the recipe
-mid and SFT have in common (a task mixture through the shared loop).
+"""What the training stages share: the preset-aware argument parser, the start of a stage that continues an earlier
+one (flags, kernels, seed, process group, source checkpoint), the summary the speedrun reads, and mid's and SFT's
+recipe (a task mixture through the shared loop).
 
-Every stage module (train.base, train.mid, train.sft, train.rl) has the same shape: PRESETS, `parse_args(argv)`,
-`run(argv) -> summary` (leaves the process group up, so train.speedrun runs the stages one after another on one
-group: destroying and re-creating it under torchrun races) and `main(argv)` = stage.main(run, argv).
+Every stage module (train.base, train.mid, train.sft, train.rl) has PRESETS, `parse_args(argv)`, `run(argv) ->
+summary` (leaves the process group up: train.speedrun runs the stages one after another on one group, as destroying
+and re-creating it under torchrun races) and `main(argv)` = stage.main(run, argv).
 """
 import argparse
 import json
@@ -26,6 +26,9 @@ PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose newest 
 # rollouts whose length changes every step, so compiled parts would retrace for dynamic shapes, and the stage's time
 # goes to sampling (uncompiled Engine) anyway. --compile on still compiles it.
 COMPILE_AUTO = {"rl": "off"}
+# Sequences per GPU where a preset leaves device_batch_size None (the d20 presets of base and mid: seq 2048), by
+# kernel mode; the memory arithmetic is in bench/train.py's docstring.
+D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 
 
 def main(run, argv=None):
@@ -39,7 +42,8 @@ def main(run, argv=None):
 def parse_args(parser, presets, argv=None):
     """Two-phase parse: --preset (default "tiny") picks presets[name], a dict of flag defaults; every flag given
     overrides them. Adds --preset to `parser`. Raises UserError for an unknown preset. A leading `--` (the
-    documented `torchrun ... -m train.<stage> -- FLAGS`, which some Pythons' argparse hand on) is dropped."""
+    documented `torchrun ... -m train.<stage> -- FLAGS`, which some Pythons' argparse hand on) is dropped.
+    device_batch_size None -> D20_DEVICE_BATCH of the kernel mode ("auto" resolves as kernels.set_mode will)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -50,7 +54,11 @@ def parse_args(parser, presets, argv=None):
         raise UserError(f"unknown preset {name!r}: choose one of {', '.join(presets)}")
     parser.add_argument("--preset", default="tiny", help=f"defaults of the other flags: {' | '.join(presets)}")
     parser.set_defaults(**presets[name])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "device_batch_size", 0) is None:
+        fused = args.kernels == "fused" or (args.kernels == "auto" and torch.cuda.is_available())
+        args.device_batch_size = D20_DEVICE_BATCH["fused" if fused else "eager"]
+    return args
 
 
 def require_positive(stage, args, *names):
@@ -104,6 +112,12 @@ def load_source(stage, args, info):
     return model, tokenizer, meta, path
 
 
+def setup_optimizers(model, args):
+    """model.setup_optimizers with the loop's learning-rate and weight-decay flags."""
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+
+
 def write_summary(stage, run, summary):
     """checkpoints/<stage>/<run>/summary.json (rank 0): what the speedrun's report card reads."""
     if is_rank0():
@@ -114,33 +128,38 @@ def write_summary(stage, run, summary):
 
 
 # ------------------------------------------------------------------------------------------------ mid and SFT
-def add_mixture_args(parser, stage):
-    g = add_stage_args(parser, stage)
-    g.add_argument("--tasks", default=None, help="task mixture spec, e.g. 'arithmetic:2,spelling,smoltalk@10000'")
-    g.add_argument("--val-batches", type=int, default=None, help="batches of the test mixture per evaluation")
-    return g
+def mixture_stage(stage, presets, loader_cls, doc):
+    """-> (parse_args, run, main) of a stage that trains on a task mixture with loader_cls (train.mid, train.sft)."""
+    def parse(argv=None):
+        p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        g = add_stage_args(p, stage)
+        g.add_argument("--tasks", default=None, help="task mixture spec, e.g. 'arithmetic:2,spelling,smoltalk@10000'")
+        g.add_argument("--val-batches", type=int, default=None, help="batches of the test mixture per evaluation")
+        return parse_args(p, presets, argv)
+
+    def run(argv=None):
+        """The stage -> the loop's summary plus "tasks" (see train_on_mixture). Leaves the process group up."""
+        return train_on_mixture(stage, parse(argv), loader_cls)
+
+    return parse, run, lambda argv=None: main(run, argv)
 
 
 def train_on_mixture(stage, args, loader_cls):
-    """The source checkpoint -> FSDP2 model -> loader_cls (train.data.PackedLoader or SFTLoader) over the train split
-    of the mixture args.tasks -> train.loop.train, with the mean loss of args.val_batches batches of the test split as
-    val_loss -> the loop's summary plus "tasks" (also written by write_summary). --num-iterations -1: args.epochs
-    passes over the mixture."""
+    """The source checkpoint in FSDP2 -> train.loop.train on loader_cls (train.data.PackedLoader or SFTLoader) over
+    the train split of the mixture args.tasks, val_loss = the mean loss of args.val_batches batches of its test split
+    -> the loop's summary plus "tasks" (also written by write_summary). --num-iterations -1: args.epochs passes."""
     require_positive(stage, args, "device_batch_size", "val_batches")
     info = start(args)
     model, tokenizer, src_meta, src_path = load_source(stage, args, info)
     T = src_meta["config"]["sequence_len"]
-    train_ds = build_mixture(args.tasks, "train", stage=stage)
-    val_ds = build_mixture(args.tasks, "test", stage=stage)
+    train_ds, val_ds = build_mixture(args.tasks, "train", stage=stage), build_mixture(args.tasks, "test", stage=stage)
     mk = lambda ds: loader_cls(ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, info.device)
     loader = mk(train_ds)
     if args.num_iterations < 1:
         rows = args.device_batch_size * info.world_size * grad_accum_steps(args.total_batch_size, info.world_size,
                                                                            args.device_batch_size, T)
-        per_row = loader_cls.rows_per_conversation(T)
-        args.num_iterations = max(1, int(args.epochs * len(train_ds) * per_row / rows))
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+        args.num_iterations = max(1, int(args.epochs * len(train_ds) * loader_cls.rows_per_conversation(T) / rows))
+    optimizers = setup_optimizers(model, args)
 
     def eval_fn(model, step):
         model.eval()
