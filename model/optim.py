@@ -8,18 +8,15 @@ Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
 Newton-Schulz runs through kernels.newton_schulz (Triton or its reference), in bf16 on CUDA as nanochat, fp32 on CPU.
 The loop warms the momentum from 0.85 to 0.95 over the first 300 steps: group["momentum"] = muon_momentum(step).
 
-Distributed (FSDP2: parameters and gradients are DTensors sharded on dim 0). The momentum update is elementwise,
-so it runs on the local shard. Newton-Schulz needs whole matrices, and orthogonalising every matrix on every rank
-would waste W-fold compute, so the ranks split the work:
-  - matrices of the same shape form a group (one param group per shape), in a fixed order i = 0..n-1;
-  - Muon matrix number i (counted over all groups) is owned by rank i % W (chunks of W matrices, one per rank;
-    counting across groups spreads small groups over the ranks);
-  - one all_to_all per group sends every rank's shard of each matrix to its owner, which now holds its
-    k ~ n/W full matrices and orthogonalises them with ONE batched (k, rows, cols) newton_schulz call;
-  - a second all_to_all sends each orthogonalised matrix back, shard by shard, to the ranks that hold it.
-Shards follow torch.chunk along dim 0 (FSDP2's layout) and are zero-padded to ceil(rows/W) rows in the buffers.
-World size 1 and plain (non-distributed) tensors take the same math without communication. The collectives of all
-groups are issued asynchronously so communication of one group overlaps Newton-Schulz of another.
+Distributed (FSDP2: parameters and gradients are DTensors sharded on dim 0): the momentum update is elementwise, on
+the local shard. Newton-Schulz needs whole matrices, so rather than every rank orthogonalising every matrix (W-fold
+waste) the ranks split the work. Same-shape matrices form a param group, in a fixed order; Muon matrix number i
+(counted over all groups, so small groups spread over the ranks) is owned by rank i % W. Per group, one all_to_all
+sends every rank's shard of each matrix to its owner, which orthogonalises its k ~ n/W full matrices in ONE batched
+(k, rows, cols) newton_schulz call; a second all_to_all sends the results back, shard by shard. Shards follow
+torch.chunk along dim 0 (FSDP2's layout), zero-padded to ceil(rows/W) rows in the buffers. World size 1 and plain
+tensors take the same math without communication. All groups' collectives are async, so one group's communication
+overlaps another's Newton-Schulz.
 """
 import torch
 import torch.distributed as dist
@@ -84,8 +81,7 @@ class Muon(torch.optim.Optimizer):
         for group, job in jobs:
             outs = next(job)  # stage 3: this rank's rows of every orthogonalised matrix
             for p, o in zip(group["params"], outs):
-                rows, cols = p.shape
-                local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+                local(p).add_(o.to(p.dtype), alpha=-group["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
         return loss
 
     def _momentum_update(self, p, group):
