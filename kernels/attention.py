@@ -571,8 +571,9 @@ def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if qk_norm:
         q, k = rms_norm(q, eps), rms_norm(k, eps)
-    # SDPA wants (B, H, T, D); enable_gqa maps each query head to its KV head without copying K/V.
+    # SDPA wants (B, H, T, D); enable_gqa maps each query head to its KV head without copying K/V. Its flags must be
+    # plain bools: under torch.compile(dynamic=True) T > 1 and H != Hkv are SymBools, so branch on them instead.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=causal and T > 1,
-                                       scale=scale if scale is not None else 1 / math.sqrt(D), enable_gqa=H != Hkv)
+                                       is_causal=causal if T > 1 else False, enable_gqa=True if H != Hkv else False,
+                                       scale=scale if scale is not None else 1 / math.sqrt(D))
     return y.transpose(1, 2)

@@ -461,7 +461,8 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens,
     valid = torch.arange(L, device=q.device)[None, :] < seq_lens.long()[:, None]  # (B, L)
     y = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=valid[:, None, None, :],
-                                       scale=scale if scale is not None else 1 / math.sqrt(D), enable_gqa=H != Hkv)
+                                       scale=scale if scale is not None else 1 / math.sqrt(D),
+                                       enable_gqa=True if H != Hkv else False)  # a bool, not a SymBool under compile
     return y[:, :, 0, :]
 
 

@@ -102,6 +102,15 @@ def test_opcheck():
                           (do, q_hat, k_hat, v.detach(), o, lse, rstd_q, rstd_k, cos, sin, True, True, 0.25))
 
 
+def test_reference_compiles_with_dynamic_shapes():
+    """Under torch.compile(dynamic=True) the shape comparisons are SymBools; SDPA's flags take plain bools only."""
+    compiled = torch.compile(attention_reference, backend="aot_eager", dynamic=True, fullgraph=True)
+    for T in (5, 9):
+        q, k, v, _ = make_case(1, T, 4, 2, 16, torch.float32)
+        cos, sin = rotary(T, 16)
+        torch.testing.assert_close(compiled(q, k, v, cos, sin), attention_reference(q, k, v, cos, sin))
+
+
 def test_views_are_accepted():
     # the model passes q, k, v as views of a fused projection; cos/sin as row slices of a longer table
     B, T, H, D = 1, 33, 4, 64

@@ -74,6 +74,14 @@ def test_paged_decode_scale_and_odd_group():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_reference_compiles_with_dynamic_shapes():
+    """Under torch.compile(dynamic=True) H != Hkv is a SymBool; SDPA's enable_gqa takes a plain bool only."""
+    compiled = torch.compile(paged_decode_attention_reference, backend="aot_eager", dynamic=True, fullgraph=True)
+    for B in (2, 3):
+        args = make_case(B, 8, 2, 64, 16, [40, 3, 17][:B], torch.float32, garbage=False)
+        torch.testing.assert_close(compiled(*args), paged_decode_attention_reference(*args))
+
+
 def test_num_splits_heuristic():
     # More splits for small batch / long context, one split when the batch alone fills the GPU.
     assert choose_num_splits(1, 4, 32768) > choose_num_splits(8, 4, 32768) >= choose_num_splits(256, 16, 32768) == 1
