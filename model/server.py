@@ -2,40 +2,32 @@
 
     python -m model.server                          # newest SFT checkpoint, http://127.0.0.1:8000  (make serve)
     python -m model.server --source rl --port 8080 --host 0.0.0.0 --kernels eager
+    OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(
+        model="tritonchat", messages=[{"role": "user", "content": "Hi"}], stream=True)
 
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    client.chat.completions.create(model="tritonchat", messages=[{"role": "user", "content": "Hi"}], stream=True)
+POST /v1/chat/completions: messages (roles system / developer (= system) / user / assistant; content a str or a list
+of {"type": "text", "text": ...} parts; the last message is the user's), temperature (0..2, 0 = greedy), max_tokens
+or max_completion_tokens (both given: they must agree), n (the samples share the prompt's prefilled KV pages), seed,
+stop (a string or a list of up to 4: the text ends before the first one, finish_reason "stop"; found across token
+boundaries, in streams too), stream (server-sent events in OpenAI's chat.completion.chunk format, then
+`data: [DONE]`), stream_options.include_usage. top_p is validated but IGNORED (the engine samples with temperature +
+top-k); top_k is an extension; other OpenAI fields (model, presence_penalty, ...) are ignored. The model's tool calls
+appear in the content as their literal markers (<|python_start|> ... <|python_end|> <|output_start|> ...).
+GET /v1/models, /v1/models/{id}, /health (the engine's load, the queue, the python tool's mode) and / (the chat
+page model/chat.html, like nanochat's ui.html, https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py).
 
-Endpoints
-- POST /v1/chat/completions: messages (roles system / developer (= system) / user / assistant; content a str or a
-  list of {"type": "text", "text": ...} parts; the last message must be the user's), temperature (0..2, 0 = greedy),
-  max_tokens or max_completion_tokens (both given: they must agree), n (samples of one prompt share its prefilled KV
-  pages), seed, stop (a string or a list of up to 4: the text ends before the first one, finish_reason "stop";
-  works across token boundaries and in streams), stream (server-sent events in OpenAI's chat.completion.chunk
-  format, then `data: [DONE]`), stream_options.include_usage (a boolean). top_p is accepted and validated but
-  IGNORED (the engine samples with temperature + top-k); top_k is an extension. Other OpenAI fields (model,
-  presence_penalty, ...) are accepted and ignored. Tool calls of the model (<|python_start|> ... <|python_end|> and
-  the forced <|output_start|> ... <|output_end|>) appear in the content as those literal markers.
-- GET /v1/models, GET /v1/models/{id}, GET /health (the engine's load: requests running and waiting, free and total
-  KV blocks; the queue; the python tool's mode), GET / (the web chat page model/chat.html, served the way nanochat
-  serves its ui.html, https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py).
-
-Lengths: the context is what the model was trained on. An unspecified max_tokens means the room the prompt leaves
-(at most --max-tokens-limit). A history too long for the context loses its oldest turns (the system message and the
-last user message stay; the response header X-Trimmed-Messages says how many went); a prompt that cannot fit even
-so is a 400 (context_length_exceeded).
+Lengths: the context is what the model was trained on; an unspecified max_tokens is the room the prompt leaves (at
+most --max-tokens-limit). A history too long loses its oldest turns (the system message and the last user message
+stay; the header X-Trimmed-Messages says how many went); a prompt that cannot fit even so is a 400
+(context_length_exceeded).
 
 Robustness: the body is read (within --body-timeout seconds, at most --max-body-bytes) and validated before the
-request takes a place: a stalled or slow client gets 408 and holds nothing; every bad request gets a 4xx with
-OpenAI's error body {"error": {"message", "type", "param", "code"}}. Up to --max-concurrency requests generate at
-once, up to --max-queue more wait for a place in arrival order, and only past that a request gets 429 with a
-Retry-After header. A client that goes away (streaming or not, queued or generating) cancels its request and its KV
-blocks are freed. A failure while serving one request ends that request alone (a 500, or an in-band error event in
-a stream), never the server or another request.
-
-Batching: continuous. Requests are submitted to the Engine, whose background thread lets them join the running
-decode batch between steps (Engine.submit / start / Request.stream).
+request takes a place: a stalled client gets 408 and holds nothing; a bad request gets a 4xx with OpenAI's error body
+{"error": {"message", "type", "param", "code"}}. Up to --max-concurrency requests generate at once (continuous
+batching: they join the Engine's running decode batch between steps), up to --max-queue more wait in arrival order,
+past that 429 with Retry-After. A client that goes away (streaming or not, queued or generating) cancels its request
+and frees its KV blocks. A failure while serving one request ends it alone (a 500, or an in-band error event in a
+stream), never the server or another request.
 """
 import asyncio
 import html
@@ -51,9 +43,11 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -73,27 +67,63 @@ class EngineError(RuntimeError):
     pass
 
 
+def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    """OpenAI's error body: type e.g. "invalid_request_error", param the offending request field, code a
+    machine-readable reason (e.g. "context_length_exceeded")."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
 class APIError(Exception):
+    """Answered with error_response(*args)."""
+
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
         super().__init__(message)
-        self.status = status  # HTTP status
-        self.message = message
-        self.type = type_     # OpenAI's error type, e.g. "invalid_request_error"
-        self.param = param    # the offending request field, if any
-        self.code = code      # a machine-readable reason, e.g. "context_length_exceeded"
-        self.headers = headers
+        self.response = error_response(status, message, type_, param, code, headers)
 
 
 class _ClientGone(Exception):
     """The client disconnected: nobody reads the answer."""
 
 
-def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
-                        headers=headers)
-
-
 # ------------------------------------------------------------------------------------------------- validation
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)  # JSON types as sent (no true for 1), no NaN
+
+
+def _text_parts(content):
+    """OpenAI content parts (text only) -> their text; anything else is left to fail as not a string."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return content
+
+
+class _Message(_Strict):
+    role: Literal[tuple(ROLES)]
+    content: Annotated[str, BeforeValidator(_text_parts)]
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ChatRequest(_Strict):
+    """The chat-completions fields the server reads (any other is ignored); null is the default."""
+    messages: list[_Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)  # validated, ignored (documented)
+    top_k: int | None = Field(None, ge=1, le=1 << 30)
+    n: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_STOP),
+                    BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] | None = None
+
+
 @dataclass
 class ChatParams:
     """A validated chat-completions request."""
@@ -109,85 +139,37 @@ class ChatParams:
     trimmed: int = 0       # oldest messages dropped to fit the context
 
 
-def _number(body, name, default, lo, hi, integer=False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:50]}",
-                       param=name, code="invalid_type")
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise APIError(400, f"'{name}' must be a finite number between {lo} and {hi}, got {value}", param=name,
-                       code="invalid_value")
-    return value
-
-
-def _stop(body):
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP or \
-            not all(isinstance(x, str) and x for x in stops):
-        raise APIError(400, f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP} non-empty strings",
-                       param="stop", code="invalid_value")
-    return tuple(stops)
+def _invalid(err):
+    """pydantic's error -> APIError(400): param as messages[0].role, code invalid_type / invalid_value / empty_array."""
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
+    param = "stop" if param and param.startswith("stop") else param
+    kind = err["type"]
+    code = "empty_array" if kind == "too_short" and param == "messages" else "invalid_type" \
+        if (kind.endswith("_type") or kind == "missing") and param != "stop" else "invalid_value"
+    return APIError(400, f"'{param or 'body'}': {err['msg']}, got {json.dumps(err['input'])[:50]}", param=param,
+                    code=code)
 
 
 def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     """A chat-completions JSON body -> ChatParams; APIError(400) naming the offending field otherwise."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_type")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty array of {role, content}", param="messages",
-                       code="invalid_type" if not isinstance(messages, list) else "empty_array")
-    conv = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role {json.dumps(role)[:50]} is not supported: use one of "
-                                f"{', '.join(ROLES)}", param=f"messages[{i}].role", code="invalid_value")
-        if isinstance(content, list):  # OpenAI content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": str}}",
-                               param=f"messages[{i}].content", code="invalid_type")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string or an array of text parts",
-                           param=f"messages[{i}].content", code="invalid_type")
-        conv.append({"role": ROLES[role], "content": content})
-    if conv[-1]["role"] != "user":
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        raise _invalid(e.errors()[0]) from None
+    for name, limit in (("n", max_n), ("max_tokens", max_tokens_limit), ("max_completion_tokens", max_tokens_limit)):
+        if (getattr(req, name) or 0) > limit:
+            raise APIError(400, f"'{name}' must be at most {limit}, got {getattr(req, name)}", param=name,
+                           code="invalid_value")
+    if req.messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's", param="messages", code="invalid_value")
-    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
-    _number(body, "top_p", 1.0, 0.0, 1.0)  # accepted, validated, ignored (documented)
-    top_k = _number(body, "top_k", None, 1, 1 << 30, integer=True)
-    n = _number(body, "n", 1, 1, max_n, integer=True)
-    seed = _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
-    given = {k: _number(body, k, None, 1, max_tokens_limit, integer=True)
-             for k in ("max_tokens", "max_completion_tokens")}
-    if None not in given.values() and given["max_tokens"] != given["max_completion_tokens"]:
-        raise APIError(400, f"'max_tokens' ({given['max_tokens']}) and 'max_completion_tokens' "
-                            f"({given['max_completion_tokens']}) disagree: send one", param="max_tokens",
+    if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
+        raise APIError(400, f"'max_tokens' ({req.max_tokens}) and 'max_completion_tokens' "
+                            f"({req.max_completion_tokens}) disagree: send one", param="max_tokens",
                        code="invalid_value")
-    key = "max_completion_tokens" if given["max_completion_tokens"] is not None else "max_tokens"
-    max_tokens = given[key]
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-    include_usage = (opts or {}).get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise APIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage",
-                       code="invalid_type")
-    stop = _stop(body)
+    key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(req, key)
     reserve = max_tokens if max_tokens is not None else min(max_tokens_limit, default_reserve(max_context))
+    conv = [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
     try:
         prompt, trimmed = fit_conversation(tokenizer, conv, max_context, reserve)
     except ValueError as e:  # alternation, misplaced system message, ...
@@ -201,26 +183,26 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     elif max_tokens > room:
         raise APIError(400, f"prompt ({len(prompt)} tokens) + {key} ({max_tokens}) exceeds the context "
                             f"({max_context} tokens)", param=key, code="context_length_exceeded")
-    return ChatParams(prompt=prompt, temperature=temperature, top_k=top_k, n=n,
-                      seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-                      max_tokens=max_tokens, stream=bool(stream), include_usage=bool(include_usage), stop=stop,
-                      trimmed=trimmed)
+    return ChatParams(prompt=prompt, temperature=1.0 if req.temperature is None else req.temperature,
+                      top_k=req.top_k, n=req.n or 1,
+                      seed=req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"),
+                      max_tokens=max_tokens, stream=bool(req.stream),
+                      include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                      stop=tuple(req.stop or ()), trimmed=trimmed)
 
 
-class StopCutter:
-    """Text in, text out, for one choice: cuts before the first stop string, holding back any tail that could be the
-    start of one (a stop string can arrive split over several pieces). No stop strings: text passes through."""
+class _Choice:
+    """One choice's text: tokens in (the engine's stop tokens dropped), text out, cut before the first stop string,
+    holding back any tail that could start one (a stop string can arrive split over several pieces)."""
 
-    def __init__(self, stops):
-        self.stops = stops
+    def __init__(self, tokenizer, stops, stop_ids):
+        self.decoder, self.stops, self.stop_ids = IncrementalDecoder(tokenizer), stops, stop_ids
         self.pending = ""
         self.hit = False  # a stop string was found: everything after it is dropped
 
-    def feed(self, text):
-        if self.hit:
-            return ""
-        if not self.stops:
-            return text
+    def _feed(self, text):
+        if self.hit or not self.stops:
+            return "" if self.hit else text
         self.pending += text
         cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -231,30 +213,35 @@ class StopCutter:
         out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return out
 
-    def flush(self):
+    def add(self, token):
+        return "" if token is None or token in self.stop_ids else self._feed(self.decoder.add(token))
+
+    def close(self):
+        """The rest of the text."""
+        tail = self._feed(self.decoder.flush())
         out, self.pending = ("" if self.hit else self.pending), ""
-        return out
+        return tail + out
+
+    def finish_reason(self, reason):
+        """OpenAI's finish_reason, given the engine's."""
+        if self.hit:
+            return "stop"
+        return "length" if reason in (None, "length") else "stop" if reason in ("stop", "cancelled") else reason
 
 
 # ------------------------------------------------------------------------------------------------- generation
 class ChatService:
     """Owns the engine (started here, stepping in its background thread) and the admission queue; turns validated
-    requests into completions / chunk streams. The limits are the largest values a request may ask for.
-
+    requests into completions / chunk streams. The limits are the largest values a request may ask for;
     max_concurrency: requests generating at once; max_queue: requests waiting for a place (default 4 x
     max_concurrency), beyond which 429; body_timeout: seconds a client has to send its whole body."""
 
     def __init__(self, engine, tokenizer, model_name="tritonchat", max_concurrency=8, max_tokens_limit=1024,
                  max_n=8, max_body_bytes=1 << 20, max_queue=None, body_timeout=10.0):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.max_concurrency = max_concurrency
-        self.max_queue = 4 * max_concurrency if max_queue is None else max_queue
-        self.max_tokens_limit = max_tokens_limit
-        self.max_n = max_n
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.max_concurrency, self.max_queue = max_concurrency, 4 * max_concurrency if max_queue is None else max_queue
+        self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.in_flight = 0
         self.waiters = deque()          # (loop, future) of queued requests, oldest first
         self.lock = threading.Lock()    # guards in_flight and waiters (slots may be released from any thread)
@@ -323,10 +310,13 @@ class ChatService:
             fut.set_result(True)
 
     def start(self, params):
-        """Submit a validated request to the engine -> its engine.Request (ValueError if the engine refuses it)."""
-        return self.engine.submit(params.prompt, num_samples=params.n, max_tokens=params.max_tokens,
-                                  temperature=params.temperature, top_k=params.top_k, seed=params.seed,
-                                  stop=list(params.stop))
+        """Submit a validated request to the engine -> its engine.Request; APIError(400) if the engine refuses it."""
+        try:
+            return self.engine.submit(params.prompt, num_samples=params.n, max_tokens=params.max_tokens,
+                                      temperature=params.temperature, top_k=params.top_k, seed=params.seed,
+                                      stop=list(params.stop))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     def cancel(self, job):
         if not job.done:
@@ -346,13 +336,10 @@ class ChatService:
         """The job's (token_column, mask_column) steps, read without blocking the event loop; EngineError if the
         engine failed it."""
         loop = asyncio.get_running_loop()
-        while True:
-            item = await loop.run_in_executor(self.pool, self._next, job)
-            if item is None:
-                if job.error:  # the engine failed this request (e.g. out of GPU memory)
-                    raise EngineError(job.error)
-                return
+        while (item := await loop.run_in_executor(self.pool, self._next, job)) is not None:
             yield item
+        if job.error:  # the engine failed this request (e.g. out of GPU memory)
+            raise EngineError(job.error)
 
     def health(self):
         return {"status": "ok", "model": self.model_name, "batching": "continuous", "context": self.max_context,
@@ -378,10 +365,6 @@ class _Slot:
         self.service._release()
 
 
-def _finish_reason(reason):
-    return "length" if reason in (None, "length") else "stop" if reason in ("stop", "cancelled") else reason
-
-
 # ------------------------------------------------------------------------------------------------- the app
 def create_app(service):
     app = FastAPI(title="tritonchat", docs_url=None, redoc_url=None, openapi_url=None)
@@ -389,12 +372,12 @@ def create_app(service):
 
     @app.exception_handler(APIError)
     async def _api_error(request, e):
-        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+        return e.response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
-        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), type_)
+        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
+                              else "invalid_request_error")
 
     @app.exception_handler(EngineError)
     async def _engine_error(request, e):
@@ -435,28 +418,28 @@ def create_app(service):
         params = parse_request(body, s.tokenizer, s.max_context, s.max_tokens_limit, s.max_n)
         headers = {"X-Trimmed-Messages": str(params.trimmed)} if params.trimmed else {}
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=s.model_name)
-        if params.stream:
-            try:
-                slot = await _unless_disconnected(request, s.acquire())
-            except _ClientGone:
-                return Response(status_code=499)
-            try:
-                job = s.start(params)
-            except BaseException as e:
-                slot.release()
-                if isinstance(e, ValueError):  # the engine refused the parameters
-                    raise APIError(400, str(e)) from None
-                raise
-            return StreamingResponse(_stream(s, job, slot, params, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-                                     background=BackgroundTask(_cleanup, s, job, slot))
         try:
-            result = await _unless_disconnected(request, _complete(s, params, meta))
+            if not params.stream:
+                return JSONResponse(await _unless_disconnected(request, _complete(s, params, meta)), headers=headers)
+            slot = await _unless_disconnected(request, s.acquire())
         except _ClientGone:
             return Response(status_code=499)
-        return JSONResponse(result, headers=headers)
+        try:
+            job = s.start(params)
+        except BaseException:
+            slot.release()
+            raise
+        return StreamingResponse(_stream(s, job, slot, params, meta), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+                                 background=BackgroundTask(_cleanup, s, job, slot))
 
     return app
+
+
+def _usage(params, job):
+    completion_tokens = sum(len(c) for c in job.completions)
+    return {"prompt_tokens": len(params.prompt), "completion_tokens": completion_tokens,
+            "total_tokens": len(params.prompt) + completion_tokens}
 
 
 async def _complete(s, params, meta):
@@ -465,30 +448,21 @@ async def _complete(s, params, meta):
     slot = await s.acquire()
     job = None
     try:
-        try:
-            job = s.start(params)
-        except ValueError as e:  # the engine refused the parameters
-            raise APIError(400, str(e)) from None
-        decoders = [IncrementalDecoder(s.tokenizer) for _ in range(params.n)]
-        cutters = [StopCutter(params.stop) for _ in range(params.n)]
+        job = s.start(params)
+        choices = [_Choice(s.tokenizer, params.stop, s.engine.stop_ids) for _ in range(params.n)]
         texts = [""] * params.n
         async for col, _ in s.columns(job):
             for i, t in enumerate(col):
-                if t is not None and t not in s.engine.stop_ids:
-                    texts[i] += cutters[i].feed(decoders[i].add(t))
-        texts = [texts[i] + cutters[i].feed(decoders[i].flush()) + cutters[i].flush() for i in range(params.n)]
+                texts[i] += choices[i].add(t)
     finally:
         if job is not None:
             _cleanup(s, job, slot)
         else:
             slot.release()
-    completion_tokens = sum(len(c) for c in job.completions)
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                "finish_reason": "stop" if cutters[i].hit else _finish_reason(job.finish_reasons[i])}
-               for i in range(params.n)]
-    usage = {"prompt_tokens": len(params.prompt), "completion_tokens": completion_tokens,
-             "total_tokens": len(params.prompt) + completion_tokens}
-    return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i] + c.close()},
+                         "logprobs": None, "finish_reason": c.finish_reason(job.finish_reasons[i])}
+                        for i, c in enumerate(choices)], "usage": _usage(params, job)}
 
 
 async def _unless_disconnected(request, coro):
@@ -556,31 +530,22 @@ async def _stream(s, job, slot, params, meta):
     def chunk(choices, **extra):
         return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
-    n = params.n
-    decoders = [IncrementalDecoder(s.tokenizer) for _ in range(n)]
-    cutters = [StopCutter(params.stop) for _ in range(n)]
+    choices = [_Choice(s.tokenizer, params.stop, s.engine.stop_ids) for _ in range(params.n)]
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(n)])
+                      "finish_reason": None} for i in range(params.n)])
         async for col, _ in s.columns(job):
-            out = []
-            for i, t in enumerate(col):
-                if t is None or t in s.engine.stop_ids:
-                    continue
-                text = cutters[i].feed(decoders[i].add(t))
-                if text:
-                    out.append({"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+            texts = [(i, c.add(t)) for i, (c, t) in enumerate(zip(choices, col))]
+            out = [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                   for i, text in texts if text]
             if out:
                 yield chunk(out)
-        for i in range(n):
-            tail = cutters[i].feed(decoders[i].flush()) + cutters[i].flush()
-            delta = {"content": tail} if tail else {}
-            reason = "stop" if cutters[i].hit else _finish_reason(job.finish_reasons[i])
-            yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
+        for i, c in enumerate(choices):
+            tail = c.close()
+            yield chunk([{"index": i, "delta": {"content": tail} if tail else {}, "logprobs": None,
+                          "finish_reason": c.finish_reason(job.finish_reasons[i])}])
         if params.include_usage:
-            c = sum(len(x) for x in job.completions)
-            yield chunk([], usage={"prompt_tokens": len(params.prompt), "completion_tokens": c,
-                                   "total_tokens": len(params.prompt) + c})
+            yield chunk([], usage=_usage(params, job))
         yield "data: [DONE]\n\n"
     except Exception as e:  # the headers are gone: report in-band, as OpenAI does
         yield "data: " + json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
@@ -598,8 +563,7 @@ def chat_page(model_name="tritonchat"):
 
 def _listen(host, port):
     """A bound, listening socket for (host, port); OSError if the address cannot be had."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
