@@ -5,13 +5,11 @@
     python -m model.chat --source base --temperature 0 --max-tokens 64 --kernels eager
 
 The checkpoint is the newest of `--source` (base | mid | sft | rl) under $TRITONCHAT_HOME/checkpoints/<stage>/
-(`--run` picks a run). In the REPL, lines that are a slash command are not sent to the model: /help, /clear (new
-conversation), /quit or /exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt.
-
-Lengths: the context is what the model was trained on (its config's sequence_len). --max-tokens unset = the room
-the conversation leaves; when the history no longer fits, its oldest turns are dropped (the system message is kept)
-and a message too long on its own is refused with a note, the conversation going on. A bad flag is one line on
-stderr and exit code 2. The python tool's mode (jailed, disabled, or unsafe) is printed at start.
+(`--run` picks a run). REPL slash commands are not sent to the model: /help, /clear (new conversation), /quit or
+/exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt. The context is the model's trained
+sequence_len; --max-tokens unset = the room the conversation leaves. A history that no longer fits loses its oldest
+turns (the system message stays); a message too long on its own is refused with a note and the conversation goes
+on. A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed.
 """
 import argparse
 import math
@@ -27,17 +25,9 @@ from model.engine import Engine
 from model.tokenizer import IncrementalDecoder
 
 # The command that produces each stage's checkpoint (said when it is missing).
-TRAIN_COMMANDS = {
-    "base": "python -m train.base --preset tiny   (or `make run` for the whole tiny pipeline)",
-    "mid": "python -m train.mid",
-    "sft": "python -m train.sft",
-    "rl": "python -m train.rl",
-}
+TRAIN_COMMANDS = {"base": "python -m train.base --preset tiny   (or `make run` for the whole tiny pipeline)",
+                  "mid": "python -m train.mid", "sft": "python -m train.sft", "rl": "python -m train.rl"}
 COMMANDS = {"/help": "this list", "/clear": "start a new conversation", "/quit": "leave (also /exit or Ctrl-D)"}
-
-
-class NoCheckpoint(SystemExit):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -56,9 +46,8 @@ class ArgumentParser(argparse.ArgumentParser):
 class _DefaultsOnce(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or "%(default)" in text:
-            return text
-        return text + " (default: %(default)s)"
+        described = action.default in (None, False, argparse.SUPPRESS) or "default" in text
+        return text if described else text + " (default: %(default)s)"
 
 
 def int_at_least(lo, hi=None):
@@ -144,15 +133,15 @@ def load_chat_model(source, device=None, run=None):
         raise ValueError(f"unknown source {source!r}: choose one of {', '.join(TRAIN_COMMANDS)}")
     if find_last_checkpoint(source, run) is None:
         where = f"{home_dir()}/checkpoints/{source}" + (f"/{run}" if run else "")
-        raise NoCheckpoint(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
+        raise SystemExit(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
                            f"\n(or point TRITONCHAT_HOME at the directory that holds your checkpoints)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer, meta = load_model(source, device=device, run=run)
     except UserError as e:  # a corrupt or incomplete checkpoint: the message says what to do
-        raise NoCheckpoint(str(e)) from None
+        raise SystemExit(str(e)) from None
     if tokenizer is None:
-        raise NoCheckpoint(f"no tokenizer found for the {source} checkpoint; train one: python -m train.tokenizer")
+        raise SystemExit(f"no tokenizer found for the {source} checkpoint; train one: python -m train.tokenizer")
     return model, tokenizer, meta
 
 
@@ -179,31 +168,27 @@ def assistant_content(tokenizer, ids):
     return parts
 
 
-def respond(engine, tokenizer, prompt, args, out=None):
-    """Stream the assistant's answer to `prompt` (ids) to `out`, at most args.max_tokens (None: the room the
+def respond(engine, tokenizer, prompt, args):
+    """Stream the assistant's answer to `prompt` (ids) to stdout, at most args.max_tokens (None: the room the
     context leaves); returns the message content (stop token dropped; a str, or parts if the python tool was used)."""
-    out = out or sys.stdout
     room = context_of(engine) - len(prompt)
     max_tokens = room if args.max_tokens is None else min(args.max_tokens, room)
     decoder = IncrementalDecoder(tokenizer)
     for tokens, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=args.temperature,
                                      top_k=args.top_k, seed=args.seed):
-        token = tokens[0]
-        if token is None or token in engine.stop_ids:
+        if tokens[0] is None or tokens[0] in engine.stop_ids:
             break
-        out.write(decoder.add(token))
-        out.flush()
-    out.write(decoder.flush() + "\n")
-    out.flush()
+        print(decoder.add(tokens[0]), end="", flush=True)
+    print(decoder.flush(), flush=True)
     return assistant_content(tokenizer, decoder.ids)
 
 
-def _prompt_for(engine, tokenizer, conversation, args):
+def _prompt_for(engine, tokenizer, messages, args):
     """Fit the conversation into the context -> prompt ids, or None (after saying why) when its last message cannot
-    fit; dropped old turns are removed from `conversation` and announced."""
+    fit; dropped old turns are removed from `messages` and announced."""
     context = context_of(engine)
     reserve = args.max_tokens if args.max_tokens is not None else default_reserve(context)
-    prompt, dropped = fit_conversation(tokenizer, conversation["messages"], context, reserve)
+    prompt, dropped = fit_conversation(tokenizer, messages, context, reserve)
     room = context - len(prompt)
     if room < 1 or (args.max_tokens is not None and args.max_tokens > room):
         need = f" + --max-tokens {args.max_tokens}" if args.max_tokens is not None else ""
@@ -211,9 +196,8 @@ def _prompt_for(engine, tokenizer, conversation, args):
               f"tokens; shorten it or /clear)")
         return None
     if dropped:
-        msgs = conversation["messages"]
-        keep = 1 if msgs[0]["role"] == "system" else 0
-        del msgs[keep:keep + dropped]
+        keep = 1 if messages[0]["role"] == "system" else 0
+        del messages[keep:keep + dropped]
         print(f"(the {dropped} oldest messages were dropped to fit the context of {context} tokens)")
     return prompt
 
@@ -241,17 +225,16 @@ def main(argv=None):
         parser.error(f"argument --max-tokens: {args.max_tokens} does not fit this model's context of {context} "
                      f"tokens (the prompt needs some too)")
     tool = sandbox.jail_status().banner
-    conversation = {"messages": []}
     if args.prompt is not None:
         print(tool, file=sys.stderr, flush=True)
-        conversation["messages"].append({"role": "user", "content": args.prompt})
-        prompt = _prompt_for(engine, tokenizer, conversation, args)
+        prompt = _prompt_for(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)
         if prompt is None:
             sys.exit(1)
         respond(engine, tokenizer, prompt, args)
         return
     print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}, context {context} "
           f"tokens). /help lists the commands; Ctrl-D leaves.\n{tool}", flush=True)
+    messages = []
     while True:
         try:
             line = input("\nUser: ").strip()
@@ -268,26 +251,26 @@ def main(argv=None):
             if command in ("/quit", "/exit"):
                 return
             if command == "/clear":
-                conversation = {"messages": []}
+                messages.clear()
                 print("(new conversation)")
             elif command == "/help":
                 print("\n".join(f"  {name:8s} {what}" for name, what in COMMANDS.items()))
             else:
                 print(f"(unknown command {command}; /help lists the commands)")
             continue
-        conversation["messages"].append({"role": "user", "content": line})
-        prompt = _prompt_for(engine, tokenizer, conversation, args)
+        messages.append({"role": "user", "content": line})
+        prompt = _prompt_for(engine, tokenizer, messages, args)
         if prompt is None:
-            conversation["messages"].pop()
+            messages.pop()
             continue
         print("\nAssistant: ", end="", flush=True)
         try:
             answer = respond(engine, tokenizer, prompt, args)
         except KeyboardInterrupt:  # stop this answer, keep the session
             print("\n(interrupted)")
-            conversation["messages"].pop()
+            messages.pop()
             continue
-        conversation["messages"].append({"role": "assistant", "content": answer})
+        messages.append({"role": "assistant", "content": answer})
 
 
 if __name__ == "__main__":
