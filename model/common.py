@@ -110,12 +110,10 @@ def peak_flops(device):
 
 def _git_commit():
     """Short commit of this checkout, "-dirty" when tracked files have uncommitted changes; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=ROOT)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=ROOT).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
+    try:  # --exclude='*': never a tag name, always the commit
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True,
+                             text=True, timeout=10, cwd=ROOT)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
