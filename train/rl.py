@@ -4,12 +4,11 @@
     torchrun --nproc_per_node=8 -m train.rl -- --task gsm8k              # nanochat's RL stage (from the SFT model)
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.rl -- --preset tiny ...   # CPU, gloo
 
-Each step, every rank takes `--prompts-per-step / world` prompts and samples `--num-samples` completions of each
-from the Engine (paged KV cache; python tool calls run live in the sandbox and their output is forced in). Each
-completion gets the task's reward; a completion whose tool call crashed scores 0 and training goes on.
-The update scores exactly the tokens the engine emitted, each at the position it was sampled from: the stop
-token when the engine stopped on one (<|assistant_end|> or <|bos|>), nothing added when it stopped for length
-(--max-new-tokens or the context limit); the log counts those as `cut`.
+Each step every rank samples `--num-samples` completions of each of its `--prompts-per-step / world` prompts from the
+Engine (paged KV cache; python tool calls run live in the sandbox, their output forced in) and scores each with the
+task's reward (0 when its tool call crashed; training goes on). The update scores exactly the tokens the engine
+emitted, each at the position it was sampled from: the stop token (<|assistant_end|> or <|bos|>) when it stopped on
+one, nothing added when it stopped for length (--max-new-tokens or the context limit; logged as `cut`).
 
 Objective (per sampled token t of completion i in group g; forced tool-output tokens and the prompt are masked):
     A_i   = r_i - mean_g(r)                          group-relative advantage (--std-scale: / (std_g(r) + 1e-6),
@@ -22,10 +21,9 @@ Objective (per sampled token t of completion i in group g; forced tool-output to
     loss  = sum_t L_t / (number of sampled tokens in the step)           token-level mean (--reduction token), or
             mean over completions of their per-token mean                (--reduction sequence)
 Defaults (nanochat's first release, https://github.com/karpathy/nanochat/blob/master/scripts/chat_rl.py): no std
-scaling, no KL, no ratio clipping, one inner step (on-policy), token-level mean. --inner-steps K > 1 re-uses the same
-rollouts for K optimizer steps (then clipping matters). The step cadence (eval, save), the learning-rate setting,
-the optimizer step and --resume are the shared loop's helpers (train/loop.py); the rest of the stage plumbing is
-train/stage.py. Logs mean reward, pass@k on held-out prompts, completion lengths.
+scaling, no KL, no clipping, one inner step (on-policy), token-level mean; --inner-steps K > 1 re-uses the rollouts
+for K optimizer steps (then clipping matters). Cadence, LR setting, optimizer step and --resume are train/loop.py's
+helpers, the stage plumbing train/stage.py's. Logs mean reward, pass@k on held-out prompts, completion lengths.
 
 References: GRPO's group-relative advantage, clipped ratio and k3 KL term: DeepSeekMath,
 https://arxiv.org/abs/2402.03300; the token-level mean over all sampled tokens of the step: DAPO,
@@ -43,7 +41,7 @@ from model.common import UserError, all_reduce_sum, dist_info, local, print0
 from model.engine import Engine
 from model.gpt import GPT
 from train import stage
-from train.loop import is_due, optimizer_step, resume, set_lrs
+from train.loop import is_due, optimizer_step, resume, run_meta, set_lrs
 from train.tasks import TaskError, get_task
 
 # ------------------------------------------------------------------------------------------------ the GRPO maths
@@ -122,13 +120,14 @@ def tool_crashed(tokenizer, completion):
     return False
 
 
-def sample(engine, prompts, num_samples, max_tokens, temperature, top_k, seed):
-    """The engine's completions as it emitted them -> per prompt, per sample (completion, mask, finish reason).
-
-    completion: every token the engine appended after the prompt, the stop token included when it emitted one;
-    mask: 1 where the token was sampled, 0 where it was forced (tool output); finish reason: "stop" (a stop token
-    or string) or "length" (max_tokens or the context limit). Prompt i is seeded with seed + i (as
-    Engine.generate_many). RuntimeError with the engine's message when it failed a request."""
+def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed, stage="rl"):
+    """Sample num_samples completions for each task example in `indices` (example j seeded with seed + j, as
+    Engine.generate_many) and score them -> a list of dicts (prompt-major): ids = prompt + exactly the tokens the
+    engine emitted (its stop token included when it stopped on one, nothing added after a "length" finish), mask (1
+    on sampled tokens, 0 on the prompt and forced tool output), reward (of the text without the stop token), prompt
+    index, completion length, crashed, finish ("stop" | "length"). RuntimeError when the engine failed a request."""
+    convs = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
     reqs = [engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           seed=seed + i) for i, p in enumerate(prompts)]
     if getattr(engine, "thread", None) is not None:  # a background loop steps: wait for each end of stream
@@ -137,27 +136,12 @@ def sample(engine, prompts, num_samples, max_tokens, temperature, top_k, seed):
                 pass
     while not all(r.done for r in reqs):
         engine.step()
+    failed = next((r.error for r in reqs if r.error), None)
+    if failed:
+        raise RuntimeError(f"the engine failed a rollout: {failed}")
     out = []
-    for r in reqs:
-        if r.error:
-            raise RuntimeError(f"the engine failed a rollout: {r.error}")
-        out.append([(list(c), list(m), f) for c, m, f in zip(r.completions, r.completion_masks, r.finish_reasons)])
-    return out
-
-
-def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed, stage="rl"):
-    """Sample num_samples completions for each task example in `indices` and score them.
-
-    Returns a list of dicts (prompt-major): ids = prompt + exactly the tokens the engine emitted (its stop token
-    included when it stopped on one, nothing added after a "length" finish), mask (1 on sampled tokens, 0 on the
-    prompt and forced tool output), reward, prompt index, completion length, crashed, finish ("stop" | "length").
-    The reward scores the completion's text without its stop token."""
-    convs = [task[i] for i in indices]
-    prompts = [tokenizer.render_for_completion(c) for c in convs]
-    results = sample(engine, prompts, num_samples, max_tokens, temperature, top_k, seed)
-    out = []
-    for p, (conv, prompt, completions) in enumerate(zip(convs, prompts, results)):
-        for comp, mask, finish in completions:
+    for p, (conv, prompt, r) in enumerate(zip(convs, prompts, reqs)):
+        for comp, mask, finish in zip(r.completions, r.completion_masks, r.finish_reasons):
             stopped = finish == "stop" and comp and comp[-1] in engine.stop_ids
             text_ids = comp[:-1] if stopped else comp
             crashed = tool_crashed(tokenizer, text_ids)
@@ -169,7 +153,7 @@ def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperatu
                 except Exception as e:  # noqa: BLE001
                     raise TaskError(f"[{stage}] reward function of task {getattr(task, 'name', task)} raised: "
                                     f"{type(e).__name__}: {e}") from e
-            out.append(dict(ids=prompt + comp, mask=[0] * len(prompt) + mask, reward=reward, prompt=p,
+            out.append(dict(ids=prompt + list(comp), mask=[0] * len(prompt) + list(mask), reward=reward, prompt=p,
                             length=len(comp), crashed=crashed, finish=finish))
     return out
 
@@ -323,14 +307,12 @@ def run(argv=None):
     per_rank = args.prompts_per_step // info.world_size
     if args.num_iterations < 1:
         args.num_iterations = max(1, int(args.epochs * len(train_task) / args.prompts_per_step))
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizers = stage.setup_optimizers(model, args)
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
-    meta = {"config": src_meta["config"], "tokenizer_dir": src_meta.get("tokenizer_dir"), "source": src_path,
-            "stage": "rl", "kernels": kernels.get_mode(), "task": args.task,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    meta = run_meta("rl", args, config=src_meta["config"], tokenizer_dir=src_meta.get("tokenizer_dir"), source=src_path,
+                    task=args.task)
     start, ckpt = 0, None
     if args.resume:
         saved = resume("rl", args.run, model, optimizers)
@@ -367,28 +349,25 @@ def run(argv=None):
         model.train()
         stats = grpo_update(model, optimizers, samples, args, ref_model)
         G = args.num_samples
-        solved = [max(s["reward"] for s in samples[j * G:(j + 1) * G]) > 0 for j in range(per_rank)]
-        r_sum, n, l_sum, crash, solved_n, cut = all_reduce_sum([sum(s["reward"] for s in samples), len(samples),
-                                                                sum(s["length"] for s in samples),
-                                                                sum(s["crashed"] for s in samples), sum(solved),
-                                                                sum(s["finish"] == "length" for s in samples)])
+        solved = sum(max(s["reward"] for s in samples[j * G:(j + 1) * G]) > 0 for j in range(per_rank))
+        r_sum, n, l_sum, crash, solved_n, cut = all_reduce_sum(
+            [sum(s["reward"] for s in samples), len(samples), sum(s["length"] for s in samples),
+             sum(s["crashed"] for s in samples), solved, sum(s["finish"] == "length" for s in samples)])
         step += 1
         dt = time.perf_counter() - t0
         t_total += dt
-        rec = {"step": step, "reward": r_sum / n, f"pass@{args.num_samples}": solved_n / args.prompts_per_step,
-               "seq_len": l_sum / n, "tool_crashes": int(crash), "truncated": cut / n, "loss": stats["loss"],
-               "dt": dt}
-        rec.update({k: v for k, v in stats.items() if k != "loss"})
+        rec = {"step": step, "reward": r_sum / n, f"pass@{G}": solved_n / args.prompts_per_step, "seq_len": l_sum / n,
+               "tool_crashes": int(crash), "truncated": cut / n, "loss": stats["loss"], "dt": dt, **stats}
         history.append(rec)
         print0(f"[rl] step {step:05d}/{args.num_iterations:05d} | reward {rec['reward']:.4f} | "
-               f"pass@{args.num_samples} {rec[f'pass@{args.num_samples}']:.3f} | len {rec['seq_len']:.1f} | "
+               f"pass@{G} {rec[f'pass@{G}']:.3f} | len {rec['seq_len']:.1f} | "
                f"crashes {rec['tool_crashes']} | cut {rec['truncated']:.2f} | loss {rec['loss']:+.5f} | dt {dt:.2f}s")
+    rewards = [h["reward"] for h in history]
     summary = {"stage": "rl", "run": args.run, "steps": args.num_iterations, "steps_this_run": step - start,
                "time_s": t_total, "task": args.task,
                "tokens": sum(h["seq_len"] for h in history) * args.prompts_per_step * args.num_samples,
-               "first_reward": history[0]["reward"] if history else None,
-               "final_reward": history[-1]["reward"] if history else None,
-               "mean_reward": sum(h["reward"] for h in history) / len(history) if history else None,
+               "first_reward": rewards[0] if rewards else None, "final_reward": rewards[-1] if rewards else None,
+               "mean_reward": sum(rewards) / len(rewards) if rewards else None,
                "val": last_eval, "history": history, "checkpoint": ckpt}
     stage.write_summary("rl", args.run, summary)
     return summary

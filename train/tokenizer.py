@@ -1,13 +1,12 @@
-"""Train the tokenizer on the configured corpus and report its compression on held-out text.
+"""Train the tokenizer on the embedded corpus and report its compression on held-out text.
 
     python -m train.tokenizer                                  # vocab 65536 on the embedded Shakespeare corpus
     python -m train.tokenizer --vocab-size 4096 --max-chars 1000000
 
-Corpus: train/data.py's embedded corpus (`load_corpus("train")`, documents capped at --doc-cap characters, the
-stream stopped after --max-chars characters, as nanochat does with 2 B characters of FineWeb-Edu). Held-out:
-`load_corpus("val")` (a play never seen in training). Saves to $TRITONCHAT_HOME/tokenizer (or --out) and prints
-bytes per token. A small corpus can run out of pairs before the requested vocab size; the printed vocab size is
-the real one. Single process (rustbpe uses every core itself); under torchrun only rank 0 should call it.
+Corpus: train/data.py's `load_corpus("train")`, documents capped at --doc-cap characters, stopped after --max-chars
+(as nanochat does with 2 B characters of FineWeb-Edu); held-out: `load_corpus("val")`. Saves to
+$TRITONCHAT_HOME/tokenizer (or --out) and prints bytes per token; the printed vocab size is the real one (a small
+corpus can run out of pairs first). Single process (rustbpe uses every core); under torchrun only rank 0 calls it.
 """
 import argparse
 import os
@@ -38,8 +37,7 @@ def capped_docs(docs, max_chars=None, doc_cap=10_000):
 
 def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=None, num_threads=None):
     """Train, save and evaluate; returns (tokenizer, stats dict)."""
-    train_docs, val_docs = load_corpus("train"), load_corpus("val")
-    docs = list(capped_docs(train_docs, max_chars, doc_cap))
+    docs, val_docs = list(capped_docs(load_corpus("train"), max_chars, doc_cap)), load_corpus("val")
     t0 = time.perf_counter()
     tok = Tokenizer.train(iter(docs), vocab_size, num_threads=num_threads)
     train_s = time.perf_counter() - t0
