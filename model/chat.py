@@ -109,12 +109,10 @@ def default_reserve(context):
 
 
 def fit_conversation(tokenizer, messages, context, reserve):
-    """Drop the oldest turns (a user message and the assistant messages after it) until the prompt plus `reserve`
-    tokens fits `context`; the leading system message and the last user turn always stay.
-
-    messages: [{"role", "content"}] ending with the user's -> (prompt ids ending in <|assistant_start|>, number of
-    messages dropped). The prompt may still not fit (a single long message): the caller refuses it. ValueError
-    from the tokenizer for a conversation it cannot render."""
+    """messages [{"role", "content"}] ending with the user's -> (prompt ids ending in <|assistant_start|>, number
+    of messages dropped): the oldest turns (a user message and the assistant messages after it) go until the prompt
+    plus `reserve` tokens fits `context`; the leading system message and the last user turn stay, so the prompt may
+    still not fit (the caller refuses it). ValueError from the tokenizer for a conversation it cannot render."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = list(messages[len(system):])
     dropped = 0

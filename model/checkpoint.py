@@ -9,12 +9,8 @@ Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/
 
 Atomicity: everything goes into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then one rename puts it in
 place; on failure the temp dir is removed, so a step_* directory is complete or absent. Free disk space is checked
-first against the state tensors' size + 10 %: too little -> UserError, nothing written.
-
-    save_checkpoint(path, step, model, optimizers, meta, loader_state)   (call on every rank)
-    meta = load_checkpoint(path, model, optimizers=None)                  (every rank; returns meta.json)
-    find_last_checkpoint(stage, run=None) -> path | None
-    model, tokenizer, meta = load_model(stage, device="cpu", run=None)   (one process, no FSDP: inference, next stage)
+first against the state tensors' size + 10 %: too little -> UserError, nothing written. save_checkpoint and
+load_checkpoint are collective (every rank); load_model is one process, no FSDP (inference, the next stage).
 """
 import base64
 import json
