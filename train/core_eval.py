@@ -4,38 +4,27 @@ Sources: DCLM (Li et al. 2024, https://arxiv.org/abs/2406.11794), whose CORE is 
 low-variance tasks of the MosaicML/DCLM eval bundle; nanochat's implementation,
 https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and scripts/base_eval.py.
 
-Task types (the bundle's `icl_task_type`), each item a dict in the bundle's jsonl format:
-- multiple_choice {query, choices, gold}: one prompt per choice, "<query><delimiter><choice>"; the scored tokens are
-  those after the longest token prefix shared by all the choices' prompts; the choice with the lowest mean loss
-  over its scored tokens wins (first one on a tie).
-- schema {context_options, continuation, gold}: one prompt per context option, "<option><delimiter><continuation>";
-  the scored tokens are the longest token suffix shared by all the prompts; lowest mean loss wins.
-- language_modeling {context, continuation}: correct when every continuation token is the model's greedy (argmax)
-  prediction. The context is whitespace-stripped, and the prompt without the continuation is stripped again, so
-  a whitespace delimiter belongs to the scored tokens.
-Few-shot examples come before the prompt, each rendered like the item with its gold answer and followed by a blank
-line ("\n\n"). Every prompt is tokenized with BOS prepended.
-
+Task types (the bundle's `icl_task_type`), items in the bundle's jsonl format:
+- multiple_choice {query, choices, gold}: one prompt per choice, "<query><delimiter><choice>"; scored: the tokens
+  after the longest token prefix shared by all the prompts; the lowest mean loss wins (the first one on a tie).
+- schema {context_options, continuation, gold}: one prompt per option, "<option><delimiter><continuation>"; scored:
+  the longest token suffix shared by all the prompts; the lowest mean loss wins.
+- language_modeling {context, continuation}: right when every continuation token is the greedy (argmax) prediction.
+  The context is stripped, and so is the prompt without the continuation: a whitespace delimiter is scored.
+Few-shot examples come first, each rendered with its gold answer and followed by "\n\n"; prompts get BOS prepended.
 Sampling, as nanochat: the loaders shuffle each task's items with random.Random(1337) and keep the first
-`max_per_task`; item i of that list takes its `num_fewshot` examples from the other items of the same (kept) list
-with random.Random(1234 + i).sample. Accuracy = correct / items; centred = (accuracy - b) / (1 - b) with b the
-task's random baseline (eval_meta_data.csv gives percent); CORE = the mean centred accuracy over the tasks.
+`max_per_task`; item i takes its `num_fewshot` examples from the other kept items with random.Random(1234 + i).sample.
+centred = (accuracy - b) / (1 - b), b the random baseline (eval_meta_data.csv gives percent); CORE = their mean.
 
-Two sources:
-- `load_bundle(dir)`: the eval bundle as nanochat downloads it (core.yaml, eval_meta_data.csv, eval_data/**.jsonl);
-  the score is named "CORE".
-- `load_raw(dir)`: the raw Hugging Face rows of ten of CORE's datasets (parquet or jsonl, see RAW_TASKS), rendered
-  into the bundle's format with the bundle's templates, few-shot counts, delimiters and baselines. It covers 11 of
-  the 22 tasks (HellaSwag counts twice, 0-shot and 10-shot, as in CORE) and is named "CORE-<number of datasets>"
-  ("CORE-10" with all of them), never "CORE".
-
-Prompts longer than the model takes lose their oldest tokens (see _max_len; nanochat crops only models that have a
-`max_seq_len` attribute, which its own GPT has not).
-
-Batching: the rows (choices) of several items go through one right-padded forward (BOS as the pad; causal
-attention keeps padding from changing the real positions); batch_size=1 gives nanochat's forward shapes exactly.
-Distributed: rank r scores items r, r + world, ...; the counts are summed over ranks. Every rank runs the same
-number of forwards (a rank that has run out runs a one-token forward), so FSDP2 models work too.
+Two sources: `load_bundle(dir)`, the eval bundle as nanochat downloads it (core.yaml, eval_meta_data.csv,
+eval_data/**.jsonl), scored as "CORE"; `load_raw(dir)`, the raw Hugging Face rows of ten of CORE's datasets (parquet
+or jsonl, RAW_TASKS) rendered with the bundle's templates, few-shot counts, delimiters and baselines: 11 of the 22
+tasks (HellaSwag 0- and 10-shot), scored as "CORE-<number of datasets>", never "CORE".
+Prompts longer than the model takes lose their oldest tokens (_max_len; nanochat crops only models with a
+`max_seq_len` attribute, which its own GPT has not). Batching: the rows of several items go through one right-padded
+forward (BOS pads; causal attention keeps padding out of the real positions); batch_size=1 gives nanochat's shapes.
+Distributed: rank r scores items r, r + world, ...; counts are summed over ranks, and every rank runs the same number
+of forwards (one that has run out runs a one-token forward), so FSDP2 models work too.
 """
 import csv
 import json
@@ -50,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.common import UserError, all_reduce_sum, dist_info, local, print0
-from train.tasks.common import read_rows
+from train.tasks.common import find_file, read_rows
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
 TASK_TYPES = (MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING)
@@ -127,38 +116,28 @@ def render_item(task, index, items=None):
 
 
 # ------------------------------------------------------------------------------------------------ tokens
-def _lcp(a, b):
-    """Longest common prefix of two lists, by bisection on slice equality (compared in C, not item by item)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while hi - lo > 1:  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
-    return lo
-
-
 def common_prefix_len(seqs):
-    """Length of the longest prefix shared by all sequences (the shortest one's length if it is a prefix of all)."""
-    seqs = [list(s) for s in seqs]
-    return min((_lcp(seqs[0], s) for s in seqs[1:]), default=len(seqs[0]))
-
-
-def common_suffix_len(seqs):
-    """Length of the longest suffix shared by all sequences."""
-    return common_prefix_len([s[::-1] for s in seqs])
+    """Length of the longest prefix shared by all sequences, by bisection on slice equality (compared in C)."""
+    first, rest = list(seqs[0]), [list(s) for s in seqs[1:]]
+    lo, hi = 0, min(len(s) for s in [first] + rest)
+    if all(s[:hi] == first[:hi] for s in rest):
+        return hi
+    while hi - lo > 1:  # invariant: all share [:lo], not all share [:hi]
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if all(s[:mid] == first[:mid] for s in rest) else (lo, mid)
+    return lo
 
 
 def scored_spans(kind, rows):
     """Token rows of one item's prompts -> (rows, starts, ends): tokens start..end-1 of each row are scored.
     language_modeling keeps only the full prompt. ValueError when the context's tokens are not a prefix of the full
     prompt's (the tokenizer merged across the boundary; nanochat asserts the same)."""
+    ends = [len(r) for r in rows]
     if kind == MULTIPLE_CHOICE:
-        start = common_prefix_len(rows)
-        return rows, [start] * len(rows), [len(r) for r in rows]
+        return rows, [common_prefix_len(rows)] * len(rows), ends
     if kind == SCHEMA:
-        suffix = common_suffix_len(rows)
-        return rows, [len(r) - suffix for r in rows], [len(r) for r in rows]
+        suffix = common_prefix_len([r[::-1] for r in rows])
+        return rows, [n - suffix for n in ends], ends
     without, full = rows
     if not (len(without) < len(full) and full[:len(without)] == without):
         raise ValueError("language_modeling: the tokens of the prompt without the continuation are not a prefix of "
@@ -169,25 +148,17 @@ def scored_spans(kind, rows):
 def crop(rows, starts, ends, max_len):
     """Keep the last max_len tokens of longer rows (dropping BOS and the oldest context), shifting their spans.
     ValueError when the scored span itself does not fit."""
-    out = ([], [], [])
-    for row, s, e in zip(rows, starts, ends):
-        cut = max(0, len(row) - max_len)
+    cuts = [max(0, len(row) - max_len) for row in rows]
+    for s, e, cut in zip(starts, ends, cuts):
         if s - cut < 1:
             raise ValueError(f"a scored continuation of {e - s} tokens does not fit in {max_len} tokens of context")
-        out[0].append(row[cut:])
-        out[1].append(s - cut)
-        out[2].append(e - cut)
-    return out
+    return ([r[c:] for r, c in zip(rows, cuts)], [s - c for s, c in zip(starts, cuts)],
+            [e - c for e, c in zip(ends, cuts)])
 
 
 # ------------------------------------------------------------------------------------------------ scoring
 def _bos_id(tokenizer):
     return tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.get_bos_token_id()
-
-
-def _model_device(model):
-    p = next(model.parameters(), None)
-    return local(p).device if p is not None else torch.device("cpu")
 
 
 def _max_len(model, max_seq_len):
@@ -201,7 +172,7 @@ def _max_len(model, max_seq_len):
 
 @torch.no_grad()
 def score_rows(model, rows, starts, ends, pad_id, device):
-    """One right-padded forward of token rows -> per row (losses, predictions), CPU tensors over the scored
+    """One right-padded forward of token rows -> per row (losses, predictions, targets), CPU tensors over the scored
     positions only: for p in start-1 .. end-2, the cross-entropy (nats, fp32) of token p + 1 given tokens 0..p and
     the argmax prediction for it. Gathering those positions first keeps the loss off the (B, T, V) tensor."""
     T = max(len(r) for r in rows)
@@ -264,13 +235,6 @@ def _batches(prepared, batch_size, max_batch_tokens):
         yield batch
 
 
-def _any_rank(flag, device):
-    """True when `flag` is true on some rank (collective)."""
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
                   max_seq_len=None):
@@ -284,7 +248,9 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
         raise UserError(f"CORE task {task.name}: {task.num_fewshot}-shot needs at least {task.num_fewshot + 1} "
                         f"items, got {n} (raise max_per_task)")
     info = dist_info()
-    device = device or _model_device(model)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = local(p).device if p is not None else torch.device("cpu")
     t0 = time.time()
     indices = list(range(info.rank, n, info.world_size))
     batches = _batches(_prepared(task, items, indices, tokenizer, _max_len(model, max_seq_len)),
@@ -294,15 +260,17 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
     while True:
         batch = next(batches, None)
         if info.world_size > 1 and dist.is_initialized():
-            if not _any_rank(batch is not None, device):
+            more = torch.tensor([int(batch is not None)], dtype=torch.int32, device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():  # no rank has a batch left
                 break
             if batch is None:  # keep FSDP's per-forward collectives in step with the ranks that still score
                 model(torch.full((1, 1), pad, dtype=torch.long, device=device))
                 continue
         elif batch is None:
             break
-        scored = score_rows(model, [r for entry in batch for r in entry[2]], [s for entry in batch for s in entry[3]],
-                            [e for entry in batch for e in entry[4]], pad, device)
+        rows_starts_ends = [[x for entry in batch for x in entry[k]] for k in (2, 3, 4)]
+        scored = score_rows(model, *rows_starts_ends, pad, device)
         first = 0
         for _, gold, rows, _, _ in batch:
             correct += _judge(task.kind, gold, scored[first:first + len(rows)])
@@ -360,11 +328,9 @@ def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, m
 
 
 def format_results(result):
-    """A results dict -> a text table (task, accuracy, centred, items) ending with the score's line, for logs and
-    report cards."""
+    """A results dict -> a text table (task, accuracy, centred, items) ending with the score's line."""
     lines = [f"{'Task':<35} {'Accuracy':>9} {'Centred':>9} {'Items':>6}"]
-    for task, r in result["tasks"].items():
-        lines.append(f"{task:<35} {r['accuracy']:>9.4f} {r['centered']:>9.4f} {r['n']:>6}")
+    lines += [f"{t:<35} {r['accuracy']:>9.4f} {r['centered']:>9.4f} {r['n']:>6}" for t, r in result["tasks"].items()]
     lines.append(f"{result['name']:<35} {'':>9} {result['score']:>9.4f}")
     return "\n".join(lines)
 
@@ -413,13 +379,11 @@ def parse_icl_tasks(text):
         if not inside:
             continue
         if body.startswith("-") and (item_indent is None or indent == item_indent):
-            item_indent = indent
-            current = {}
+            item_indent, current = indent, {}
             tasks.append(current)
             body = body[1:].strip()
             if not body:
                 continue
-            indent = indent + 2
         elif body.startswith("- ") and last_key is not None:
             value = current.get(last_key)
             current[last_key] = (value if isinstance(value, list) else []) + [_parse_scalar(body[2:])]
@@ -518,30 +482,26 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
             raise UserError(f"{config}: task {label} has no random baseline in eval_meta_data.csv")
         shots = entry.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
-        delimiter = entry.get("continuation_delimiter", " ")
         if kind not in TASK_TYPES:
             raise UserError(f"{config}: task {label} has unsupported type {kind!r} (CORE uses {', '.join(TASK_TYPES)})")
         items = _read_items(os.path.join(directory, "eval_data", entry["dataset_uri"]), kind, label)
-        tasks.append(Task(label, kind, subsample(items, max_per_task, seed), int(shots), delimiter, baselines[label],
-                          entry["dataset_uri"], "bundle"))
+        tasks.append(Task(label, kind, subsample(items, max_per_task, seed), int(shots),
+                          entry.get("continuation_delimiter", " "), baselines[label], entry["dataset_uri"], "bundle"))
     if not tasks:
         raise UserError(f"{config}: icl_tasks is empty")
     return tasks
 
 
 # ------------------------------------------------------------------------------------------------ raw datasets
-# Raw Hugging Face rows -> bundle items. The templates are those of the bundle's files (MosaicML llm-foundry's
+# Raw Hugging Face rows -> bundle items, with the templates of the bundle's files (MosaicML llm-foundry's
 # scripts/eval/local_data, which DCLM and nanochat use): on the splits both have, the renderings of copa, piqa,
 # winogrande, boolq and commonsense_qa equal the bundle's rows, in the same order. The bundle's arc and openbook_qa
 # are test splits (validation here); its HellaSwag follows lm-evaluation-harness's preprocessing; its LAMBADA keeps
 # paragraph breaks that the raw copy here has as single spaces. Not carried over: the bundle's ARC rows with labels
 # "1".."4" have gold one too high; here gold is the answer's index among the row's own labels.
 def _hellaswag_clean(text):
-    """lm-evaluation-harness's HellaSwag cleanup: WikiHow "[title]" markers become sentence breaks, other
-    [bracketed] tags go, double spaces collapse."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    """lm-evaluation-harness's HellaSwag cleanup: " [title]" becomes ". ", other [tags] go, double spaces collapse."""
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def render_hellaswag(row):
@@ -550,22 +510,20 @@ def render_hellaswag(row):
     return {"query": query, "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
 
 
-def _labelled(row):
+def _labelled(row, query):
+    """{choices {text, label}, answerKey} -> multiple choice; gold is found among the row's own labels."""
     texts, labels = row["choices"]["text"], row["choices"]["label"]
-    return list(texts), list(labels).index(row["answerKey"])
+    return {"query": query, "choices": list(texts), "gold": list(labels).index(row["answerKey"])}
 
 
 def render_arc(row):
-    """allenai/ai2_arc {question, choices {text, label}, answerKey} -> multiple choice ("Question: ..."). The
-    answer is found among the row's own labels (some rows use "1".."4")."""
-    texts, gold = _labelled(row)
-    return {"query": f"Question: {row['question']}", "choices": texts, "gold": gold}
+    """allenai/ai2_arc {question, choices {text, label}, answerKey} -> multiple choice ("Question: ...")."""
+    return _labelled(row, f"Question: {row['question']}")
 
 
 def render_openbookqa(row):
     """allenai/openbookqa {question_stem, choices, answerKey} -> multiple choice (the stem alone)."""
-    texts, gold = _labelled(row)
-    return {"query": row["question_stem"], "choices": texts, "gold": gold}
+    return _labelled(row, row["question_stem"])
 
 
 def render_copa(row):
@@ -599,7 +557,8 @@ CSQA_DROPPED = {0: 1, 1: 2, 2: 3, 3: 0, 4: 1}
 def render_commonsense_qa(row):
     """tau/commonsense_qa {question, choices {label, text} (5), answerKey} -> multiple choice whose query lists
     four options "A. ..".."D. .." and ends in "Answer:"; the choices are the letters."""
-    texts, gold = _labelled(row)
+    item = _labelled(row, "")
+    texts, gold = item["choices"], item["gold"]
     if len(texts) != 5:
         raise ValueError(f"commonsense_qa rows have 5 options, this one has {len(texts)}")
     keep = [i for i in range(5) if i != CSQA_DROPPED[gold]]
@@ -625,8 +584,8 @@ def render_lambada(row):
 @dataclass(frozen=True)
 class RawTask:
     """A CORE task over a raw dataset file: label as in core.yaml, file stem (".parquet" or ".jsonl"), HF id and
-    split, renderer, task type, few-shot count, delimiter and random baseline in percent (DCLM's
-    eval_meta_data.csv), and the row count of the full file."""
+    split, renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's eval_meta_data.csv),
+    row count of the full file."""
     label: str
     stem: str
     hf: str
@@ -664,28 +623,21 @@ RAW_TASKS = (
 )
 
 
-def _raw_file(directory, stem):
-    for ext in (".parquet", ".jsonl"):
-        path = os.path.join(directory, stem + ext)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
     """CORE tasks over raw HF-schema files -> list[Task] (source "raw"), for every RAW_TASKS entry whose file
     (<stem>.parquet or <stem>.jsonl) is in `directory` or its core/ subfolder. names: only these labels (UserError
     if one is missing). Items shuffled with Random(seed) and cut to max_per_task, as load_bundle."""
     folder = directory
-    if not any(_raw_file(directory, t.stem) for t in RAW_TASKS) and os.path.isdir(os.path.join(directory, "core")):
+    if not any(find_file(directory, t.stem) for t in RAW_TASKS) and os.path.isdir(os.path.join(directory, "core")):
         folder = os.path.join(directory, "core")
-    wanted = [t for t in RAW_TASKS if names is None or t.label in names]
     unknown = set(names or ()) - {t.label for t in RAW_TASKS}
     if unknown:
         raise UserError(f"unknown raw CORE task(s) {sorted(unknown)}: choose from {[t.label for t in RAW_TASKS]}")
     tasks, cache = [], {}
-    for spec in wanted:
-        path = _raw_file(folder, spec.stem)
+    for spec in RAW_TASKS:
+        if names is not None and spec.label not in names:
+            continue
+        path = find_file(folder, spec.stem)
         if path is None:
             if names is not None:
                 raise UserError(f"raw CORE task {spec.label}: no {spec.stem}.parquet or .jsonl in {folder}")
@@ -712,11 +664,3 @@ def load_tasks(directory, max_per_task=None, seed=SHUFFLE_SEED):
     if os.path.isfile(os.path.join(directory, "core.yaml")):
         return load_bundle(directory, max_per_task, seed)
     return load_raw(directory, max_per_task, seed)
-
-
-__all__ = ["Task", "RawTask", "RAW_TASKS", "TASK_TYPES", "MULTIPLE_CHOICE", "SCHEMA", "LANGUAGE_MODELING",
-           "load_bundle", "load_raw", "load_tasks", "evaluate_core", "evaluate_task", "format_results", "core_name",
-           "centred", "render_mc", "render_schema", "render_lm", "render_item", "subsample", "fewshot_indices",
-           "scored_spans", "crop", "score_rows", "parse_icl_tasks", "check_item", "render_hellaswag", "render_arc",
-           "render_openbookqa", "render_copa", "render_piqa", "render_boolq", "render_commonsense_qa",
-           "render_winogrande", "render_lambada"]

@@ -9,28 +9,25 @@
 Base metrics
 - val bpb = sum of next-token losses (nats) / (ln 2 * bytes of the target tokens) on the held-out corpus; special
   tokens count zero bytes and are skipped, so the number does not depend on the vocabulary size.
-- CORE (train/core_eval.py: DCLM's in-context score, https://arxiv.org/abs/2406.11794, computed as nanochat does),
-  on the first source found: `--data-dir` holding an eval bundle (core.yaml: "CORE", all of its tasks) or raw
-  dataset files ("CORE-10": the ten raw datasets of CORE's tasks); without --data-dir, the bundle at
-  $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or ~/.cache/nanochat, /eval_bundle), else CORE-10
-  on the embedded sample of train/tasks/realdata. `--max-per-task N` scores the first N items of each task's
-  seeded shuffle. A per-task table is printed.
-- CORE-style in-context scoring on the embedded tasks (and on every real chat task whose files are already cached,
-  or those named with --tasks): multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the choice whose
-  continuation has the lowest mean loss wins; language modelling = the continuation (the answer after "####") must
-  be the model's greedy prediction token for token; solutions render as plain text (gsm8k.solution_text: tool
-  calls left out, the result shown once). Centred accuracy (acc - chance) / (1 - chance), mean over tasks.
+- CORE (train/core_eval.py: DCLM's in-context score, https://arxiv.org/abs/2406.11794, computed as nanochat does)
+  on the first source found: `--data-dir` holding an eval bundle (core.yaml: "CORE") or raw dataset files
+  ("CORE-10"); else the bundle at $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or
+  ~/.cache/nanochat, /eval_bundle); else CORE-10 on the embedded sample of train/tasks/realdata. `--max-per-task N`
+  scores the first N items of each task's seeded shuffle. A per-task table is printed.
+- CORE-style scoring on the embedded tasks (and the real chat tasks already cached, or those named with --tasks):
+  multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the choice whose continuation has the lowest mean
+  loss wins; language modelling = the continuation (the answer after "####") must be the greedy prediction token
+  for token; solutions render as plain text (gsm8k.solution_text). Centred accuracy (acc - chance) / (1 - chance).
 Chat metrics
 - categorical (ARC, MMLU, number_mc): logits at <|assistant_start|> restricted to the choice letters, argmax;
 - generative (GSM8K, HumanEval, arithmetic, spelling, identity): sample with the Engine (tools live), score with the
   task (HumanEval runs its unit tests in the sandbox, several jails at a time);
 - ChatCORE = mean over tasks of (acc - chance) / (1 - chance), chance 0.25 for multiple choice, 0 for generative.
-- `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat; parquet or jsonl, named as HF's parquet
-  export or the shared real-data folder names them, see CHAT_FILES) instead of the HF hub.
-Subsets: `--max-examples N` scores the first N examples of a task; real tasks present their rows in a seeded shuffle
-of the whole split (train/tasks/order.py) and embedded tasks generate each example from its own seed, so the N are
-a seeded sample, the same on every run and rank. Examples are split across ranks (i % world == rank) and the counts
-all-reduced; every rank loads the whole model, so this runs under torchrun whatever the training sharding was.
+- `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat, parquet or jsonl, named as in CHAT_FILES).
+Subsets: `--max-examples N` scores the first N examples of a task: real tasks present their rows in a seeded shuffle
+(train/tasks/order.py), embedded ones generate each example from its own seed, so the N are a seeded sample, the same
+on every run and rank. Examples are split across ranks (i % world == rank) and the counts all-reduced; every rank
+loads the whole model, so this runs under torchrun whatever the training sharding was.
 """
 import argparse
 import json
@@ -52,16 +49,13 @@ from train.data import TokenLoader, load_corpus
 from train.distributed import cleanup, init_distributed
 from train.loop import run_main
 from train import core_eval
+from train.core_eval import centred
 from train.tasks import TaskError, get_task
-from train.tasks.common import cache_dir, extract_answer
+from train.tasks.common import cache_dir, extract_answer, find_file
 from train.tasks.gsm8k import solution_text
 from train.tasks.realdata import SAMPLE_DIR
 
 MC_CHANCE = 0.25
-
-
-def centred(acc, chance):
-    return (acc - chance) / (1.0 - chance)
 
 
 def chatcore(results, chances):
@@ -69,18 +63,23 @@ def chatcore(results, chances):
     return sum(centred(results[k], chances[k]) for k in results) / max(1, len(results))
 
 
+def _my_indices(task, max_examples):
+    """This rank's share of the first max_examples (None: all) examples of task: i % world == rank."""
+    info = dist_info()
+    return list(range(info.rank, len(task) if max_examples is None else min(len(task), max_examples), info.world_size))
+
+
 # ------------------------------------------------------------------------------------------------ base: val bpb
 def token_bytes(tokenizer):
     """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
     if hasattr(tokenizer, "token_bytes"):  # model.tokenizer.Tokenizer knows the exact bytes of partial characters
         return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
-    special = set()
+    special = {tokenizer.bos_token_id}
     for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or SPECIAL_TOKENS:
         try:
             special.add(tokenizer.encode_special(name))
         except Exception:  # noqa: BLE001 - a tokenizer without that special
             pass
-    special.add(tokenizer.bos_token_id)
     nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
     return torch.tensor(nbytes, dtype=torch.long)
 
@@ -92,8 +91,7 @@ def evaluate_bpb(model, batches, token_bytes):
     logs this same number, so stage logs and the report card agree."""
     was_training = model.training
     model.eval()
-    nats = None
-    nbytes = None
+    nats = nbytes = None
     it = iter(batches)
     device = next(model.parameters()).device  # NCCL collectives need CUDA tensors
     tbytes = token_bytes.to(device)
@@ -132,8 +130,7 @@ def continuation_losses(model, contexts, continuations):
     dev = local(next(model.parameters())).device
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (c, k) in enumerate(zip(contexts, continuations)):
-        r = c + k
+    for i, (c, k, r) in enumerate(zip(contexts, continuations, rows)):
         x[i, :len(r) - 1] = torch.tensor(r[:-1])
         y[i, len(c) - 1:len(r) - 1] = torch.tensor(k)
     x, y = x.to(dev), y.to(dev)
@@ -146,33 +143,26 @@ def continuation_losses(model, contexts, continuations):
     return mean.tolist(), exact.tolist()
 
 
-def _mc_text(conv):
-    return conv["question"], conv["choices"], conv["answer"]
-
-
 def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100, seed=1234):
     """CORE-style accuracy of a base model on a task. kind "mc" uses the conversations' question/choices/answer;
     kind "lm" uses user question -> assistant text, the continuation being the number after '####'."""
-    n = min(len(task), max_examples)
-    info = dist_info()
-    rank, world = info.rank, info.world_size
     bos = tokenizer.bos_token_id
+
+    def qa(c):  # "lm": question, solution up to "#### ", answer
+        text = solution_text(c["messages"][-1]["content"])
+        return c["messages"][0]["content"], text[:text.rindex("#### ") + 5], extract_answer(text)
     correct = total = 0
-    for i in range(rank, n, world):
+    for i in _my_indices(task, max_examples):
         rng = random.Random(seed + i)
         shots = [task[j] for j in rng.sample([j for j in range(len(task)) if j != i], min(num_shots, len(task) - 1))]
         conv = task[i]
         if kind == "mc":
-            prefix = "".join(f"Question: {q}\nAnswer: {c[a]}\n\n" for q, c, a in map(_mc_text, shots))
-            q, choices, answer = _mc_text(conv)
-            ctx = [bos] + tokenizer.encode(prefix + f"Question: {q}\nAnswer:")
-            conts = [tokenizer.encode(" " + c) for c in choices]
-            losses, _ = continuation_losses(model, [ctx] * len(choices), conts)
-            correct += int(min(range(len(choices)), key=losses.__getitem__) == answer)
+            prefix = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+            ctx = [bos] + tokenizer.encode(prefix + f"Question: {conv['question']}\nAnswer:")
+            conts = [tokenizer.encode(" " + c) for c in conv["choices"]]
+            losses, _ = continuation_losses(model, [ctx] * len(conts), conts)
+            correct += int(min(range(len(conts)), key=losses.__getitem__) == conv["answer"])
         else:
-            def qa(c):
-                text = solution_text(c["messages"][-1]["content"])
-                return c["messages"][0]["content"], text[:text.rindex("#### ") + 5], extract_answer(text)
             prefix = "".join(f"Question: {q}\nAnswer: {s}{a}\n\n" for q, s, a in map(qa, shots))
             q, sol, ans = qa(conv)
             ctx = [bos] + tokenizer.encode(prefix + f"Question: {q}\nAnswer: {sol}")
@@ -184,24 +174,16 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
 
 
 # ------------------------------------------------------------------------------------------------ chat
-def _prompt_ids(tokenizer, conv):
-    return tokenizer.render_for_completion(conv)
-
-
 @torch.no_grad()
 def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8):
     """Multiple choice: argmax of the logits after <|assistant_start|> over the choice letters' tokens."""
-    n = len(task) if max_examples is None else min(len(task), max_examples)
-    info = dist_info()
-    rank, world = info.rank, info.world_size
     dev = local(next(model.parameters())).device
-    idx = list(range(rank, n, world))
+    idx = _my_indices(task, max_examples)
     correct = total = 0
     for s in range(0, len(idx), batch_size):
         convs = [task[i] for i in idx[s:s + batch_size]]
-        prompts = [_prompt_ids(tokenizer, c) for c in convs]
-        T = max(map(len, prompts))
-        x = torch.zeros(len(prompts), T, dtype=torch.long)
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        x = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
         for i, p in enumerate(prompts):
             x[i, :len(p)] = torch.tensor(p)
         logits = model(x.to(dev))
@@ -217,20 +199,18 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
 def _score(task, pairs, indices, stage):
     """task.evaluate over (conversation, completion) pairs -> list of 0|1; through task.evaluate_many when the task
     has it (HumanEval: several jails at a time). A scoring function that raises becomes a TaskError naming it."""
+    many = hasattr(task, "evaluate_many")
     try:
-        if hasattr(task, "evaluate_many"):
+        if many:
             return [int(v) for v in task.evaluate_many(pairs)]
-    except Exception as e:  # noqa: BLE001
-        raise TaskError(f"[{stage}] scoring function of task {task.name} raised on one of examples "
-                        f"{indices[0]}..{indices[-1]}: {type(e).__name__}: {e}") from e
-    out = []
-    for i, (conv, text) in zip(indices, pairs):
-        try:
+        out = []
+        for i, (conv, text) in zip(indices, pairs):
             out.append(int(task.evaluate(conv, text)))
-        except Exception as e:  # noqa: BLE001
-            raise TaskError(f"[{stage}] scoring function of task {task.name} raised on example {i}: "
-                            f"{type(e).__name__}: {e}") from e
-    return out
+        return out
+    except Exception as e:  # noqa: BLE001
+        where = f"one of examples {indices[0]}..{indices[-1]}" if many else f"example {i}"
+        raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
+                        f"{type(e).__name__}: {e}") from e
 
 
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
@@ -238,26 +218,21 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
     """Generative: sample with the Engine (batch_size prompts decoded together), decode each completion, score it
     with the task; an example counts as solved when any of its num_samples completions is right
     (pass@num_samples). Returns accuracy."""
-    n = len(task) if max_examples is None else min(len(task), max_examples)
-    info = dist_info()
-    rank, world = info.rank, info.world_size
-    idx = list(range(rank, n, world))
+    idx = _my_indices(task, max_examples)
     correct = total = 0
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         convs = [task[i] for i in chunk]
-        prompts = [_prompt_ids(tokenizer, c) for c in convs]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
         results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
                                        temperature=temperature, top_k=top_k, seed=seed + chunk[0])
         pairs, owners = [], []
         for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
-            for seq in seqs:
-                pairs.append((conv, tokenizer.decode(seq[len(prompt):])))
-                owners.append(i)
+            pairs += [(conv, tokenizer.decode(seq[len(prompt):])) for seq in seqs]
+            owners += [i] * len(seqs)
         scores = _score(task, pairs, owners, stage)
-        for i in chunk:
-            correct += int(any(v for v, o in zip(scores, owners) if o == i))
-            total += 1
+        correct += sum(any(v for v, o in zip(scores, owners) if o == i) for i in chunk)
+        total += len(chunk)
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
@@ -266,9 +241,9 @@ def chance_of(task):
     return MC_CHANCE if task.eval_type == "categorical" else 0.0
 
 
-# The real chat tasks and the file stems a local folder may hold them under, first choice first: <config>_<split>
-# (ARC's HF config is the subset), or as the shared real-data folder and the embedded sample name them (the dataset
-# in front; ARC's test split rebuilt there, "_reconstructed", see its README).
+# The real chat tasks, their HF dataset (repo, config) and the file stems a local folder may hold them under, first
+# choice first: <config>_<split> (ARC's HF config is the subset), or as the shared real-data folder and the embedded
+# sample name them (the dataset in front; ARC's test split rebuilt there, "_reconstructed", see its README).
 CHAT_FILES = {"arc_easy": ("ARC-Easy_test", "ARC-Easy_test_reconstructed"),
               "arc_challenge": ("ARC-Challenge_test", "ARC-Challenge_test_reconstructed"),
               "mmlu": ("mmlu_all_test", "all_test"), "gsm8k": ("gsm8k_main_test", "main_test"),
@@ -276,6 +251,8 @@ CHAT_FILES = {"arc_easy": ("ARC-Easy_test", "ARC-Easy_test_reconstructed"),
 REAL_CHAT_TASKS = tuple(CHAT_FILES)
 TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "mmlu": "MMLU", "gsm8k": "GSM8K",
                "humaneval": "HumanEval"}
+HF_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+               "mmlu": ("cais/mmlu", "all"), "gsm8k": ("openai/gsm8k", "main")}
 
 
 def chat_files(data_dir, names=REAL_CHAT_TASKS):
@@ -285,21 +262,18 @@ def chat_files(data_dir, names=REAL_CHAT_TASKS):
         raise UserError(f"--data-dir {data_dir}: not a folder")
     found = {}
     for name in names:
-        for folder in (data_dir, os.path.join(data_dir, "chat")):
-            for stem in CHAT_FILES.get(name, ()):
-                for ext in (".parquet", ".jsonl"):
-                    path = os.path.join(folder, stem + ext)
-                    if name not in found and os.path.isfile(path):
-                        found[name] = path
+        paths = (find_file(folder, stem) for folder in (data_dir, os.path.join(data_dir, "chat"))
+                 for stem in CHAT_FILES.get(name, ()))
+        if path := next(filter(None, paths), None):
+            found[name] = path
     return found
 
 
 def format_chat_table(details, chatcore_value):
     """{task: {accuracy, chance, centred, n, seconds}} -> a text table ending with the ChatCORE line."""
     lines = [f"{'Task':<16} {'Accuracy':>9} {'Chance':>7} {'Centred':>9} {'Items':>6} {'Time':>8}"]
-    for name, d in details.items():
-        lines.append(f"{name:<16} {d['accuracy']:>9.4f} {d['chance']:>7.2f} {d['centred']:>+9.4f} {d['n']:>6} "
-                     f"{d['seconds']:>7.1f}s")
+    lines += [f"{name:<16} {d['accuracy']:>9.4f} {d['chance']:>7.2f} {d['centred']:>+9.4f} {d['n']:>6} "
+              f"{d['seconds']:>7.1f}s" for name, d in details.items()]
     lines.append(f"{'ChatCORE':<16} {'':>9} {'':>7} {chatcore_value:>+9.4f}")
     return "\n".join(lines)
 
@@ -321,10 +295,9 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
             acc = generative_accuracy(engine, tokenizer, task, max_examples, max_tokens=max_tokens, stage=stage)
         results[name], chances[name] = acc, chance_of(task)
         n = len(task) if max_examples is None else min(len(task), max_examples)
-        details[name] = dict(accuracy=acc, chance=chances[name], centred=centred(acc, chances[name]), n=n,
-                             seconds=time.time() - t0, file=files.get(name))
-        print0(f"[{stage}] {name}: {acc:.4f} (chance {chances[name]:.2f}, {n} examples, "
-               f"{details[name]['seconds']:.1f}s)")
+        details[name] = d = dict(accuracy=acc, chance=chances[name], centred=centred(acc, chances[name]), n=n,
+                                 seconds=time.time() - t0, file=files.get(name))
+        print0(f"[{stage}] {name}: {acc:.4f} (chance {d['chance']:.2f}, {n} examples, {d['seconds']:.1f}s)")
     score = chatcore(results, chances)
     print0(f"[{stage}] per task:\n{format_chat_table(details, score)}")
     return dict(results, chatcore=score, details=details)
@@ -332,14 +305,8 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
 
 def present_real_tasks():
     """Real tasks whose test files are already in the cache (never downloads)."""
-    found = []
-    for name, (repo, config, split) in {"arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
-                                        "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
-                                        "mmlu": ("cais/mmlu", "all", "test"),
-                                        "gsm8k": ("openai/gsm8k", "main", "test")}.items():
-        if os.path.exists(os.path.join(cache_dir(repo.replace("/", "__"), config, split), "COMPLETE")):
-            found.append(name)
-    return found
+    return [name for name, (repo, config) in HF_DATASETS.items()
+            if os.path.exists(os.path.join(cache_dir(repo.replace("/", "__"), config, "test"), "COMPLETE"))]
 
 
 # ------------------------------------------------------------------------------------------------ base: CORE
@@ -356,20 +323,17 @@ def core_source(data_dir=None):
     holds core.yaml; ("raw", dir) for raw dataset files in data_dir (or data_dir/core); ("sample", SAMPLE_DIR) when
     data_dir is None or "sample" and no bundle is found. UserError when data_dir holds neither."""
     if data_dir in (None, "auto"):
-        for d in bundle_dirs():
-            if os.path.isfile(os.path.join(d, "core.yaml")):
-                return "bundle", d
-        return "sample", SAMPLE_DIR
+        bundles = [d for d in bundle_dirs() if os.path.isfile(os.path.join(d, "core.yaml"))]
+        return ("bundle", bundles[0]) if bundles else ("sample", SAMPLE_DIR)
     if data_dir == "sample":
         return "sample", SAMPLE_DIR
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: not a folder")
     if os.path.isfile(os.path.join(data_dir, "core.yaml")):
         return "bundle", data_dir
-    for folder in (data_dir, os.path.join(data_dir, "core")):
-        if any(os.path.isfile(os.path.join(folder, t.stem + ext)) for t in core_eval.RAW_TASKS
-               for ext in (".parquet", ".jsonl")):
-            return "raw", data_dir
+    if any(find_file(folder, t.stem) for folder in (data_dir, os.path.join(data_dir, "core"))
+           for t in core_eval.RAW_TASKS):
+        return "raw", data_dir
     raise UserError(f"--data-dir {data_dir}: neither an eval bundle (core.yaml) nor raw CORE dataset files "
                     f"(e.g. {core_eval.RAW_TASKS[0].stem}.parquet, here or in core/)")
 
@@ -398,10 +362,9 @@ def run_core(model, tokenizer, data_dir=None, max_per_task=None, batch_size=8, s
     tasks = core_eval.load_bundle(where, max_per_task) if kind == "bundle" else core_eval.load_raw(where, max_per_task)
     res = core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, batch_size=batch_size,
                                   max_seq_len=max_seq_len, log=lambda line: print0(f"[{stage}] {line}"))
+    fields = ("accuracy", "centered", "baseline", "n", "num_fewshot", "kind", "seconds")
     out = dict(name=res["name"], score=res["score"], source=kind, where=where, max_per_task=max_per_task,
-               max_seq_len=max_seq_len,
-               tasks={k: {f: v[f] for f in ("accuracy", "centered", "baseline", "n", "num_fewshot", "kind",
-                                             "seconds")} for k, v in res["tasks"].items()},
+               max_seq_len=max_seq_len, tasks={k: {f: v[f] for f in fields} for k, v in res["tasks"].items()},
                seconds=time.time() - t0)
     print0(f"[{stage}] {describe_core(out)}\n{core_eval.format_results(res)}")
     return out
@@ -415,20 +378,16 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
     if val_batches is not None:
         out["val_bpb"] = evaluate_bpb(model, val_batches, token_bytes(tokenizer))
         print0(f"[{stage}] val bpb: {out['val_bpb']:.4f}")
-    names = task_names or (["number_mc", "arithmetic"] + present_real_tasks())
     scores = []
-    for name in names:
+    for name in task_names or (["number_mc", "arithmetic"] + present_real_tasks()):
         task = get_task(name, split="test")
         kind = "mc" if task.eval_type == "categorical" else "lm"
-        acc = core_task_score(model, tokenizer, task, kind, num_shots=num_shots, max_examples=max_examples)
-        chance = 1.0 / len(task[0]["choices"]) if kind == "mc" else 0.0
-        out[f"core_{name}"] = acc
-        scores.append(centred(acc, chance))
+        acc = out[f"core_{name}"] = core_task_score(model, tokenizer, task, kind, num_shots, max_examples)
+        scores.append(centred(acc, 1.0 / len(task[0]["choices"]) if kind == "mc" else 0.0))
         print0(f"[{stage}] CORE-style {name}: acc {acc:.4f} (centred {scores[-1]:+.4f})")
     out["core"] = sum(scores) / max(1, len(scores))
     if core is not None:
-        out["dclm_core"] = run_core(model, tokenizer, core, max_per_task, stage=stage,
-                                         max_seq_len=core_max_seq_len)
+        out["dclm_core"] = run_core(model, tokenizer, core, max_per_task, stage=stage, max_seq_len=core_max_seq_len)
     return out
 
 
@@ -463,15 +422,13 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
                         f"{', '.join(CHAT_FILES[t][0] + '.parquet' for t in REAL_CHAT_TASKS)}, here or in chat/)")
     model, tokenizer, meta = load_model(source, device=device, run=run)
     info = dist_info()
-    rank, world = info.rank, info.world_size
     t0 = time.time()
     if mode == "base":
         T = meta["config"]["sequence_len"]
-        batches = val_batches_for(tokenizer, 4, T, device, val_batches, rank, world)
-        crop = T if core_max_seq_len == "trained" else core_max_seq_len
+        batches = val_batches_for(tokenizer, 4, T, device, val_batches, info.rank, info.world_size)
         res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage,
                             core=None if core is None else (data_dir or core), max_per_task=max_per_task,
-                            core_max_seq_len=crop)
+                            core_max_seq_len=T if core_max_seq_len == "trained" else core_max_seq_len)
     else:
         if not tasks:
             tasks = list(files) if data_dir else (["arithmetic", "spelling", "identity", "number_mc"]

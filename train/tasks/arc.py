@@ -1,7 +1,6 @@
 """ARC (allenai/ai2_arc): grade-school science multiple choice, subsets ARC-Easy and ARC-Challenge. Rows in the
 seeded order of train/tasks/order.py."""
-from train.tasks.common import MCTask, TaskError, hf_rows, mc_conversation
-from train.tasks.order import seeded_order
+from train.tasks.common import MCTask, mc_conversation, real_rows
 
 
 class ARC(MCTask):
@@ -12,17 +11,10 @@ class ARC(MCTask):
         assert subset in ("ARC-Easy", "ARC-Challenge"), "ARC subset must be ARC-Easy|ARC-Challenge"
         assert split in ("train", "validation", "test"), "ARC split must be train|validation|test"
         self.name = subset.lower()
-        rows = hf_rows("allenai/ai2_arc", subset, split, files)
-        for i, r in enumerate(rows):  # row numbers of the file, before the seeded order
-            ch = r.get("choices")
-            if not (isinstance(r.get("question"), str) and isinstance(ch, dict)
-                    and r.get("answerKey") in ch.get("label", [])):
-                raise TaskError(f"{self.name}: row {i} needs question, choices {{text, label}} and an answerKey "
-                                "among the labels")
-        self.rows = seeded_order(rows)
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = real_rows(self.name, "allenai/ai2_arc", subset, split, files, lambda r: (
+            isinstance(r.get("question"), str) and isinstance(r.get("choices"), dict)
+            and r.get("answerKey") in r["choices"].get("label", [])),
+            "question, choices {text, label} and an answerKey among the labels")
 
     def get_example(self, index):
         r = self.rows[index]

@@ -1,17 +1,14 @@
 """What every task shares: the Task base class, the mixture, the two scored formats (multiple choice: MCTask; a
 number after "####": AnswerTask), and the dataset downloader.
 
-A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), has an `eval_type`
-("categorical" for multiple choice, "generative" otherwise) and scores a completion with
-`task.evaluate(conversation, completion_text) -> 0|1` (RL uses `task.reward(...) -> float`).
-
-Real datasets come from Hugging Face's parquet export, one URL scheme for all of them:
+A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), has an `eval_type` ("categorical"
+for multiple choice, else "generative") and scores with `task.evaluate(conversation, completion_text) -> 0|1` (RL:
+`task.reward(...) -> float`). Real datasets come from Hugging Face's parquet export,
     {base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet
-with base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets). Shards are fetched 0, 1, 2, ... until
-the server answers 404, with model.common.download (retries with exponential backoff, a temp file renamed into
-place), into the cache at $TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given
-`files=[...]`: local paths or URLs of .parquet or .jsonl files. Tests serve small fixtures with http.server on
-127.0.0.1.
+with base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets): shards 0, 1, 2, ... until the server
+answers 404, through model.common.download (retries with backoff, temp file renamed into place), cached under
+$TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given `files=[...]`: local paths or URLs
+of .parquet or .jsonl files.
 """
 import hashlib
 import json
@@ -23,6 +20,7 @@ import pyarrow.parquet as pq
 
 from model.common import DownloadError, UserError, download, home_dir
 from model.tokenizer import conversation_messages
+from train.tasks.order import seeded_order
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
 MAX_PARQUET_SHARDS = 10_000
@@ -44,7 +42,7 @@ def check_conversation(conversation):
 
 
 class Task:
-    """A lightweight view (start/stop/step) over a dataset of conversations."""
+    """A lightweight view (start/stop/step) over a dataset of conversations (real tasks: over `self.rows`)."""
     eval_type = "generative"
     name = "task"
 
@@ -53,7 +51,7 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         raise NotImplementedError
@@ -112,12 +110,9 @@ class TaskMixture(Task):
         rng = random.Random(seed)
         self.index_map = []
         for t, (task, w) in enumerate(zip(tasks, weights)):
-            n = len(task)
-            whole, frac = int(w), w - int(w)
-            idx = [i for _ in range(whole) for i in range(n)]
-            perm = list(range(n))
+            perm = list(range(len(task)))
             rng.shuffle(perm)
-            idx += perm[:int(round(frac * n))]
+            idx = list(range(len(task))) * int(w) + perm[:int(round((w - int(w)) * len(task)))]
             self.index_map += [(t, i) for i in idx]
         rng.shuffle(self.index_map)
 
@@ -158,8 +153,7 @@ class MCTask(Task):
     eval_type = "categorical"
 
     def evaluate(self, conversation, completion):
-        answer = conversation["messages"][-1]["content"]
-        return int(completion.strip() == answer)
+        return int(completion.strip() == conversation["messages"][-1]["content"])
 
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -171,19 +165,13 @@ def extract_answer(text):
     return m.group(1).strip().replace(",", "").rstrip(".") if m else None
 
 
-def completion_text(parts_or_text):
-    """Flatten an assistant message (str or parts) into the text scored by extract_answer."""
-    if isinstance(parts_or_text, str):
-        return parts_or_text
-    return "".join(p["text"] for p in parts_or_text)
-
-
 class AnswerTask(Task):
     """Generative task scored by exact match of the '####' answer (GSM8K and the embedded arithmetic)."""
     eval_type = "generative"
 
     def evaluate(self, conversation, completion):
-        ref = extract_answer(completion_text(conversation["messages"][-1]["content"]))
+        content = conversation["messages"][-1]["content"]  # str or parts
+        ref = extract_answer(content if isinstance(content, str) else "".join(p["text"] for p in content))
         pred = extract_answer(completion)
         return int(pred is not None and pred == ref)
 
@@ -210,6 +198,14 @@ def cached_download(url, path):
         if e.status == 404:
             return None
         raise TaskError(str(e)) from None
+
+
+def find_file(folder, stem):
+    """<folder>/<stem>.parquet, else <folder>/<stem>.jsonl, else None."""
+    for ext in (".parquet", ".jsonl"):
+        if os.path.isfile(path := os.path.join(folder, stem + ext)):
+            return path
+    return None
 
 
 def read_rows(path):
@@ -243,11 +239,8 @@ def hf_rows(repo, config, split, files=None):
     if os.path.exists(done):
         n = int(open(done).read())
         return [row for i in range(n) for row in read_rows(os.path.join(folder, f"{i:04d}.parquet"))]
-    rows, i = [], 0
-    while True:
-        if i == MAX_PARQUET_SHARDS:  # the export numbers shards with 4 digits; a server that never 404s would loop
-            raise TaskError(f"{repo} {config}/{split}: {data_url()} served {i} shards without the 404 that ends the "
-                            f"list; check $TRITONCHAT_DATA_URL / --data-url")
+    rows = []
+    for i in range(MAX_PARQUET_SHARDS):
         url = f"{data_url()}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
         path = cached_download(url, os.path.join(folder, f"{i:04d}.parquet"))
         if path is None:
@@ -257,4 +250,17 @@ def hf_rows(repo, config, split, files=None):
                 f.write(str(i))
             return rows
         rows += read_rows(path)
-        i += 1
+    # the export numbers shards with 4 digits; a server that never 404s would loop
+    raise TaskError(f"{repo} {config}/{split}: {data_url()} served {MAX_PARQUET_SHARDS} shards without the 404 that "
+                    f"ends the list; check $TRITONCHAT_DATA_URL / --data-url")
+
+
+def real_rows(name, repo, config, split, files, ok, needs, prepare=None):
+    """hf_rows, each row (after `prepare`) checked with ok(row) in the file's order (TaskError "<name>: row i needs
+    <needs>"), then in the seeded order of train/tasks/order.py."""
+    rows = hf_rows(repo, config, split, files)
+    rows = rows if prepare is None else [prepare(r) for r in rows]
+    for i, r in enumerate(rows):
+        if not ok(r):
+            raise TaskError(f"{name}: row {i} needs {needs}")
+    return seeded_order(rows)

@@ -12,8 +12,7 @@ the test split, up to thousands separators). So an annotation renders two ways, 
 """
 import re
 
-from train.tasks.common import AnswerTask, TaskError, extract_answer, hf_rows
-from train.tasks.order import seeded_order
+from train.tasks.common import AnswerTask, extract_answer, real_rows
 
 ANNOTATION = re.compile(r"<<[^>]*>>")
 
@@ -29,8 +28,7 @@ def solution_parts(answer):
     for piece in re.split(r"(<<[^>]*>>)", answer):
         if piece.startswith("<<") and piece.endswith(">>"):
             expr, _, result = piece[2:-2].rpartition("=") if "=" in piece else (piece[2:-2], "", "")
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -52,15 +50,9 @@ class GSM8K(AnswerTask):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic") and split in ("train", "test"), \
             "GSM8K: subset main|socratic, split train|test"
-        rows = hf_rows("openai/gsm8k", subset, split, files)
-        for i, r in enumerate(rows):  # row numbers of the file, before the seeded order
-            if not (isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
-                    and extract_answer(r["answer"]) is not None):
-                raise TaskError(f"gsm8k: row {i} needs a question and an answer ending in '#### <number>'")
-        self.rows = seeded_order(rows)
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = real_rows("gsm8k", "openai/gsm8k", subset, split, files, lambda r: (
+            isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+            and extract_answer(r["answer"]) is not None), "a question and an answer ending in '#### <number>'")
 
     def get_example(self, index):
         r = self.rows[index]

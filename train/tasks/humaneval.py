@@ -17,8 +17,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 from model.sandbox import run_python
-from train.tasks.common import Task, TaskError, hf_rows
-from train.tasks.order import seeded_order
+from train.tasks.common import Task, real_rows
 
 
 def extract_program(completion):
@@ -30,10 +29,9 @@ def extract_program(completion):
 def build_program(prompt, code, test, entry_point):
     """The program that scores `code` (a body or a whole function) against one problem -> str."""
     head = prompt if prompt.endswith("\n") else prompt + "\n"
+    body = code  # a body continues the prompt; a whole function goes to the top level after it
     if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.MULTILINE):
-        body = "\n" + textwrap.dedent(code)  # a whole function, at the top level after the prompt
-    else:
-        body = code
+        body = "\n" + textwrap.dedent(code)
     return f"{head}{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
@@ -44,14 +42,9 @@ class HumanEval(Task):
     def __init__(self, split="test", files=None, timeout=5.0, memory_mb=256, **kwargs):
         super().__init__(**kwargs)
         self.timeout, self.memory_mb = timeout, memory_mb
-        rows = hf_rows("openai/openai_humaneval", "openai_humaneval", split, files)
-        for i, r in enumerate(rows):  # row numbers of the file, before the seeded order
-            if not all(isinstance(r.get(k), str) for k in ("prompt", "canonical_solution", "test", "entry_point")):
-                raise TaskError(f"humaneval: row {i} needs prompt, canonical_solution, test and entry_point strings")
-        self.rows = seeded_order(rows)
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = real_rows("humaneval", "openai/openai_humaneval", "openai_humaneval", split, files, lambda r: all(
+            isinstance(r.get(k), str) for k in ("prompt", "canonical_solution", "test", "entry_point")),
+            "prompt, canonical_solution, test and entry_point strings")
 
     def get_example(self, index):
         r = self.rows[index]

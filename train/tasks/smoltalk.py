@@ -19,8 +19,5 @@ class SmolTalk(Task):
         self.rows = seeded_order(rows)
         self.validated = True  # every row of the file (the file's row numbers in errors, not the seeded order's)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]}
