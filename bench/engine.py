@@ -4,37 +4,25 @@
     python -m bench.engine                                # ours only
     python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
 
-Cases (one 64-token prompt, 128 new tokens, greedy, every run makes all 128: the stop tokens lie outside the model's
-vocabulary, so neither engine can sample them):
-  samples=N   one prompt, N samples (N = 1, 8, 32): one prefill, then N rows decode together
-  prompts=N   N different prompts at once: ours batches them (one padded prefill, one decode step for all); nanochat's
-              Engine takes one prompt per call, so it runs them one after another
-Providers: ours-eager (kernels.set_mode("eager"): the PyTorch paths), ours-fused (the Triton kernels; CUDA only, so
-"not measured on GPU" in a CPU run), ours-fused-graphs (fused + the decode step replayed from CUDA graphs; CUDA only),
-nanochat (its Engine.generate, eager PyTorch; its attention is SDPA on CPU, and on a GPU too when its flash-attention
-3 download is unavailable: run from this repository, `kernels` names our package, not the Hugging Face one).
-Metrics per row:
-  ms          decode time (first token to last) for samples cases, whole wall time for prompts cases, so
-              ratio = nanochat ms / ours ms is the speed-up on decode tokens/s (samples) or end-to-end tokens/s
-  cpu_ms      the same in process CPU time, and cpu_ratio: steadier than wall time on a shared machine (with
-              --threads 1 it is the work done)
-  decode_tok_s, tok_s (end to end, prefill included), ttft_ms (submit to first token, mean over requests), itl_ms
-              (median gap between two tokens of a request)
-  kv_mb       KV-cache bytes held at the peak: ours the pages in use plus, in eager mode, the dense rows (a second
-              copy of each running sequence's context); nanochat its dense (rows, prompt + max_tokens) cache
-  peak_mb     CUDA allocator peak over the run (None on CPU)
-  agree       fraction of the first sample's greedy tokens equal to nanochat's, up to the first difference
-On a shared CPU pass --threads 1: two OpenMP threads that get descheduled cost far more than they bring.
+Cases (a 64-token prompt, 128 new tokens, greedy; all 128 are made, as the stop tokens lie outside the vocabulary):
+samples=N: one prompt, N samples (one prefill, then N rows decode together); prompts=N: N different prompts at once
+(ours batches them: one padded prefill, one decode step for all; nanochat's Engine takes one prompt per call).
+Providers: ours-eager (kernels.set_mode("eager")), ours-fused (the Triton kernels) and ours-fused-graphs (+ the decode
+step replayed from CUDA graphs), both CUDA only; nanochat (its Engine.generate, eager PyTorch, SDPA attention unless
+its flash-attention 3 download works: run from this repository, `kernels` names our package, not Hugging Face's).
+Metrics: ms = decode time (first token to last) for samples cases, wall time for prompts cases (ratio = nanochat ms /
+ours ms); cpu_ms / cpu_ratio the same in process CPU time (steadier on a shared machine); decode_tok_s, tok_s (end to
+end), ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens of a request); kv_mb = KV bytes at
+the peak (ours: pages in use plus, in eager mode, the dense rows; nanochat: its dense (rows, prompt + max_tokens)
+cache); peak_mb = CUDA allocator peak (None on CPU); agree = share of the first sample's greedy tokens equal to
+nanochat's, up to the first difference. On a shared CPU pass --threads 1 (descheduled OpenMP threads cost a lot).
 
-The model: depth 4, width 256, 4 heads of 64, plain full attention, random weights (every matrix N(0, 1/fan_in) so
-the greedy path is not degenerate). nanochat's GPT at commit 92d63d4 has more than this architecture (value
-embeddings, smear, backout, per-layer residual scalars, sliding windows, q and k scaled by 1.2, rotary base 100 000);
-it is configured as the plain one: window pattern "L", value embeddings removed, resid_lambdas 1, x0_lambdas 0, smear
-and backout lambdas 0, our rotary tables, and its attention called with q / 1.44 (undoing the 1.2 x 1.2 on the
-logits). Our weights are copied into it, so both compute the same function; `agree` checks it.
-
-Runs are interleaved (each rep runs every case x provider once) and the medians are reported. On CPU this is the real
-measurement (the JSON says "cpu"); GPU numbers come only from a GPU run.
+The model: depth 4, width 256, 4 heads of 64, plain full attention, random weights (matrices N(0, 1/fan_in): the
+greedy path is not degenerate). nanochat's GPT (commit 92d63d4) has more (value embeddings, smear, backout, residual
+scalars, sliding windows, q and k scaled by 1.2, rotary base 100 000); it is configured as the plain one (window
+pattern "L", no value embeddings, resid_lambdas 1, x0/smear/backout lambdas 0, our rotary tables, attention called
+with q / 1.44) and given our weights, so both compute the same function; `agree` checks it. Runs are interleaved (each
+rep runs every case x provider once), medians are reported; CPU numbers say "cpu", GPU numbers come from a GPU run.
 """
 import argparse
 import json
@@ -64,12 +52,7 @@ class _Tokenizer:
     def __init__(self, vocab_size):
         self.special = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.bos_token_id = self.special["<|bos|>"]
-
-    def encode_special(self, name):
-        return self.special[name]
-
-    def get_bos_token_id(self):
-        return self.bos_token_id
+        self.encode_special, self.get_bos_token_id = self.special.__getitem__, lambda: self.bos_token_id
 
     def encode(self, text, *args, **kwargs):
         return [b % 256 for b in text.encode()]
@@ -81,8 +64,9 @@ class _Tokenizer:
 def build_model(depth, head_dim, vocab, seq_len, device, dtype, seed=0):
     """Our GPT with random weights: the init, then every zero-initialised matrix drawn N(0, 1/fan_in)."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_embd=64 * depth,
-                    n_head=64 * depth // head_dim, n_kv_head=64 * depth // head_dim)
+    n_head = 64 * depth // head_dim
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_embd=64 * depth, n_head=n_head,
+                    n_kv_head=n_head)
     model = GPT(cfg).to(device)
     model.init_weights()
     with torch.no_grad():
@@ -92,44 +76,35 @@ def build_model(depth, head_dim, vocab, seq_len, device, dtype, seed=0):
     return model.to(dtype).eval()
 
 
-def load_peer(path):
-    """Import nanochat's gpt, engine and flash_attention modules from a local checkout at `path`."""
+def peer_model(path, ours):
+    """(nanochat's Engine class, its GPT configured as the plain architecture holding our weights (module docstring)),
+    imported from a local checkout at `path`."""
     path = os.path.abspath(path)
     if not os.path.isfile(os.path.join(path, "nanochat", "engine.py")):
         sys.exit(f"bench.engine: {path} is not a nanochat checkout (no nanochat/engine.py)")
     sys.path.insert(0, path)
+    import nanochat.common
     import nanochat.engine
-    import nanochat.flash_attention
-    import nanochat.gpt
-    return nanochat
-
-
-def peer_model(nanochat, ours):
-    """nanochat's GPT configured as the plain architecture, holding our weights (module docstring)."""
-    c = ours.config
-    gpt, fa = nanochat.gpt, nanochat.flash_attention
-    cfg = gpt.GPTConfig(sequence_len=c.sequence_len, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, window_pattern="L")
-    device = ours.lm_head.weight.device
-    with torch.device(device):
-        model = gpt.GPT(cfg)
+    import nanochat.flash_attention as fa
+    import nanochat.gpt as gpt
+    c, dtype = ours.config, nanochat.common.COMPUTE_DTYPE
+    with torch.device(ours.lm_head.weight.device):
+        model = gpt.GPT(gpt.GPTConfig(sequence_len=c.sequence_len, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                      n_head=c.n_head, n_kv_head=c.n_kv_head, n_embd=c.n_embd, window_pattern="L"))
     model.init_weights()
-    dtype = nanochat.common.COMPUTE_DTYPE
     with torch.no_grad():
         model.value_embeds = torch.nn.ModuleDict()  # no value embeddings: its forward then passes ve=None
         for blk in model.transformer.h:
             blk.attn.ve_gate = None
-        model.resid_lambdas.fill_(1.0)
-        model.x0_lambdas.fill_(0.0)
-        model.smear_lambda.fill_(0.0)
-        model.backout_lambda.fill_(0.0)
+        for lam, v in ((model.resid_lambdas, 1.0), (model.x0_lambdas, 0.0), (model.smear_lambda, 0.0),
+                       (model.backout_lambda, 0.0)):
+            lam.fill_(v)
         model.transformer.wte.weight.zero_()[:c.vocab_size].copy_(ours.transformer.wte.weight)
         model.lm_head.weight.zero_()[:c.vocab_size].copy_(ours.lm_head.weight)
         for mine, theirs in zip(ours.transformer.h, model.transformer.h):
             for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
                 theirs.get_submodule(name).weight.copy_(mine.get_submodule(name).weight)
-        model.cos = ours.cos[None, :, None, :].to(dtype)
-        model.sin = ours.sin[None, :, None, :].to(dtype)
+        model.cos, model.sin = ours.cos[None, :, None, :].to(dtype), ours.sin[None, :, None, :].to(dtype)
         model.to(dtype)  # its Linear casts weights to the activation dtype each call: store them in it already
     if not getattr(fa.flash_attn, "_plain_scale", False):
         # q and k are both scaled by 1.2 after the QK norm: divide q by 1.44 so the logits are q.k / sqrt(D), ours.
@@ -137,14 +112,14 @@ def peer_model(nanochat, ours):
         fa.flash_attn.flash_attn_with_kvcache = lambda q, *a, **k: kv(q / 1.44, *a, **k)
         fa.flash_attn.flash_attn_func = lambda q, *a, **k: func(q / 1.44, *a, **k)
         fa.flash_attn._plain_scale = True
-    return model.eval()
+    return nanochat.engine.Engine, model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Timed runs
 
 class _StampedQueue(queue.Queue):
-    """A request's event queue that records when each token column was produced."""
+    """A request's event queue that records when each token column was produced (wall and process time)."""
 
     def __init__(self):
         super().__init__()
@@ -157,24 +132,9 @@ class _StampedQueue(queue.Queue):
         super().put(item, *args, **kwargs)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _summary(t0, t_end, cpu0, cpu_end, streams, num_samples, kv_bytes):
-    """streams: per request (submit time, [column times], [column process times], first sample's tokens) -> the
-    row's metrics. Process (CPU) times are what a loaded machine disturbs least."""
-    n_tok = sum(len(times) for _, times, _, _ in streams) * num_samples
-    decode_s = _union([(times[0], times[-1]) for _, times, _, _ in streams])  # requests may overlap (batched)
-    decode_tok = sum(len(times) - 1 for _, times, _, _ in streams) * num_samples
-    gaps = [b - a for _, times, _, _ in streams for a, b in zip(times, times[1:])]
-    return dict(wall_s=t_end - t0, decode_s=decode_s, tok_s=n_tok / (t_end - t0),
-                cpu_s=cpu_end - cpu0, decode_cpu_s=_union([(cpu[0], cpu[-1]) for _, _, cpu, _ in streams]),
-                decode_tok_s=decode_tok / decode_s if decode_s > 0 else None,
-                ttft_ms=1e3 * statistics.mean(times[0] - ts for ts, times, _, _ in streams),
-                itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20,
-                tokens=[toks for _, _, _, toks in streams])
+def _clocks():
+    harness._sync()
+    return time.perf_counter(), time.process_time()
 
 
 def _union(intervals):
@@ -186,71 +146,67 @@ def _union(intervals):
     return total
 
 
+def _summary(start, end, streams, num_samples, kv_bytes):
+    """start, end: (wall, process) clocks; streams: per request (submit time, [column times], [column process times],
+    first sample's tokens) -> the row's metrics. Process (CPU) times are what a loaded machine disturbs least."""
+    (t0, cpu0), (t_end, cpu_end) = start, end
+    decode_s = _union([(times[0], times[-1]) for _, times, _, _ in streams])  # requests may overlap (batched)
+    decode_tok = sum(len(times) - 1 for _, times, _, _ in streams) * num_samples
+    gaps = [b - a for _, times, _, _ in streams for a, b in zip(times, times[1:])]
+    return dict(wall_s=t_end - t0, decode_s=decode_s,
+                tok_s=sum(len(times) for _, times, _, _ in streams) * num_samples / (t_end - t0),
+                cpu_s=cpu_end - cpu0, decode_cpu_s=_union([(cpu[0], cpu[-1]) for _, _, cpu, _ in streams]),
+                decode_tok_s=decode_tok / decode_s if decode_s > 0 else None,
+                ttft_ms=1e3 * statistics.mean(times[0] - ts for ts, times, _, _ in streams),
+                itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20,
+                tokens=[toks for _, _, _, toks in streams])
+
+
 def run_ours(engine, prompts, num_samples, max_tokens):
     """All prompts submitted at once and stepped until done (continuous batching)."""
     cache = engine.cache
-    _sync(engine.device)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    reqs = []
+    start, reqs = _clocks(), []
     for i, p in enumerate(prompts):
         r = engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i)
         r.events = _StampedQueue()
         reqs.append((time.perf_counter(), r))
-    bytes_per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
-    peak = 0
+    bytes_per_block, peak = 2 * cache.k[:, 0].numel() * cache.k.element_size(), 0
     while engine.has_work():
         engine.step()
         # pages in use, plus the dense rows of the eager path (each row as long as the longest one)
         rows = 0 if cache.row_k is None else 2 * len(cache.rows) * cache.row_k[:, 0].numel() * cache.k.element_size()
         peak = max(peak, (cache.num_blocks - cache.num_free()) * bytes_per_block + rows)
-    _sync(engine.device)
-    t_end, cpu_end = time.perf_counter(), time.process_time()
-    return _summary(t0, t_end, cpu0, cpu_end,
-                    [(ts, r.events.stamps, r.events.cpu_stamps, r.completions[0]) for ts, r in reqs], num_samples,
-                    peak)
+    streams = [(ts, r.events.stamps, r.events.cpu_stamps, r.completions[0]) for ts, r in reqs]
+    return _summary(start, _clocks(), streams, num_samples, peak)
 
 
 def run_peer(engine, prompts, num_samples, max_tokens):
     """nanochat's Engine.generate, one prompt after another (it takes one prompt per call)."""
-    device = engine.model.get_device()
-    c = engine.model.config
-    _sync(device)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    streams = []
+    c, start, streams = engine.model.config, _clocks(), []
     for i, p in enumerate(prompts):
-        ts, times, cpu, toks = t0, [], [], []  # all prompts arrive at t0: the later ones wait for the earlier ones
+        times, cpu, toks = [], [], []  # all prompts arrive at start: the later ones wait for the earlier ones
         for col, _ in engine.generate(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i):
             times.append(time.perf_counter())
             cpu.append(time.process_time())
             toks.append(col[0])
             if len(toks) == max_tokens:  # stop here: its loop would run one more forward before it notices
                 break
-        streams.append((ts, times, cpu, toks))
-    _sync(device)
-    t_end, cpu_end = time.perf_counter(), time.process_time()
-    head_dim = c.n_embd // c.n_head
-    per_token = 2 * c.n_layer * c.n_kv_head * head_dim * engine.model.cos.element_size()
+        streams.append((start[0], times, cpu, toks))
+    end = _clocks()
+    per_token = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * engine.model.cos.element_size()
     kv_bytes = per_token * (num_samples * (len(prompts[-1]) + max_tokens) + len(prompts[-1]))
-    return _summary(t0, t_end, cpu0, cpu_end, streams, num_samples, kv_bytes)
+    return _summary(start, end, streams, num_samples, kv_bytes)
 
 
-def _agree(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n / max(len(a), 1)
-
-
-def _peak_mb(fn, device):
-    if device.type != "cuda":
+def _peak_mb(fn):
+    """(fn(), the CUDA allocator's peak in MB above what was allocated before; None on CPU)."""
+    if not harness.on_gpu():
         return fn(), None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    harness._sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     out = fn()
-    return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return out, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_len=64, max_tokens=128, depth=4,
@@ -260,36 +216,32 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
         torch.set_num_threads(threads)
     device = torch.device("cuda" if harness.on_gpu() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quick:
-        reps = min(reps, 2)
-    model = build_model(depth, head_dim, vocab, seq_len, device, dtype)
-    tok = _Tokenizer(vocab)
+    reps = min(reps, 2) if quick else reps
+    model, tok = build_model(depth, head_dim, vocab, seq_len, device, dtype), _Tokenizer(vocab)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
     many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
     cases = [(dict(samples=n), [prompt], n) for n in samples] + [(dict(prompts=n_prompts), many, 1)]
 
-    providers = {}  # name -> (mode, runner(prompts, num_samples))
-    ours = Engine(model, tok, prefix_caching=False)  # every run prefills its prompt, as nanochat's
-    providers["ours-eager"] = ("eager", lambda ps, n: run_ours(ours, ps, n, max_tokens))
+    # name -> (kernel mode, runner, engine); every run prefills its prompt, as nanochat's
+    ours = Engine(model, tok, prefix_caching=False)
+    providers = {"ours-eager": ("eager", run_ours, ours)}
     if device.type == "cuda":
-        providers["ours-fused"] = ("fused", lambda ps, n: run_ours(ours, ps, n, max_tokens))
-        graphs = Engine(model, tok, prefix_caching=False, cuda_graphs=True)
-        providers["ours-fused-graphs"] = ("fused", lambda ps, n: run_ours(graphs, ps, n, max_tokens))
+        providers["ours-fused"] = ("fused", run_ours, ours)
+        providers["ours-fused-graphs"] = ("fused", run_ours, Engine(model, tok, prefix_caching=False, cuda_graphs=True))
     if peer:
-        nanochat = load_peer(peer)
-        theirs = nanochat.engine.Engine(peer_model(nanochat, model), tok)
-        providers["nanochat"] = ("eager", lambda ps, n: run_peer(theirs, ps, n, max_tokens))
+        peer_engine, peer_gpt = peer_model(peer, model)
+        providers["nanochat"] = ("eager", run_peer, peer_engine(peer_gpt, tok))
 
     results = {}  # (case index, provider) -> list of runs
     old_mode = kernels.get_mode()
     try:
         for rep in range(reps + 1):  # rep 0 warms up (allocations, kernel compiles) and is dropped
             for ci, (case, ps, n) in enumerate(cases):
-                for name, (mode, fn) in providers.items():
+                for name, (mode, runner, engine) in providers.items():
                     kernels.set_mode(mode)
                     with torch.inference_mode():
-                        out, peak = _peak_mb(lambda: fn(ps, n), device)
+                        out, peak = _peak_mb(lambda: runner(engine, ps, n, max_tokens))
                     out["peak_mb"] = peak
                     if rep:
                         results.setdefault((ci, name), []).append(out)
@@ -301,18 +253,19 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     rows = []
     for ci, (case, ps, n) in enumerate(cases):
         ref = results.get((ci, "nanochat"))
+        wall, cpu = ("decode_s", "decode_cpu_s") if "samples" in case else ("wall_s", "cpu_s")
         for name in providers:
             runs = results[(ci, name)]
             med = lambda key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
-            ms = 1e3 * (med("decode_s") if "samples" in case else med("wall_s"))
-            cpu_ms = 1e3 * (med("decode_cpu_s") if "samples" in case else med("cpu_s"))
-            extra = dict(cpu_ms=cpu_ms, decode_tok_s=med("decode_tok_s"), tok_s=med("tok_s"), ttft_ms=med("ttft_ms"),
-                         itl_ms=med("itl_ms"), kv_mb=med("kv_mb"), reps=len(runs),
-                         ms_all=[round(1e3 * (r["decode_s"] if "samples" in case else r["wall_s"]), 2) for r in runs])
-            if ref and name != "nanochat":
-                extra["agree"] = _agree(runs[-1]["tokens"][0], ref[-1]["tokens"][0])
-            rows.append(harness.row(SUITE, dict(case, prompt_len=prompt_len, new=max_tokens), name, "decode", ms,
-                                    peak_mb=med("peak_mb"), **extra))
+            extra = dict(cpu_ms=1e3 * med(cpu), decode_tok_s=med("decode_tok_s"), tok_s=med("tok_s"),
+                         ttft_ms=med("ttft_ms"), itl_ms=med("itl_ms"), kv_mb=med("kv_mb"), reps=len(runs),
+                         ms_all=[round(1e3 * r[wall], 2) for r in runs])
+            if ref and name != "nanochat":  # the share of the first sample's tokens before the first difference
+                a, b = runs[-1]["tokens"][0], ref[-1]["tokens"][0]
+                same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                extra["agree"] = same / max(len(a), 1)
+            rows.append(harness.row(SUITE, dict(case, prompt_len=prompt_len, new=max_tokens), name, "decode",
+                                    1e3 * med(wall), peak_mb=med("peak_mb"), **extra))
     if device.type != "cuda":
         for name in ("ours-fused", "ours-fused-graphs"):
             rows.append(harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
