@@ -1,30 +1,24 @@
 //! rustbpe: a fast byte-level BPE trainer for tritonchat, in the spirit of nanochat's rustbpe.
 //!
-//! Training in three steps:
-//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings. For each batch the GIL is
-//!    released and rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2 as nanochat) and
-//!    counts the chunks in per-thread maps that are then reduced into one map chunk -> count. The default pattern
-//!    runs through a hand-written scanner (`gpt4_chunk_end`) that is equivalent to the regex and several times
-//!    faster than fancy-regex's backtracking VM (tests compare both on random Unicode); any other pattern goes
+//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings. For each batch the GIL is released
+//!    and rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2, as nanochat) and counts the chunks.
+//!    The default pattern runs through a hand-written scanner (`gpt4_chunk_end`), equivalent to the regex and several
+//!    times faster than fancy-regex's backtracking VM (tests compare both on random Unicode); any other pattern goes
 //!    through fancy-regex.
-//! 2. Count pairs once: every unique chunk becomes a word (its bytes as token ids 0..255). Adjacent pairs are
-//!    counted in parallel (weighted by the chunk count), and for every pair we remember the set of words that
-//!    contain it.
-//! 3. Merge with incremental updates: a max-heap of (count, pair) with lazy invalidation. Pop the top; if its
-//!    count is stale (the pair's current count is lower), push it back with the current count and pop again.
-//!    Merging pair p into a new token only visits the words listed for p, rewrites them, and applies the exact
-//!    pair-count deltas (-1 for every pair destroyed, +1 for every pair created, times the word's count). The
-//!    corpus is never recounted.
+//! 2. Count pairs once: every unique chunk becomes a word (its bytes as token ids 0..255). Adjacent pairs are counted
+//!    in parallel (weighted by the chunk count), remembering for every pair the words that contain it.
+//! 3. Merge with incremental updates: a max-heap of (count, pair) with lazy invalidation: a popped entry whose count is
+//!    stale is pushed back with the current count. Merging pair p into a new token only rewrites the words listed for
+//!    p and applies the exact pair-count deltas (-1 per pair destroyed, +1 per pair created, times the word's count);
+//!    the corpus is never recounted.
 //!
-//! Tie-break rule (the pure-Python reference trainer in tests/test_rustbpe.py follows it exactly): the pair with
-//! the highest count wins; among equal counts, the lexicographically smallest pair of token ids (left, right).
-//! Why lazy invalidation is exact: a pair's count can only grow in the merge that creates one of its tokens (pairs
-//! containing the new token); we push those after the merge with their final count, so every heap entry is an
-//! upper bound of its pair's current count, and an entry that is current when popped is a true maximum.
-//!
-//! Determinism: counting is a commutative sum and the merge loop is sequential, so the result does not depend on
-//! the number of threads or on hash-map order.
-use std::cmp::Ordering;
+//! Tie-break rule (the pure-Python reference trainer in tests/test_rustbpe.py follows it exactly): the highest count
+//! wins; among equal counts, the lexicographically smallest pair of token ids (left, right). Lazy invalidation is
+//! exact: a pair's count only grows in the merge that creates one of its tokens, after which it is pushed with its
+//! final count, so every heap entry is an upper bound of its pair's count and an entry current when popped is a true
+//! maximum. Determinism: counting is a commutative sum and the merge loop is sequential, so the result depends neither
+//! on the number of threads nor on hash-map order.
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use ahash::AHashMap;
@@ -35,39 +29,21 @@ use pyo3::types::{PyBytes, PyString};
 use rayon::prelude::*;
 
 /// GPT-4's split pattern with numbers in groups of 1-2 (nanochat), instead of 1-3.
-pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const GPT4_PATTERN: &str =
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 const MAX_VOCAB: i64 = 1 << 24;
 
 type Pair = (u32, u32);
 
-/// A heap entry: a pair, its count when pushed, and the words that may contain it (a superset: words that lost
-/// the pair are simply skipped when merging). Ordered by count, then by the smaller pair, so `BinaryHeap::pop`
-/// follows the tie-break rule; the word set travels with the entry, so no global pair -> words map is needed.
+/// A heap entry: a pair's count when pushed, the pair (reversed: among equal counts the smaller pair pops first) and
+/// the words that may contain it (a superset: words that lost the pair are skipped when merging), so no global
+/// pair -> words map is needed. A pair has at most one entry, so the derived order never compares `words`.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Entry {
     count: i64,
-    pair: Pair,
+    pair: Reverse<Pair>,
     words: Vec<u32>,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.count == other.count && self.pair == other.pair
-    }
-}
-
-impl Eq for Entry {}
-
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
-    }
-}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
 }
 
 /// Rewrite `ids` with every non-overlapping occurrence of `pair` (left to right) replaced by `new_id`; push the pair
@@ -132,15 +108,14 @@ fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Ve
                     *pc.entry(p).or_insert(0) += c;
                 }
                 for (p, list) in pw2 {
-                    pw.entry(p).or_insert_with(Vec::new).extend(list);
+                    pw.entry(p).or_default().extend(list);
                 }
                 (pc, pw)
             },
         );
-
     let mut heap: BinaryHeap<Entry> = pair_words
         .into_iter()
-        .map(|(pair, words)| Entry { count: pair_counts[&pair], pair, words })
+        .map(|(pair, words)| Entry { count: pair_counts[&pair], pair: Reverse(pair), words })
         .collect();
 
     let mut merges: Vec<Pair> = Vec::with_capacity(num_merges);
@@ -150,16 +125,16 @@ fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Ve
             Some(top) => top,
             None => break,
         };
-        let current = pair_counts.get(&top.pair).copied().unwrap_or(0);
-        if current <= 0 {
-            continue; // the pair disappeared
-        }
+        let pair = top.pair.0;
+        // Every entry is pushed with a count > 0; a lower current count is stale: re-queue it (or drop the pair).
+        let current = pair_counts.get(&pair).copied().unwrap_or(0);
         if current != top.count {
-            top.count = current; // stale: re-queue with the current count
-            heap.push(top);
+            if current > 0 {
+                top.count = current;
+                heap.push(top);
+            }
             continue;
         }
-        let pair = top.pair;
         let new_id = 256 + merges.len() as u32;
         merges.push(pair);
 
@@ -184,30 +159,24 @@ fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Ve
         for (p, words) in new_pairs {
             let c = pair_counts.get(&p).copied().unwrap_or(0);
             if c > 0 {
-                heap.push(Entry { count: c, pair: p, words });
+                heap.push(Entry { count: c, pair: Reverse(p), words });
             }
         }
     }
     merges
 }
 
-/// Character classes of the GPT-4 pattern, taken from regex-syntax's Unicode tables (the ones fancy-regex uses),
-/// so the scanner and the regex agree character for character.
-struct Classes {
-    letter: Vec<(char, char)>,
-    number: Vec<(char, char)>,
-    space: Vec<(char, char)>,
-    sdmt: Vec<(char, char)>, // (?i:[sdmt]) includes U+017F (long s)
-    l: Vec<(char, char)>,
-    v: Vec<(char, char)>,
-    e: Vec<(char, char)>,
-    r: Vec<(char, char)>,
-    ascii: [u8; 128],
-}
-
 const LET: u8 = 1;
 const NUM: u8 = 2;
 const SPC: u8 = 4;
+
+/// Character classes of the GPT-4 pattern, taken from regex-syntax's Unicode tables (the ones fancy-regex uses),
+/// so the scanner and the regex agree character for character.
+struct Classes {
+    ranges: [Vec<(char, char)>; 3], // \p{L}, \p{N}, \s: the flags LET, NUM, SPC
+    folds: Vec<(char, char)>,       // every character of (?i:[sdmtlvre]) -> its ASCII letter (U+017F long s -> s)
+    ascii: [u8; 128],
+}
 
 fn class_ranges(class: &str) -> Vec<(char, char)> {
     use regex_syntax::hir::{Class, Hir, HirKind, Literal};
@@ -222,33 +191,15 @@ fn class_ranges(class: &str) -> Vec<(char, char)> {
     ranges(&regex_syntax::Parser::new().parse(class).expect("fixed character class"))
 }
 
-fn in_ranges(ranges: &[(char, char)], c: char) -> bool {
-    ranges
-        .binary_search_by(|&(lo, hi)| {
-            if hi < c {
-                Ordering::Less
-            } else if lo > c {
-                Ordering::Greater
-            } else {
-                Ordering::Equal
-            }
-        })
-        .is_ok()
-}
-
 impl Classes {
     fn new() -> Self {
-        let mut c = Classes {
-            letter: class_ranges(r"\p{L}"),
-            number: class_ranges(r"\p{N}"),
-            space: class_ranges(r"\s"),
-            sdmt: class_ranges(r"(?i:[sdmt])"),
-            l: class_ranges(r"(?i:[l])"),
-            v: class_ranges(r"(?i:[v])"),
-            e: class_ranges(r"(?i:[e])"),
-            r: class_ranges(r"(?i:[r])"),
-            ascii: [0; 128],
-        };
+        let mut folds = Vec::new();
+        for letter in "sdmtlvre".chars() {
+            for (lo, hi) in class_ranges(&format!("(?i:{letter})")) {
+                folds.extend((lo..=hi).map(|ch| (ch, letter)));
+            }
+        }
+        let mut c = Classes { ranges: [r"\p{L}", r"\p{N}", r"\s"].map(class_ranges), folds, ascii: [0; 128] };
         for b in 0..128u8 {
             c.ascii[b as usize] = c.slow_flags(b as char);
         }
@@ -256,9 +207,9 @@ impl Classes {
     }
 
     fn slow_flags(&self, ch: char) -> u8 {
-        (if in_ranges(&self.letter, ch) { LET } else { 0 })
-            | (if in_ranges(&self.number, ch) { NUM } else { 0 })
-            | (if in_ranges(&self.space, ch) { SPC } else { 0 })
+        // the ranges are sorted and disjoint: the first one not below ch holds it, or none does
+        let has = |r: &[(char, char)]| r.get(r.partition_point(|&(_, hi)| hi < ch)).map_or(false, |&(lo, _)| lo <= ch);
+        (0..3).filter(|&k| has(&self.ranges[k])).fold(0, |f, k| f | 1 << k)
     }
 
     #[inline]
@@ -269,11 +220,28 @@ impl Classes {
             self.slow_flags(ch)
         }
     }
+
+    /// The ASCII letter of (?i:[sdmtlvre]) that `ch` matches, or '\0'.
+    fn fold(&self, ch: char) -> char {
+        self.folds.iter().find(|&&(c, _)| c == ch).map_or('\0', |&(_, letter)| letter)
+    }
 }
 
 #[inline]
 fn char_at(text: &str, i: usize) -> Option<char> {
     text[i..].chars().next()
+}
+
+/// The end of the run of characters from byte `i` whose flags satisfy `keep`.
+#[inline]
+fn run_end(cl: &Classes, text: &str, mut i: usize, keep: impl Fn(u8) -> bool) -> usize {
+    while let Some(ch) = char_at(text, i) {
+        if !keep(cl.flags(ch)) {
+            break;
+        }
+        i += ch.len_utf8();
+    }
+    i
 }
 
 /// End (byte offset) of the GPT-4-pattern match starting at `pos`, alternative by alternative in the regex's
@@ -284,77 +252,44 @@ fn char_at(text: &str, i: usize) -> Option<char> {
 fn gpt4_chunk_end(cl: &Classes, text: &str, pos: usize) -> usize {
     let c = char_at(text, pos).unwrap();
     let after_c = pos + c.len_utf8();
-    let fc = cl.flags(c);
-    let letters_from = |mut i: usize| {
-        while let Some(ch) = char_at(text, i) {
-            if cl.flags(ch) & LET == 0 {
-                break;
-            }
-            i += ch.len_utf8();
-        }
-        i
-    };
+    let (fc, c1) = (cl.flags(c), char_at(text, after_c));
+    let f1 = c1.map(|ch| cl.flags(ch));
     // 1. contractions
-    if c == '\'' {
-        if let Some(c1) = char_at(text, after_c) {
-            let after_c1 = after_c + c1.len_utf8();
-            if in_ranges(&cl.sdmt, c1) {
-                return after_c1;
-            }
-            if let Some(c2) = char_at(text, after_c1) {
-                let two = (in_ranges(&cl.l, c1) && in_ranges(&cl.l, c2))
-                    || (in_ranges(&cl.v, c1) && in_ranges(&cl.e, c2))
-                    || (in_ranges(&cl.r, c1) && in_ranges(&cl.e, c2));
-                if two {
-                    return after_c1 + c2.len_utf8();
-                }
+    if let (Some(c1), '\'') = (c1, c) {
+        let after_c1 = after_c + c1.len_utf8();
+        if "sdmt".contains(cl.fold(c1)) {
+            return after_c1;
+        }
+        if let Some(c2) = char_at(text, after_c1) {
+            if matches!((cl.fold(c1), cl.fold(c2)), ('l', 'l') | ('v', 'e') | ('r', 'e')) {
+                return after_c1 + c2.len_utf8();
             }
         }
     }
     // 2. an optional non-letter/number/CR/LF (possessive) then letters
-    if fc & LET != 0 {
-        return letters_from(after_c);
-    }
-    if fc & NUM == 0 && c != '\r' && c != '\n' {
-        if let Some(c1) = char_at(text, after_c) {
-            if cl.flags(c1) & LET != 0 {
-                return letters_from(after_c);
-            }
-        }
+    let letter = |f: u8| f & LET != 0;
+    if letter(fc) || (fc & NUM == 0 && c != '\r' && c != '\n' && f1.map_or(false, letter)) {
+        return run_end(cl, text, after_c, letter);
     }
     // 3. one or two numbers
     if fc & NUM != 0 {
-        if let Some(c1) = char_at(text, after_c) {
-            if cl.flags(c1) & NUM != 0 {
-                return after_c + c1.len_utf8();
-            }
-        }
-        return after_c;
+        return match c1 {
+            Some(ch) if cl.flags(ch) & NUM != 0 => after_c + ch.len_utf8(),
+            _ => after_c,
+        };
     }
     // 4. an optional space, other characters (possessive), then CR/LF
     let other = |f: u8| f & (LET | NUM | SPC) == 0;
-    let mut start = None;
-    if other(fc) {
-        start = Some(pos);
-    } else if c == ' ' {
-        if let Some(c1) = char_at(text, after_c) {
-            if other(cl.flags(c1)) {
-                start = Some(after_c);
-            }
-        }
-    }
-    if let Some(mut i) = start {
-        while let Some(ch) = char_at(text, i) {
-            if !other(cl.flags(ch)) {
-                break;
-            }
-            i += ch.len_utf8();
-        }
-        let b = text.as_bytes();
-        while i < b.len() && (b[i] == b'\r' || b[i] == b'\n') {
-            i += 1;
-        }
-        return i;
+    let start = if other(fc) {
+        Some(pos)
+    } else if c == ' ' && f1.map_or(false, other) {
+        Some(after_c)
+    } else {
+        None
+    };
+    if let Some(start) = start {
+        let i = run_end(cl, text, start, other);
+        return i + text[i..].bytes().take_while(|&b| b == b'\r' || b == b'\n').count();
     }
     // 5-7. c is whitespace: scan its run, remembering the last CR/LF and the start of the last character
     let (mut i, mut last_crlf, mut last_start) = (pos, None, pos);
@@ -388,11 +323,13 @@ enum Splitter {
 
 impl Splitter {
     fn new(pattern: &str, force_regex: bool) -> PyResult<Splitter> {
-        let re = compile(pattern)?; // validates every pattern, including the default
+        // every pattern is compiled, the default one too, so a bad one fails here with a clear message
+        let re = Regex::new(pattern)
+            .map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))?;
         Ok(if pattern == GPT4_PATTERN && !force_regex { Splitter::Gpt4(Classes::new()) } else { Splitter::Regex(re) })
     }
 
-    fn for_each<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
+    fn for_each<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> PyResult<()> {
         match self {
             Splitter::Gpt4(cl) => {
                 let mut pos = 0;
@@ -404,7 +341,7 @@ impl Splitter {
             }
             Splitter::Regex(re) => {
                 for m in re.find_iter(text) {
-                    f(m.map_err(|e| format!("regex error while splitting text: {e}"))?.as_str());
+                    f(m.map_err(|e| PyValueError::new_err(format!("regex error while splitting text: {e}")))?.as_str());
                 }
             }
         }
@@ -413,7 +350,7 @@ impl Splitter {
 }
 
 /// Split every text and count the chunks (parallel over texts).
-fn count_chunks<'t>(sp: &Splitter, texts: &'t [String]) -> Result<AHashMap<&'t str, i64>, String> {
+fn count_chunks<'t>(sp: &Splitter, texts: &'t [String]) -> PyResult<AHashMap<&'t str, i64>> {
     texts
         .par_iter()
         .try_fold(AHashMap::<&'t str, i64>::new, |mut m, text| {
@@ -429,19 +366,15 @@ fn count_chunks<'t>(sp: &Splitter, texts: &'t [String]) -> Result<AHashMap<&'t s
         })
 }
 
-fn compile(pattern: &str) -> PyResult<Regex> {
-    Regex::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))
-}
-
-fn thread_pool(num_threads: Option<usize>) -> PyResult<rayon::ThreadPool> {
-    let mut builder = rayon::ThreadPoolBuilder::new();
-    if let Some(n) = num_threads {
-        if n == 0 {
-            return Err(PyValueError::new_err("num_threads must be >= 1 (or None for all cores)"));
-        }
-        builder = builder.num_threads(n);
+/// A Python str as UTF-8, the way tiktoken's encoder takes it: a str holding surrogates (legal in Python, not in
+/// UTF-8) goes through UTF-16 with "surrogatepass" and back with "replace", so a surrogate pair becomes its character
+/// and a lone surrogate U+FFFD. Every string the encoder accepts is thus a string the trainer accepts, read the same.
+fn to_utf8(s: &PyString) -> PyResult<String> {
+    if let Ok(text) = s.to_str() {
+        return Ok(text.to_owned());
     }
-    builder.build().map_err(|e| PyValueError::new_err(format!("could not start the thread pool: {e}")))
+    let fixed = s.call_method1("encode", ("utf-16", "surrogatepass"))?.call_method1("decode", ("utf-16", "replace"))?;
+    Ok(fixed.downcast::<PyString>()?.to_str()?.to_owned())
 }
 
 /// A byte-level BPE tokenizer: train it, read its merges as tiktoken mergeable ranks, encode (for checking).
@@ -454,38 +387,11 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    fn splitter(&mut self) -> PyResult<&Splitter> {
-        if self.splitter.is_none() {
-            self.splitter = Some(Splitter::new(&self.pattern, false)?);
-        }
-        Ok(self.splitter.as_ref().unwrap())
-    }
-
-    fn token_bytes(&self) -> Vec<Vec<u8>> {
-        let mut vocab: Vec<Vec<u8>> = (0..256u32).map(|b| vec![b as u8]).collect();
-        for &(a, b) in &self.merges {
-            let mut v = vocab[a as usize].clone();
-            v.extend_from_slice(&vocab[b as usize]);
-            vocab.push(v);
-        }
-        vocab
-    }
-
     fn encode_chunk(&self, chunk: &str, out: &mut Vec<u32>) {
         let mut ids: Vec<u32> = chunk.bytes().map(u32::from).collect();
-        while ids.len() >= 2 {
-            // The lowest-rank (earliest) merge present in the chunk is applied first, as tiktoken does.
-            let best = ids
-                .windows(2)
-                .filter_map(|w| self.ranks.get(&(w[0], w[1])).copied())
-                .min();
-            let new_id = match best {
-                Some(id) => id,
-                None => break,
-            };
-            let pair = self.merges[(new_id - 256) as usize];
-            let mut scratch = Vec::new();
-            merge_word(&mut ids, pair, new_id, &mut scratch);
+        // The lowest-rank (earliest) merge present in the chunk is applied first, as tiktoken does.
+        while let Some(new_id) = ids.windows(2).filter_map(|w| self.ranks.get(&(w[0], w[1])).copied()).min() {
+            merge_word(&mut ids, self.merges[(new_id - 256) as usize], new_id, &mut Vec::new());
         }
         out.extend_from_slice(&ids);
     }
@@ -513,67 +419,54 @@ impl Tokenizer {
         num_threads: Option<usize>,
     ) -> PyResult<()> {
         if !(256..=MAX_VOCAB).contains(&vocab_size) {
-            return Err(PyValueError::new_err(format!(
-                "vocab_size must be in [256, 2**24 = {MAX_VOCAB}], got {vocab_size}"
-            )));
+            let msg = format!("vocab_size must be in [256, 2**24 = {MAX_VOCAB}], got {vocab_size}");
+            return Err(PyValueError::new_err(msg));
         }
         if buffer_size < 1 {
             return Err(PyValueError::new_err(format!("buffer_size must be >= 1, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN.to_string());
         let sp = Splitter::new(&pattern, false)?;
-        let pool = thread_pool(num_threads)?;
+        if num_threads == Some(0) {
+            return Err(PyValueError::new_err("num_threads must be >= 1 (or None for all cores)"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new() // 0 threads: rayon picks (all cores)
+            .num_threads(num_threads.unwrap_or(0))
+            .build()
+            .map_err(|e| PyValueError::new_err(format!("could not start the thread pool: {e}")))?;
 
         // 1. Stream the iterator in batches; count chunks with the GIL released.
+        let type_name = |o: &PyAny| o.get_type().name().unwrap_or("?").to_string();
+        let mut items = iterator.iter().map_err(|_| {
+            PyTypeError::new_err(format!("train_from_iterator expects an iterable of str, got {}", type_name(iterator)))
+        })?;
         let mut counts: AHashMap<String, i64> = AHashMap::new();
         let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16) as usize); // huge sizes: grow
         let mut index: usize = 0;
-        let mut items = iterator.iter().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "train_from_iterator expects an iterable of str, got {}",
-                iterator.get_type().name().unwrap_or("?")
-            ))
-        })?;
         loop {
             batch.clear();
-            let mut exhausted = false;
-            while batch.len() < buffer_size as usize {
-                match items.next() {
-                    None => {
-                        exhausted = true;
-                        break;
-                    }
-                    Some(item) => {
-                        let item = item?;
-                        let s = item.downcast::<PyString>().map_err(|_| {
-                            PyTypeError::new_err(format!(
-                                "train_from_iterator: item {index} is {}, expected str",
-                                item.get_type().name().unwrap_or("?")
-                            ))
-                        })?;
-                        batch.push(to_utf8(s)?);
-                        index += 1;
-                    }
-                }
+            for item in items.by_ref().take(buffer_size as usize) {
+                let item = item?;
+                let s = item.downcast::<PyString>().map_err(|_| {
+                    let msg = format!("train_from_iterator: item {index} is {}, expected str", type_name(item));
+                    PyTypeError::new_err(msg)
+                })?;
+                batch.push(to_utf8(s)?);
+                index += 1;
             }
-            if !batch.is_empty() {
-                let (sp, batch_ref, counts_ref, pool) = (&sp, &batch, &mut counts, &pool);
-                py.allow_threads(move || -> Result<(), String> {
-                    let local = pool.install(|| count_chunks(sp, batch_ref))?;
-                    for (k, v) in local {
-                        match counts_ref.get_mut(k) {
-                            Some(c) => *c += v,
-                            None => {
-                                counts_ref.insert(k.to_owned(), v);
-                            }
+            py.allow_threads(|| -> PyResult<()> {
+                for (k, v) in pool.install(|| count_chunks(&sp, &batch))? {
+                    match counts.get_mut(k) {
+                        Some(c) => *c += v,
+                        None => {
+                            counts.insert(k.to_owned(), v);
                         }
                     }
-                    Ok(())
-                })
-                .map_err(PyValueError::new_err)?;
-            }
-            if exhausted {
-                break;
+                }
+                Ok(())
+            })?;
+            if batch.len() < buffer_size as usize {
+                break; // the iterator is exhausted
             }
         }
         drop(batch);
@@ -584,9 +477,8 @@ impl Tokenizer {
             pool.install(|| {
                 let mut chunks: Vec<(String, i64)> = counts.into_iter().collect();
                 chunks.sort_unstable(); // a fixed word order, so runs are reproducible to the last detail
-                let mut words: Vec<Vec<u32>> = chunks.iter().map(|(s, _)| s.bytes().map(u32::from).collect()).collect();
-                let wcounts: Vec<i64> = chunks.iter().map(|(_, c)| *c).collect();
-                drop(chunks);
+                let (mut words, wcounts): (Vec<Vec<u32>>, Vec<i64>) =
+                    chunks.into_iter().map(|(s, c)| (s.bytes().map(u32::from).collect(), c)).unzip();
                 train_merges(&mut words, &wcounts, num_merges)
             })
         });
@@ -604,11 +496,12 @@ impl Tokenizer {
 
     /// [(token bytes, rank)] for all 256 + len(merges) tokens, in rank order: feed to tiktoken.Encoding.
     fn get_mergeable_ranks(&self, py: Python<'_>) -> Vec<(PyObject, u32)> {
-        self.token_bytes()
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| (PyBytes::new(py, &b).into(), i as u32))
-            .collect()
+        let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for &(a, b) in &self.merges {
+            let token = [vocab[a as usize].as_slice(), vocab[b as usize].as_slice()].concat();
+            vocab.push(token);
+        }
+        vocab.iter().enumerate().map(|(i, b)| (PyBytes::new(py, b).into(), i as u32)).collect()
     }
 
     /// [(left id, right id)] in merge order; merge k created token 256 + k.
@@ -624,28 +517,13 @@ impl Tokenizer {
     /// Encode one string (split with the pattern, then apply merges in rank order). Slow path for checking;
     /// use tiktoken for real encoding.
     fn encode(&mut self, text: &str) -> PyResult<Vec<u32>> {
-        let chunks: Vec<String> = {
-            let mut v = Vec::new();
-            self.splitter()?.for_each(text, |c| v.push(c.to_owned())).map_err(PyValueError::new_err)?;
-            v
-        };
-        let mut out = Vec::with_capacity(text.len());
-        for c in &chunks {
-            self.encode_chunk(c, &mut out);
+        if self.splitter.is_none() {
+            self.splitter = Some(Splitter::new(&self.pattern, false)?);
         }
+        let mut out = Vec::with_capacity(text.len());
+        self.splitter.as_ref().unwrap().for_each(text, |chunk| self.encode_chunk(chunk, &mut out))?;
         Ok(out)
     }
-}
-
-/// A Python str as UTF-8, the way tiktoken's encoder takes it: a str holding surrogates (legal in Python, not in
-/// UTF-8) goes through UTF-16 with "surrogatepass" and back with "replace", so a surrogate pair becomes its character
-/// and a lone surrogate U+FFFD. Every string the encoder accepts is thus a string the trainer accepts, read the same.
-fn to_utf8(s: &PyString) -> PyResult<String> {
-    if let Ok(text) = s.to_str() {
-        return Ok(text.to_owned());
-    }
-    let fixed = s.call_method1("encode", ("utf-16", "surrogatepass"))?.call_method1("decode", ("utf-16", "replace"))?;
-    Ok(fixed.downcast::<PyString>()?.to_str()?.to_owned())
 }
 
 /// Split each text into chunks with `pattern` (default: GPT-4's, through the hand-written scanner unless
@@ -655,13 +533,11 @@ fn to_utf8(s: &PyString) -> PyResult<String> {
 fn split_texts(texts: Vec<&PyString>, pattern: Option<&str>, force_regex: bool) -> PyResult<Vec<Vec<String>>> {
     let sp = Splitter::new(pattern.unwrap_or(GPT4_PATTERN), force_regex)?;
     let texts = texts.into_iter().map(to_utf8).collect::<PyResult<Vec<String>>>()?;
-    let mut out = Vec::with_capacity(texts.len());
-    for text in &texts {
+    let split = |text: &String| {
         let mut chunks = Vec::new();
-        sp.for_each(text, |c| chunks.push(c.to_owned())).map_err(PyValueError::new_err)?;
-        out.push(chunks);
-    }
-    Ok(out)
+        sp.for_each(text, |c| chunks.push(c.to_owned())).map(|_| chunks)
+    };
+    texts.iter().map(split).collect()
 }
 
 #[pymodule]
