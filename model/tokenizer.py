@@ -7,15 +7,14 @@
     ids, mask = tok.render_conversation(conversation)   # chat format with the loss mask (1 = learn this token)
 
 Vocabulary: ids 0..255 are the raw bytes, then the learned merges in order (rank = id), then the 9 special tokens.
-`vocab_size` counts all of them, so `Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the
-corpus runs out of pairs: check `tok.vocab_size`).
+`vocab_size` counts all of them: `Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the corpus
+runs out of pairs: check `tok.vocab_size`).
 
-Chat format (as nanochat): <|bos|> then for each turn <|user_start|> text <|user_end|> or
-<|assistant_start|> parts <|assistant_end|>; an assistant part is plain text, a tool call
-<|python_start|> code <|python_end|>, or the tool's answer <|output_start|> output <|output_end|>. A system message
-(only as the first message) is merged into the first user message. Mask: 1 on every assistant token the model must
-produce (text, python calls with their delimiters, <|assistant_end|>), 0 on <|assistant_start|>, on tool outputs with
-their delimiters (the engine forces those), and on everything else.
+Chat format (as nanochat): <|bos|> then per turn <|user_start|> text <|user_end|> or <|assistant_start|> parts
+<|assistant_end|>; an assistant part is plain text, a tool call <|python_start|> code <|python_end|>, or the tool's
+answer <|output_start|> output <|output_end|>. A system message (only first) is merged into the first user message.
+Mask: 1 on every assistant token the model must produce (text, python calls with their delimiters, <|assistant_end|>),
+0 on <|assistant_start|>, on tool outputs with their delimiters (the engine forces those), and on everything else.
 """
 import base64
 import copy
@@ -81,9 +80,9 @@ class Tokenizer:
     @classmethod
     def load(cls, directory):
         ranks_path, meta_path = os.path.join(directory, RANKS_FILE), os.path.join(directory, META_FILE)
-        for p in (ranks_path, meta_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"no tokenizer at {directory} ({os.path.basename(p)} missing); "
+        for name in (RANKS_FILE, META_FILE):
+            if not os.path.exists(os.path.join(directory, name)):
+                raise FileNotFoundError(f"no tokenizer at {directory} ({name} missing); "
                                         f"train one with `python -m train.tokenizer`")
         with open(meta_path) as f:
             meta = json.load(f)
@@ -109,9 +108,6 @@ class Tokenizer:
     def vocab_size(self):
         return self.enc.n_vocab
 
-    def get_vocab_size(self):
-        return self.vocab_size
-
     def get_bos_token_id(self):
         return self.bos_token_id
 
@@ -120,38 +116,21 @@ class Tokenizer:
             raise ValueError(f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}")
         return self.special_tokens[name]
 
-    def _token_id(self, tok):
-        return self.encode_special(tok) if isinstance(tok, str) else int(tok)
-
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """str -> list[int]; list[str] -> list[list[int]] (tiktoken's threaded batch). Special-token text in the
         input is encoded as ordinary text, never as the special token. prepend/append: a token id or special name."""
-        pre = None if prepend is None else self._token_id(prepend)
-        post = None if append is None else self._token_id(append)
+        pre, post = ([] if t is None else [self.encode_special(t) if isinstance(t, str) else int(t)]
+                     for t in (prepend, append))
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
+            return pre + self.enc.encode_ordinary(text) + post
         if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
-        batch = self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
-        if pre is not None:
-            batch = [[pre] + ids for ids in batch]
-        if post is not None:
-            for ids in batch:
-                ids.append(post)
-        return batch
+        return [pre + ids + post for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     __call__ = encode
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
-
-    def id_to_token(self, i):
-        return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
 
     def token_bytes(self):
         """list[int] (vocab_size,): the exact byte length of every token (0 for special tokens); for bits per byte.
@@ -160,9 +139,6 @@ class Tokenizer:
         return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
 
     # ------------------------------------------------------------------------------------------------ conversations
-    def _messages(self, conversation):
-        return conversation_messages(conversation)
-
     def render_conversation(self, conversation, max_tokens=2048):
         """-> (ids, mask), both lists of the same length, truncated to max_tokens (None: no limit)."""
         ids, mask = [self.bos_token_id], [0]
@@ -172,7 +148,7 @@ class Tokenizer:
             mask.extend([m] * len(tokens))
 
         sp = self.special_tokens
-        for m in self._messages(conversation):
+        for m in conversation_messages(conversation):
             if m["role"] == "user":
                 add([sp["<|user_start|>"]] + self.encode(_text(m["content"])) + [sp["<|user_end|>"]], 0)
                 continue
@@ -194,7 +170,7 @@ class Tokenizer:
     def render_for_completion(self, conversation):
         """Prompt ids for the engine: the conversation (without its last message if that is the assistant's
         answer, as nanochat does for RL) followed by <|assistant_start|>. Must then end with a user turn."""
-        messages = self._messages(conversation)
+        messages = conversation_messages(conversation)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:
@@ -211,9 +187,9 @@ def conversation_messages(conversation):
     messages hold python / python_output parts); a system message only first and followed by a user message; then
     turns alternating user, assistant, user, ... Needs no tokenizer: task loaders check their rows with it."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError('a conversation must be a dict {"messages": [...]}, got '
-                         f"{type(conversation).__name__}" + (f" with keys {list(conversation)}"
-                                                             if isinstance(conversation, dict) else ""))
+        keys = f" with keys {list(conversation)}" if isinstance(conversation, dict) else ""
+        raise ValueError(f'a conversation must be a dict {{"messages": [...]}}, got {type(conversation).__name__}'
+                         f"{keys}")
     messages = conversation["messages"]
     if not messages:
         raise ValueError("a conversation needs at least one message")
@@ -234,8 +210,7 @@ def conversation_messages(conversation):
                 if m["role"] != "assistant" and part["type"] != "text":
                     raise ValueError(f"message {i} part {j}: only assistant messages hold {part['type']} parts")
         elif not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a str or a list of parts, "
-                             f"got {type(content).__name__}")
+            raise ValueError(f"message {i}: content must be a str or a list of parts, got {type(content).__name__}")
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")
@@ -243,10 +218,10 @@ def conversation_messages(conversation):
         merged["content"] = _text(messages[0]["content"]) + "\n\n" + _text(merged["content"])
         messages = [merged] + messages[2:]
     for i, m in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
+        expected = ("user", "assistant")[i % 2]
+        if m["role"] == "system":
+            raise ValueError(f"message {i}: a system message may only come first")
         if m["role"] != expected:
-            if m["role"] == "system":
-                raise ValueError(f"message {i}: a system message may only come first")
             raise ValueError(f"message {i} (after merging a system message) has role {m['role']!r}, expected "
                              f"{expected!r}: turns alternate user, assistant, user, ...")
     return messages
@@ -281,9 +256,8 @@ class IncrementalDecoder:
         """Append one token id; returns the newly completed text (possibly "")."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # maybe a character still missing bytes: wait for the next token
-            return ""
-        return self._take(text)
+        # a trailing U+FFFD may be a character still missing bytes: wait for the next token
+        return "" if text.endswith("\ufffd") else self._take(text)
 
     def flush(self):
         """Everything not yet handed out, incomplete characters included."""
