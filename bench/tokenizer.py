@@ -3,15 +3,12 @@
     python -m bench.tokenizer            # full: whole embedded corpus, vocab 65536 and 8192 (a few CPU minutes)
     python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
 
-Training (same corpus, same split pattern, same vocab size incl. the 256 bytes; the median of a few runs, timed
-around the training call only):
-  "ours"          rustbpe from this repository (rustbpe/src/lib.rs)
-  "pypi_rustbpe"  the `rustbpe` package from PyPI (nanochat's), installed as a wheel only (`pip install
-                  --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no build code of an
-                  sdist runs, and the folder is the user's own, not a shared /tmp one that anyone could fill);
-                  ours is the module `tritonchat_rustbpe`, so both run in this process; skipped with a note when
-                  it cannot be installed.
-  "hf_tokenizers" HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
+Training (same corpus, split pattern and vocab size incl. the 256 bytes; the median of a few runs, timed around the
+training call only): "ours" is rustbpe from this repository (module `tritonchat_rustbpe`); "pypi_rustbpe" is the
+`rustbpe` package from PyPI (nanochat's), installed as a wheel only (`pip install --only-binary :all: --target
+$TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no sdist build code runs, and the folder is the user's own, not a shared
+/tmp one anyone could fill), so both run in this process, skipped with a note when it cannot be installed;
+"hf_tokenizers" is HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
 Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long
 string ("encode") and the list of documents in threads ("encode_batch"). Compression: bytes per token on the held-out
 play. Tokenizer training is CPU work, so unlike the kernel suites the full run is meaningful on a CPU: only --quick
@@ -38,7 +35,6 @@ SUITE = "tokenizer"
 PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE") or os.path.join(home_dir(), "bench", "pypi_rustbpe")
 
 
-
 def load_texts(quick):
     """(train docs, held-out docs, corpus name): the embedded corpus, or a synthetic one when it is unavailable."""
     try:
@@ -51,73 +47,57 @@ def load_texts(quick):
         weights = [1 / (r + 1) for r in range(len(words))]
         make = lambda n: [" ".join(rng.choices(words, weights, k=300)) + "\n" for _ in range(n)]
         docs, val, name = make(2000), make(40), "synthetic"
-    if quick:
-        out, total = [], 0
-        for d in docs:
-            out.append(d)
-            total += len(d)
-            if total >= 500_000:
-                break
-        docs = out
+    if quick:  # the first documents up to and including the one that reaches 500 kB
+        total, n = 0, 0
+        while n < len(docs) and total < 500_000:
+            total, n = total + len(docs[n]), n + 1
+        docs = docs[:n]
     return docs, val, name
 
 
-def _median(times):
-    return statistics.median(times) * 1e3
-
-
-def _digest(ranks_by_rank):
-    return hashlib.sha256(b"".join(ranks_by_rank)).hexdigest()
-
-
-def _utf8(docs):
-    return sum(len(d.encode("utf-8")) for d in docs)
+def _timed(make, fn, reps):
+    """reps x (obj = make(), then fn(obj) timed) -> (wall s list, CPU s list, the last obj)."""
+    times, cpu = [], []
+    for _ in range(reps):
+        obj = make()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(obj)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu, obj
 
 
 def train_bpe(module, docs, vocab, reps, pattern):
     """Train `reps` times with a rustbpe-API module (ours or PyPI's): (wall s list, CPU s list, tiktoken Encoding,
     sha256 of the merged tokens in rank order)."""
-    times, cpu = [], []
-    for _ in range(reps):
-        tok = module.Tokenizer()
-        t0, c0 = time.perf_counter(), time.process_time()
-        tok.train_from_iterator(iter(docs), vocab, pattern=pattern)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    times, cpu, tok = _timed(module.Tokenizer, lambda t: t.train_from_iterator(iter(docs), vocab, pattern=pattern),
+                             reps)
     ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
     enc = tiktoken.Encoding(module.__name__, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    return times, cpu, enc, _digest([b for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
-
-
-def ensure_pypi_rustbpe():
-    """Path of the PyPI rustbpe install (installing it once), or None with a printed reason."""
-    if os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
-        return PYPI_DIR
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
-           "--target", PYPI_DIR, "rustbpe"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"[{SUITE}] skipping pypi_rustbpe: could not run pip ({e})")
-        return None
-    if proc.returncode != 0 or not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
-        print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --only-binary :all: --target {PYPI_DIR} rustbpe` failed: "
-              f"{proc.stderr.strip()[-300:]}")
-        return None
-    return PYPI_DIR
+    return times, cpu, enc, hashlib.sha256(b"".join(sorted(ranks, key=ranks.get))).hexdigest()
 
 
 def import_pypi_rustbpe():
-    """PyPI's `rustbpe` module (ours is `tritonchat_rustbpe`, so both load in one process), or None."""
-    path = ensure_pypi_rustbpe()
-    if path is None:
-        return None
-    sys.path.insert(0, path)
+    """PyPI's `rustbpe` module (installed once into PYPI_DIR; ours is `tritonchat_rustbpe`, so both load in one
+    process), or None with a printed reason."""
+    if not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
+               "--target", PYPI_DIR, "rustbpe"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"[{SUITE}] skipping pypi_rustbpe: could not run pip ({e})")
+            return None
+        if proc.returncode != 0 or not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
+            print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --only-binary :all: --target {PYPI_DIR} rustbpe` "
+                  f"failed: {proc.stderr.strip()[-300:]}")
+            return None
+    sys.path.insert(0, PYPI_DIR)
     try:
         module = importlib.import_module("rustbpe")
     finally:
-        sys.path.remove(path)
-    if not module.__file__.startswith(path):
+        sys.path.remove(PYPI_DIR)
+    if not module.__file__.startswith(PYPI_DIR):
         print(f"[{SUITE}] pypi_rustbpe: imported {module.__file__} instead of the PyPI package; skipped")
         return None
     return module
@@ -125,8 +105,8 @@ def import_pypi_rustbpe():
 
 def train_hf(docs, vocab, reps, pattern):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    times, cpu = [], []
-    for _ in range(reps):
+
+    def make():
         tk = Tokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
         tk.normalizer = None
         tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -135,62 +115,45 @@ def train_hf(docs, vocab, reps, pattern):
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False, min_frequency=0, special_tokens=[],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        t0, c0 = time.perf_counter(), time.process_time()
-        tk.train_from_iterator(docs, trainer)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        return tk, trainer
+
+    times, cpu, (tk, _) = _timed(make, lambda m: m[0].train_from_iterator(docs, m[1]), reps)
     return times, cpu, tk
-
-
-def time_encode(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _median(times)
 
 
 def run(quick=False):
     from model.tokenizer import SPLIT_PATTERN as pattern
     docs, val, corpus = load_texts(quick)
-    vocabs = [512] if quick else [65536, 8192]
-    reps = 1 if quick else 3
-    nbytes, val_bytes = _utf8(docs), _utf8(val)
-    threads = os.cpu_count()
-    pypi = import_pypi_rustbpe()
-    rows = []
+    vocabs, reps = ([512], 1) if quick else ([65536, 8192], 3)
+    nbytes, val_bytes = (sum(len(d.encode("utf-8")) for d in texts) for texts in (docs, val))
+    pypi, rows = import_pypi_rustbpe(), []
+    ms = lambda times: statistics.median(times) * 1e3
     for vocab in vocabs:
         case = {"corpus": corpus, "corpus_mb": round(nbytes / 1e6, 2), "vocab": vocab}
+
+        def add_train(provider, times, cpu, n_vocab, val_tokens, **extra):
+            rows.append(harness.row(SUITE, case, provider, "train", ms(times), bytes_=nbytes, vocab_reached=n_vocab,
+                                    val_bytes_per_token=val_bytes / val_tokens, **extra, times_s=times,
+                                    cpu_s=statistics.median(cpu)))
+
         times, cpu, enc, digest = train_bpe(tritonchat_rustbpe, docs, vocab, reps, pattern)
-        rows.append(harness.row(SUITE, case, "ours", "train", _median(times), bytes_=nbytes,
-                                vocab_reached=enc.n_vocab, val_bytes_per_token=val_bytes / sum(
-                                    len(x) for x in enc.encode_ordinary_batch(val)), times_s=times,
-                                cpu_s=statistics.median(cpu)))
+        add_train("ours", times, cpu, enc.n_vocab, sum(map(len, enc.encode_ordinary_batch(val))))
         if pypi is not None:
             p_times, p_cpu, p_enc, p_digest = train_bpe(pypi, docs, vocab, reps, pattern)
-            rows.append(harness.row(SUITE, case, "pypi_rustbpe", "train", _median(p_times), bytes_=nbytes,
-                                    vocab_reached=p_enc.n_vocab, val_bytes_per_token=val_bytes / sum(
-                                        len(x) for x in p_enc.encode_ordinary_batch(val)),
-                                    same_vocab_as_ours=p_digest == digest, times_s=p_times,
-                                    cpu_s=statistics.median(p_cpu)))
+            add_train("pypi_rustbpe", p_times, p_cpu, p_enc.n_vocab, sum(map(len, p_enc.encode_ordinary_batch(val))),
+                      same_vocab_as_ours=p_digest == digest)
         hf_times, hf_cpu, hf = train_hf(docs, vocab, reps, pattern)
-        hf_val = sum(len(e.ids) for e in hf.encode_batch(val))
-        rows.append(harness.row(SUITE, case, "hf_tokenizers", "train", _median(hf_times), bytes_=nbytes,
-                                vocab_reached=hf.get_vocab_size(), val_bytes_per_token=val_bytes / hf_val,
-                                times_s=hf_times, cpu_s=statistics.median(hf_cpu)))
+        add_train("hf_tokenizers", hf_times, hf_cpu, hf.get_vocab_size(), sum(len(e.ids) for e in hf.encode_batch(val)))
         # encode throughput: one long string (the first ~1 MB: HF is slow on huge strings), and the document list
         text = "".join(docs)[:1_000_000]
-        tbytes = len(text.encode("utf-8"))
         assert enc.decode(enc.encode_ordinary(val[0])) == val[0] and hf.decode(hf.encode(val[0]).ids) == val[0]
-        for pass_, ours_fn, hf_fn in (
-                ("encode", lambda: enc.encode_ordinary(text), lambda: hf.encode(text)),
-                ("encode_batch", lambda: enc.encode_ordinary_batch(docs, num_threads=threads),
+        for pass_, nb, ours_fn, hf_fn in (
+                ("encode", len(text.encode("utf-8")), lambda: enc.encode_ordinary(text), lambda: hf.encode(text)),
+                ("encode_batch", nbytes, lambda: enc.encode_ordinary_batch(docs, num_threads=os.cpu_count()),
                  lambda: hf.encode_batch(docs))):
-            nb = tbytes if pass_ == "encode" else nbytes
             for provider, fn in (("ours", ours_fn), ("hf_tokenizers", hf_fn)):
-                ms = time_encode(fn, reps)
-                rows.append(harness.row(SUITE, case, provider, pass_, ms, bytes_=nb, mb_per_s=nb / 1e6 / (ms * 1e-3),
+                t = ms(_timed(lambda: None, lambda _: fn(), reps)[0])
+                rows.append(harness.row(SUITE, case, provider, pass_, t, bytes_=nb, mb_per_s=nb / 1e6 / (t * 1e-3),
                                         input_mb=round(nb / 1e6, 2)))
     harness.add_ratios(rows, "hf_tokenizers")  # ratio = HF time / this time (> 1: faster than HF)
     by = {(json.dumps(r["case"], sort_keys=True), r["pass"], r["provider"]): r for r in rows}
@@ -217,10 +180,11 @@ def main(argv=None):
     print(f"[{SUITE}] {info['device']}  commit {info['git_commit']}")
     rows = run(args.quick)
     harness.print_table(rows)
+    keys = ("cpu_s", "vocab_reached", "val_bytes_per_token", "mb_per_s", "speedup_vs_pypi_rustbpe",
+            "cpu_speedup_vs_pypi_rustbpe", "speedup_vs_hf_tokenizers", "cpu_speedup_vs_hf_tokenizers",
+            "same_vocab_as_ours")
     for r in rows:
-        extra = {k: r[k] for k in ("cpu_s", "vocab_reached", "val_bytes_per_token", "mb_per_s",
-                                   "speedup_vs_pypi_rustbpe", "cpu_speedup_vs_pypi_rustbpe", "speedup_vs_hf_tokenizers",
-                                   "cpu_speedup_vs_hf_tokenizers", "same_vocab_as_ours") if r.get(k) is not None}
+        extra = {k: r[k] for k in keys if r.get(k) is not None}
         print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
               + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
     path = harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
