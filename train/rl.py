@@ -44,9 +44,9 @@ from train import stage
 from train.loop import is_due, optimizer_step, resume, run_meta, set_lrs
 from train.tasks import TaskError, get_task
 
+
+
 # ------------------------------------------------------------------------------------------------ the GRPO maths
-
-
 def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
     """rewards (P * G,) in prompt-major order (G = num_samples per prompt) -> advantages (P * G,):
     reward minus its group's mean, optionally divided by the group's population std (+ eps)."""
@@ -98,9 +98,7 @@ def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=N
 def pass_at_k(correct, k):
     """correct: list of 0/1 per sample of one prompt (n >= k) -> unbiased pass@k = 1 - C(n - c, k) / C(n, k)."""
     n, c = len(correct), sum(correct)
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 # ------------------------------------------------------------------------------------------------ rollouts

@@ -33,8 +33,9 @@ from model.common import UserError, barrier, home_dir, is_rank0, print0, version
 from model.engine import Engine
 from model.tokenizer import Tokenizer
 from train import base, mid, rl, sft
-from train.distributed import COMPILE_CHOICES, cleanup, init_distributed
+from train.distributed import cleanup, init_distributed
 from train.evaluate import REAL_CHAT_TASKS, TASK_TITLES, describe_core, evaluate_checkpoint
+from train.loop import add_compile_args
 from train.tasks import TaskError
 from train.tasks.realdata import SAMPLE_DIR
 from train.tokenizer import train_tokenizer
@@ -81,9 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--run", default="speedrun", help="run name of every stage's checkpoints")
     kernels.add_argument(p)
-    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
-                   help="torch.compile in every training stage (auto: each stage's own default; see train/loop.py)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of every training stage")
+    add_compile_args(p)
     p.add_argument("--num-iterations", type=int, default=None, help="override the steps of every training stage")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     p.add_argument("--fresh", action="store_true", help="forget finished stages and delete this run's checkpoints")
@@ -146,9 +145,7 @@ def run_tokenizer(args):
         return {"vocab_size": tok.vocab_size, "dir": tok_dir, "note": "existing tokenizer reused"}
     if cfg["max_chars"] is None:
         return {"note": "trained by train.base on its corpus"}
-    stats = {}
-    if is_rank0():
-        _, stats = train_tokenizer(vocab_size=cfg["vocab_size"], max_chars=cfg["max_chars"], out_dir=tok_dir)
+    stats = train_tokenizer(cfg["vocab_size"], cfg["max_chars"], out_dir=tok_dir)[1] if is_rank0() else {}
     barrier()
     return stats
 
@@ -167,22 +164,20 @@ def eval_config(args):
 
 
 def run_evals(args):
-    cfg = eval_config(args)
-    info = init_distributed()
+    cfg, device = eval_config(args), init_distributed().device
     split = lambda key: cfg[key].split(",") if cfg.get(key) else None  # None: embedded + cached real tasks
-    out = {"base": evaluate_checkpoint("base", "base", args.run, tasks=split("base_tasks"),
+    out = {"base": evaluate_checkpoint("base", "base", args.run, tasks=split("base_tasks"), device=device,
                                        max_examples=cfg["max_examples"], val_batches=cfg["val_batches"],
-                                       device=info.device, stage="eval base", core=cfg.get("core"),
+                                       stage="eval base", core=cfg.get("core"),
                                        max_per_task=cfg.get("core_max_per_task"),
                                        core_max_seq_len=cfg.get("core_max_seq_len"))}
     for src in ("sft", "rl"):
-        out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"),
-                                       max_examples=cfg["max_examples"], max_tokens=cfg["max_tokens"],
-                                       device=info.device, stage=f"eval {src}", data_dir=cfg.get("chat_data"))
+        chat = dict(max_tokens=cfg["max_tokens"], device=device)
+        out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"), stage=f"eval {src}",
+                                       max_examples=cfg["max_examples"], data_dir=cfg.get("chat_data"), **chat)
         if cfg.get("real_chat"):
-            out[f"{src}_real"] = evaluate_checkpoint("chat", src, args.run, tasks=split("real_chat"),
-                                                     max_examples=cfg["real_examples"], max_tokens=cfg["max_tokens"],
-                                                     device=info.device, stage=f"eval {src} real",
+            out[f"{src}_real"] = evaluate_checkpoint("chat", src, args.run, tasks=split("real_chat"), **chat,
+                                                     max_examples=cfg["real_examples"], stage=f"eval {src} real",
                                                      data_dir=cfg["real_data"])
     return out
 
