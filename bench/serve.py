@@ -5,15 +5,13 @@ with stalled clients holding connections open.
     python -m bench.serve --clients 32 --requests 8 --max-tokens 64 --stalled 16 --device cuda
 
 The server runs in a child process (python -m bench.serve --serve-only ...) on 127.0.0.1 with a random-weight model
-(--layers x --width, a byte-level BPE tokenizer trained on a few sentences), so the client's own work does not
-share its interpreter. Each client sends its requests one after another, streaming, with
-stream_options.include_usage, and times each: latency (request sent -> [DONE]) and time to first token (request
-sent -> first content delta). A stalled client sends its headers and the first bytes of a body it never finishes;
-when the server drops it (408 after --body-timeout) it reconnects, so --stalled of them are always there.
-
-Per phase: requests/s and tokens/s (completion tokens from usage, over the phase's wall time), p50 / p99 latency and
-time to first token in ms, errors. JSON rows via bench.harness (bench/results/serve-<device>-<date>.json; on CPU a
-smoke run of a toy model, not a serving claim).
+(--layers x --width, a byte-level BPE tokenizer trained on a few sentences), so the clients do not share its
+interpreter. Each client sends its requests one after another, streaming with stream_options.include_usage, and
+times latency (request sent -> [DONE]) and time to first token (-> first content delta). A stalled client sends its
+headers and the first bytes of a body it never finishes; when the server drops it (408 after --body-timeout) it
+reconnects, so --stalled of them are always there. Per phase: requests/s and tokens/s (completion tokens from usage,
+over the phase's wall time), p50 / p99 latency and time to first token in ms, errors. JSON rows via bench.harness
+(bench/results/serve-<device>-<date>.json; on CPU a smoke run of a toy model, not a serving claim).
 """
 import argparse
 import json
@@ -63,19 +61,14 @@ def serve(args):
     uvicorn.run(create_app(service), host="127.0.0.1", port=args.port, log_level="warning")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "bench.serve", "--serve-only", "--port", str(port), "--device", args.device,
-           "--kernels", args.kernels, "--layers", str(args.layers), "--width", str(args.width),
-           "--context", str(args.context), "--max-tokens", str(args.max_tokens),
-           "--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue),
-           "--body-timeout", str(args.body_timeout)]
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "bench.serve", "--serve-only", "--port", str(port)]
+    for name in ("device", "kernels", "layers", "width", "context", "max_tokens", "max_concurrency", "max_queue",
+                 "body_timeout"):
+        cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -96,8 +89,7 @@ def one_request(client, url, max_tokens, seed):
     """One streaming request -> (latency s, time to first token s or None, completion tokens, error or None)."""
     body = {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
             "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    t0, ttft, tokens = time.perf_counter(), None, 0
     try:
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -157,14 +149,12 @@ def phase(url, clients, requests, max_tokens, stalled):
     holder = Stalled(url, stalled) if stalled else None
     if holder:
         time.sleep(0.5)  # they are connected and stalled before the load starts
-    results, lock = [], threading.Lock()
+    results = []  # list.append is atomic: the client threads share it
 
     def run_client(i):
         with httpx.Client(timeout=600) as client:
             for j in range(requests):
-                r = one_request(client, url, max_tokens, seed=1000 * i + j)
-                with lock:
-                    results.append(r)
+                results.append(one_request(client, url, max_tokens, seed=1000 * i + j))
 
     threads = [threading.Thread(target=run_client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
@@ -179,16 +169,13 @@ def phase(url, clients, requests, max_tokens, stalled):
     ok = [r for r in results if r[3] is None]
     lat = sorted(r[0] * 1e3 for r in ok)
     ttft = sorted(r[1] * 1e3 for r in ok if r[1] is not None)
-
-    def pct(xs, q):
-        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
-
+    p50 = lambda xs: statistics.median(xs) if xs else None
+    p99 = lambda xs: xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else None
     return {"requests": len(results), "errors": len(results) - len(ok),
             "error_samples": sorted({r[3] for r in results if r[3]})[:3], "wall_s": wall,
             "requests_s": len(ok) / wall, "tokens_s": sum(r[2] for r in ok) / wall,
-            "completion_tokens": sum(r[2] for r in ok), "p50_ms": statistics.median(lat) if lat else None,
-            "p99_ms": pct(lat, 0.99), "ttft_p50_ms": statistics.median(ttft) if ttft else None,
-            "ttft_p99_ms": pct(ttft, 0.99), "stalled_dropped": holder.dropped if holder else 0,
+            "completion_tokens": sum(r[2] for r in ok), "p50_ms": p50(lat), "p99_ms": p99(lat),
+            "ttft_p50_ms": p50(ttft), "ttft_p99_ms": p99(ttft), "stalled_dropped": holder.dropped if holder else 0,
             "engine_after": health["engine"]}
 
 
