@@ -1,12 +1,11 @@
 """The one benchmark harness every suite uses.
 
 A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (rows built with `row()`) that ends with
-`if __name__ == "__main__": harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a
-short perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the
-baseline provider, prints a table, and writes bench/results/<suite>-<device>-<date>.json (+ a PNG). Every file
-records the device, driver, CUDA, torch, triton versions, the git commit and the date, so a number never travels
-without the machine that made it. On CPU the suites run tiny smoke shapes: the JSON says "cpu", and those timings
-are not GPU claims.
+`if __name__ == "__main__": harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a short
+perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the baseline
+provider, prints a table, and writes bench/results/<suite>-<device>-<date>.json (+ a PNG) recording the device,
+driver, CUDA, torch, triton versions, git commit and date, so a number never travels without the machine that made
+it. On CPU the suites run tiny smoke shapes: the JSON says "cpu", and those timings are not GPU claims.
 """
 import argparse
 import json
@@ -85,15 +84,11 @@ def add_ratios(rows, baseline):
 
 def measure_peaks(quick=False):
     """The device's reachable peaks measured in this run: a bf16 matmul (TFLOP/s) and a device copy (GB/s)."""
-    if not on_gpu():
-        n, dtype = 512, torch.float32
-    else:
-        n, dtype = (4096 if quick else 8192), torch.bfloat16
-    dev = "cuda" if on_gpu() else "cpu"
+    gpu = on_gpu()
+    n, dtype, dev = ((4096 if quick else 8192), torch.bfloat16, "cuda") if gpu else (512, torch.float32, "cpu")
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     mm = bench(lambda: a @ b, quick=quick)["ms"]
-    numel = (1 << 28 if on_gpu() else 1 << 22)
-    src = torch.empty(numel, device=dev, dtype=torch.float32)
+    src = torch.empty(1 << 28 if gpu else 1 << 22, device=dev, dtype=torch.float32)
     dst = torch.empty_like(src)
     cp = bench(lambda: dst.copy_(src), quick=quick)["ms"]
     return {"matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
@@ -106,10 +101,6 @@ def device_info():
     if info["kind"] == "cpu":
         info["note"] = "CPU smoke run: tiny shapes, not GPU performance"
     return info
-
-
-def _slug(s):
-    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
 
 
 def print_table(rows):
@@ -134,13 +125,13 @@ def plot(suite, rows, path):
     rows = [r for r in rows if r.get("ratio") is not None]
     if not rows:
         return None
-    labels = sorted({f"{fmt_case(r['case'])} {r['pass']}" for r in rows}, key=str)
-    providers = sorted({r["provider"] for r in rows})
+    label = lambda r: f"{fmt_case(r['case'])} {r['pass']}"
+    labels, providers = sorted({label(r) for r in rows}, key=str), sorted({r["provider"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4))
     w = 0.8 / len(providers)
     for i, p in enumerate(providers):
-        vals = {f"{fmt_case(r['case'])} {r['pass']}": r["ratio"] for r in rows if r["provider"] == p}
-        ax.bar([j + i * w for j in range(len(labels))], [vals.get(label, 0) for label in labels], w, label=p)
+        vals = {label(r): r["ratio"] for r in rows if r["provider"] == p}
+        ax.bar([j + i * w for j in range(len(labels))], [vals.get(x, 0) for x in labels], w, label=p)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
@@ -163,7 +154,7 @@ def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, qu
     info = info or device_info()
     out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
-    device = _slug(info["device"] if info["kind"] == "cuda" else "cpu")
+    device = re.sub(r"[^A-Za-z0-9]+", "-", info["device"] if info["kind"] == "cuda" else "cpu").strip("-").lower()
     stem = f"{suite}-{device}-{info['date'][:10]}" + ("-quick" if quick else "")
     path = os.path.join(out_dir, stem + ".json")
     with open(path + ".tmp", "w") as f:

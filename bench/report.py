@@ -12,7 +12,7 @@ from bench.harness import RESULTS_DIR, fmt_case
 
 
 def load_newest(results_dir):
-    newest = {}
+    newest, rank = {}, lambda d: (not d.get("quick", False), d["info"]["date"])
     for path in glob.glob(os.path.join(results_dir, "*.json")):
         try:
             with open(path) as f:
@@ -20,7 +20,6 @@ def load_newest(results_dir):
             key = (data["suite"], data["info"]["device"])
         except (OSError, ValueError, KeyError):
             continue  # not a harness result file
-        rank = lambda d: (not d.get("quick", False), d["info"]["date"])
         if key not in newest or rank(data) > rank(newest[key]):
             newest[key] = data
     return [newest[k] for k in sorted(newest)]
