@@ -10,14 +10,11 @@ KV head); --quick keeps T = 2k MHA only (the GPU check's time budget). Providers
   compile  torch.compile of the same function
   flex     torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops)
   fused    kernels.attention.attention_triton (ours: K rotated/normalised in a pre-pass, Q on load)
-  fused_kloop  forward only: attention_forward_kloop_triton (K rotated/normalised on every tile load, no pre-pass),
-           so the pre-pass choice in kernels/attention.py can be settled by this measurement
-TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T D)):
-  forward  = 2 matmuls x 2*T*T*D per (batch, head), halved by the causal mask = 2 * B * H * T^2 * D
-  backward = 2.5 x forward (5 matmuls instead of 2: the FlashAttention convention), fwd+bwd = 3.5 x forward.
-Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs.
-CPU: tiny fp32 shapes, eager vs fused under the Triton interpreter -- exercises the code path only; those timings
-measure the interpreter, not the kernel.
+TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T D)): forward = 2 matmuls x 2*T*T*D
+per (batch, head), halved by the causal mask = 2 * B * H * T^2 * D; backward = 2.5 x forward (5 matmuls instead of
+2: the FlashAttention convention), fwd+bwd = 3.5 x forward. Peak memory = torch.cuda.max_memory_allocated above the
+inputs while the pass runs. CPU: tiny fp32 shapes, eager vs fused under the Triton interpreter -- exercises the code
+path only; those timings measure the interpreter, not the kernel.
 
     python -m bench.attention --sass [bf16|fp16] [64|128]
 
@@ -30,8 +27,8 @@ import sys
 import torch
 
 from bench import harness
-from kernels.attention import (apply_rotary, attention_forward_kloop_triton, attention_reference, attention_triton,
-                               rms_norm)
+from bench.kernels import fwd_bwd_rows
+from kernels.attention import apply_rotary, attention_reference, attention_triton, rms_norm
 from model.gpt import GPTConfig, precompute_rotary
 
 SUITE = "attention"
@@ -64,23 +61,19 @@ def _flex_provider(T, H, Hkv, device):
 
 
 def _providers(inputs, T, H, Hkv):
-    """name -> (fn, extra row fields, passes)"""
-    both, fwd_only = ("fwd", "bwd", "fwd+bwd"), ("fwd",)
-    ours = {"fused": (attention_triton, {}, both), "fused_kloop": (attention_forward_kloop_triton, {}, fwd_only)}
+    """name -> (fn, extra row fields)"""
     if not harness.on_gpu():
-        return {"eager": (attention_reference, {}, both), **ours}
+        return {"eager": (attention_reference, {}), "fused": (attention_triton, {})}
     backend, ctx = _flash_or_default(*inputs)
 
-    def eager(*a):
-        with ctx():
-            return attention_reference(*a)
-    compiled = torch.compile(attention_reference)
-
-    def compile_(*a):
-        with ctx():
-            return compiled(*a)
-    return {"eager": (eager, {"sdpa_backend": backend}, both), "compile": (compile_, {"sdpa_backend": backend}, both),
-            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}, both), **ours}
+    def in_backend(f):
+        def run(*a):
+            with ctx():
+                return f(*a)
+        return run
+    extra, compiled = {"sdpa_backend": backend}, torch.compile(attention_reference)
+    return {"eager": (in_backend(attention_reference), extra), "compile": (in_backend(compiled), extra),
+            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}), "fused": (attention_triton, {})}
 
 
 def _cases(quick):
@@ -104,23 +97,11 @@ def run(quick):
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(B, T, n, D, generator=g).to(dev, dtype).requires_grad_(True) for n in (H, Hkv, Hkv))
         dy = torch.randn(B, T, H, D, generator=g).to(dev, dtype)
-        cos, sin = precompute_rotary(T, D, device=dev)
-        inputs = (q, k, v, cos, sin)
+        inputs = (q, k, v, *precompute_rotary(T, D, device=dev))
         case = {"B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype).replace("torch.", "")}
-        flops = causal_flops(B, T, H, D)
-        for name, (fn, extra, passes) in _providers(inputs, T, H, Hkv).items():
-            fwd = lambda: fn(*inputs)
-            y = fwd()
-            bwd = lambda: torch.autograd.grad(y, (q, k, v), dy, retain_graph=True)
-            both = lambda: torch.autograd.grad(fwd(), (q, k, v), dy)
-            for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2.5 * flops), ("fwd+bwd", both, 3.5 * flops)):
-                if pass_ not in passes:
-                    continue
-                t = harness.bench(f, quick=quick)
-                peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
-                rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
-                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], **extra))
-            y = None  # free this provider's graph before the next one runs
+        for name, (fn, extra) in _providers(inputs, T, H, Hkv).items():
+            rows += fwd_bwd_rows(SUITE, case, name, fn, inputs, (q, k, v), dy, causal_flops(B, T, H, D), 2.5, quick,
+                                 **extra)
     return harness.add_ratios(rows, "eager")
 
 

@@ -14,6 +14,7 @@ those timings measure the interpreter, not the kernel.
 import torch
 
 from bench import harness
+from bench.kernels import fwd_bwd_rows
 from kernels.relu2_mlp import relu2_mlp_reference, relu2_mlp_triton
 from model.gpt import GPTConfig
 
@@ -21,11 +22,8 @@ SUITE = "relu2_mlp"
 
 
 def _providers():
-    prov = {"eager": relu2_mlp_reference}
-    if harness.on_gpu():
-        prov["compile"] = torch.compile(relu2_mlp_reference, dynamic=False)  # one graph per shape
-    prov["fused"] = relu2_mlp_triton
-    return prov
+    compiled = {"compile": torch.compile(relu2_mlp_reference, dynamic=False)} if harness.on_gpu() else {}  # per shape
+    return {"eager": relu2_mlp_reference, **compiled, "fused": relu2_mlp_triton}
 
 
 def _cases(quick):
@@ -47,20 +45,9 @@ def run(quick):
         dy = torch.randn(M, C, device=dev, dtype=dtype)
         inputs = (x, w_fc, w_proj)
         case = {"tokens": M, "C": C, "F": Fh, "dtype": str(dtype).replace("torch.", "")}
-        flops = 4 * M * C * Fh  # forward: two GEMMs of 2*M*C*F
-        for name, fn in _providers().items():
-            fwd = lambda: fn(*inputs)
-            y = fwd()
-            bwd = lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
-            both = lambda: torch.autograd.grad(fwd(), inputs, dy)
-            for pass_, f, fl in (("fwd", fwd, flops), ("bwd", bwd, 2 * flops), ("fwd+bwd", both, 3 * flops)):
-                t = harness.bench(f, quick=quick)
-                peak = harness.peak_memory_mb(f) if pass_ != "bwd" else None
-                rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
-                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
-            y = None  # free this provider's graph before the next one runs
+        for name, fn in _providers().items():  # forward: two GEMMs of 2*M*C*F; backward: four
+            rows += fwd_bwd_rows(SUITE, case, name, fn, inputs, inputs, dy, 4 * M * C * Fh, 2, quick)
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

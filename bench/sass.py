@@ -1,11 +1,7 @@
-"""Ahead-of-time check of the attention kernels' Hopper code, no GPU needed:
-
-    python -m bench.sass [bf16|fp16] [64|128]
-
-compiles every Hopper autotune config of kernels.attention for sm_90 (Triton's bundled ptxas) and prints, per
-config, the shared memory, whether tl.dot became wgmma (HGMMA in the SASS) and how many local-memory spill
-instructions (LDL/STL) sit inside the innermost loops.
-"""
+"""Ahead-of-time check of the attention kernels' Hopper code, no GPU needed: `python -m bench.sass [bf16|fp16] [64|128]`
+compiles every Hopper autotune config of kernels.attention for sm_90 (Triton's bundled ptxas) and prints, per config,
+the shared memory, whether tl.dot became wgmma (HGMMA in the SASS) and the local-memory spills (LDL/STL) inside the
+innermost loops."""
 import os
 import re
 import subprocess
@@ -56,8 +52,6 @@ def sass_report(dtype="bf16", head_dim=128):
         fn = kern.fn
         for c in kern.configs:
             consts = dict(CAUSAL=True, QK_NORM=True, HEAD_DIM=head_dim, PRECISION="tf32", **c.kwargs)
-            if "K_IN_LOOP" in fn.arg_names:
-                consts["K_IN_LOOP"] = False
             sig = {a: "constexpr" if a in consts else "i32" if a in ints else "fp32" if a in floats else
                    "*fp32" if a in fp32_ptrs else f"*{dtype}" for a in fn.arg_names}
             src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

@@ -20,10 +20,12 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def configs(hopper, interpret):
-    """The autotune list: `interpret` (one small config) under the interpreter, which costs ~ms per program and loop
-    step whatever the tile size; `hopper` (H100/H200, bf16) otherwise."""
-    return interpret if INTERPRET else hopper
+def configs(names, hopper, interpret):
+    """The autotune list; a row is the values of `names`, then num_warps, num_stages. `interpret` (one small row)
+    under the interpreter, which costs ~ms per program and loop step whatever the tile size; `hopper` (H100/H200,
+    bf16) otherwise."""
+    return [triton.Config(dict(zip(names, r)), num_warps=r[-2], num_stages=r[-1])
+            for r in ([interpret] if INTERPRET else hopper)]
 
 
 @triton.jit

@@ -9,38 +9,23 @@ It is the PyTorch operator tritonchat::attention (fake shapes + autograd registe
 
 Maths. Per row x (one token, one head): y = R_t x (the rotation at position t), rstd = (mean(y^2) + eps)^-1/2,
 x_hat = y * rstd (x_hat = y when qk_norm=False). Attention on the hats, FlashAttention-2 style: S = q_hat k_hat^T *
-scale, P = softmax(S), O = P V, computed block by block with an online softmax so S and P never reach HBM; the
-forward saves LSE_i = log2 sum_j exp2(S_ij log2 e) (base-2 units, so the kernels use exp2). Backward:
+scale, P = softmax(S), O = P V, block by block with an online softmax so S and P never reach HBM; the forward saves
+LSE_i = log2 sum_j exp2(S_ij log2 e) (base 2: the kernels use exp2). Backward:
     dV = P^T dO          Delta_i = rowsum(dO_i * O_i)        dS = P * (dO V^T - Delta)
     dq_hat = scale dS k_hat          dk_hat = scale dS^T q_hat
-and then back through the norm and the rotation, per row, in the epilogue of the kernel that owns the row:
+then back through the norm and the rotation, per row, in the epilogue of the kernel that owns the row:
     dy = rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))      dx = R_t^T dy  (dx1 = dy1 cos - dy2 sin,
                                                                              dx2 = dy1 sin + dy2 cos)
 so dq, dk come out w.r.t. the raw, un-rotated, un-normalised q and k.
 
-Kernels and what is fused:
-  * `_rope_norm_kv`: K pre-pass. Rotates and normalises K once, writes k_hat (B, T, Hkv, D) and rstd_k (B, Hkv, T).
-  * `_attn_fwd`: one program per (query block, batch*head). Rotates + normalises its Q tile on load (once per
-    program, outside the loop), writes q_hat and rstd_q for the backward, then loops over K/V blocks with the online
-    softmax. Causal: blocks wholly above the diagonal are skipped; wholly below run without a mask; only the
-    diagonal blocks pay for the mask. GQA: query head h reads KV head h // (H / Hkv); K/V are never repeated.
-  * `_attn_bwd_preprocess`: Delta = rowsum(dO * O).
-  * `_attn_bwd_dkdv`: one program per (KV block, batch*KV head); loops over the H/Hkv query heads of its group and
-    over the query blocks (causal: only those at or below the diagonal), accumulates dk_hat, dv in registers (no
-    atomics: the whole group sums into one program), then applies the norm + rotation chain rule and writes dk, dv.
-  * `_attn_bwd_dq`: one program per (query block, batch*head); loops over K/V blocks, accumulates dq_hat, then the
-    same chain rule and writes dq.
-  Saved for backward: q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin -- the hats replace q and k (same bytes),
-  so nothing extra is kept compared with saving the raw inputs.
-
-K is rotated and normalised in a pre-pass (one extra read + write of K), Q on load. `attention_forward_kloop_triton`
-rotates each K tile in the inner loop instead (forward only); which is faster is not measured on GPU:
-`python -m bench.attention` (rows "fused" vs "fused_kloop").
-
-Why it beats eager: eager writes rotated and normalised copies of q and k (several elementwise kernels, each a
-full HBM round trip, and their autograd saves intermediates), then SDPA. Here q's rotation/norm never costs a
-separate pass, k's costs one, and the backward's chain rule through norm and rotation is fused into the dq/dk
-epilogues instead of ~6 elementwise backward kernels. Not measured on GPU yet: `python -m bench.attention`.
+Kernels: `_rope_norm_kv` (K pre-pass: k_hat, rstd_k); `_attn_fwd`, per (query block, batch*head): Q rotated and
+normalised on load (q_hat, rstd_q saved), online softmax over K/V blocks -- causal blocks above the diagonal skipped,
+those below unmasked, only diagonal ones masked; GQA: query head h reads KV head h // (H / Hkv), never repeated.
+`_attn_bwd_preprocess`: Delta. `_attn_bwd_dkdv`, per (KV block, batch*KV head), sums the group's query heads in
+registers (no atomics); `_attn_bwd_dq`, per (query block, batch*head); both end in the chain rule above. Saved:
+q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin. Versus eager (elementwise RoPE/norm kernels, each an HBM round
+trip, then SDPA; ~6 elementwise backward kernels): Q's RoPE/norm costs no pass, K's one, the chain rule sits in the
+epilogues. Not measured on GPU yet: `python -m bench.attention`.
 
 References:
   * FlashAttention-2 (Dao, 2023): https://arxiv.org/abs/2307.08691
@@ -60,32 +45,21 @@ from kernels._common import LOG2E, configs, dot_precision, kernel_op
 
 # Hopper (H100/H200), D = 64/128, bf16; fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal
 # diagonal then falls in whole blocks). Not timed on GPU; `python -m bench.sass` shows their wgmma use and spills.
-_FWD_CONFIGS = configs(
-    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]],
-    interpret=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)])
-_DKDV_CONFIGS = configs(
-    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)]],
-    interpret=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)])
-_DQ_CONFIGS = configs(
-    hopper=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]],
-    interpret=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)])
-# T is not specialised (do_not_specialize): one compiled variant serves every length.
-# Autotune key: T rounded up to a power of two (so the engine's varying prompt lengths don't retune every call),
-# the head dim and causality; Triton adds the tensor dtypes.
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
+_FWD_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32, 4, 1))
+_DKDV_CONFIGS = configs(_BLOCKS, [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)], (32, 64, 4, 1))
+_DQ_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], (64, 32, 4, 1))
+# T is not specialised (do_not_specialize): one compiled variant serves every length. Autotune key: T rounded up to a
+# power of two (the engine's varying prompt lengths don't retune every call), head dim, causality; Triton adds dtypes.
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
 def _autotune_prune(candidates, nargs, **kwargs):
-    """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no compile-all-and-time sweep.
-    The GPU tests use it for their many small shapes; training and benchmarks keep autotuning."""
+    """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no sweep (the GPU tests' many shapes)."""
     return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Row helpers: rotation + RMS norm on a (BLOCK, D) fp32 tile, and its backward.
+# Row helpers: rotation + RMS norm on a (BLOCK, D) fp32 tile, its backward, and loads of masked or unmasked blocks.
 
 @triton.jit
 def _halves(x, BLOCK: tl.constexpr, HALF: tl.constexpr):
@@ -131,7 +105,26 @@ def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.const
     return _cat(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos, BLOCK, HALF)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load(ptrs, mask, MASK: tl.constexpr):
+    """MASK: load under `mask` (0 elsewhere); else unmasked, as the blocks wholly inside the sequence are."""
+    if MASK:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _mask_scores(s, valid, q_idx, k_idx, fill, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """MASK: s where `valid` (and q_idx >= k_idx if CAUSAL), else `fill`; s unchanged when not MASK."""
+    if MASK:
+        if CAUSAL:
+            valid = valid & (q_idx >= k_idx)
+        s = tl.where(valid, s, fill)
+    return s
+
+
 # Forward
 
 @triton.jit
@@ -153,31 +146,17 @@ def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, K_IN_LOOP: tl.constexpr, QK_NORM: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASK: apply the sequence-end mask (and the causal one if CAUSAL).
-    K_IN_LOOP: K is raw and each tile is rotated + normalised here (the in-loop alternative, forward only)."""
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASK: apply the sequence-end mask (and the causal one if CAUSAL)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kv_offs = cols[:, None] * stride_kt + offs_d[None, :]
-        if MASK:
-            k = tl.load(K + kv_offs, mask=(cols < T)[:, None], other=0.0)
-            v = tl.load(V + kv_offs, mask=(cols < T)[:, None], other=0.0)
-        else:
-            k = tl.load(K + kv_offs)
-            v = tl.load(V + kv_offs)
-        if K_IN_LOOP:
-            cos, sin = _load_cos_sin(COS, SIN, cols, cols < T, HEAD_DIM // 2)
-            k, _ = _rope_norm(k.to(tl.float32), cos, sin, eps, QK_NORM, BLOCK_N, HEAD_DIM // 2)
-            k = k.to(v.dtype)
+        k, v = _load(K + kv_offs, (cols < T)[:, None], MASK), _load(V + kv_offs, (cols < T)[:, None], MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASK:
-            keep = cols[None, :] < T
-            if CAUSAL:
-                keep = keep & (rows[:, None] >= cols[None, :])
-            s = tl.where(keep, s, float("-inf"))
+        s = _mask_scores(s, cols[None, :] < T, rows[:, None], cols[None, :], float("-inf"), MASK, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -187,14 +166,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, ro
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["K_IN_LOOP"],
-                 prune_configs_by={"early_config_prune": _autotune_prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-              K_IN_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass (or raw k if K_IN_LOOP); Q is raw and
-    rotated/normalised here."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass; Q is raw and rotated/normalised here."""
     # causal: the last query blocks have the most key blocks; launch them first so the tail of the grid is light
     pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -209,7 +186,6 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     rows = m_start + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     q_offs = rows[:, None] * stride_qt + tl.arange(0, HEAD_DIM)[None, :]
-
     # Q tile: load raw, rotate + normalise once; keep q_hat for the backward
     q = tl.load(Q + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     cos, sin = _load_cos_sin(COS, SIN, rows, row_mask, HEAD_DIM // 2)
@@ -217,7 +193,6 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     q = q.to(QHAT.dtype.element_ty)
     tl.store(QHAT + q_offs, q, mask=row_mask[:, None])
     tl.store(RSTD_Q + pid_bh.to(tl.int64) * T + rows, rstd, mask=row_mask)
-
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -227,16 +202,15 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
         lo, hi = m_start, tl.minimum(m_start + BLOCK_M, T)
     else:
         lo, hi = (T // BLOCK_N) * BLOCK_N, T
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, 0, lo, rows, T, qk_scale,
-                                    False, CAUSAL, K_IN_LOOP, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, COS, SIN, eps, stride_kt, lo, hi, rows, T, qk_scale,
-                                    True, CAUSAL, K_IN_LOOP, QK_NORM, HEAD_DIM, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, 0, lo, rows, T, qk_scale,
+                                    False, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale,
+                                    True, CAUSAL, HEAD_DIM, BLOCK_N, PRECISION)
     acc = acc / l_i[:, None]
     tl.store(OUT + q_offs, acc.to(OUT.dtype.element_ty), mask=row_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Backward
 
 @triton.jit
@@ -262,22 +236,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, lo, hi, col
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q_offs = rows[:, None] * stride_qt + offs_d[None, :]
-        if MASK:
-            q = tl.load(Q + q_offs, mask=(rows < T)[:, None], other=0.0)
-            do = tl.load(DO + q_offs, mask=(rows < T)[:, None], other=0.0)
-            lse = tl.load(LSE + rows, mask=rows < T, other=0.0)
-            delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
-        else:
-            q = tl.load(Q + q_offs)
-            do = tl.load(DO + q_offs)
-            lse = tl.load(LSE + rows)
-            delta = tl.load(DELTA + rows)
+        q, do = _load(Q + q_offs, (rows < T)[:, None], MASK), _load(DO + q_offs, (rows < T)[:, None], MASK)
+        lse, delta = _load(LSE + rows, rows < T, MASK), _load(DELTA + rows, rows < T, MASK)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])  # (N, M)
-        if MASK:
-            keep = rows[None, :] < T
-            if CAUSAL:
-                keep = keep & (rows[None, :] >= cols[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
+        p_t = _mask_scores(p_t, rows[None, :] < T, rows[None, :], cols[:, None], 0.0, MASK, CAUSAL)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -342,18 +304,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kv_offs = cols[:, None] * stride_kt + offs_d[None, :]
-        if MASK:
-            k = tl.load(K + kv_offs, mask=(cols < T)[:, None], other=0.0)
-            v = tl.load(V + kv_offs, mask=(cols < T)[:, None], other=0.0)
-        else:
-            k = tl.load(K + kv_offs)
-            v = tl.load(V + kv_offs)
+        k, v = _load(K + kv_offs, (cols < T)[:, None], MASK), _load(V + kv_offs, (cols < T)[:, None], MASK)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        if MASK:
-            keep = cols[None, :] < T
-            if CAUSAL:
-                keep = keep & (rows[:, None] >= cols[None, :])
-            p = tl.where(keep, p, 0.0)
+        p = _mask_scores(p, cols[None, :] < T, rows[:, None], cols[None, :], 0.0, MASK, CAUSAL)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -398,8 +351,7 @@ def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV,
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
+# Input checks; the ops below launch the kernels
 
 def _check_inputs(q, k, v, cos, sin):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -424,73 +376,34 @@ def _check_inputs(q, k, v, cos, sin):
         raise ValueError("attention: q, k, v, cos, sin must be on one device")
 
 
-def _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale, k_in_loop=False):
-    """-> o, q_hat, k_hat, lse, rstd_q, rstd_k. k_in_loop=False: K pre-pass + attention (what autograd uses);
-    True: no pre-pass, K tiles rotated and normalised in the inner loop (forward only; k_hat, rstd_k are None)."""
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    k_hat = rstd_k = None
-    if not k_in_loop:
-        k_hat = torch.empty_like(k)
-        rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
-        _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
-                                                      QK_NORM=qk_norm, HEAD_DIM=D, BLOCK_T=64, num_warps=4)
-    o, q_hat = torch.empty_like(q), torch.empty_like(q)
-    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    rstd_q = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k if k_in_loop else k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv,
-                    triton.next_power_of_2(T), scale, eps,
-                    CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q.dtype),
-                    K_IN_LOOP=k_in_loop)
-    return o, q_hat, k_hat, lse, rstd_q, rstd_k
-
-
-def _attn_backward(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal, qk_norm, scale):
-    B, T, H, D = q_hat.shape
-    Hkv = k_hat.shape[2]
-    delta = torch.empty_like(lse)
-    _attn_bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, HEAD_DIM=D, BLOCK_M=64, num_warps=4)
-    dq, dk, dv = torch.empty_like(q_hat), torch.empty_like(k_hat), torch.empty_like(v)
-    args = (T, H, Hkv, triton.next_power_of_2(T), scale)
-    meta = dict(CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q_hat.dtype))
-    _attn_bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)](
-        q_hat, k_hat, v, do, lse, delta, rstd_k, cos, sin, dk, dv, *args, **meta)
-    _attn_bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
-        q_hat, k_hat, v, do, lse, delta, rstd_q, cos, sin, dq, *args, **meta)
-    return dq, dk, dv
-
-
-def _prepare(q, k, v, cos, sin, scale):
-    _check_inputs(q, k, v, cos, sin)
-    return float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
-
-
 def triton_kernels():
     """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (each with .configs and .fn), for ahead-of-time
     compile checks (bench/sass.py) and config-by-config GPU tests."""
     return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
 
-@torch.no_grad()
-def attention_forward_kloop_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
-    """Forward-only timing alternative to attention_triton: each K tile rotated + normalised in the inner loop, no
-    pre-pass; same arguments and result (bench.attention row "fused_kloop")."""
-    scale = _prepare(q, k, v, cos, sin, scale)
-    q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-    return _attn_forward(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale, k_in_loop=True)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # torch.library: tritonchat::attention (differentiable through tritonchat::attention_backward)
 
 @kernel_op("tritonchat::attention")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   causal: bool, qk_norm: bool, eps: float, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only."""
+    """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only. The K pre-pass, then the
+    attention kernel."""
     q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-    return _attn_forward(q, k, v, cos, sin, causal, qk_norm, eps, scale)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    k_hat = torch.empty_like(k)
+    rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
+    _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
+                                                  QK_NORM=qk_norm, HEAD_DIM=D, BLOCK_T=64, num_warps=4)
+    o, q_hat = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    rstd_q = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _attn_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv, triton.next_power_of_2(T), scale, eps,
+        CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q.dtype))
+    return o, q_hat, k_hat, lse, rstd_q, rstd_k
 
 
 @_attention_op.register_fake
@@ -506,8 +419,20 @@ def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.T
                            cos: torch.Tensor, sin: torch.Tensor, causal: bool, qk_norm: bool, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) w.r.t. the raw q, k, v of tritonchat::attention, from its saved tensors."""
-    saved = (x.contiguous() for x in (q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin))
-    return _attn_backward(do.contiguous(), *saved, causal, qk_norm, scale)
+    do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin = (
+        x.contiguous() for x in (do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin))
+    B, T, H, D = q_hat.shape
+    Hkv = k_hat.shape[2]
+    delta = torch.empty_like(lse)
+    _attn_bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, HEAD_DIM=D, BLOCK_M=64, num_warps=4)
+    dq, dk, dv = torch.empty_like(q_hat), torch.empty_like(k_hat), torch.empty_like(v)
+    args = (T, H, Hkv, triton.next_power_of_2(T), scale)
+    meta = dict(CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q_hat.dtype))
+    _attn_bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)](
+        q_hat, k_hat, v, do, lse, delta, rstd_k, cos, sin, dk, dv, *args, **meta)
+    _attn_bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
+        q_hat, k_hat, v, do, lse, delta, rstd_q, cos, sin, dq, *args, **meta)
+    return dq, dk, dv
 
 
 @_attention_backward_op.register_fake
@@ -531,7 +456,6 @@ def _attention_backward(ctx, do, *_):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Reference helpers: readable eager PyTorch (also used by the inference engine's decode path).
 
 def apply_rotary(x, cos, sin):
@@ -547,7 +471,6 @@ def rms_norm(x, eps=1e-6):
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Public functions
 
 def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
@@ -558,7 +481,8 @@ def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=N
 
 def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """tritonchat::attention (the Triton kernels, differentiable) whatever the eager/fused mode; any strides."""
-    scale = _prepare(q, k, v, cos, sin, scale)
+    _check_inputs(q, k, v, cos, sin)
+    scale = float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
     return torch.ops.tritonchat.attention(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)[0]
 
 

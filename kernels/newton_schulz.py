@@ -1,32 +1,23 @@
 """Muon's Newton-Schulz orthogonalisation (quintic iteration), batched, with symmetric Triton GEMMs.
 
 newton_schulz(G, steps=5, eps=1e-7): G (m, n) or (batch, m, n) -> same shape and dtype, contiguous. Triton path:
-fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 are a ValueError; the PyTorch operator
-tritonchat::newton_schulz.
+fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 are a ValueError; it is the PyTorch operator
+tritonchat::newton_schulz and, as Muon needs, not differentiable (it runs under no_grad); the reference is.
 X = G / (||G||_F + eps), transposed when m > n so the Gram matrix is the small one; then `steps` times
     A = X X^T;  B = b A + c A A;  X = a X + B X       with (a, b, c) = NS_COEFFS = (3.4445, -4.7750, 2.0315).
 On the singular values s of X each step applies p(s) = a s + b s^3 + c s^5 (U and V are untouched), so the result is
 U phi(S) V^T with phi = p applied `steps` times to s = sigma / ||G||_F. Measured on that scalar map: after 5 steps,
 every s >= 0.01 lands in [0.682, 1.134] and every s >= 0.0015 in [0.68, 1.203] (the maximum of p on [0, 1]);
 smaller ones stay small (p'(0) = a, so s grows ~3.44x per step); after 1 step the band is [p(s_min), 1.203].
-Tests check the fused result's singular values against phi directly. Like Muon needs, the Triton path is not
-differentiable (it runs under no_grad); the reference is.
+Tests check the fused result's singular values against phi directly.
 
-What the kernels do (per step, m <= n, all three in one launch each for the whole batch: grid axis 1 = batch):
-  1. `_syrk_kernel`  A = X X^T. A is symmetric, so only the tiles (i, j) with i <= j are computed (T(T+1)/2 of T^2
-     programs) and each is stored twice, at (i, j) and mirrored at (j, i): m^2 n FLOPs instead of 2 m^2 n.
-     Diagonal tiles store their upper triangle and its mirror, so A is exactly symmetric.
-  2. `_syrk_kernel`  B = c A A + b A. Because A is exactly symmetric, A A = A A^T: the same kernel with the scalars
-     fused into its epilogue (alpha = c, plus beta = b times the A tile): m^3 FLOPs instead of 2 m^3, and no separate
-     A*A buffer or axpby pass.
-  3. `_ns_update_kernel`  X' = a X + B X: a plain GEMM whose epilogue adds a times the X tile (2 m^2 n FLOPs). The
-     last step writes straight into the transposed output when G was transposed (no extra copy).
-All products accumulate in fp32; A, B and X are stored in the input dtype (bf16 on GPU, as the reference's bf16
-matmuls do). Per step that is 3 m^2 n + m^3 FLOPs instead of 4 m^2 n + 2 m^3: 1.38x fewer for m = n/4, 1.5x for
-square matrices. Launches stay at three per step, as the reference's (its addmm/baddbmm fuse the scalars too): the
-win is the halved symmetric products, so it only shows where the Triton GEMMs run near cuBLAS speed (not measured
-on GPU: `python -m bench.newton_schulz`). The Frobenius normalisation is one torch reduction and one elementwise pass
-written straight into the contiguous working buffer.
+Per step (m <= n), one launch each for the whole batch (grid axis 1 = batch): `_syrk_kernel` A = X X^T computes only
+the upper tiles (i <= j) and mirrors them (diagonal tiles: upper triangle + mirror, so A is exactly symmetric);
+`_syrk_kernel` again for B = c A A^T + b A (A A = A A^T as A is symmetric; scalars in the epilogue); and
+`_ns_update_kernel` X' = a X + B X (the last step writes straight into the transposed output when G was). fp32
+accumulation, A, B, X stored in the input dtype. 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3 (1.38x
+fewer at m = n/4, 1.5x square) in as many launches as the reference: a win only where the Triton GEMMs run near
+cuBLAS speed (not measured on GPU: `python -m bench.newton_schulz`).
 
 References:
   * Muon and its Newton-Schulz coefficients (Keller Jordan, 2024): https://kellerjordan.github.io/posts/muon/
@@ -44,24 +35,12 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 # Hopper (H100/H200), bf16 with fp32 accumulation; square tiles for the symmetric product. Under the interpreter
 # 64-wide tiles: 32 still covers the tile-edge masking at the test shapes, but makes a tiny model's Muon step 4x slower.
-_SYRK_CONFIGS = configs(
-    hopper=[
-        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # few tiles, long K (1280 x 5120)
-    ],
-    interpret=[triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)])
-_UPDATE_CONFIGS = configs(
-    hopper=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    ],
-    interpret=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)])
+_SYRK_CONFIGS = configs(("BLOCK", "BLOCK_K"), [(128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4),
+                                               (64, 128, 4, 3)],  # the last: few tiles, long K (1280 x 5120)
+                       (64, 64, 4, 1))
+_UPDATE_CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+    (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 3)], (64, 64, 64, 4, 4, 1))
 
 
 @triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_C"])
@@ -141,46 +120,34 @@ def gram_triton(x, out=None):
     return _syrk_launch(x, out)
 
 
-def _update(b, x, out, a_coef):
-    """out = a_coef x + b x for b (batch, M, M), x (batch, M, N); out may be any strided (batch, M, N) view."""
-    batch, M, N = x.shape
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)
-    _ns_update_kernel[grid](b, x, out, M, N, a_coef, *b.stride(), *x.stride(), *out.stride(),
-                            PRECISION=dot_precision(x.dtype))
-    return out
-
-
 @torch.no_grad()
 def _newton_schulz(G, steps, eps):
-    squeeze = G.ndim == 2
-    G3 = G.unsqueeze(0) if squeeze else G
+    G3 = G.unsqueeze(0) if G.ndim == 2 else G
     batch, rows, cols = G3.shape
     transposed = rows > cols
     X0 = G3.mT if transposed else G3                       # (batch, m, n), m <= n (a view)
     m, n = X0.shape[-2:]
     result = torch.empty_like(G3, memory_format=torch.contiguous_format)
-    if G3.numel() == 0:
-        return result.squeeze(0) if squeeze else result
-    X = torch.empty(batch, m, n, device=G.device, dtype=G.dtype)
-    torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)  # one pass into the contiguous work buffer
-    if steps == 0:
-        result.copy_(X.mT if transposed else X)
-        return result.squeeze(0) if squeeze else result
-    a, b, c = NS_COEFFS
-    A = torch.empty(batch, m, m, device=G.device, dtype=G.dtype)
-    B = torch.empty_like(A)
-    X_next = torch.empty_like(X)
     final = result.mT if transposed else result            # the (batch, m, n) view the last step writes into
-    for step in range(steps):
-        _syrk_launch(X, A)                                 # A = X X^T
-        _syrk_launch(A, B, alpha=c, c=A, beta=b)           # B = c A A^T + b A  (A symmetric)
-        out = final if step == steps - 1 else X_next
-        _update(B, X, out, a)                              # X' = a X + B X
-        X, X_next = out, X
-    return result.squeeze(0) if squeeze else result
+    if steps == 0:
+        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=final)
+    elif G3.numel() > 0:
+        X = torch.empty(batch, m, n, device=G.device, dtype=G.dtype)
+        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)  # one pass into the contiguous work buffer
+        a, b, c = NS_COEFFS
+        A = torch.empty(batch, m, m, device=G.device, dtype=G.dtype)
+        B, X_next = torch.empty_like(A), torch.empty_like(X)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
+        for step in range(steps):
+            _syrk_launch(X, A)                                 # A = X X^T
+            _syrk_launch(A, B, alpha=c, c=A, beta=b)           # B = c A A^T + b A  (A symmetric)
+            out = final if step == steps - 1 else X_next       # X' = a X + B X:
+            _ns_update_kernel[grid](B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride(),
+                                    PRECISION=dot_precision(X.dtype))
+            X, X_next = out, X
+    return result.view(G.shape)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # torch.library: tritonchat::newton_schulz (no autograd: Muon calls it on gradients)
 
 @kernel_op("tritonchat::newton_schulz")
@@ -194,7 +161,6 @@ def _(G, steps, eps):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Public functions
 
 def newton_schulz(G, steps=5, eps=1e-7):

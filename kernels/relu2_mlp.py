@@ -10,26 +10,17 @@ Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     backward   dW_proj = dy^T a          dA = dy W_proj          dh = dA * 2 r
                dW_fc   = dh^T x          dx = dh W_fc
 
-What is fused and what is saved:
-  * forward GEMM 1 (Triton, `_matmul_kernel` with _ACT_RELU2): h is accumulated in fp32 and the epilogue writes only
-    a = relu(h)^2 in the input dtype. h and r never reach memory.
-  * the projection y = a W_proj^T is a plain GEMM with no epilogue: it goes to cuBLAS (torch.matmul); a Triton GEMM
-    with nothing to fuse is not expected to beat it (not measured on GPU: `python -m bench.relu2_mlp`).
-  * saved for backward: x and a -- ONE (M, F) activation tensor. The ReLU^2 derivative needs r = relu(h), and
-    since r >= 0 it is recovered exactly as r = sqrt(a) (in fp32, in the epilogue below). Storing a rather than h
-    or r is the right one to keep because dW_proj = dy^T a needs a itself; storing h would force recomputing a (a
-    second (M, F) tensor or a Triton GEMM with a prologue) in backward. Precision: a rounded to bf16 has relative
-    error <= 2^-8, so sqrt(a) has <= 2^-9 -- better than eager, which stores r itself rounded to bf16 (2^-8). (In
-    fp16, a = h^2 is subnormal for |h| < ~8e-3 and zero below ~1.7e-4, as in eager's forward; there the derivative
-    2 sqrt(a) < 0.016 loses relative precision or becomes 0, where eager's 2 r would not.)
-  * backward GEMM dA = dy W_proj (Triton, _ACT_DRELU2): the epilogue loads the a tile and writes dh = dA * 2 sqrt(a)
-    directly; dA never reaches memory. The weight gradients and dx are plain GEMMs -> cuBLAS.
-
-Why it beats eager: eager runs linear -> relu -> square -> linear, writing/reading h, r and a (three (M, F) tensors
-through HBM in the forward and again for relu/square backward) and keeps two of them (r and a) alive for backward;
-its forward peak holds h, r and a at once. Fused: one (M, F) write in the forward (a), one in the backward (dh),
-and one (M, F) tensor saved -> roughly half the MLP's activation memory (F = 4C, so the saved bytes per token go
-from C + 8C to C + 4C elements). Test `test_saved_tensor_bytes` counts them with saved_tensors_hooks.
+Fused: GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and its epilogue writes only a in the
+input dtype (h and r never reach memory); the backward GEMM dA = dy W_proj (_ACT_DRELU2) loads the a tile and writes
+dh = dA * 2 sqrt(a) (dA never reaches memory). y = a W_proj^T, the weight gradients and dx are plain GEMMs: cuBLAS
+(a Triton GEMM with nothing to fuse is not expected to beat it; not measured on GPU: `python -m bench.relu2_mlp`).
+Saved for backward: x and a, ONE (M, F) tensor: r = sqrt(a) exactly since r >= 0 (in fp32, in the epilogue), and
+dW_proj = dy^T a needs a itself (saving h would mean recomputing a). Precision: a in bf16 has relative error <= 2^-8,
+so sqrt(a) <= 2^-9, better than eager's bf16 r (2^-8). (In fp16, a = h^2 is subnormal for |h| < ~8e-3 and zero
+below ~1.7e-4, as in eager's forward; there 2 sqrt(a) < 0.016 loses relative precision or becomes 0, where eager's
+2 r would not.) Versus eager (linear -> relu -> square -> linear: h, r and a through HBM forward and backward, r and
+a kept, all three at the forward peak): one (M, F) write forward (a), one backward (dh), one saved, so the saved
+bytes per token go from C + 8C to C + 4C elements (F = 4C); `test_saved_tensor_bytes` counts them.
 
 References:
   * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
@@ -48,22 +39,13 @@ import kernels
 from kernels._common import configs, dot_precision, grouped_tile, kernel_op, matmul_tile
 
 # GEMM epilogues of `_matmul_kernel`
-_ACT_NONE: tl.constexpr = tl.constexpr(0)    # C = A @ B
 _ACT_RELU2: tl.constexpr = tl.constexpr(1)   # C = relu(A @ B)^2
 _ACT_DRELU2: tl.constexpr = tl.constexpr(2)  # C = (A @ B) * 2 sqrt(aux)
 
 # Hopper (H100/H200) bf16 GEMM configs; tl.dot lowers to wgmma for these tile shapes
-_CONFIGS = configs(
-    hopper=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    ],
-    interpret=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)])
+_CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+    (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 3)], (32, 64, 64, 4, 4, 1))
 
 
 # tuned per power-of-two bucket of M, not per M: the engine's prefill/decode calls come with ever-changing token counts
@@ -93,21 +75,17 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
              mask=mask)
 
 
-def _matmul(a, b, act=_ACT_NONE, aux=None):
+def _matmul(a, b, act, aux=None):
     """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`; fp32 accumulation."""
-    assert a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0], (a.shape, b.shape)
-    M, K = a.shape
-    N = b.shape[1]
+    (M, K), N = a.shape, b.shape[1]
+    assert K == b.shape[0] and (aux is None or aux.shape == (M, N)), (a.shape, b.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return c
-    if aux is None:
-        aux = c  # read only by _ACT_DRELU2; any pointer will do
-    assert aux.shape == (M, N), (aux.shape, (M, N))
+    aux = c if aux is None else aux  # read only by _ACT_DRELU2; any pointer will do
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _matmul_kernel[grid](a, b, c, aux, M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), b.stride(0),
-                         b.stride(1), c.stride(0), c.stride(1), aux.stride(0), aux.stride(1),
-                         ACT=act.value, PRECISION=dot_precision(a.dtype))
+    _matmul_kernel[grid](a, b, c, aux, M, N, K, triton.next_power_of_2(M), *a.stride(), *b.stride(), *c.stride(),
+                         *aux.stride(), ACT=act.value, PRECISION=dot_precision(a.dtype))
     return c
 
 
@@ -127,7 +105,6 @@ def _check(x, w_fc, w_proj):
         raise ValueError(f"relu2_mlp: tensors on different devices: {x.device}, {w_fc.device}, {w_proj.device}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # torch.library: tritonchat::relu2_mlp (differentiable; its backward calls tritonchat::relu2_mlp_dh)
 
 @kernel_op("tritonchat::relu2_mlp")
@@ -180,7 +157,6 @@ def _relu2_mlp_backward(ctx, dy, _da):
 _relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Public functions
 
 def relu2_mlp(x, w_fc, w_proj):

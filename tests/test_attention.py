@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import (attention, attention_forward_kloop_triton, attention_reference, attention_triton,
-                               triton_kernels)
+from kernels.attention import attention, attention_reference, attention_triton, triton_kernels
 from model.gpt import GPT, GPTConfig, precompute_rotary
 
 torch.manual_seed(0)
@@ -219,14 +218,3 @@ def test_every_hopper_config_gpu(monkeypatch):
         for config in list(kern.configs):
             monkeypatch.setattr(kern, "configs", [config])
             assert_as_good_as_eager(1, 1000, 16, 4, 128, causal=True)
-
-
-@pytest.mark.parametrize("T,H,Hkv,causal,qk_norm", [(77, 6, 2, True, True), (130, 4, 1, False, True),
-                                                    (17, 4, 4, True, False)])
-def test_k_in_loop_forward_variant(T, H, Hkv, causal, qk_norm):
-    # the forward-only alternative design (K rotated/normalised per tile, no pre-pass) kept for GPU timing
-    q, k, v, _ = make_case(1, T, H, Hkv, 64, torch.float32)
-    cos, sin = rotary(T, 64)
-    kw = dict(causal=causal, qk_norm=qk_norm, scale=None if qk_norm else 0.05)
-    torch.testing.assert_close(attention_forward_kloop_triton(q, k, v, cos, sin, **kw),
-                               attention_reference(q, k, v, cos, sin, **kw), atol=1e-4, rtol=1e-4)
