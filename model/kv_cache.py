@@ -1,41 +1,26 @@
-"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence, with
-a prefix cache across requests and, for the eager decode path, a dense row per running sequence.
+"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence, with a
+prefix cache across requests and, for eager decode, a dense row per running sequence.
 
-Pages. k and v are (n_layer, num_blocks, block_size, n_kv_head, head_dim) tensors with a free list and a refcount per
-block. A sequence owns a block table (a list of block ids): block j holds its tokens j*block_size ...
-(j+1)*block_size - 1. Sequences forked from one prompt share its blocks (refcount > 1); the first write into a shared
-block copies it first (copy-on-write), so full prompt pages are stored once however many samples run. The pool
-doubles when it runs dry and nothing can be evicted. vLLM's PagedAttention, https://arxiv.org/abs/2309.06180.
+Pages: k and v are (n_layer, num_blocks, block_size, n_kv_head, head_dim), with a free list and a refcount per block; a
+sequence's block table lists its blocks (block j holds its tokens j*block_size ... (j+1)*block_size - 1). Samples
+forked from one prompt share its blocks, copied on the first write (copy-on-write); the pool doubles when it runs dry.
+vLLM's PagedAttention, https://arxiv.org/abs/2309.06180.
+Prefix cache: full blocks in a tree keyed by their tokens, SGLang's RadixAttention (https://arxiv.org/abs/2312.07104)
+at block granularity. match_prefix hands a request the blocks of its longest cached prefix (a system prompt, earlier
+turns: only the rest is prefilled); insert_prefix adds a prompt's full blocks after its prefill and a finished
+sequence's. A cached block at refcount 0 is evictable: allocation takes free blocks, then evicts the least recently
+used evictable leaf, and only then grows the pool. num_free() counts free + evictable blocks.
+Dense rows: so that an eager decode step does not gather every page per layer, each running sequence also has a row
+of a dense (n_layer, rows, n_kv_head, row_len, head_dim) tensor (nanochat's layout, read by SDPA without a copy),
+filled from the pages when it is behind. An eager step writes the new k/v into the rows only and runs one SDPA per
+layer over rows[:n] (a closed row is replaced by the last); rows are flushed into the pages before these are read.
 
-Prefix cache (across requests). Full blocks are indexed in a tree keyed by their tokens: a node is one block, its
-path from the root the whole prefix it holds, as SGLang's RadixAttention (https://arxiv.org/abs/2312.07104) at block
-granularity. `match_prefix(tokens)` hands a new request the blocks of its longest cached prefix (a chat's system
-prompt and earlier turns), so only the rest is prefilled; `insert_prefix` adds a prompt's full blocks after its
-prefill and a finished sequence's full blocks (prompt + completion) when it ends. A cached block whose refcount
-drops to 0 is not freed but becomes evictable: allocation takes free blocks first, then evicts the least recently
-used evictable leaf, and grows the pool only when nothing is evictable. num_free() counts free + evictable blocks.
-
-Dense rows (eager decode). The eager decode step must not copy every page of every sequence each step (a gather of
-the whole context, per layer, per step). So each running sequence also gets a row of a dense
-(n_layer, rows, n_kv_head, row_len, head_dim) tensor, the layout SDPA reads without a copy (as nanochat's dense
-cache). A row is filled once from the pages when it falls behind (after the prefill, or a fused step); then each
-eager step writes the new token's k/v into the rows only and runs ONE SDPA over the rows in use per layer. The
-tokens a row holds beyond its pages are flushed into the pages, all at once, when the pages are read next: when the
-row closes (before its sequence's blocks go to the prefix cache) and before a step on the pages (fused). Rows stay
-compact (a closed row is replaced by the last one), so the rows in use are always rows[:n]. Eager mode therefore
-holds a running sequence's context twice (pages + row); the fused path reads only the pages.
-
-The model calls `cache.attend(layer_idx, q, k, v)` with raw q/k/v during a forward (model/gpt.py). What kind of
-forward that is, the engine says by setting `cache.plan` around it (`with cache.planned(plan): model(...)`):
-- PrefillPlan: R prompts right padded to T. Without a cached prefix, each at positions 0..len-1: fused, attention by
-  kernels.attention.attention (causal, so the padding is never attended) and write_kv; eager, q and k rotated and
-  normalised once, causal SDPA, and the valid tokens' k/v copied into their page slots. With a cached prefix
-  (plan.starts > 0), row r's tokens sit at starts[r] + 0..len-1 and attend to the cached pages too: SDPA over the
-  gathered pages with a causal mask shifted by starts[r] (PyTorch in both modes).
-- DecodePlan: one new token per sequence, at its own position. Eager with rows: rotary + RMS norm here, the dense
-  rows. Otherwise kernels.paged_decode.rope_norm_write_kv (rotary + RMS norm of q and k, k/v into the pages: one
-  Triton launch when fused) then paged_decode_attention over the pages (fused; or eager without rows: the references,
-  which gather the pages).
+The model calls `cache.attend(layer_idx, q, k, v)` (raw q/k/v) inside the engine's `with cache.planned(plan): ...`:
+- PrefillPlan: R right-padded prompts. No cached prefix: fused, kernels.attention.attention + write_kv; eager, q/k
+  rotated + normalised once, causal SDPA, the valid k/v copied to their slots. A cached prefix (plan.starts > 0): SDPA
+  over the gathered pages with a causal mask shifted by starts[r] (PyTorch in both modes).
+- DecodePlan: one token per sequence. Eager with rows: rotary + RMS norm here, SDPA over the rows. Otherwise
+  kernels.paged_decode.rope_norm_write_kv (one Triton launch when fused), then paged_decode_attention over the pages.
 """
 import contextlib
 import heapq
@@ -148,7 +133,7 @@ class PagedKVCache:
         # dense rows
         self.rows = []             # Row handles in use, rows[i].index == i
         self.row_k = self.row_v = None  # (n_layer, row capacity, Hkv, row_len capacity, D), allocated on first use
-        self._rot = None           # ([cos, cos], [sin, -sin]) stacked (rotary_len, 2, D), the cache dtype: rows path
+        self._rot = None           # _rotation()'s table
 
     @property
     def num_blocks(self):
@@ -163,13 +148,18 @@ class PagedKVCache:
         return len(self.node_of)
 
     # -- blocks ----------------------------------------------------------------------------------------------------
+    def _zeros_with(self, old, shape):
+        """Zeros of `shape` (the pages' dtype and device) with `old` (if any) copied into its leading corner."""
+        t = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
+        if old is not None:
+            t[tuple(map(slice, old.shape))] = old
+        return t
+
     def _grow(self):
         old = self.num_blocks
-        new_shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
-        for name in ("k", "v"):
-            t = torch.zeros(new_shape, dtype=self.k.dtype, device=self.k.device)
-            t[:, :old] = getattr(self, name)
-            setattr(self, name, t)
+        shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
+        self.k = self._zeros_with(self.k, shape)
+        self.v = self._zeros_with(self.v, shape)
         self.refcount += [0] * old
         self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
 
@@ -335,16 +325,11 @@ class PagedKVCache:
         if self.row_k is not None and self.row_k.shape[1] >= n_rows and self.row_k.shape[3] >= row_len:
             return
         L, _, _, Hkv, D = self.k.shape
-        old = self.row_k
-        old_rows, old_len = (old.shape[1], old.shape[3]) if old is not None else (0, 0)
+        old_rows, old_len = (self.row_k.shape[1], self.row_k.shape[3]) if self.row_k is not None else (0, 0)
         cap_rows = old_rows if old_rows >= n_rows else max(n_rows, 2 * old_rows, 8)
         cap_len = old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length())
-        for name in ("row_k", "row_v"):
-            t = torch.zeros(L, cap_rows, Hkv, cap_len, D, dtype=self.k.dtype, device=self.k.device)
-            if old is not None:
-                o = getattr(self, name)
-                t[:, :o.shape[1], :, :o.shape[3]] = o
-            setattr(self, name, t)
+        self.row_k = self._zeros_with(self.row_k, (L, cap_rows, Hkv, cap_len, D))
+        self.row_v = self._zeros_with(self.row_v, (L, cap_rows, Hkv, cap_len, D))
 
     def _fill_row(self, row, blocks, upto):
         """Copy tokens row.length .. upto-1 of a sequence from its pages into its row (all layers)."""
@@ -402,10 +387,7 @@ class PagedKVCache:
         row_slots = [(i * Hkv + h) * cap_len + p for i, p in zip(index, positions) for h in range(Hkv)]
         ints = torch.tensor(positions + index + row_slots, device=device)  # one host -> device copy
         pos_t, index_t, slots_t = ints[:B], ints[B:2 * B], ints[2 * B:]
-        if self._rot is None or self._rot.dtype != self.k.dtype:
-            cos, sin = self.cos.to(self.k.dtype), self.sin.to(self.k.dtype)  # (rotary_len, D/2)
-            self._rot = torch.stack([torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)], 1)  # (rotary_len, 2, D)
-        rot = self._rot[pos_t]                                   # (B, 2, D)
+        rot = self._rotation()[pos_t]                            # (B, 2, D)
         direct = n == B and index == list(range(n))
         mask = None
         if n != B or min(positions) + 1 != row_len:
@@ -416,6 +398,13 @@ class PagedKVCache:
         return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=index_t, row_slots=slots_t,
                           rot_cos=rot[:, :1], rot_sin=rot[:, 1:], n_rows=n, row_len=row_len, mask=mask,
                           direct=direct, rows=list(rows))
+
+    def _rotation(self):
+        """([cos, cos], [sin, -sin]) stacked (rotary_len, 2, D), in the cache dtype: the eager paths' rotary."""
+        if self._rot is None or self._rot.dtype != self.k.dtype:
+            cos, sin = self.cos.to(self.k.dtype), self.sin.to(self.k.dtype)  # (rotary_len, D/2)
+            self._rot = torch.stack([torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)], 1)
+        return self._rot
 
     @contextlib.contextmanager
     def planned(self, plan):
@@ -488,8 +477,8 @@ class PagedKVCache:
         if plan.rot is None:                                      # once per forward, not per layer
             pos = torch.arange(T, device=q.device) if plan.starts is None else \
                 plan.starts[:, None] + torch.arange(T, device=q.device)  # (T,) or (R, T)
-            cos, sin = self.cos[pos].to(k_cache.dtype)[..., None, :], self.sin[pos].to(k_cache.dtype)[..., None, :]
-            plan.rot = (pos, torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1))  # (..., T, 1, D)
+            rot = self._rotation()[pos]                           # (..., T, 2, D)
+            plan.rot = (pos, rot[..., :1, :], rot[..., 1:, :])    # (..., T, 1, D) each
         pos, rot_cos, rot_sin = plan.rot
         qk = torch.cat([q, k], dim=2).to(k_cache.dtype)           # (R, T, H + Hkv, D)
         qk = F.rms_norm(torch.addcmul(qk * rot_cos, qk.roll(D // 2, -1), rot_sin), (D,), eps=QK_NORM_EPS)
@@ -514,20 +503,13 @@ class PagedKVCache:
 
 
 class DecodeGraphs:
-    """CUDA graphs of the fused decode step (the model's forward over a DecodePlan), one per (batch bucket, block
-    table width), captured on first use and replayed after.
-
-    A decode step at small batch is launch bound (a few kernels per layer, each far shorter than its launch): a graph
-    replays them all with one launch from the host. Graphs need fixed shapes and addresses, so the batch is padded up
-    to its bucket (BUCKETS, up to max_batch; bigger batches run without a graph) and the block table to a power-of-two
-    width. Padded rows write their k/v into one reserved scratch page and attend to that slot alone (seq_len 1), so
-    they touch no sequence's pages; padding table entries are never read. The graph reads its inputs (token ids,
-    positions, tables, seq_lens) from static buffers and writes the logits into a static buffer; a step copies its
-    inputs in and replays. A graph holds the pool's addresses: when the pool grows, every graph is dropped and
-    captured again on demand.
-
-    capture=False runs the same padded step without graphs (what a CPU test can check: buckets, padding, equal
-    outputs); the engine uses this class only on CUDA in fused mode."""
+    """CUDA graphs of the fused decode step, one per (batch bucket, block table width), captured on first use and
+    replayed after: at small batch the step is launch bound, and a graph replays all its kernels with one launch.
+    Graphs need fixed shapes and addresses: the batch is padded to its bucket (BUCKETS up to max_batch; bigger batches
+    run without a graph) and the block table to a power-of-two width; padded rows write into one reserved scratch
+    page and attend to that slot alone (seq_len 1). Inputs are copied into static buffers, logits come from one; when
+    the pool grows every graph is dropped and captured again on demand. capture=False runs the same padded step
+    without graphs (what a CPU test can check); the engine uses this class only on CUDA in fused mode."""
 
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
