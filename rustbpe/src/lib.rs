@@ -1,23 +1,20 @@
 //! rustbpe: a fast byte-level BPE trainer for tritonchat, in the spirit of nanochat's rustbpe.
 //!
-//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings. For each batch the GIL is released
-//!    and rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2, as nanochat) and counts the chunks.
-//!    The default pattern runs through a hand-written scanner (`gpt4_chunk_end`), equivalent to the regex and several
-//!    times faster than fancy-regex's backtracking VM (tests compare both on random Unicode); any other pattern goes
-//!    through fancy-regex.
-//! 2. Count pairs once: every unique chunk becomes a word (its bytes as token ids 0..255). Adjacent pairs are counted
-//!    in parallel (weighted by the chunk count), remembering for every pair the words that contain it.
-//! 3. Merge with incremental updates: a max-heap of (count, pair) with lazy invalidation: a popped entry whose count is
-//!    stale is pushed back with the current count. Merging pair p into a new token only rewrites the words listed for
-//!    p and applies the exact pair-count deltas (-1 per pair destroyed, +1 per pair created, times the word's count);
-//!    the corpus is never recounted.
+//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings; per batch, with the GIL released,
+//!    rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2, as nanochat) and counts the chunks.
+//!    The default pattern runs through a hand-written scanner (`gpt4_chunk_end`), equivalent to the regex (tests
+//!    compare both on random Unicode) and several times faster than fancy-regex, which splits any other pattern.
+//! 2. Count pairs once: every unique chunk becomes a word (its bytes as ids 0..255); adjacent pairs are counted in
+//!    parallel, weighted by the chunk count, remembering for every pair the words that contain it.
+//! 3. Merge incrementally: a max-heap of (count, pair) with lazy invalidation (a popped entry whose count is stale is
+//!    pushed back with the current one). Merging pair p only rewrites the words listed for p and applies the exact
+//!    pair-count deltas (-1 per pair destroyed, +1 per pair created, times the word's count): no recounting.
 //!
-//! Tie-break rule (the pure-Python reference trainer in tests/test_rustbpe.py follows it exactly): the highest count
-//! wins; among equal counts, the lexicographically smallest pair of token ids (left, right). Lazy invalidation is
-//! exact: a pair's count only grows in the merge that creates one of its tokens, after which it is pushed with its
-//! final count, so every heap entry is an upper bound of its pair's count and an entry current when popped is a true
-//! maximum. Determinism: counting is a commutative sum and the merge loop is sequential, so the result depends neither
-//! on the number of threads nor on hash-map order.
+//! Tie-break (the pure-Python reference trainer in tests/test_rustbpe.py follows it): the highest count wins, then the
+//! smallest pair (left, right). Lazy invalidation is exact: a pair's count only grows in the merge that creates one of
+//! its tokens, after which it is pushed with its final count, so every entry is an upper bound of its pair's count and
+//! one that is current when popped is a true maximum. Counting is a commutative sum and the merge loop sequential, so
+//! the result depends neither on the number of threads nor on hash-map order.
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -386,17 +383,6 @@ pub struct Tokenizer {
     splitter: Option<Splitter>,
 }
 
-impl Tokenizer {
-    fn encode_chunk(&self, chunk: &str, out: &mut Vec<u32>) {
-        let mut ids: Vec<u32> = chunk.bytes().map(u32::from).collect();
-        // The lowest-rank (earliest) merge present in the chunk is applied first, as tiktoken does.
-        while let Some(new_id) = ids.windows(2).filter_map(|w| self.ranks.get(&(w[0], w[1])).copied()).min() {
-            merge_word(&mut ids, self.merges[(new_id - 256) as usize], new_id, &mut Vec::new());
-        }
-        out.extend_from_slice(&ids);
-    }
-}
-
 #[pymethods]
 impl Tokenizer {
     #[new]
@@ -456,11 +442,10 @@ impl Tokenizer {
             }
             py.allow_threads(|| -> PyResult<()> {
                 for (k, v) in pool.install(|| count_chunks(&sp, &batch))? {
-                    match counts.get_mut(k) {
-                        Some(c) => *c += v,
-                        None => {
-                            counts.insert(k.to_owned(), v);
-                        }
+                    if let Some(c) = counts.get_mut(k) {
+                        *c += v;
+                    } else {
+                        counts.insert(k.to_owned(), v);
                     }
                 }
                 Ok(())
@@ -520,8 +505,15 @@ impl Tokenizer {
         if self.splitter.is_none() {
             self.splitter = Some(Splitter::new(&self.pattern, false)?);
         }
-        let mut out = Vec::with_capacity(text.len());
-        self.splitter.as_ref().unwrap().for_each(text, |chunk| self.encode_chunk(chunk, &mut out))?;
+        let (mut out, ranks, merges) = (Vec::with_capacity(text.len()), &self.ranks, &self.merges);
+        self.splitter.as_ref().unwrap().for_each(text, |chunk| {
+            let mut ids: Vec<u32> = chunk.bytes().map(u32::from).collect();
+            // The lowest-rank (earliest) merge present in the chunk is applied first, as tiktoken does.
+            while let Some(new_id) = ids.windows(2).filter_map(|w| ranks.get(&(w[0], w[1])).copied()).min() {
+                merge_word(&mut ids, merges[(new_id - 256) as usize], new_id, &mut Vec::new());
+            }
+            out.extend_from_slice(&ids);
+        })?;
         Ok(out)
     }
 }
