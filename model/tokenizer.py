@@ -148,20 +148,17 @@ class Tokenizer:
             mask.extend([m] * len(tokens))
 
         sp = self.special_tokens
+        # part type -> (tokens before, tokens after, mask); python_output is the tool's, forced by the engine
+        wrap = {"text": ([], [], 1), "python": ([sp["<|python_start|>"]], [sp["<|python_end|>"]], 1),
+                "python_output": ([sp["<|output_start|>"]], [sp["<|output_end|>"]], 0)}
         for m in conversation_messages(conversation):
             if m["role"] == "user":
                 add([sp["<|user_start|>"]] + self.encode(_text(m["content"])) + [sp["<|user_end|>"]], 0)
                 continue
             add([sp["<|assistant_start|>"]], 0)
-            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            for part in parts:
-                body = self.encode(part["text"])
-                if part["type"] == "text":
-                    add(body, 1)
-                elif part["type"] == "python":
-                    add([sp["<|python_start|>"]] + body + [sp["<|python_end|>"]], 1)
-                else:  # python_output: produced by the tool, forced by the engine, not learned
-                    add([sp["<|output_start|>"]] + body + [sp["<|output_end|>"]], 0)
+            for part in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
+                before, after, learn = wrap[part["type"]]
+                add(before + self.encode(part["text"]) + after, learn)
             add([sp["<|assistant_end|>"]], 1)
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -248,8 +245,7 @@ class IncrementalDecoder:
     `decoder.ids` holds every id added. The tokenizer needs only decode(ids) -> str (undecodable bytes as U+FFFD)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
+        self.tokenizer, self.ids = tokenizer, []
         self.sent = 0  # characters of the decoded text already handed out
 
     def add(self, token):
