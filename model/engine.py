@@ -1,50 +1,33 @@
 """Inference engine: batched prefill + decode over a paged KV cache, sampling, tool use, continuous batching.
 
-Each engine step = admit + prefill the waiting requests (one right-padded batch of the tokens each prompt does not
-find in the prefix cache), then one decode step for every running sequence of every request (one token each, at
-each sequence's own position). The KV cache (model/kv_cache.py) holds the pages; the engine gives each forward its
-plan (PrefillPlan or DecodePlan). The `num_samples` continuations of one prompt are forked from ONE prefill and share
-the prompt's pages. Full pages outlive their request in the prefix cache: a later prompt that starts with the same
-tokens (a system prompt, a chat's earlier turns) reuses them and prefills only the rest (Engine(prefix_caching=False)
-turns this off).
+A step prefills the waiting requests (one right-padded batch of what each prompt does not find in the prefix cache),
+then decodes one token for every running sequence, each at its own position; each forward gets its plan for the
+cache (model/kv_cache.py). A prompt's num_samples continuations fork from ONE prefill and share its pages; full pages
+outlive their request in the prefix cache, so a later prompt with the same start (a system prompt, a chat's earlier
+turns) prefills only the rest (prefix_caching=False: off). Sampling: temperature (0 = greedy), top-k, a
+torch.Generator per request (seed), so a request's samples do not depend on the batch. A sample ends on
+Engine.stop_ids (<|assistant_end|>, <|bos|>), right after the token that completes a `stop` string in its decoded
+text (across token boundaries; not cut here), or at max_tokens. Tool use: what a sample writes between
+<|python_start|> and <|python_end|> runs in model.sandbox.run_tool_call's jail, synchronously in the step
+(tool_timeout, tool_memory_mb: a slow call pauses the batch); the answer (what a Python REPL shows; a failed call:
+its stdout + "Error: <reason>") is forced, one token a step, as <|output_start|> answer <|output_end|> with mask 0.
 
-Sampling: temperature (0 = greedy), top-k, a torch.Generator per request (seed) so a request's samples do not depend
-on what else is in the batch; stop on <|assistant_end|> or <|bos|> (Engine.stop_ids), or after max_tokens. Tool use:
-the tokens a sample writes between <|python_start|> and <|python_end|> are decoded and run by
-model.sandbox.run_tool_call in its jail (the answer is what a Python REPL shows); it is then forced, one token
-per step, as <|output_start|> answer <|output_end|> with mask 0 (sampled tokens have mask 1). A failed call answers
-its stdout followed by "Error: <reason>" ("Error: timed out"). The sandbox runs synchronously inside the step (limits:
-Engine(tool_timeout=5.0, tool_memory_mb=256)), so a slow tool call pauses the whole batch for that long.
-
-API
     engine = Engine(model, tokenizer, block_size=16, num_blocks=None)
-    # one prompt, streaming: one (token_column, mask_column) per step, each a list with one entry per sample;
-    # an entry is None once that sample has finished. The stop token itself is yielded.
     for tokens, masks in engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
-        ...
-    # one prompt, all at once: prompt + completion per sample, the stop token dropped (as nanochat's
-    # generate_batch, https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py);
-    # masks are 0 on the prompt and forced tool output, 1 on sampled tokens.
-    sequences, masks = engine.generate_batch(ids, num_samples=4, max_tokens=64)
-    # many prompts in one batch: [(sequences, masks) per prompt]; prompt i gets seed + i
-    results = engine.generate_many([ids1, ids2], num_samples=1, max_tokens=64)
-    # continuous batching (the server): requests join between decode steps
-    req = engine.submit(ids, num_samples=1, max_tokens=256, temperature=0.8, top_k=50, seed=0)  # thread-safe
-    engine.step()                     # drive it yourself (one prefill of the newcomers + one decode step) ...
-    engine.start()                    # ... or let a background thread step while there is work (engine.stop())
-    for tokens, masks in req.stream(): ...   # blocking iterator over req's columns (any thread)
-    req.done, req.completions, req.completion_masks, req.finish_reasons ("stop" | "length" | "cancelled" | "error"),
-    req.error (the exception text when it ended with "error"), req.stopped_by (the stop string per sample, or None)
-    engine.cancel(req)                # frees its blocks at the next step (a closed generate() cancels itself)
-    engine.load()                     # {"running", "waiting", "running_sequences", "free_blocks", "total_blocks"}
+        ...  # a column per step, an entry per sample (None once it finished); the stop token is yielded
+    seqs, masks = engine.generate_batch(ids, num_samples=4)  # prompt + completion without the stop token; masks 0
+    # on prompt + forced output, as nanochat's (https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py)
+    results = engine.generate_many([ids1, ids2], max_tokens=64)  # [(seqs, masks)] per prompt; prompt i: seed + i
+    req = engine.submit(ids, num_samples=1, max_tokens=256, temperature=0.8, top_k=50, seed=0, stop=None)
+    engine.step()  # prefill the newcomers + one decode step; or engine.start(): a thread steps (engine.stop())
+    for tokens, masks in req.stream(): ...  # from any thread; then req.done, .completions, .completion_masks, .error,
+    # .stopped_by, .finish_reasons ("stop" | "length" | "cancelled" | "error")
+    engine.cancel(req)  # frees its blocks at the next step (a closed generate() cancels itself)
+    engine.load()       # {"running", "waiting", "running_sequences", "free_blocks", "total_blocks"}
 
-Sampling parameters are checked at submit (ValueError). stop=["..."]: a sample ends ("stop") right after the token
-that completes one of the strings in its decoded text (across token boundaries); the text is not cut here (the
-server cuts it). One request's failure (its sampling, tool call, stop check, or a forward that fails when run for
-it alone) ends that request with "error" and never another: a failed batched forward is retried request by
-request.
-engine.stats counts prefill/decode tokens, steps, copy-on-write copies and prefix-cache hits (prefix_hit_tokens);
-engine.cache.num_free() the blocks an allocation can take (free, or cached and unused).
+submit is thread-safe; bad sampling parameters raise ValueError there. One request's failure (its sampling, tool call,
+stop check, or its forward run alone: a failed batched forward is retried request by request) ends it with "error",
+never another. engine.stats counts prefill/decode tokens, steps, copy-on-write copies and prefix_hit_tokens.
 """
 import math
 import queue
@@ -54,6 +37,7 @@ from collections import deque
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from model import sandbox
 from model.kv_cache import DecodeGraphs, PagedKVCache
@@ -65,47 +49,35 @@ MIN_TEMPERATURE = 1e-5
 
 def check_sampling(num_samples, max_tokens, temperature, top_k, seed, stop):
     """ValueError naming the first bad sampling parameter (see Engine.submit); returns `stop` as a tuple."""
-    def is_int(x):
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    problems = [(not is_int(num_samples) or num_samples < 1, f"num_samples must be an int >= 1, got {num_samples!r}"),
-                (not is_int(max_tokens) or max_tokens < 0, f"max_tokens must be an int >= 0, got {max_tokens!r}"),
-                (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                 or not math.isfinite(temperature) or temperature < 0,
-                 f"temperature must be a finite number >= 0, got {temperature!r}"),
-                (top_k is not None and (not is_int(top_k) or top_k < 1),
-                 f"top_k must be None or an int >= 1, got {top_k!r}"),
-                (not is_int(seed), f"seed must be an int, got {seed!r}")]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(f"Engine: bad sampling parameters: {message}")
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    for ok, what, value in ((is_int(num_samples) and num_samples >= 1, "num_samples must be an int >= 1", num_samples),
+                            (is_int(max_tokens) and max_tokens >= 0, "max_tokens must be an int >= 0", max_tokens),
+                            (real and math.isfinite(temperature) and temperature >= 0,
+                             "temperature must be a finite number >= 0", temperature),
+                            (top_k is None or is_int(top_k) and top_k >= 1, "top_k must be None or an int >= 1", top_k),
+                            (is_int(seed), "seed must be an int", seed)):
+        if not ok:
+            raise ValueError(f"Engine: bad sampling parameters: {what}, got {value!r}")
     stop = () if stop is None else tuple(stop)
     if not all(isinstance(x, str) and x for x in stop):
         raise ValueError(f"Engine: bad sampling parameters: stop must be a list of non-empty strings, got {stop!r}")
     return stop
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Requests and sequences
-
 class Request:
     """One prompt with num_samples continuations. Filled in by the engine; read from any thread."""
 
     def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop=()):
-        self.prompt = list(prompt_ids)
-        self.num_samples = num_samples
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
+        self.prompt, self.num_samples, self.max_tokens = list(prompt_ids), num_samples, max_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.stop = tuple(stop)                                   # stop strings: a sample ends once its text has one
         self.stopped_by = [None] * num_samples                    # the stop string that ended each sample
         self.texts = None                                         # per sample: (IncrementalDecoder, recent text)
         self.completions = [[] for _ in range(num_samples)]       # generated tokens (incl. forced, incl. stop)
         self.completion_masks = [[] for _ in range(num_samples)]  # 1 sampled, 0 forced
         self.finish_reasons = [None] * num_samples
-        self.done = False
-        self.cancelled = False
+        self.done = self.cancelled = False
         self.error = None                                         # why it ended with "error" (exception text)
         self.events = queue.Queue()                               # (tokens, masks) columns, then None
         self.generator = None                                     # torch.Generator seeded at admission
@@ -146,24 +118,17 @@ class _Sequence:
         self.done = False
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The engine
-
 class Engine:
     """Continuous-batching generation for `model` (a GPT) with `tokenizer` (model.tokenizer.Tokenizer's surface).
-
     block_size: tokens per KV page (16, 32 or 64); num_blocks: the initial pool (default: 8 full-length sequences,
     doubled on demand); max_batch: running sequences; max_prefill_tokens: padded tokens per prefill batch;
-    tool_timeout (s) and tool_memory_mb: the sandbox limits of one tool call; prefix_caching: reuse the cached
-    k/v of earlier requests' full blocks (model/kv_cache.py); cuda_graphs: replay the fused decode step from CUDA
-    graphs, one per batch bucket (model.kv_cache.DecodeGraphs; only on CUDA in fused mode, where it holds one
-    scratch page; ignored elsewhere; off by default: not measured on GPU)."""
+    tool_timeout (s), tool_memory_mb: one tool call's sandbox limits; prefix_caching: reuse earlier requests' full
+    blocks; cuda_graphs: replay the fused decode step from CUDA graphs (model.kv_cache.DecodeGraphs: CUDA and fused
+    mode only, holding one scratch page; ignored elsewhere; off by default: not measured on GPU)."""
 
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
                  tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True, cuda_graphs=False):
-        self.model = model
-        self.tokenizer = tokenizer
-        cfg = model.config
+        self.model, self.tokenizer, cfg = model, tokenizer, model.config
         param = next(model.parameters())
         self.device = param.device
         self.max_context = min(model.cos.shape[0], 10 * cfg.sequence_len)
@@ -171,12 +136,9 @@ class Engine:
             num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
         self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
                                   param.dtype, self.device, model.cos, model.sin, prefix_caching=prefix_caching)
-        self.graphs = DecodeGraphs(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" \
-            else None
-        self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
-        self.tool_timeout = tool_timeout
-        self.tool_memory_mb = tool_memory_mb
+        self.graphs = DecodeGraphs(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" else None
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.tool_timeout, self.tool_memory_mb = tool_timeout, tool_memory_mb
         special = tokenizer.encode_special
         # The tokens that end a sample: the server and the chat CLI read this same set.
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
@@ -298,8 +260,7 @@ class Engine:
         reqs = [self.submit(p, num_samples, max_tokens, temperature, top_k, seed + i) for i, p in enumerate(prompts)]
         if self.thread is not None:  # the background loop steps; wait for each request's end of stream
             for r in reqs:
-                for _ in r.stream():
-                    pass
+                deque(r.stream(), maxlen=0)
         while not all(r.done for r in reqs):
             self.step()
         for r in reqs:
@@ -345,11 +306,9 @@ class Engine:
             starts.append(len(blocks) * cache.block_size)
             blocks += [cache.allocate() for _ in range(math.ceil(len(r.prompt) / cache.block_size) - len(blocks))]
             prefix.append(blocks)
-        T = max(len(r.prompt) - start for r, start in zip(batch, starts))
-        idx = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, (r, start) in enumerate(zip(batch, starts)):
-            idx[i, :len(r.prompt) - start] = torch.tensor(r.prompt[start:])
-        lens = torch.tensor([len(r.prompt) - start for r, start in zip(batch, starts)])
+        new = [torch.tensor(r.prompt[start:]) for r, start in zip(batch, starts)]
+        idx = pad_sequence(new, batch_first=True)                     # (R, T), right padded with 0
+        lens = torch.tensor([len(t) for t in new])
         plan = cache.prefill_plan(prefix, lens.tolist(), starts)
         try:
             with cache.planned(plan):
@@ -375,11 +334,9 @@ class Engine:
             r.generator = torch.Generator(device=dev).manual_seed(r.seed)
             # Fork: sample 0 owns the prefix blocks, the others share them (refcount); COW on the first write.
             for s in range(r.num_samples):
-                blocks = prefix[i] if s == 0 else list(prefix[i])
-                if s > 0:
-                    for b in blocks:
-                        cache.incref(b)
-                r.seqs.append(_Sequence(r, s, list(r.prompt), blocks, n))
+                for b in prefix[i] if s > 0 else ():
+                    cache.incref(b)
+                r.seqs.append(_Sequence(r, s, list(r.prompt), prefix[i] if s == 0 else list(prefix[i]), n))
                 r.seqs[-1].row = cache.open_row()
             self.running.append(r)
             try:
@@ -453,13 +410,11 @@ class Engine:
         mcol = [None] * req.num_samples  # and its mask
         for s, tok in zip(seqs, sampled):
             forced = bool(s.forced)
-            if forced:
-                tok = s.forced.popleft()
+            tok = s.forced.popleft() if forced else tok
             s.tokens.append(tok)
             req.completions[s.index].append(tok)
             req.completion_masks[s.index].append(0 if forced else 1)
-            col[s.index] = tok
-            mcol[s.index] = 0 if forced else 1
+            col[s.index], mcol[s.index] = tok, 0 if forced else 1
             if tok == self.python_start:
                 s.in_python, s.python_tokens = True, []
             elif tok == self.python_end and s.in_python:
@@ -471,9 +426,7 @@ class Engine:
                 s.python_tokens = []
             elif s.in_python:
                 s.python_tokens.append(tok)
-            if tok in self.stop_ids and not forced:
-                self._finish_seq(s, "stop")
-            elif req.stop and self._hit_stop(req, s.index, tok):
+            if (tok in self.stop_ids and not forced) or (req.stop and self._hit_stop(req, s.index, tok)):
                 self._finish_seq(s, "stop")
             elif len(req.completions[s.index]) >= req.max_tokens or len(s.tokens) >= self.max_context:
                 self._finish_seq(s, "length")
@@ -518,9 +471,7 @@ class Engine:
     def _finish_request(self, req, reason):
         for s in req.seqs:
             self._finish_seq(s, reason)
-        for i in range(req.num_samples):
-            if req.finish_reasons[i] is None:
-                req.finish_reasons[i] = reason
+        req.finish_reasons[:] = [reason if r is None else r for r in req.finish_reasons]
         if not req.done:
             req.done = True
             req.events.put(None)
