@@ -4,18 +4,17 @@
     python -m bench.engine                                # ours only
     python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
 
-Cases (a 64-token prompt, 128 new tokens, greedy; all 128 are made, as the stop tokens lie outside the vocabulary):
-samples=N: one prompt, N samples (one prefill, then N rows decode together); prompts=N: N different prompts at once
-(ours batches them: one padded prefill, one decode step for all; nanochat's Engine takes one prompt per call).
-Providers: ours-eager (kernels.set_mode("eager")), ours-fused (the Triton kernels) and ours-fused-graphs (+ the decode
-step replayed from CUDA graphs), both CUDA only; nanochat (its Engine.generate, eager PyTorch, SDPA attention unless
-its flash-attention 3 download works: run from this repository, `kernels` names our package, not Hugging Face's).
+Cases (a 64-token prompt, 128 new greedy tokens, all made: the stop tokens lie outside the vocabulary): samples=N, one
+prompt with N samples (one prefill, then N rows decode together); prompts=N, N different prompts at once (ours batches
+them; nanochat's Engine takes one prompt per call). Providers: ours-eager (kernels.set_mode("eager")), ours-fused (the
+Triton kernels) and ours-fused-graphs (+ the decode step replayed from CUDA graphs), both CUDA only; nanochat (its
+Engine.generate, eager, SDPA attention unless its flash-attention 3 download works; `kernels` names our package).
 Metrics: ms = decode time (first token to last) for samples cases, wall time for prompts cases (ratio = nanochat ms /
-ours ms); cpu_ms / cpu_ratio the same in process CPU time (steadier on a shared machine); decode_tok_s, tok_s (end to
-end), ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens of a request); kv_mb = KV bytes at
-the peak (ours: pages in use plus, in eager mode, the dense rows; nanochat: its dense (rows, prompt + max_tokens)
-cache); peak_mb = CUDA allocator peak (None on CPU); agree = share of the first sample's greedy tokens equal to
-nanochat's, up to the first difference. On a shared CPU pass --threads 1 (descheduled OpenMP threads cost a lot).
+ours ms); cpu_ms / cpu_ratio the same in process CPU time (steadier on a shared machine; there pass --threads 1);
+decode_tok_s, tok_s (end to end), ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens of a
+request); kv_mb = KV bytes at the peak (ours: pages in use plus, in eager mode, the dense rows; nanochat: its dense
+(rows, prompt + max_tokens) cache); peak_mb = CUDA allocator peak (None on CPU); agree = share of the first sample's
+greedy tokens equal to nanochat's, up to the first difference.
 
 The model: depth 4, width 256, 4 heads of 64, plain full attention, random weights (matrices N(0, 1/fan_in): the
 greedy path is not degenerate). nanochat's GPT (commit 92d63d4) has more (value embeddings, smear, backout, residual

@@ -3,16 +3,15 @@
     python -m bench.tokenizer            # full: whole embedded corpus, vocab 65536 and 8192 (a few CPU minutes)
     python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
 
-Training (same corpus, split pattern and vocab size incl. the 256 bytes; the median of a few runs, timed around the
-training call only): "ours" is rustbpe from this repository (module `tritonchat_rustbpe`); "pypi_rustbpe" is the
-`rustbpe` package from PyPI (nanochat's), installed as a wheel only (`pip install --only-binary :all: --target
-$TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no sdist build code runs, and the folder is the user's own, not a shared
-/tmp one anyone could fill), so both run in this process, skipped with a note when it cannot be installed;
-"hf_tokenizers" is HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares.
-Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long
-string ("encode") and the list of documents in threads ("encode_batch"). Compression: bytes per token on the held-out
-play. Tokenizer training is CPU work, so unlike the kernel suites the full run is meaningful on a CPU: only --quick
-(or bench.kernels, which always passes quick off-GPU) selects the small run.
+Training (same corpus, split pattern and vocab size incl. the 256 bytes; median of a few runs, timed around the
+training call only): "ours" = rustbpe from this repository (module `tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's
+`rustbpe` from PyPI, a wheel only (`pip install --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe
+rustbpe`: no sdist build code runs, in the user's own folder, not a shared /tmp one), so both run in this process
+(skipped with a note when it cannot be installed); "hf_tokenizers" = HuggingFace `tokenizers` BPE (byte-level, the
+same split regex), as nanochat compares. Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer
+trained on the same data, one long string ("encode") and the documents in threads ("encode_batch"). Compression:
+bytes per token on the held-out play. Training is CPU work, so unlike the kernel suites the full run is meaningful on
+a CPU: only --quick (or bench.kernels, which always passes quick off-GPU) selects the small run.
 """
 import argparse
 import hashlib
