@@ -4,23 +4,20 @@
 
 GPU (bf16): V = GPTConfig().vocab_size (65536), C = n_embd of GPTConfig.from_depth(20) and (32) (1280, 2048),
 tokens in {8k, 32k, 64k}; --quick keeps (8k, d20) and (32k, d32). 10 % of the targets are ignored (-1). Providers:
-  eager    linear_cross_entropy_reference: matmul, .float(), 15 tanh(z / 15), F.cross_entropy (materialises N x V)
-  compile  torch.compile of the same function
-  chunked  the same function per chunk of tokens under torch.utils.checkpoint (recomputed in backward), with the
-           fused path's logits budget (2^28 elements per chunk): the plain-PyTorch way to bound memory
-  fused    kernels.linear_cross_entropy.linear_cross_entropy_triton (ours: cuBLAS GEMMs + one Triton row kernel,
-           gradients computed in the forward)
-TFLOP/s from the explicit count of the loss's useful work: forward 2*N*V*C (z = h w^T), fwd+bwd 6*N*V*C (plus
-dh and dw); the chunked provider does 8*N*V*C (it recomputes z), counted as 6. Peak memory =
-torch.cuda.max_memory_allocated above the inputs while the pass runs. A provider that runs out of memory gets a
-row with no time and oom=True.
-CPU: a tiny fp32 smoke case, eager, chunked and fused under the Triton interpreter (no compile: too slow for a
-smoke run); those timings measure the interpreter, not the kernel.
+eager = linear_cross_entropy_reference (matmul, .float(), 15 tanh(z / 15), F.cross_entropy: materialises N x V);
+compile = torch.compile of it; chunked = the same per chunk of tokens under torch.utils.checkpoint with the fused
+path's logits budget (2^28 elements per chunk), the plain-PyTorch way to bound memory; fused =
+linear_cross_entropy_triton (cuBLAS GEMMs + one Triton row kernel, gradients computed in the forward).
+TFLOP/s from the loss's useful work: forward 2*N*V*C, fwd+bwd 6*N*V*C (chunked recomputes z: 8*N*V*C, counted as
+6). Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs; a provider that runs out of
+memory gets a row with no time and oom=True. CPU: a tiny fp32 smoke case, eager, chunked and fused under the
+Triton interpreter (no compile: too slow); those timings measure the interpreter, not the kernel.
 """
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from bench import harness
+from bench.kernels import timed_row
 from kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
 from model.gpt import SOFTCAP, GPTConfig
 
@@ -41,12 +38,9 @@ def chunked_reference(h, w, targets, softcap=SOFTCAP, ignore_index=-1):
 
 
 def _providers():
-    prov = {"eager": linear_cross_entropy_reference}
-    if harness.on_gpu():
-        prov["compile"] = torch.compile(linear_cross_entropy_reference, dynamic=False)  # one graph per shape
-    prov["chunked"] = chunked_reference
-    prov["fused"] = linear_cross_entropy_triton
-    return prov
+    compiled = {"compile": torch.compile(linear_cross_entropy_reference, dynamic=False)} if harness.on_gpu() else {}
+    return {"eager": linear_cross_entropy_reference, **compiled, "chunked": chunked_reference,  # compile: per shape
+            "fused": linear_cross_entropy_triton}
 
 
 def _cases(quick):
@@ -84,10 +78,7 @@ def run(quick):
 
             for pass_, f, fl in (("fwd+bwd", both, 3 * flops), ("fwd", fwd, flops)):
                 try:
-                    t = harness.bench(f, quick=quick)
-                    peak = harness.peak_memory_mb(f)
-                    rows.append(harness.row(SUITE, case, name, pass_, t["ms"], flops=fl, peak_mb=peak,
-                                            ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+                    rows.append(timed_row(SUITE, case, name, pass_, f, quick, peak=True, flops=fl))
                 except torch.cuda.OutOfMemoryError:
                     rows.append(harness.row(SUITE, case, name, pass_, None, oom=True))
                 _free()

@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from bench import harness
+from bench.kernels import timed_row
 from kernels.newton_schulz import gram_triton, newton_schulz_reference, newton_schulz_triton
 from model.gpt import GPT, GPTConfig
 
@@ -46,9 +47,8 @@ def _muon_step_rows(depth, dev, quick):
     rows = []
     for name in ("eager", "fused"):  # the optimizer calls the dispatcher: flip the mode (outside the timed call)
         kernels.set_mode(name)
-        t = harness.bench(opt.step, quick=quick, rep=None if harness.on_gpu() else 1)  # CPU: interpreter, slow
-        rows.append(harness.row(SUITE, case, name, "muon_step", t["ms"], flops=flops, ms_p20=t["ms_p20"],
-                                ms_p80=t["ms_p80"]))
+        rows.append(timed_row(SUITE, case, name, "muon_step", opt.step, quick, rep=None if harness.on_gpu() else 1,
+                              flops=flops))  # CPU: the interpreter, slow
     return rows
 
 
@@ -64,11 +64,8 @@ def run(quick):
         ns_shapes = [(1, 768, 768), (1, 1280, 1280), (1, 1280, 5120), (1, 5120, 1280), (1, 4096, 4096),
                      (20, 1280, 1280)]
         gram_shapes, depth = [(1, 1280, 1280), (1, 1280, 5120), (1, 4096, 4096), (20, 1280, 1280)], 20
-    providers = {"eager": lambda G: newton_schulz_reference(G, steps=STEPS)}
-    if gpu:
-        compiled = torch.compile(newton_schulz_reference, dynamic=False)
-        providers["compile"] = lambda G: compiled(G, steps=STEPS)
-    providers["fused"] = lambda G: newton_schulz_triton(G, steps=STEPS)
+    compiled = {"compile": torch.compile(newton_schulz_reference, dynamic=False)} if gpu else {}
+    providers = {"eager": newton_schulz_reference, **compiled, "fused": newton_schulz_triton}
 
     prev = kernels.get_mode()
     rows = []
@@ -77,18 +74,15 @@ def run(quick):
             G = torch.randn(batch, m, n, device=dev, dtype=dtype).squeeze(0)
             case = {"op": "ns5", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
             for name, fn in providers.items():
-                t = harness.bench(lambda: fn(G), quick=quick)
-                rows.append(harness.row(SUITE, case, name, "ns5", t["ms"], flops=_ns_flops(batch, m, n),
-                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+                rows.append(timed_row(SUITE, case, name, "ns5", lambda: fn(G, steps=STEPS), quick,
+                                      flops=_ns_flops(batch, m, n)))
         for batch, m, n in gram_shapes:  # the Gram product X X^T alone (m <= n)
             X = torch.randn(batch, m, n, device=dev, dtype=dtype)
             A = torch.empty(batch, m, m, device=dev, dtype=dtype)
             case = {"op": "gram", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
             gram = {"eager": lambda: torch.bmm(X, X.mT, out=A), "fused": lambda: gram_triton(X, out=A)}
-            for name, fn in gram.items():
-                t = harness.bench(fn, quick=quick)
-                rows.append(harness.row(SUITE, case, name, "gram", t["ms"], flops=2 * batch * m * m * n,
-                                        ms_p20=t["ms_p20"], ms_p80=t["ms_p80"]))
+            rows += [timed_row(SUITE, case, name, "gram", fn, quick, flops=2 * batch * m * m * n)
+                     for name, fn in gram.items()]
         rows += _muon_step_rows(depth, dev, quick)
     finally:
         kernels.set_mode(prev)

@@ -1,17 +1,11 @@
 """The eager / fused switch, in one place.
 
-Every kernel family in this package ends with the same three public functions: `<name>` dispatches on the mode set
-here, `<name>_triton` always runs the Triton kernels, `<name>_reference` is plain PyTorch with the same signature
-(attention, relu2_mlp, newton_schulz, paged_decode_attention, write_kv); the Triton side of each is a PyTorch operator
-(torch.ops.tritonchat.*), so torch.compile(fullgraph=True) traces a fused model whole. Flip one switch and the whole
-stack (model, optimizer, engine) runs on the references:
-
-    kernels.set_mode("eager")          # or "fused", or "auto"
-    TRITONCHAT_KERNELS=eager python -m train.base ...
-    python -m train.base --kernels eager
-
-"auto" = fused when CUDA is available, else eager. Fused on CPU runs the Triton kernels under the interpreter
-and therefore needs TRITON_INTERPRET=1 set *before* triton is imported (slow; for tests only).
+Every kernel family in this package ends with `<name>` (dispatches on the mode set here), `<name>_triton` (always the
+Triton kernels, a torch.ops.tritonchat.* operator, so torch.compile(fullgraph=True) traces a fused model whole) and
+`<name>_reference` (plain PyTorch, same signature). One switch moves the whole stack (model, optimizer, engine):
+`kernels.set_mode("eager")` (or "fused", "auto"), `TRITONCHAT_KERNELS=eager python -m train.base ...` or
+`python -m train.base --kernels eager`. "auto" = fused when CUDA is available, else eager. Fused on CPU runs the
+Triton kernels under the interpreter and needs TRITON_INTERPRET=1 set *before* triton is imported (slow; tests only).
 """
 import os
 
@@ -21,21 +15,17 @@ MODES = ("eager", "fused", "auto")
 _mode = None  # resolved mode: "eager" or "fused"
 
 
-def _resolve(mode):
-    if mode not in MODES:
-        raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "auto":
-        return "fused" if torch.cuda.is_available() else "eager"
-    if mode == "fused" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("fused kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before starting Python "
-                           "(slow, for tests) or use --kernels eager")
-    return mode
-
-
 def set_mode(mode):
     """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto'. Returns the resolved mode."""
     global _mode
-    _mode = _resolve(mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "fused" if torch.cuda.is_available() else "eager"
+    if mode == "fused" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("fused kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before starting Python "
+                           "(slow, for tests) or use --kernels eager")
+    _mode = mode
     return _mode
 
 

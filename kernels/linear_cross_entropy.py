@@ -13,37 +13,20 @@ Maths, for token i and vocab entry j, c = softcap:
     dz_ij = (softmax(s_i)_j - [j == target_i]) (1 - t_ij^2) g_i       g_i = 1/n_valid ("mean"), 1 ("sum"),
                                                                        grad_output_i ("none"); 0 at ignored rows
     dh = dz w  (N, C),   dw = dz^T h  (V, C)
-All targets ignored: "mean" returns 0 with zero gradients, where F.cross_entropy alone gives 0/0 = nan; the
-reference below returns 0 as well, so both modes agree.
+All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan; the reference too).
 
-What runs where, per chunk of tokens [a, b):
-  1. z = h[a:b] w^T: cuBLAS (torch.mm) into one reused (chunk, V) buffer in the input dtype.
-  2. `_softcap_ce_kernel` (Triton, one program per token): pass 1 streams the row in BLOCK_V tiles, accumulates
-     sum_j exp(s_ij - c) in fp32 (s <= c, so the cap is a known maximum: no running max, no overflow, and
-     exp(s - c) >= e^-2c stays normal in fp32) and reads s at the target -> loss_i; pass 2, only when gradients
-     are wanted, streams the row again and overwrites z in place with dz. Without a cap pass 1 keeps an online
-     max. z in fp32, s, softmax(s) never exist as tensors.
-  3. dh[a:b] = dz w, dw += dz^T h[a:b]: cuBLAS. dw accumulates in fp32 across chunks (a single chunk writes it
-     directly, as eager's one GEMM does).
-For "mean" and "sum" the gradients are computed inside the forward, as Liger-Kernel does: the loss is the last
-op, so the backward only multiplies the stored dh, dw by the scalar grad_output -- three GEMMs (6 N V C FLOPs)
-in all, the same as eager. For "none" the upstream gradient is per token and has to scale dz before dw sums
-over tokens, so the forward computes the losses only and the backward runs 1-3 again with g_i = grad_output_i
-(four GEMMs, 8 N V C FLOPs).
-
-Saved for backward: "mean"/"sum": dh (N, C) and dw (V, C), i.e. the gradients themselves; "none": h, w and
-targets. Nothing of size N x V (test_saved_tensors_have_no_logits checks it with saved_tensors_hooks).
-
-Memory, d20 (C = 1280, V = 65536) at N = 32768 tokens per GPU (16 x 2048) in bf16:
-  eager  z in bf16 (4 GiB), its fp32 copy (8 GiB), z/c (8 GiB), tanh (8 GiB, saved), c*tanh (8 GiB),
-         log_softmax (8 GiB, saved): 16 GiB kept for backward -- 8 V bytes = 512 KiB per token -- plus the
-         transients of forward and backward, 8 GiB per fp32 (N, V) tensor.
-  fused  one (chunk, V) buffer of <= 2^28 elements (512 MiB in bf16: 4096 tokens at V = 65536), dw's fp32
-         accumulator (320 MiB) and each chunk's bf16 dz^T h (160 MiB), dw and dh in bf16 (160 + 80 MiB): ~1.2 GiB,
-         of which only dh (2 C bytes per token) grows with N.
-Time: the GEMMs are the same; eager's elementwise chain moves ~100 bytes per logit through HBM (forward and
-backward together), the fused path 12 (z written by the GEMM, read twice and overwritten with dz by the row kernel,
-dz read by the two gradient GEMMs). Not yet measured on a GPU: bench/linear_cross_entropy.py is where to check.
+Per chunk of tokens [a, b): (1) z = h[a:b] w^T by cuBLAS into one reused (chunk, V) buffer in the input dtype;
+(2) `_softcap_ce_kernel`, one program per token: pass 1 streams the row in BLOCK_V tiles summing exp(s - c) in fp32
+(s <= c is a known maximum: no running max, no overflow, exp(s - c) >= e^-2c stays normal; without a cap an online
+max) -> loss_i; pass 2, when gradients are wanted, overwrites z in place with dz; (3) dh[a:b] = dz w and
+dw += dz^T h[a:b] by cuBLAS (dw in fp32 across chunks; one chunk writes it directly). For "mean" and "sum" the
+gradients are computed in the forward, as Liger-Kernel does (the loss is the last op): the backward only scales the
+saved dh, dw -- three GEMMs in all, as eager. For "none" the per-token upstream gradient must scale dz before dw sums
+over tokens, so the backward reruns (1)-(3) (four GEMMs). Saved: dh and dw, or h, w and targets ("none"); nothing of
+size N x V (test_saved_tensors_have_no_logits). At d20 (C = 1280, V = 65536), 32768 bf16 tokens, eager keeps 16 GiB
+of fp32 (N, V) tensors for backward; the fused path needs ~1.2 GiB (a <= 2^28-element logits buffer, dw's fp32
+accumulator, dh) and moves ~12 bytes per logit through HBM instead of ~100. Not yet measured on a GPU:
+bench/linear_cross_entropy.py.
 
 References:
   Liger-Kernel, fused linear cross-entropy (gradients in the forward, chunked over tokens):
@@ -57,17 +40,14 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import INTERPRET
+from kernels._common import INTERPRET, kernel_op
 
 REDUCTIONS = ("mean", "sum", "none")
 
-if INTERPRET:
-    # the interpreter costs ~ms per program x loop step: 128-wide tiles keep the multi-tile loop testable at V ~ 300
-    _BLOCK_V, _NUM_WARPS = 128, 4
-else:
-    # memory-bound row kernel: 2048-wide tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load; chosen
-    # without a GPU measurement (none was available when this was written) -- bench/linear_cross_entropy.py checks
-    _BLOCK_V, _NUM_WARPS = 2048, 8
+# the interpreter costs ~ms per program x loop step: 128-wide tiles keep the multi-tile loop testable at V ~ 300; on
+# GPU (a memory-bound row kernel) 2048-wide tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load (not yet
+# measured on a GPU: bench/linear_cross_entropy.py checks)
+_BLOCK_V, _NUM_WARPS = (128, 4) if INTERPRET else (2048, 8)
 
 # logits buffer of at most 2^28 elements per chunk (512 MiB in bf16), but never fewer than 1024 tokens: adding a
 # chunk's bf16 dz^T h into dw's fp32 accumulator moves ~12 V C bytes, as much HBM time as the chunk's three GEMMs
@@ -95,7 +75,6 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
     tgt = tl.load(tgt_ptr + row)
     valid = tgt != ignore_index
     cols = tl.arange(0, BLOCK_V)
-
     # pass 1: log-sum-exp of s over the row, fp32
     if HAS_SOFTCAP:
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sums of exp(s - c): one reduction at the end
@@ -106,8 +85,7 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
             acc += tl.where(offs < V, tl.exp(s - softcap), 0.0)
         lse = softcap + tl.log(tl.sum(acc, axis=0))
     else:
-        m = float("-inf")
-        d = 0.0
+        m, d = float("-inf"), 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             s = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -119,7 +97,6 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
     if HAS_SOFTCAP:
         z_t = softcap * _tanh(z_t / softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_t, 0.0))
-
     # pass 2: dz in place of z
     if GRAD:
         g = tl.where(valid, tl.load(scale_ptr + row * stride_scale).to(tl.float32), 0.0)
@@ -137,25 +114,10 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
             tl.store(z_row + offs, dz.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _softcap_ce_rows(z, targets, loss, scale, softcap, ignore_index, grad):
-    """Launch `_softcap_ce_kernel` over the M rows of z (M, V); scale is (1,) (one factor) or (M,) (per row)."""
-    M, V = z.shape
-    if M == 0:
-        return
-    _softcap_ce_kernel[(M,)](z, z.stride(0), targets, loss, scale, 0 if scale.numel() == 1 else scale.stride(0), V,
-                             softcap if softcap > 0 else 1.0, ignore_index, HAS_SOFTCAP=softcap > 0, GRAD=grad,
-                             BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
-
-
-def _default_chunk(V):
-    return max(_MIN_CHUNK, triton.next_power_of_2(_CHUNK_ELEMENTS // V + 1) // 2)  # largest power of 2 that fits
-
-
 def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w):
     """Steps 1-3 of the module docstring over chunks of chunk_size tokens -> (loss (N,) fp32, dh or None,
     dw or None). scale: (1,) or (N,) fp32, the g_i that multiplies each token's dz."""
-    N, C = h.shape
-    V = w.shape[0]
+    (N, C), V = h.shape, w.shape[0]
     if h.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 set before triton is "
                            "imported (slow, for tests); use linear_cross_entropy_reference otherwise")
@@ -165,17 +127,18 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
     targets = targets.contiguous()
     loss = torch.empty(N, device=h.device, dtype=torch.float32)
     dh = torch.empty(N, C, device=h.device, dtype=h.dtype) if grad_h else None
-    dw = None
     multi = N > chunk_size
-    if grad_w and multi:
-        dw = torch.zeros(V, C, device=w.device, dtype=torch.float32)
+    dw = torch.zeros(V, C, device=w.device, dtype=torch.float32) if grad_w and multi else None
     z = torch.empty(min(N, chunk_size), V, device=h.device, dtype=h.dtype)
     for a in range(0, N, chunk_size):
         b = min(a + chunk_size, N)
         zc, hc = z[: b - a], h[a:b]
         torch.mm(hc, w.t(), out=zc)
-        _softcap_ce_rows(zc, targets[a:b], loss[a:b], scale if scale.numel() == 1 else scale[a:b], softcap,
-                         ignore_index, grad_h or grad_w)
+        one = scale.numel() == 1  # one factor for all rows (stride 0) or one per row
+        _softcap_ce_kernel[(b - a,)](zc, zc.stride(0), targets[a:b], loss[a:b], scale if one else scale[a:b],
+                                     0 if one else scale.stride(0), V, softcap if softcap > 0 else 1.0, ignore_index,
+                                     HAS_SOFTCAP=softcap > 0, GRAD=grad_h or grad_w, BLOCK_V=_BLOCK_V,
+                                     num_warps=_NUM_WARPS)
         if grad_h:
             torch.mm(zc, w, out=dh[a:b])
         if grad_w:
@@ -192,11 +155,33 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
     return loss, dh, dw
 
 
-# -- torch.library registration -----------------------------------------------------------------------------------
-# custom_op rather than triton_op: under TRITON_INTERPRET=1, torch 2.13's wrap_triton hands back the raw interpreted
-# kernel, so torch.compile would trace into it with fake tensors and fail; the op's body (a host loop of cuBLAS
-# GEMMs and one Triton launch per chunk) has nothing an inductor graph could fuse across anyway.
-@torch.library.custom_op("tritonchat::linear_cross_entropy", mutates_args=())
+def _check(h, w, targets, softcap, reduction, chunk_size):
+    if h.ndim != 2 or w.ndim != 2 or targets.ndim != 1:
+        raise ValueError(f"linear_cross_entropy: expected h (N, C), w (V, C), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(targets.shape)}")
+    if w.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0] or w.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: shape mismatch: h (N, C) = {tuple(h.shape)} needs w (V >= 1, "
+                         f"{h.shape[1]}) and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets "
+                         f"{tuple(targets.shape)}")
+    if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"linear_cross_entropy: h and w must share one dtype among fp32/fp16/bf16; got {h.dtype}, "
+                        f"{w.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
+    if not (h.device == w.device == targets.device):
+        raise ValueError(f"linear_cross_entropy: tensors on different devices: {h.device}, {w.device}, "
+                         f"{targets.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be None (no cap) or > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+# torch.library: tritonchat::linear_cross_entropy (differentiable through tritonchat::linear_cross_entropy_backward)
+
+@kernel_op("tritonchat::linear_cross_entropy")
 def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
             reduction: str, chunk_size: int, grad_h: bool, grad_w: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,7 +204,7 @@ def _(h, w, targets, softcap, ignore_index, reduction, chunk_size, grad_h, grad_
     return loss, dh, (w.new_empty(w.shape) if grad_w else w.new_empty(0))
 
 
-@torch.library.custom_op("tritonchat::linear_cross_entropy_backward", mutates_args=())
+@kernel_op("tritonchat::linear_cross_entropy_backward")
 def _lce_backward_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_loss: torch.Tensor,
                      softcap: float, ignore_index: int, chunk_size: int, grad_h: bool, grad_w: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,40 +248,14 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(h, w, targets, softcap, reduction, chunk_size):
-    if h.ndim != 2 or w.ndim != 2 or targets.ndim != 1:
-        raise ValueError(f"linear_cross_entropy: expected h (N, C), w (V, C), targets (N,); got {tuple(h.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(targets.shape)}")
-    if w.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0] or w.shape[0] == 0:
-        raise ValueError(f"linear_cross_entropy: shape mismatch: h (N, C) = {tuple(h.shape)} needs w (V >= 1, "
-                         f"{h.shape[1]}) and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets "
-                         f"{tuple(targets.shape)}")
-    if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"linear_cross_entropy: h and w must share one dtype among fp32/fp16/bf16; got {h.dtype}, "
-                        f"{w.dtype}")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
-    if not (h.device == w.device == targets.device):
-        raise ValueError(f"linear_cross_entropy: tensors on different devices: {h.device}, {w.device}, "
-                         f"{targets.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"linear_cross_entropy: softcap must be None (no cap) or > 0, got {softcap!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
+# Public functions
 
-
-# -- public functions ---------------------------------------------------------------------------------------------
 def linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
     """Cross-entropy of softcap * tanh((h w^T) / softcap) against targets: h (N, C), w (V, C), targets (N,) int64
     -> fp32 scalar ("mean" over non-ignored targets, 0 when all are ignored; "sum") or (N,) ("none").
     Triton in fused mode (kernels.set_mode), else the plain PyTorch reference."""
-    if not kernels.use_fused():
-        return linear_cross_entropy_reference(h, w, targets, softcap=softcap, ignore_index=ignore_index,
-                                              reduction=reduction, chunk_size=chunk_size)
-    return linear_cross_entropy_triton(h, w, targets, softcap=softcap, ignore_index=ignore_index,
-                                       reduction=reduction, chunk_size=chunk_size)
+    fn = linear_cross_entropy_triton if kernels.use_fused() else linear_cross_entropy_reference
+    return fn(h, w, targets, softcap=softcap, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
 
 
 def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
@@ -306,7 +265,8 @@ def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1,
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
     _check(h, w, targets, softcap, reduction, chunk_size)
-    chunk = chunk_size or _default_chunk(w.shape[0])
+    # default: the largest power of two of tokens whose logits fit in _CHUNK_ELEMENTS, at least _MIN_CHUNK
+    chunk = chunk_size or max(_MIN_CHUNK, triton.next_power_of_2(_CHUNK_ELEMENTS // w.shape[0] + 1) // 2)
     grads = torch.is_grad_enabled() and reduction != "none"
     with torch.autocast(h.device.type, enabled=False):
         loss, _, _ = torch.ops.tritonchat.linear_cross_entropy(h, w, targets, float(softcap or 0.0), int(ignore_index),
