@@ -1,47 +1,28 @@
 """Paged KV-cache decode attention (flash-decoding), the KV scatter, and the fused decode-step prologue.
 
-paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D), q's dtype
-  q (B, H, D) one new token per sequence, already rotated and normalised; k_cache, v_cache
-  (num_blocks, block_size, Hkv, D), block_size in {16, 32, 64}; block_table (B, max_blocks_per_seq) int32; seq_lens
-  (B,) int32 valid tokens (the new token's k/v already written); scale defaults to 1/sqrt(D).
-write_kv(k_cache, v_cache, k, v, block_table, positions) -> None: k, v (N, Hkv, D), block_table (N, max_blocks)
-  int32, positions (N,) -> token i goes to block block_table[i, pos // block_size], slot pos % block_size (in place).
-rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D)
-  in the cache dtype: the new token of each of B sequences, q (B, H, D), k and v (B, Hkv, D) raw (not rotated or
-  normalised); cos, sin the rotary tables (rotary_len, D/2) fp32, read at positions (B,); block_table
-  (B, max_blocks) int32. Rotates q and k (half split: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-normalises
-  them over D (no weight), writes k_hat and v into slot positions % block_size of page
-  block_table[b, positions // block_size] (in place) and returns q_hat, ready for paged_decode_attention.
-Triton path: caches of one dtype among fp16/bf16/fp32 and q of the same (else TypeError); bad shapes: ValueError.
-Inference only: nothing here is differentiable. PyTorch operators tritonchat::paged_decode_attention,
-tritonchat::write_kv and tritonchat::rope_norm_write_kv (the last two declare that they mutate both caches).
+paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D), q's dtype: q (B, H, D)
+  one new token per sequence, rotated and normalised; k_cache, v_cache (num_blocks, block_size in {16, 32, 64}, Hkv,
+  D); block_table (B, max_blocks) int32; seq_lens (B,) int32 valid tokens (the new k/v already written); scale
+  defaults to 1/sqrt(D).
+write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D), block_table (N, max_blocks) int32,
+  positions (N,): token i goes to page block_table[i, pos // block_size], slot pos % block_size (in place).
+rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D) in
+  the cache dtype: q (B, H, D), k, v (B, Hkv, D) raw, cos, sin (rotary_len, D/2) read at positions (B,). Rotates q
+  and k (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-normalises them over D, writes k_hat and v as write_kv.
+Triton path: one cache dtype among fp16/bf16/fp32, q the same (else TypeError); bad shapes: ValueError. Inference
+only; operators tritonchat::paged_decode_attention, ::write_kv and ::rope_norm_write_kv (these two mutate the caches).
 
-The maths. One decode step of sequence b, query head h (kv head g = h // (H / Hkv)), context length L:
+Maths, one decode step of sequence b, query head h, kv head g = h // (H / Hkv), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
-Decode is memory bound: each step reads every cached K/V byte once and does ~2 flops per byte. Two things decide the
-speed, and this kernel does both:
-  1. GQA sharing. A program owns one (sequence, kv head) and puts ALL H/Hkv query heads of the group in its q tile
-     (padded to 16 rows so tl.dot runs on tensor cores), so each K/V page is read from HBM once, not once per query
-     head (the eager path materialises the gathered K/V and, with GQA, expands it per head).
-  2. Split-KV (flash-decoding). With batch 1 and Hkv = 4 there would be only 4 programs for 132 SMs, so each
-     sequence's context is also split into `num_splits` chunks handled by separate programs (grid
-     (B, Hkv, num_splits)). Each runs an online softmax over its chunk and writes a partial
-     o_s = softmax_s(s) v (normalised within the chunk) plus its log-sum-exp lse_s (base 2). A second small kernel
-     combines them exactly: y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. With one split
-     the first kernel writes y directly and the combine is skipped.
-The number of splits grows with the context and shrinks with batch * Hkv (enough programs to fill the GPU, chunks of
-at least `_MIN_SPLIT_TOKENS`); each sequence divides ITS OWN length into the splits, so mixed lengths stay balanced.
-A K/V tile is BLOCK_N = max(64, block_size) tokens, i.e. several pages when block_size = 16: the page id of every
-row is looked up in the block table, and rows past seq_len are masked, so unused block-table entries (and the tail
-of a partial page) are never read.
-
-write_kv: one program per new token (grid (N,)) copies its (Hkv, D) k and v rows into their slot.
-rope_norm_write_kv: the decode step's prologue in one launch per layer instead of ~20 elementwise ones (gather
-cos/sin at the positions, rotate, normalise q and k, scatter k and v), since at small batch a decode step is launch
-bound (the gain is not measured on GPU). One program per sequence (grid (B,)) loads the H query rows and Hkv key
-rows as two halves of D/2 columns, so the rotation needs no register shuffle, computes in fp32 and stores in the
-cache dtype.
-Under TRITON_INTERPRET=1 (CPU) everything runs in fp32/fp16; on GPU in bf16/fp16 (fp32 accumulation).
+Decode is memory bound. A program owns one (sequence, kv head) and holds ALL the group's query heads in its q tile
+(padded to 16 rows for tensor cores), so each page is read once per group. Split-KV: each context is split into
+`num_splits` chunks (grid (B, Hkv, num_splits)), enough programs to fill the GPU with chunks of at least
+`_MIN_SPLIT_TOKENS` of the sequence's OWN length; each writes o_s (softmax within the chunk) and lse_s (base 2), and
+a combine kernel computes y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (one split writes y
+directly). A K/V tile is BLOCK_N = max(64, block_size) tokens, each row's page looked up in the table; rows past
+seq_len are masked, so unused table entries are never read. rope_norm_write_kv is the decode step's prologue in one
+launch per layer instead of ~20 elementwise ones (launch bound at small batch; not measured on GPU), one program per
+sequence, rows loaded as two halves of D/2 columns (no register shuffle), fp32 maths.
 
 References:
   * Flash-Decoding for long-context inference (Dao, Haziza, Massa, Sizov, 2023):
@@ -61,28 +42,20 @@ import triton.language as tl
 
 import kernels
 from kernels._common import LOG2E, dot_precision, kernel_op
+
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
-
 # The block-table width and the split count change as sequences grow: don't compile a variant per value.
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
-def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
-                        stride_qb, stride_qh,
-                        stride_kblk, stride_ktok, stride_kh,
-                        stride_vblk, stride_vtok, stride_vh,
-                        stride_btb, stride_ob, stride_oh,
-                        num_splits, sm_scale,
+def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, stride_kblk, stride_ktok, stride_kh,
+                        stride_vblk, stride_vtok, stride_vh, stride_btb, stride_ob, stride_oh, num_splits, sm_scale,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Grid (B, Hkv, num_splits): one split of one sequence's context for all H/Hkv query heads of one kv head."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    split = tl.program_id(2)
+    b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SL + b)
     qk_scale = sm_scale * LOG2E  # base-2 logits: exp2 instead of exp
     # This split's token range, in whole BLOCK_N tiles, of this sequence's own length.
@@ -90,7 +63,6 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
-
     rows = tl.arange(0, GROUP_PAD)                      # query heads of this kv group
     cols = tl.arange(0, D_PAD)
     row_ok = rows < GROUP
@@ -98,7 +70,6 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
     heads = g * GROUP + rows
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -122,7 +93,6 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-
     out_mask = row_ok[:, None] & col_ok[None, :]
     if SINGLE_SPLIT:
         y = acc / l_i[:, None]
@@ -143,8 +113,7 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE,
 def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
                           D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Grid (B, H): y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) over the splits of one (sequence, head)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    b, h = tl.program_id(0), tl.program_id(1)
     bh = b * H + h
     offs_s = tl.arange(0, SPLITS_PAD)
     cols = tl.arange(0, D_PAD)
@@ -204,10 +173,8 @@ def _rope_norm_write_kv_kernel(Q, K, V, COS, SIN, KC, VC, BT, POS, QOUT,
 
 
 @triton.jit(do_not_specialize=["stride_btn"])
-def _write_kv_kernel(K, V, KC, VC, BT, POS,
-                     stride_kn, stride_kh, stride_vn, stride_vh,
-                     stride_kcblk, stride_kctok, stride_kch,
-                     stride_vcblk, stride_vctok, stride_vch, stride_btn,
+def _write_kv_kernel(K, V, KC, VC, BT, POS, stride_kn, stride_kh, stride_vn, stride_vh, stride_kcblk, stride_kctok,
+                     stride_kch, stride_vcblk, stride_vctok, stride_vch, stride_btn,
                      HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr):
     """Grid (N,): token i's (Hkv, D) k and v rows into slot POS[i] % BLOCK_SIZE of page BT[i, POS[i] // BLOCK_SIZE]."""
@@ -215,8 +182,7 @@ def _write_kv_kernel(K, V, KC, VC, BT, POS,
     pos = tl.load(POS + i).to(tl.int64)
     blk = tl.load(BT + i * stride_btn + pos // BLOCK_SIZE).to(tl.int64)
     slot = pos % BLOCK_SIZE
-    hs = tl.arange(0, HKV_PAD)
-    cols = tl.arange(0, D_PAD)
+    hs, cols = tl.arange(0, HKV_PAD), tl.arange(0, D_PAD)
     mask = (hs[:, None] < HKV) & (cols[None, :] < D)
     k = tl.load(K + i * stride_kn + hs[:, None] * stride_kh + cols[None, :], mask=mask)
     v = tl.load(V + i * stride_vn + hs[:, None] * stride_vh + cols[None, :], mask=mask)
@@ -226,7 +192,6 @@ def _write_kv_kernel(K, V, KC, VC, BT, POS,
              v.to(VC.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Launchers
 
 def _check_cache(k_cache, v_cache, name):
@@ -259,43 +224,25 @@ def triton_kernels():
             "rope_norm_write_kv": _rope_norm_write_kv_kernel}
 
 
-def _check_paged_decode_inputs(q, k_cache, v_cache, block_table, seq_lens):
-    _check_cache(k_cache, v_cache, "paged_decode_attention")
-    if q.dim() != 3:
-        raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
-    B, H, D = q.shape
-    num_blocks, block_size, Hkv, Dc = k_cache.shape
-    if Dc != D:
-        raise ValueError(f"paged_decode_attention: head dim of q ({D}) != head dim of the cache ({Dc})")
-    if H % Hkv != 0:
-        raise ValueError(f"paged_decode_attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
-    if q.dtype != k_cache.dtype:
-        raise TypeError(f"paged_decode_attention: q dtype {q.dtype} != cache dtype {k_cache.dtype}")
-    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged_decode_attention: block_table must be int32 (B={B}, max_blocks), got "
-                         f"{tuple(block_table.shape)} {block_table.dtype}")
-    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged_decode_attention: seq_lens must be int32 (B={B},), got {tuple(seq_lens.shape)} "
-                         f"{seq_lens.dtype}")
+# torch.library: tritonchat::paged_decode_attention, tritonchat::write_kv and tritonchat::rope_norm_write_kv (no
+# autograd: inference only); each op launches its kernels
 
-
-def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
+@kernel_op("tritonchat::paged_decode_attention")
+def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: Optional[float],
+                               num_splits: Optional[int]) -> torch.Tensor:
+    """One decode step over the paged cache -> (B, H, D), contiguous."""
     B, H, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    q = q.contiguous()
-    block_table = block_table.contiguous()
-    seq_lens = seq_lens.contiguous()
+    q, block_table, seq_lens = q.contiguous(), block_table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     if B == 0:
         return out
-    group = H // Hkv
-    block_n = max(64, block_size)
+    group, block_n, d_pad = H // Hkv, max(64, block_size), triton.next_power_of_2(D)
     max_context = block_table.shape[1] * block_size     # an upper bound, known without a device sync
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_context, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max_context, block_n)))
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    d_pad = triton.next_power_of_2(D)
     if num_splits > 1:
         o_part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
@@ -303,100 +250,15 @@ def _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_
         o_part = lse = out  # unused
     # Memory-bound: 4 warps, 2 stages is enough to keep a (64, 128) K and V tile in flight per program.
     _paged_decode_split[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0), out.stride(0), out.stride(1),
-        num_splits, scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse, *q.stride()[:2], *k_cache.stride()[:3],
+        *v_cache.stride()[:3], block_table.stride(0), *out.stride()[:2], num_splits,
+        scale if scale is not None else 1.0 / math.sqrt(D),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, D_PAD=d_pad, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     if num_splits > 1:
-        _paged_decode_combine[(B, H)](o_part, lse, out, out.stride(0), out.stride(1), H, num_splits,
+        _paged_decode_combine[(B, H)](o_part, lse, out, *out.stride()[:2], H, num_splits,
                                       D=D, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
     return out
-
-
-def _check_write_kv_inputs(k_cache, v_cache, k, v, block_table, positions):
-    _check_cache(k_cache, v_cache, "write_kv")
-    _, block_size, Hkv, D = k_cache.shape
-    if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
-        raise ValueError(f"write_kv: k and v must be (N, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    N = k.shape[0]
-    if block_table.dim() != 2 or block_table.shape[0] != N or positions.shape != (N,):
-        raise ValueError(f"write_kv: block_table must be (N={N}, max_blocks) and positions (N,), got "
-                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
-
-
-def _write_kv_launch(k_cache, v_cache, k, v, block_table, positions):
-    _, block_size, Hkv, D = k_cache.shape
-    N = k.shape[0]
-    if N == 0:
-        return
-    k, v = k.contiguous(), v.contiguous()
-    block_table, positions = block_table.contiguous(), positions.contiguous()
-    _write_kv_kernel[(N,)](k, v, k_cache, v_cache, block_table, positions,
-                           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-                           HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D, D_PAD=triton.next_power_of_2(D),
-                           BLOCK_SIZE=block_size, num_warps=4)
-
-
-def _check_rope_norm_write_kv_inputs(q, k, v, cos, sin, k_cache, v_cache, block_table, positions):
-    _check_cache(k_cache, v_cache, "rope_norm_write_kv")
-    _, _, Hkv, D = k_cache.shape
-    if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % Hkv != 0:
-        raise ValueError(f"rope_norm_write_kv: q must be (B, H, D={D}) with H a multiple of Hkv={Hkv}, got "
-                         f"{tuple(q.shape)}")
-    B = q.shape[0]
-    if k.shape != (B, Hkv, D) or v.shape != (B, Hkv, D):
-        raise ValueError(f"rope_norm_write_kv: k and v must be (B={B}, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in _DTYPES:
-        raise TypeError(f"rope_norm_write_kv: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D // 2 or D % 2:
-        raise ValueError(f"rope_norm_write_kv: cos and sin must be (rotary_len, D/2={D // 2}), got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    if block_table.dim() != 2 or block_table.shape[0] != B or positions.shape != (B,):
-        raise ValueError(f"rope_norm_write_kv: block_table must be (B={B}, max_blocks) and positions (B,), got "
-                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
-
-
-def _rope_norm_write_kv_launch(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
-    B, H, D = q.shape
-    _, block_size, Hkv, _ = k_cache.shape
-    out = torch.empty(B, H, D, device=q.device, dtype=k_cache.dtype)
-    if B == 0:
-        return out
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cos, sin = cos.contiguous(), sin.contiguous()
-    block_table, positions = block_table.contiguous(), positions.contiguous()
-    # A few KB per program, pure load/compute/store: 2 warps cover a (16, 64) half tile without idle lanes.
-    _rope_norm_write_kv_kernel[(B,)](
-        q, k, v, cos, sin, k_cache, v_cache, block_table, positions, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1), eps,
-        H=H, HKV=Hkv, H_PAD=triton.next_power_of_2(H), HKV_PAD=triton.next_power_of_2(Hkv), HALF=D // 2,
-        HALF_PAD=triton.next_power_of_2(D // 2), BLOCK_SIZE=block_size, num_warps=2)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch.library: tritonchat::paged_decode_attention, tritonchat::write_kv and tritonchat::rope_norm_write_kv
-# (no autograd: inference only)
-
-@kernel_op("tritonchat::paged_decode_attention")
-def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_table: torch.Tensor, seq_lens: torch.Tensor, scale: Optional[float],
-                               num_splits: Optional[int]) -> torch.Tensor:
-    """One decode step over the paged cache -> (B, H, D), contiguous."""
-    return _paged_decode_launch(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
 
 
 @_paged_decode_attention_op.register_fake
@@ -408,7 +270,14 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
 def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  block_table: torch.Tensor, positions: torch.Tensor) -> None:
     """Scatter k, v (N, Hkv, D) into the caches in place."""
-    _write_kv_launch(k_cache, v_cache, k, v, block_table, positions)
+    _, block_size, Hkv, D = k_cache.shape
+    if k.shape[0] == 0:
+        return
+    k, v, block_table, positions = (x.contiguous() for x in (k, v, block_table, positions))
+    _write_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, block_table, positions, *k.stride()[:2], *v.stride()[:2],
+                                    *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+                                    HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D,
+                                    D_PAD=triton.next_power_of_2(D), BLOCK_SIZE=block_size, num_warps=4)
 
 
 @_write_kv_op.register_fake
@@ -421,7 +290,20 @@ def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
                            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, positions: torch.Tensor, eps: float) -> torch.Tensor:
     """Rotate + normalise the new q and k, write k and v into the caches in place -> q_hat (B, H, D)."""
-    return _rope_norm_write_kv_launch(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps)
+    B, H, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    out = torch.empty(B, H, D, device=q.device, dtype=k_cache.dtype)
+    if B == 0:
+        return out
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cos, sin, block_table, positions = (x.contiguous() for x in (cos, sin, block_table, positions))
+    # A few KB per program, pure load/compute/store: 2 warps cover a (16, 64) half tile without idle lanes.
+    _rope_norm_write_kv_kernel[(B,)](
+        q, k, v, cos, sin, k_cache, v_cache, block_table, positions, out, *q.stride()[:2], *k.stride()[:2],
+        *v.stride()[:2], cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        *out.stride()[:2], eps, H=H, HKV=Hkv, H_PAD=triton.next_power_of_2(H), HKV_PAD=triton.next_power_of_2(Hkv),
+        HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), BLOCK_SIZE=block_size, num_warps=2)
+    return out
 
 
 @_rope_norm_write_kv_op.register_fake
@@ -429,7 +311,6 @@ def _(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
     return q.new_empty(q.shape, dtype=k_cache.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Public functions (no autograd: inference only)
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
@@ -442,7 +323,23 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=
 def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
     """tritonchat::paged_decode_attention (the split-KV Triton kernels) whatever the mode; num_splits (per sequence)
     defaults to choose_num_splits."""
-    _check_paged_decode_inputs(q, k_cache, v_cache, block_table, seq_lens)
+    _check_cache(k_cache, v_cache, "paged_decode_attention")
+    if q.dim() != 3:
+        raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
+    B, H, D = q.shape
+    Hkv, Dc = k_cache.shape[2:]
+    if Dc != D:
+        raise ValueError(f"paged_decode_attention: head dim of q ({D}) != head dim of the cache ({Dc})")
+    if H % Hkv != 0:
+        raise ValueError(f"paged_decode_attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"paged_decode_attention: q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged_decode_attention: block_table must be int32 (B={B}, max_blocks), got "
+                         f"{tuple(block_table.shape)} {block_table.dtype}")
+    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged_decode_attention: seq_lens must be int32 (B={B},), got {tuple(seq_lens.shape)} "
+                         f"{seq_lens.dtype}")
     scale = None if scale is None else float(scale)
     num_splits = None if num_splits is None else int(num_splits)
     return torch.ops.tritonchat.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
@@ -452,12 +349,10 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens,
     """Eager PyTorch: gather every sequence's pages into a dense copy, then SDPA with a length mask."""
     B, H, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    max_blocks = block_table.shape[1]
-    L = max_blocks * block_size
+    L = block_table.shape[1] * block_size
     # Gather every sequence's pages into a dense (B, L, Hkv, D) view; unused table entries may hold anything.
     table = block_table.long().clamp(min=0, max=k_cache.shape[0] - 1)
-    k = k_cache[table].reshape(B, L, Hkv, D)
-    v = v_cache[table].reshape(B, L, Hkv, D)
+    k, v = (cache[table].reshape(B, L, Hkv, D) for cache in (k_cache, v_cache))
     valid = torch.arange(L, device=q.device)[None, :] < seq_lens.long()[:, None]  # (B, L)
     y = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=valid[:, None, None, :],
@@ -475,7 +370,15 @@ def write_kv(k_cache, v_cache, k, v, block_table, positions):
 
 def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
     """tritonchat::write_kv (the Triton scatter, one program per token) whatever the mode."""
-    _check_write_kv_inputs(k_cache, v_cache, k, v, block_table, positions)
+    _check_cache(k_cache, v_cache, "write_kv")
+    Hkv, D = k_cache.shape[2:]
+    if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
+        raise ValueError(f"write_kv: k and v must be (N, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    N = k.shape[0]
+    if block_table.dim() != 2 or block_table.shape[0] != N or positions.shape != (N,):
+        raise ValueError(f"write_kv: block_table must be (N={N}, max_blocks) and positions (N,), got "
+                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
     torch.ops.tritonchat.write_kv(k_cache, v_cache, k, v, block_table, positions)
 
 
@@ -499,7 +402,24 @@ def rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positio
 
 def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
     """tritonchat::rope_norm_write_kv (one program per sequence) whatever the mode."""
-    _check_rope_norm_write_kv_inputs(q, k, v, cos, sin, k_cache, v_cache, block_table, positions)
+    _check_cache(k_cache, v_cache, "rope_norm_write_kv")
+    Hkv, D = k_cache.shape[2:]
+    if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % Hkv != 0:
+        raise ValueError(f"rope_norm_write_kv: q must be (B, H, D={D}) with H a multiple of Hkv={Hkv}, got "
+                         f"{tuple(q.shape)}")
+    B = q.shape[0]
+    if k.shape != (B, Hkv, D) or v.shape != (B, Hkv, D):
+        raise ValueError(f"rope_norm_write_kv: k and v must be (B={B}, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in _DTYPES:
+        raise TypeError(f"rope_norm_write_kv: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D // 2 or D % 2:
+        raise ValueError(f"rope_norm_write_kv: cos and sin must be (rotary_len, D/2={D // 2}), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or positions.shape != (B,):
+        raise ValueError(f"rope_norm_write_kv: block_table must be (B={B}, max_blocks) and positions (B,), got "
+                         f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
     return torch.ops.tritonchat.rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions,
                                                    float(eps))
 
