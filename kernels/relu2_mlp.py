@@ -10,17 +10,13 @@ Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     backward   dW_proj = dy^T a          dA = dy W_proj          dh = dA * 2 r
                dW_fc   = dh^T x          dx = dh W_fc
 
-Fused: GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and its epilogue writes only a in the
-input dtype (h and r never reach memory); the backward GEMM dA = dy W_proj (_ACT_DRELU2) loads the a tile and writes
-dh = dA * 2 sqrt(a) (dA never reaches memory). y = a W_proj^T, the weight gradients and dx are plain GEMMs: cuBLAS
-(a Triton GEMM with nothing to fuse is not expected to beat it; not measured on GPU: `python -m bench.relu2_mlp`).
-Saved for backward: x and a, ONE (M, F) tensor: r = sqrt(a) exactly since r >= 0 (in fp32, in the epilogue), and
-dW_proj = dy^T a needs a itself (saving h would mean recomputing a). Precision: a in bf16 has relative error <= 2^-8,
-so sqrt(a) <= 2^-9, better than eager's bf16 r (2^-8). (In fp16, a = h^2 is subnormal for |h| < ~8e-3 and zero
-below ~1.7e-4, as in eager's forward; there 2 sqrt(a) < 0.016 loses relative precision or becomes 0, where eager's
-2 r would not.) Versus eager (linear -> relu -> square -> linear: h, r and a through HBM forward and backward, r and
-a kept, all three at the forward peak): one (M, F) write forward (a), one backward (dh), one saved, so the saved
-bytes per token go from C + 8C to C + 4C elements (F = 4C); `test_saved_tensor_bytes` counts them.
+Fused: GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a (h, r never reach
+memory); the backward GEMM dA = dy W_proj (_ACT_DRELU2) loads the a tile and writes dh = dA * 2 sqrt(a). The other
+GEMMs have nothing to fuse: cuBLAS. Saved for backward: x and a, ONE (M, F) tensor (r = sqrt(a) exactly as r >= 0,
+and dW_proj needs a itself), where eager keeps r and a: C + 4C instead of C + 8C elements per token (F = 4C;
+`test_saved_tensor_bytes`). a in bf16 has relative error <= 2^-8, so sqrt(a) <= 2^-9, better than eager's bf16 r;
+in fp16, a = h^2 underflows for |h| < ~1.7e-4 (subnormal below ~8e-3), so there 2 sqrt(a) loses precision or is 0
+where eager's 2 r is not. Not measured on GPU: `python -m bench.relu2_mlp`.
 
 References:
   * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
