@@ -1,24 +1,17 @@
 """Benchmark: fused RoPE + QK-norm flash attention vs eager (torch ops + SDPA), torch.compile, FlexAttention.
 
-    python -m bench.attention [--quick]
+    python -m bench.attention [--quick]          python -m bench.attention --sass [bf16|fp16] [64|128]
 
-GPU (bf16, causal): the d20 model's heads (GPTConfig.from_depth(20): H = 10, D = 128), B*T = 16 x 2048 tokens (the
-d20 preset's device batch), T in {1k, 2k, 4k, 8k} (B = tokens / T), Hkv = H (MHA) and Hkv = 2 (GQA, 5 query heads per
-KV head); --quick keeps T = 2k MHA only (the GPU check's time budget). Providers:
-  eager    attention_reference: apply_rotary + rms_norm as torch ops, then SDPA forced to the flash backend
-           (falls back to SDPA's own choice, recorded in the row as sdpa_backend, if flash refuses the inputs)
-  compile  torch.compile of the same function
-  flex     torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops)
-  fused    kernels.attention.attention_triton (ours: K rotated/normalised in a pre-pass, Q on load)
-TFLOP/s from the explicit causal count (RoPE / norm flops ignored, they are O(T D)): forward = 2 matmuls x 2*T*T*D
-per (batch, head), halved by the causal mask = 2 * B * H * T^2 * D; backward = 2.5 x forward (5 matmuls instead of
-2: the FlashAttention convention), fwd+bwd = 3.5 x forward. Peak memory = torch.cuda.max_memory_allocated above the
-inputs while the pass runs. CPU: tiny fp32 shapes, eager vs fused under the Triton interpreter -- exercises the code
-path only; those timings measure the interpreter, not the kernel.
-
-    python -m bench.attention --sass [bf16|fp16] [64|128]
-
-runs bench/sass.py (no GPU needed): the Hopper configs compiled for sm_90, their wgmma use and register spills.
+GPU (bf16, causal): the d20 model's heads (H = 10, D = 128), 16 x 2048 tokens (the d20 preset's device batch) as
+T in {1k, 2k, 4k, 8k}, B = tokens / T, Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA (the GPU check's budget).
+Providers: eager = attention_reference (apply_rotary + rms_norm as torch ops, then SDPA forced to the flash backend,
+or SDPA's own choice if flash refuses the inputs: the row's sdpa_backend); compile = torch.compile of it; flex =
+torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops); fused = attention_triton.
+TFLOP/s from the causal count (RoPE / norm ignored, O(T D)): forward = 2 * B * H * T^2 * D (2 matmuls of 2*T*T*D per
+head, halved by the mask), backward = 2.5 x forward (5 matmuls: the FlashAttention convention), fwd+bwd = 3.5 x.
+Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs. CPU: tiny fp32 shapes, eager vs
+fused under the Triton interpreter (the code path only: the timings measure the interpreter). --sass runs
+bench/sass.py (no GPU needed): the Hopper configs compiled for sm_90, their wgmma use and register spills.
 """
 import contextlib
 import subprocess

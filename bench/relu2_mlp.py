@@ -2,14 +2,11 @@
 
     python -m bench.relu2_mlp [--quick]
 
-GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps
-(8k tokens, d20) and (32k tokens, d32) only (the GPU check's time budget). TFLOP/s from the explicit count
-4*M*C*F for the forward (two GEMMs of 2*M*C*F) and twice that for the backward (four GEMMs). Peak memory =
-torch.cuda.max_memory_allocated above the inputs while the pass runs (the "fwd" row holds the autograd graph, i.e.
-the saved activations). Providers: eager (relu2_mlp_reference), compile (torch.compile of it), fused
-(relu2_mlp_triton).
-CPU: a tiny fp32 smoke case, eager and fused under the Triton interpreter (no compile: too slow for a smoke run);
-those timings measure the interpreter, not the kernel.
+GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps (8k, d20)
+and (32k, d32). TFLOP/s from 4*M*C*F for the forward (two GEMMs), twice that for the backward (four). Peak memory =
+torch.cuda.max_memory_allocated above the inputs during the pass (the "fwd" row holds the saved activations).
+Providers: eager (relu2_mlp_reference), compile (torch.compile of it), fused (relu2_mlp_triton). CPU: a tiny fp32
+smoke case, eager and fused under the Triton interpreter (no compile); the timings measure the interpreter.
 """
 import torch
 
