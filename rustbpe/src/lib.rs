@@ -58,14 +58,11 @@ fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, deltas: &mut Vec<(Pai
     while i < n {
         if i + 1 < n && ids[i] == a && ids[i + 1] == b {
             if let Some(&left) = out.last() {
-                deltas.push(((left, a), -1));
-                deltas.push(((left, new_id), 1));
+                deltas.extend([((left, a), -1), ((left, new_id), 1)]);
             }
             deltas.push((pair, -1));
-            if i + 2 < n {
-                let right = ids[i + 2];
-                deltas.push(((b, right), -1));
-                deltas.push(((new_id, right), 1));
+            if let Some(&right) = ids.get(i + 2) {
+                deltas.extend([((b, right), -1), ((new_id, right), 1)]);
             }
             out.push(new_id);
             i += 2;
