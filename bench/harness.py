@@ -61,12 +61,9 @@ def peak_memory_mb(fn):
 
 def row(suite, case, provider, pass_, ms, flops=None, bytes_=None, peak_mb=None, **extra):
     """One result row. flops / bytes_ are the explicit counts of the work; rates are derived from them."""
-    r = {"suite": suite, "case": dict(case), "provider": provider, "pass": pass_, "ms": ms,
-         "tflops": flops / (ms * 1e-3) / 1e12 if flops and ms else None,
-         "gbps": bytes_ / (ms * 1e-3) / 1e9 if bytes_ and ms else None,
-         "peak_mb": peak_mb}
-    r.update(extra)
-    return r
+    return {"suite": suite, "case": dict(case), "provider": provider, "pass": pass_, "ms": ms,
+            "tflops": flops / (ms * 1e-3) / 1e12 if flops and ms else None,
+            "gbps": bytes_ / (ms * 1e-3) / 1e9 if bytes_ and ms else None, "peak_mb": peak_mb, **extra}
 
 
 def case_key(r):
