@@ -1,8 +1,7 @@
-"""CORE: the in-context-learning score of a base model, as the DCLM paper defines it and nanochat computes it.
-
-Sources: DCLM (Li et al. 2024, https://arxiv.org/abs/2406.11794), whose CORE is the mean centred accuracy over 22
-low-variance tasks of the MosaicML/DCLM eval bundle; nanochat's implementation,
-https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and scripts/base_eval.py.
+"""CORE: the in-context-learning score of a base model, as DCLM defines it and nanochat computes it. Sources: DCLM
+(Li et al. 2024, https://arxiv.org/abs/2406.11794): the mean centred accuracy over 22 low-variance tasks of the
+MosaicML/DCLM eval bundle; nanochat: https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and
+scripts/base_eval.py.
 
 Task types (the bundle's `icl_task_type`), items in the bundle's jsonl format:
 - multiple_choice {query, choices, gold}: one prompt per choice, "<query><delimiter><choice>"; scored: the tokens
@@ -21,10 +20,10 @@ eval_data/**.jsonl), scored as "CORE"; `load_raw(dir)`, the raw Hugging Face row
 or jsonl, RAW_TASKS) rendered with the bundle's templates, few-shot counts, delimiters and baselines: 11 of the 22
 tasks (HellaSwag 0- and 10-shot), scored as "CORE-<number of datasets>", never "CORE".
 Prompts longer than the model takes lose their oldest tokens (_max_len; nanochat crops only models with a
-`max_seq_len` attribute, which its own GPT has not). Batching: the rows of several items go through one right-padded
-forward (BOS pads; causal attention keeps padding out of the real positions); batch_size=1 gives nanochat's shapes.
-Distributed: rank r scores items r, r + world, ...; counts are summed over ranks, and every rank runs the same number
-of forwards (one that has run out runs a one-token forward), so FSDP2 models work too.
+`max_seq_len` attribute, which its own GPT has not). The rows of several items go through one right-padded forward
+(BOS pads; causal attention keeps padding out of the real positions); batch_size=1 gives nanochat's shapes. Rank r
+scores items r, r + world, ...; counts are summed, and every rank runs the same number of forwards (one that has run
+out runs a one-token forward), so FSDP2 models work too.
 """
 import csv
 import json
@@ -270,12 +269,10 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
         elif batch is None:
             break
         rows_starts_ends = [[x for entry in batch for x in entry[k]] for k in (2, 3, 4)]
-        scored = score_rows(model, *rows_starts_ends, pad, device)
-        first = 0
+        scored = iter(score_rows(model, *rows_starts_ends, pad, device))
         for _, gold, rows, _, _ in batch:
-            correct += _judge(task.kind, gold, scored[first:first + len(rows)])
-            count += 1
-            first += len(rows)
+            correct += _judge(task.kind, gold, [next(scored) for _ in rows])
+        count += len(batch)
     correct, count = all_reduce_sum([correct, count])
     accuracy = correct / count
     return dict(accuracy=accuracy, centered=centred(accuracy, task.baseline), n=int(count), correct=int(correct),
@@ -432,8 +429,7 @@ def check_item(kind, item):
     """None if `item` is a valid item of `kind`, else a short reason."""
     if not isinstance(item, dict):
         return "not a JSON object"
-    missing = [k for k in REQUIRED[kind] if k not in item]
-    if missing:
+    if missing := [k for k in REQUIRED[kind] if k not in item]:
         return f"missing {', '.join(missing)}"
     options = item.get("choices", item.get("context_options"))
     if kind != LANGUAGE_MODELING:
@@ -456,8 +452,7 @@ def _read_items(path, kind, label):
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not JSON ({e})") from None
-            problem = check_item(kind, item)
-            if problem:
+            if problem := check_item(kind, item):
                 raise UserError(f"{path}:{lineno}: not a {kind} item: {problem}")
             items.append(item)
     return items
@@ -474,8 +469,7 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
     baselines = _read_baselines(os.path.join(directory, "eval_meta_data.csv"))
     tasks = []
     for entry in _read_icl_tasks(config):
-        missing = [k for k in ("label", "icl_task_type", "dataset_uri") if k not in entry]
-        if missing:
+        if missing := [k for k in ("label", "icl_task_type", "dataset_uri") if k not in entry]:
             raise UserError(f"{config}: a task lacks {', '.join(missing)}: {entry}")
         label, kind = entry["label"], entry["icl_task_type"]
         if label not in baselines:
@@ -504,16 +498,19 @@ def _hellaswag_clean(text):
     return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
-def render_hellaswag(row):
-    """Rowan/hellaswag {activity_label, ctx_a, ctx_b, endings, label (str)} -> multiple choice."""
-    query = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    return {"query": query, "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
+def _mc(query, choices, gold):
+    return {"query": query, "choices": list(choices), "gold": int(gold)}
 
 
 def _labelled(row, query):
-    """{choices {text, label}, answerKey} -> multiple choice; gold is found among the row's own labels."""
-    texts, labels = row["choices"]["text"], row["choices"]["label"]
-    return {"query": query, "choices": list(texts), "gold": list(labels).index(row["answerKey"])}
+    """{choices {text, label}, answerKey} -> multiple choice; gold: the answer's index among the row's own labels."""
+    return _mc(query, row["choices"]["text"], list(row["choices"]["label"]).index(row["answerKey"]))
+
+
+def render_hellaswag(row):
+    """Rowan/hellaswag {activity_label, ctx_a, ctx_b, endings, label (str)} -> multiple choice."""
+    query = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return _mc(query, map(_hellaswag_clean, row["endings"]), row["label"])
 
 
 def render_arc(row):
@@ -530,14 +527,13 @@ def render_copa(row):
     """super_glue copa {premise, choice1, choice2, question cause|effect, label} -> multiple choice: "<premise
     without its final period>, because|therefore" and the choices with a lower-case first letter."""
     connector = {"cause": "because", "effect": "therefore"}[row["question"]]
-    lower = [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])]
-    return {"query": f"{row['premise'].strip()[:-1]}, {connector}", "choices": lower, "gold": int(row["label"])}
+    return _mc(f"{row['premise'].strip()[:-1]}, {connector}",
+               [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])], row["label"])
 
 
 def render_piqa(row):
     """piqa {goal, sol1, sol2, label} -> multiple choice ("Question: <goal>\\n", stripped solutions)."""
-    return {"query": f"Question: {row['goal']}\n", "choices": [row["sol1"].strip(), row["sol2"].strip()],
-            "gold": int(row["label"])}
+    return _mc(f"Question: {row['goal']}\n", [row["sol1"].strip(), row["sol2"].strip()], row["label"])
 
 
 def render_boolq(row):
@@ -545,8 +541,7 @@ def render_boolq(row):
     ["no", "yes"]. The bundle's file also has every " question" (any case) turned into "\\nQuestion", inside
     passages too (22 of 3270 validation rows); kept so that the rows match it."""
     text = f"Passage: {row['passage']}\nQuestion: {row['question']}?"
-    return {"query": re.sub(" question", "\nQuestion", text, flags=re.IGNORECASE), "choices": ["no", "yes"],
-            "gold": int(bool(row["answer"]))}
+    return _mc(re.sub(" question", "\nQuestion", text, flags=re.IGNORECASE), ["no", "yes"], bool(row["answer"]))
 
 
 # The bundle's commonsense_qa shows four of the five options: which distractor it drops depends only on the answer's
@@ -563,8 +558,7 @@ def render_commonsense_qa(row):
         raise ValueError(f"commonsense_qa rows have 5 options, this one has {len(texts)}")
     keep = [i for i in range(5) if i != CSQA_DROPPED[gold]]
     options = "".join(f"\n{letter}. {texts[i]}" for letter, i in zip("ABCD", keep))
-    return {"query": f"Question: {row['question']}\nChoices:{options}\nAnswer:", "choices": list("ABCD"),
-            "gold": keep.index(gold)}
+    return _mc(f"Question: {row['question']}\nChoices:{options}\nAnswer:", "ABCD", keep.index(gold))
 
 
 def render_winogrande(row):
@@ -630,15 +624,13 @@ def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
     folder = directory
     if not any(find_file(directory, t.stem) for t in RAW_TASKS) and os.path.isdir(os.path.join(directory, "core")):
         folder = os.path.join(directory, "core")
-    unknown = set(names or ()) - {t.label for t in RAW_TASKS}
-    if unknown:
+    if unknown := set(names or ()) - {t.label for t in RAW_TASKS}:
         raise UserError(f"unknown raw CORE task(s) {sorted(unknown)}: choose from {[t.label for t in RAW_TASKS]}")
     tasks, cache = [], {}
     for spec in RAW_TASKS:
         if names is not None and spec.label not in names:
             continue
-        path = find_file(folder, spec.stem)
-        if path is None:
+        if (path := find_file(folder, spec.stem)) is None:
             if names is not None:
                 raise UserError(f"raw CORE task {spec.label}: no {spec.stem}.parquet or .jsonl in {folder}")
             continue

@@ -9,27 +9,27 @@
 Base metrics
 - val bpb = sum of next-token losses (nats) / (ln 2 * bytes of the target tokens) on the held-out corpus; special
   tokens count zero bytes and are skipped, so the number does not depend on the vocabulary size.
-- CORE (train/core_eval.py: DCLM's in-context score, https://arxiv.org/abs/2406.11794, computed as nanochat does)
-  on the first source found: `--data-dir` holding an eval bundle (core.yaml: "CORE") or raw dataset files
-  ("CORE-10"); else the bundle at $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or
-  ~/.cache/nanochat, /eval_bundle); else CORE-10 on the embedded sample of train/tasks/realdata. `--max-per-task N`
-  scores the first N items of each task's seeded shuffle. A per-task table is printed.
-- CORE-style scoring on the embedded tasks (and the real chat tasks already cached, or those named with --tasks):
-  multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the choice whose continuation has the lowest mean
-  loss wins; language modelling = the continuation (the answer after "####") must be the greedy prediction token
-  for token; solutions render as plain text (gsm8k.solution_text). Centred accuracy (acc - chance) / (1 - chance).
+- CORE (train/core_eval.py, DCLM's in-context score as nanochat computes it) on the first source found: `--data-dir`
+  holding an eval bundle (core.yaml: "CORE") or raw dataset files ("CORE-10"); the bundle at
+  $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or ~/.cache/nanochat, /eval_bundle); CORE-10 on the
+  embedded sample (train/tasks/realdata). `--max-per-task N`: the first N items of each task's seeded shuffle.
+- CORE-style scoring of the embedded tasks (and of the real chat tasks already cached, or named with --tasks):
+  multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the continuation with the lowest mean loss wins;
+  language modelling = the answer after "####" must be the greedy prediction token for token (solutions rendered
+  as plain text, gsm8k.solution_text). Centred accuracy (acc - chance) / (1 - chance), mean over tasks.
 Chat metrics
-- categorical (ARC, MMLU, number_mc): logits at <|assistant_start|> restricted to the choice letters, argmax;
-- generative (GSM8K, HumanEval, arithmetic, spelling, identity): sample with the Engine (tools live), score with the
+- categorical (ARC, MMLU, number_mc): argmax of the logits at <|assistant_start|> over the choice letters;
+- generative (GSM8K, HumanEval, arithmetic, spelling, identity): sampled with the Engine (tools live), scored by the
   task (HumanEval runs its unit tests in the sandbox, several jails at a time);
 - ChatCORE = mean over tasks of (acc - chance) / (1 - chance), chance 0.25 for multiple choice, 0 for generative.
 - `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat, parquet or jsonl, named as in CHAT_FILES).
-Subsets: `--max-examples N` scores the first N examples of a task: real tasks present their rows in a seeded shuffle
-(train/tasks/order.py), embedded ones generate each example from its own seed, so the N are a seeded sample, the same
-on every run and rank. Examples are split across ranks (i % world == rank) and the counts all-reduced; every rank
-loads the whole model, so this runs under torchrun whatever the training sharding was.
+`--max-examples N` scores the first N examples of a task, a seeded sample (real tasks present their rows in a seeded
+shuffle, train/tasks/order.py; embedded ones generate each example from its own seed), the same on every run and
+rank. Examples are split across ranks (i % world == rank) and the counts all-reduced; every rank loads the whole
+model, so this runs under torchrun whatever the training sharding was.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -237,10 +237,6 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
     return correct / max(total, 1)
 
 
-def chance_of(task):
-    return MC_CHANCE if task.eval_type == "categorical" else 0.0
-
-
 # The real chat tasks, their HF dataset (repo, config) and the file stems a local folder may hold them under, first
 # choice first: <config>_<split> (ARC's HF config is the subset), or as the shared real-data folder and the embedded
 # sample name them (the dataset in front; ARC's test split rebuilt there, "_reconstructed", see its README).
@@ -293,7 +289,7 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
             acc = categorical_accuracy(model, tokenizer, task, max_examples)
         else:
             acc = generative_accuracy(engine, tokenizer, task, max_examples, max_tokens=max_tokens, stage=stage)
-        results[name], chances[name] = acc, chance_of(task)
+        results[name], chances[name] = acc, MC_CHANCE if task.eval_type == "categorical" else 0.0
         n = len(task) if max_examples is None else min(len(task), max_examples)
         details[name] = d = dict(accuracy=acc, chance=chances[name], centred=centred(acc, chances[name]), n=n,
                                  seconds=time.time() - t0, file=files.get(name))
@@ -359,7 +355,7 @@ def run_core(model, tokenizer, data_dir=None, max_per_task=None, batch_size=8, s
     table."""
     kind, where = core_source(data_dir)
     t0 = time.time()
-    tasks = core_eval.load_bundle(where, max_per_task) if kind == "bundle" else core_eval.load_raw(where, max_per_task)
+    tasks = core_eval.load_tasks(where, max_per_task)  # a bundle when `where` holds core.yaml, else raw files
     res = core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, batch_size=batch_size,
                                   max_seq_len=max_seq_len, log=lambda line: print0(f"[{stage}] {line}"))
     fields = ("accuracy", "centered", "baseline", "n", "num_fewshot", "kind", "seconds")
@@ -391,28 +387,14 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
     return out
 
 
-def val_batches_for(tokenizer, B, T, device, max_batches, rank=0, world=1):
-    """Batches of the held-out embedded corpus (loop=False, at most max_batches)."""
-    loader = TokenLoader(tokenizer, load_corpus("val"), B, T, rank=rank, world_size=world, device=device, loop=False)
-    out = []
-    for _ in range(max_batches):
-        try:
-            out.append(loader.next_batch())
-        except StopIteration:
-            break
-    return out
-
-
 def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, max_tokens=256, val_batches=20,
                         device=None, stage="evaluate", data_dir=None, core=None, max_per_task=None,
                         core_max_seq_len=None):
-    """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict.
-    Works in one process or on every rank under torchrun (examples split across ranks).
-    base: val bpb, CORE-style on `tasks` (default: embedded + cached real) and CORE (skipped when `core` is None)
-    from `data_dir` if given, else from `core` (run_core's data_dir), max_per_task items a task, prompts cropped
-    to core_max_seq_len tokens ("trained": the checkpoint's sequence_len; None: see run_core).
-    chat: `tasks` (default: the real chat tasks found in data_dir when it is given, else embedded + cached real
-    ones), real ones read from data_dir when their files are there."""
+    """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict, in one
+    process or on every rank under torchrun. base: val bpb (val_batches batches), CORE-style on `tasks` (default:
+    embedded + cached real) and CORE (skipped when `core` is None) from data_dir, else from `core` (run_core's
+    data_dir), prompts cropped to core_max_seq_len tokens ("trained": the checkpoint's sequence_len). chat: `tasks`
+    (default: the real chat tasks found in data_dir when given, else embedded + cached real ones)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = chat_files(data_dir) if mode == "chat" and data_dir else {}
     if mode == "base" and core is not None:
@@ -425,7 +407,9 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
     t0 = time.time()
     if mode == "base":
         T = meta["config"]["sequence_len"]
-        batches = val_batches_for(tokenizer, 4, T, device, val_batches, info.rank, info.world_size)
+        loader = TokenLoader(tokenizer, load_corpus("val"), 4, T, rank=info.rank, world_size=info.world_size,
+                             device=device, loop=False)  # next_batch raises StopIteration at the corpus' end
+        batches = list(itertools.islice(iter(loader.next_batch, None), val_batches))
         res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage,
                             core=None if core is None else (data_dir or core), max_per_task=max_per_task,
                             core_max_seq_len=T if core_max_seq_len == "trained" else core_max_seq_len)

@@ -10,7 +10,12 @@ from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
 from train.tasks.common import TaskError, TaskMixture
 
 EMBEDDED = ("arithmetic", "spelling", "identity", "number_mc")
-REAL = ("smoltalk", "mmlu", "mmlu_aux", "arc_easy", "arc_challenge", "gsm8k", "humaneval")
+# name -> (class, fixed keyword arguments); mmlu_aux has only a train split, humaneval only a test split
+REAL_TASKS = {"smoltalk": (smoltalk.SmolTalk, {}), "mmlu": (mmlu.MMLU, {"subset": "all"}),
+              "mmlu_aux": (mmlu.MMLU, {"subset": "auxiliary_train", "split": "train"}),
+              "arc_easy": (arc.ARC, {"subset": "ARC-Easy"}), "arc_challenge": (arc.ARC, {"subset": "ARC-Challenge"}),
+              "gsm8k": (gsm8k.GSM8K, {}), "humaneval": (humaneval.HumanEval, {"split": "test"})}
+REAL = tuple(REAL_TASKS)
 TASKS = EMBEDDED + REAL
 
 
@@ -18,29 +23,17 @@ def get_task(name, split="train", n=None, files=None, **kwargs):
     """One task by name, every example checked against what rendering requires (Task.validate: TaskError naming
     the task and the example). split: train | test (| validation for ARC). n: size of an embedded task, or the first
     n examples (a seeded sample) of a real one. files: local paths or URLs read instead of the HF hub."""
-    return _build(name, split, n, files, **kwargs).validate()
-
-
-def _build(name, split, n, files, **kwargs):
     if name in EMBEDDED:
         cls = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
                "number_mc": embedded.NumberMC}[name]
-        size = n or (2000 if split == "train" else 200)
-        return cls(n=size, seed={"train": 0, "test": 1, "validation": 2}[split], **kwargs)
-    if name not in REAL:
+        task = cls(n=n or (2000 if split == "train" else 200), seed={"train": 0, "test": 1, "validation": 2}[split],
+                   **kwargs)
+    elif name in REAL_TASKS:
+        cls, fixed = REAL_TASKS[name]
+        task = cls(**{"split": split, "files": files, "stop": n, **kwargs, **fixed})
+    else:
         raise TaskError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
-    kw = dict(files=files, stop=n, **kwargs)
-    if name == "smoltalk":
-        return smoltalk.SmolTalk(split=split, **kw)
-    if name == "mmlu":
-        return mmlu.MMLU(subset="all", split=split, **kw)
-    if name == "mmlu_aux":
-        return mmlu.MMLU(subset="auxiliary_train", split="train", **kw)
-    if name in ("arc_easy", "arc_challenge"):
-        return arc.ARC(subset="ARC-Easy" if name == "arc_easy" else "ARC-Challenge", split=split, **kw)
-    if name == "gsm8k":
-        return gsm8k.GSM8K(split=split, **kw)
-    return humaneval.HumanEval(split="test", **kw)
+    return task.validate()
 
 
 def parse_spec(spec):

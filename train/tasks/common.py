@@ -27,8 +27,8 @@ MAX_PARQUET_SHARDS = 10_000
 
 
 class TaskError(UserError):
-    """Bad task input: unknown task, a file that does not parse, a download that failed, a reward that raised.
-    A UserError: entry points print its one-line message (naming the stage and the file) and exit with status 2."""
+    """Bad task input (unknown task, a file that does not parse, a failed download, a reward that raised): entry
+    points print its one line (naming the stage and the file) and exit with status 2."""
 
 
 def check_conversation(conversation):
@@ -42,13 +42,13 @@ def check_conversation(conversation):
 
 
 class Task:
-    """A lightweight view (start/stop/step) over a dataset of conversations (real tasks: over `self.rows`)."""
+    """A dataset of conversations (real tasks: over `self.rows`), cut to its first `stop` examples if given."""
     eval_type = "generative"
     name = "task"
 
-    def __init__(self, start=0, stop=None, step=1):
-        assert start >= 0 and step >= 1 and (stop is None or stop >= start), (start, stop, step)
-        self.start, self.stop, self.step = start, stop, step
+    def __init__(self, stop=None):
+        assert stop is None or stop >= 0, stop
+        self.stop = stop
 
     def num_examples(self):
         return len(self.rows)
@@ -57,13 +57,12 @@ class Task:
         raise NotImplementedError
 
     def __len__(self):
-        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
-        return max(0, (stop - self.start + self.step - 1) // self.step)
+        return self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} examples")
-        return self.get_example(self.start + index * self.step)
+        return self.get_example(index)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -73,10 +72,9 @@ class Task:
         return self.name
 
     def validate(self):
-        """Check every example once, at load time, against what rendering requires (model.tokenizer's
-        conversation_messages: message and part types, roles alternating) -> self. TaskError naming the task and
-        the example's index, so a bad row stops the run before training instead of mid-way. A task that checked
-        its rows as it read them (naming the file's row numbers) sets self.validated and is not checked again."""
+        """Check every example once, at load time, against what rendering requires (check_conversation) -> self;
+        TaskError naming the task and the example, so a bad row stops the run before training, not mid-way. A task
+        that checked its rows as it read them (naming the file's row numbers) sets self.validated."""
         if getattr(self, "validated", False):
             return self
         for i in range(len(self)):

@@ -38,25 +38,22 @@ class Generated(Task):
 
 class Arithmetic(Generated, AnswerTask):
     name = "arithmetic"
+    PROBLEMS = (  # (question, expression, the text before the tool call), drawn with a, b, c in 2..30, 2..9, 2..9
+        ("{name} has {a} {item} and buys {b} packs of {c} {item} each. How many {item} does {name} have now?",
+         "{a} + {b} * {c}", "{name} gets {b} * {c} more {item}, so the total is "),
+        ("{name} has {a} {item} and gives away {b} bags of {c} {item} each. How many {item} are left?",
+         "{a} - {b} * {c}", "{name} gives away {b} * {c} {item}, so what is left is "),
+        ("There are {b} boxes with {a} {item} in each box. How many {item} are there in total?", "{b} * {a}",
+         "The total is "),
+        ("{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?", "{a} // {b}",
+         "Each friend gets "))
 
     def generate(self, rng):
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         a, b, c = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9)
         kind = rng.randrange(4)
-        if kind == 0:
-            q = f"{name} has {a} {item} and buys {b} packs of {c} {item} each. How many {item} does {name} have now?"
-            expr, pre = f"{a} + {b} * {c}", f"{name} gets {b} * {c} more {item}, so the total is "
-        elif kind == 1:
-            a = a + b * c
-            q = f"{name} has {a} {item} and gives away {b} bags of {c} {item} each. How many {item} are left?"
-            expr, pre = f"{a} - {b} * {c}", f"{name} gives away {b} * {c} {item}, so what is left is "
-        elif kind == 2:
-            q = f"There are {b} boxes with {a} {item} in each box. How many {item} are there in total?"
-            expr, pre = f"{b} * {a}", "The total is "
-        else:
-            a = b * c
-            q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-            expr, pre = f"{a} // {b}", "Each friend gets "
+        a = {1: a + b * c, 3: b * c}.get(kind, a)
+        q, expr, pre = (t.format(name=name, item=item, a=a, b=b, c=c) for t in self.PROBLEMS[kind])
         result = str(eval(expr))  # noqa: S307 - our own generated expression
         parts = [{"type": "text", "text": pre}, {"type": "python", "text": expr},
                  {"type": "python_output", "text": result}, {"type": "text", "text": f"{result}.\n#### {result}"}]

@@ -18,9 +18,9 @@ SAMPLE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class Source:
-    """One sampled file. name: its path under the sample folder and under the source folder, without extension
-    ("core/piqa_validation"); hf: Hugging Face dataset id, config and split; licence: as published; note: where
-    that licence is stated, when the shared folder's README does not state it."""
+    """One sampled file. name: its path under the sample folder and the source folder, without extension
+    ("core/piqa_validation"); hf: HF dataset id, config and split; licence: as published; note: where that licence
+    is stated, when the shared folder's README does not state it."""
     name: str
     hf: str
     licence: str
@@ -57,10 +57,8 @@ def sample_path(name, root=SAMPLE_DIR):
 
 def sample_rows(name, root=SAMPLE_DIR):
     """The rows (list of dicts) of one sample file. TaskError when it is missing or does not parse."""
-    path = sample_path(name, root)
-    if not os.path.isfile(path):
-        known = ", ".join(s.name for s in SOURCES)
-        raise TaskError(f"no embedded sample {name!r} at {path} (known: {known})")
+    if not os.path.isfile(path := sample_path(name, root)):
+        raise TaskError(f"no embedded sample {name!r} at {path} (known: {', '.join(s.name for s in SOURCES)})")
     return read_rows(path)
 
 

@@ -15,48 +15,35 @@ import random
 import sys
 
 from model.common import UserError
-from train.tasks.common import read_rows
+from train.tasks.common import find_file, read_rows
 from train.tasks.realdata import SOURCES
 
 COMMAND = "python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata"
 
 
-def source_file(src, name):
-    """<src>/<name>.parquet or .jsonl; UserError when neither exists."""
-    for ext in (".parquet", ".jsonl"):
-        path = os.path.join(src, name + ext)
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"draw: no {name}.parquet or {name}.jsonl under {src}")
-
-
-def pick(n_rows, per_file, seed, name):
-    """Sorted indices of the rows kept from a file of n_rows rows."""
-    return sorted(random.Random(f"{seed}:{name}").sample(range(n_rows), min(per_file, n_rows)))
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def draw(src, out, per_file=100, seed=0):
-    """Write the sample under `out` -> the manifest dict."""
+    """Write the sample under `out` -> the manifest dict. UserError when a source file is missing."""
     files = {}
     for s in SOURCES:
-        path = source_file(src, s.name)
+        if (path := find_file(src, s.name)) is None:
+            raise UserError(f"draw: no {s.name}.parquet or {s.name}.jsonl under {src}")
         rows = read_rows(path)
-        keep = pick(len(rows), per_file, seed, s.name)
+        keep = sorted(random.Random(f"{seed}:{s.name}").sample(range(len(rows)), min(per_file, len(rows))))
         text = "".join(json.dumps(rows[i], ensure_ascii=False, separators=(",", ":")) + "\n" for i in keep)
-        target = os.path.join(out, s.name + ".jsonl")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
+        _write(os.path.join(out, s.name + ".jsonl"), text)
+        data = text.encode("utf-8")
         files[s.name] = dict(source=os.path.relpath(path, src), source_rows=len(rows), rows=len(keep), indices=keep,
-                             sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                             bytes=len(text.encode("utf-8")))
+                             sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
     command = COMMAND if (per_file, seed) == (100, 0) else f"{COMMAND} --per-file {per_file} --seed {seed}"
     result = dict(seed=seed, per_file=per_file, command=command, files=files)
-    with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(readme(result))
+    _write(os.path.join(out, "manifest.json"), json.dumps(result, indent=1) + "\n")
+    _write(os.path.join(out, "README.md"), readme(result))
     return result
 
 
