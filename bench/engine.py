@@ -284,10 +284,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians are reported)")
     ap.add_argument("--samples", default="1,8,32", help="comma list of num_samples for the one-prompt cases")
     ap.add_argument("--prompts", type=int, default=8, help="number of different prompts for the batching case")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
+    for flag, default in (("--prompt-len", 64), ("--max-tokens", 128), ("--depth", 4), ("--head-dim", 64)):
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--vocab", type=int, default=2048, help="vocabulary size (the tiny preset's tokenizer: 2048)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="at most 2 reps")
