@@ -48,7 +48,7 @@ def _flex_provider(T, H, Hkv, device):
     def flex(q, k, v, cos, sin):
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                           enable_gqa=H != Hkv)
+                           enable_gqa=True if H != Hkv else False)
         return y.transpose(1, 2)
     return torch.compile(flex)
 

@@ -81,7 +81,7 @@ def _kernel_rows(quick):
         if fits_dense:
             kd = torch.empty(B, Hkv, L, D, device=dev, dtype=dtype).normal_()
             dense = (q[:, :, None, :], kd, torch.empty_like(kd).normal_())
-            sdpa = partial(F.scaled_dot_product_attention, enable_gqa=H != Hkv)
+            sdpa = partial(F.scaled_dot_product_attention, enable_gqa=True if H != Hkv else False)
             rows += _timed_or_oom(case, "sdpa_dense", sdpa, dense, quick, bytes_)
             del kd, dense
         if harness.on_gpu():

@@ -458,7 +458,7 @@ class PagedKVCache:
         if not plan.direct:                                       # rows in a different order (or more): scatter q
             q = q.new_zeros(n, H, D).index_copy_(0, plan.row_index, q)
         y = F.scaled_dot_product_attention(q[:, :, None], rk[:n, :, :L], rv[:n, :, :L], attn_mask=plan.mask,
-                                           enable_gqa=H != Hkv)[:, :, 0]  # (n, H, D)
+                                           enable_gqa=True if H != Hkv else False)[:, :, 0]  # (n, H, D)
         if not plan.direct:
             y = y.index_select(0, plan.row_index)
         return y.to(v.dtype)
@@ -490,7 +490,7 @@ class PagedKVCache:
         v_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, v_new)
         if plan.starts is None:                                   # causal: right padding is never attended
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype),
-                                               is_causal=True, enable_gqa=H != Hkv)
+                                               is_causal=True, enable_gqa=True if H != Hkv else False)
             return y.transpose(1, 2).to(v.dtype)
         # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
         n_pages, block_size = plan.tables.shape[1], k_cache.shape[1]
@@ -498,7 +498,7 @@ class PagedKVCache:
         vals = v_cache[plan.tables.long()].flatten(1, 2)
         mask = torch.arange(n_pages * block_size, device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=mask[:, None], enable_gqa=H != Hkv)
+                                           attn_mask=mask[:, None], enable_gqa=True if H != Hkv else False)
         return y.transpose(1, 2).to(v.dtype)
 
 
