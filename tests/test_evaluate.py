@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from model.common import UserError
 from model.sandbox import jail_status, run_python
 from train import evaluate as ev
-from train.tasks import get_task, order
+from train.tasks import get_task
+from train.tasks.common import permutation
 from train.tasks.gsm8k import solution_parts, solution_text, strip_annotations
 from train.tasks.humaneval import build_program
 from train.tasks.realdata import SAMPLE_DIR, sample_rows
@@ -200,7 +201,7 @@ def test_subsets_are_seeded_shuffles_of_the_whole_set(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = get_task("mmlu", split="test", files=[str(path)])
     first = [task[i]["question"] for i in range(100)]
-    assert first == [f"q{i}" for i in order.permutation(200)[:100]]
+    assert first == [f"q{i}" for i in permutation(200)[:100]]
     assert {task[i]["subject"] for i in range(100)} == {"algebra", "botany"}
     assert 30 < sum(task[i]["subject"] == "algebra" for i in range(100)) < 70
     again = get_task("mmlu", split="test", files=[str(path)], n=100)
@@ -210,7 +211,7 @@ def test_subsets_are_seeded_shuffles_of_the_whole_set(tmp_path):
     gsm = [{"question": f"g{i}", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(50)]
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
     g = get_task("gsm8k", split="test", files=[str(tmp_path / "g.jsonl")])
-    assert [g[i]["messages"][0]["content"] for i in range(5)] == [f"g{i}" for i in order.permutation(50)[:5]]
+    assert [g[i]["messages"][0]["content"] for i in range(5)] == [f"g{i}" for i in permutation(50)[:5]]
 
 
 @needs_real
@@ -234,7 +235,7 @@ def test_categorical_eval_scores_the_seeded_subset(tmp_path):
     table = torch.zeros(V, V)
     table[259, ord("A")] = 5.0
     acc = ev.categorical_accuracy(Bigram(table), CharTok(), task, max_examples=40)
-    expect = sum(rows[i]["answer"] == 0 for i in order.permutation(120)[:40]) / 40
+    expect = sum(rows[i]["answer"] == 0 for i in permutation(120)[:40]) / 40
     assert acc == pytest.approx(expect) and 0.2 < acc < 0.8
 
 

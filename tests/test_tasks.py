@@ -70,7 +70,7 @@ def server(tmp_path_factory):
 def test_loaders_download_parse_and_cache(server):
     st = get_task("smoltalk")
     assert len(st) == 3 and st[1]["messages"][0] == {"role": "system", "content": "Be brief."}
-    mm = get_task("mmlu", split="test")  # rows in the seeded order (train/tasks/order.py): found by content
+    mm = get_task("mmlu", split="test")  # rows in the seeded order (train/tasks/common.py): found by content
     two = by_question(mm, "What is 2 + 3?")
     assert len(mm) == 3 and two["messages"][1]["content"] == "B" and two["letters"] == ("A", "B", "C", "D")
     assert "- 5=B\n" in two["messages"][0]["content"]

@@ -24,7 +24,7 @@ Chat metrics
 - ChatCORE = mean over tasks of (acc - chance) / (1 - chance), chance 0.25 for multiple choice, 0 for generative.
 - `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat, parquet or jsonl, named as in CHAT_FILES).
 `--max-examples N` scores the first N examples of a task, a seeded sample (real tasks present their rows in a seeded
-shuffle, train/tasks/order.py; embedded ones generate each example from its own seed), the same on every run and
+shuffle, train/tasks/common.py; embedded ones generate each example from its own seed), the same on every run and
 rank. Examples are split across ranks (i % world == rank) and the counts all-reduced; every rank loads the whole
 model, so this runs under torchrun whatever the training sharding was.
 """

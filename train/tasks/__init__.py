@@ -1,10 +1,8 @@
 """Tasks: datasets of conversations with a score. `get_task(name, split)` builds one by name; `build_mixture(spec)`
 builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5,smoltalk@10000"
-(":w" = weight in epochs, "@n" = only the first n examples).
-
-Real tasks download on first use (see common.py) and present their rows in a seeded shuffle of the whole split
-(order.py), so their first n examples are a seeded sample; embedded tasks generate each example from its own seed
-(train and test use different seeds, so test problems are unseen).
+(":w" = weight in epochs, "@n" = only the first n examples). Real tasks download on first use and present their
+rows in a seeded shuffle of the whole split (common.py), so their first n examples are a seeded sample; embedded
+tasks generate each example from its own seed (train and test seeds differ, so test problems are unseen).
 """
 from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
 from train.tasks.common import TaskError, TaskMixture

@@ -1,5 +1,5 @@
 """ARC (allenai/ai2_arc): grade-school science multiple choice, subsets ARC-Easy and ARC-Challenge. Rows in the
-seeded order of train/tasks/order.py."""
+seeded order of train/tasks/common.py."""
 from train.tasks.common import MCTask, mc_conversation, real_rows
 
 

@@ -16,11 +16,11 @@ import os
 import random
 import re
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from model.common import DownloadError, UserError, download, home_dir
 from model.tokenizer import conversation_messages
-from train.tasks.order import seeded_order
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets"
 MAX_PARQUET_SHARDS = 10_000
@@ -253,9 +253,24 @@ def hf_rows(repo, config, split, files=None):
                     f"ends the list; check $TRITONCHAT_DATA_URL / --data-url")
 
 
+# The order a real dataset's rows are presented in: numpy.random.default_rng(42).permutation(n) of the whole split,
+# which is what Hugging Face's Dataset.shuffle(seed=42) applies and how nanochat's tasks load every split
+# (https://github.com/karpathy/nanochat/blob/master/tasks/mmlu.py), so the same file gives nanochat's order, and any
+# prefix of a task (--max-examples 100, mmlu@500 in a mixture, the first RL prompts) is a seeded sample of the whole
+# set, the same on every run and every rank.
+def permutation(n, seed=42):
+    """list of the n indices 0..n-1 in the seeded order."""
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+def seeded_order(rows, seed=42):
+    """The rows (a list) in the seeded order: rows[permutation(len(rows))[i]] at position i."""
+    return [rows[i] for i in permutation(len(rows), seed)]
+
+
 def real_rows(name, repo, config, split, files, ok, needs, prepare=None):
     """hf_rows, each row (after `prepare`) checked with ok(row) in the file's order (TaskError "<name>: row i needs
-    <needs>"), then in the seeded order of train/tasks/order.py."""
+    <needs>"), then in the seeded order (seeded_order)."""
     rows = hf_rows(repo, config, split, files)
     rows = rows if prepare is None else [prepare(r) for r in rows]
     for i, r in enumerate(rows):

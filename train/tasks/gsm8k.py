@@ -1,5 +1,5 @@
 """GSM8K (openai/gsm8k, Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): grade-school math word problems with a
-verifiable answer after "####". Rows in the seeded order of train/tasks/order.py.
+verifiable answer after "####". Rows in the seeded order of train/tasks/common.py.
 
 The reference solutions carry calculator annotations `<<48/2=24>>`: the dataset's authors inserted them for a
 calculator at sampling time, and the text after each one already states its result (true of all 4282 annotations of

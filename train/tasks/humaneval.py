@@ -1,15 +1,12 @@
 """HumanEval (openai/openai_humaneval, Chen et al. 2021, https://arxiv.org/abs/2107.03374): 164 Python functions to
 complete, scored by running the unit tests in the sandbox (model/sandbox.py: a bubblewrap jail, timeout, memory
-limit). Rows in the seeded order of train/tasks/order.py.
+limit). Rows in the seeded order of train/tasks/common.py.
 
-The program is built as the benchmark intends: the prompt (its imports, helper functions, the signature and
-docstring) always comes first and the answer after it, so the prompt's context is available to the answer whether
-the model wrote the body only or a whole function:
-- a body (the continuation of the prompt, indented): prompt + body;
-- a whole function (a `def <entry_point>(` line): prompt, then the function (dedented), which replaces the prompt's
-  docstring-only definition; helpers and imports of the prompt stay defined (HumanEval/10, /32, /38, /50 call
-  helpers of their prompt, 21 prompts import from typing and /32 imports math).
-Then the problem's `check` function and `check(<entry_point>)`; the answer is right when the program exits cleanly.
+The program is built as the benchmark intends: the prompt (imports, helpers, signature, docstring) first, then the
+answer, so the prompt's context serves a body (prompt + indented continuation) and a whole function alike (a
+`def <entry_point>(` line: dedented after the prompt, replacing its docstring-only definition; HumanEval/10, /32,
+/38, /50 call helpers of their prompt, 21 prompts import from typing, /32 imports math). Then the problem's `check`
+function and `check(<entry_point>)`; the answer is right when the program exits cleanly.
 """
 import os
 import re

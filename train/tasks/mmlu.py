@@ -1,6 +1,6 @@
 """MMLU (cais/mmlu): 57-subject 4-way multiple choice. subset "all" (test/validation/dev) for evaluation,
 "auxiliary_train" (≈100 k questions, rows nested under "train") for midtraining. The files are sorted by subject
-(or by source), so the rows are taken in the seeded order of train/tasks/order.py: any prefix mixes subjects."""
+(or by source), so the rows are taken in the seeded order of train/tasks/common.py: any prefix mixes subjects."""
 from train.tasks.common import MCTask, mc_conversation, real_rows
 
 

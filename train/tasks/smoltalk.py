@@ -1,7 +1,6 @@
 """SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations, the bulk of midtraining and part of SFT. Rows
-in the seeded order of train/tasks/order.py, so `smoltalk@10000` is a seeded sample of the split."""
-from train.tasks.common import Task, TaskError, check_conversation, hf_rows
-from train.tasks.order import seeded_order
+in the seeded order of train/tasks/common.py, so `smoltalk@10000` is a seeded sample of the split."""
+from train.tasks.common import Task, TaskError, check_conversation, hf_rows, seeded_order
 
 
 class SmolTalk(Task):
