@@ -165,7 +165,6 @@ def extract_answer(text):
 
 class AnswerTask(Task):
     """Generative task scored by exact match of the '####' answer (GSM8K and the embedded arithmetic)."""
-    eval_type = "generative"
 
     def evaluate(self, conversation, completion):
         content = conversation["messages"][-1]["content"]  # str or parts

@@ -34,7 +34,6 @@ def build_program(prompt, code, test, entry_point):
 
 class HumanEval(Task):
     name = "humaneval"
-    eval_type = "generative"
 
     def __init__(self, split="test", files=None, timeout=5.0, memory_mb=256, **kwargs):
         super().__init__(**kwargs)
