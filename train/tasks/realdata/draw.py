@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 
 from model.common import UserError
 from train.tasks.common import find_file, read_rows
@@ -121,8 +120,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # one line, no traceback, status 2, as the other entry points
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train.loop import run_main
+    run_main(main)  # a UserError: one line, no traceback, status 2, as the other entry points
