@@ -286,9 +286,7 @@ def centred(accuracy, baseline):
 
 def core_name(tasks):
     """"CORE" for bundle tasks; "CORE-<number of distinct datasets>" as soon as a raw-dataset task is in."""
-    if all(t.source == "bundle" for t in tasks):
-        return "CORE"
-    return f"CORE-{len({t.dataset for t in tasks})}"
+    return "CORE" if all(t.source == "bundle" for t in tasks) else f"CORE-{len({t.dataset for t in tasks})}"
 
 
 def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
