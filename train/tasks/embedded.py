@@ -76,8 +76,7 @@ class Spelling(Generated):
         parts = [{"type": "text", "text": f"Spelled out, {word} is {spelled}. Counting '{letter}' with python: "},
                  {"type": "python", "text": f"'{word}'.count('{letter}')"}, {"type": "python_output", "text": n},
                  {"type": "text", "text": f"{n}.\n#### {n}"}]
-        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}],
-                "kind": "count"}
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}], "kind": "count"}
 
     def evaluate(self, conversation, completion):
         ref = conversation["messages"][-1]["content"]
