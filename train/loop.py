@@ -146,8 +146,8 @@ def resume(stage, run, model, optimizers):
     return dict(saved, path=ckpt, exact=exact)
 
 
-def run_meta(stage, args, **meta):
-    """A checkpoint's meta: stage, kernel mode and the flags' plain values, then `meta` (which wins)."""
+def run_meta(stage, args, meta):
+    """A checkpoint's meta: stage, kernel mode and the flags' plain values, then the dict `meta` (which wins)."""
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"stage": stage, "kernels": kernels.get_mode(), "args": plain, **meta}
 
@@ -178,7 +178,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     accum = grad_accum_steps(args.total_batch_size, world, B, T)
     tokens_per_step = accum * world * B * T
     run_dir = checkpoint_dir(stage, args.run)
-    meta = run_meta(stage, args, tokens_per_step=tokens_per_step, **(meta or {}))
+    meta = run_meta(stage, args, {"tokens_per_step": tokens_per_step, **(meta or {})})
 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:

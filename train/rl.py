@@ -309,8 +309,8 @@ def run(argv=None):
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
-    meta = run_meta("rl", args, config=src_meta["config"], tokenizer_dir=src_meta.get("tokenizer_dir"), source=src_path,
-                    task=args.task)
+    meta = run_meta("rl", args, dict(config=src_meta["config"], tokenizer_dir=src_meta.get("tokenizer_dir"),
+                                     source=src_path, task=args.task))
     start, ckpt = 0, None
     if args.resume:
         saved = resume("rl", args.run, model, optimizers)
