@@ -5,44 +5,34 @@ torch.compile, side by side.
     torchrun --standalone --nproc_per_node=8 -m bench.train -- --depth 20       # every GPU (FSDP2)
     python -m bench.train --depth 4 --seq-len 128 --kernels eager --compile off,on        # CPU (inductor: C++)
     python -m bench.train --depth 4 --seq-len 128 --compile on --compile-backend aot_eager --build fsdp,plain
-                                                                                # CPU smoke, FSDP2 vs plain build
 
-Per configuration (kernels x compile x build): build the model the way training does (meta device -> [compile] ->
-FSDP2 -> init; train/distributed.py), warm up (the first step compiles), then time N steps of forward / backward /
-optimizer with device syncs between the phases (so the breakdown is exact, at the cost of the overlap a real step
-would get; the "step" row is timed without those syncs). `--build plain` is the same GPT without FSDP2, compiled
-whole (torch.compile(model, fullgraph=True), nanochat's way; bf16 autocast on CUDA) - the reference the FSDP2 build
-under compile must match. Each row records torch._dynamo's counters: graphs compiled, graph breaks, and graphs
-compiled after the warm-up (recompiles; 0 expected). Communication is the time of the NCCL kernels in a one-step
-torch.profiler capture (0 on one GPU). MFU = tokens/s x FLOPs/token / (peak x GPUs), with FLOPs/token from
-GPT.estimate_flops() and the peak from a table of dense bf16 peaks (else the matmul peak measured in this run); the
-ratio column is each row's speed over eager+compile (the plain PyTorch model compiled: what users compare against
-first). NVML telemetry (power, SM clock, temperature, memory, utilisation) is sampled in a background thread;
-without nvidia-ml-py or a GPU it reports "unavailable". A configuration that runs out of GPU memory is a row marked
-"out of memory", not a failed run. Input tokens are random: throughput does not depend on the text. On CPU, inductor
-builds C++ per graph (minutes at depth 4); `--compile-backend aot_eager` traces the same graphs without code
-generation (checks breaks and recompiles, no speed-up).
+Per configuration (kernels x compile x build): build the model as training does (train/distributed.py: meta device
+-> [compile part by part] -> FSDP2 -> init), warm up (the first step compiles), time N steps with device syncs
+between forward, backward and optimizer (an exact breakdown), then N whole steps without syncs (the "step" column).
+`--build plain` is the same GPT without FSDP2, compiled whole (nanochat's way; bf16 autocast on CUDA). Each row
+records torch._dynamo's counters: graphs, graph breaks, graphs compiled after the warm-up (recompiles; 0 expected).
+Communication = the NCCL kernels' time in a one-step torch.profiler capture. MFU = tokens/s x FLOPs/token / (peak x
+GPUs), FLOPs/token from GPT.estimate_flops(), the peak from a table of dense bf16 peaks (else the matmul peak
+measured in this run); "vs base" = tokens/s over eager+compile's (the plain PyTorch model compiled: what users
+compare against first). NVML telemetry (power, SM clock, temperature, memory, utilisation) is sampled in a thread
+("unavailable" without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so, not a failed run. Tokens are
+random (throughput does not depend on the text). On CPU `--compile-backend aot_eager` traces the same graphs
+without code generation (checks breaks and recompiles, no speed-up). From the step time it projects the speedrun:
+20 tokens per parameter on 8 GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
 
-From the d20 step time it projects the nanochat speedrun: 20 tokens per parameter, on 8 GPUs, assuming the
-per-GPU tokens/s measured here and perfect scaling (an upper bound on speed; nanochat's 8xH100 run logs ~41-46% MFU).
-
-Memory at d20 per GPU (estimate, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
+Memory at d20 per GPU (arithmetic, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
 with no accumulation and the eager one 16 x 2048 x 2. d20: C = 1280, 20 layers, V = 65 536, 561 M params (wte and
 lm_head 83.9 M each, blocks 393 M); N = B x T tokens; one (N, C) bf16 tensor is 168 MB at B = 32 (N = 65 536).
   fixed (one GPU, the worst case; FSDP2 divides it by the world size): fp32 params 2.24 GB + fp32 grads 2.24 GB +
-    AdamW moments of wte/lm_head 1.34 GB + Muon momentum of the blocks 1.57 GB + the bf16 gathered root and one or
-    two blocks ~0.4 GB                                                                                  = ~7.8 GB
-  saved for backward per block, fused: block input and post-attention residual (RMSNorm backward) 2, normed inputs
-    of the q/k/v and MLP GEMMs 2, attention's q_hat, k_hat, v and O (O is also c_proj's input) 4, the MLP's
-    a = relu(h)^2 (N, 4C) 4 -> 12 (N, C) = 2.0 GB; x 20 blocks                                         = 40.3 GB
-  root, fused: embedding output and the final norm's input and output 3 (N, C) = 0.5 GB; linear_cross_entropy
-    computes dh and dw in its forward, never the (N, V) logits: dh 1 (N, C) + its ~1.2 GiB of buffers = ~1.5 GB
+    AdamW moments of wte/lm_head 1.34 GB + Muon momentum 1.57 GB + bf16 gathered root and 1-2 blocks ~0.4 GB = ~7.8 GB
+  saved for backward per block, fused: block input and post-attention residual 2, normed inputs of the q/k/v and
+    MLP GEMMs 2, attention's q_hat, k_hat, v and O 4, the MLP's relu(h)^2 (N, 4C) 4 -> 12 (N, C) = 2.0 GB, x 20 = 40 GB
+  root, fused: embedding output, final norm's input and output 3 (N, C) = 0.5 GB; linear_cross_entropy computes dh
+    and dw in its forward, never the (N, V) logits: dh 1 (N, C) + ~1.2 GiB of buffers                      = ~1.5 GB
   backward transients of one block (dh of the MLP (N, 4C), a few (N, C) gradients)                      = ~1.5 GB
-  -> fused at B = 32: ~52 GB of 80 GB (compile can only lower it: inductor recomputes norms instead of saving
-     them). Eager at B = 32: the references keep ~21 (N, C) per block (rotated and normalised q/k copies, h, r and
-     a of the MLP: 70 GB) plus ~4 fp32 (N, V) logit tensors of 17.2 GB each at the loss: ~140 GB, so the eager
-     preset keeps 16 x 2 accumulation (its compiled variant holds fewer of those copies; nanochat runs 32 x 2048
-     compiled on 80 GB - not measured here).
+  -> fused at B = 32: ~52 GB of 80 GB (compile can only lower it). Eager at B = 32: the references keep ~21 (N, C)
+     per block (70 GB) plus ~4 fp32 (N, V) logit tensors of 17.2 GB at the loss: ~140 GB, so the eager preset keeps
+     16 x 2 accumulation (nanochat runs 32 x 2048 compiled on 80 GB - not measured here).
 """
 import argparse
 import contextlib
