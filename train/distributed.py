@@ -4,24 +4,20 @@
     torchrun --nproc_per_node=8 -m train.base -- ...       # one process per GPU (NCCL); stage flags after --
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base -- --preset tiny   # CPU, gloo
 
-One code path for every world size: a single process without torchrun still gets a process group (world size 1,
-backed by an in-memory HashStore, so no port is needed) and the model is sharded with FSDP2 exactly as under
-torchrun. Parameters are therefore always DTensors after build_model; optimizers (model/optim.py), checkpoints
-(torch.distributed.checkpoint) and the loop see the same types whatever the world size.
+One code path for every world size: without torchrun a process still gets a process group (world size 1, an
+in-memory HashStore, no port) and the model is sharded with FSDP2 as under torchrun, so parameters are always
+DTensors after build_model and optimizers, checkpoints and the loop see the same types. The price on one rank: FSDP2
+copies every parameter in before its forward and every gradient out after its backward (nothing to shard).
 
-build_model: GPT on the meta device (no memory) -> [apply_compile] -> fully_shard every block, then the root ->
-to_empty(device) -> init_weights(). On CUDA the FSDP2 MixedPrecisionPolicy computes in bf16 (params gathered in bf16,
-gradients reduced in fp32, fp32 master weights in the optimizer); on CPU everything stays fp32 (the Triton
-interpreter and the tight cross-world-size tests need fp32).
+build_model: GPT on the meta device -> [apply_compile] -> fully_shard every block, then the root -> to_empty(device)
+-> init_weights(). On CUDA FSDP2's MixedPrecisionPolicy computes in bf16 (params gathered in bf16, gradients reduced
+in fp32, fp32 master weights); on CPU everything stays fp32 (the Triton interpreter and cross-world-size tests).
 
-Compile (`--compile`, as torchtitan's apply_compile, torchtitan/models/llama3/infra/parallelize.py): each block's
-forward and the root's embedding and head (final norm + lm_head + softcap + loss) are compiled separately with
-fullgraph=True, then sharded. FSDP2's hooks (all-gather before a module's forward, reduce-scatter after its backward)
-run eagerly between those graphs, never inside one, so there is no graph break; torch.compile of the whole sharded
-model instead breaks its graph at every hook and leaves the head uncompiled. The blocks share one compiled graph
-(same code, same shapes). Training shapes compile once; evaluation without grad (same shapes) adds one entry per
-part; GPT.generate runs uncompiled (every token changes the shape); RL builds uncompiled unless --compile on
-(train/stage.py: its update sees a new length every step).
+Compile (as torchtitan's apply_compile, torchtitan/models/llama3/infra/parallelize.py): each block's forward and the
+root's embedding and head (final norm + lm_head + softcap + loss) are compiled separately with fullgraph=True, then
+sharded. FSDP2's hooks run eagerly between those graphs, never inside one, so there is no graph break (compiling the
+whole sharded model instead breaks at every hook and leaves the head uncompiled). The blocks share one graph; eval
+without grad adds one entry per part; GPT.generate runs uncompiled (every token changes the shape).
 """
 import os
 import warnings
