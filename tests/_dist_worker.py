@@ -69,7 +69,7 @@ def main():
         loss = loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
-    params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
     ns_counts = [None] * world
     dist.all_gather_object(ns_counts, muon.ns_matrices)
     m_init, m_grads, m_final, m_count = muon_case()

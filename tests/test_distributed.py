@@ -14,6 +14,11 @@ import torch
 from stand_ins import straightforward_muon
 from tests._dist_worker import MUON_SHAPES, STEPS
 
+
+def full(p):
+    """The whole tensor of a parameter, DTensor or plain."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
@@ -103,7 +108,7 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
         cfg = GPTConfig(**CONFIG)
         torch.manual_seed(0)
         model = build_model(cfg, info)
-        assert hasattr(model.lm_head.weight, "device_mesh") and not model.cos.is_meta
+        assert not model.cos.is_meta
         plain = GPT(cfg)
         torch.manual_seed(0)
         plain.init_weights()
@@ -123,7 +128,7 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
                 samples.append(list(m.generate([1, 2, 3], max_tokens=3, temperature=0.0)))
         assert samples[0::2] == samples[1::2]
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.full_tensor(), q, atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(full(p), q, atol=1e-6, rtol=1e-5, msg=name)
     finally:
         if owned:
             cleanup()
@@ -146,7 +151,7 @@ def test_root_stays_gathered_only_from_forward_to_backward(eager_single_thread):
     try:
         cfg = GPTConfig(**CONFIG)
         torch.manual_seed(0)
-        model = build_model(cfg, info)
+        model = build_model(cfg, info, shard_root=True)  # one CPU rank leaves the root plain unless asked
         plain = GPT(cfg)
         torch.manual_seed(0)
         plain.init_weights()
@@ -217,7 +222,7 @@ def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
                     frames.append(backend.frame_count)
             runs[compiled] = dict(losses=losses, per_token=per_token, sample=sample, frames=frames,
                                   breaks=sum(counters["graph_break"].values()),
-                                  params={n: p.full_tensor() for n, p in model.named_parameters()})
+                                  params={n: full(p) for n, p in model.named_parameters()})
     finally:
         torch._dynamo.reset()
         if owned:
@@ -308,3 +313,42 @@ def test_cuda_bf16_fsdp_single_process():
     finally:
         if owned:
             cleanup()
+
+
+def test_one_cpu_rank_leaves_the_root_plain_with_the_same_training(eager_single_thread):
+    """At one CPU rank build_model leaves wte and lm_head plain tensors (FSDP2 would only copy them) and shards the
+    blocks; three clipped steps (train.loop.optimizer_step, DTensor blocks beside a plain root) give the same
+    losses, gradient norms and parameters as the build whose root FSDP2 manages."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from model.gpt import GPTConfig
+    from tests._dist_worker import CONFIG
+    from train.distributed import build_model, cleanup, init_distributed
+    from train.loop import optimizer_step
+    owned = not dist.is_initialized()
+    info = init_distributed("cpu")
+    cfg = GPTConfig(**CONFIG)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(7))
+    runs = {}
+    try:
+        for shard_root in (None, True):
+            torch.manual_seed(0)
+            model = build_model(cfg, info, shard_root=shard_root)
+            kinds = {n: isinstance(p, DTensor) for n, p in model.named_parameters()}
+            opts = model.setup_optimizers()
+            out = []
+            for _ in range(3):
+                loss = model(x[:, :-1], x[:, 1:])
+                loss.backward()
+                out.append((loss.item(), optimizer_step(model, opts, grad_clip=0.05).item()))
+            runs[shard_root] = (kinds, out, {n: full(p).detach().clone() for n, p in model.named_parameters()})
+    finally:
+        if owned:
+            cleanup()
+    kinds, out, params = runs[None]
+    assert [n for n, d in kinds.items() if not d] == ["transformer.wte.weight", "lm_head.weight"]
+    assert all(runs[True][0].values())
+    assert out == runs[True][1] and out[0][1] > 0.05  # the clip was active
+    for name, p in params.items():
+        torch.testing.assert_close(p, runs[True][2][name], atol=0, rtol=0, msg=name)

@@ -7,7 +7,9 @@
 One code path for every world size: without torchrun a process still gets a process group (world size 1, an
 in-memory HashStore, no port) and the model is sharded with FSDP2 as under torchrun, so parameters are always
 DTensors after build_model and optimizers, checkpoints and the loop see the same types. The price on one rank: FSDP2
-copies every parameter in before its forward and every gradient out after its backward (nothing to shard).
+copies every parameter in before its forward and every gradient out after its backward (nothing to shard). On one
+CPU rank the root's wte and lm_head, the largest matrices (at depth 4 with a 65 536 vocabulary ten times the blocks),
+therefore stay plain tensors (build_model's shard_root): the blocks stay FSDP2-sharded DTensors.
 
 build_model: GPT on the meta device -> [apply_compile] -> fully_shard every block, then the root -> to_empty(device)
 -> init_weights(). On CUDA FSDP2's MixedPrecisionPolicy computes in bf16 (params gathered in bf16, gradients reduced
@@ -99,10 +101,12 @@ def apply_compile(model, backend="inductor"):
     return model
 
 
-def build_model(config, dist_info, compile=False, compile_backend="inductor"):
+def build_model(config, dist_info, compile=False, compile_backend="inductor", shard_root=None):
     """GPT(config) sharded with FSDP2 over all ranks and initialised; identical weights for any world size.
     compile: "on" | "off" | "auto" | bool (see compile_enabled); when on, apply_compile(model, compile_backend)
-    before sharding."""
+    before sharding. shard_root: FSDP2 manages the root's wte and lm_head (True), leaves them plain tensors (False),
+    or None: managed unless this is one CPU rank, where FSDP2 has neither a shard to make nor a bf16 cast to do for
+    them and would only copy the two largest matrices in and their gradients out every step."""
     device = dist_info.device
     if not dist.is_initialized():
         raise RuntimeError("build_model: call init_distributed() first")
@@ -123,9 +127,14 @@ def build_model(config, dist_info, compile=False, compile_backend="inductor"):
     # grad (eval, sampling) reshard at once, so that outside a training step the module always holds its shards
     # (optimizers and checkpoints see DTensors) and a gathered copy never outlives an optimizer step; a forward
     # that still finds them gathered (a training forward without backward) drops them and gathers fresh shards.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    model.register_forward_pre_hook(_root_pre_forward, prepend=True)  # before FSDP2's own pre-forward
-    model.register_forward_hook(_root_post_forward)  # after FSDP2's own post-forward
+    if shard_root is None:
+        shard_root = dist_info.world_size > 1 or device.type == "cuda"
+    root_params = {model.transformer.wte.weight, model.lm_head.weight}
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
+                ignored_params=None if shard_root else root_params)
+    if shard_root:
+        model.register_forward_pre_hook(_root_pre_forward, prepend=True)  # before FSDP2's own pre-forward
+        model.register_forward_hook(_root_post_forward)  # after FSDP2's own post-forward
     model.to_empty(device=device)
     model.init_weights()
     return model

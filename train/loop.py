@@ -30,7 +30,7 @@ import torch.distributed as dist
 import kernels
 from model.checkpoint import (checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
                               set_rng_state, step_dir)
-from model.common import UserError, dist_info, peak_flops, print0
+from model.common import UserError, dist_info, local, peak_flops, print0
 from model.optim import muon_momentum
 from train.distributed import COMPILE_CHOICES
 
@@ -114,7 +114,15 @@ def set_lrs(optimizers, lr_mult, momentum=None):
 def optimizer_step(model, optimizers, grad_clip):
     """Clip the gradient norm (grad_clip > 0), step every optimizer, drop the gradients -> total norm before
     clipping (a tensor; None without clipping)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    grad_norm = None
+    if grad_clip > 0:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if len({type(g) for g in grads}) == 1:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:  # DTensor blocks beside a plain root: one CPU rank (train.distributed), where every shard is whole
+            grads = [local(g) for g in grads]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
