@@ -97,6 +97,11 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def full(t):
+    """The whole tensor of an FSDP2 DTensor (a collective: every rank must call it); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 # ------------------------------------------------------------------------------------------------ hardware
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of one GPU, from a torch device or a device name ("NVIDIA H100 80GB HBM3"); None for

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from model.common import full  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
 from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
 from model.optim import Muon, muon_momentum  # noqa: E402
@@ -69,7 +70,7 @@ def main():
         loss = loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
+    params = {n: full(p).detach() for n, p in model.named_parameters()}
     ns_counts = [None] * world
     dist.all_gather_object(ns_counts, muon.ns_matrices)
     m_init, m_grads, m_final, m_count = muon_case()

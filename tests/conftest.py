@@ -26,6 +26,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def cpu_rank():
+    """One CPU rank in this process (train.distributed.init_distributed) -> its DistInfo. A group another test left
+    up is reused and left up; a group this fixture created is destroyed afterwards, whether the test passed or not."""
+    import torch.distributed as dist
+
+    from train.distributed import cleanup, init_distributed
+    owned = not dist.is_initialized()
+    yield init_distributed("cpu")
+    if owned:
+        cleanup()
+
+
+@pytest.fixture
 def eager_single_thread():
     """Eager kernels on one thread: for tests of tiny shapes, where OpenMP threads spinning on a shared 2-core box
     cost 10-100x."""

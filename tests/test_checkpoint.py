@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels
+from model.common import full
 from model.gpt import GPTConfig
 from model import checkpoint as ck
 from train.distributed import build_model, init_distributed
@@ -32,10 +33,6 @@ def trained_model(steps=2, seed=0):
             o.step()
             o.zero_grad()
     return model, opts
-
-
-def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def flat_optim_state(opts):

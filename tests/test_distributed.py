@@ -11,13 +11,9 @@ import sys
 import pytest
 import torch
 
+from model.common import full
 from stand_ins import straightforward_muon
 from tests._dist_worker import MUON_SHAPES, STEPS
-
-
-def full(p):
-    """The whole tensor of a parameter, DTensor or plain."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,110 +86,90 @@ def test_sharded_muon_matches_straightforward(runs, world):
         torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
 
 
-def test_in_process_fsdp_matches_plain_model_with_eval_forwards():
+def test_in_process_fsdp_matches_plain_model_with_eval_forwards(cpu_rank, eager_single_thread):
     """World size 1 in this process: FSDP2 model == plain GPT, even with forwards without backward (eval, sampling)
     between backward and the optimizer step, which go stale if the root keeps its parameters gathered."""
-    import kernels
     from model.gpt import GPT, GPTConfig
-    from train.distributed import build_model, cleanup, init_distributed
+    from train.distributed import build_model
     from tests._dist_worker import CONFIG
-    prev, threads = kernels.get_mode(), torch.get_num_threads()
-    kernels.set_mode("eager")
-    torch.set_num_threads(1)  # tiny shapes; spinning OpenMP threads on a shared 2-core box cost 10x
-    import torch.distributed as dist
-    owned = not dist.is_initialized()  # another test may have left its group up: reuse it, leave it up
-    info = init_distributed("cpu")
-    try:
-        assert (info.is_dist, info.rank, info.world_size, info.device.type) == (False, 0, 1, "cpu")
-        cfg = GPTConfig(**CONFIG)
-        torch.manual_seed(0)
-        model = build_model(cfg, info)
-        assert not model.cos.is_meta
-        plain = GPT(cfg)
-        torch.manual_seed(0)
-        plain.init_weights()
-        x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1))
-        with torch.no_grad():
-            model(x[:, :-1])  # a forward before setup_optimizers
-        pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
-        samples = []
-        for _ in range(3):
-            for m, opts in pairs:
-                m(x[:, :-1], x[:, 1:]).backward()
-                with torch.no_grad():
-                    m(x[:, :5])
-                for opt in opts:
-                    opt.step()
-                m.zero_grad(set_to_none=True)
-                samples.append(list(m.generate([1, 2, 3], max_tokens=3, temperature=0.0)))
-        assert samples[0::2] == samples[1::2]
-        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(full(p), q, atol=1e-6, rtol=1e-5, msg=name)
-    finally:
-        if owned:
-            cleanup()
-        kernels.set_mode(prev)
-        torch.set_num_threads(threads)
+    info = cpu_rank
+    assert (info.is_dist, info.rank, info.world_size, info.device.type) == (False, 0, 1, "cpu")
+    cfg = GPTConfig(**CONFIG)
+    torch.manual_seed(0)
+    model = build_model(cfg, info)
+    assert not model.cos.is_meta
+    plain = GPT(cfg)
+    torch.manual_seed(0)
+    plain.init_weights()
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1))
+    with torch.no_grad():
+        model(x[:, :-1])  # a forward before setup_optimizers
+    pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
+    samples = []
+    for _ in range(3):
+        for m, opts in pairs:
+            m(x[:, :-1], x[:, 1:]).backward()
+            with torch.no_grad():
+                m(x[:, :5])
+            for opt in opts:
+                opt.step()
+            m.zero_grad(set_to_none=True)
+            samples.append(list(m.generate([1, 2, 3], max_tokens=3, temperature=0.0)))
+    assert samples[0::2] == samples[1::2]
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(full(p), q, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_root_stays_gathered_only_from_forward_to_backward(eager_single_thread):
+def test_root_stays_gathered_only_from_forward_to_backward(cpu_rank, eager_single_thread):
     """The FSDP2 root's wte/lm_head: gathered (plain tensors) from a training forward to its backward, sharded
     (DTensors) after the backward and right after any forward without grad; a training forward never followed by a
     backward, then an optimizer step, then a forward: the result still equals the plain model's."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from model.gpt import GPT, GPTConfig
     from tests._dist_worker import CONFIG
-    from train.distributed import build_model, cleanup, init_distributed
-    owned = not dist.is_initialized()
-    info = init_distributed("cpu")
-    try:
-        cfg = GPTConfig(**CONFIG)
-        torch.manual_seed(0)
-        model = build_model(cfg, info, shard_root=True)  # one CPU rank leaves the root plain unless asked
-        plain = GPT(cfg)
-        torch.manual_seed(0)
-        plain.init_weights()
-        x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(5))
-        sharded = lambda: all(isinstance(p, DTensor) for p in model.parameters())
-        pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
-        loss = model(x[:, :-1], x[:, 1:])
-        assert not isinstance(model.lm_head.weight, DTensor) and isinstance(model.transformer.h[0].mlp.c_fc.weight,
-                                                                             DTensor)
-        loss.backward()
-        assert sharded()
-        with torch.no_grad():
-            model(x[:, :-1])
-        assert sharded()
-        plain(x[:, :-1], x[:, 1:]).backward()
-        for m, opts in pairs:
-            m(x[:, :-1], x[:, 1:])  # a training forward without backward keeps the root gathered...
-            for opt in opts:
-                opt.step()  # ...and this step changes the shards under that copy
-            m.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), plain(x[:, :-1], x[:, 1:]), atol=1e-6, rtol=1e-5)
-        assert sharded()
-    finally:
-        if owned:
-            cleanup()
+    from train.distributed import build_model
+    info = cpu_rank
+    cfg = GPTConfig(**CONFIG)
+    torch.manual_seed(0)
+    model = build_model(cfg, info, shard_root=True)  # one CPU rank leaves the root plain unless asked
+    plain = GPT(cfg)
+    torch.manual_seed(0)
+    plain.init_weights()
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(5))
+    sharded = lambda: all(isinstance(p, DTensor) for p in model.parameters())
+    pairs = [(model, model.setup_optimizers()), (plain, plain.setup_optimizers())]
+    loss = model(x[:, :-1], x[:, 1:])
+    assert not isinstance(model.lm_head.weight, DTensor) and isinstance(model.transformer.h[0].mlp.c_fc.weight,
+                                                                         DTensor)
+    loss.backward()
+    assert sharded()
+    with torch.no_grad():
+        model(x[:, :-1])
+    assert sharded()
+    plain(x[:, :-1], x[:, 1:]).backward()
+    for m, opts in pairs:
+        m(x[:, :-1], x[:, 1:])  # a training forward without backward keeps the root gathered...
+        for opt in opts:
+            opt.step()  # ...and this step changes the shards under that copy
+        m.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), plain(x[:, :-1], x[:, 1:]), atol=1e-6, rtol=1e-5)
+    assert sharded()
 
 
-def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
+def test_fsdp_compiled_matches_uncompiled(cpu_rank, eager_single_thread):
     """build_model(compile="on") at world size 1 in this process (gloo): every block and the root's embedding and head
     compiled (aot_eager), then sharded. Three graphs (embedding, the block - shared by both blocks -, head + loss), no
     graph break, nothing compiled after the first step; evaluation without grad compiles its own three, generate()
     none (it runs uncompiled); losses and parameters equal the uncompiled FSDP2 build; parameter names unchanged."""
-    import torch.distributed as dist
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     from model.gpt import GPTConfig
     from tests._dist_worker import CONFIG
-    from train.distributed import build_model, cleanup, init_distributed
-    owned = not dist.is_initialized()
-    info = init_distributed("cpu")
+    from train.distributed import build_model
+    info = cpu_rank
     cfg = GPTConfig(**CONFIG)
     x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(3))
     runs = {}
@@ -225,8 +201,6 @@ def test_fsdp_compiled_matches_uncompiled(eager_single_thread):
                                   params={n: full(p) for n, p in model.named_parameters()})
     finally:
         torch._dynamo.reset()
-        if owned:
-            cleanup()
     plain, comp = runs[False], runs[True]
     assert plain["frames"] == [0] * 5
     # step 0: 3 graphs; step 1; eval without grad: 3 more; generate: none; step 2: none
@@ -315,37 +289,31 @@ def test_cuda_bf16_fsdp_single_process():
             cleanup()
 
 
-def test_one_cpu_rank_leaves_the_root_plain_with_the_same_training(eager_single_thread):
+def test_one_cpu_rank_leaves_the_root_plain_with_the_same_training(cpu_rank, eager_single_thread):
     """At one CPU rank build_model leaves wte and lm_head plain tensors (FSDP2 would only copy them) and shards the
     blocks; three clipped steps (train.loop.optimizer_step, DTensor blocks beside a plain root) give the same
     losses, gradient norms and parameters as the build whose root FSDP2 manages."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from model.gpt import GPTConfig
     from tests._dist_worker import CONFIG
-    from train.distributed import build_model, cleanup, init_distributed
+    from train.distributed import build_model
     from train.loop import optimizer_step
-    owned = not dist.is_initialized()
-    info = init_distributed("cpu")
+    info = cpu_rank
     cfg = GPTConfig(**CONFIG)
     x = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len + 1), generator=torch.Generator().manual_seed(7))
     runs = {}
-    try:
-        for shard_root in (None, True):
-            torch.manual_seed(0)
-            model = build_model(cfg, info, shard_root=shard_root)
-            kinds = {n: isinstance(p, DTensor) for n, p in model.named_parameters()}
-            opts = model.setup_optimizers()
-            out = []
-            for _ in range(3):
-                loss = model(x[:, :-1], x[:, 1:])
-                loss.backward()
-                out.append((loss.item(), optimizer_step(model, opts, grad_clip=0.05).item()))
-            runs[shard_root] = (kinds, out, {n: full(p).detach().clone() for n, p in model.named_parameters()})
-    finally:
-        if owned:
-            cleanup()
+    for shard_root in (None, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, info, shard_root=shard_root)
+        kinds = {n: isinstance(p, DTensor) for n, p in model.named_parameters()}
+        opts = model.setup_optimizers()
+        out = []
+        for _ in range(3):
+            loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            out.append((loss.item(), optimizer_step(model, opts, grad_clip=0.05).item()))
+        runs[shard_root] = (kinds, out, {n: full(p).detach().clone() for n, p in model.named_parameters()})
     kinds, out, params = runs[None]
     assert [n for n, d in kinds.items() if not d] == ["transformer.wte.weight", "lm_head.weight"]
     assert all(runs[True][0].values())

@@ -220,10 +220,9 @@ def test_gpt_fused_loss_matches_eager():
         torch.testing.assert_close(f, e, atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_fsdp2_managed_weight(fused):
+def test_fsdp2_managed_weight(fused, cpu_rank):
     """w as an FSDP2 parameter (world of 1, gloo): read inside the root's forward it is the gathered full tensor;
     the gradient reaches the sharded parameter through autograd alone."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     class Head(torch.nn.Module):
@@ -234,24 +233,17 @@ def test_fsdp2_managed_weight(fused):
         def forward(self, h, targets, reduction):
             return linear_cross_entropy(h, self.weight, targets, reduction=reduction, chunk_size=8)
 
-    owned = not dist.is_initialized()  # another test may have left a group up: reuse it, leave it up
-    if owned:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-    try:
-        h, w, targets = _inputs(19, 16, 70, ignored=(5,))
-        sharded = fully_shard(Head(w))
-        upstream = torch.randn(19, generator=torch.Generator().manual_seed(9))
-        for reduction in ("mean", "none"):
-            sharded.zero_grad(set_to_none=True)
-            loss = sharded(h, targets, reduction)
-            loss.backward(upstream if reduction == "none" else None)
-            ref = _run(linear_cross_entropy_reference, h, w, targets, upstream if reduction == "none" else None,
-                       reduction=reduction)
-            torch.testing.assert_close(loss.detach(), ref[0], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(sharded.weight.grad.full_tensor(), ref[2], atol=2e-5, rtol=1e-4)
-    finally:
-        if owned:
-            dist.destroy_process_group()
+    h, w, targets = _inputs(19, 16, 70, ignored=(5,))
+    sharded = fully_shard(Head(w))
+    upstream = torch.randn(19, generator=torch.Generator().manual_seed(9))
+    for reduction in ("mean", "none"):
+        sharded.zero_grad(set_to_none=True)
+        loss = sharded(h, targets, reduction)
+        loss.backward(upstream if reduction == "none" else None)
+        ref = _run(linear_cross_entropy_reference, h, w, targets, upstream if reduction == "none" else None,
+                   reduction=reduction)
+        torch.testing.assert_close(loss.detach(), ref[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(sharded.weight.grad.full_tensor(), ref[2], atol=2e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------- GPU

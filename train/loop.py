@@ -30,7 +30,7 @@ import torch.distributed as dist
 import kernels
 from model.checkpoint import (checkpoint_dir, find_last_checkpoint, load_checkpoint, save_checkpoint,
                               set_rng_state, step_dir)
-from model.common import UserError, dist_info, local, peak_flops, print0
+from model.common import UserError, dist_info, full, local, peak_flops, print0
 from model.optim import muon_momentum
 from train.distributed import COMPILE_CHOICES
 
@@ -278,8 +278,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
             tok_s = tokens_per_step / max(dt, 1e-9)
             mfu = flops_per_token * tok_s / (peak * world) if flops_per_token else None
             eta = (train_time / max(step - start_step, 1)) * (num_iterations - step)
-            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            gnf = float(gn) if gn is not None else float("nan")
+            gnf = float(full(grad_norm)) if grad_norm is not None else float("nan")
             print0(f"step {step:06d}/{num_iterations:06d} ({100 * step / num_iterations:5.1f}%) | loss {lossf:.6f} | "
                    f"grad norm {gnf:.3f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tok_s:,.0f} | "
                    f"mfu {'n/a' if mfu is None else f'{100 * mfu:.2f}%'} | eta {_fmt_time(eta)}")

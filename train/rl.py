@@ -37,7 +37,7 @@ import torch
 
 import kernels
 from model.checkpoint import save_checkpoint, step_dir
-from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from model.common import UserError, all_reduce_sum, dist_info, full, local, print0
 from model.engine import Engine
 from model.gpt import GPT
 from train import stage
@@ -225,7 +225,7 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
 def sync_sampler(model, sampler):
     """Copy the (possibly FSDP-sharded) training weights into the plain sampling copy (collective under FSDP)."""
     for p, q in zip(model.parameters(), sampler.parameters()):
-        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        q.copy_(full(p))
 
 
 def plain_copy(model):
