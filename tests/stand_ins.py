@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kernels.newton_schulz import newton_schulz_reference
+from model.gpt import GPT, GPTConfig
 from model.tokenizer import SPECIAL_TOKENS
 
 
@@ -134,3 +135,18 @@ def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov
             rows, cols = p.shape
             params[i] = p - lr * max(1.0, rows / cols) ** 0.5 * o
     return [p.float() for p in params]
+
+
+def tiny_model(cls=GPT, seed=0):
+    """A 2-layer GPT (GQA 4/2 heads, width 128, context 64) over ByteTokenizer's vocabulary, in eval mode, with the
+    weights the init zeroes (lm_head, output projections) randomised so that logits differ between tokens."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=64, vocab_size=ByteTokenizer().vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=128)
+    model = cls(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()

@@ -7,9 +7,9 @@ import torch
 import kernels
 from model import sandbox
 from model.engine import Engine
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT
 from model.tokenizer import SPECIAL_TOKENS
-from stand_ins import ByteTokenizer
+from stand_ins import ByteTokenizer, tiny_model
 
 torch.manual_seed(0)
 
@@ -27,18 +27,6 @@ def one_thread():
     yield
     torch.set_num_threads(n)
     kernels.set_mode(old)
-
-
-def tiny_model(cls=GPT, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=64, vocab_size=TOK.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
-    model = cls(cfg)
-    model.init_weights()
-    with torch.no_grad():  # the init zeroes lm_head and the output projections: randomise them for distinct logits
-        for p in model.parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(0, 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import torch
 
 import kernels
 from model.engine import Engine
-from model.gpt import GPT, GPTConfig
 from model.kv_cache import DecodeGraphs, PagedKVCache
-from stand_ins import ByteTokenizer
+from stand_ins import ByteTokenizer, tiny_model
 
 torch.manual_seed(0)
 
@@ -29,15 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=64, vocab_size=TOK.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
-    m = GPT(cfg)
-    m.init_weights()
-    with torch.no_grad():  # the init zeroes lm_head and the output projections: randomise them for distinct logits
-        for p in m.parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(0, 0.05)
-    return m.eval()
+    return tiny_model()
 
 
 def assert_all_returned(engine):
