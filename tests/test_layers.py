@@ -1,12 +1,10 @@
 """The direction of imports: kernels/ imports nothing of ours but the switch, model/ never imports train/ or bench/,
 train/ never imports bench/. Every module is parsed (imports inside functions count too)."""
 import ast
-import io
 import os
 import pathlib
 import subprocess
 import sys
-import tokenize
 
 import pytest
 
@@ -86,61 +84,3 @@ def test_a_pypi_kernels_package_does_not_shadow_ours(tmp_path):
     ours = _python("import kernels, model.common; print(kernels.__file__)", cwd=ROOT, pythonpath=str(tmp_path))
     assert ours == str(ROOT / "kernels" / "__init__.py")
 
-
-# The size budget counts lines of code as cloc does: blank lines, comment lines and docstrings are documentation,
-# not code (the style asks every public function for a docstring with shapes, units, errors and sources).
-CODE_LINE_BUDGET = 10_000
-
-
-def code_lines_python(source):
-    """Lines holding a Python token other than a comment or a docstring."""
-    docstrings = set()
-    for node in ast.walk(ast.parse(source)):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
-    lines = set()
-    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type not in skip:
-            lines.update(range(tok.start[0], tok.end[0] + 1))
-    return len(lines - docstrings)
-
-
-def code_lines_rust(source):
-    """Lines of Rust that are neither blank nor a // or /* */ comment."""
-    n, in_block = 0, False
-    for line in source.splitlines():
-        s = line.strip()
-        if in_block:
-            in_block = "*/" not in s
-            continue
-        if s.startswith("/*"):
-            in_block = "*/" not in s
-            continue
-        n += bool(s) and not s.startswith("//")
-    return n
-
-
-def code_lines(root=ROOT):
-    """{path: code lines} for every tracked .py and .rs file outside tests/."""
-    files = subprocess.run(["git", "ls-files", "*.py", "*.rs"], cwd=root, capture_output=True, text=True,
-                           check=True).stdout.split()
-    count = lambda p: (code_lines_rust if p.endswith(".rs") else code_lines_python)((root / p).read_text())
-    return {p: count(p) for p in files if not p.startswith("tests/")}
-
-
-def test_code_lines_are_counted_as_cloc_counts():
-    src = '"""Module doc\nover two lines."""\nimport os  # a comment\n\n# a comment line\ndef f(x):\n' \
-          '    """Doc."""\n    return (x +\n            1)\n'
-    assert code_lines_python(src) == 4  # import, def, and the two lines of the return
-    assert code_lines_rust("// c\n/* a\n b */\nfn main() {\n\n    /// doc\n    let x = 1; // c\n}\n") == 3
-
-
-def test_code_stays_under_the_line_budget():
-    counts = code_lines()
-    total = sum(counts.values())
-    biggest = ", ".join(f"{p} {n}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
-    assert total < CODE_LINE_BUDGET, f"{total} lines of Python + Rust code outside tests/ (largest: {biggest})"
