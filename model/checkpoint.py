@@ -1,16 +1,12 @@
 """Checkpoints: model + optimizers (sharded, via torch.distributed.checkpoint) + meta.json, written atomically.
 
-Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/
-    *.distcp, .metadata   DCP files: each rank writes its shards of {"model", "optim"}; DCP reshards on load, so a
-                          checkpoint saved by N ranks loads into M ranks or one plain nn.Module.
-    meta.json             {"config": GPTConfig dict, "step", "stage", "kernels", "world_size", "loader_states" (one
-                           per rank), "rng_states" (per rank: torch/CUDA states as base64 bytes, python's and numpy's
-                           as JSON numbers; never a pickle), ... plus what the stage adds (args, val metrics, ...)}
-
-Atomicity: everything goes into a hidden sibling `.step_XXXXXX.tmp/`, meta.json last, then one rename puts it in
-place; on failure the temp dir is removed, so a step_* directory is complete or absent. Free disk space is checked
-first against the state tensors' size + 10 %: too little -> UserError, nothing written. save_checkpoint and
-load_checkpoint are collective (every rank); load_model is one process, no FSDP (inference, the next stage).
+Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/ holds the DCP files (*.distcp, .metadata: each rank
+writes its shards of {"model", "optim"}; DCP reshards on load, so N ranks' checkpoint loads into M ranks or one plain
+module) and meta.json: {"config", "step", "stage", "kernels", "world_size", "loader_states" and "rng_states" (per rank;
+torch/CUDA states as base64 bytes, python's and numpy's as JSON numbers, never a pickle), plus what the stage adds}.
+Everything goes into a hidden `.step_XXXXXX.tmp/`, meta.json last, then one rename: a step_* dir is complete or absent.
+Free disk space is checked first (state tensors + 10 %; too little -> UserError, nothing written). save_checkpoint and
+load_checkpoint are collective; load_model is one process, no FSDP.
 """
 import base64
 import json
@@ -28,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.utils._pytree import tree_leaves
 
 from model.common import UserError, dist_info, home_dir
 from model.gpt import GPT, GPTConfig
@@ -54,9 +51,8 @@ def _unb64(text):
 
 
 def rng_state():
-    """This process's RNG states (torch CPU, CUDA, python, numpy) as plain JSON values for meta.json: the torch
-    states as base64 bytes, python's and numpy's Mersenne Twister states as lists of numbers. Data only: a
-    checkpoint from anywhere can be resumed without running anything stored in it."""
+    """This process's RNG states (torch CPU, CUDA, python, numpy) as plain JSON values (data only: resuming never
+    runs anything stored in a checkpoint)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": _b64(torch.get_rng_state()), "python": [version, list(internal), gauss],
@@ -67,8 +63,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore what rng_state() returned -> True. A state in another format (an older checkpoint's base64 pickle)
-    is not decoded, since unpickling would run whatever it holds: -> False, the RNG left as it is."""
+    """Restore what rng_state() returned -> True; another format (an older base64 pickle) is not decoded -> False."""
     if not isinstance(state, dict):
         return False
     torch.set_rng_state(_unb64(state["torch"]))
@@ -88,18 +83,10 @@ def _state_dicts(model, opts):
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _nbytes(obj):
-    """Bytes of all tensors in a (nested) state dict, counted at their global (unsharded) size."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()  # a DTensor reports its global shape
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    return sum(_nbytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
-
-
 def estimate_checkpoint_bytes(model, optimizers=None, state=None):
-    """Disk bytes a checkpoint needs: its tensors' global size + 10 % + 1 MiB."""
-    return int(_nbytes(state or _state_dicts(model, list(optimizers or []))) * 1.1) + (1 << 20)
+    """Disk bytes a checkpoint needs: its tensors' global (unsharded) size + 10 % + 1 MiB."""
+    leaves = tree_leaves(state or _state_dicts(model, list(optimizers or [])))
+    return int(sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)) * 1.1) + (1 << 20)
 
 
 def _all_gather(obj):
@@ -111,15 +98,12 @@ def _all_gather(obj):
 
 
 def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
-    """Atomically write a checkpoint of `step` to `path` (a step_XXXXXX dir). Collective: call on every rank.
-
-    meta: dict saved to meta.json (must be JSON-serialisable: GPTConfig as a dict, stage, kernels mode, ...);
-    "step", "world_size", "loader_states" (gathered from every rank) and "rng_states" are added here."""
+    """Atomically write a checkpoint of `step` to `path` (a step_XXXXXX dir); collective. meta: JSON-serialisable dict
+    for meta.json, to which "step", "world_size", "loader_states" and "rng_states" (of every rank) are added."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp")
-    info = dist_info()
-    rank, world = info.rank, info.world_size
+    rank, world = dist_info().rank, dist_info().world_size
     state = _state_dicts(model, list(optimizers or []))
     loader_states = _all_gather(loader_state)
     rng_states = _all_gather(rng_state())
@@ -162,8 +146,8 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     return path
 
 
-# What a DCP .metadata pickle may name: DCP's metadata records, torch.Size, dtypes, layouts, paths. DCP unpickles
-# it with plain pickle.load, which would run anything a foreign checkpoint put there: it is checked first.
+# What a DCP .metadata pickle may name. DCP unpickles it with plain pickle.load, which would run anything a foreign
+# checkpoint put there: it is checked first.
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
@@ -181,8 +165,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_dcp_metadata(path):
-    """Refuse (UserError) a checkpoint whose DCP .metadata pickle names anything but DCP's metadata types, before
-    DCP unpickles it: loading a checkpoint never runs code stored in it."""
+    """UserError when the DCP .metadata pickle names anything but DCP's metadata types (checked before DCP loads it)."""
     meta_path = os.path.join(path, ".metadata")
     if not os.path.exists(meta_path):
         raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
@@ -203,8 +186,7 @@ def read_meta(path):
 
 
 def load_checkpoint(path, model, optimizers=None):
-    """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model. Collective.
-    Returns meta.json as a dict; the caller restores loader state and RNG from it (see train/loop.py)."""
+    """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model; collective -> meta.json."""
     meta = read_meta(path)
     opts = list(optimizers or [])
     state = _state_dicts(model, opts)
@@ -236,9 +218,8 @@ def find_last_checkpoint(stage, run=None):
 
 
 def load_model(stage, device="cpu", run=None, path=None):
-    """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`), as a plain single-process GPT in
-    eval mode on `device` (fp32). The tokenizer is loaded from meta["tokenizer_dir"] if recorded, else
-    $TRITONCHAT_HOME/tokenizer (None when there is none yet: the caller may bring its own)."""
+    """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`): a plain fp32 GPT in eval mode on
+    `device`, and load_tokenizer(meta) (None when there is none yet: the caller may bring its own)."""
     path = path or find_last_checkpoint(stage, run)
     if path is None:
         raise UserError(f"no {stage} checkpoint found under {os.path.join(home_dir(), 'checkpoints', stage)}; "
@@ -252,13 +233,12 @@ def load_model(stage, device="cpu", run=None, path=None):
     model.eval()
     try:
         tokenizer = load_tokenizer(meta)
-    except (OSError, ValueError):  # no tokenizer trained yet: the caller may bring its own
+    except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer, meta
 
 
 def load_tokenizer(meta):
-    """The tokenizer a checkpoint was trained with: meta["tokenizer_dir"] when it still exists, else
-    $TRITONCHAT_HOME/tokenizer."""
+    """The tokenizer of meta["tokenizer_dir"] when it still exists, else of $TRITONCHAT_HOME/tokenizer."""
     tok_dir = meta.get("tokenizer_dir")
     return Tokenizer.load(tok_dir) if tok_dir and os.path.isdir(tok_dir) else get_tokenizer()

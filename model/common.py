@@ -24,8 +24,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NV
 
 
 class UserError(RuntimeError):
-    """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, corrupt shard, ...).
-    Entry points print its message alone, without a traceback, and exit with status 2."""
+    """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, ...): entry points print its
+    message alone, without a traceback, and exit with status 2."""
 
 
 class DownloadError(UserError):
@@ -43,7 +43,6 @@ def home_dir():
     return path
 
 
-# ------------------------------------------------------------------------------------------------ processes
 @dataclass
 class DistInfo:
     is_dist: bool          # launched by torchrun (RANK/WORLD_SIZE set)
@@ -54,10 +53,9 @@ class DistInfo:
 
 
 def dist_info():
-    """This process's place -> DistInfo: rank and world size of the default process group (0 and 1 while there is
-    none), torchrun's LOCAL_RANK, and its device (cuda:LOCAL_RANK under an NCCL group or, without a group, when a GPU
-    is visible; else cpu). train.distributed.init_distributed creates the group."""
-    group = dist.is_available() and dist.is_initialized()
+    """This process's place -> DistInfo: rank and world size of the default group (0 and 1 while there is none),
+    LOCAL_RANK, and device (cuda:LOCAL_RANK under NCCL or, without a group, when a GPU is visible; else cpu)."""
+    group = _group()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and (not group or "nccl" in dist.get_backend())
     return DistInfo(is_dist="RANK" in os.environ and "WORLD_SIZE" in os.environ,
@@ -66,8 +64,12 @@ def dist_info():
                     device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
+def _group():
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_rank0():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not _group() or dist.get_rank() == 0
 
 
 def print0(*args, **kwargs):
@@ -77,15 +79,14 @@ def print0(*args, **kwargs):
 
 def barrier():
     """Wait for every rank (nothing to wait for in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 def all_reduce_sum(values):
-    """A few numbers summed over all ranks -> list of floats (float64; the input itself in a single process).
-    Collective: every rank calls it with the same number of values."""
+    """A few numbers summed over all ranks (collective) -> list of floats (float64)."""
     t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group() and dist.get_world_size() > 1:
         if "nccl" in dist.get_backend():  # NCCL reduces CUDA tensors only
             t = t.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t)
@@ -102,10 +103,9 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-# ------------------------------------------------------------------------------------------------ hardware
 def peak_flops(device):
-    """Dense bf16 peak FLOP/s of one GPU, from a torch device or a device name ("NVIDIA H100 80GB HBM3"); None for
-    the CPU or a GPU missing from PEAK_BF16_FLOPS (MFU is then reported as n/a)."""
+    """Dense bf16 peak FLOP/s of one GPU (a torch device or a name like "NVIDIA H100 80GB HBM3"); None for the CPU
+    or a GPU missing from PEAK_BF16_FLOPS."""
     if not isinstance(device, str) or device.startswith(("cuda", "cpu")):
         if torch.device(device).type != "cuda":
             return None
@@ -113,25 +113,21 @@ def peak_flops(device):
     return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in device), None)
 
 
-def _git_commit():
-    """Short commit of this checkout, "-dirty" when tracked files have uncommitted changes; None outside git."""
-    try:  # --exclude='*': never a tag name, always the commit
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True,
-                             text=True, timeout=10, cwd=ROOT)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def versions():
-    """What a measurement was made with -> dict: date (UTC, ISO 8601), git_commit, python, torch, triton, cuda (None
-    without CUDA), host, cpu (model name), cpu_cores, gpus (count), kind ("cuda" | "cpu"), device (GPU 0's name, or
-    "cpu (<model>, <cores> cores)"), driver (None on the CPU; "unavailable" without nvidia-ml-py); on CUDA also
-    sm_count, memory_gb and capability."""
+    """What a measurement was made with -> dict: date (UTC, ISO 8601), git_commit (short, "-dirty" with uncommitted
+    changes; None outside git), python, torch, triton, cuda, host, cpu (model name), cpu_cores, gpus, kind ("cuda" |
+    "cpu"), device (GPU 0's name, or "cpu (<model>, <cores> cores)"), driver (None on the CPU; "unavailable" without
+    nvidia-ml-py); on CUDA also sm_count, memory_gb and capability."""
     try:  # the package metadata: importing triton would fix TRITON_INTERPRET before a caller sets it
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = None
+    try:  # --exclude='*': never a tag name, always the commit
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True,
+                             text=True, timeout=10, cwd=ROOT)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -139,7 +135,7 @@ def versions():
     except OSError:
         pass
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+            "git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "host": platform.node(), "cpu": cpu,
             "cpu_cores": os.cpu_count(), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
     if torch.cuda.is_available():
@@ -157,14 +153,11 @@ def versions():
     return info
 
 
-# ------------------------------------------------------------------------------------------------ downloads
 def download(url, path, retries=5, backoff=1.0, timeout=60, resume=False, progress=False):
-    """Fetch url into path via a temp file renamed when complete (a crash never leaves a half file under the real
-    name) -> path. Connection errors, timeouts, short reads and HTTP 429/5xx are retried `retries` times, after
-    backoff·2^attempt seconds. resume=True keeps the temp file (path + ".tmp") between attempts and runs and continues
-    it with an HTTP Range request (a server ignoring Range sends it all again); only for files one process downloads.
-    resume=False uses a temp file of this process's own, so ranks fetching the same file never mix their bytes.
-    progress=True prints (rank 0) one line per finished file: size and seconds.
+    """Fetch url into path via a temp file renamed when complete -> path. Connection errors, timeouts, short reads and
+    HTTP 429/5xx are retried `retries` times, after backoff·2^attempt s. resume=True keeps the temp file (path + ".tmp")
+    across attempts and runs and continues it with an HTTP Range request (only for files one process downloads); else
+    the temp file is this process's own. progress=True prints (rank 0) size and seconds per file.
     Raises DownloadError: at once for HTTP 4xx other than 429 (.status = the code), else after the last retry."""
     tmp = path + ".tmp" if resume else f"{path}.tmp{os.getpid()}"
     t0 = time.perf_counter()

@@ -1,18 +1,13 @@
-"""The GPT model: nanochat's architecture, with attention and MLP running on our kernels.
+"""The GPT model: nanochat's architecture (first release), with attention and MLP running on our kernels.
 
-Architecture (nanochat's first release): token embedding untied from lm_head; no biases; RMSNorm without learned
-weights after the embedding, pre-norm in every block, before lm_head and on q, k (QK-norm, after RoPE with base
-10 000, half-split convention); grouped-query attention (n_kv_head divides n_head); ReLU^2 MLP of width 4C; logits
-soft-capped in fp32, 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (all ignored: mean 0, not nan).
+Token embedding untied from lm_head; no biases; weightless RMSNorm after the embedding, pre-norm in every block, before
+lm_head and on q, k (QK-norm, after RoPE: base 10 000, half-split); grouped-query attention; ReLU^2 MLP of width 4C;
+logits soft-capped in fp32, 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (all ignored: mean 0, not nan).
 Init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
 projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py).
-
-Attention calls only kernels.attention.attention (raw q/k/v: the kernel rotates and normalises) or, in inference,
-kv_cache.attend(layer_idx, q, k, v); the MLP only kernels.relu2_mlp.relu2_mlp; the loss only
-kernels.linear_cross_entropy.linear_cross_entropy. So kernels.set_mode flips the whole model between the Triton
-kernels and the eager references. Built on the meta device and sharded with FSDP2 (train/distributed.py), then
-`to_empty` + `init_weights()`, which draws every full tensor from one RNG stream and keeps the local shard (weights
-independent of the world size) and recomputes the rotary buffers.
+Attention, MLP and loss call only kernels.attention / relu2_mlp / linear_cross_entropy (or kv_cache.attend), so
+kernels.set_mode flips the whole model between Triton and eager. Built on the meta device, sharded with FSDP2
+(train/distributed.py), then `to_empty` + `init_weights()` (weights independent of the world size).
 """
 import math
 from dataclasses import dataclass
@@ -28,7 +23,6 @@ from model.common import local
 from model.optim import Muon, make_adamw
 
 SOFTCAP = 15.0
-ROPE_BASE = 10000
 
 
 @dataclass
@@ -72,7 +66,7 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def precompute_rotary(seq_len, head_dim, base=ROPE_BASE, device=None):
+def precompute_rotary(seq_len, head_dim, base=10000, device=None):
     """cos, sin of shape (seq_len, head_dim/2), fp32: angle[t, i] = t * base^(-2i/head_dim)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
@@ -90,9 +84,8 @@ def head_logits(x, w):
 
 
 def head_loss(x, w, targets, reduction="mean"):
-    """Last hidden states (B, T, C), lm_head weight (V, C), targets (B, T) int64 (-1 = no loss) -> the mean loss
-    over targets != -1 (reduction "mean") or per token (B, T) (reduction "none"). lm_head + softcap + cross-entropy
-    in one op, so the fused path never holds the (B*T, V) logits."""
+    """Hidden states (B, T, C), lm_head weight (V, C), targets (B, T) int64 (-1 = no loss) -> mean loss over targets
+    != -1 ("mean") or per token (B, T) ("none"); one op, so the fused path never holds the (B*T, V) logits."""
     B, T, C = x.shape
     loss = linear_cross_entropy(norm(x).reshape(B * T, C), w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
                                 reduction=reduction)
@@ -150,23 +143,21 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Rotary tables cover 10x the training length so the engine can generate past it. Non-persistent: they are
-        # recomputed in init_weights (they would be garbage after a meta-device build + to_empty).
+        # 10x the training length, so the engine can generate past it; recomputed in init_weights (after to_empty)
         self.rotary_len = 10 * config.sequence_len
         cos, sin = precompute_rotary(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # What GPT.forward runs outside the blocks; train.distributed.apply_compile swaps in compiled versions
+        # train.distributed.apply_compile swaps in compiled versions
         self.embed, self.head_logits, self.head_loss = embed, head_logits, head_loss
 
     @torch.no_grad()
     def init_weights(self):
-        """nanochat's first-release init; works on plain tensors and on FSDP2-sharded DTensors alike."""
+        """nanochat's first-release init, on plain tensors or FSDP2 DTensors."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                _fill_normal(module.weight, std)
+                _fill_normal(module.weight, 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in)))
             elif isinstance(module, nn.Embedding):
                 _fill_normal(module.weight, 1.0)
         self.lm_head.weight.zero_()
@@ -187,8 +178,8 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW(lm_head, wte), Muon(2-D block matrices)]; Adam lrs scaled by (n_embd/768)^-0.5 as nanochat.
-        Every group carries "initial_lr" (the loop scales lr from it); Muon groups carry "momentum"."""
+        """[AdamW(lm_head, wte), Muon(block matrices)]; Adam lrs x (n_embd/768)^-0.5 as nanochat; every group carries
+        "initial_lr" (the loop scales lr from it)."""
         scale = (self.config.n_embd / 768) ** -0.5
         adamw = make_adamw([dict(params=list(self.lm_head.parameters()), lr=unembedding_lr * scale),
                             dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale)],
@@ -204,8 +195,7 @@ class GPT(nn.Module):
         if T > self.rotary_len:
             raise ValueError(f"GPT: sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:T], self.sin[:T]
-        # The root's weights are read directly, not through wte's / lm_head's forward: under FSDP2 they are gathered
-        # full tensors here, plain inputs to embed / head_* (so torch.compile sees tensors, not FSDP modules)
+        # The root's weights are read directly: under FSDP2 gathered tensors here, so torch.compile sees no FSDP module
         x = self.embed(idx, self.transformer.wte.weight)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
@@ -215,13 +205,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()  # not inference_mode: FSDP2 cannot gather its parameters into inference tensors
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive sampling (full forward each step, no cache): yields token ids. The Engine does this properly.
-        Under FSDP every rank must call it with the same arguments (each forward gathers parameters)."""
+        """Naive sampling (full forward per token, no cache) -> yields token ids. Under FSDP every rank must call it
+        with the same arguments (each forward gathers parameters)."""
         device = local(self.transformer.wte.weight).device
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            # self(): FSDP hooks gather the params. Eager even after apply_compile: each new length would recompile
+            # eager even after apply_compile: each new length would recompile
             with torch.compiler.set_stance("force_eager"):
                 logits = self(ids[:, -self.rotary_len:])[:, -1, :]
             if top_k is not None:
@@ -234,11 +224,9 @@ class GPT(nn.Module):
 
 
 def _fill_normal(p, std):
-    """p ~ N(0, std^2). A DTensor gets its shard of the full tensor drawn from the same RNG stream, so the model is
-    the same whatever the world size (each rank draws the full tensor, then keeps its slice)."""
+    """p ~ N(0, std^2); a DTensor keeps its slice of the full tensor each rank draws (same for any world size)."""
     if not hasattr(p, "device_mesh"):
-        p.normal_(0.0, std)
-        return
+        return p.normal_(0.0, std)
     from torch.distributed.tensor import distribute_tensor
     full = torch.empty(p.shape, dtype=p.dtype, device=local(p).device).normal_(0.0, std)
     p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))

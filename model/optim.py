@@ -5,18 +5,13 @@ Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
     U   = (1 - momentum) * G + momentum * buf                  # Nesterov look-ahead
     O   = newton_schulz(U)                                      # ~ U V^T of the SVD: all singular values ~ 1
     W  -= lr * max(1, rows/cols)^0.5 * O
-Newton-Schulz runs through kernels.newton_schulz (Triton or its reference), in bf16 on CUDA as nanochat, fp32 on CPU.
-The loop warms the momentum from 0.85 to 0.95 over the first 300 steps: group["momentum"] = muon_momentum(step).
+Newton-Schulz runs through kernels.newton_schulz, in bf16 on CUDA as nanochat, fp32 on CPU.
 
-Distributed (FSDP2: parameters and gradients are DTensors sharded on dim 0): the momentum update is elementwise, on
-the local shard. Newton-Schulz needs whole matrices, so rather than every rank orthogonalising every matrix (W-fold
-waste) the ranks split the work. Same-shape matrices form a param group, in a fixed order; Muon matrix number i
-(counted over all groups, so small groups spread over the ranks) is owned by rank i % W. Per group, one all_to_all
-sends every rank's shard of each matrix to its owner, which orthogonalises its k ~ n/W full matrices in ONE batched
-(k, rows, cols) newton_schulz call; a second all_to_all sends the results back, shard by shard. Shards follow
-torch.chunk along dim 0 (FSDP2's layout), zero-padded to ceil(rows/W) rows in the buffers. World size 1 and plain
-tensors take the same math without communication. All groups' collectives are async, so one group's communication
-overlaps another's Newton-Schulz.
+Under FSDP2 (parameters and gradients sharded on dim 0) the momentum update runs on the local shard; Newton-Schulz
+needs whole matrices, so the ranks split them: matrix number i (counted over all same-shape param groups) is owned by
+rank i % W. Per group one all_to_all sends every shard to its owner, which orthogonalises its matrices in ONE batched
+call, and a second sends the results back (shards follow torch.chunk on dim 0, zero-padded to ceil(rows/W) rows).
+The collectives are async, so one group's communication overlaps another's Newton-Schulz.
 """
 import torch
 import torch.distributed as dist
@@ -33,22 +28,16 @@ def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
 
 
 def make_adamw(param_groups, weight_decay=0.0):
-    """AdamW as nanochat uses it for embedding and lm_head: betas (0.8, 0.95), eps 1e-10, fused on CUDA.
-    Works on FSDP2 DTensor parameters (the optimizer state is sharded like the parameters, ZeRO style)."""
-    first = next(p for g in param_groups for p in g["params"])
-    fused = local(first).device.type == "cuda"
+    """nanochat's AdamW for embedding and lm_head: betas (0.8, 0.95), eps 1e-10, fused on CUDA; DTensors welcome."""
+    fused = local(next(p for g in param_groups for p in g["params"])).device.type == "cuda"
     return torch.optim.AdamW(param_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon over 2-D matrices; plain tensors or FSDP2 DTensors sharded on dim 0 (see the module docstring).
-
-    One param group per matrix shape (same-shape matrices are orthogonalised as one batch); each group has
-    lr, momentum, nesterov, ns_steps. `self.ns_matrices` counts the matrices this rank has orthogonalised (a spy for
-    tests: under W ranks each rank does about 1/W of them)."""
+    """Muon over 2-D plain tensors or FSDP2 DTensors sharded on dim 0, one param group per matrix shape (lr, momentum,
+    nesterov, ns_steps). `ns_matrices` counts the matrices this rank has orthogonalised (~1/W of them under W ranks)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        params = list(params)
         by_shape = {}
         for p in params:
             if p.ndim != 2:
@@ -85,7 +74,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _momentum_update(self, p, group):
-        """Elementwise on the local shard; returns the (local) Nesterov update, the gradient left untouched."""
+        """Elementwise on the local shard -> the (local) Nesterov update."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a DTensor param: checkpoints shard it
