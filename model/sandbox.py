@@ -6,28 +6,27 @@
     jail_status().banner                                    # one line saying how the tool runs here
 
 Every call gets a fresh jail:
-1. bubblewrap (bwrap), started unprivileged (uid/gid 65534 when we are root), with new user (65534 inside, no
-   capabilities, no nested user namespaces, no_new_privs), PID, network (no interfaces), IPC, UTS and cgroup
-   namespaces. Its root holds only read-only nosuid binds of /usr (+ /bin, /lib, ... links) and the Python install,
-   its own /proc, a read-only minimal /dev and a TEMP_QUOTA-byte tmpfs /tmp (the working dir, the only writable
-   path): no home, repository, checkpoint, /etc or outside process is visible. The jail's PID 1 dies with the call
-   and the kernel kills what is left (--die-with-parent covers a killed caller). A seccomp filter (x86_64, aarch64)
-   answers EPERM to ptrace, process_vm_*, keyctl, bpf, userfaultfd, perf_event_open, io_uring, mount, unshare,
-   setns, kernel modules, kexec, ...
+1. bubblewrap, started unprivileged (uid/gid 65534 when we are root): new user (65534 inside, no capabilities, no
+   nested user namespaces, no_new_privs), PID, network (no interfaces), IPC, UTS and cgroup namespaces. Its root holds
+   read-only nosuid binds of /usr (+ /bin, /lib, ... links) and the Python install, its own /proc, a read-only minimal
+   /dev and a TEMP_QUOTA-byte tmpfs /tmp (the only writable path): no home, repository, /etc or outside process. The
+   jail's PID 1 dies with the call (--die-with-parent covers a killed caller). A seccomp filter (x86_64, aarch64)
+   answers EPERM to ptrace, process_vm_*, keyctl, bpf, userfaultfd, io_uring, mount, unshare, setns, modules, ...
 2. Limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (memory_mb), RLIMIT_FSIZE
    (16 MiB), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; in the parent a wall-clock timeout and an output cap
    (`max_output` bytes per stream, read incrementally), then the process group is killed.
 3. A PEP 578 audit hook: a tripwire, not a wall (native code walks past it), turning the obvious attempts (sockets,
    subprocesses, ctypes, writes outside the temp dir) into clear errors.
 
-Without a working bwrap the tool refuses, naming the reason and the fix (run_tool_call: "Error: python tool disabled:
-..."). Only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers 2-3 without the jail (own session, uid 65534 when root, a host
-temp dir swept at the next start if the caller died mid-call): for code you trust, never a boundary. When uid 65534
-cannot read our interpreter (a pyenv under /root), /usr/bin/python3 runs the code; user code sees the standard library
-only (-I -S). nanochat's sandbox (https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py) is layer 2
-plus nulled functions, with no OS boundary.
+Without a working bwrap the tool refuses, naming the reason and the fix. Only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers
+2-3 without the jail (own session, uid 65534 when root, a host temp dir swept at the next start if the caller died):
+for code you trust, never a boundary. When uid 65534 cannot read our interpreter, /usr/bin/python3 runs the code; user
+code sees the standard library only (-I -S). nanochat's sandbox (layer 2 plus nulled functions, no OS boundary):
+https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py
 """
+import contextlib
 import errno
+import functools
 import itertools
 import json
 import os
@@ -91,18 +90,13 @@ class JailStatus:
         return f"python tool: DISABLED: {self.why}. To enable it: {self.fix}"
 
 
-# The trusted bootstrap: runs first in the child, arms layers 2-3, then executes the user code read from stdin (as a
-# program, or statement by statement as the REPL does: compile mode "single" shows each expression's repr unless None).
-# argv: [result_fd, workdir, timeout_s, memory_mb, max_file_bytes, layers(json), call tag]; the tag also heads the
-# code, so that `ps` shows it
+# The trusted bootstrap: arms layers 2-3, then runs the code from stdin (as a program, or as the REPL does: "single"
+# mode shows each expression's repr). argv: result_fd, workdir, timeout_s, memory_mb, max_file_bytes, layers, tag
 _BOOTSTRAP = r'''
 import sys, os, json, resource, builtins, stat, ast
 _fd = int(sys.argv[1]); _work = os.path.realpath(sys.argv[2]); _layers = json.loads(sys.argv[6])
 _code = sys.stdin.read()
 sys.stdin = open(os.devnull)
-def _report(err):
-    try: os.write(_fd, json.dumps({"error": err}).encode()[:4096])
-    except Exception: pass
 import pathlib  # imported before the hook: the hook accepts pathlib paths
 if _layers["rlimits"]:
     _t = int(float(sys.argv[3])) + 1
@@ -206,7 +200,8 @@ except BaseException as e:
            else f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     try: sys.stdout.flush()
     except BaseException: pass
-    _report(msg)
+    try: os.write(_fd, json.dumps({"error": msg}).encode()[:4096])
+    except Exception: pass
     os._exit(1)
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
@@ -261,8 +256,7 @@ def _seccomp_fd():
 
 
 def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
-    """The jail's command prefix (see the module docstring); `prefix`: the interpreter's install, bound read-only;
-    bwrap writes {"child-pid": <host pid of the jail's PID 1>, ...} to `info_fd`."""
+    """The jail's command prefix; `prefix`: the interpreter's install; bwrap writes {"child-pid": ...} to `info_fd`."""
     args = [bwrap, "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--disable-userns",
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev"]
@@ -309,33 +303,31 @@ def _interpreters():
     return [ours] + ([(system, "/usr")] if os.path.exists(system) and system != ours[0] else [])
 
 
-def _try(cmd, pass_fds=()):
-    """Run a probe command unprivileged -> "" if it printed ok, else a short reason."""
+def _try(cmd, fd=None):
+    """Run a probe command unprivileged (passing it `fd`, closed after) -> "" if it printed ok, else a short reason."""
     try:
-        p = subprocess.run(cmd, capture_output=True, timeout=30, pass_fds=pass_fds, cwd="/", **_unprivileged())
+        p = subprocess.run(cmd, capture_output=True, timeout=30, pass_fds=() if fd is None else (fd,), cwd="/",
+                           **_unprivileged())
     except (OSError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
+    finally:
+        if fd is not None:
+            os.close(fd)
     if p.returncode == 0 and p.stdout.strip() == b"ok":
         return ""
     return p.stderr.decode(errors="replace").strip()[-200:] or f"exit code {p.returncode}"
 
 
-_probed = {}  # (bwrap path, euid, unsafe) -> JailStatus; the machine does not change under a running process
-
-
-def _probe(bwrap, unsafe):
+@functools.cache  # the machine does not change under a running process
+def _probe(bwrap, unsafe, euid):
+    """-> JailStatus for this bwrap (None: not installed), opt-in to the unsafe mode and euid (a cache key only)."""
     if bwrap is None:
         why = f"bubblewrap ({BWRAP}) is not installed"
     else:
         errors = []
         for python, prefix in _interpreters():
             fd = _seccomp_fd()
-            try:
-                err = _try(_bwrap_args(bwrap, prefix, fd) + [python, "-I", "-S", "-c", "print('ok')"],
-                           () if fd is None else (fd,))
-            finally:
-                if fd is not None:
-                    os.close(fd)
+            err = _try(_bwrap_args(bwrap, prefix, fd) + [python, "-I", "-S", "-c", "print('ok')"], fd)
             if not err:
                 return JailStatus("bwrap", "", python, prefix, bwrap)
             errors.append(err)
@@ -351,11 +343,7 @@ def _probe(bwrap, unsafe):
 
 def jail_status():
     """-> JailStatus: how run_python runs code here. The jail is probed once per process (per bwrap path)."""
-    bwrap = shutil.which(BWRAP)
-    key = (bwrap, os.geteuid(), os.environ.get(UNSAFE_ENV) == "1")
-    if key not in _probed:
-        _probed[key] = _probe(bwrap, key[2])
-    return _probed[key]
+    return _probe(shutil.which(BWRAP), os.environ.get(UNSAFE_ENV) == "1", os.geteuid())
 
 
 _swept = set()  # temp dirs roots already swept by this process
@@ -363,8 +351,7 @@ _calls = itertools.count()
 
 
 def _sweep_stale_dirs(root):
-    """Remove unsafe-mode temp dirs (tc_sbx_<pid>_...) whose process is gone: a caller killed mid-call ran no cleanup.
-    Once per process and temp root."""
+    """Once per process and root: remove unsafe-mode temp dirs (tc_sbx_<pid>_...) of callers killed mid-call."""
     if root in _swept:
         return
     _swept.add(root)
@@ -383,18 +370,14 @@ def _sweep_stale_dirs(root):
             continue
 
 
-def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True,
-         repl=False):
+def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True, repl=False):
     """run_python with switches for each layer, so tests can show what every layer holds on its own; jail=False runs
     the unsafe mode whatever the environment says."""
     _sweep_stale_dirs(tempfile.gettempdir())
     if jail:
         status = jail_status()
     else:
-        key = ("no jail", os.geteuid())
-        if key not in _probed:
-            _probed[key] = _probe(None, True)
-        weak = _probed[key]
+        weak = _probe(None, True, os.geteuid())
         status = JailStatus("unsafe", "jail switched off", weak.python, weak.prefix) if weak.python else weak
     if status.mode == "refused":
         return ExecResult("", "", f"python tool disabled: {status.why}; {status.fix}", False, False,
@@ -428,22 +411,16 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         init = _jail_init(info_r) if status.mode == "bwrap" else None
         if init is not None:
             ours.append(init)
-        try:
+        with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(code.encode("utf-8", errors="replace"))
             proc.stdin.close()
-        except BrokenPipeError:
-            pass
         out, err, timed_out, overflow = _collect(proc, timeout, max_output)
         if init is not None and proc.poll() is None:
             signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel empties the jail; then bwrap exits
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the unsafe mode's process group (and a bwrap that did not exit)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the unsafe mode's group (or a stuck bwrap)
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         rc = proc.wait()
         proc.stdout.close()
         proc.stderr.close()
@@ -464,10 +441,8 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
     elif overflow:
         error = f"output limit exceeded ({max_output} bytes); program killed"
     elif rc != 0:
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             error = json.loads(report)["error"] if report else None
-        except (ValueError, KeyError, TypeError):
-            error = None
         if error is None:
             error = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
             if rc in (-signal.SIGXCPU, -signal.SIGKILL) or "MemoryError" in stderr:
@@ -508,24 +483,19 @@ def _collect(proc, timeout, max_output):
 
 
 def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
-    """Execute `code` as a program in a fresh jailed Python process. Never raises for anything the code does.
-
-    Returns ExecResult(stdout, stderr, error, timed_out, success, jail, returncode); stdout/stderr are capped at
-    `max_output` bytes each (more kills the program: error "output limit exceeded"). Without a jail (and without
-    TRITONCHAT_UNSAFE_NO_JAIL=1) nothing runs: success False, error "python tool disabled: <why>; <how to fix>"."""
+    """Execute `code` as a program in a fresh jailed Python process -> ExecResult; never raises for what the code does.
+    stdout/stderr are capped at `max_output` bytes each (more kills it: "output limit exceeded"). Without a jail (and
+    without TRITONCHAT_UNSAFE_NO_JAIL=1) nothing runs: error "python tool disabled: <why>; <how to fix>"."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     return _run(code, timeout=timeout, memory_mb=memory_mb, max_output=max_output)
 
 
 def run_tool_call(code, timeout=5.0, memory_mb=256):
-    """Run a model's python tool call (the text between <|python_start|> and <|python_end|>) -> the tool's answer.
-
-    The answer is exactly what a Python REPL shows for the code, without the final newline: printed output, and the
-    repr of each top-level expression statement whose value is not None (`12 * 7` -> "84", `print(6 * 7)` -> "42",
-    `[].append(1)` -> "", `'a'` -> "'a'"). A failed call answers its stdout followed by "Error: <reason>"
-    ("Error: timed out", "Error: python tool disabled: ..."). Limits as run_python: timeout in seconds, memory_mb
-    of address space."""
+    """A model's python tool call (the text between <|python_start|> and <|python_end|>) -> what a Python REPL shows
+    for it, without the final newline: printed output and the repr of each top-level expression that is not None
+    (`12 * 7` -> "84", `[].append(1)` -> ""). A failed call answers its stdout + "Error: <reason>" ("Error: timed out",
+    "Error: python tool disabled: ..."). timeout in seconds, memory_mb of address space, as run_python."""
     res = _run(code, timeout=timeout, memory_mb=memory_mb, repl=True)
     if res.success:
         return res.stdout.rstrip("\n")
