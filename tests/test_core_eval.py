@@ -241,13 +241,11 @@ def test_scored_spans_prefix_suffix_and_crop():
         ce.crop([[256, 1, 2, 3, 4]], [2], [5], 3)
 
 
-def test_icl_tasks_parse_without_pyyaml():
-    tasks = ce.parse_icl_tasks(CORE_YAML)
+def test_icl_tasks_parse(bundle):
+    tasks = ce._read_icl_tasks(os.path.join(bundle, "core.yaml"))
     assert [t["label"] for t in tasks] == ["pick_a", "fill_in", "say_a"]
     assert tasks[0]["continuation_delimiter"] == "\nAnswer: " and tasks[0]["num_fewshot"] == [1]
     assert tasks[2]["early_stopping_criteria"] == ["\n\n", "Q:"]
-    yaml = pytest.importorskip("yaml")
-    assert tasks == yaml.safe_load(CORE_YAML)["icl_tasks"]
 
 
 def test_user_errors(tmp_path):

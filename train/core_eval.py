@@ -1,29 +1,15 @@
-"""CORE: the in-context-learning score of a base model, as DCLM defines it and nanochat computes it. Sources: DCLM
-(Li et al. 2024, https://arxiv.org/abs/2406.11794): the mean centred accuracy over 22 low-variance tasks of the
-MosaicML/DCLM eval bundle; nanochat: https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and
-scripts/base_eval.py.
+"""CORE: the in-context-learning score of a base model, as DCLM defines it (Li et al. 2024,
+https://arxiv.org/abs/2406.11794: mean centred accuracy over 22 tasks of the MosaicML/DCLM eval bundle) and nanochat
+computes it (https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and scripts/base_eval.py).
 
-Task types (the bundle's `icl_task_type`), items in the bundle's jsonl format:
-- multiple_choice {query, choices, gold}: one prompt per choice, "<query><delimiter><choice>"; scored: the tokens
-  after the longest token prefix shared by all the prompts; the lowest mean loss wins (the first one on a tie).
-- schema {context_options, continuation, gold}: one prompt per option, "<option><delimiter><continuation>"; scored:
-  the longest token suffix shared by all the prompts; the lowest mean loss wins.
-- language_modeling {context, continuation}: right when every continuation token is the greedy (argmax) prediction.
-  The context is stripped, and so is the prompt without the continuation: a whitespace delimiter is scored.
-Few-shot examples come first, each rendered with its gold answer and followed by "\n\n"; prompts get BOS prepended.
-Sampling, as nanochat: the loaders shuffle each task's items with random.Random(1337) and keep the first
-`max_per_task`; item i takes its `num_fewshot` examples from the other kept items with random.Random(1234 + i).sample.
-centred = (accuracy - b) / (1 - b), b the random baseline (eval_meta_data.csv gives percent); CORE = their mean.
-
-Two sources: `load_bundle(dir)`, the eval bundle as nanochat downloads it (core.yaml, eval_meta_data.csv,
-eval_data/**.jsonl), scored as "CORE"; `load_raw(dir)`, the raw Hugging Face rows of ten of CORE's datasets (parquet
-or jsonl, RAW_TASKS) rendered with the bundle's templates, few-shot counts, delimiters and baselines: 11 of the 22
-tasks (HellaSwag 0- and 10-shot), scored as "CORE-<number of datasets>", never "CORE".
-Prompts longer than the model takes lose their oldest tokens (_max_len; nanochat crops only models with a
-`max_seq_len` attribute, which its own GPT has not). The rows of several items go through one right-padded forward
-(BOS pads; causal attention keeps padding out of the real positions); batch_size=1 gives nanochat's shapes. Rank r
-scores items r, r + world, ...; counts are summed, and every rank runs the same number of forwards (one that has run
-out runs a one-token forward), so FSDP2 models work too.
+multiple_choice and schema: one prompt per option, the lowest mean loss over the tokens after the shared prefix
+(choices) or of the shared suffix (schema) wins, the first on a tie; language_modeling: right when every continuation
+token is the greedy prediction. Few-shot examples come first, each with its gold answer and "\n\n"; BOS is prepended.
+Sampling as nanochat: items shuffled with Random(1337), the first `max_per_task` kept; item i's few-shot examples are
+Random(1234 + i).sample of the other kept items. centred = (accuracy - b) / (1 - b), b the random baseline.
+`load_bundle`: the eval bundle nanochat downloads, scored as "CORE"; `load_raw`: raw HF rows of ten of its datasets
+with the bundle's templates (11 tasks), scored as "CORE-<datasets>". Long prompts lose their oldest tokens. Rank r
+scores items r, r + world, ...; all ranks run the same number of forwards, so FSDP2 models work too.
 """
 import csv
 import json
@@ -36,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from model.common import UserError, all_reduce_sum, dist_info, local, print0
 from train.tasks.common import find_file, read_rows
@@ -48,9 +35,8 @@ FEWSHOT_SEED = 1234   # nanochat's core_eval.py: Random(FEWSHOT_SEED + item inde
 
 @dataclass
 class Task:
-    """One in-context task. items: dicts in the bundle's format for `kind`, in evaluation order (the loaders shuffle
-    them); num_fewshot: examples before each prompt; delimiter: between context and continuation; baseline: chance
-    accuracy as a fraction (0.25, not 25); dataset: the file it came from; source: "bundle" or "raw"."""
+    """One in-context task: items in the bundle's format for `kind`, in evaluation order; baseline: chance accuracy
+    as a fraction (0.25, not 25); dataset: the file it came from; source: "bundle" or "raw"."""
     name: str
     kind: str
     items: list
@@ -60,13 +46,7 @@ class Task:
     dataset: str = ""
     source: str = "bundle"
 
-    def __post_init__(self):
-        if self.kind not in TASK_TYPES:
-            raise UserError(f"task {self.name}: unsupported task type {self.kind!r} "
-                            f"(CORE uses {', '.join(TASK_TYPES)})")
 
-
-# ------------------------------------------------------------------------------------------------ prompts
 def render_mc(item, delimiter, fewshot=()):
     """Multiple choice -> one prompt per choice (list of str)."""
     shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
@@ -80,9 +60,8 @@ def render_schema(item, delimiter, fewshot=()):
 
 
 def render_lm(item, delimiter, fewshot=()):
-    """Language modelling -> [prompt without the continuation, prompt with it]. Contexts are stripped (some bundle
-    files keep trailing whitespace) and so is the first prompt, so that its tokens are a clean prefix of the
-    second's (a trailing space would merge into the continuation's first token)."""
+    """Language modelling -> [prompt without the continuation, prompt with it]. Contexts are stripped, and so is the
+    first prompt: a trailing space would merge into the continuation's first token."""
     shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
     prompt = f"{shots}{item['context'].strip()}{delimiter}"
     return [prompt.strip(), prompt + item["continuation"]]
@@ -99,10 +78,8 @@ def subsample(items, max_per_task=None, seed=SHUFFLE_SEED):
 
 
 def fewshot_indices(index, n, k):
-    """Indices of the k few-shot examples of item `index` among n items: random.Random(1234 + index).sample over
-    the other n - 1 indices in order (sampling positions of range(n - 1) draws the same numbers)."""
-    if k == 0:
-        return []
+    """Indices of the k few-shot examples of item `index` among n items: Random(1234 + index).sample of the other
+    n - 1 indices (sampling range(n - 1) and skipping `index` draws the same numbers)."""
     picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), k)
     return [j + (j >= index) for j in picks]
 
@@ -114,28 +91,15 @@ def render_item(task, index, items=None):
     return RENDER[task.kind](items[index], task.delimiter, shots)
 
 
-# ------------------------------------------------------------------------------------------------ tokens
-def common_prefix_len(seqs):
-    """Length of the longest prefix shared by all sequences, by bisection on slice equality (compared in C)."""
-    first, rest = list(seqs[0]), [list(s) for s in seqs[1:]]
-    lo, hi = 0, min(len(s) for s in [first] + rest)
-    if all(s[:hi] == first[:hi] for s in rest):
-        return hi
-    while hi - lo > 1:  # invariant: all share [:lo], not all share [:hi]
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if all(s[:mid] == first[:mid] for s in rest) else (lo, mid)
-    return lo
-
-
 def scored_spans(kind, rows):
     """Token rows of one item's prompts -> (rows, starts, ends): tokens start..end-1 of each row are scored.
     language_modeling keeps only the full prompt. ValueError when the context's tokens are not a prefix of the full
     prompt's (the tokenizer merged across the boundary; nanochat asserts the same)."""
     ends = [len(r) for r in rows]
     if kind == MULTIPLE_CHOICE:
-        return rows, [common_prefix_len(rows)] * len(rows), ends
+        return rows, [len(os.path.commonprefix(rows))] * len(rows), ends
     if kind == SCHEMA:
-        suffix = common_prefix_len([r[::-1] for r in rows])
+        suffix = len(os.path.commonprefix([r[::-1] for r in rows]))
         return rows, [n - suffix for n in ends], ends
     without, full = rows
     if not (len(without) < len(full) and full[:len(without)] == without):
@@ -155,14 +119,9 @@ def crop(rows, starts, ends, max_len):
             [e - c for e, c in zip(ends, cuts)])
 
 
-# ------------------------------------------------------------------------------------------------ scoring
-def _bos_id(tokenizer):
-    return tokenizer.bos_token_id if hasattr(tokenizer, "bos_token_id") else tokenizer.get_bos_token_id()
-
-
 def _max_len(model, max_seq_len):
-    """Crop length: the argument; else the model's `max_seq_len` (nanochat crops only models that have one; its own
-    GPT has none); else the GPT's rotary table length, past which model/gpt.py cannot run; else no cropping."""
+    """Crop length: the argument, else the model's `max_seq_len` (as nanochat, whose GPT has none), else the rotary
+    table length (model/gpt.py cannot run past it), else None."""
     for value in (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None)):
         if value:
             return int(value)
@@ -201,11 +160,10 @@ def _judge(kind, gold, scored):
 
 def _prepared(task, items, indices, tokenizer, max_len):
     """Yield (index, gold, rows, starts, ends) for the items at `indices`, tokenizing a few hundred at a time."""
-    bos = _bos_id(tokenizer)
     for lo in range(0, len(indices), 256):
         chunk = indices[lo:lo + 256]
         prompts = [render_item(task, i, items) for i in chunk]
-        flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=bos)
+        flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=tokenizer.bos_token_id)
         at = 0
         for i, ps in zip(chunk, prompts):
             rows, at = flat[at:at + len(ps)], at + len(ps)
@@ -254,7 +212,7 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
     indices = list(range(info.rank, n, info.world_size))
     batches = _batches(_prepared(task, items, indices, tokenizer, _max_len(model, max_seq_len)),
                        batch_size, max_batch_tokens)
-    pad = _bos_id(tokenizer)
+    pad = tokenizer.bos_token_id
     correct = count = 0
     while True:
         batch = next(batches, None)
@@ -291,11 +249,10 @@ def core_name(tasks):
 
 def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
                   max_seq_len=None, log=print0):
-    """Score `model` (returns logits (B, T, V) for token ids (B, T)) on every task, printing one line per task ->
-    {"name": "CORE" | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict},
-    "max_per_task": max_per_task}. max_per_task keeps the first items of each (already shuffled) task;
-    batch_size / max_batch_tokens bound one forward (items, padded tokens); max_seq_len crops long prompts from the
-    left (default: see _max_len). Collective under torch.distributed."""
+    """Score `model` (token ids (B, T) -> logits (B, T, V)) on every task, logging a line per task -> {"name": "CORE"
+    | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict}, "max_per_task"}.
+    max_per_task: the first items of each (shuffled) task; batch_size / max_batch_tokens bound one forward (items,
+    padded tokens); max_seq_len crops prompts from the left (default: _max_len). Collective under torch.distributed."""
     if not tasks:
         raise UserError("CORE: no tasks to evaluate")
     names = [t.name for t in tasks]
@@ -330,86 +287,19 @@ def format_results(result):
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ the eval bundle
-def _parse_scalar(text):
-    text = text.strip()
-    if text.startswith('"'):
-        return json.loads(text)  # YAML double-quoted escapes used by core.yaml (\n, \", \\) are JSON's
-    if text.startswith("'"):
-        return text[1:-1].replace("''", "'")
-    if text.startswith("["):
-        return [_parse_scalar(v) for v in text[1:-1].split(",") if v.strip()]
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return {"true": True, "false": False, "null": None, "~": None, "": None}.get(text, text)
-
-
-def _strip_comment(line):
-    """The line without a trailing ` # comment` (a '#' inside quotes stays)."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            quote = None if ch == quote and line[i - 1] != "\\" else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def parse_icl_tasks(text):
-    """The `icl_tasks` list of a core.yaml, without PyYAML: block lists of flat mappings whose values are scalars,
-    quoted strings or flow lists ([10]); nested block lists (early_stopping_criteria) become lists. Other top-level
-    keys are skipped."""
-    tasks, current, inside, item_indent, last_key = [], None, False, None, None
-    for raw in text.splitlines():
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        body = line.strip()
-        if indent == 0 and not body.startswith("-"):
-            inside = body.split(":", 1)[0].strip() == "icl_tasks"
-            continue
-        if not inside:
-            continue
-        if body.startswith("-") and (item_indent is None or indent == item_indent):
-            item_indent, current = indent, {}
-            tasks.append(current)
-            body = body[1:].strip()
-            if not body:
-                continue
-        elif body.startswith("- ") and last_key is not None:
-            value = current.get(last_key)
-            current[last_key] = (value if isinstance(value, list) else []) + [_parse_scalar(body[2:])]
-            continue
-        key, sep, value = body.partition(":")
-        if not sep or current is None:
-            raise UserError(f"core.yaml: cannot read the line {raw.strip()!r}")
-        last_key = key.strip()
-        current[last_key] = _parse_scalar(value)
-    return tasks
-
-
 def _read_icl_tasks(path):
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        import yaml
-    except ImportError:  # PyYAML is optional: core.yaml only needs the subset parse_icl_tasks reads
-        return parse_icl_tasks(text)
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
         raise UserError(f"{path}: no icl_tasks list")
     return config["icl_tasks"]
 
 
 def _read_baselines(path):
-    """eval_meta_data.csv -> {task label: random baseline as a fraction}. The file gives percent; nanochat scales
-    with 0.01 * value, kept here for bit-identical centring."""
+    """eval_meta_data.csv -> {task label: random baseline as a fraction}: 0.01 * percent, as nanochat (bit for bit)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing (the eval bundle's random baselines)")
     with open(path, encoding="utf-8", newline="") as f:
@@ -484,7 +374,6 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
     return tasks
 
 
-# ------------------------------------------------------------------------------------------------ raw datasets
 # Raw Hugging Face rows -> bundle items, with the templates of the bundle's files (MosaicML llm-foundry's
 # scripts/eval/local_data, which DCLM and nanochat use): on the splits both have, the renderings of copa, piqa,
 # winogrande, boolq and commonsense_qa equal the bundle's rows, in the same order. The bundle's arc and openbook_qa
