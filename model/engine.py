@@ -1,33 +1,23 @@
-"""Inference engine: batched prefill + decode over a paged KV cache, sampling, tool use, continuous batching.
+"""Inference engine: batched prefill + decode over a paged KV cache (model/kv_cache.py), sampling, tool use,
+continuous batching (nanochat's engine, https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py, batched).
 
 A step prefills the waiting requests (one right-padded batch of what each prompt does not find in the prefix cache),
-then decodes one token for every running sequence, each at its own position; each forward gets its plan for the
-cache (model/kv_cache.py). A prompt's num_samples continuations fork from ONE prefill and share its pages; full pages
-outlive their request in the prefix cache, so a later prompt with the same start (a system prompt, a chat's earlier
-turns) prefills only the rest (prefix_caching=False: off). Sampling: temperature (0 = greedy), top-k, a
-torch.Generator per request (seed), so a request's samples do not depend on the batch. A sample ends on
-Engine.stop_ids (<|assistant_end|>, <|bos|>), right after the token that completes a `stop` string in its decoded
-text (across token boundaries; not cut here), or at max_tokens. Tool use: what a sample writes between
-<|python_start|> and <|python_end|> runs in model.sandbox.run_tool_call's jail, synchronously in the step
-(tool_timeout, tool_memory_mb: a slow call pauses the batch); the answer (what a Python REPL shows; a failed call:
-its stdout + "Error: <reason>") is forced, one token a step, as <|output_start|> answer <|output_end|> with mask 0.
+then decodes one token for every running sequence. A prompt's num_samples continuations fork from one prefill and
+share its pages; full pages outlive their request in the prefix cache (prefix_caching=False: off). Sampling:
+temperature (0 = greedy), top-k, a torch.Generator per request (seed), so a request's samples do not depend on the
+batch. A sample ends on Engine.stop_ids (<|assistant_end|>, <|bos|>), after the token that completes a `stop` string
+in its decoded text, or at max_tokens. Tool use: code between <|python_start|> and <|python_end|> runs in
+model.sandbox.run_tool_call's jail, synchronously in the step; its answer (a failed call: stdout + "Error: <reason>")
+is forced, one token a step, as <|output_start|> answer <|output_end|> with mask 0.
 
-    engine = Engine(model, tokenizer, block_size=16, num_blocks=None)
     for tokens, masks in engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         ...  # a column per step, an entry per sample (None once it finished); the stop token is yielded
-    seqs, masks = engine.generate_batch(ids, num_samples=4)  # prompt + completion without the stop token; masks 0
-    # on prompt + forced output, as nanochat's (https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py)
-    results = engine.generate_many([ids1, ids2], max_tokens=64)  # [(seqs, masks)] per prompt; prompt i: seed + i
-    req = engine.submit(ids, num_samples=1, max_tokens=256, temperature=0.8, top_k=50, seed=0, stop=None)
-    engine.step()  # prefill the newcomers + one decode step; or engine.start(): a thread steps (engine.stop())
-    for tokens, masks in req.stream(): ...  # from any thread; then req.done, .completions, .completion_masks, .error,
-    # .stopped_by, .finish_reasons ("stop" | "length" | "cancelled" | "error")
-    engine.cancel(req)  # frees its blocks at the next step (a closed generate() cancels itself)
-    engine.load()       # {"running", "waiting", "running_sequences", "free_blocks", "total_blocks"}
+    seqs, masks = engine.generate_batch(ids, num_samples=4)  # prompt + completion without the stop token
+    req = engine.submit(ids, stop=None)  # stepped by engine.step(), or a thread: engine.start() ... engine.stop()
+    for tokens, masks in req.stream(): ...  # then req.completions, .error, .stopped_by, .finish_reasons
 
-submit is thread-safe; bad sampling parameters raise ValueError there. One request's failure (its sampling, tool call,
-stop check, or its forward run alone: a failed batched forward is retried request by request) ends it with "error",
-never another. engine.stats counts prefill/decode tokens, steps, copy-on-write copies and prefix_hit_tokens.
+One request's failure (its sampling, tool call, stop check, or its forward: a failed batched forward is retried
+request by request) ends it with "error", never another.
 """
 import math
 import queue
@@ -45,24 +35,6 @@ from model.tokenizer import IncrementalDecoder
 
 # Below this, sampling is greedy: logits / temperature would overflow fp32 (inf - inf = NaN in the softmax).
 MIN_TEMPERATURE = 1e-5
-
-
-def check_sampling(num_samples, max_tokens, temperature, top_k, seed, stop):
-    """ValueError naming the first bad sampling parameter (see Engine.submit); returns `stop` as a tuple."""
-    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
-    real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    for ok, what, value in ((is_int(num_samples) and num_samples >= 1, "num_samples must be an int >= 1", num_samples),
-                            (is_int(max_tokens) and max_tokens >= 0, "max_tokens must be an int >= 0", max_tokens),
-                            (real and math.isfinite(temperature) and temperature >= 0,
-                             "temperature must be a finite number >= 0", temperature),
-                            (top_k is None or is_int(top_k) and top_k >= 1, "top_k must be None or an int >= 1", top_k),
-                            (is_int(seed), "seed must be an int", seed)):
-        if not ok:
-            raise ValueError(f"Engine: bad sampling parameters: {what}, got {value!r}")
-    stop = () if stop is None else tuple(stop)
-    if not all(isinstance(x, str) and x for x in stop):
-        raise ValueError(f"Engine: bad sampling parameters: stop must be a list of non-empty strings, got {stop!r}")
-    return stop
 
 
 class Request:
@@ -83,23 +55,16 @@ class Request:
         self.generator = None                                     # torch.Generator seeded at admission
         self.seqs = []                                            # one _Sequence per sample, once admitted
 
-    def stream(self, timeout=None):
-        """Blocking iterator over this request's (token_column, mask_column) steps until it is done."""
+    def stream(self, timeout=None, step=None):
+        """Blocking iterator over this request's (token_column, mask_column) steps until it is done; step(), if
+        given, runs whenever no column is queued (an engine without a stepping thread)."""
         while True:
+            while step is not None and self.events.empty():
+                step()
             item = self.events.get(timeout=timeout)
             if item is None:
                 return
             yield item
-
-    def _drain(self):
-        """Non-blocking: the columns produced so far (the engine's own generate loop)."""
-        while True:
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                yield item
 
 
 class _Sequence:
@@ -122,9 +87,9 @@ class Engine:
     """Continuous-batching generation for `model` (a GPT) with `tokenizer` (model.tokenizer.Tokenizer's surface).
     block_size: tokens per KV page (16, 32 or 64); num_blocks: the initial pool (default: 8 full-length sequences,
     doubled on demand); max_batch: running sequences; max_prefill_tokens: padded tokens per prefill batch;
-    tool_timeout (s), tool_memory_mb: one tool call's sandbox limits; prefix_caching: reuse earlier requests' full
-    blocks; cuda_graphs: replay the fused decode step from CUDA graphs (model.kv_cache.DecodeGraphs: CUDA and fused
-    mode only, holding one scratch page; ignored elsewhere; off by default: not measured on GPU)."""
+    tool_timeout (s), tool_memory_mb: a tool call's sandbox limits; cuda_graphs: replay the fused decode step from
+    CUDA graphs (model.kv_cache.DecodeGraphs; CUDA and fused mode only, else ignored; off by default: not measured
+    on GPU). engine.stats counts prefill/decode tokens, steps, copy-on-write copies and prefix_hit_tokens."""
 
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
                  tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True, cuda_graphs=False):
@@ -132,40 +97,50 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.max_context = min(model.cos.shape[0], 10 * cfg.sequence_len)
-        if num_blocks is None:
-            num_blocks = 8 * math.ceil(cfg.sequence_len / block_size)
-        self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size, num_blocks,
-                                  param.dtype, self.device, model.cos, model.sin, prefix_caching=prefix_caching)
+        self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size,
+                                  num_blocks or 8 * math.ceil(cfg.sequence_len / block_size), param.dtype,
+                                  self.device, model.cos, model.sin, prefix_caching=prefix_caching)
         self.graphs = DecodeGraphs(model, self.cache, max_batch) if cuda_graphs and self.device.type == "cuda" else None
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.tool_timeout, self.tool_memory_mb = tool_timeout, tool_memory_mb
         special = tokenizer.encode_special
-        # The tokens that end a sample: the server and the chat CLI read this same set.
-        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}  # also read by the server and chat CLI
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.waiting = deque()
-        self.running = []            # requests with live sequences
-        self.lock = threading.RLock()  # engine state (step, cancel)
+        self.running = []                                  # requests with live sequences
+        self.lock = threading.RLock()                      # engine state (step, cancel)
         self.cond = threading.Condition(threading.Lock())  # the waiting queue + background wake-ups
-        self.thread = None           # the background stepping thread (start/stop)
-        self.stopping = False
-        self._solo = 0               # after a failed batched prefill: prefill this many requests one at a time
+        self.thread, self.stopping = None, False           # the background stepping thread (start/stop)
+        self._solo = 0  # after a failed batched prefill: prefill this many requests one at a time
         self.stats = dict(prefill_tokens=0, prefill_batches=0, decode_steps=0, decode_tokens=0, cow_copies=0,
                           prefix_hit_tokens=0)
 
-    # -- public API ------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
-        """Queue one prompt -> its Request. ValueError (naming the parameter) for an empty or too long prompt or a
-        bad sampling parameter: num_samples >= 1, max_tokens >= 0 (ints), temperature finite >= 0, top_k None or
-        an int >= 1, seed an int, stop None or a list of non-empty strings."""
+        """Queue one prompt -> its Request (thread-safe). ValueError naming the first bad parameter: an empty or too
+        long prompt; num_samples >= 1, max_tokens >= 0, seed, top_k >= 1 or None: ints; temperature finite >= 0;
+        stop None or a list of non-empty strings."""
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("Engine: the prompt must hold at least one token")
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"Engine: prompt of {len(prompt_ids)} tokens leaves no room in the context "
                              f"({self.max_context})")
-        stop = check_sampling(num_samples, max_tokens, temperature, top_k, seed, stop)
+        is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+        real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        for ok, what, value in (
+                (is_int(num_samples) and num_samples >= 1, "num_samples must be an int >= 1", num_samples),
+                (is_int(max_tokens) and max_tokens >= 0, "max_tokens must be an int >= 0", max_tokens),
+                (real and math.isfinite(temperature) and temperature >= 0, "temperature must be a finite number >= 0",
+                 temperature),
+                (top_k is None or is_int(top_k) and top_k >= 1, "top_k must be None or an int >= 1", top_k),
+                (is_int(seed), "seed must be an int", seed)):
+            if not ok:
+                raise ValueError(f"Engine: bad sampling parameters: {what}, got {value!r}")
+        stop = () if stop is None else tuple(stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"Engine: bad sampling parameters: stop must be a list of non-empty strings, got "
+                             f"{stop!r}")
         req = Request(prompt_ids, num_samples, max_tokens, float(temperature), top_k, seed, stop)
         with self.cond:
             self.waiting.append(req)
@@ -183,8 +158,8 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def load(self):
-        """What the engine holds now (for /health; read without the step lock, so a snapshot, not a transaction):
-        running / waiting requests, running sequences, free (incl. evictable) and total KV blocks."""
+        """A snapshot (no step lock) for /health: running / waiting requests, running sequences, free (incl.
+        evictable) and total KV blocks."""
         running = list(self.running)
         return {"running": len(running), "waiting": len(self.waiting),
                 "running_sequences": sum(sum(not s.done for s in r.seqs) for r in running),
@@ -215,9 +190,8 @@ class Engine:
                 try:
                     self.step()
                 except Exception as e:
-                    # A request's own failure (its sampling, tool call, stop check or forward) ends that request
-                    # alone inside step(); what still gets here is an engine bug whose damage cannot be bounded:
-                    # fail what is in flight rather than leave clients waiting on a dead loop.
+                    # A request's own failure ends it alone inside step(); what gets here is an engine bug: fail
+                    # what is in flight rather than leave clients waiting on a dead loop.
                     traceback.print_exc()
                     self._fail_all(f"{type(e).__name__}: {e}")
 
@@ -237,15 +211,10 @@ class Engine:
         """Yields (token_column, mask_column) per step; entries are None for samples that already finished.
         RuntimeError(the request's error) if the engine failed it."""
         req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop)
+        threaded = self.thread is not None
         try:
-            if self.thread is not None:
-                yield from req.stream()
-                return
-            while not req.done:
-                self.step()
-                yield from req._drain()
-            yield from req._drain()
-            if req.error:
+            yield from req.stream(step=None if threaded else self.step)
+            if req.error and not threaded:
                 raise RuntimeError(req.error)
         finally:
             if not req.done:
@@ -258,11 +227,8 @@ class Engine:
     def generate_many(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         """Several prompts in one batch -> [(sequences, masks)] per prompt; prompt i is seeded with seed + i."""
         reqs = [self.submit(p, num_samples, max_tokens, temperature, top_k, seed + i) for i, p in enumerate(prompts)]
-        if self.thread is not None:  # the background loop steps; wait for each request's end of stream
-            for r in reqs:
-                deque(r.stream(), maxlen=0)
-        while not all(r.done for r in reqs):
-            self.step()
+        for r in reqs:  # to the end of each stream, stepped by the background thread or here
+            deque(r.stream(step=None if self.thread is not None else self.step), maxlen=0)
         for r in reqs:
             if r.error:
                 raise RuntimeError(r.error)
@@ -276,7 +242,6 @@ class Engine:
             masks.append([0] * len(req.prompt) + mask[:n])
         return seqs, masks
 
-    # -- internals -------------------------------------------------------------------------------------------------
     def _admit(self):
         """Prefill the waiting requests that fit (batch and prefill-token budget) in one padded batch."""
         batch = []
@@ -297,8 +262,7 @@ class Engine:
         if not batch:
             return
         self._solo = max(0, self._solo - 1)
-        cache = self.cache
-        dev = self.device
+        cache, dev = self.cache, self.device
         # Each prompt's longest cached prefix (whole blocks) is reused; only the rest is prefilled.
         prefix, starts = [], []
         for r in batch:
@@ -314,9 +278,8 @@ class Engine:
             with cache.planned(plan):
                 logits = self.model(idx.to(dev), kv_cache=cache)     # (R, T, V)
         except Exception as e:                                        # e.g. out of memory: give the blocks back
-            for blocks in prefix:
-                for b in blocks:
-                    cache.decref(b)
+            for b in sum(prefix, []):
+                cache.decref(b)
             if len(batch) > 1:  # which request failed it? prefill them one at a time
                 with self.cond:
                     self.waiting.extendleft(reversed(batch))
@@ -406,8 +369,7 @@ class Engine:
     def _emit(self, req, seqs, sampled):
         """Append one token to each of `seqs` (forced tool output overrides the sample), run the tool state
         machine, finish sequences, and push the request's column."""
-        col = [None] * req.num_samples   # this step's token per sample
-        mcol = [None] * req.num_samples  # and its mask
+        col, mcol = [None] * req.num_samples, [None] * req.num_samples  # this step's token and mask per sample
         for s, tok in zip(seqs, sampled):
             forced = bool(s.forced)
             tok = s.forced.popleft() if forced else tok
@@ -435,8 +397,8 @@ class Engine:
             self._finish_request(req, None)
 
     def _hit_stop(self, req, i, tok):
-        """Does sample i's text (its completion decoded as the server shows it) now contain a stop string? Only a
-        window as long as the longest stop string is kept, so a match across token boundaries is found once."""
+        """Does sample i's decoded text now contain a stop string? A window as long as the longest stop string is
+        kept, so a match across token boundaries is found once."""
         if req.texts is None:
             req.texts = [[IncrementalDecoder(self.tokenizer), ""] for _ in range(req.num_samples)]
         state = req.texts[i]

@@ -1,26 +1,20 @@
 """Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence, with a
 prefix cache across requests and, for eager decode, a dense row per running sequence.
 
-Pages: k and v are (n_layer, num_blocks, block_size, n_kv_head, head_dim), with a free list and a refcount per block; a
-sequence's block table lists its blocks (block j holds its tokens j*block_size ... (j+1)*block_size - 1). Samples
-forked from one prompt share its blocks, copied on the first write (copy-on-write); the pool doubles when it runs dry.
-vLLM's PagedAttention, https://arxiv.org/abs/2309.06180.
-Prefix cache: full blocks in a tree keyed by their tokens, SGLang's RadixAttention (https://arxiv.org/abs/2312.07104)
-at block granularity. match_prefix hands a request the blocks of its longest cached prefix (a system prompt, earlier
-turns: only the rest is prefilled); insert_prefix adds a prompt's full blocks after its prefill and a finished
-sequence's. A cached block at refcount 0 is evictable: allocation takes free blocks, then evicts the least recently
-used evictable leaf, and only then grows the pool. num_free() counts free + evictable blocks.
-Dense rows: so that an eager decode step does not gather every page per layer, each running sequence also has a row
-of a dense (n_layer, rows, n_kv_head, row_len, head_dim) tensor (nanochat's layout, read by SDPA without a copy),
-filled from the pages when it is behind. An eager step writes the new k/v into the rows only and runs one SDPA per
-layer over rows[:n] (a closed row is replaced by the last); rows are flushed into the pages before these are read.
-
-The model calls `cache.attend(layer_idx, q, k, v)` (raw q/k/v) inside the engine's `with cache.planned(plan): ...`:
-- PrefillPlan: R right-padded prompts. No cached prefix: fused, kernels.attention.attention + write_kv; eager, q/k
-  rotated + normalised once, causal SDPA, the valid k/v copied to their slots. A cached prefix (plan.starts > 0): SDPA
-  over the gathered pages with a causal mask shifted by starts[r] (PyTorch in both modes).
-- DecodePlan: one token per sequence. Eager with rows: rotary + RMS norm here, SDPA over the rows. Otherwise
-  kernels.paged_decode.rope_norm_write_kv (one Triton launch when fused), then paged_decode_attention over the pages.
+Pages (vLLM's PagedAttention, https://arxiv.org/abs/2309.06180): k and v are (n_layer, num_blocks, block_size,
+n_kv_head, head_dim), with a free list and a refcount per block; block j of a sequence's block table holds its tokens
+j*block_size ... (j+1)*block_size - 1. Samples forked from one prompt share its blocks, copied on the first write
+(copy-on-write); the pool doubles when it runs dry.
+Prefix cache (SGLang's RadixAttention, https://arxiv.org/abs/2312.07104, at block granularity): full blocks in a tree
+keyed by their tokens; a request gets the blocks of its longest cached prefix and prefills only the rest. A cached
+block at refcount 0 is evictable: allocation takes free blocks, then the least recently used evictable leaf, then
+grows the pool.
+Dense rows: each running sequence also has a row of a (n_layer, rows, n_kv_head, row_len, head_dim) tensor
+(nanochat's layout, read by SDPA without a copy), so that an eager decode step writes its k/v there and runs one SDPA
+per layer over rows[:n] instead of gathering every page; rows are flushed into the pages before these are read.
+The model calls `cache.attend(layer_idx, q, k, v)` (raw q/k/v) inside `with cache.planned(plan): ...`: a PrefillPlan
+(fused: kernels.attention.attention + write_kv; eager or after a cached prefix: SDPA) or a DecodePlan (eager: SDPA
+over the rows; fused: rope_norm_write_kv + paged_decode_attention over the pages).
 """
 import contextlib
 import heapq
@@ -38,56 +32,44 @@ from kernels.paged_decode import paged_decode_attention, rope_norm_write_kv, wri
 QK_NORM_EPS = 1e-6  # kernels.attention.attention's default, so the prefill and decode paths normalise alike
 
 
-def rope_norm(x, cos, sin):
-    """x (..., D) rotated (half-split: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin) then RMS-normalised over D;
-    cos and sin broadcast against x[..., :D/2]. x's dtype."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return F.rms_norm(torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1), (x.shape[-1],), eps=QK_NORM_EPS)
-
-
 @dataclass
 class PrefillPlan:
-    """The N valid tokens of a right-padded (R, T) prompt batch: token i sits at (rows[i], cols[i]), at position
-    starts[rows[i]] + cols[i] (starts: each row's cached prefix, 0 without one)."""
-    rows: torch.Tensor          # (N,) int64: the batch row of each valid token
-    cols: torch.Tensor          # (N,) int64: its column in the batch
-    token_tables: torch.Tensor  # (N, max_blocks) int32: the block table of its row
-    slots: torch.Tensor         # (N,) int64: block * block_size + offset, its flat page slot
-    token_index: torch.Tensor   # (N,) int64: rows * T + cols, its flat index in the batch; None without padding
-    starts: torch.Tensor = None  # (R,) int64: cached tokens before each row's first new token; None = all zero
+    """The N valid tokens of a right-padded (R, T) prompt batch: token i at (rows[i], cols[i]), position
+    starts[rows[i]] + cols[i]. Int64 unless said."""
+    rows: torch.Tensor           # (N,)
+    cols: torch.Tensor           # (N,)
+    token_tables: torch.Tensor   # (N, max_blocks) int32: its row's block table
+    slots: torch.Tensor          # (N,) block * block_size + offset: its flat page slot
+    token_index: torch.Tensor    # (N,) rows * T + cols; None without padding
+    starts: torch.Tensor = None  # (R,) each row's cached-prefix length; None = all zero
     tables: torch.Tensor = None  # (R, max_blocks) int32: each row's block table (only with starts)
     rot: tuple = None            # (positions, [cos, cos], [sin, -sin]) for the eager path, set by its first layer
 
 
 @dataclass
 class DecodePlan:
-    """One new token for each of B sequences."""
+    """One new token for each of B sequences; the fields after seq_lens are the dense-row (eager) path's."""
     positions: torch.Tensor  # (B,) int64: the new token's position
-    tables: torch.Tensor     # (B, max_blocks) int32: block tables, padded with block 0 (never read); None with rows
-    seq_lens: torch.Tensor   # (B,) int32: positions + 1, the new token's k/v included; None with rows
-    # The dense-row (eager) path, else None:
+    tables: torch.Tensor     # (B, max_blocks) int32, padded with block 0 (never read); None with rows
+    seq_lens: torch.Tensor   # (B,) int32: positions + 1; None with rows
     row_index: torch.Tensor = None  # (B,) int64: each sequence's row
-    row_slots: torch.Tensor = None  # (B * Hkv,) int64: the new token's (row, head, position) in a layer's rows, flat
+    row_slots: torch.Tensor = None  # (B * Hkv,) int64: the new token's flat (row, head, position) in a layer's rows
     rot_cos: torch.Tensor = None    # (B, 1, D): [cos, cos] at each position, the cache dtype
     rot_sin: torch.Tensor = None    # (B, 1, D): [sin, -sin]
-    n_rows: int = 0                 # rows in use (attention runs over rows[:n_rows])
+    n_rows: int = 0                 # rows in use: attention runs over rows[:n_rows]
     row_len: int = 0                # max seq_len: the columns attention reads
-    mask: torch.Tensor = None       # (n_rows, 1, 1, row_len) bool, None when every row is row_len long
+    mask: torch.Tensor = None       # (n_rows, 1, 1, row_len) bool; None when every row is row_len long
     direct: bool = False            # row_index == arange(B) and n_rows == B: no permutation
     rows: list = None               # the Row handles, advanced after the forward
 
 
+@dataclass(eq=False, slots=True)
 class Row:
-    """A running sequence's dense row: `index` moves when rows are compacted, `length` counts the tokens in it, the
-    first `synced` of them are in the pages too; `blocks` is the sequence's block table (the engine's list)."""
-    __slots__ = ("index", "length", "synced", "blocks")
-
-    def __init__(self, index):
-        self.index = index
-        self.length = self.synced = 0
-        self.blocks = None
+    """A running sequence's dense row."""
+    index: int           # moves when rows are compacted
+    length: int = 0      # tokens in the row
+    synced: int = 0      # the first `synced` of them are in the pages too
+    blocks: list = None  # the sequence's block table (the engine's list)
 
 
 class _Node:
@@ -96,17 +78,14 @@ class _Node:
 
     def __init__(self, tokens, parent, block, depth):
         self.tokens, self.parent, self.block, self.depth = tokens, parent, block, depth
-        self.children = {}
-        self.last_used = 0
+        self.children, self.last_used = {}, 0
 
 
 class PagedKVCache:
-    """Block pool for all layers + free list + refcounts + prefix cache + dense rows; `attend` is what the model
-    calls during a forward.
-
+    """Block pool for all layers + free list + refcounts + prefix cache + dense rows; the model calls `attend`.
     cos, sin: the model's rotary tables (rotary_len, head_dim / 2). block_size: 16, 32 or 64 tokens per page (else
-    ValueError); num_blocks: the initial pool size, doubled on demand; prefix_caching: keep full blocks for later
-    requests (False: a finished sequence's blocks go straight back to the free list)."""
+    ValueError); num_blocks: the initial pool, doubled on demand; prefix_caching=False: a finished sequence's blocks
+    go straight back to the free list."""
 
     def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin,
                  prefix_caching=True):
@@ -118,10 +97,8 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
-        self.cos = cos
-        self.sin = sin
-        self.plan = None  # a PrefillPlan or DecodePlan while the engine runs a forward, else None
-        # prefix cache
+        self.cos, self.sin = cos, sin
+        self.plan = None  # a PrefillPlan or DecodePlan during a forward
         self.prefix_caching = prefix_caching
         self.root = _Node((), None, None, 0)
         self.node_of = {}          # block id -> its _Node, for every cached block
@@ -130,7 +107,6 @@ class PagedKVCache:
         self._heap = []            # (last_used, -depth, tiebreak, node): eviction candidates, checked when popped
         self._clock = itertools.count(1)
         self._tiebreak = itertools.count()
-        # dense rows
         self.rows = []             # Row handles in use, rows[i].index == i
         self.row_k = self.row_v = None  # (n_layer, row capacity, Hkv, row_len capacity, D), allocated on first use
         self._rot = None           # _rotation()'s table
@@ -147,7 +123,6 @@ class PagedKVCache:
         """Blocks held by the prefix cache (in use or evictable)."""
         return len(self.node_of)
 
-    # -- blocks ----------------------------------------------------------------------------------------------------
     def _zeros_with(self, old, shape):
         """Zeros of `shape` (the pages' dtype and device) with `old` (if any) copied into its leading corner."""
         t = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
@@ -155,18 +130,14 @@ class PagedKVCache:
             t[tuple(map(slice, old.shape))] = old
         return t
 
-    def _grow(self):
-        old = self.num_blocks
-        shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
-        self.k = self._zeros_with(self.k, shape)
-        self.v = self._zeros_with(self.v, shape)
-        self.refcount += [0] * old
-        self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
-
     def allocate(self):
         """A free block id with refcount 1: a free one, else the LRU evictable cached one, else the pool doubles."""
         if not self.free and not self._evict():
-            self._grow()
+            old = self.num_blocks
+            shape = (self.k.shape[0], 2 * old) + tuple(self.k.shape[2:])
+            self.k, self.v = self._zeros_with(self.k, shape), self._zeros_with(self.v, shape)
+            self.refcount += [0] * old
+            self.free = list(range(2 * old - 1, old - 1, -1)) + self.free
         b = self.free.pop()
         self.refcount[b] = 1
         return b
@@ -188,13 +159,12 @@ class PagedKVCache:
                 self._push(node)
 
     def writable(self, blocks, pos):
-        """Make sure token position `pos` of a sequence with block table `blocks` can be written: append a fresh
-        block at a page boundary, copy a shared block first (copy-on-write). Returns True if it copied."""
+        """Make token position `pos` of block table `blocks` writable: a fresh block at a page boundary, a copy of a
+        shared or cached block (copy-on-write). True if it copied."""
         j = pos // self.block_size
         if j == len(blocks):
             blocks.append(self.allocate())
         elif self.refcount[blocks[j]] > 1 or blocks[j] in self.node_of:
-            # Shared, or cached (a cached block is only ever full, so this is defensive): never write into it.
             new = self.allocate()
             self.k[:, new] = self.k[:, blocks[j]]
             self.v[:, new] = self.v[:, blocks[j]]
@@ -203,7 +173,6 @@ class PagedKVCache:
             return True
         return False
 
-    # -- prefix cache ----------------------------------------------------------------------------------------------
     def _push(self, node):
         """node may now be evictable (refcount 0, no children): queue it, keyed by last use (deeper first on ties)."""
         if not node.children and self.refcount[node.block] == 0:
@@ -228,8 +197,7 @@ class PagedKVCache:
         return False
 
     def clear_prefix_cache(self):
-        """Drop every cached block: the evictable ones go back to the free list, the ones in use stay with their
-        sequences (and are freed when those end)."""
+        """Drop every cached block: evictable ones are freed, ones in use stay with their sequences."""
         for b, node in list(self.node_of.items()):
             node.block = None
             if self.refcount[b] == 0:
@@ -240,9 +208,8 @@ class PagedKVCache:
         self._heap = []
 
     def match_prefix(self, tokens):
-        """Blocks of the longest cached prefix of `tokens` (whole blocks), at most (len(tokens) - 1) // block_size
-        of them so at least one token is left to prefill (its logits give the first sample). The caller owns one
-        reference to each (decref when done)."""
+        """Blocks of the longest cached prefix of `tokens`, at most (len(tokens) - 1) // block_size so that one token
+        is left to prefill (its logits give the first sample). The caller owns a reference to each."""
         if not self.prefix_caching:
             return []
         bs, node, blocks = self.block_size, self.root, []
@@ -257,8 +224,8 @@ class PagedKVCache:
         return blocks
 
     def insert_prefix(self, tokens, blocks, n_tokens):
-        """Cache the full blocks among the first n_tokens of a sequence (`tokens`, block table `blocks`, their k/v
-        in the pages). A prefix already cached under other blocks (computed twice) keeps the cached ones."""
+        """Cache the full blocks among the first n_tokens of `tokens` (block table `blocks`, k/v in the pages). A
+        prefix already cached under other blocks (computed twice) keeps the cached ones."""
         if not self.prefix_caching:
             return
         bs, node = self.block_size, self.root
@@ -277,11 +244,9 @@ class PagedKVCache:
                     self.n_evictable += 1
             child.last_used = now
             node = child
-        # Queue the path's evictable nodes with their new last use (a leaf's parent is queued once the leaf goes).
-        if node is not self.root:
+        if node is not self.root:  # queue the leaf with its new last use (its parent follows once it goes)
             self._push(node)
 
-    # -- dense rows ------------------------------------------------------------------------------------------------
     def open_row(self):
         """A dense row for a new running sequence (no memory until the eager path uses it)."""
         row = Row(len(self.rows))
@@ -289,8 +254,8 @@ class PagedKVCache:
         return row
 
     def close_row(self, row):
-        """Flush `row` into its pages and give it back; the last row moves into its place so the rows in use stay
-        rows[:n]. Call it before the sequence's blocks go to the prefix cache or back to the pool."""
+        """Flush `row` into its pages and give it back (before its blocks go to the prefix cache or the pool); the
+        last row moves into its place so the rows in use stay rows[:n]."""
         i, last = row.index, self.rows[-1]
         with torch.inference_mode():  # also called outside a step (engine.cancel)
             self._flush(row)
@@ -305,7 +270,7 @@ class PagedKVCache:
         row.index, row.length, row.synced, row.blocks = -1, 0, 0, None
 
     def _flush(self, row):
-        """Copy the tokens `row` holds beyond its pages (row.synced .. row.length - 1) into the pages, all layers."""
+        """Copy row.synced .. row.length - 1 from the row into the pages, all layers."""
         a, b = row.synced, row.length
         if a < b and row.blocks is not None:
             bs, n_layer, _, _, Hkv, D = (self.block_size,) + tuple(self.k.shape)
@@ -315,21 +280,19 @@ class PagedKVCache:
         row.synced = b
 
     def flush_rows(self):
-        """Make the pages complete: flush every row that holds tokens beyond them (before a step on the pages)."""
+        """Flush every row into the pages (before a step that reads the pages)."""
         for row in self.rows:
-            if row.synced < row.length:
-                self._flush(row)
+            self._flush(row)
 
     def _ensure_rows(self, n_rows, row_len):
         """Room for n_rows rows of row_len tokens: capacities grow by doubling (rows) and to a power of two (len)."""
-        if self.row_k is not None and self.row_k.shape[1] >= n_rows and self.row_k.shape[3] >= row_len:
-            return
-        L, _, _, Hkv, D = self.k.shape
-        old_rows, old_len = (self.row_k.shape[1], self.row_k.shape[3]) if self.row_k is not None else (0, 0)
-        cap_rows = old_rows if old_rows >= n_rows else max(n_rows, 2 * old_rows, 8)
-        cap_len = old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length())
-        self.row_k = self._zeros_with(self.row_k, (L, cap_rows, Hkv, cap_len, D))
-        self.row_v = self._zeros_with(self.row_v, (L, cap_rows, Hkv, cap_len, D))
+        old_rows, old_len = (0, 0) if self.row_k is None else (self.row_k.shape[1], self.row_k.shape[3])
+        if old_rows < n_rows or old_len < row_len:
+            L, _, _, Hkv, D = self.k.shape
+            cap_rows = old_rows if old_rows >= n_rows else max(n_rows, 2 * old_rows, 8)
+            cap_len = old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length())
+            self.row_k = self._zeros_with(self.row_k, (L, cap_rows, Hkv, cap_len, D))
+            self.row_v = self._zeros_with(self.row_v, (L, cap_rows, Hkv, cap_len, D))
 
     def _fill_row(self, row, blocks, upto):
         """Copy tokens row.length .. upto-1 of a sequence from its pages into its row (all layers)."""
@@ -341,14 +304,13 @@ class PagedKVCache:
             dst[:, row.index, :, start:upto] = src[:, pages].flatten(1, 2)[:, lo:hi].transpose(1, 2)
         row.length = row.synced = upto
 
-    # -- plans -----------------------------------------------------------------------------------------------------
     def _table(self, tables):
         """List of B block lists -> (B, max_blocks) int32 (padding 0: never read, seq_lens masks it)."""
         width = max(1, max(len(t) for t in tables))
         return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.k.device)
 
     def prefill_plan(self, tables, lengths, starts=None):
-        """tables: the block list of each of R prompts (cached prefix blocks first), lengths: their new-token counts,
+        """tables: each of R prompts' block list (cached prefix blocks first), lengths: their new-token counts,
         starts: their cached-prefix lengths (default 0) -> PrefillPlan."""
         device, bs = self.k.device, self.block_size
         starts = list(starts) if starts else [0] * len(lengths)
@@ -366,8 +328,8 @@ class PagedKVCache:
         return plan
 
     def decode_plan(self, tables, positions, rows=None):
-        """tables: the block list of each of B sequences, positions: where each one's new token goes, rows: their
-        Row handles (eager mode then attends over the dense rows) -> DecodePlan."""
+        """tables: each of B sequences' block list, positions: where each new token goes, rows: their Row handles
+        (eager mode then attends over the dense rows) -> DecodePlan."""
         device = self.k.device
         if rows is None or kernels.use_fused():
             self.flush_rows()  # this step reads the pages
@@ -408,8 +370,8 @@ class PagedKVCache:
 
     @contextlib.contextmanager
     def planned(self, plan):
-        """Set `plan` for the forwards inside the block; cleared on the way out, also on an exception. A decode
-        plan's rows count their new token once the forward has finished."""
+        """Set `plan` for the forwards inside the block (cleared on the way out); a decode plan's rows count their
+        new token once the forward has finished."""
         self.plan = plan
         try:
             yield
@@ -419,11 +381,9 @@ class PagedKVCache:
         finally:
             self.plan = None
 
-    # -- what the model calls --------------------------------------------------------------------------------------
     def attend(self, layer_idx, q, k, v):
-        """q (B, T, H, D), k and v (B, T, Hkv, D) raw, not rotated or normalised -> y (B, T, H, D).
-
-        Prefill: T prompt tokens at positions starts + 0..T-1 (right padded); decode: T = 1 at plan.positions[b]."""
+        """q (B, T, H, D), k and v (B, T, Hkv, D) raw, not rotated or normalised -> y (B, T, H, D). Prefill: T
+        prompt tokens at positions starts + 0..T-1 (right padded); decode: T = 1 at plan.positions[b]."""
         plan = self.plan
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]  # (num_blocks, block_size, Hkv, D)
         if isinstance(plan, PrefillPlan):
@@ -439,9 +399,8 @@ class PagedKVCache:
         return y.to(v.dtype)[:, None]                             # (B, 1, H, D)
 
     def _decode_rows(self, plan, layer_idx, q, k, v):
-        """Eager decode over the dense rows: q, k, v (B, 1, heads, D) raw. Rotate + normalise q and k together (one
-        cat, and the rotation as x * [cos, cos] + roll(x, D/2) * [sin, -sin]: few ops, as the step is overhead bound
-        at small batch), write k/v into the rows (the pages get them when flushed), one SDPA -> (B, H, D)."""
+        """Eager decode over the dense rows: q, k, v (B, 1, heads, D) raw -> (B, H, D). q and k are rotated as
+        x * [cos, cos] + roll(x, D/2) * [sin, -sin] and normalised in one go: few ops, as the step is overhead bound."""
         B, _, H, D = q.shape
         Hkv = k.shape[2]
         qk = torch.cat([q, k], dim=2)[:, 0].to(self.row_k.dtype)  # (B, H + Hkv, D)
@@ -458,7 +417,7 @@ class PagedKVCache:
         if not plan.direct:                                       # rows in a different order (or more): scatter q
             q = q.new_zeros(n, H, D).index_copy_(0, plan.row_index, q)
         y = F.scaled_dot_product_attention(q[:, :, None], rk[:n, :, :L], rv[:n, :, :L], attn_mask=plan.mask,
-                                           enable_gqa=True if H != Hkv else False)[:, :, 0]  # (n, H, D)
+                                           enable_gqa=H != Hkv)[:, :, 0]  # (n, H, D)
         if not plan.direct:
             y = y.index_select(0, plan.row_index)
         return y.to(v.dtype)
@@ -470,7 +429,9 @@ class PagedKVCache:
         if plan.starts is None and kernels.use_fused():
             cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
             y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended
-            k = rope_norm(k, cos[:, None], sin[:, None])
+            c, s = (t[:, None].to(k.dtype) for t in (cos, sin))  # (T, 1, D/2)
+            k1, k2 = k[..., :D // 2], k[..., D // 2:]
+            k = F.rms_norm(torch.cat([k1 * c + k2 * s, k2 * c - k1 * s], dim=-1), (D,), eps=QK_NORM_EPS)
             write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, cols)  # (N, Hkv, D) each
             return y
         # Eager, or a cached prefix (then in both modes): q and k rotated + normalised together, once.
@@ -490,7 +451,7 @@ class PagedKVCache:
         v_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, v_new)
         if plan.starts is None:                                   # causal: right padding is never attended
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype),
-                                               is_causal=True, enable_gqa=True if H != Hkv else False)
+                                               is_causal=True, enable_gqa=H != Hkv)
             return y.transpose(1, 2).to(v.dtype)
         # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
         n_pages, block_size = plan.tables.shape[1], k_cache.shape[1]
@@ -498,18 +459,16 @@ class PagedKVCache:
         vals = v_cache[plan.tables.long()].flatten(1, 2)
         mask = torch.arange(n_pages * block_size, device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=mask[:, None], enable_gqa=True if H != Hkv else False)
+                                           attn_mask=mask[:, None], enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
 
 
 class DecodeGraphs:
-    """CUDA graphs of the fused decode step, one per (batch bucket, block table width), captured on first use and
-    replayed after: at small batch the step is launch bound, and a graph replays all its kernels with one launch.
-    Graphs need fixed shapes and addresses: the batch is padded to its bucket (BUCKETS up to max_batch; bigger batches
-    run without a graph) and the block table to a power-of-two width; padded rows write into one reserved scratch
-    page and attend to that slot alone (seq_len 1). Inputs are copied into static buffers, logits come from one; when
-    the pool grows every graph is dropped and captured again on demand. capture=False runs the same padded step
-    without graphs (what a CPU test can check); the engine uses this class only on CUDA in fused mode."""
+    """CUDA graphs of the fused decode step (launch bound at small batch), one per (batch bucket, block table width),
+    captured on first use. The batch is padded to its bucket (BUCKETS up to max_batch; bigger batches run without a
+    graph), the block table to a power-of-two width; padded rows write into one scratch page and attend to it alone
+    (seq_len 1). Inputs go through static buffers; a grown pool drops every graph. capture=False runs the same padded
+    step without graphs (a CPU test checks it); the engine uses this class only on CUDA in fused mode."""
 
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -520,10 +479,10 @@ class DecodeGraphs:
         self.graphs = {}      # (batch, width) -> dict of the graph and its static tensors
         self.scratch = None   # the page the padded rows write into
         self._storage = None  # cache.k's address the graphs were captured with
-        self._pool = None     # one memory pool shared by all graphs (they never run at the same time)
+        self._pool = None     # one memory pool for all graphs (they never run at the same time)
 
     def usable(self, n):
-        """Whether a step of n sequences goes through run(): a bucket fits, and graphs run in fused mode only."""
+        """Whether a step of n sequences goes through run(): a bucket fits, in fused mode (graphs) or capture=False."""
         return self.bucket(n) is not None and (kernels.use_fused() or not self.capture)
 
     def bucket(self, n):
@@ -532,7 +491,7 @@ class DecodeGraphs:
 
     @staticmethod
     def width(n_blocks):
-        """The block-table width a step whose longest table has n_blocks pages is padded to (a power of two)."""
+        """The power-of-two block-table width for a longest table of n_blocks pages."""
         return 1 << max(0, n_blocks - 1).bit_length()
 
     def release(self):
@@ -544,10 +503,9 @@ class DecodeGraphs:
 
     def run(self, tables, positions, tokens):
         """One decode step: tables (B lists of block ids), positions (B,), tokens (B,) ints -> logits (B, V) fp32,
-        valid until the next run; None when B is bigger than every bucket (the caller runs the step itself)."""
+        valid until the next run; None when B is bigger than every bucket."""
         B = len(tables)
-        batch = self.bucket(B)
-        if batch is None:
+        if (batch := self.bucket(B)) is None:
             return None
         cache = self.cache
         cache.flush_rows()  # the graph reads the pages
