@@ -4,12 +4,11 @@
     python -m model.chat --source rl -p "What is 12 * 7?"      # one-shot: print the answer and exit
     python -m model.chat --source base --temperature 0 --max-tokens 64 --kernels eager
 
-The checkpoint is the newest of `--source` (base | mid | sft | rl) under $TRITONCHAT_HOME/checkpoints/<stage>/
-(`--run` picks a run). REPL slash commands are not sent to the model: /help, /clear (new conversation), /quit or
-/exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt. The context is the model's trained
-sequence_len; --max-tokens unset = the room the conversation leaves. A history that no longer fits loses its oldest
-turns (the system message stays); a message too long on its own is refused with a note and the conversation goes
-on. A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed.
+The checkpoint is the newest of `--source` under $TRITONCHAT_HOME/checkpoints/<stage>/ (`--run` picks a run). REPL
+commands: /help, /clear, /quit or /exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt. The
+context is the model's trained sequence_len; --max-tokens unset = the room the conversation leaves. A history that no
+longer fits loses its oldest turns (the system message stays); a message too long on its own is refused with a note.
+A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed.
 """
 import argparse
 import math
@@ -24,16 +23,13 @@ from model.common import UserError, home_dir
 from model.engine import Engine
 from model.tokenizer import IncrementalDecoder
 
-# The command that produces each stage's checkpoint (said when it is missing).
 TRAIN_COMMANDS = {"base": "python -m train.base --preset tiny   (or `make run` for the whole tiny pipeline)",
                   "mid": "python -m train.mid", "sft": "python -m train.sft", "rl": "python -m train.rl"}
 COMMANDS = {"/help": "this list", "/clear": "start a new conversation", "/quit": "leave (also /exit or Ctrl-D)"}
 
 
-# ------------------------------------------------------------------------------------------------- flags
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`prog: error: ...`, exit code 2) instead of usage + error, and whose
-    help shows each default once (only where the help text does not describe it)."""
+    """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsOnce)
@@ -96,15 +92,13 @@ def device_type(text):
     return text
 
 
-# ------------------------------------------------------------------------------------------------- lengths
 def context_of(engine):
-    """The context a conversation may fill: what the model was trained on (its rotary tables reach further, its
-    skill does not)."""
+    """The context a conversation may fill: what the model was trained on (its rotary tables reach further)."""
     return min(engine.model.config.sequence_len, engine.max_context)
 
 
 def default_reserve(context):
-    """Room kept for an answer whose length was not given, when old turns have to go: a quarter of the context."""
+    """Room kept for an answer of unset length when old turns have to go: a quarter of the context."""
     return max(1, context // 4)
 
 
@@ -124,11 +118,8 @@ def fit_conversation(tokenizer, messages, context, reserve):
         rest, dropped = rest[nxt:], dropped + nxt
 
 
-# ------------------------------------------------------------------------------------------------- the model
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
-    if source not in TRAIN_COMMANDS:
-        raise ValueError(f"unknown source {source!r}: choose one of {', '.join(TRAIN_COMMANDS)}")
     if find_last_checkpoint(source, run) is None:
         where = f"{home_dir()}/checkpoints/{source}" + (f"/{run}" if run else "")
         raise SystemExit(f"no {source} checkpoint found under {where}.\nTrain one first: {TRAIN_COMMANDS[source]}"
@@ -167,8 +158,7 @@ def assistant_content(tokenizer, ids):
 
 
 def respond(engine, tokenizer, prompt, args):
-    """Stream the assistant's answer to `prompt` (ids) to stdout, at most args.max_tokens (None: the room the
-    context leaves); returns the message content (stop token dropped; a str, or parts if the python tool was used)."""
+    """Stream the answer to `prompt` (ids) to stdout, at most args.max_tokens (None: the room left) -> its content."""
     room = context_of(engine) - len(prompt)
     max_tokens = room if args.max_tokens is None else min(args.max_tokens, room)
     decoder = IncrementalDecoder(tokenizer)
@@ -182,8 +172,8 @@ def respond(engine, tokenizer, prompt, args):
 
 
 def _prompt_for(engine, tokenizer, messages, args):
-    """Fit the conversation into the context -> prompt ids, or None (after saying why) when its last message cannot
-    fit; dropped old turns are removed from `messages` and announced."""
+    """The conversation fit into the context -> prompt ids (dropped old turns leave `messages`, announced), or None
+    (said why) when its last message cannot fit."""
     context = context_of(engine)
     reserve = args.max_tokens if args.max_tokens is not None else default_reserve(context)
     prompt, dropped = fit_conversation(tokenizer, messages, context, reserve)

@@ -1,33 +1,21 @@
-"""Web chat UI + OpenAI-compatible API for a tritonchat checkpoint (FastAPI + uvicorn).
+"""Web chat UI + OpenAI-compatible API for a tritonchat checkpoint (FastAPI + uvicorn; make serve).
 
-    python -m model.server                          # newest SFT checkpoint, http://127.0.0.1:8000  (make serve)
-    python -m model.server --source rl --port 8080 --host 0.0.0.0 --kernels eager
+    python -m model.server --source rl --port 8080 --host 0.0.0.0   # default: the newest SFT, 127.0.0.1:8000
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(
         model="tritonchat", messages=[{"role": "user", "content": "Hi"}], stream=True)
 
-POST /v1/chat/completions: messages (roles system / developer (= system) / user / assistant; content a str or a list
-of {"type": "text", "text": ...} parts; the last message is the user's), temperature (0..2, 0 = greedy), max_tokens
-or max_completion_tokens (both given: they must agree), n (the samples share the prompt's prefilled KV pages), seed,
-stop (a string or a list of up to 4: the text ends before the first one, finish_reason "stop"; found across token
-boundaries, in streams too), stream (server-sent events in OpenAI's chat.completion.chunk format, then
-`data: [DONE]`), stream_options.include_usage. top_p is validated but IGNORED (the engine samples with temperature +
-top-k); top_k is an extension; other OpenAI fields (model, presence_penalty, ...) are ignored. The model's tool calls
-appear in the content as their literal markers (<|python_start|> ... <|python_end|> <|output_start|> ...).
-GET /v1/models, /v1/models/{id}, /health (the engine's load, the queue, the python tool's mode) and / (the chat
-page model/chat.html, like nanochat's ui.html, https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py).
-
-Lengths: the context is what the model was trained on; an unspecified max_tokens is the room the prompt leaves (at
-most --max-tokens-limit). A history too long loses its oldest turns (the system message and the last user message
-stay; the header X-Trimmed-Messages says how many went); a prompt that cannot fit even so is a 400
-(context_length_exceeded).
-
-Robustness: the body is read (within --body-timeout seconds, at most --max-body-bytes) and validated before the
-request takes a place: a stalled client gets 408 and holds nothing; a bad request gets a 4xx with OpenAI's error body
-{"error": {"message", "type", "param", "code"}}. Up to --max-concurrency requests generate at once (continuous
-batching: they join the Engine's running decode batch between steps), up to --max-queue more wait in arrival order,
-past that 429 with Retry-After. A client that goes away (streaming or not, queued or generating) cancels its request
-and frees its KV blocks. A failure while serving one request ends it alone (a 500, or an in-band error event in a
-stream), never the server or another request.
+POST /v1/chat/completions reads (ChatRequest) messages (developer = system; content a str or text parts; the last is
+the user's), temperature (0 = greedy), max_tokens or max_completion_tokens, n (samples sharing the prompt's KV pages),
+seed, stop (up to 4 strings, found across token boundaries), stream (SSE chunks, then `data: [DONE]`),
+stream_options.include_usage; top_p is validated but IGNORED, top_k is an extension, other fields are ignored; tool
+calls stay in the content as their literal markers. GET /v1/models[/{id}], /health and / (model/chat.html, like
+nanochat's https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py). An unset max_tokens is the room the
+prompt leaves in the trained context (at most --max-tokens-limit); a history too long loses its oldest turns (header
+X-Trimmed-Messages); a prompt that cannot fit is a 400 context_length_exceeded. The body is read (within
+--body-timeout, at most --max-body-bytes: else 408 / 413) and validated (else a 4xx with OpenAI's error body) before
+the request takes a place: up to --max-concurrency requests join the Engine's running decode batch, --max-queue more
+wait in arrival order, then 429 + Retry-After. A client that leaves cancels its request (its KV blocks freed); a
+failure ends its request alone (a 500, or an in-band error event).
 """
 import asyncio
 import html
@@ -68,8 +56,7 @@ class EngineError(RuntimeError):
 
 
 def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
-    """OpenAI's error body: type e.g. "invalid_request_error", param the offending request field, code a
-    machine-readable reason (e.g. "context_length_exceeded")."""
+    """OpenAI's error body: param the offending request field, code a reason such as "context_length_exceeded"."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
                         headers=headers)
 
@@ -86,7 +73,6 @@ class _ClientGone(Exception):
     """The client disconnected: nobody reads the answer."""
 
 
-# ------------------------------------------------------------------------------------------------- validation
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)  # JSON types as sent (no true for 1), no NaN
 
@@ -183,12 +169,10 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     elif max_tokens > room:
         raise APIError(400, f"prompt ({len(prompt)} tokens) + {key} ({max_tokens}) exceeds the context "
                             f"({max_context} tokens)", param=key, code="context_length_exceeded")
-    return ChatParams(prompt=prompt, temperature=1.0 if req.temperature is None else req.temperature,
-                      top_k=req.top_k, n=req.n or 1,
-                      seed=req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"),
-                      max_tokens=max_tokens, stream=bool(req.stream),
-                      include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                      stop=tuple(req.stop or ()), trimmed=trimmed)
+    seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
+    return ChatParams(prompt, 1.0 if req.temperature is None else req.temperature, req.top_k, req.n or 1, seed,
+                      max_tokens, bool(req.stream), bool(req.stream_options and req.stream_options.include_usage),
+                      tuple(req.stop or ()), trimmed)
 
 
 class _Choice:
@@ -197,8 +181,7 @@ class _Choice:
 
     def __init__(self, tokenizer, stops, stop_ids):
         self.decoder, self.stops, self.stop_ids = IncrementalDecoder(tokenizer), stops, stop_ids
-        self.pending = ""
-        self.hit = False  # a stop string was found: everything after it is dropped
+        self.pending, self.hit = "", False  # hit: a stop string was found, everything after it is dropped
 
     def _feed(self, text):
         if self.hit or not self.stops:
@@ -224,17 +207,16 @@ class _Choice:
 
     def finish_reason(self, reason):
         """OpenAI's finish_reason, given the engine's."""
-        if self.hit:
+        if self.hit or reason in ("stop", "cancelled"):
             return "stop"
-        return "length" if reason in (None, "length") else "stop" if reason in ("stop", "cancelled") else reason
+        return "length" if reason in (None, "length") else reason
 
 
-# ------------------------------------------------------------------------------------------------- generation
 class ChatService:
-    """Owns the engine (started here, stepping in its background thread) and the admission queue; turns validated
-    requests into completions / chunk streams. The limits are the largest values a request may ask for;
-    max_concurrency: requests generating at once; max_queue: requests waiting for a place (default 4 x
-    max_concurrency), beyond which 429; body_timeout: seconds a client has to send its whole body."""
+    """Owns the engine (stepping in its background thread) and the admission queue; turns validated requests into
+    completions / chunk streams. max_tokens_limit, max_n, max_body_bytes: the largest a request may ask for or send;
+    max_concurrency requests generate at once, max_queue (default 4 x max_concurrency) wait, more get 429;
+    body_timeout: seconds a client has to send its whole body."""
 
     def __init__(self, engine, tokenizer, model_name="tritonchat", max_concurrency=8, max_tokens_limit=1024,
                  max_n=8, max_body_bytes=1 << 20, max_queue=None, body_timeout=10.0):
@@ -258,9 +240,8 @@ class ChatService:
     def queued(self):
         return len(self.waiters)
 
-    # admission: max_concurrency places, a FIFO queue of max_queue in front of them, 429 past that
     def try_acquire(self):
-        """A place now -> _Slot, or None when all are taken (for tests and tools)."""
+        """A place now -> _Slot, or None when all are taken or others wait."""
         with self.lock:
             if self.in_flight < self.max_concurrency and not self.waiters:
                 self.in_flight += 1
@@ -270,8 +251,7 @@ class ChatService:
     async def acquire(self):
         """Wait for a place in arrival order -> _Slot; APIError(429) with Retry-After when the queue is full.
         Cancelling the wait (the client left) gives up the place in the queue."""
-        slot = self.try_acquire()
-        if slot is not None:
+        if slot := self.try_acquire():
             return slot
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -318,10 +298,6 @@ class ChatService:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    def cancel(self, job):
-        if not job.done:
-            self.engine.cancel(job)
-
     def _next(self, job):
         """Blocking: the job's next column, None at the end; raises if the engine died."""
         while True:
@@ -333,12 +309,12 @@ class ChatService:
                     raise EngineError("the engine stopped") from None
 
     async def columns(self, job):
-        """The job's (token_column, mask_column) steps, read without blocking the event loop; EngineError if the
-        engine failed it."""
+        """The job's (token_column, mask_column) steps, read off the event loop; EngineError if the engine failed it
+        (e.g. out of GPU memory)."""
         loop = asyncio.get_running_loop()
         while (item := await loop.run_in_executor(self.pool, self._next, job)) is not None:
             yield item
-        if job.error:  # the engine failed this request (e.g. out of GPU memory)
+        if job.error:
             raise EngineError(job.error)
 
     def health(self):
@@ -352,9 +328,7 @@ class _Slot:
     """One admitted request's place under max_concurrency; release() gives it back (once, however often called)."""
 
     def __init__(self, service):
-        self.service = service
-        self.held = True
-        self.t0 = time.monotonic()
+        self.service, self.held, self.t0 = service, True, time.monotonic()
 
     def release(self):
         with self.service.lock:
@@ -365,10 +339,8 @@ class _Slot:
         self.service._release()
 
 
-# ------------------------------------------------------------------------------------------------- the app
 def create_app(service):
     app = FastAPI(title="tritonchat", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
 
     @app.exception_handler(APIError)
     async def _api_error(request, e):
@@ -391,19 +363,18 @@ def create_app(service):
     async def health():
         return service.health()
 
-    def model_card():
-        return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "tritonchat"}
+    card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "tritonchat"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != service.model_name:
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {service.model_name!r}",
                            type_="not_found_error", param="model", code="model_not_found")
-        return model_card()
+        return card
 
     page = chat_page(service.model_name)
 
@@ -443,8 +414,7 @@ def _usage(params, job):
 
 
 async def _complete(s, params, meta):
-    """A non-streaming completion: wait for a place, generate, cut at stop strings -> the response body. Cancelled
-    (the client left), it gives up its place or its generation."""
+    """A non-streaming completion -> the response body; cancelled (the client left), it gives up its place or job."""
     slot = await s.acquire()
     job = None
     try:
@@ -455,10 +425,7 @@ async def _complete(s, params, meta):
             for i, t in enumerate(col):
                 texts[i] += choices[i].add(t)
     finally:
-        if job is not None:
-            _cleanup(s, job, slot)
-        else:
-            slot.release()
+        _cleanup(s, job, slot)
     return {**meta, "object": "chat.completion",
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i] + c.close()},
                          "logprobs": None, "finish_reason": c.finish_reason(job.finish_reasons[i])}
@@ -491,7 +458,8 @@ async def _disconnect(request):
 
 
 def _cleanup(service, job, slot):
-    service.cancel(job)  # no-op when finished; frees the KV blocks of an abandoned request
+    if job is not None and not job.done:  # an abandoned request: free its KV blocks
+        service.engine.cancel(job)
     slot.release()
 
 
@@ -525,8 +493,8 @@ async def _read_json(request, limit, timeout):
 
 async def _stream(s, job, slot, params, meta):
     """Server-sent events in OpenAI's chunk format: a role chunk per choice, content deltas, a finish chunk per
-    choice, an optional usage chunk, then [DONE]. The job is cancelled when the client goes (the response's
-    background task and this generator's cleanup)."""
+    choice, an optional usage chunk, then [DONE]. A client that leaves cancels the job (the background task and the
+    cleanup here)."""
     def chunk(choices, **extra):
         return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
@@ -535,9 +503,8 @@ async def _stream(s, job, slot, params, meta):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(params.n)])
         async for col, _ in s.columns(job):
-            texts = [(i, c.add(t)) for i, (c, t) in enumerate(zip(choices, col))]
             out = [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                   for i, text in texts if text]
+                   for i, text in enumerate(c.add(t) for c, t in zip(choices, col)) if text]
             if out:
                 yield chunk(out)
         for i, c in enumerate(choices):
@@ -555,23 +522,9 @@ async def _stream(s, job, slot, params, meta):
 
 
 def chat_page(model_name="tritonchat"):
-    """The web chat page, model/chat.html read from the package (a source checkout or an install alike), with the
-    model's name HTML-escaped into it."""
+    """model/chat.html read from the package (a checkout or an install alike), the model's name HTML-escaped in."""
     page = importlib.resources.files(__package__ or "model").joinpath("chat.html").read_text(encoding="utf-8")
     return page.replace("__MODEL__", html.escape(model_name, quote=True))
-
-
-def _listen(host, port):
-    """A bound, listening socket for (host, port); OSError if the address cannot be had."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def main(argv=None):
@@ -593,16 +546,17 @@ def main(argv=None):
     kernels.add_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_mode(args.kernels)
+    v6 = ":" in args.host
     try:  # before the slow model load: a bad address is a one-line error, not a traceback after a banner
-        sock = _listen(args.host, args.port)
-    except (OSError, OverflowError) as e:
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if v6 else socket.AF_INET,
+                                    backlog=2048, dualstack_ipv6=v6)
+    except (OSError, OverflowError, ValueError) as e:
         parser.error(f"argument --host/--port: cannot listen on {args.host}:{args.port}: {e}")
 
     model, tokenizer, meta = load_chat_model(args.source, args.device, args.run)
-    service = ChatService(Engine(model, tokenizer), tokenizer, model_name=f"tritonchat-{args.source}",
-                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                          max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+    limits = ("max_concurrency", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "body_timeout")
+    service = ChatService(Engine(model, tokenizer), tokenizer, f"tritonchat-{args.source}",
+                          **{k: getattr(args, k) for k in limits})
     import uvicorn  # only the server process needs it; importing this module (tests, tools) does not
     print(f"tritonchat-{args.source} (step {meta.get('step')}, kernels {kernels.get_mode()}, continuous batching, "
           f"context {service.max_context}) on http://{args.host}:{args.port}\n{sandbox.jail_status().banner}",
