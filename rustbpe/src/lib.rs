@@ -1,20 +1,17 @@
 //! rustbpe: a fast byte-level BPE trainer for tritonchat, in the spirit of nanochat's rustbpe.
 //!
-//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings; per batch, with the GIL released,
-//!    rayon splits every text with the GPT-4 pattern (numbers in groups of 1-2, as nanochat) and counts the chunks.
-//!    The default pattern runs through a hand-written scanner (`gpt4_chunk_end`), equivalent to the regex (tests
-//!    compare both on random Unicode) and several times faster than fancy-regex, which splits any other pattern.
-//! 2. Count pairs once: every unique chunk becomes a word (its bytes as ids 0..255); adjacent pairs are counted in
-//!    parallel, weighted by the chunk count, remembering for every pair the words that contain it.
-//! 3. Merge incrementally: a max-heap of (count, pair) with lazy invalidation (a popped entry whose count is stale is
-//!    pushed back with the current one). Merging pair p only rewrites the words listed for p and applies the exact
-//!    pair-count deltas (-1 per pair destroyed, +1 per pair created, times the word's count): no recounting.
-//!
-//! Tie-break (the pure-Python reference trainer in tests/test_rustbpe.py follows it): the highest count wins, then the
-//! smallest pair (left, right). Lazy invalidation is exact: a pair's count only grows in the merge that creates one of
-//! its tokens, after which it is pushed with its final count, so every entry is an upper bound of its pair's count and
-//! one that is current when popped is a true maximum. Counting is a commutative sum and the merge loop sequential, so
-//! the result depends neither on the number of threads nor on hash-map order.
+//! 1. Split: the Python iterator is streamed in batches of `buffer_size` strings; rayon splits every text (GIL
+//!    released) with the GPT-4 pattern (numbers in groups of 1-2, as nanochat) and counts the chunks. The default
+//!    pattern runs through a hand-written scanner, equal to the regex (tests compare both on random Unicode) and
+//!    several times faster than fancy-regex, which splits any other pattern.
+//! 2. Every unique chunk becomes a word (its bytes as ids 0..255); adjacent pairs are counted once, in parallel,
+//!    weighted by the chunk count, remembering for every pair the words that hold it.
+//! 3. Merge incrementally: a max-heap of (count, pair) with lazy invalidation. Merging pair p only rewrites the words
+//!    listed for p and applies the exact pair-count deltas (-1 per pair destroyed, +1 per pair created, times the
+//!    word's count). Exact because a pair's count only grows in the merge that creates one of its tokens, after which
+//!    it is pushed with its final count: every entry is an upper bound, and one that is current when popped is a
+//!    true maximum. Ties: the highest count wins, then the smallest pair (left, right), as the Python reference in
+//!    tests/test_rustbpe.py; the result depends neither on the number of threads nor on hash-map order.
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -76,49 +73,36 @@ fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, deltas: &mut Vec<(Pai
 
 /// The BPE merge loop over unique words with counts. Returns the merges in order (merge k creates id 256 + k).
 fn train_merges(words: &mut [Vec<u32>], counts: &[i64], num_merges: usize) -> Vec<Pair> {
-    // One parallel pass: pair counts and, for each pair, the words that contain it (word ids in increasing order:
-    // each fold covers a contiguous, ordered range of words and the reduce keeps the ranges in order).
-    let (mut pair_counts, pair_words) = words
+    // One parallel pass: each pair's count and the words that hold it (in increasing order: each fold covers a
+    // contiguous, ordered range of words and the reduce keeps the ranges in order).
+    let pairs = words
         .par_iter()
         .enumerate()
-        .fold(
-            || (AHashMap::<Pair, i64>::new(), AHashMap::<Pair, Vec<u32>>::new()),
-            |(mut pc, mut pw), (w, ids)| {
-                for win in ids.windows(2) {
-                    let p = (win[0], win[1]);
-                    *pc.entry(p).or_insert(0) += counts[w];
-                    let list = pw.entry(p).or_default();
-                    if list.last() != Some(&(w as u32)) {
-                        list.push(w as u32);
-                    }
+        .fold(AHashMap::<Pair, (i64, Vec<u32>)>::new, |mut m, (w, ids)| {
+            for win in ids.windows(2) {
+                let (count, list) = m.entry((win[0], win[1])).or_default();
+                *count += counts[w];
+                if list.last() != Some(&(w as u32)) {
+                    list.push(w as u32);
                 }
-                (pc, pw)
-            },
-        )
-        .reduce(
-            || (AHashMap::new(), AHashMap::new()),
-            |(mut pc, mut pw), (pc2, pw2)| {
-                for (p, c) in pc2 {
-                    *pc.entry(p).or_insert(0) += c;
-                }
-                for (p, list) in pw2 {
-                    pw.entry(p).or_default().extend(list);
-                }
-                (pc, pw)
-            },
-        );
-    let mut heap: BinaryHeap<Entry> = pair_words
-        .into_iter()
-        .map(|(pair, words)| Entry { count: pair_counts[&pair], pair: Reverse(pair), words })
-        .collect();
+            }
+            m
+        })
+        .reduce(AHashMap::new, |mut m, m2| {
+            for (p, (c, list)) in m2 {
+                let (count, words) = m.entry(p).or_default();
+                *count += c;
+                words.extend(list);
+            }
+            m
+        });
+    let mut heap: BinaryHeap<Entry> =
+        pairs.into_iter().map(|(pair, (count, words))| Entry { count, pair: Reverse(pair), words }).collect();
+    let mut pair_counts: AHashMap<Pair, i64> = heap.iter().map(|e| (e.pair.0, e.count)).collect();
 
     let mut merges: Vec<Pair> = Vec::with_capacity(num_merges);
     let mut deltas: Vec<(Pair, i64)> = Vec::new();
-    while merges.len() < num_merges {
-        let mut top = match heap.pop() {
-            Some(top) => top,
-            None => break,
-        };
+    while let Some(mut top) = heap.pop().filter(|_| merges.len() < num_merges) {
         let pair = top.pair.0;
         // Every entry is pushed with a count > 0; a lower current count is stale: re-queue it (or drop the pair).
         let current = pair_counts.get(&pair).copied().unwrap_or(0);
@@ -194,9 +178,7 @@ impl Classes {
             }
         }
         let mut c = Classes { ranges: [r"\p{L}", r"\p{N}", r"\s"].map(class_ranges), folds, ascii: [0; 128] };
-        for b in 0..128u8 {
-            c.ascii[b as usize] = c.slow_flags(b as char);
-        }
+        c.ascii = std::array::from_fn(|b| c.slow_flags(b as u8 as char));
         c
     }
 
@@ -208,11 +190,7 @@ impl Classes {
 
     #[inline]
     fn flags(&self, ch: char) -> u8 {
-        if (ch as u32) < 128 {
-            self.ascii[ch as usize]
-        } else {
-            self.slow_flags(ch)
-        }
+        self.ascii.get(ch as usize).copied().unwrap_or_else(|| self.slow_flags(ch))
     }
 
     /// The ASCII letter of (?i:[sdmtlvre]) that `ch` matches, or '\0'.
@@ -229,10 +207,7 @@ fn char_at(text: &str, i: usize) -> Option<char> {
 /// The end of the run of characters from byte `i` whose flags satisfy `keep`.
 #[inline]
 fn run_end(cl: &Classes, text: &str, mut i: usize, keep: impl Fn(u8) -> bool) -> usize {
-    while let Some(ch) = char_at(text, i) {
-        if !keep(cl.flags(ch)) {
-            break;
-        }
+    while let Some(ch) = char_at(text, i).filter(|&ch| keep(cl.flags(ch))) {
         i += ch.len_utf8();
     }
     i
@@ -267,38 +242,22 @@ fn gpt4_chunk_end(cl: &Classes, text: &str, pos: usize) -> usize {
     }
     // 3. one or two numbers
     if fc & NUM != 0 {
-        return match c1 {
-            Some(ch) if cl.flags(ch) & NUM != 0 => after_c + ch.len_utf8(),
-            _ => after_c,
-        };
+        return after_c + c1.filter(|&ch| cl.flags(ch) & NUM != 0).map_or(0, char::len_utf8);
     }
     // 4. an optional space, other characters (possessive), then CR/LF
     let other = |f: u8| f & (LET | NUM | SPC) == 0;
-    let start = if other(fc) {
-        Some(pos)
-    } else if c == ' ' && f1.map_or(false, other) {
-        Some(after_c)
-    } else {
-        None
-    };
-    if let Some(start) = start {
-        let i = run_end(cl, text, start, other);
+    if other(fc) || (c == ' ' && f1.map_or(false, other)) {
+        let i = run_end(cl, text, if c == ' ' { after_c } else { pos }, other);
         return i + text[i..].bytes().take_while(|&b| b == b'\r' || b == b'\n').count();
     }
     // 5-7. c is whitespace: scan its run, remembering the last CR/LF and the start of the last character
     let (mut i, mut last_crlf, mut last_start) = (pos, None, pos);
-    while let Some(ch) = char_at(text, i) {
-        if cl.flags(ch) & SPC == 0 {
-            break;
-        }
+    while let Some(ch) = char_at(text, i).filter(|&ch| cl.flags(ch) & SPC != 0) {
         last_start = i;
         i += ch.len_utf8();
         if ch == '\r' || ch == '\n' {
             last_crlf = Some(i);
         }
-    }
-    if i == pos {
-        return after_c; // unreachable for this pattern; never loop forever
     }
     if let Some(end) = last_crlf {
         return end; // 5. \s*[\r\n]: up to the last CR/LF of the run
@@ -480,8 +439,7 @@ impl Tokenizer {
     fn get_mergeable_ranks(&self, py: Python<'_>) -> Vec<(PyObject, u32)> {
         let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         for &(a, b) in &self.merges {
-            let token = [vocab[a as usize].as_slice(), vocab[b as usize].as_slice()].concat();
-            vocab.push(token);
+            vocab.push([vocab[a as usize].as_slice(), vocab[b as usize].as_slice()].concat());
         }
         vocab.iter().enumerate().map(|(i, b)| (PyBytes::new(py, b).into(), i as u32)).collect()
     }
