@@ -3,21 +3,13 @@ continuous batching (nanochat's engine, https://github.com/karpathy/nanochat/blo
 
 A step prefills the waiting requests (one right-padded batch of what each prompt does not find in the prefix cache),
 then decodes one token for every running sequence. A prompt's num_samples continuations fork from one prefill and
-share its pages; full pages outlive their request in the prefix cache (prefix_caching=False: off). Sampling:
-temperature (0 = greedy), top-k, a torch.Generator per request (seed), so a request's samples do not depend on the
-batch. A sample ends on Engine.stop_ids (<|assistant_end|>, <|bos|>), after the token that completes a `stop` string
-in its decoded text, or at max_tokens. Tool use: code between <|python_start|> and <|python_end|> runs in
-model.sandbox.run_tool_call's jail, synchronously in the step; its answer (a failed call: stdout + "Error: <reason>")
-is forced, one token a step, as <|output_start|> answer <|output_end|> with mask 0.
-
-    for tokens, masks in engine.generate(ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
-        ...  # a column per step, an entry per sample (None once it finished); the stop token is yielded
-    seqs, masks = engine.generate_batch(ids, num_samples=4)  # prompt + completion without the stop token
-    req = engine.submit(ids, stop=None)  # stepped by engine.step(), or a thread: engine.start() ... engine.stop()
-    for tokens, masks in req.stream(): ...  # then req.completions, .error, .stopped_by, .finish_reasons
-
-One request's failure (its sampling, tool call, stop check, or its forward: a failed batched forward is retried
-request by request) ends it with "error", never another.
+share its pages; full pages outlive their request in the prefix cache. Sampling: temperature (0 = greedy), top-k, a
+torch.Generator per request (seed), so a request's samples do not depend on the batch. A sample ends on
+Engine.stop_ids (<|assistant_end|>, <|bos|>), after the token that completes a `stop` string in its decoded text, or
+at max_tokens. Tool use: code between <|python_start|> and <|python_end|> runs in model.sandbox.run_tool_call's jail,
+synchronously in the step; its answer (a failed call: stdout + "Error: <reason>") is forced, one token a step, as
+<|output_start|> answer <|output_end|> with mask 0. One request's failure (its sampling, tool call, stop check, or
+its forward: a failed batched forward is retried request by request) ends it with "error", never another.
 """
 import math
 import queue
@@ -33,12 +25,10 @@ from model import sandbox
 from model.kv_cache import DecodeGraphs, PagedKVCache
 from model.tokenizer import IncrementalDecoder
 
-# Below this, sampling is greedy: logits / temperature would overflow fp32 (inf - inf = NaN in the softmax).
-MIN_TEMPERATURE = 1e-5
-
 
 class Request:
-    """One prompt with num_samples continuations. Filled in by the engine; read from any thread."""
+    """One prompt with num_samples continuations, filled in by the engine, read from any thread: then .completions,
+    .completion_masks (1 sampled, 0 forced), .finish_reasons ("stop" | "length" | "cancelled" | "error"), .error."""
 
     def __init__(self, prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop=()):
         self.prompt, self.num_samples, self.max_tokens = list(prompt_ids), num_samples, max_tokens
@@ -47,12 +37,11 @@ class Request:
         self.stopped_by = [None] * num_samples                    # the stop string that ended each sample
         self.texts = None                                         # per sample: (IncrementalDecoder, recent text)
         self.completions = [[] for _ in range(num_samples)]       # generated tokens (incl. forced, incl. stop)
-        self.completion_masks = [[] for _ in range(num_samples)]  # 1 sampled, 0 forced
+        self.completion_masks = [[] for _ in range(num_samples)]
         self.finish_reasons = [None] * num_samples
         self.done = self.cancelled = False
-        self.error = None                                         # why it ended with "error" (exception text)
+        self.error = self.generator = None                        # exception text; torch.Generator at admission
         self.events = queue.Queue()                               # (tokens, masks) columns, then None
-        self.generator = None                                     # torch.Generator seeded at admission
         self.seqs = []                                            # one _Sequence per sample, once admitted
 
     def stream(self, timeout=None, step=None):
@@ -68,19 +57,14 @@ class Request:
 
 
 class _Sequence:
-    """One running sample of a request: its tokens, its block table and its tool-call state."""
+    """Sample `index` of `req`: prompt + completion `tokens`, its block table, the num_cached tokens whose k/v are in
+    the cache, its dense row (eager decode), its tool-call state."""
 
-    def __init__(self, req, index, tokens, blocks, num_cached):
-        self.req = req
-        self.index = index              # which of req's samples
-        self.tokens = tokens            # prompt + completion so far
-        self.blocks = blocks            # block table in the cache
-        self.num_cached = num_cached    # tokens whose k/v are in the cache
-        self.row = None                 # its dense row in the cache (the eager decode path)
-        self.forced = deque()           # tool output still to be forced, one token per step
-        self.in_python = False          # inside <|python_start|> ... <|python_end|>
-        self.python_tokens = []         # the tool call's tokens so far
-        self.done = False
+    def __init__(self, req, index, tokens, blocks, num_cached, row):
+        self.req, self.index, self.tokens, self.blocks, self.num_cached = req, index, tokens, blocks, num_cached
+        self.row, self.done = row, False
+        self.forced = deque()                           # tool output still to be forced, one token per step
+        self.in_python, self.python_tokens = False, []  # inside <|python_start|> ... <|python_end|>; its tokens
 
 
 class Engine:
@@ -193,7 +177,7 @@ class Engine:
                     # A request's own failure ends it alone inside step(); what gets here is an engine bug: fail
                     # what is in flight rather than leave clients waiting on a dead loop.
                     traceback.print_exc()
-                    self._fail_all(f"{type(e).__name__}: {e}")
+                    self._fail_all(e)
 
         self.thread = threading.Thread(target=loop, name="engine", daemon=True)
         self.thread.start()
@@ -295,12 +279,10 @@ class Engine:
             n = len(r.prompt)
             cache.insert_prefix(r.prompt, prefix[i], n)  # its full blocks serve later requests from now on
             r.generator = torch.Generator(device=dev).manual_seed(r.seed)
-            # Fork: sample 0 owns the prefix blocks, the others share them (refcount); COW on the first write.
-            for s in range(r.num_samples):
-                for b in prefix[i] if s > 0 else ():
-                    cache.incref(b)
-                r.seqs.append(_Sequence(r, s, list(r.prompt), prefix[i] if s == 0 else list(prefix[i]), n))
-                r.seqs[-1].row = cache.open_row()
+            for b in prefix[i] * (r.num_samples - 1):  # sample 0 owns the blocks, the others share them (COW)
+                cache.incref(b)
+            r.seqs += [_Sequence(r, s, list(r.prompt), prefix[i] if s == 0 else list(prefix[i]), n, cache.open_row())
+                       for s in range(r.num_samples)]
             self.running.append(r)
             try:
                 self._emit(r, r.seqs, self._sample(last[i:i + 1].expand(r.num_samples, -1), r).tolist())
@@ -357,7 +339,7 @@ class Engine:
 
     def _sample(self, logits, req):
         """logits (n, V) fp32 -> n token ids (a tensor), with the request's own generator."""
-        if req.temperature < MIN_TEMPERATURE:
+        if req.temperature < 1e-5:  # greedy: logits / temperature would overflow fp32 (inf - inf = NaN)
             return logits.argmax(-1)
         logits = logits.float()
         if req.top_k is not None and req.top_k < logits.shape[-1]:
@@ -440,14 +422,12 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
 
-    def _fail_all(self, error):
+    def _fail_all(self, e):
         with self.lock:
             with self.cond:
-                reqs = list(self.running) + list(self.waiting)
-                self.waiting = deque()
+                reqs, self.waiting = list(self.running) + list(self.waiting), deque()
             for req in reqs:
-                req.error = error
-                self._finish_request(req, "error")
+                self._fail(req, e)
 
     def _reap(self):
         """Drop cancelled requests (running or waiting) and return their blocks."""

@@ -1,20 +1,15 @@
-"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence, with a
-prefix cache across requests and, for eager decode, a dense row per running sequence.
+"""Paged KV cache: one pool of fixed-size pages ("blocks") for all layers, shared by every running sequence.
 
-Pages (vLLM's PagedAttention, https://arxiv.org/abs/2309.06180): k and v are (n_layer, num_blocks, block_size,
-n_kv_head, head_dim), with a free list and a refcount per block; block j of a sequence's block table holds its tokens
-j*block_size ... (j+1)*block_size - 1. Samples forked from one prompt share its blocks, copied on the first write
-(copy-on-write); the pool doubles when it runs dry.
-Prefix cache (SGLang's RadixAttention, https://arxiv.org/abs/2312.07104, at block granularity): full blocks in a tree
-keyed by their tokens; a request gets the blocks of its longest cached prefix and prefills only the rest. A cached
-block at refcount 0 is evictable: allocation takes free blocks, then the least recently used evictable leaf, then
-grows the pool.
-Dense rows: each running sequence also has a row of a (n_layer, rows, n_kv_head, row_len, head_dim) tensor
-(nanochat's layout, read by SDPA without a copy), so that an eager decode step writes its k/v there and runs one SDPA
-per layer over rows[:n] instead of gathering every page; rows are flushed into the pages before these are read.
-The model calls `cache.attend(layer_idx, q, k, v)` (raw q/k/v) inside `with cache.planned(plan): ...`: a PrefillPlan
-(fused: kernels.attention.attention + write_kv; eager or after a cached prefix: SDPA) or a DecodePlan (eager: SDPA
-over the rows; fused: rope_norm_write_kv + paged_decode_attention over the pages).
+Pages (vLLM's PagedAttention, https://arxiv.org/abs/2309.06180): k and v (n_layer, num_blocks, block_size, n_kv_head,
+head_dim), a free list and a refcount per block; block j of a sequence's table holds its tokens j*block_size ...
+Forked samples share blocks, copied on the first write; the pool doubles when it runs dry.
+Prefix cache (SGLang's RadixAttention, https://arxiv.org/abs/2312.07104, per block): full blocks in a tree keyed by
+their tokens; a request reuses its longest cached prefix. Cached blocks at refcount 0 are evictable: allocation takes
+free blocks, then the least recently used evictable leaf, then grows the pool.
+Dense rows (eager decode): each running sequence also has a row of a (n_layer, rows, n_kv_head, row_len, head_dim)
+tensor (nanochat's layout, read by SDPA without gathering pages); an eager step writes k/v there, runs one SDPA per
+layer over rows[:n], and the rows are flushed into the pages before these are read.
+The model calls `cache.attend(layer_idx, q, k, v)` inside `with cache.planned(plan):` (a PrefillPlan or DecodePlan).
 """
 import contextlib
 import heapq
@@ -93,8 +88,7 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache: block_size must be 16, 32 or 64, got {block_size}")
         self.block_size = block_size
         shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
         self.cos, self.sin = cos, sin

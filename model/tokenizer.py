@@ -1,20 +1,14 @@
 """The tritonchat tokenizer: byte-level BPE trained by `rustbpe` (Rust), encoded and decoded by `tiktoken`.
 
-    tok = Tokenizer.train(texts, vocab_size=65536)      # rustbpe: GPT-4 split pattern, numbers in 1-2 digit groups
-    tok.save(dir); tok = Tokenizer.load(dir)            # tokenizer.tiktoken (base64 token + rank) + tokenizer.json
-    tok = get_tokenizer()                               # loads $TRITONCHAT_HOME/tokenizer (python -m train.tokenizer)
-    ids = tok.encode("hello", prepend="<|bos|>")        # or a list of texts -> list of lists, encoded in threads
-    ids, mask = tok.render_conversation(conversation)   # chat format with the loss mask (1 = learn this token)
-
-Vocabulary: ids 0..255 are the raw bytes, then the learned merges in order (rank = id), then the 9 special tokens.
-`vocab_size` counts all of them: `Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the corpus
-runs out of pairs: check `tok.vocab_size`).
-
+Vocabulary: ids 0..255 are the raw bytes, then the learned merges in order (rank = id), then the 9 special tokens;
+`Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the corpus runs out of pairs: check
+`tok.vocab_size`). Saved as tokenizer.tiktoken (base64 token + rank) + tokenizer.json; get_tokenizer() loads
+$TRITONCHAT_HOME/tokenizer (written by `python -m train.tokenizer`).
 Chat format (as nanochat): <|bos|> then per turn <|user_start|> text <|user_end|> or <|assistant_start|> parts
 <|assistant_end|>; an assistant part is plain text, a tool call <|python_start|> code <|python_end|>, or the tool's
-answer <|output_start|> output <|output_end|>. A system message (only first) is merged into the first user message.
-Mask: 1 on every assistant token the model must produce (text, python calls with their delimiters, <|assistant_end|>),
-0 on <|assistant_start|>, on tool outputs with their delimiters (the engine forces those), and on everything else.
+answer <|output_start|> output <|output_end|>; a system message is merged into the first user message. The loss mask
+is 1 on what the model must produce (assistant text, python calls with their delimiters, <|assistant_end|>), 0 on
+<|assistant_start|>, on tool outputs with their delimiters (the engine forces those) and on everything else.
 """
 import base64
 import copy
@@ -41,19 +35,16 @@ class Tokenizer:
         n = len(mergeable_ranks)
         if sorted(mergeable_ranks.values()) != list(range(n)) or n < 256:
             raise ValueError(f"mergeable ranks must be the ids 0..n-1 with n >= 256 (got {n} ranks)")
-        self.pattern = pattern
-        self.mergeable_ranks = mergeable_ranks
+        self.pattern, self.mergeable_ranks = pattern, mergeable_ranks
         self.special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(name="tritonchat", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.bos_token_id = self.special_tokens["<|bos|>"]
 
-    # ---------------------------------------------------------------------------------------------- train/save/load
     @classmethod
     def train(cls, texts, vocab_size, pattern=None, num_threads=None, buffer_size=8192):
         """Train with rustbpe on an iterable of str. vocab_size includes the 256 bytes and the 9 special tokens."""
         import tritonchat_rustbpe as rustbpe  # the Rust trainer in rustbpe/, built by `make install` (maturin)
-
         if isinstance(texts, str):
             raise TypeError("Tokenizer.train expects an iterable of str (documents), not one str")
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -80,8 +71,8 @@ class Tokenizer:
     @classmethod
     def load(cls, directory):
         ranks_path, meta_path = os.path.join(directory, RANKS_FILE), os.path.join(directory, META_FILE)
-        for name in (RANKS_FILE, META_FILE):
-            if not os.path.exists(os.path.join(directory, name)):
+        for name, path in ((RANKS_FILE, ranks_path), (META_FILE, meta_path)):
+            if not os.path.exists(path):
                 raise FileNotFoundError(f"no tokenizer at {directory} ({name} missing); "
                                         f"train one with `python -m train.tokenizer`")
         with open(meta_path) as f:
@@ -103,7 +94,6 @@ class Tokenizer:
                              f"{tok.special_tokens}")
         return tok
 
-    # ------------------------------------------------------------------------------------------------ encode/decode
     @property
     def vocab_size(self):
         return self.enc.n_vocab
@@ -138,16 +128,13 @@ class Tokenizer:
         special = set(self.special_tokens.values())
         return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
 
-    # ------------------------------------------------------------------------------------------------ conversations
     def render_conversation(self, conversation, max_tokens=2048):
         """-> (ids, mask), both lists of the same length, truncated to max_tokens (None: no limit)."""
-        ids, mask = [self.bos_token_id], [0]
+        ids, mask, sp = [self.bos_token_id], [0], self.special_tokens
 
         def add(tokens, m):
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
-
-        sp = self.special_tokens
         # part type -> (tokens before, tokens after, mask); python_output is the tool's, forced by the engine
         wrap = {"text": ([], [], 1), "python": ([sp["<|python_start|>"]], [sp["<|python_end|>"]], 1),
                 "python_output": ([sp["<|output_start|>"]], [sp["<|output_end|>"]], 0)}
@@ -177,12 +164,10 @@ class Tokenizer:
 
 
 def conversation_messages(conversation):
-    """What render_conversation and render_for_completion require of a conversation, checked -> its messages with a
-    leading system message merged into the first user message. ValueError naming the message (and part) otherwise:
-    a dict {"messages": [...]} of at least one message; each message a dict with "role" in (system, user, assistant)
-    and "content" a str or a list of parts {"type": text | python | python_output, "text": str} (only assistant
-    messages hold python / python_output parts); a system message only first and followed by a user message; then
-    turns alternating user, assistant, user, ... Needs no tokenizer: task loaders check their rows with it."""
+    """A conversation {"messages": [{"role": system | user | assistant, "content": str or [{"type": text | python |
+    python_output, "text": str}]}]} checked (python parts: assistant only; a system message only first; turns
+    alternate user, assistant, ...) -> its messages, a system message merged into the first user message.
+    ValueError naming the message (and part). Needs no tokenizer: task loaders check their rows with it."""
     if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
         keys = f" with keys {list(conversation)}" if isinstance(conversation, dict) else ""
         raise ValueError(f'a conversation must be a dict {{"messages": [...]}}, got {type(conversation).__name__}'
@@ -234,26 +219,18 @@ def get_tokenizer(directory=None):
 
 
 class IncrementalDecoder:
-    """Token ids in, text out, one token at a time, for streaming: a token can end in the middle of a multi-byte
-    UTF-8 character, so text is only handed out once its characters are complete.
-
-        decoder = IncrementalDecoder(tokenizer)
-        for t in ids:
-            out.write(decoder.add(t))  # "" while a character is incomplete
-        out.write(decoder.flush())     # the rest; an incomplete character at the very end becomes U+FFFD
-
-    `decoder.ids` holds every id added. The tokenizer needs only decode(ids) -> str (undecodable bytes as U+FFFD)."""
+    """Token ids in, text out, one token at a time, for streaming: text is handed out once its UTF-8 characters are
+    complete (add(t) -> "" while one is not; flush() -> the rest, an incomplete character as U+FFFD). `ids` holds
+    every id added; the tokenizer needs only decode(ids) -> str (undecodable bytes as U+FFFD)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
-        self.sent = 0  # characters of the decoded text already handed out
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0  # sent: characters already handed out
 
     def add(self, token):
         """Append one token id; returns the newly completed text (possibly "")."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        # a trailing U+FFFD may be a character still missing bytes: wait for the next token
-        return "" if text.endswith("\ufffd") else self._take(text)
+        return "" if text.endswith("\ufffd") else self._take(text)  # U+FFFD: maybe a character missing bytes
 
     def flush(self):
         """Everything not yet handed out, incomplete characters included."""
