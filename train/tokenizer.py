@@ -3,10 +3,9 @@
     python -m train.tokenizer                                  # vocab 65536 on the embedded Shakespeare corpus
     python -m train.tokenizer --vocab-size 4096 --max-chars 1000000
 
-Corpus: train/data.py's `load_corpus("train")`, documents capped at --doc-cap characters, stopped after --max-chars
-(as nanochat does with 2 B characters of FineWeb-Edu); held-out: `load_corpus("val")`. Saves to
-$TRITONCHAT_HOME/tokenizer (or --out) and prints bytes per token; the printed vocab size is the real one (a small
-corpus can run out of pairs first). Single process (rustbpe uses every core); under torchrun only rank 0 calls it.
+Corpus: `load_corpus("train")`, documents capped at --doc-cap characters, stopped after --max-chars (nanochat: 2 B
+characters of FineWeb-Edu); held-out: `load_corpus("val")`. The printed vocab size is the real one (a small corpus
+can run out of pairs first). Single process (rustbpe uses every core); under torchrun only rank 0 calls it.
 """
 import argparse
 import os
@@ -26,11 +25,9 @@ def capped_docs(docs, max_chars=None, doc_cap=10_000):
     """Yield documents cut to doc_cap characters until max_chars characters were yielded in total."""
     total = 0
     for doc in docs:
-        doc = doc[:doc_cap]
-        if max_chars is not None:
-            if total >= max_chars:
-                return
-            doc = doc[:max_chars - total]
+        if max_chars is not None and total >= max_chars:
+            return
+        doc = doc[:doc_cap][:None if max_chars is None else max_chars - total]
         total += len(doc)
         yield doc
 
