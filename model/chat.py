@@ -32,8 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _DefaultsOnce)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, formatter_class=_DefaultsOnce, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -46,31 +45,26 @@ class _DefaultsOnce(argparse.HelpFormatter):
         return text if described else text + " (default: %(default)s)"
 
 
-def int_at_least(lo, hi=None):
-    """argparse type: an int in [lo, hi]."""
+def _bounded(cast, what, lo, hi, bounds):
     def parse(text):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not lo <= value <= hi:  # nan fails it too
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value if cast is int else text}")
         return value
     return parse
+
+
+def int_at_least(lo, hi=math.inf):
+    """argparse type: an int in [lo, hi]."""
+    return _bounded(int, "an integer", lo, hi, f">= {lo}" if hi == math.inf else f"between {lo} and {hi}")
 
 
 def float_between(lo, hi):
     """argparse type: a finite float in [lo, hi] (nan / inf refused)."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be a finite number between {lo:g} and {hi:g}, got {text}")
-        return value
-    return parse
+    return _bounded(float, "a number", lo, hi, f"a finite number between {lo:g} and {hi:g}")
 
 
 def device_type(text):

@@ -1,27 +1,19 @@
 """Run untrusted Python (model tool calls, HumanEval solutions) inside an OS jail, or not at all.
 
-    r = run_python("print(6 * 7)", timeout=5.0, memory_mb=256)
-    r.success, r.stdout, r.error, r.timed_out, r.jail      # True, "42\\n", None, False, "bwrap"
-    run_tool_call("6 * 7")                                  # "42": exactly what a Python REPL shows
-    jail_status().banner                                    # one line saying how the tool runs here
+    r = run_python("print(6 * 7)", timeout=5.0, memory_mb=256)  # r.success, r.stdout == "42\\n", r.jail == "bwrap"
+    run_tool_call("6 * 7")                                        # "42": exactly what a Python REPL shows
+    jail_status().banner                                          # one line saying how the tool runs here
 
-Every call gets a fresh jail:
-1. bubblewrap, started unprivileged (uid/gid 65534 when we are root): new user (65534 inside, no capabilities, no
-   nested user namespaces, no_new_privs), PID, network (no interfaces), IPC, UTS and cgroup namespaces. Its root holds
-   read-only nosuid binds of /usr (+ /bin, /lib, ... links) and the Python install, its own /proc, a read-only minimal
-   /dev and a TEMP_QUOTA-byte tmpfs /tmp (the only writable path): no home, repository, /etc or outside process. The
-   jail's PID 1 dies with the call (--die-with-parent covers a killed caller). A seccomp filter (x86_64, aarch64)
-   answers EPERM to ptrace, process_vm_*, keyctl, bpf, userfaultfd, io_uring, mount, unshare, setns, modules, ...
-2. Limits set by the trusted bootstrap before user code: RLIMIT_CPU (timeout + 1 s), RLIMIT_AS (memory_mb), RLIMIT_FSIZE
-   (16 MiB), RLIMIT_NPROC, RLIMIT_NOFILE, no core dumps; in the parent a wall-clock timeout and an output cap
-   (`max_output` bytes per stream, read incrementally), then the process group is killed.
+Every call gets a fresh jail, in three layers:
+1. bubblewrap (_bwrap_args), started unprivileged: new user (uid 65534, no capabilities, no nested user namespaces),
+   PID, network, IPC, UTS and cgroup namespaces; read-only binds of /usr and the Python install, a TEMP_QUOTA tmpfs /tmp
+   as the only writable path; killing the jail's PID 1 ends every process in it; a seccomp filter (seccomp_program).
+2. rlimits (CPU, address space, file size, processes, fds, no core) set by the trusted bootstrap before user code; in
+   the parent a wall-clock timeout and a `max_output` cap per stream, then the process group is killed.
 3. A PEP 578 audit hook: a tripwire, not a wall (native code walks past it), turning the obvious attempts (sockets,
    subprocesses, ctypes, writes outside the temp dir) into clear errors.
-
-Without a working bwrap the tool refuses, naming the reason and the fix. Only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers
-2-3 without the jail (own session, uid 65534 when root, a host temp dir swept at the next start if the caller died):
-for code you trust, never a boundary. When uid 65534 cannot read our interpreter, /usr/bin/python3 runs the code; user
-code sees the standard library only (-I -S). nanochat's sandbox (layer 2 plus nulled functions, no OS boundary):
+Without a working bwrap the tool refuses, naming the reason and the fix; only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers
+2-3 without the jail, for code you trust. nanochat's sandbox (layer 2 plus nulled functions, no OS boundary):
 https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py
 """
 import contextlib

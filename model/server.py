@@ -213,10 +213,9 @@ class _Choice:
 
 
 class ChatService:
-    """Owns the engine (stepping in its background thread) and the admission queue; turns validated requests into
-    completions / chunk streams. max_tokens_limit, max_n, max_body_bytes: the largest a request may ask for or send;
-    max_concurrency requests generate at once, max_queue (default 4 x max_concurrency) wait, more get 429;
-    body_timeout: seconds a client has to send its whole body."""
+    """Owns the engine (stepping in its background thread) and the admission queue: max_concurrency requests generate
+    at once, max_queue (default 4 x max_concurrency) wait, more get 429. max_tokens_limit, max_n, max_body_bytes: the
+    largest a request may ask for or send; body_timeout: seconds a client has to send its whole body."""
 
     def __init__(self, engine, tokenizer, model_name="tritonchat", max_concurrency=8, max_tokens_limit=1024,
                  max_n=8, max_body_bytes=1 << 20, max_queue=None, body_timeout=10.0):
@@ -224,8 +223,7 @@ class ChatService:
         self.max_concurrency, self.max_queue = max_concurrency, 4 * max_concurrency if max_queue is None else max_queue
         self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
-        self.in_flight = 0
-        self.waiters = deque()          # (loop, future) of queued requests, oldest first
+        self.in_flight, self.waiters = 0, deque()  # waiters: (loop, future) of queued requests, oldest first
         self.lock = threading.Lock()    # guards in_flight and waiters (slots may be released from any thread)
         self.service_time = 1.0         # moving average of a request's seconds in its place, for Retry-After
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency + 2, thread_name_prefix="chat-wait")
