@@ -6,27 +6,16 @@
     python -m train.evaluate --mode chat --data-dir ../shared/realdata/chat     # ARC, MMLU, GSM8K, HumanEval, offline
     torchrun --nproc_per_node=8 -m train.evaluate -- --mode chat --source rl --tasks gsm8k,humaneval
 
-Base metrics
-- val bpb = sum of next-token losses (nats) / (ln 2 * bytes of the target tokens) on the held-out corpus; special
-  tokens count zero bytes and are skipped, so the number does not depend on the vocabulary size.
-- CORE (train/core_eval.py, DCLM's in-context score as nanochat computes it) on the first source found: `--data-dir`
-  holding an eval bundle (core.yaml: "CORE") or raw dataset files ("CORE-10"); the bundle at
-  $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or ~/.cache/nanochat, /eval_bundle); CORE-10 on the
-  embedded sample (train/tasks/realdata). `--max-per-task N`: the first N items of each task's seeded shuffle.
-- CORE-style scoring of the embedded tasks (and of the real chat tasks already cached, or named with --tasks):
-  multiple choice = few-shot "Question: ...\nAnswer: <x>" prompts, the continuation with the lowest mean loss wins;
-  language modelling = the answer after "####" must be the greedy prediction token for token (solutions rendered
-  as plain text, gsm8k.solution_text). Centred accuracy (acc - chance) / (1 - chance), mean over tasks.
-Chat metrics
-- categorical (ARC, MMLU, number_mc): argmax of the logits at <|assistant_start|> over the choice letters;
-- generative (GSM8K, HumanEval, arithmetic, spelling, identity): sampled with the Engine (tools live), scored by the
-  task (HumanEval runs its unit tests in the sandbox, several jails at a time);
-- ChatCORE = mean over tasks of (acc - chance) / (1 - chance), chance 0.25 for multiple choice, 0 for generative.
-- `--data-dir DIR` reads the real tasks from local files (DIR or DIR/chat, parquet or jsonl, named as in CHAT_FILES).
-`--max-examples N` scores the first N examples of a task, a seeded sample (real tasks present their rows in a seeded
-shuffle, train/tasks/common.py; embedded ones generate each example from its own seed), the same on every run and
-rank. Examples are split across ranks (i % world == rank) and the counts all-reduced; every rank loads the whole
-model, so this runs under torchrun whatever the training sharding was.
+Base: val bpb = next-token nats / (ln 2 * bytes of the target tokens), special tokens counting zero bytes, so it does
+not depend on the vocabulary. CORE (train/core_eval.py) on the first source found: an eval bundle (core.yaml: "CORE")
+or raw dataset files ("CORE-10") in --data-dir, the bundle at $TRITONCHAT_HOME/eval_bundle or nanochat's, else the
+embedded sample (train/tasks/realdata). CORE-style scoring of the embedded (and cached real) tasks: few-shot
+"Question: ...\nAnswer: <x>" prompts; multiple choice: the lowest mean loss wins; GSM8K-style: the answer after "####"
+must be the greedy prediction. Chat: categorical tasks (ARC, MMLU, number_mc) take the argmax of the logits at
+<|assistant_start|> over the choice letters; generative ones (GSM8K, HumanEval in the sandbox, arithmetic, spelling,
+identity) are sampled with the Engine, tools live. Scores are centred, (acc - chance) / (1 - chance), and averaged
+(ChatCORE: chance 0.25 for multiple choice, 0 for generative). `--max-examples N` scores the first N examples, a
+seeded sample, the same on every run and rank; examples are split across ranks (i % world == rank), counts summed.
 """
 import argparse
 import itertools
@@ -69,26 +58,19 @@ def _my_indices(task, max_examples):
     return list(range(info.rank, len(task) if max_examples is None else min(len(task), max_examples), info.world_size))
 
 
-# ------------------------------------------------------------------------------------------------ base: val bpb
 def token_bytes(tokenizer):
     """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
     if hasattr(tokenizer, "token_bytes"):  # model.tokenizer.Tokenizer knows the exact bytes of partial characters
         return torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
-    special = {tokenizer.bos_token_id}
-    for name in getattr(tokenizer, "SPECIAL_TOKENS", None) or SPECIAL_TOKENS:
-        try:
-            special.add(tokenizer.encode_special(name))
-        except Exception:  # noqa: BLE001 - a tokenizer without that special
-            pass
+    special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
     return torch.tensor(nbytes, dtype=torch.long)
 
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes):
-    """Bits per byte over an iterable of (x, y): sum of nats / (ln 2 · bytes of the target tokens); targets that
-    are special tokens (0 bytes) or -1 are left out. Summed over all ranks (collective under torchrun); every stage
-    logs this same number, so stage logs and the report card agree."""
+    """Bits per byte over an iterable of (x, y): sum of nats / (ln 2 · bytes of the target tokens), special (0-byte)
+    and -1 targets left out, summed over all ranks (collective). Every stage and the report card log this number."""
     was_training = model.training
     model.eval()
     nats = nbytes = None
@@ -120,11 +102,10 @@ def evaluate_bpb(model, batches, token_bytes):
     return (stats[0] / (math.log(2) * stats[1])).item()
 
 
-# ------------------------------------------------------------------------------------------------ base: CORE-style
 @torch.no_grad()
 def continuation_losses(model, contexts, continuations):
-    """Mean loss of each continuation after its context and whether the greedy prediction matches it exactly.
-    One right-padded batch; returns (losses list, exact list)."""
+    """One right-padded batch -> (mean loss of each continuation after its context, whether the greedy prediction
+    matches it exactly), two lists."""
     rows = [c + k for c, k in zip(contexts, continuations)]
     T = max(len(r) for r in rows)
     dev = local(next(model.parameters())).device
@@ -173,7 +154,6 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
     return correct / max(total, 1)
 
 
-# ------------------------------------------------------------------------------------------------ chat
 @torch.no_grad()
 def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8):
     """Multiple choice: argmax of the logits after <|assistant_start|> over the choice letters' tokens."""
@@ -197,8 +177,8 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
 
 
 def _score(task, pairs, indices, stage):
-    """task.evaluate over (conversation, completion) pairs -> list of 0|1; through task.evaluate_many when the task
-    has it (HumanEval: several jails at a time). A scoring function that raises becomes a TaskError naming it."""
+    """task.evaluate (or evaluate_many, when the task has it) over (conversation, completion) pairs -> list of 0|1;
+    a scoring function that raises becomes a TaskError naming it."""
     many = hasattr(task, "evaluate_many")
     try:
         if many:
@@ -215,9 +195,8 @@ def _score(task, pairs, indices, stage):
 
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
                         temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
-    """Generative: sample with the Engine (batch_size prompts decoded together), decode each completion, score it
-    with the task; an example counts as solved when any of its num_samples completions is right
-    (pass@num_samples). Returns accuracy."""
+    """Accuracy of completions sampled with the Engine (batch_size prompts decoded together), scored by the task; an
+    example is solved when any of its num_samples completions is right (pass@num_samples)."""
     idx = _my_indices(task, max_examples)
     correct = total = 0
     for s in range(0, len(idx), batch_size):
@@ -251,15 +230,14 @@ HF_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("a
                "mmlu": ("cais/mmlu", "all"), "gsm8k": ("openai/gsm8k", "main")}
 
 
-def chat_files(data_dir, names=REAL_CHAT_TASKS):
-    """{task name: path} for each named real chat task whose file (<stem>.parquet or <stem>.jsonl, CHAT_FILES) is
-    in data_dir or data_dir/chat. UserError when data_dir is not a folder."""
+def chat_files(data_dir):
+    """{task name: path} for each real chat task whose file (<stem>.parquet or <stem>.jsonl, CHAT_FILES) is in
+    data_dir or data_dir/chat. UserError when data_dir is not a folder."""
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: not a folder")
     found = {}
-    for name in names:
-        paths = (find_file(folder, stem) for folder in (data_dir, os.path.join(data_dir, "chat"))
-                 for stem in CHAT_FILES.get(name, ()))
+    for name, stems in CHAT_FILES.items():
+        paths = (find_file(folder, stem) for folder in (data_dir, os.path.join(data_dir, "chat")) for stem in stems)
         if path := next(filter(None, paths), None):
             found[name] = path
     return found
@@ -274,13 +252,11 @@ def format_chat_table(details, chatcore_value):
     return "\n".join(lines)
 
 
-def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", engine=None,
-                  files=None):
+def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", files=None):
     """Accuracy of every named task's test split plus ChatCORE -> dict {task: accuracy, "chatcore": float,
-    "details": {task: {accuracy, chance, centred, n, seconds}}}. files: {task: local file} read instead of the
-    HF hub. Prints a line per task and the table."""
-    engine = engine or Engine(model, tokenizer)
-    files = files or {}
+    "details": {task: {accuracy, chance, centred, n, seconds}}}, printing a line per task and the table. files:
+    {task: local file} read instead of the HF hub."""
+    engine, files = Engine(model, tokenizer), files or {}
     results, chances, details = {}, {}, {}
     for name in task_names:
         t0 = time.time()
@@ -305,11 +281,9 @@ def present_real_tasks():
             if os.path.exists(os.path.join(cache_dir(repo.replace("/", "__"), config, "test"), "COMPLETE"))]
 
 
-# ------------------------------------------------------------------------------------------------ base: CORE
 def bundle_dirs():
-    """Where an eval bundle is looked for when no folder is named: $TRITONCHAT_HOME/eval_bundle, then nanochat's
-    ($NANOCHAT_BASE_DIR/eval_bundle, ~/.cache/nanochat/eval_bundle: where nanochat's speedrun unzips
-    https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip)."""
+    """Where an eval bundle is looked for: $TRITONCHAT_HOME/eval_bundle, then nanochat's ($NANOCHAT_BASE_DIR or
+    ~/.cache/nanochat, /eval_bundle: https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip unzipped)."""
     nano = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     return [os.path.join(home_dir(), "eval_bundle"), os.path.join(nano, "eval_bundle")]
 
@@ -347,17 +321,16 @@ def describe_core(result):
     return f"{result['name']} on {'; '.join(notes)}: {', '.join(result['tasks'])}"
 
 
-def run_core(model, tokenizer, data_dir=None, max_per_task=None, batch_size=8, stage="eval", max_seq_len=None):
+def run_core(model, tokenizer, data_dir=None, max_per_task=None, stage="eval", max_seq_len=None):
     """CORE (bundle) or CORE-<n> (raw files / embedded sample) of a base model -> dict {name, score, source, where,
     max_per_task, max_seq_len, tasks: {label: {accuracy, centered, baseline, n, num_fewshot, kind, seconds}},
-    seconds}. max_seq_len: crop longer prompts to their last max_seq_len tokens (default: core_eval's, the model's
-    rotary table; nanochat does not crop). Collective under torch.distributed. Prints a line per task and the
-    table."""
+    seconds}, printing a line per task and the table. max_seq_len: crop prompts to their last max_seq_len tokens
+    (default: the model's rotary table; nanochat does not crop). Collective under torch.distributed."""
     kind, where = core_source(data_dir)
     t0 = time.time()
-    tasks = core_eval.load_tasks(where, max_per_task)  # a bundle when `where` holds core.yaml, else raw files
-    res = core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, batch_size=batch_size,
-                                  max_seq_len=max_seq_len, log=lambda line: print0(f"[{stage}] {line}"))
+    tasks = core_eval.load_tasks(where, max_per_task)
+    res = core_eval.evaluate_core(model, tokenizer, tasks, max_per_task=max_per_task, max_seq_len=max_seq_len,
+                                  log=lambda line: print0(f"[{stage}] {line}"))
     fields = ("accuracy", "centered", "baseline", "n", "num_fewshot", "kind", "seconds")
     out = dict(name=res["name"], score=res["score"], source=kind, where=where, max_per_task=max_per_task,
                max_seq_len=max_seq_len, tasks={k: {f: v[f] for f in fields} for k, v in res["tasks"].items()},
@@ -366,8 +339,8 @@ def run_core(model, tokenizer, data_dir=None, max_per_task=None, batch_size=8, s
     return out
 
 
-def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, num_shots=3, stage="eval",
-                  core=None, max_per_task=None, core_max_seq_len=None):
+def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, stage="eval", core=None,
+                  max_per_task=None, core_max_seq_len=None):
     """val bpb (when val_batches is given), CORE-style centred accuracies and CORE -> dict. core: None to skip
     CORE, else run_core's data_dir ("auto", "sample" or a folder); its result is under "dclm_core"."""
     out = {}
@@ -378,7 +351,7 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
     for name in task_names or (["number_mc", "arithmetic"] + present_real_tasks()):
         task = get_task(name, split="test")
         kind = "mc" if task.eval_type == "categorical" else "lm"
-        acc = out[f"core_{name}"] = core_task_score(model, tokenizer, task, kind, num_shots, max_examples)
+        acc = out[f"core_{name}"] = core_task_score(model, tokenizer, task, kind, max_examples=max_examples)
         scores.append(centred(acc, 1.0 / len(task[0]["choices"]) if kind == "mc" else 0.0))
         print0(f"[{stage}] CORE-style {name}: acc {acc:.4f} (centred {scores[-1]:+.4f})")
     out["core"] = sum(scores) / max(1, len(scores))
@@ -390,11 +363,11 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
 def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, max_tokens=256, val_batches=20,
                         device=None, stage="evaluate", data_dir=None, core=None, max_per_task=None,
                         core_max_seq_len=None):
-    """Load the newest checkpoint of `source` as a plain model and run the base or chat evaluation -> dict, in one
-    process or on every rank under torchrun. base: val bpb (val_batches batches), CORE-style on `tasks` (default:
-    embedded + cached real) and CORE (skipped when `core` is None) from data_dir, else from `core` (run_core's
-    data_dir), prompts cropped to core_max_seq_len tokens ("trained": the checkpoint's sequence_len). chat: `tasks`
-    (default: the real chat tasks found in data_dir when given, else embedded + cached real ones)."""
+    """Load the newest checkpoint of `source` as a plain model (every rank, under torchrun) and run the base or chat
+    evaluation -> dict. base: val bpb (val_batches batches), CORE-style on `tasks` (default: embedded + cached real)
+    and CORE (skipped when `core` is None) from data_dir, else `core` (run_core's data_dir), prompts cropped to
+    core_max_seq_len tokens ("trained": the checkpoint's sequence_len). chat: `tasks` (default: the real chat tasks
+    found in data_dir, else embedded + cached real ones)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = chat_files(data_dir) if mode == "chat" and data_dir else {}
     if mode == "base" and core is not None:

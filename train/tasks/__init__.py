@@ -7,14 +7,14 @@ tasks generate each example from its own seed (train and test seeds differ, so t
 from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
 from train.tasks.common import TaskError, TaskMixture
 
-EMBEDDED = ("arithmetic", "spelling", "identity", "number_mc")
+EMBEDDED = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
+            "number_mc": embedded.NumberMC}
 # name -> (class, fixed keyword arguments); mmlu_aux has only a train split, humaneval only a test split
 REAL_TASKS = {"smoltalk": (smoltalk.SmolTalk, {}), "mmlu": (mmlu.MMLU, {"subset": "all"}),
               "mmlu_aux": (mmlu.MMLU, {"subset": "auxiliary_train", "split": "train"}),
               "arc_easy": (arc.ARC, {"subset": "ARC-Easy"}), "arc_challenge": (arc.ARC, {"subset": "ARC-Challenge"}),
               "gsm8k": (gsm8k.GSM8K, {}), "humaneval": (humaneval.HumanEval, {"split": "test"})}
-REAL = tuple(REAL_TASKS)
-TASKS = EMBEDDED + REAL
+TASKS = (*EMBEDDED, *REAL_TASKS)
 
 
 def get_task(name, split="train", n=None, files=None, **kwargs):
@@ -22,10 +22,8 @@ def get_task(name, split="train", n=None, files=None, **kwargs):
     the task and the example). split: train | test (| validation for ARC). n: size of an embedded task, or the first
     n examples (a seeded sample) of a real one. files: local paths or URLs read instead of the HF hub."""
     if name in EMBEDDED:
-        cls = {"arithmetic": embedded.Arithmetic, "spelling": embedded.Spelling, "identity": embedded.Identity,
-               "number_mc": embedded.NumberMC}[name]
-        task = cls(n=n or (2000 if split == "train" else 200), seed={"train": 0, "test": 1, "validation": 2}[split],
-                   **kwargs)
+        task = EMBEDDED[name](n=n or (2000 if split == "train" else 200),
+                              seed={"train": 0, "test": 1, "validation": 2}[split], **kwargs)
     elif name in REAL_TASKS:
         cls, fixed = REAL_TASKS[name]
         task = cls(**{"split": split, "files": files, "stop": n, **kwargs, **fixed})

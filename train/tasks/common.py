@@ -1,14 +1,10 @@
 """What every task shares: the Task base class, the mixture, the two scored formats (multiple choice: MCTask; a
-number after "####": AnswerTask), and the dataset downloader.
-
-A Task is indexable (`task[i]` -> conversation in model/tokenizer.py's format), has an `eval_type` ("categorical"
-for multiple choice, else "generative") and scores with `task.evaluate(conversation, completion_text) -> 0|1` (RL:
-`task.reward(...) -> float`). Real datasets come from Hugging Face's parquet export,
-    {base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet
-with base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets): shards 0, 1, 2, ... until the server
-answers 404, through model.common.download (retries with backoff, temp file renamed into place), cached under
-$TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/. A task may instead be given `files=[...]`: local paths or URLs
-of .parquet or .jsonl files.
+number after "####": AnswerTask), and the dataset downloader. A Task is indexable (`task[i]` -> conversation in
+model/tokenizer.py's format), has an `eval_type` ("categorical" for multiple choice, else "generative") and scores
+with `task.evaluate(conversation, completion_text) -> 0|1` (RL: `task.reward(...) -> float`). Real datasets come from
+Hugging Face's parquet export, {base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet with
+base = $TRITONCHAT_DATA_URL (default https://huggingface.co/datasets), shards 0, 1, ... until a 404, cached under
+$TRITONCHAT_HOME/data/tasks/<repo>/<config>/<split>/; or from `files=[...]`: local paths or URLs (.parquet, .jsonl).
 """
 import hashlib
 import json
@@ -22,7 +18,6 @@ import pyarrow.parquet as pq
 from model.common import DownloadError, UserError, download, home_dir
 from model.tokenizer import conversation_messages
 
-DEFAULT_DATA_URL = "https://huggingface.co/datasets"
 MAX_PARQUET_SHARDS = 10_000
 
 
@@ -59,22 +54,18 @@ class Task:
     def __len__(self):
         return self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
 
-    def __getitem__(self, index):
+    def __getitem__(self, index):  # the IndexError past the end also ends iteration
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} examples")
         return self.get_example(index)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
     def describe(self):
         """The task's name as messages show it (a mixture lists its tasks)."""
         return self.name
 
     def validate(self):
-        """Check every example once, at load time, against what rendering requires (check_conversation) -> self;
-        TaskError naming the task and the example, so a bad row stops the run before training, not mid-way. A task
-        that checked its rows as it read them (naming the file's row numbers) sets self.validated."""
+        """Check every example once, at load time (check_conversation) -> self; TaskError naming the task and the
+        example, so a bad row stops the run before training. Tasks that checked their rows as read set validated."""
         if getattr(self, "validated", False):
             return self
         for i in range(len(self)):
@@ -122,7 +113,7 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
     def validate(self):
-        """Every task of the mixture validated on its own (errors name the task, not the mixture) -> self."""
+        """Every task validated on its own (errors name the task, not the mixture) -> self."""
         for task in self.tasks:
             task.validate()
         return self
@@ -131,18 +122,14 @@ class TaskMixture(Task):
         return "mixture of " + ", ".join(task.name for task in self.tasks)
 
 
-def render_mc(question, letters, choices):
-    """nanochat's multiple-choice prompt: the letter comes *after* each choice with no space before it (small models
-    bind better), and the answer is that bare letter."""
+def mc_conversation(question, choices, answer_idx, letters="ABCDEFGHIJ"):
+    """nanochat's multiple-choice conversation: the letter comes *after* each choice with no space before it (small
+    models bind better), and the answer is that bare letter."""
+    letters = tuple(letters[:len(choices)])
     query = f"Multiple Choice question: {question}\n"
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    return query + "\nRespond only with the letter of the correct answer."
-
-
-def mc_conversation(question, choices, answer_idx, letters="ABCDEFGHIJ"):
-    letters = tuple(letters[:len(choices)])
-    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
-                         {"role": "assistant", "content": letters[answer_idx]}],
+    query += "\nRespond only with the letter of the correct answer."
+    return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": letters[answer_idx]}],
             "letters": letters, "question": question, "choices": list(choices), "answer": answer_idx}
 
 
@@ -173,9 +160,8 @@ class AnswerTask(Task):
         return int(pred is not None and pred == ref)
 
 
-# ------------------------------------------------------------------------------------------------ downloading
 def data_url():
-    return os.environ.get("TRITONCHAT_DATA_URL", DEFAULT_DATA_URL).rstrip("/")
+    return os.environ.get("TRITONCHAT_DATA_URL", "https://huggingface.co/datasets").rstrip("/")
 
 
 def cache_dir(*parts):
@@ -208,7 +194,7 @@ def find_file(folder, stem):
 def read_rows(path):
     """Rows (list of dicts) of a .parquet or .jsonl file; TaskError naming the file when it does not parse."""
     try:
-        if path.endswith(".jsonl") or path.endswith(".json"):
+        if path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
         return pq.read_table(path).to_pylist()
@@ -252,11 +238,9 @@ def hf_rows(repo, config, split, files=None):
                     f"ends the list; check $TRITONCHAT_DATA_URL / --data-url")
 
 
-# The order a real dataset's rows are presented in: numpy.random.default_rng(42).permutation(n) of the whole split,
-# which is what Hugging Face's Dataset.shuffle(seed=42) applies and how nanochat's tasks load every split
-# (https://github.com/karpathy/nanochat/blob/master/tasks/mmlu.py), so the same file gives nanochat's order, and any
-# prefix of a task (--max-examples 100, mmlu@500 in a mixture, the first RL prompts) is a seeded sample of the whole
-# set, the same on every run and every rank.
+# Real rows are presented in numpy.random.default_rng(42).permutation(n) order: what HF's Dataset.shuffle(seed=42)
+# applies, as nanochat's tasks load every split (https://github.com/karpathy/nanochat/blob/master/tasks/mmlu.py), so
+# any prefix of a task (--max-examples 100, mmlu@500, the first RL prompts) is a seeded sample, the same everywhere.
 def permutation(n, seed=42):
     """list of the n indices 0..n-1 in the seeded order."""
     return np.random.default_rng(seed).permutation(n).tolist()

@@ -1,12 +1,8 @@
 """Offline tasks, generated deterministically from a seed, so the whole pipeline (mid, SFT, RL, chat evals) runs with
-no download. Same conversation format and scoring as the real tasks:
-
-- Arithmetic: GSM8K-style word problems whose reference solution calls the python tool; reward = exact "####" answer.
-  As in GSM8K, the text after the tool's output states the result, so the solution reads right as plain text
-  (gsm8k.solution_text leaves the call out: "... so the total is 24.\n#### 24").
-- Spelling: spell a word letter by letter, or count a letter in it (spelled out, then counted with the tool).
-- Identity: short "who are you?" conversations (scored by naming itself).
-- NumberMC: "which number is the largest?" 4-way multiple choice (exercises categorical scoring offline).
+no download; same conversation format and scoring as the real tasks. Arithmetic: GSM8K-style word problems whose
+solution calls the python tool (the text after the tool's output restates the result, as in GSM8K, so it reads right
+as plain text), scored by the "####" answer; Spelling: spell a word, or count a letter in it (with the tool);
+Identity: "who are you?" (scored by naming itself); NumberMC: "which number is the largest?" (4-way multiple choice).
 """
 import random
 

@@ -1,14 +1,8 @@
 """GSM8K (openai/gsm8k, Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): grade-school math word problems with a
-verifiable answer after "####". Rows in the seeded order of train/tasks/common.py.
-
-The reference solutions carry calculator annotations `<<48/2=24>>`: the dataset's authors inserted them for a
-calculator at sampling time, and the text after each one already states its result (true of all 4282 annotations of
-the test split, up to thousands separators). So an annotation renders two ways, the result shown once either way:
-- as text (a base model's prompt, any plain rendering): the annotation is dropped,
-    "She sold 48/2 = <<48/2=24>>24 clips"  ->  "She sold 48/2 = 24 clips"
-- as a tool call (chat training and evaluation; the Engine runs the tool): the expression is a python call and its
-  result the tool's output, which the text after it then restates,
-    -> text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"
+verifiable answer after "####". Rows in the seeded order of train/tasks/common.py. Solutions carry calculator
+annotations whose result the text after them restates (all 4282 of the test split), so the result shows once either
+way: as text the annotation is dropped ("She sold 48/2 = <<48/2=24>>24 clips" -> "She sold 48/2 = 24 clips"); as a
+tool call (chat) it is text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips".
 """
 import re
 
@@ -35,9 +29,8 @@ def solution_parts(answer):
 
 
 def solution_text(content):
-    """An assistant message (str or parts) as plain text, as a reader sees the solution: text parts only. A tool call
-    and its output are left out because the text after them states the result (GSM8K's convention, which the
-    embedded tasks follow too); a string goes through strip_annotations."""
+    """An assistant message as plain text: a string through strip_annotations, parts as their text parts only (the
+    text after a tool call restates its result, in GSM8K and the embedded tasks)."""
     if isinstance(content, str):
         return strip_annotations(content)
     return "".join(p["text"] for p in content if p.get("type") == "text")

@@ -1,12 +1,9 @@
 """HumanEval (openai/openai_humaneval, Chen et al. 2021, https://arxiv.org/abs/2107.03374): 164 Python functions to
-complete, scored by running the unit tests in the sandbox (model/sandbox.py: a bubblewrap jail, timeout, memory
-limit). Rows in the seeded order of train/tasks/common.py.
-
-The program is built as the benchmark intends: the prompt (imports, helpers, signature, docstring) first, then the
-answer, so the prompt's context serves a body (prompt + indented continuation) and a whole function alike (a
-`def <entry_point>(` line: dedented after the prompt, replacing its docstring-only definition; HumanEval/10, /32,
-/38, /50 call helpers of their prompt, 21 prompts import from typing, /32 imports math). Then the problem's `check`
-function and `check(<entry_point>)`; the answer is right when the program exits cleanly.
+complete, scored by running the unit tests in the sandbox (model/sandbox.py). Rows in the seeded order of common.py.
+The program is the prompt (imports, helpers, signature, docstring: HumanEval/10, /32, /38, /50 call helpers of their
+prompt, 21 prompts import from typing), then the answer (a body continuing the prompt, or a whole `def
+<entry_point>(` dedented after it), then the problem's `check` function and `check(<entry_point>)`: right when the
+program exits cleanly.
 """
 import os
 import re
@@ -59,11 +56,8 @@ class HumanEval(Task):
         return int(bool(result.success))
 
     def evaluate_many(self, pairs, workers=None):
-        """[(conversation, completion), ...] -> [0|1, ...] in order. Each program runs in its own jail; `workers`
-        of them at a time (default: CPU count, at least 2), as the caller mostly waits on the jailed processes."""
+        """[(conversation, completion), ...] -> [0|1, ...] in order, each program in its own jail, `workers` at a
+        time (default: CPU count, at least 2: the threads mostly wait on the jailed processes)."""
         pairs = list(pairs)
-        workers = workers or max(2, os.cpu_count() or 1)
-        if workers <= 1 or len(pairs) <= 1:
-            return [self.evaluate(c, t) for c, t in pairs]
-        with ThreadPoolExecutor(min(workers, len(pairs))) as pool:
+        with ThreadPoolExecutor(min(workers or max(2, os.cpu_count() or 1), max(1, len(pairs)))) as pool:
             return list(pool.map(lambda ct: self.evaluate(*ct), pairs))

@@ -1,11 +1,7 @@
 """An embedded sample of real evaluation rows, so that the evals run offline: about 100 seeded rows of each of the
-ten raw datasets behind CORE (core/) and of the chat-eval sets (chat/), one jsonl file each, rows in their Hugging
-Face schema. README.md gives each file's source, licence and row counts and how draw.py drew it; manifest.json
-records the seed, the source-row indices and a sha256 of every file.
-
-    from train.tasks.realdata import SAMPLE_DIR, sample_rows
-    rows = sample_rows("chat/gsm8k_main_test")             # list of dicts, as the HF loaders return them
-    tasks = train.core_eval.load_raw(SAMPLE_DIR)            # CORE-10 over the sample
+ten raw datasets behind CORE (core/, `train.core_eval.load_raw(SAMPLE_DIR)`: CORE-10) and of the chat-eval sets
+(chat/), one jsonl file each, rows in their Hugging Face schema. README.md gives each file's source, licence, row
+counts and how draw.py drew it; manifest.json the seed, the source-row indices and a sha256 of every file.
 """
 import json
 import os
@@ -18,9 +14,8 @@ SAMPLE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass(frozen=True)
 class Source:
-    """One sampled file. name: its path under the sample folder and the source folder, without extension
-    ("core/piqa_validation"); hf: HF dataset id, config and split; licence: as published; note: where that licence
-    is stated, when the shared folder's README does not state it."""
+    """One sampled file. name: its path under the sample and source folders, without extension; hf: HF dataset id,
+    config and split; licence: as published; note: where that licence is stated, if not in the shared README."""
     name: str
     hf: str
     licence: str

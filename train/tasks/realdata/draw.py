@@ -3,9 +3,8 @@ source order, HF schema unchanged), plus manifest.json and README.md.
 
     python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata
 
---src holds core/ and chat/ with <name>.parquet or <name>.jsonl. Rows of a file of N rows: the sorted
-random.Random(f"{seed}:{name}").sample(range(N), min(per_file, N)); Python seeds its generator from a string
-through SHA-512, so the draw is the same on every platform and Python 3 version.
+Rows kept of a file of N: sorted(random.Random(f"{seed}:{name}").sample(range(N), min(per_file, N))); a string seed
+goes through SHA-512, so the draw is the same on every platform and Python 3 version.
 """
 import argparse
 import hashlib
@@ -48,15 +47,12 @@ def draw(src, out, per_file=100, seed=0):
 
 def readme(result):
     """README.md text for a manifest dict."""
-    by_name = {s.name: s for s in SOURCES}
     total = sum(f["bytes"] for f in result["files"].values())
     table = ["| file | rows | source rows | dataset (HF id, config, split) | licence |", "|---|---|---|---|---|"]
-    notes = []
-    for name, f in result["files"].items():
-        s = by_name[name]
-        table.append(f"| {name}.jsonl | {f['rows']} | {f['source_rows']} | {s.hf} | {s.licence} |")
-        if s.note:
-            notes.append(f"- {name}: {s.licence}, as stated in {s.note}.")
+    notes = [f"- {s.name}: {s.licence}, as stated in {s.note}." for s in SOURCES if s.note]
+    for s in SOURCES:
+        f = result["files"][s.name]
+        table.append(f"| {s.name}.jsonl | {f['rows']} | {f['source_rows']} | {s.hf} | {s.licence} |")
     return f"""# Embedded real evaluation sample
 
 A small, seeded sample of the real public evaluation sets, so that `make run` and the tests score real rows with
