@@ -45,8 +45,7 @@ class Request:
         self.seqs = []                                            # one _Sequence per sample, once admitted
 
     def stream(self, timeout=None, step=None):
-        """Blocking iterator over this request's (token_column, mask_column) steps until it is done; step(), if
-        given, runs whenever no column is queued (an engine without a stepping thread)."""
+        """Blocking iterator over the (token_column, mask_column) steps; step() runs while none is queued."""
         while True:
             while step is not None and self.events.empty():
                 step()
@@ -57,8 +56,7 @@ class Request:
 
 
 class _Sequence:
-    """Sample `index` of `req`: prompt + completion `tokens`, its block table, the num_cached tokens whose k/v are in
-    the cache, its dense row (eager decode), its tool-call state."""
+    """Sample `index` of `req`: prompt + completion `tokens`, block table, num_cached tokens in the cache, dense row."""
 
     def __init__(self, req, index, tokens, blocks, num_cached, row):
         self.req, self.index, self.tokens, self.blocks, self.num_cached = req, index, tokens, blocks, num_cached
@@ -142,8 +140,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def load(self):
-        """A snapshot (no step lock) for /health: running / waiting requests, running sequences, free (incl.
-        evictable) and total KV blocks."""
+        """A snapshot (no step lock) for /health: requests, sequences, free (incl. evictable) and total blocks."""
         running = list(self.running)
         return {"running": len(running), "waiting": len(self.waiting),
                 "running_sequences": sum(sum(not s.done for s in r.seqs) for r in running),
@@ -163,7 +160,6 @@ class Engine:
         if self.thread is not None:
             return
         self.stopping = False
-
         def loop():
             while True:
                 with self.cond:
@@ -178,7 +174,6 @@ class Engine:
                     # what is in flight rather than leave clients waiting on a dead loop.
                     traceback.print_exc()
                     self._fail_all(e)
-
         self.thread = threading.Thread(target=loop, name="engine", daemon=True)
         self.thread.start()
 
@@ -192,8 +187,7 @@ class Engine:
         self.thread = None
 
     def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
-        """Yields (token_column, mask_column) per step; entries are None for samples that already finished.
-        RuntimeError(the request's error) if the engine failed it."""
+        """Yields (token_column, mask_column) per step (None: a finished sample); RuntimeError if the request fails."""
         req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop)
         threaded = self.thread is not None
         try:
@@ -349,16 +343,14 @@ class Engine:
         return torch.multinomial(probs, 1, generator=req.generator)[:, 0]
 
     def _emit(self, req, seqs, sampled):
-        """Append one token to each of `seqs` (forced tool output overrides the sample), run the tool state
-        machine, finish sequences, and push the request's column."""
+        """Append a token to each of `seqs` (forced tool output first), run tool calls, finish, push the column."""
         col, mcol = [None] * req.num_samples, [None] * req.num_samples  # this step's token and mask per sample
         for s, tok in zip(seqs, sampled):
-            forced = bool(s.forced)
-            tok = s.forced.popleft() if forced else tok
+            tok, m = (s.forced.popleft(), 0) if s.forced else (tok, 1)
             s.tokens.append(tok)
             req.completions[s.index].append(tok)
-            req.completion_masks[s.index].append(0 if forced else 1)
-            col[s.index], mcol[s.index] = tok, 0 if forced else 1
+            req.completion_masks[s.index].append(m)
+            col[s.index], mcol[s.index] = tok, m
             if tok == self.python_start:
                 s.in_python, s.python_tokens = True, []
             elif tok == self.python_end and s.in_python:
@@ -370,7 +362,7 @@ class Engine:
                 s.python_tokens = []
             elif s.in_python:
                 s.python_tokens.append(tok)
-            if (tok in self.stop_ids and not forced) or (req.stop and self._hit_stop(req, s.index, tok)):
+            if (tok in self.stop_ids and m) or (req.stop and self._hit_stop(req, s.index, tok)):
                 self._finish_seq(s, "stop")
             elif len(req.completions[s.index]) >= req.max_tokens or len(s.tokens) >= self.max_context:
                 self._finish_seq(s, "length")
@@ -379,16 +371,14 @@ class Engine:
             self._finish_request(req, None)
 
     def _hit_stop(self, req, i, tok):
-        """Does sample i's decoded text now contain a stop string? A window as long as the longest stop string is
-        kept, so a match across token boundaries is found once."""
+        """Does sample i's decoded text now hold a stop string? (A window of the longest one's length is kept.)"""
         if req.texts is None:
             req.texts = [[IncrementalDecoder(self.tokenizer), ""] for _ in range(req.num_samples)]
         state = req.texts[i]
         state[1] += state[0].add(tok)
-        for stop in req.stop:
-            if stop in state[1]:
-                req.stopped_by[i] = stop
-                return True
+        if (hit := next((x for x in req.stop if x in state[1]), None)) is not None:
+            req.stopped_by[i] = hit
+            return True
         keep = max(map(len, req.stop)) - 1
         state[1] = state[1][-keep:] if keep else ""
         return False
@@ -406,7 +396,7 @@ class Engine:
         if s.row is not None:  # first: its dense row flushes what only it holds into the pages
             self.cache.close_row(s.row)
             s.row = None
-        # Its full blocks (prompt and completion: a chat's next turn starts with them) go to the prefix cache.
+        # its full blocks (prompt and completion: a chat's next turn starts with them) go to the prefix cache
         self.cache.insert_prefix(s.tokens, s.blocks, s.num_cached)
         for b in s.blocks:
             self.cache.decref(b)

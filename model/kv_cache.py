@@ -77,10 +77,8 @@ class _Node:
 
 
 class PagedKVCache:
-    """Block pool for all layers + free list + refcounts + prefix cache + dense rows; the model calls `attend`.
-    cos, sin: the model's rotary tables (rotary_len, head_dim / 2). block_size: 16, 32 or 64 tokens per page (else
-    ValueError); num_blocks: the initial pool, doubled on demand; prefix_caching=False: a finished sequence's blocks
-    go straight back to the free list."""
+    """Block pool + free list + refcounts + prefix cache + dense rows. cos, sin: the model's rotary tables (rotary_len,
+    head_dim / 2); block_size: 16, 32 or 64 tokens per page (else ValueError); num_blocks: the initial pool."""
 
     def __init__(self, n_layer, n_kv_head, head_dim, block_size, num_blocks, dtype, device, cos, sin,
                  prefix_caching=True):
@@ -202,8 +200,7 @@ class PagedKVCache:
         self._heap = []
 
     def match_prefix(self, tokens):
-        """Blocks of the longest cached prefix of `tokens`, at most (len(tokens) - 1) // block_size so that one token
-        is left to prefill (its logits give the first sample). The caller owns a reference to each."""
+        """Blocks (a reference each, the caller's) of the longest cached prefix of `tokens` but its last token."""
         if not self.prefix_caching:
             return []
         bs, node, blocks = self.block_size, self.root, []
@@ -218,8 +215,7 @@ class PagedKVCache:
         return blocks
 
     def insert_prefix(self, tokens, blocks, n_tokens):
-        """Cache the full blocks among the first n_tokens of `tokens` (block table `blocks`, k/v in the pages). A
-        prefix already cached under other blocks (computed twice) keeps the cached ones."""
+        """Cache the full blocks of tokens[:n_tokens] (block table `blocks`); an already cached prefix keeps its own."""
         if not self.prefix_caching:
             return
         bs, node = self.block_size, self.root
@@ -248,8 +244,7 @@ class PagedKVCache:
         return row
 
     def close_row(self, row):
-        """Flush `row` into its pages and give it back (before its blocks go to the prefix cache or the pool); the
-        last row moves into its place so the rows in use stay rows[:n]."""
+        """Flush `row` into its pages (before they are cached or freed), give it back; the last row takes its place."""
         i, last = row.index, self.rows[-1]
         with torch.inference_mode():  # also called outside a step (engine.cancel)
             self._flush(row)
@@ -311,11 +306,9 @@ class PagedKVCache:
         T = max(lengths)
         rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
         cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
-        slots = [blocks[p // bs] * bs + p % bs
-                 for blocks, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
+        slots = [t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
         table = self._table(tables)
-        plan = PrefillPlan(rows=rows, cols=cols, token_tables=table[rows],
-                           slots=torch.tensor(slots, device=device),
+        plan = PrefillPlan(rows=rows, cols=cols, token_tables=table[rows], slots=torch.tensor(slots, device=device),
                            token_index=None if min(lengths) == T else rows * T + cols)
         if any(starts):
             plan.starts, plan.tables = torch.tensor(starts, device=device), table
@@ -330,8 +323,7 @@ class PagedKVCache:
             pos_t = torch.tensor(positions, device=device)
             return DecodePlan(positions=pos_t, tables=self._table(tables), seq_lens=(pos_t + 1).to(torch.int32))
         # The eager rows: few tensors, built once per step (the step is overhead bound at small batch).
-        B, n = len(rows), len(self.rows)
-        row_len = max(positions) + 1
+        B, n, row_len = len(rows), len(self.rows), max(positions) + 1
         self._ensure_rows(n, row_len)
         for row, blocks, p in zip(rows, tables, positions):
             row.blocks = blocks
@@ -364,8 +356,7 @@ class PagedKVCache:
 
     @contextlib.contextmanager
     def planned(self, plan):
-        """Set `plan` for the forwards inside the block (cleared on the way out); a decode plan's rows count their
-        new token once the forward has finished."""
+        """Set `plan` for the forwards inside the block; a decode plan's rows count their new token at the end."""
         self.plan = plan
         try:
             yield
@@ -395,8 +386,7 @@ class PagedKVCache:
     def _decode_rows(self, plan, layer_idx, q, k, v):
         """Eager decode over the dense rows: q, k, v (B, 1, heads, D) raw -> (B, H, D). q and k are rotated as
         x * [cos, cos] + roll(x, D/2) * [sin, -sin] and normalised in one go: few ops, as the step is overhead bound."""
-        B, _, H, D = q.shape
-        Hkv = k.shape[2]
+        (_, _, H, D), Hkv = q.shape, k.shape[2]
         qk = torch.cat([q, k], dim=2)[:, 0].to(self.row_k.dtype)  # (B, H + Hkv, D)
         qk = F.rms_norm(torch.addcmul(qk * plan.rot_cos, qk.roll(D // 2, -1), plan.rot_sin), (D,), eps=QK_NORM_EPS)
         q, k, v = qk[:, :H], qk[:, H:], v[:, 0].to(self.row_v.dtype)
@@ -418,8 +408,7 @@ class PagedKVCache:
 
     def _prefill(self, plan, k_cache, v_cache, q, k, v):
         rows, cols = plan.rows, plan.cols
-        R, T, H, D = q.shape
-        Hkv = k.shape[2]
+        (R, T, H, D), Hkv = q.shape, k.shape[2]
         if plan.starts is None and kernels.use_fused():
             cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
             y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended

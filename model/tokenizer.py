@@ -117,8 +117,6 @@ class Tokenizer:
             raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
         return [pre + ids + post for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
-    __call__ = encode
-
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
@@ -131,7 +129,6 @@ class Tokenizer:
     def render_conversation(self, conversation, max_tokens=2048):
         """-> (ids, mask), both lists of the same length, truncated to max_tokens (None: no limit)."""
         ids, mask, sp = [self.bos_token_id], [0], self.special_tokens
-
         def add(tokens, m):
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
