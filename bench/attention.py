@@ -1,26 +1,21 @@
 """Benchmark: fused RoPE + QK-norm flash attention vs eager (torch ops + SDPA), torch.compile, FlexAttention.
 
-    python -m bench.attention [--quick]          python -m bench.attention --sass [bf16|fp16] [64|128]
+    python -m bench.attention [--quick]
 
 GPU (bf16, causal): the d20 model's heads (H = 10, D = 128), 16 x 2048 tokens (the d20 preset's device batch) as
-T in {1k, 2k, 4k, 8k}, B = tokens / T, Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA (the GPU check's budget).
-Providers: eager = attention_reference (apply_rotary + rms_norm as torch ops, then SDPA forced to the flash backend,
-or SDPA's own choice if flash refuses the inputs: the row's sdpa_backend); compile = torch.compile of it; flex =
-torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops); fused = attention_triton.
-TFLOP/s from the causal count (RoPE / norm ignored, O(T D)): forward = 2 * B * H * T^2 * D (2 matmuls of 2*T*T*D per
-head, halved by the mask), backward = 2.5 x forward (5 matmuls: the FlashAttention convention), fwd+bwd = 3.5 x.
-Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs. CPU: tiny fp32 shapes, eager vs
-fused under the Triton interpreter (the code path only: the timings measure the interpreter). --sass runs
-bench/sass.py (no GPU needed): the Hopper configs compiled for sm_90, their wgmma use and register spills.
+T in {1k, 2k, 4k, 8k}, B = tokens / T, Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA. Providers: eager =
+attention_reference (RoPE + rms_norm as torch ops, then SDPA forced to the flash backend, or SDPA's own choice if
+flash refuses the inputs: the row's sdpa_backend); compile = torch.compile of it; flex = torch.compile(FlexAttention
+with a causal BlockMask + the same RoPE / norm ops); fused = attention_triton. TFLOP/s from the causal count (RoPE /
+norm ignored): forward = 2 * B * H * T^2 * D (2 matmuls of 2*T*T*D per head, halved by the mask), backward = 2.5 x
+forward (5 matmuls: the FlashAttention convention). Peak memory above the inputs while the pass runs. CPU: tiny fp32
+shapes, eager vs fused under the Triton interpreter (the timings measure the interpreter).
 """
 import contextlib
-import subprocess
-import sys
 
 import torch
 
 from bench import harness
-from bench.kernels import fwd_bwd_rows
 from kernels.attention import apply_rotary, attention_reference, attention_triton, rms_norm
 from model.gpt import GPTConfig, precompute_rotary
 
@@ -30,17 +25,6 @@ TOKENS = 16 * D20.sequence_len  # the d20 preset's device batch of 16 sequences
 GQA_KV_HEADS = 2
 
 
-def _flash_or_default(q, k, v, cos, sin):
-    """Which SDPA backend the eager row gets: flash if it accepts these inputs, else SDPA's default choice."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            attention_reference(q, k, v, cos, sin)
-        return "flash", lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-    except RuntimeError:
-        return "default", contextlib.nullcontext
-
-
 def _flex_provider(T, H, Hkv, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     block_mask = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, None, None, T, T, device=device)
@@ -48,7 +32,7 @@ def _flex_provider(T, H, Hkv, device):
     def flex(q, k, v, cos, sin):
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                           enable_gqa=True if H != Hkv else False)
+                           enable_gqa=H != Hkv)
         return y.transpose(1, 2)
     return torch.compile(flex)
 
@@ -57,7 +41,14 @@ def _providers(inputs, T, H, Hkv):
     """name -> (fn, extra row fields)"""
     if not harness.on_gpu():
         return {"eager": (attention_reference, {}), "fused": (attention_triton, {})}
-    backend, ctx = _flash_or_default(*inputs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    try:  # flash if it accepts these inputs, else SDPA's own choice
+        with ctx():
+            attention_reference(*inputs)
+        backend = "flash"
+    except RuntimeError:
+        backend, ctx = "default", contextlib.nullcontext
 
     def in_backend(f):
         def run(*a):
@@ -78,10 +69,6 @@ def _cases(quick):
     return [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, GQA_KV_HEADS)], torch.bfloat16
 
 
-def causal_flops(B, T, H, D):
-    return 2 * B * H * T * T * D  # forward: (QK^T + PV) = 4*T*T*D per head, halved by the causal mask
-
-
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
     cases, dtype = _cases(quick)
@@ -92,13 +79,11 @@ def run(quick):
         dy = torch.randn(B, T, H, D, generator=g).to(dev, dtype)
         inputs = (q, k, v, *precompute_rotary(T, D, device=dev))
         case = {"B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype).replace("torch.", "")}
+        flops = 2 * B * H * T * T * D  # forward: (QK^T + PV) = 4*T*T*D per head, halved by the causal mask
         for name, (fn, extra) in _providers(inputs, T, H, Hkv).items():
-            rows += fwd_bwd_rows(SUITE, case, name, fn, inputs, (q, k, v), dy, causal_flops(B, T, H, D), 2.5, quick,
-                                 **extra)
+            rows += harness.fwd_bwd_rows(SUITE, case, name, fn, inputs, (q, k, v), dy, flops, 2.5, quick, **extra)
     return harness.add_ratios(rows, "eager")
 
 
 if __name__ == "__main__":
-    if "--sass" in sys.argv:  # the inspector lives in bench/sass.py, which must start without the interpreter
-        sys.exit(subprocess.call([sys.executable, "-m", "bench.sass", *sys.argv[sys.argv.index("--sass") + 1:]]))
     harness.main(SUITE, run)

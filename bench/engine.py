@@ -5,31 +5,26 @@
     python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
 
 Cases (a 64-token prompt, 128 new greedy tokens, all made: the stop tokens lie outside the vocabulary): samples=N, one
-prompt with N samples (one prefill, then N rows decode together); prompts=N, N different prompts at once (ours batches
-them; nanochat's Engine takes one prompt per call). Providers: ours-eager (kernels.set_mode("eager")), ours-fused (the
-Triton kernels) and ours-fused-graphs (+ the decode step replayed from CUDA graphs), both CUDA only; nanochat (its
-Engine.generate, eager, SDPA attention unless its flash-attention 3 download works; `kernels` names our package).
-Metrics: ms = decode time (first token to last) for samples cases, wall time for prompts cases (ratio = nanochat ms /
-ours ms); cpu_ms / cpu_ratio the same in process CPU time (steadier on a shared machine; there pass --threads 1);
-decode_tok_s, tok_s (end to end), ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens of a
-request); kv_mb = KV bytes at the peak (ours: pages in use plus, in eager mode, the dense rows; nanochat: its dense
-(rows, prompt + max_tokens) cache); peak_mb = CUDA allocator peak (None on CPU); agree = share of the first sample's
-greedy tokens equal to nanochat's, up to the first difference.
+prompt with N samples decoding together; prompts=N, N different prompts at once (ours batches them; nanochat's Engine
+takes one prompt per call). Providers: ours-eager, ours-fused (the Triton kernels) and ours-fused-graphs (+ the decode
+step replayed from CUDA graphs), both CUDA only; nanochat (its Engine.generate, eager). Metrics: ms = decode time
+(first token to last) for samples cases, wall time for prompts cases (ratio = nanochat ms / ours); cpu_ms / cpu_ratio
+the same in process CPU time (steadier on a shared machine: pass --threads 1); decode_tok_s, tok_s (end to end),
+ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens); kv_mb = KV bytes at the peak (ours:
+pages in use plus, in eager mode, the dense rows; nanochat: its dense cache); peak_mb = CUDA allocator peak; agree =
+share of the first sample's greedy tokens equal to nanochat's, up to the first difference.
 
-The model: depth 4, width 256, 4 heads of 64, plain full attention, random weights (matrices N(0, 1/fan_in): the
-greedy path is not degenerate). nanochat's GPT (commit 92d63d4) has more (value embeddings, smear, backout, residual
-scalars, sliding windows, q and k scaled by 1.2, rotary base 100 000); it is configured as the plain one (window
-pattern "L", no value embeddings, resid_lambdas 1, x0/smear/backout lambdas 0, our rotary tables, attention called
-with q / 1.44) and given our weights, so both compute the same function; `agree` checks it. Runs are interleaved (each
-rep runs every case x provider once), medians are reported; CPU numbers say "cpu", GPU numbers come from a GPU run.
+The model: depth 4, width 256, 4 heads of 64, full attention, random weights (matrices N(0, 1/fan_in)). nanochat's GPT
+(commit 92d63d4) is configured as this plain architecture (window pattern "L", no value embeddings, resid_lambdas 1,
+x0/smear/backout lambdas 0, our rotary tables, q / 1.44 against its 1.2 x 1.2 q/k scale) and given our weights, so
+both compute the same function; `agree` checks it. Each rep runs every case x provider once; medians are reported.
 """
-import argparse
-import json
 import os
 import queue
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -42,27 +37,18 @@ from model.tokenizer import SPECIAL_TOKENS
 SUITE = "engine"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The model, its tokenizer stand-in, and nanochat's twin
-
-class _Tokenizer:
+def _tokenizer(vocab_size):
     """The surface both engines read. Special ids start at the model's vocab size: no model can sample them."""
-
-    def __init__(self, vocab_size):
-        self.special = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
-        self.bos_token_id = self.special["<|bos|>"]
-        self.encode_special, self.get_bos_token_id = self.special.__getitem__, lambda: self.bos_token_id
-
-    def encode(self, text, *args, **kwargs):
-        return [b % 256 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i % 256 for i in ids).decode(errors="replace")
+    special = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+    bos = special["<|bos|>"]
+    return SimpleNamespace(bos_token_id=bos, get_bos_token_id=lambda: bos, encode_special=special.__getitem__,
+                           encode=lambda text, *args, **kwargs: [b % 256 for b in text.encode()],
+                           decode=lambda ids: bytes(i % 256 for i in ids).decode(errors="replace"))
 
 
-def build_model(depth, head_dim, vocab, seq_len, device, dtype, seed=0):
+def build_model(depth, head_dim, vocab, seq_len, device, dtype):
     """Our GPT with random weights: the init, then every zero-initialised matrix drawn N(0, 1/fan_in)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     n_head = 64 * depth // head_dim
     cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_embd=64 * depth, n_head=n_head,
                     n_kv_head=n_head)
@@ -114,9 +100,6 @@ def peer_model(path, ours):
     return nanochat.engine.Engine, model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Timed runs
-
 class _StampedQueue(queue.Queue):
     """A request's event queue that records when each token column was produced (wall and process time)."""
 
@@ -132,8 +115,7 @@ class _StampedQueue(queue.Queue):
 
 
 def _clocks():
-    harness._sync()
-    return time.perf_counter(), time.process_time()
+    return harness.now(), time.process_time()
 
 
 def _union(intervals):
@@ -197,17 +179,6 @@ def run_peer(engine, prompts, num_samples, max_tokens):
     return _summary(start, end, streams, num_samples, kv_bytes)
 
 
-def _peak_mb(fn):
-    """(fn(), the CUDA allocator's peak in MB above what was allocated before; None on CPU)."""
-    if not harness.on_gpu():
-        return fn(), None
-    harness._sync()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    return out, (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_len=64, max_tokens=128, depth=4,
         head_dim=64, vocab=2048, seq_len=256, threads=None):
     """-> harness rows (see the module docstring)."""
@@ -216,7 +187,7 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     device = torch.device("cuda" if harness.on_gpu() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = min(reps, 2) if quick else reps
-    model, tok = build_model(depth, head_dim, vocab, seq_len, device, dtype), _Tokenizer(vocab)
+    model, tok = build_model(depth, head_dim, vocab, seq_len, device, dtype), _tokenizer(vocab)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
     many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
@@ -239,9 +210,9 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
             for ci, (case, ps, n) in enumerate(cases):
                 for name, (mode, runner, engine) in providers.items():
                     kernels.set_mode(mode)
+                    out = {}
                     with torch.inference_mode():
-                        out, peak = _peak_mb(lambda: runner(engine, ps, n, max_tokens))
-                    out["peak_mb"] = peak
+                        out["peak_mb"] = harness.peak_memory_mb(lambda: out.update(runner(engine, ps, n, max_tokens)))
                     if rep:
                         results.setdefault((ci, name), []).append(out)
                     print(f"[{SUITE}] rep {rep} {harness.fmt_case(case)} {name}: "
@@ -270,16 +241,13 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
             rows.append(harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
                                     status="not measured on GPU"))
     if peer:
-        base = {json.dumps(r["case"], sort_keys=True): r["cpu_ms"] for r in rows if r["provider"] == "nanochat"}
-        for r in rows:
-            b = base.get(json.dumps(r["case"], sort_keys=True))
-            r["cpu_ratio"] = b / r["cpu_ms"] if b and r.get("cpu_ms") else None
+        harness.add_ratios(rows, "nanochat", "cpu_ms", "cpu_ratio")
         harness.add_ratios(rows, "nanochat")
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__.splitlines()[0], quick="at most 2 reps")
     ap.add_argument("--peer", default=None, help="a nanochat checkout to run side by side (imported at run time)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians are reported)")
     ap.add_argument("--samples", default="1,8,32", help="comma list of num_samples for the one-prompt cases")
@@ -288,13 +256,8 @@ def main(argv=None):
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--vocab", type=int, default=2048, help="vocabulary size (the tiny preset's tokenizer: 2048)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--quick", action="store_true", help="at most 2 reps")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
-    ap.add_argument("--no-png", action="store_true", help="skip the plot")
     args = ap.parse_args(argv)
-    info = harness.device_info()
-    print(f"[{SUITE}] {info['device']}  torch {info['torch']}  commit {info['git_commit']}  threads "
-          f"{args.threads or torch.get_num_threads()}  load {os.getloadavg()[0]:.1f}")
+    info = harness.header(SUITE, f"  threads {args.threads or torch.get_num_threads()}  load {os.getloadavg()[0]:.1f}")
     rows = run(args.quick, peer=args.peer, reps=args.reps, samples=[int(s) for s in args.samples.split(",")],
                n_prompts=args.prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens, depth=args.depth,
                head_dim=args.head_dim, vocab=args.vocab, threads=args.threads)
@@ -308,9 +271,7 @@ def main(argv=None):
                   f"e2e {r['tok_s']:.0f} tok/s, ttft {r['ttft_ms']:.1f} ms, itl {r['itl_ms']:.2f} ms, "
                   f"kv {r['kv_mb']:.1f} MB, ratio {r.get('ratio') or float('nan'):.2f} (CPU time "
                   f"{r.get('cpu_ratio') or float('nan'):.2f}), agree {r.get('agree')}")
-    path = harness.write_results(SUITE, rows, info, None, args.out, not args.no_png, args.quick)
-    print(f"[{SUITE}] wrote {path}")
-    return path
+    return harness.write_results(SUITE, rows, info, None, args.out, not args.no_png, args.quick)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """The one benchmark harness every suite uses.
 
-A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (rows built with `row()`) that ends with
-`if __name__ == "__main__": harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a short
+A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (rows built with `row()` or
+`timed_row()`) ending in `harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a short
 perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the baseline
-provider, prints a table, and writes bench/results/<suite>-<device>-<date>.json (+ a PNG) recording the device,
-driver, CUDA, torch, triton versions, git commit and date, so a number never travels without the machine that made
-it. On CPU the suites run tiny smoke shapes: the JSON says "cpu", and those timings are not GPU claims.
+provider, prints a table and writes bench/results/<suite>-<device>-<date>.json (+ a PNG) with the device, driver,
+CUDA, torch, triton, git commit and date. On CPU the suites run tiny smoke shapes: the JSON says "cpu".
 """
 import argparse
 import json
@@ -26,15 +25,21 @@ def on_gpu():
     return torch.cuda.is_available()
 
 
-def _sync():
+def sync():
     if on_gpu():
         torch.cuda.synchronize()
 
 
-def bench(fn, quick=False, warmup=None, rep=None):
+def now():
+    """time.perf_counter() once the device's queued work is done."""
+    sync()
+    return time.perf_counter()
+
+
+def bench(fn, quick=False, rep=None):
     """Time fn() in milliseconds -> {"ms": median, "ms_p20", "ms_p80"}."""
     if on_gpu():
-        q = triton.testing.do_bench(fn, warmup=warmup or (5 if quick else 25), rep=rep or (20 if quick else 100),
+        q = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=rep or (20 if quick else 100),
                                     quantiles=[0.5, 0.2, 0.8])
         return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
     fn()  # warm-up (and compilation / interpreter caches)
@@ -48,14 +53,15 @@ def bench(fn, quick=False, warmup=None, rep=None):
 
 
 def peak_memory_mb(fn):
-    """Peak CUDA memory allocated while fn() runs, above what was allocated before (None on CPU)."""
+    """Run fn() -> the peak CUDA memory allocated meanwhile, in MB above what was allocated before (None on CPU)."""
     if not on_gpu():
+        fn()
         return None
-    _sync()
+    sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
-    _sync()
+    sync()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
@@ -66,16 +72,34 @@ def row(suite, case, provider, pass_, ms, flops=None, bytes_=None, peak_mb=None,
             "gbps": bytes_ / (ms * 1e-3) / 1e9 if bytes_ and ms else None, "peak_mb": peak_mb, **extra}
 
 
+def timed_row(suite, case, provider, pass_, fn, quick, peak=False, rep=None, **extra):
+    """bench(fn) as a row: median ms, the p20/p80 spread, peak memory when `peak`; extra: flops=, bytes_=, ..."""
+    t = bench(fn, quick=quick, rep=rep)
+    return row(suite, case, provider, pass_, t["ms"], peak_mb=peak_memory_mb(fn) if peak and on_gpu() else None,
+               ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], **extra)
+
+
+def fwd_bwd_rows(suite, case, provider, fn, inputs, grad_inputs, dy, flops, bwd_factor, quick, **extra):
+    """Rows of fn(*inputs) for passes fwd, bwd (on a retained graph) and fwd+bwd, gradients w.r.t. grad_inputs; the
+    backward counts bwd_factor x the forward's flops; peak memory for fwd and fwd+bwd."""
+    fwd = lambda: fn(*inputs)
+    y = fwd()
+    passes = (("fwd", fwd, flops),
+              ("bwd", lambda: torch.autograd.grad(y, grad_inputs, dy, retain_graph=True), bwd_factor * flops),
+              ("fwd+bwd", lambda: torch.autograd.grad(fwd(), grad_inputs, dy), (1 + bwd_factor) * flops))
+    return [timed_row(suite, case, provider, p, f, quick, peak=p != "bwd", flops=fl, **extra) for p, f, fl in passes]
+
+
 def case_key(r):
     return json.dumps(r["case"], sort_keys=True), r["pass"]
 
 
-def add_ratios(rows, baseline):
-    """ratio = baseline ms / this row's ms for the same case and pass (> 1 means faster than the baseline)."""
-    base = {case_key(r): r["ms"] for r in rows if r["provider"] == baseline}
+def add_ratios(rows, baseline, key="ms", name="ratio"):
+    """r[name] = the baseline's r[key] / this row's for the same case and pass (> 1: faster than the baseline)."""
+    base = {case_key(r): r.get(key) for r in rows if r["provider"] == baseline}
     for r in rows:
         b = base.get(case_key(r))
-        r["ratio"] = b / r["ms"] if b and r["ms"] else None
+        r[name] = b / r[key] if b and r.get(key) else None
     return rows
 
 
@@ -100,14 +124,25 @@ def device_info():
     return info
 
 
+def header(suite, extra=""):
+    """Print the run's device, versions and commit; -> device_info()."""
+    info = device_info()
+    print(f"[{suite}] {info['device']}  torch {info['torch']}  triton {info['triton']}  commit {info['git_commit']}"
+          + extra, flush=True)
+    return info
+
+
+def fmt_case(case):
+    return ",".join(f"{k}={v}" for k, v in case.items())
+
+
 def print_table(rows):
     cols = ["case", "provider", "pass", "ms", "tflops", "gbps", "ratio", "peak_mb"]
     fmt = lambda v: ("-" if v is None else f"{v:.3g}" if isinstance(v, float) else
-                     ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+                     fmt_case(v) if isinstance(v, dict) else str(v))
     table = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in table:
+    for t in [cols] + table:
         print("  ".join(x.ljust(w) for x, w in zip(t, widths)))
 
 
@@ -118,10 +153,10 @@ def plot(suite, rows, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        return
     rows = [r for r in rows if r.get("ratio") is not None]
     if not rows:
-        return None
+        return
     label = lambda r: f"{fmt_case(r['case'])} {r['pass']}"
     labels, providers = sorted({label(r) for r in rows}, key=str), sorted({r["provider"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4))
@@ -132,49 +167,47 @@ def plot(suite, rows, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed vs baseline (x)")
-    ax.set_title(suite)
+    ax.set(ylabel="speed vs baseline (x)", title=suite)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def fmt_case(case):
-    return ",".join(f"{k}={v}" for k, v in case.items())
 
 
 def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, quick=False):
-    """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png); returns the JSON path. Quick runs get their own
-    name, so a smoke run never replaces a full one."""
+    """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png) and print its path; -> the JSON path. Quick runs
+    get their own name, so a smoke run never replaces a full one; a rerun on the same day replaces the file whole."""
     info = info or device_info()
     out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", info["device"] if info["kind"] == "cuda" else "cpu").strip("-").lower()
-    stem = f"{suite}-{device}-{info['date'][:10]}" + ("-quick" if quick else "")
-    path = os.path.join(out_dir, stem + ".json")
-    with open(path + ".tmp", "w") as f:
+    stem = os.path.join(out_dir, f"{suite}-{device}-{info['date'][:10]}" + ("-quick" if quick else ""))
+    with open(stem + ".json.tmp", "w") as f:
         json.dump({"suite": suite, "quick": quick, "info": info, "peaks": peaks, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)  # reruns on the same day replace the old file whole
+    os.replace(stem + ".json.tmp", stem + ".json")
     if png:
-        plot(suite, rows, os.path.join(out_dir, stem + ".png"))
-    return path
+        plot(suite, rows, stem + ".png")
+    print(f"[{suite}] wrote {stem}.json")
+    return stem + ".json"
+
+
+def parser(description, quick="fewer shapes and repetitions (CPU always runs tiny ones)"):
+    """The flags every suite takes: --quick, --out DIR, --no-png."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--no-png", action="store_true", help="skip the plot")
+    return ap
 
 
 def main(suite, run, argv=None):
     """`python -m bench.<suite> [--quick] [--out DIR] [--no-png]`."""
-    ap = argparse.ArgumentParser(description=f"benchmark suite: {suite}")
-    ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CPU always runs tiny ones)")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
-    ap.add_argument("--no-png", action="store_true", help="skip the plot")
-    args = ap.parse_args(argv)
+    args = parser(f"benchmark suite: {suite}").parse_args(argv)
     return run_suite(suite, run, quick=args.quick, out_dir=args.out, png=not args.no_png)
 
 
 def run_suite(suite, run, quick=False, out_dir=None, png=True):
-    info = device_info()
-    print(f"[{suite}] {info['device']}  torch {info['torch']}  triton {info['triton']}  commit {info['git_commit']}")
+    info = header(suite)
     quick = quick or not on_gpu()
     peaks = measure_peaks(quick=quick)
     rows = run(quick)
@@ -184,6 +217,4 @@ def run_suite(suite, run, quick=False, out_dir=None, png=True):
         if r.get("gbps"):
             r["pct_peak_copy"] = 100 * r["gbps"] / peaks["copy_gbps"]
     print_table(rows)
-    path = write_results(suite, rows, info, peaks, out_dir, png, quick)
-    print(f"[{suite}] wrote {path}")
-    return path
+    return write_results(suite, rows, info, peaks, out_dir, png, quick)

@@ -2,22 +2,19 @@
 
     python -m bench.linear_cross_entropy [--quick]
 
-GPU (bf16): V = GPTConfig().vocab_size (65536), C = n_embd of GPTConfig.from_depth(20) and (32) (1280, 2048),
-tokens in {8k, 32k, 64k}; --quick keeps (8k, d20) and (32k, d32). 10 % of the targets are ignored (-1). Providers:
-eager = linear_cross_entropy_reference (matmul, .float(), 15 tanh(z / 15), F.cross_entropy: materialises N x V);
-compile = torch.compile of it; chunked = the same per chunk of tokens under torch.utils.checkpoint with the fused
-path's logits budget (2^28 elements per chunk), the plain-PyTorch way to bound memory; fused =
-linear_cross_entropy_triton (cuBLAS GEMMs + one Triton row kernel, gradients computed in the forward).
-TFLOP/s from the loss's useful work: forward 2*N*V*C, fwd+bwd 6*N*V*C (chunked recomputes z: 8*N*V*C, counted as
-6). Peak memory = torch.cuda.max_memory_allocated above the inputs while the pass runs; a provider that runs out of
-memory gets a row with no time and oom=True. CPU: a tiny fp32 smoke case, eager, chunked and fused under the
-Triton interpreter (no compile: too slow); those timings measure the interpreter, not the kernel.
+GPU (bf16): V = 65536, C = n_embd of d20 and d32 (1280, 2048), tokens in {8k, 32k, 64k}; --quick keeps (8k, d20)
+and (32k, d32); 10 % of the targets are ignored (-1). Providers: eager = linear_cross_entropy_reference (matmul,
+.float(), 15 tanh(z / 15), F.cross_entropy: materialises N x V); compile = torch.compile of it; chunked = the same
+per chunk of tokens under torch.utils.checkpoint with the fused path's logits budget (2^28 elements per chunk), the
+plain-PyTorch way to bound memory; fused = linear_cross_entropy_triton (cuBLAS GEMMs + one Triton row kernel,
+gradients computed in the forward). TFLOP/s from the loss's useful work: forward 2*N*V*C, fwd+bwd 6*N*V*C (chunked
+recomputes z: 8*N*V*C, counted as 6). Peak memory above the inputs while the pass runs; a provider out of memory
+gets a row with no time and oom=True. CPU: a tiny fp32 case, eager, chunked and fused under the Triton interpreter.
 """
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from bench import harness
-from bench.kernels import timed_row
 from kernels.linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
 from model.gpt import SOFTCAP, GPTConfig
 
@@ -37,23 +34,12 @@ def chunked_reference(h, w, targets, softcap=SOFTCAP, ignore_index=-1):
     return total / n_valid
 
 
-def _providers():
-    compiled = {"compile": torch.compile(linear_cross_entropy_reference, dynamic=False)} if harness.on_gpu() else {}
-    return {"eager": linear_cross_entropy_reference, **compiled, "chunked": chunked_reference,  # compile: per shape
-            "fused": linear_cross_entropy_triton}
-
-
 def _cases(quick):
     V = GPTConfig().vocab_size
     if not harness.on_gpu():
         return [(64, GPTConfig.from_depth(1).n_embd, 512)], torch.float32
     pairs = [(8192, 20), (32768, 32)] if quick else [(n, d) for d in (20, 32) for n in (8192, 32768, 65536)]
     return [(n, GPTConfig.from_depth(d).n_embd, V) for n, d in pairs], torch.bfloat16
-
-
-def _free():
-    if harness.on_gpu():
-        torch.cuda.empty_cache()
 
 
 def run(quick):
@@ -69,7 +55,10 @@ def run(quick):
         targets = targets.to(dev)
         case = {"tokens": N, "C": C, "V": V, "dtype": str(dtype).replace("torch.", "")}
         flops = 2 * N * V * C  # forward: z = h w^T
-        for name, fn in _providers().items():
+        compiled = {"compile": torch.compile(linear_cross_entropy_reference, dynamic=False)} if dev == "cuda" else {}
+        providers = {"eager": linear_cross_entropy_reference, **compiled, "chunked": chunked_reference,
+                     "fused": linear_cross_entropy_triton}
+        for name, fn in providers.items():
             both = lambda: torch.autograd.grad(fn(h, w, targets), (h, w))
 
             def fwd():
@@ -78,12 +67,12 @@ def run(quick):
 
             for pass_, f, fl in (("fwd+bwd", both, 3 * flops), ("fwd", fwd, flops)):
                 try:
-                    rows.append(timed_row(SUITE, case, name, pass_, f, quick, peak=True, flops=fl))
+                    rows.append(harness.timed_row(SUITE, case, name, pass_, f, quick, peak=True, flops=fl))
                 except torch.cuda.OutOfMemoryError:
                     rows.append(harness.row(SUITE, case, name, pass_, None, oom=True))
-                _free()
+                torch.cuda.empty_cache()  # a no-op without CUDA
         h = w = None  # the case's tensors go before the next, larger case is allocated
-        _free()
+        torch.cuda.empty_cache()
     return harness.add_ratios(rows, "eager")
 
 

@@ -2,54 +2,28 @@
 
     python -m bench.newton_schulz [--quick]
 
-GPU (bf16, fp32 accumulation): (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a batch of
-20 x (1280, 1280) -- the shapes of the d12/d20/d32 block matrices -- pass "ns5"; the symmetric Gram product X X^T alone
-(torch matmul vs gram_triton), pass "gram"; and the whole Muon step (model/optim.py) over the block matrices of a d20
-model (shapes from GPTConfig.from_depth(20) -> GPT on the meta device), eager vs fused, pass "muon_step".
-TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3 with m <= n; Gram 2 m^2 n), so
-the symmetric kernels show up as a higher effective rate. --quick keeps the shapes the GPU check has time for.
-CPU: tiny fp32 shapes, eager and fused under the Triton interpreter (interpreter timings, not kernel performance).
+GPU (bf16, fp32 accumulation), pass "ns5": (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a
+batch of 20 x (1280, 1280), the shapes of the d12/d20/d32 block matrices; pass "gram": the symmetric X X^T alone
+(torch matmul vs gram_triton); pass "muon_step": the whole Muon step (model/optim.py) over a d20 model's block
+matrices, eager vs fused. TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3,
+m <= n; Gram 2 m^2 n), so the symmetric kernels show up as a higher effective rate. CPU: tiny fp32 shapes, eager and
+fused under the Triton interpreter (interpreter timings, not kernel performance).
 """
 import torch
 
 import kernels
 from bench import harness
-from bench.kernels import timed_row
 from kernels.newton_schulz import gram_triton, newton_schulz_reference, newton_schulz_triton
 from model.gpt import GPT, GPTConfig
+from model.optim import Muon
 
 SUITE = "newton_schulz"
 STEPS = 5
 
 
-def _ns_flops(batch, rows, cols, steps=STEPS):
+def _ns_flops(batch, rows, cols):
     m, n = min(rows, cols), max(rows, cols)
-    return batch * steps * (4 * m * m * n + 2 * m ** 3)
-
-
-def _block_matrix_shapes(depth):
-    """The shapes of the Muon-optimised matrices of a model of this depth (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth))
-    return [tuple(p.shape) for p in model.transformer.h.parameters() if p.ndim == 2]
-
-
-def _muon_step_rows(depth, dev, quick):
-    from model.optim import Muon
-    shapes = _block_matrix_shapes(depth)
-    g = torch.Generator(device=dev).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, device=dev, generator=g) * 0.02) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, device=dev, generator=g)
-    opt = Muon(params, lr=0.02, momentum=0.95)
-    case = {"op": "muon_step", "depth": depth, "matrices": len(shapes)}
-    flops = sum(_ns_flops(1, *s) for s in shapes)
-    rows = []
-    for name in ("eager", "fused"):  # the optimizer calls the dispatcher: flip the mode (outside the timed call)
-        kernels.set_mode(name)
-        rows.append(timed_row(SUITE, case, name, "muon_step", opt.step, quick, rep=None if harness.on_gpu() else 1,
-                              flops=flops))  # CPU: the interpreter, slow
-    return rows
+    return batch * STEPS * (4 * m * m * n + 2 * m ** 3)
 
 
 def run(quick):
@@ -66,24 +40,35 @@ def run(quick):
         gram_shapes, depth = [(1, 1280, 1280), (1, 1280, 5120), (1, 4096, 4096), (20, 1280, 1280)], 20
     compiled = {"compile": torch.compile(newton_schulz_reference, dynamic=False)} if gpu else {}
     providers = {"eager": newton_schulz_reference, **compiled, "fused": newton_schulz_triton}
-
-    prev = kernels.get_mode()
-    rows = []
+    prev, rows = kernels.get_mode(), []
     try:
         for batch, m, n in ns_shapes:
             G = torch.randn(batch, m, n, device=dev, dtype=dtype).squeeze(0)
             case = {"op": "ns5", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
             for name, fn in providers.items():
-                rows.append(timed_row(SUITE, case, name, "ns5", lambda: fn(G, steps=STEPS), quick,
-                                      flops=_ns_flops(batch, m, n)))
+                rows.append(harness.timed_row(SUITE, case, name, "ns5", lambda: fn(G, steps=STEPS), quick,
+                                              flops=_ns_flops(batch, m, n)))
         for batch, m, n in gram_shapes:  # the Gram product X X^T alone (m <= n)
             X = torch.randn(batch, m, n, device=dev, dtype=dtype)
             A = torch.empty(batch, m, m, device=dev, dtype=dtype)
             case = {"op": "gram", "batch": batch, "m": m, "n": n, "dtype": str(dtype).replace("torch.", "")}
             gram = {"eager": lambda: torch.bmm(X, X.mT, out=A), "fused": lambda: gram_triton(X, out=A)}
-            rows += [timed_row(SUITE, case, name, "gram", fn, quick, flops=2 * batch * m * m * n)
+            rows += [harness.timed_row(SUITE, case, name, "gram", fn, quick, flops=2 * batch * m * m * n)
                      for name, fn in gram.items()]
-        rows += _muon_step_rows(depth, dev, quick)
+        with torch.device("meta"):  # the shapes of the Muon-optimised matrices, no memory
+            model = GPT(GPTConfig.from_depth(depth))
+        shapes = [tuple(p.shape) for p in model.transformer.h.parameters() if p.ndim == 2]
+        g = torch.Generator(device=dev).manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, device=dev, generator=g) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, device=dev, generator=g)
+        opt = Muon(params, lr=0.02, momentum=0.95)
+        case = {"op": "muon_step", "depth": depth, "matrices": len(shapes)}
+        for name in ("eager", "fused"):  # the optimizer calls the dispatcher: flip the mode (outside the timed call)
+            kernels.set_mode(name)
+            rows.append(harness.timed_row(SUITE, case, name, "muon_step", opt.step, quick,
+                                          flops=sum(_ns_flops(1, *s) for s in shapes),
+                                          rep=None if gpu else 1))  # CPU: the interpreter, slow
     finally:
         kernels.set_mode(prev)
     return harness.add_ratios(rows, "eager")

@@ -11,16 +11,10 @@ smoke case, eager and fused under the Triton interpreter (no compile); the timin
 import torch
 
 from bench import harness
-from bench.kernels import fwd_bwd_rows
 from kernels.relu2_mlp import relu2_mlp_reference, relu2_mlp_triton
 from model.gpt import GPTConfig
 
 SUITE = "relu2_mlp"
-
-
-def _providers():
-    compiled = {"compile": torch.compile(relu2_mlp_reference, dynamic=False)} if harness.on_gpu() else {}  # per shape
-    return {"eager": relu2_mlp_reference, **compiled, "fused": relu2_mlp_triton}
 
 
 def _cases(quick):
@@ -42,9 +36,12 @@ def run(quick):
         dy = torch.randn(M, C, device=dev, dtype=dtype)
         inputs = (x, w_fc, w_proj)
         case = {"tokens": M, "C": C, "F": Fh, "dtype": str(dtype).replace("torch.", "")}
-        for name, fn in _providers().items():  # forward: two GEMMs of 2*M*C*F; backward: four
-            rows += fwd_bwd_rows(SUITE, case, name, fn, inputs, inputs, dy, 4 * M * C * Fh, 2, quick)
+        compiled = {"compile": torch.compile(relu2_mlp_reference, dynamic=False)} if dev == "cuda" else {}  # per shape
+        for name, fn in {"eager": relu2_mlp_reference, **compiled, "fused": relu2_mlp_triton}.items():
+            # forward: two GEMMs of 2*M*C*F; backward: four
+            rows += harness.fwd_bwd_rows(SUITE, case, name, fn, inputs, inputs, dy, 4 * M * C * Fh, 2, quick)
     return harness.add_ratios(rows, "eager")
+
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

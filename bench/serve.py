@@ -4,14 +4,12 @@ with stalled clients holding connections open.
     python -m bench.serve                                  # 8 clients x 4 requests of 32 tokens, then + 16 stalled
     python -m bench.serve --clients 32 --requests 8 --max-tokens 64 --stalled 16 --device cuda
 
-The server runs in a child process (python -m bench.serve --serve-only ...) on 127.0.0.1 with a random-weight model
-(--layers x --width, a byte-level BPE tokenizer trained on a few sentences), so the clients do not share its
-interpreter. Each client sends its requests one after another, streaming with stream_options.include_usage, and
+The server runs in a child process on 127.0.0.1 with a random-weight model (--layers x --width, a byte-level BPE
+trained on a few sentences). Each client streams its requests one after another (stream_options.include_usage) and
 times latency (request sent -> [DONE]) and time to first token (-> first content delta). A stalled client sends its
-headers and the first bytes of a body it never finishes; when the server drops it (408 after --body-timeout) it
-reconnects, so --stalled of them are always there. Per phase: requests/s and tokens/s (completion tokens from usage,
-over the phase's wall time), p50 / p99 latency and time to first token in ms, errors. JSON rows via bench.harness
-(bench/results/serve-<device>-<date>.json; on CPU a smoke run of a toy model, not a serving claim).
+headers and the first bytes of a body it never finishes, and reconnects when the server drops it (408 after
+--body-timeout). Per phase: requests/s and tokens/s (completion tokens from usage over the phase's wall time), p50 /
+p99 latency and time to first token in ms, errors; JSON rows via bench.harness (on CPU: a toy model's smoke run).
 """
 import argparse
 import json
@@ -33,7 +31,6 @@ CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
 MESSAGES = [{"role": "user", "content": "Hello there! How are you today?"}]
 
 
-# ------------------------------------------------------------------------------------------------- the server
 def serve(args):
     """Child process: build the random model and serve it until killed."""
     import torch
@@ -84,7 +81,6 @@ def start_server(args):
     raise SystemExit("bench.serve: the server did not come up within 300 s")
 
 
-# ------------------------------------------------------------------------------------------------- the clients
 def one_request(client, url, max_tokens, seed):
     """One streaming request -> (latency s, time to first token s or None, completion tokens, error or None)."""
     body = {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
@@ -115,7 +111,7 @@ class Stalled:
 
     def __init__(self, url, n):
         self.host, self.port = url.split("//")[1].split(":")
-        self.n, self.stop, self.dropped = n, threading.Event(), 0
+        self.stop, self.dropped = threading.Event(), 0
         self.threads = [threading.Thread(target=self._hold, daemon=True) for _ in range(n)]
         for th in self.threads:
             th.start()
@@ -222,11 +218,8 @@ def main(argv=None):
     args.max_concurrency = args.max_concurrency or args.clients
     if args.serve_only:
         return serve(args)
-    info = harness.device_info()
-    print(f"[{SUITE}] {info['device']}  torch {info['torch']}  commit {info['git_commit']}", flush=True)
-    rows = run(args)
-    path = harness.write_results(SUITE, rows, info, out_dir=args.out, png=False, quick=not harness.on_gpu())
-    print(f"[{SUITE}] wrote {path}")
+    info = harness.header(SUITE)
+    harness.write_results(SUITE, run(args), info, out_dir=args.out, png=False, quick=not harness.on_gpu())
 
 
 if __name__ == "__main__":

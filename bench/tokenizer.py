@@ -4,19 +4,18 @@
     python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
 
 Training (same corpus, split pattern and vocab size incl. the 256 bytes; median of a few runs, timed around the
-training call only): "ours" = rustbpe from this repository (module `tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's
+training call only): "ours" = rustbpe from this repository (`tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's
 `rustbpe` from PyPI, a wheel only (`pip install --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe
-rustbpe`: no sdist build code runs, in the user's own folder, not a shared /tmp one), so both run in this process
-(skipped with a note when it cannot be installed); "hf_tokenizers" = HuggingFace `tokenizers` BPE (byte-level, the
-same split regex), as nanochat compares. Encode: MB/s of UTF-8 text through our tiktoken Encoding vs the HF tokenizer
-trained on the same data, one long string ("encode") and the documents in threads ("encode_batch"). Compression:
-bytes per token on the held-out play. Training is CPU work, so unlike the kernel suites the full run is meaningful on
-a CPU: only --quick (or bench.kernels, which always passes quick off-GPU) selects the small run.
+rustbpe`: no sdist build code runs), loaded in this same process (skipped with a note when it cannot be installed);
+"hf_tokenizers" = HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares. Encode: MB/s
+of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long string ("encode")
+and the documents in threads ("encode_batch"). Compression: bytes per token on the held-out play. Training is CPU
+work, so the full run is meaningful on a CPU: only --quick (or bench.kernels off-GPU) selects the small run.
 """
-import argparse
+import bisect
 import hashlib
 import importlib
-import json
+import itertools
 import os
 import random
 import statistics
@@ -47,10 +46,7 @@ def load_texts(quick):
         make = lambda n: [" ".join(rng.choices(words, weights, k=300)) + "\n" for _ in range(n)]
         docs, val, name = make(2000), make(40), "synthetic"
     if quick:  # the first documents up to and including the one that reaches 500 kB
-        total, n = 0, 0
-        while n < len(docs) and total < 500_000:
-            total, n = total + len(docs[n]), n + 1
-        docs = docs[:n]
+        docs = docs[:bisect.bisect_left(list(itertools.accumulate(map(len, docs))), 500_000) + 1]
     return docs, val, name
 
 
@@ -83,13 +79,12 @@ def import_pypi_rustbpe():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
                "--target", PYPI_DIR, "rustbpe"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            err = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stderr.strip()[-300:]
         except (OSError, subprocess.TimeoutExpired) as e:
-            print(f"[{SUITE}] skipping pypi_rustbpe: could not run pip ({e})")
-            return None
-        if proc.returncode != 0 or not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
+            err = f"could not run pip ({e})"
+        if not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
             print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --only-binary :all: --target {PYPI_DIR} rustbpe` "
-                  f"failed: {proc.stderr.strip()[-300:]}")
+                  f"failed: {err}")
             return None
     sys.path.insert(0, PYPI_DIR)
     try:
@@ -155,28 +150,22 @@ def run(quick=False):
                 rows.append(harness.row(SUITE, case, provider, pass_, t, bytes_=nb, mb_per_s=nb / 1e6 / (t * 1e-3),
                                         input_mb=round(nb / 1e6, 2)))
     harness.add_ratios(rows, "hf_tokenizers")  # ratio = HF time / this time (> 1: faster than HF)
-    by = {(json.dumps(r["case"], sort_keys=True), r["pass"], r["provider"]): r for r in rows}
-    for r in rows:  # ours vs the peers directly, in wall time and in CPU time (robust on a shared, loaded machine)
-        if r["provider"] == "ours":
-            for peer in ("pypi_rustbpe", "hf_tokenizers"):
-                p = by.get((json.dumps(r["case"], sort_keys=True), r["pass"], peer))
-                r[f"speedup_vs_{peer}"] = p["ms"] / r["ms"] if p else None
-                if p and r.get("cpu_s") and p.get("cpu_s"):
-                    r[f"cpu_speedup_vs_{peer}"] = p["cpu_s"] / r["cpu_s"]
+    for peer in ("pypi_rustbpe", "hf_tokenizers"):  # ours vs each peer, in wall and CPU time (robust under load)
+        by = {harness.case_key(r): r for r in rows if r["provider"] == peer}
+        for r in (r for r in rows if r["provider"] == "ours"):
+            p = by.get(harness.case_key(r))
+            r[f"speedup_vs_{peer}"] = p["ms"] / r["ms"] if p else None
+            if p and r.get("cpu_s") and p.get("cpu_s"):
+                r[f"cpu_speedup_vs_{peer}"] = p["cpu_s"] / r["cpu_s"]
     return rows
 
 
 def main(argv=None):
     # Not harness.main: harness.run_suite forces the quick run off-GPU (right for kernels, whose CPU numbers mean
     # nothing), but tokenizer training is CPU work, so here only --quick selects the small run.
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="500 kB of the corpus, vocab 512")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
-    ap.add_argument("--no-png", action="store_true", help="skip the plot")
-    args = ap.parse_args(argv)
-    info = harness.device_info()
+    args = harness.parser(__doc__.split("\n")[0], quick="500 kB of the corpus, vocab 512").parse_args(argv)
+    info = harness.header(SUITE)
     info["note"] = f"tokenizer suite: {'quick' if args.quick else 'full'} CPU run; {os.cpu_count()} cores"
-    print(f"[{SUITE}] {info['device']}  commit {info['git_commit']}")
     rows = run(args.quick)
     harness.print_table(rows)
     keys = ("cpu_s", "vocab_reached", "val_bytes_per_token", "mb_per_s", "speedup_vs_pypi_rustbpe",
@@ -186,9 +175,7 @@ def main(argv=None):
         extra = {k: r[k] for k in keys if r.get(k) is not None}
         print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
               + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
-    path = harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
-    print(f"[{SUITE}] wrote {path}")
-    return path
+    return harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
 
 
 if __name__ == "__main__":

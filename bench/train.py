@@ -6,19 +6,15 @@ torch.compile, side by side.
     python -m bench.train --depth 4 --seq-len 128 --kernels eager --compile off,on        # CPU (inductor: C++)
     python -m bench.train --depth 4 --seq-len 128 --compile on --compile-backend aot_eager --build fsdp,plain
 
-Per configuration (kernels x compile x build): build the model as training does (train/distributed.py: meta device
--> [compile part by part] -> FSDP2 -> init), warm up (the first step compiles), time N steps with device syncs
-between forward, backward and optimizer (an exact breakdown), then N whole steps without syncs (the "step" column).
-`--build plain` is the same GPT without FSDP2, compiled whole (nanochat's way; bf16 autocast on CUDA). Each row
-records torch._dynamo's counters: graphs, graph breaks, graphs compiled after the warm-up (recompiles; 0 expected).
-Communication = the NCCL kernels' time in a one-step torch.profiler capture. MFU = tokens/s x FLOPs/token / (peak x
-GPUs), FLOPs/token from GPT.estimate_flops(), the peak from a table of dense bf16 peaks (else the matmul peak
-measured in this run); "vs base" = tokens/s over eager+compile's (the plain PyTorch model compiled: what users
-compare against first). NVML telemetry (power, SM clock, temperature, memory, utilisation) is sampled in a thread
-("unavailable" without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so, not a failed run. Tokens are
-random (throughput does not depend on the text). On CPU `--compile-backend aot_eager` traces the same graphs
-without code generation (checks breaks and recompiles, no speed-up). From the step time it projects the speedrun:
-20 tokens per parameter on 8 GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
+Per configuration (kernels x compile x build): build the model as training does (train/distributed.py; `--build
+plain`: no FSDP2, compiled whole, bf16 autocast on CUDA: nanochat's way), warm up (the first step compiles), time N
+steps with device syncs between forward, backward and optimizer (the breakdown), then N whole steps without syncs
+("step"). Rows record torch._dynamo's graphs, graph breaks and recompiles after the warm-up (0 expected), the NCCL
+kernels' time in a one-step profiler capture, MFU = tokens/s x GPT.estimate_flops() / (dense bf16 peak, else the
+matmul peak measured here, x GPUs), "vs base" = tokens/s over eager+compile's, and NVML telemetry ("unavailable"
+without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so. Tokens are random. On CPU `--compile-backend
+aot_eager` traces the same graphs without code generation. The speedrun projection: 20 tokens per parameter on 8
+GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
 
 Memory at d20 per GPU (arithmetic, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
 with no accumulation and the eager one 16 x 2048 x 2. d20: C = 1280, 20 layers, V = 65 536, 561 M params (wte and
@@ -57,10 +53,8 @@ def device_peak_flops(name, measured=None):
 
 
 def mfu(tokens_per_s, flops_per_token, peak, world_size=1):
-    """Model FLOPs utilisation, in %."""
-    if not peak:
-        return None
-    return 100.0 * tokens_per_s * flops_per_token / (peak * world_size)
+    """Model FLOPs utilisation, in % (None without a peak)."""
+    return 100.0 * tokens_per_s * flops_per_token / (peak * world_size) if peak else None
 
 
 def project_speedrun(num_params, tokens_per_s_per_gpu, n_gpus=8, tokens_per_param=20):
@@ -118,11 +112,6 @@ class Telemetry:
         return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def label(mode, compiled, build="fsdp"):
     """Row name: eager, eager+compile, fused, fused+compile; " (plain)" for the build without FSDP2."""
     return mode + ("+compile" if compiled else "") + ("" if build == "fsdp" else f" ({build})")
@@ -144,9 +133,9 @@ def build_for_bench(config, dist_info, compiled, build, backend):
         model = GPT(config)
     model.init_weights()
     fwd = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
-    cuda = dist_info.device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    return model, fwd, autocast
+    if dist_info.device.type == "cuda":
+        return model, fwd, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return model, fwd, contextlib.nullcontext
 
 
 def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
@@ -155,15 +144,13 @@ def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
     kernels.set_mode(mode)
     torch._dynamo.reset()  # each configuration compiles from scratch and counts its own graphs
     counters.clear()
-    device = dist_info.device
     try:
         return _profile(mode, args, dist_info, compiled, build)
     except torch.OutOfMemoryError as e:
         print0(f"[{label(mode, compiled, build)}] out of memory: {str(e).splitlines()[0]}")
         return {"mode": mode, "compiled": compiled, "build": build, "error": "out of memory"}
     finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def _profile(mode, args, dist_info, compiled, build):
@@ -181,51 +168,42 @@ def _profile(mode, args, dist_info, compiled, build):
         with autocast():
             return fwd(x, y)
 
-    def step():
-        loss = forward()
-        loss.backward()
+    def optimize():
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+
+    def step():
+        loss = forward()
+        loss.backward()
+        optimize()
         return loss
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    _sync(device)
-    warmup_s = time.perf_counter() - t0
+    warmup_s = harness.now() - t0
     warm = dynamo_counts()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    # Phase breakdown: syncs between phases make each one exact.
-    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}  # syncs between phases make each one exact
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = forward()
-        _sync(device)
-        t1 = time.perf_counter()
+        t1 = harness.now()
         loss.backward()
-        _sync(device)
-        t2 = time.perf_counter()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        _sync(device)
-        t3 = time.perf_counter()
-        phases["forward"] += t1 - t0
-        phases["backward"] += t2 - t1
-        phases["optimizer"] += t3 - t2
+        t2 = harness.now()
+        optimize()
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, harness.now() - t2)):
+            phases[k] += dt
     phases = {k: 1e3 * v / args.steps for k, v in phases.items()}
 
-    # Whole steps, no syncs inside: the number that matters.
-    with Telemetry() as telemetry:
-        _sync(device)
-        t0 = time.perf_counter()
+    with Telemetry() as telemetry:  # whole steps, no syncs inside: the number that matters
+        t0 = harness.now()
         for _ in range(args.steps):
             loss = step().detach()
-        _sync(device)
-        step_ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        step_ms = 1e3 * (harness.now() - t0) / args.steps
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     end = dynamo_counts()
 
@@ -245,11 +223,10 @@ def _profile(mode, args, dist_info, compiled, build):
 
 
 def _profile_one_step(step, mode, args, device):
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        step()
-        _sync(device)
     cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        harness.sync()
     events = prof.key_averages()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     comm = sum(getattr(e, attr, 0) for e in events if "nccl" in e.key.lower()) / 1e3 if cuda else None
@@ -312,18 +289,15 @@ def main(argv=None):
     peaks = harness.measure_peaks(quick=True)
     peak = device_peak_flops(info["device"], peaks["matmul_tflops"] * 1e12) if cuda else None
     case = {"depth": args.depth, "T": args.seq_len, "B": args.device_batch_size, "gpus": dist_info.world_size}
-    flops_step = None
     rows = []
     for r in results:
-        name = label(r["mode"], r["compiled"], r["build"])
-        if "error" in r:
-            rows.append(harness.row("train", case, name, "step", None, **{k: v for k, v in r.items() if k != "mode"}))
-            continue
-        r["mfu_pct"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak, dist_info.world_size)
-        r["projection_8gpu"] = project_speedrun(r["num_params"], r["tokens_per_s_per_device"])
-        flops_step = r["flops_per_token"] * args.device_batch_size * args.seq_len * dist_info.world_size
-        rows.append(harness.row("train", case, name, "step", r["step_ms"], flops=flops_step,
-                                **{k: v for k, v in r.items() if k not in ("mode", "step_ms")}))
+        name, ms = label(r.pop("mode"), r["compiled"], r["build"]), r.pop("step_ms", None)
+        flops = None
+        if ms is not None:  # not out of memory
+            r["mfu_pct"] = mfu(r["tokens_per_s"], r["flops_per_token"], peak, dist_info.world_size)
+            r["projection_8gpu"] = project_speedrun(r["num_params"], r["tokens_per_s_per_device"])
+            flops = r["flops_per_token"] * args.device_batch_size * args.seq_len * dist_info.world_size
+        rows.append(harness.row("train", case, name, "step", ms, flops=flops, **r))
     names = [r["provider"] for r in rows if r["ms"]]
     baseline = "eager+compile" if "eager+compile" in names else (names[0] if names else None)
     harness.add_ratios(rows, baseline)
@@ -335,7 +309,7 @@ def main(argv=None):
                   "GPUs at the per-GPU tokens/s above, perfect scaling, no eval time")
         telemetry = rows[-1].get("telemetry") or {}
         print("telemetry:", telemetry.get("status"), telemetry.get("reason", ""))
-        print("wrote", harness.write_results("train", rows, info, peaks, args.out, png=True))
+        harness.write_results("train", rows, info, peaks, args.out, png=True)
     cleanup()
     return rows
 
