@@ -187,15 +187,13 @@ def _prompt_for(engine, tokenizer, messages, args):
 def main(argv=None):
     parser = ArgumentParser(prog="python -m model.chat", description="chat with a tritonchat checkpoint")
     parser.add_argument("--source", default="sft", choices=list(TRAIN_COMMANDS), help="which stage to load")
-    parser.add_argument("--run", default=None, help="checkpoint run name (default: the newest run)")
-    parser.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
+    parser.add_argument("--run", help="checkpoint run name (default: the newest run)")
+    parser.add_argument("-p", "--prompt", help="one-shot: answer this prompt and exit")
     parser.add_argument("--temperature", type=float_between(0.0, 2.0), default=0.6, help="0 = greedy, up to 2")
     parser.add_argument("--top-k", type=int_at_least(1), default=50, help="sample among the k likeliest tokens")
-    parser.add_argument("--max-tokens", type=int_at_least(1), default=None,
-                        help="per answer (default: the room the context leaves)")
+    parser.add_argument("--max-tokens", type=int_at_least(1), help="per answer (default: the room the context leaves)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
-    parser.add_argument("--device", type=device_type, default=None,
-                        help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    parser.add_argument("--device", type=device_type, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     kernels.add_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_mode(args.kernels)

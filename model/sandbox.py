@@ -417,10 +417,9 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         proc.stdout.close()
         proc.stderr.close()
         os.set_blocking(r_fd, False)
-        try:  # the bootstrap's one write of at most 4096 bytes, if any
+        report = ""
+        with contextlib.suppress(BlockingIOError):  # the bootstrap's one write of at most 4096 bytes, if any
             report = os.read(r_fd, 8192).decode("utf-8", "replace")
-        except BlockingIOError:
-            report = ""
     finally:
         for f in ours + theirs:
             os.close(f)

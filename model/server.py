@@ -18,6 +18,7 @@ wait in arrival order, then 429 + Retry-After. A client that leaves cancels its 
 failure ends its request alone (a 500, or an in-band error event).
 """
 import asyncio
+import contextlib
 import html
 import importlib.resources
 import json
@@ -223,7 +224,7 @@ class ChatService:
         self.max_concurrency, self.max_queue = max_concurrency, 4 * max_concurrency if max_queue is None else max_queue
         self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
-        self.in_flight, self.waiters = 0, deque()  # waiters: (loop, future) of queued requests, oldest first
+        self.in_flight, self.waiters = 0, deque()  # waiters: futures of queued requests, oldest first
         self.lock = threading.Lock()    # guards in_flight and waiters (slots may be released from any thread)
         self.service_time = 1.0         # moving average of a request's seconds in its place, for Retry-After
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency + 2, thread_name_prefix="chat-wait")
@@ -251,22 +252,20 @@ class ChatService:
         Cancelling the wait (the client left) gives up the place in the queue."""
         if slot := self.try_acquire():
             return slot
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = asyncio.get_running_loop().create_future()
         with self.lock:
             if len(self.waiters) >= self.max_queue:
                 wait = min(60, max(1, math.ceil(self.service_time * (len(self.waiters) + 1) / self.max_concurrency)))
                 raise APIError(429, f"the server is busy ({self.in_flight} requests generating, {len(self.waiters)} "
                                     f"waiting); retry in {wait} s", type_="rate_limit_error", code="too_many_requests",
                                headers={"Retry-After": str(wait)})
-            self.waiters.append((loop, fut))
+            self.waiters.append(fut)
         try:
             await fut
         except asyncio.CancelledError:
             with self.lock:
-                queued = (loop, fut) in self.waiters
-                if queued:
-                    self.waiters.remove((loop, fut))
+                if queued := fut in self.waiters:
+                    self.waiters.remove(fut)
             if not queued and fut.done() and not fut.cancelled():  # a place was handed over just now: pass it on
                 self._release()
             raise
@@ -278,8 +277,8 @@ class ChatService:
             if not self.waiters:
                 self.in_flight -= 1
                 return
-            loop, fut = self.waiters.popleft()
-        loop.call_soon_threadsafe(self._hand_over, fut)
+            fut = self.waiters.popleft()
+        fut.get_loop().call_soon_threadsafe(self._hand_over, fut)
 
     def _hand_over(self, fut):
         if fut.done():  # its waiter was cancelled meanwhile
@@ -440,10 +439,8 @@ async def _unless_disconnected(request, coro):
         gone.cancel()
         if not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(BaseException):  # cancelled, or failed on its way out: nobody is there to tell
                 await task
-            except BaseException:  # cancelled, or it failed on its way out: nobody is there to tell
-                pass
     if task.cancelled():
         raise _ClientGone()
     return task.result()
@@ -528,19 +525,17 @@ def chat_page(model_name="tritonchat"):
 def main(argv=None):
     parser = ArgumentParser(prog="python -m model.server", description="tritonchat web UI + OpenAI-compatible API")
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
-    parser.add_argument("--run", default=None, help="checkpoint run name (default: the newest run)")
-    parser.add_argument("--device", type=device_type, default=None,
-                        help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    parser.add_argument("--run", help="checkpoint run name (default: the newest run)")
+    parser.add_argument("--device", type=device_type, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int_at_least(1, 65535), default=8000, help="port to listen on")
     parser.add_argument("--max-concurrency", type=int_at_least(1), default=16, help="requests generating at once")
-    parser.add_argument("--max-queue", type=int_at_least(0), default=None,
+    parser.add_argument("--max-queue", type=int_at_least(0),
                         help="requests waiting for a place; more get 429 (default: 4 x --max-concurrency)")
     parser.add_argument("--max-tokens-limit", type=int_at_least(1), default=1024, help="the largest max_tokens")
     parser.add_argument("--max-n", type=int_at_least(1), default=8, help="the largest n accepted")
     parser.add_argument("--max-body-bytes", type=int_at_least(1), default=1 << 20, help="the largest request body")
-    parser.add_argument("--body-timeout", type=float_between(0.1, 3600), default=10.0,
-                        help="seconds a client has to send its request body")
+    parser.add_argument("--body-timeout", type=float_between(0.1, 3600), default=10.0, help="seconds to send the body")
     kernels.add_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_mode(args.kernels)
