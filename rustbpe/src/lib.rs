@@ -46,10 +46,7 @@ fn merge_word(ids: &mut Vec<u32>, pair: Pair, new_id: u32, deltas: &mut Vec<(Pai
     let (a, b) = pair;
     let n = ids.len();
     // Words listed for a pair they no longer hold (stale entries) are left untouched, without allocating.
-    let mut i = match ids.windows(2).position(|w| w[0] == a && w[1] == b) {
-        Some(i) => i,
-        None => return,
-    };
+    let mut i = if let Some(i) = ids.windows(2).position(|w| w[0] == a && w[1] == b) { i } else { return };
     let mut out: Vec<u32> = Vec::with_capacity(n);
     out.extend_from_slice(&ids[..i]);
     while i < n {
@@ -336,14 +333,15 @@ pub struct Tokenizer {
     pattern: String,
     merges: Vec<Pair>,
     ranks: AHashMap<Pair, u32>,
-    splitter: Option<Splitter>,
+    splitter: Splitter,
 }
 
 #[pymethods]
 impl Tokenizer {
     #[new]
     fn new() -> Self {
-        Tokenizer { pattern: GPT4_PATTERN.to_string(), merges: Vec::new(), ranks: AHashMap::new(), splitter: None }
+        let splitter = Splitter::new(GPT4_PATTERN, false).expect("the GPT-4 pattern compiles");
+        Tokenizer { pattern: GPT4_PATTERN.to_string(), merges: Vec::new(), ranks: AHashMap::new(), splitter }
     }
 
     /// Train on an iterator of str. vocab_size in [256, 2**24]; pattern=None means the GPT-4 pattern
@@ -426,7 +424,7 @@ impl Tokenizer {
         self.ranks = merges.iter().enumerate().map(|(i, &p)| (p, 256 + i as u32)).collect();
         self.merges = merges;
         self.pattern = pattern;
-        self.splitter = Some(sp);
+        self.splitter = sp;
         Ok(())
     }
 
@@ -456,12 +454,9 @@ impl Tokenizer {
 
     /// Encode one string (split with the pattern, then apply merges in rank order). Slow path for checking;
     /// use tiktoken for real encoding.
-    fn encode(&mut self, text: &str) -> PyResult<Vec<u32>> {
-        if self.splitter.is_none() {
-            self.splitter = Some(Splitter::new(&self.pattern, false)?);
-        }
+    fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
         let (mut out, ranks, merges) = (Vec::with_capacity(text.len()), &self.ranks, &self.merges);
-        self.splitter.as_ref().unwrap().for_each(text, |chunk| {
+        self.splitter.for_each(text, |chunk| {
             let mut ids: Vec<u32> = chunk.bytes().map(u32::from).collect();
             // The lowest-rank (earliest) merge present in the chunk is applied first, as tiktoken does.
             while let Some(new_id) = ids.windows(2).filter_map(|w| ranks.get(&(w[0], w[1])).copied()).min() {
