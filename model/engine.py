@@ -75,9 +75,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, block_size=16, num_blocks=None, max_batch=256, max_prefill_tokens=8192,
                  tool_timeout=5.0, tool_memory_mb=256, prefix_caching=True, cuda_graphs=False):
-        self.model, self.tokenizer, cfg = model, tokenizer, model.config
-        param = next(model.parameters())
-        self.device = param.device
+        param, cfg = next(model.parameters()), model.config
+        self.model, self.tokenizer, self.device = model, tokenizer, param.device
         self.max_context = min(model.cos.shape[0], 10 * cfg.sequence_len)
         self.cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.n_embd // cfg.n_head, block_size,
                                   num_blocks or 8 * math.ceil(cfg.sequence_len / block_size), param.dtype,
@@ -89,8 +88,7 @@ class Engine:
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}  # also read by the server and chat CLI
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.waiting = deque()
-        self.running = []                                  # requests with live sequences
+        self.waiting, self.running = deque(), []           # running: requests with live sequences
         self.lock = threading.RLock()                      # engine state (step, cancel)
         self.cond = threading.Condition(threading.Lock())  # the waiting queue + background wake-ups
         self.thread, self.stopping = None, False           # the background stepping thread (start/stop)

@@ -84,21 +84,18 @@ class PagedKVCache:
                  prefix_caching=True):
         if block_size not in (16, 32, 64):
             raise ValueError(f"PagedKVCache: block_size must be 16, 32 or 64, got {block_size}")
-        self.block_size = block_size
+        self.block_size, self.cos, self.sin, self.prefix_caching = block_size, cos, sin, prefix_caching
         shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
         self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids first
-        self.cos, self.sin = cos, sin
         self.plan = None  # a PrefillPlan or DecodePlan during a forward
-        self.prefix_caching = prefix_caching
         self.root = _Node((), None, None, 0)
         self.node_of = {}          # block id -> its _Node, for every cached block
         self.n_evictable = 0       # cached blocks with refcount 0
         self.evictions = 0         # cached blocks given back to the free list so far
         self._heap = []            # (last_used, -depth, tiebreak, node): eviction candidates, checked when popped
-        self._clock = itertools.count(1)
-        self._tiebreak = itertools.count()
+        self._clock, self._tiebreak = itertools.count(1), itertools.count()
         self.rows = []             # Row handles in use, rows[i].index == i
         self.row_k = self.row_v = None  # (n_layer, row capacity, Hkv, row_len capacity, D), allocated on first use
         self._rot = None           # _rotation()'s table
@@ -273,16 +270,6 @@ class PagedKVCache:
         for row in self.rows:
             self._flush(row)
 
-    def _ensure_rows(self, n_rows, row_len):
-        """Room for n_rows rows of row_len tokens: capacities grow by doubling (rows) and to a power of two (len)."""
-        old_rows, old_len = (0, 0) if self.row_k is None else (self.row_k.shape[1], self.row_k.shape[3])
-        if old_rows < n_rows or old_len < row_len:
-            L, _, _, Hkv, D = self.k.shape
-            cap_rows = old_rows if old_rows >= n_rows else max(n_rows, 2 * old_rows, 8)
-            cap_len = old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length())
-            self.row_k = self._zeros_with(self.row_k, (L, cap_rows, Hkv, cap_len, D))
-            self.row_v = self._zeros_with(self.row_v, (L, cap_rows, Hkv, cap_len, D))
-
     def _fill_row(self, row, blocks, upto):
         """Copy tokens row.length .. upto-1 of a sequence from its pages into its row (all layers)."""
         bs, start = self.block_size, row.length
@@ -324,7 +311,12 @@ class PagedKVCache:
             return DecodePlan(positions=pos_t, tables=self._table(tables), seq_lens=(pos_t + 1).to(torch.int32))
         # The eager rows: few tensors, built once per step (the step is overhead bound at small batch).
         B, n, row_len = len(rows), len(self.rows), max(positions) + 1
-        self._ensure_rows(n, row_len)
+        old_n, old_len = (0, 0) if self.row_k is None else (self.row_k.shape[1], self.row_k.shape[3])
+        if old_n < n or old_len < row_len:  # grow: rows by doubling, length to a power of two
+            L, _, _, Hkv, D = self.k.shape
+            shape = (L, old_n if old_n >= n else max(n, 2 * old_n, 8), Hkv,
+                     old_len if old_len >= row_len else max(64, 1 << (row_len - 1).bit_length()), D)
+            self.row_k, self.row_v = self._zeros_with(self.row_k, shape), self._zeros_with(self.row_v, shape)
         for row, blocks, p in zip(rows, tables, positions):
             row.blocks = blocks
             if row.length < p:    # behind: new, or after a step on the pages alone (fused)

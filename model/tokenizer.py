@@ -1,14 +1,11 @@
 """The tritonchat tokenizer: byte-level BPE trained by `rustbpe` (Rust), encoded and decoded by `tiktoken`.
 
-Vocabulary: ids 0..255 are the raw bytes, then the learned merges in order (rank = id), then the 9 special tokens;
-`Tokenizer.train(texts, 65536)` learns 65536 - 256 - 9 merges (fewer if the corpus runs out of pairs: check
-`tok.vocab_size`). Saved as tokenizer.tiktoken (base64 token + rank) + tokenizer.json; get_tokenizer() loads
-$TRITONCHAT_HOME/tokenizer (written by `python -m train.tokenizer`).
-Chat format (as nanochat): <|bos|> then per turn <|user_start|> text <|user_end|> or <|assistant_start|> parts
-<|assistant_end|>; an assistant part is plain text, a tool call <|python_start|> code <|python_end|>, or the tool's
-answer <|output_start|> output <|output_end|>; a system message is merged into the first user message. The loss mask
-is 1 on what the model must produce (assistant text, python calls with their delimiters, <|assistant_end|>), 0 on
-<|assistant_start|>, on tool outputs with their delimiters (the engine forces those) and on everything else.
+Ids: the 256 bytes, the learned merges in order (rank = id), then the 9 special tokens; vocab_size counts all of them
+(training learns fewer merges if the corpus runs out of pairs). Saved as tokenizer.tiktoken (base64 token + rank) +
+tokenizer.json. Chat format (as nanochat): <|bos|> then per turn <|user_start|> text <|user_end|> or
+<|assistant_start|> parts <|assistant_end|>; a part is text, a tool call <|python_start|> code <|python_end|>, or the
+tool's answer <|output_start|> output <|output_end|>. The loss mask is 1 on what the model must produce (assistant
+text, python calls with their delimiters, <|assistant_end|>), 0 elsewhere (tool outputs are forced by the engine).
 """
 import base64
 import copy
@@ -121,8 +118,7 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
     def token_bytes(self):
-        """list[int] (vocab_size,): the exact byte length of every token (0 for special tokens); for bits per byte.
-        (decode([i]).encode() overcounts tokens that hold part of a UTF-8 character.)"""
+        """list[int] (vocab_size,): every token's exact byte length (0 for special tokens), for bits per byte."""
         special = set(self.special_tokens.values())
         return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
 
@@ -149,8 +145,7 @@ class Tokenizer:
         return ids, mask
 
     def render_for_completion(self, conversation):
-        """Prompt ids for the engine: the conversation (without its last message if that is the assistant's
-        answer, as nanochat does for RL) followed by <|assistant_start|>. Must then end with a user turn."""
+        """Engine prompt: the conversation (less a final assistant answer, as nanochat) + <|assistant_start|>."""
         messages = conversation_messages(conversation)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
@@ -216,21 +211,18 @@ def get_tokenizer(directory=None):
 
 
 class IncrementalDecoder:
-    """Token ids in, text out, one token at a time, for streaming: text is handed out once its UTF-8 characters are
-    complete (add(t) -> "" while one is not; flush() -> the rest, an incomplete character as U+FFFD). `ids` holds
-    every id added; the tokenizer needs only decode(ids) -> str (undecodable bytes as U+FFFD)."""
+    """Streaming decode: add(token) -> the newly completed text ("" while a UTF-8 character is incomplete), flush()
+    -> the rest (U+FFFD for an incomplete character); `ids`: every id added. The tokenizer needs only decode(ids)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.sent = tokenizer, [], 0  # sent: characters already handed out
 
     def add(self, token):
-        """Append one token id; returns the newly completed text (possibly "")."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         return "" if text.endswith("\ufffd") else self._take(text)  # U+FFFD: maybe a character missing bytes
 
     def flush(self):
-        """Everything not yet handed out, incomplete characters included."""
         return self._take(self.tokenizer.decode(self.ids))
 
     def _take(self, text):
