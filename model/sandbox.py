@@ -229,8 +229,7 @@ def seccomp_program(machine=None):
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH[machine]), (ret, 0, 0, deny), (ld, 0, 0, 0)]
     if machine == "x86_64":
         prog.append((jge, len(nrs) + 1, 0, 0x40000000))  # __X32_SYSCALL_BIT
-    prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)]
-    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)] + [(ret, 0, 0, allow), (ret, 0, 0, deny)]
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 

@@ -459,8 +459,7 @@ def _cleanup(service, job, slot):
 
 
 async def _read_json(request, limit, timeout):
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}", code="body_too_large")
 
     async def read():
