@@ -1,15 +1,12 @@
 """Benchmark: fused RoPE + QK-norm flash attention vs eager (torch ops + SDPA), torch.compile, FlexAttention.
 
-    python -m bench.attention [--quick]
-
 GPU (bf16, causal): the d20 model's heads (H = 10, D = 128), 16 x 2048 tokens (the d20 preset's device batch) as
 T in {1k, 2k, 4k, 8k}, B = tokens / T, Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA. Providers: eager =
 attention_reference (RoPE + rms_norm as torch ops, then SDPA forced to the flash backend, or SDPA's own choice if
 flash refuses the inputs: the row's sdpa_backend); compile = torch.compile of it; flex = torch.compile(FlexAttention
 with a causal BlockMask + the same RoPE / norm ops); fused = attention_triton. TFLOP/s from the causal count (RoPE /
 norm ignored): forward = 2 * B * H * T^2 * D (2 matmuls of 2*T*T*D per head, halved by the mask), backward = 2.5 x
-forward (5 matmuls: the FlashAttention convention). Peak memory above the inputs while the pass runs. CPU: tiny fp32
-shapes, eager vs fused under the Triton interpreter (the timings measure the interpreter).
+forward (5 matmuls: the FlashAttention convention).
 """
 import contextlib
 

@@ -4,20 +4,18 @@
     python -m bench.engine                                # ours only
     python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
 
-Cases (a 64-token prompt, 128 new greedy tokens, all made: the stop tokens lie outside the vocabulary): samples=N, one
-prompt with N samples decoding together; prompts=N, N different prompts at once (ours batches them; nanochat's Engine
-takes one prompt per call). Providers: ours-eager, ours-fused (the Triton kernels) and ours-fused-graphs (+ the decode
-step replayed from CUDA graphs), both CUDA only; nanochat (its Engine.generate, eager). Metrics: ms = decode time
-(first token to last) for samples cases, wall time for prompts cases (ratio = nanochat ms / ours); cpu_ms / cpu_ratio
-the same in process CPU time (steadier on a shared machine: pass --threads 1); decode_tok_s, tok_s (end to end),
-ttft_ms (submit to first token, mean), itl_ms (median gap between two tokens); kv_mb = KV bytes at the peak (ours:
-pages in use plus, in eager mode, the dense rows; nanochat: its dense cache); peak_mb = CUDA allocator peak; agree =
-share of the first sample's greedy tokens equal to nanochat's, up to the first difference.
-
-The model: depth 4, width 256, 4 heads of 64, full attention, random weights (matrices N(0, 1/fan_in)). nanochat's GPT
-(commit 92d63d4) is configured as this plain architecture (window pattern "L", no value embeddings, resid_lambdas 1,
-x0/smear/backout lambdas 0, our rotary tables, q / 1.44 against its 1.2 x 1.2 q/k scale) and given our weights, so
-both compute the same function; `agree` checks it. Each rep runs every case x provider once; medians are reported.
+Cases (a 64-token prompt, 128 new greedy tokens, all made: the stop tokens lie outside the vocabulary): samples=N,
+one prompt with N samples decoding together; prompts=N, N different prompts at once (nanochat's Engine takes one per
+call). Providers: ours-eager, ours-fused and ours-fused-graphs (+ the decode step replayed from CUDA graphs), both
+CUDA only; nanochat (Engine.generate, eager). ms = decode time (first token to last) for samples cases, wall time for
+prompts cases (ratio = nanochat ms / ours); cpu_ms / cpu_ratio the same in process CPU time (steadier on a shared
+machine: pass --threads 1); decode_tok_s, tok_s (end to end), ttft_ms (submit to first token, mean), itl_ms (median
+gap between tokens); kv_mb = KV bytes at the peak (ours: pages in use + the eager path's dense rows; nanochat: its
+dense cache); peak_mb = CUDA allocator peak; agree = share of the first sample's greedy tokens equal to nanochat's,
+up to the first difference. The model: depth 4, width 256, 4 heads of 64, full attention, matrices N(0, 1/fan_in).
+nanochat's GPT (commit 92d63d4) is configured as this plain architecture (window pattern "L", no value embeddings,
+resid_lambdas 1, x0/smear/backout lambdas 0, our rotary tables, q / 1.44 against its 1.2 x 1.2 q/k scale) and given
+our weights, so both compute the same function (`agree` checks it). Reps interleave every case x provider; medians.
 """
 import os
 import queue
@@ -237,9 +235,8 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
             rows.append(harness.row(SUITE, dict(case, prompt_len=prompt_len, new=max_tokens), name, "decode",
                                     1e3 * med(wall), peak_mb=med("peak_mb"), **extra))
     if device.type != "cuda":
-        for name in ("ours-fused", "ours-fused-graphs"):
-            rows.append(harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
-                                    status="not measured on GPU"))
+        rows += [harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
+                             status="not measured on GPU") for name in ("ours-fused", "ours-fused-graphs")]
     if peer:
         harness.add_ratios(rows, "nanochat", "cpu_ms", "cpu_ratio")
         harness.add_ratios(rows, "nanochat")

@@ -4,7 +4,9 @@ A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (r
 `timed_row()`) ending in `harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a short
 perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the baseline
 provider, prints a table and writes bench/results/<suite>-<device>-<date>.json (+ a PNG) with the device, driver,
-CUDA, torch, triton, git commit and date. On CPU the suites run tiny smoke shapes: the JSON says "cpu".
+CUDA, torch, triton, git commit and date. peak_mb = CUDA memory allocated above the inputs while the pass runs. On
+CPU the suites run tiny fp32 smoke shapes without torch.compile providers, the fused ones under the Triton
+interpreter (the timings measure the interpreter): the JSON says "cpu".
 """
 import argparse
 import json
@@ -12,6 +14,7 @@ import os
 import re
 import statistics
 import time
+import timeit
 
 import torch
 import triton.testing
@@ -43,12 +46,7 @@ def bench(fn, quick=False, rep=None):
                                     quantiles=[0.5, 0.2, 0.8])
         return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
     fn()  # warm-up (and compilation / interpreter caches)
-    times = []
-    for _ in range(rep or (2 if quick else 5)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    times = sorted(1e3 * t for t in timeit.repeat(fn, number=1, repeat=rep or (2 if quick else 5)))
     return {"ms": statistics.median(times), "ms_p20": times[len(times) // 5], "ms_p80": times[(4 * len(times)) // 5]}
 
 

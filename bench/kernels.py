@@ -1,8 +1,5 @@
 """Run the kernel benchmark suites side by side: `python -m bench.kernels --suite all|<name>[,<name>] [--quick]`.
-
-Each suite is bench/<name>.py with run(quick) -> rows (see bench/harness.py). On a CUDA GPU the suites sweep their
-full shapes; on CPU they run tiny smoke shapes so the code path stays tested, and the JSON says "cpu".
-"""
+Each suite is bench/<name>.py with run(quick) -> rows (see bench/harness.py)."""
 import importlib
 import sys
 

@@ -1,15 +1,13 @@
 """Benchmark: paged decode attention (flash-decoding) vs SDPA. The Engine's decode tokens/s, eager vs fused, is
 bench/engine.py's.
 
-    python -m bench.paged_decode [--quick]
-
 GPU (bf16, D = 128, H = 16, Hkv in {16, 4}, block_size in {16, 64}, batch in {1, 8, 64, 256}, context in {1k, 4k,
 16k, 32k}; --quick: batch {8, 64} x context {4k, 16k}; every sequence at the full context, pages shuffled in the
 pool): fused = paged_decode_attention_triton; eager = paged_decode_attention_reference (gathers the pages to a dense
 (B, L, Hkv, D) copy, then SDPA with a length mask); sdpa_dense = SDPA on a contiguous (B, Hkv, L, D) cache (no
 paging). GB/s counts the bytes a decode step must move: K + V of every valid token, q and the output. Cases whose
 cache does not fit in free GPU memory are skipped (per provider: eager needs a second, gathered copy; sdpa_dense its
-own dense cache). CPU: tiny fp32 shapes under the Triton interpreter (the timings measure the interpreter).
+own dense cache).
 """
 from functools import partial
 

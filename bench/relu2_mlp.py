@@ -1,12 +1,9 @@
 """Benchmark: the ReLU^2 MLP, eager vs torch.compile vs fused (Triton), forward / backward / forward+backward.
 
-    python -m bench.relu2_mlp [--quick]
-
 GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps (8k, d20)
-and (32k, d32). TFLOP/s from 4*M*C*F for the forward (two GEMMs), twice that for the backward (four). Peak memory =
-torch.cuda.max_memory_allocated above the inputs during the pass (the "fwd" row holds the saved activations).
-Providers: eager (relu2_mlp_reference), compile (torch.compile of it), fused (relu2_mlp_triton). CPU: a tiny fp32
-smoke case, eager and fused under the Triton interpreter (no compile); the timings measure the interpreter.
+and (32k, d32). TFLOP/s from 4*M*C*F for the forward (two GEMMs), twice that for the backward (four); the "fwd"
+row's peak memory holds the saved activations. Providers: eager (relu2_mlp_reference), compile (torch.compile of it),
+fused (relu2_mlp_triton).
 """
 import torch
 

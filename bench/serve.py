@@ -67,8 +67,7 @@ def start_server(args):
                  "body_timeout"):
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"bench.serve: the server exited with code {proc.returncode}")

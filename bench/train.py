@@ -67,8 +67,8 @@ class Telemetry:
     """NVML samples in a background thread: power (W), SM clock (MHz), temperature (C), memory (GiB), util (%)."""
 
     def __init__(self, interval=0.2):
-        self.interval, self.samples, self.error = interval, [], None
-        self._stop = threading.Event()
+        self.interval, self.samples, self.error, self._stop = interval, [], None, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
         try:
             import pynvml
             pynvml.nvmlInit()
@@ -93,7 +93,6 @@ class Telemetry:
 
     def __enter__(self):
         if self._nvml is not None:
-            self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
         return self
 
@@ -105,11 +104,9 @@ class Telemetry:
     def summary(self):
         if not self.samples:
             return {"status": "unavailable", "reason": self.error or "no samples"}
-        out = {"status": "ok", "samples": len(self.samples)}
-        for k in self.samples[0]:
-            vals = [s[k] for s in self.samples]
-            out[k] = {"mean": sum(vals) / len(vals), "max": max(vals)}
-        return out
+        cols = {k: [s[k] for s in self.samples] for k in self.samples[0]}
+        return {"status": "ok", "samples": len(self.samples),
+                **{k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in cols.items()}}
 
 
 def label(mode, compiled, build="fsdp"):
@@ -161,8 +158,7 @@ def _profile(mode, args, dist_info, compiled, build):
     optimizers = model.setup_optimizers()
     B, T = args.device_batch_size, args.seq_len
     gen = torch.Generator(device="cpu").manual_seed(dist_info.rank)
-    x = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
-    y = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
+    x, y = (torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device) for _ in range(2))
 
     def forward():
         with autocast():
@@ -259,13 +255,10 @@ def main(argv=None):
     ap.add_argument("--device-batch-size", type=int, default=None, help="default 16 on CUDA (the d20 preset), 2 on CPU")
     ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--kernels", default=None, help="comma list of modes (default eager,fused on CUDA, eager on CPU)")
-    ap.add_argument("--compile", default=None,
-                    help="comma list of off/on: each kernel mode uncompiled and/or compiled (default off,on on CUDA, "
-                         "off on CPU)")
+    ap.add_argument("--compile", default=None, help="comma list of off/on (default off,on on CUDA, off on CPU)")
     ap.add_argument("--compile-backend", default="inductor", help="inductor, or aot_eager (CPU smoke: no C++ build)")
-    ap.add_argument("--build", default="fsdp",
-                    help="comma list: fsdp (train.distributed.build_model) and/or plain (no FSDP2, whole-model "
-                         "compile; one process only)")
+    ap.add_argument("--build", default="fsdp", help="comma list: fsdp and/or plain (no FSDP2, whole-model compile; "
+                                                    "one process only)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="torch.profiler trace + top kernels by time")
