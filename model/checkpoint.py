@@ -34,7 +34,7 @@ _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def checkpoint_dir(stage, run="default"):
-    """$TRITONCHAT_HOME/checkpoints/<stage>/<run>/ (a step_XXXXXX/ directory per saved step lives inside)."""
+    """$TRITONCHAT_HOME/checkpoints/<stage>/<run>/ (holds a step_XXXXXX/ directory per saved step)."""
     return os.path.join(home_dir(), "checkpoints", stage, run)
 
 
@@ -105,8 +105,7 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     tmp = os.path.join(parent, f".{name}.tmp")
     rank, world = dist_info().rank, dist_info().world_size
     state = _state_dicts(model, list(optimizers or []))
-    loader_states = _all_gather(loader_state)
-    rng_states = _all_gather(rng_state())
+    loader_states, rng_states = zip(*_all_gather((loader_state, rng_state())))
     ok = [True]
     if rank == 0:
         os.makedirs(parent, exist_ok=True)

@@ -6,20 +6,12 @@
     torchrun --nproc_per_node=8 -m train.base -- --preset d20       # the speedrun model on FineWeb-Edu (8 GPUs)
     python -m train.base --preset tiny --resume                     # continue the newest checkpoint bit-for-bit
 
-Presets (PRESETS below; any flag overrides them):
-  tiny  depth 2 (128 wide, 1 head, 0.9 M params), seq 256, vocab 2048 (a tokenizer is trained on the corpus if
-        $TRITONCHAT_HOME/tokenizer is missing), 200 steps of 8 x 256 tokens on the embedded corpus; val bpb on 16 k
-        tokens of the held-out play every 50 steps; greedy samples at the end.
-  d20   nanochat's speedrun: depth 20 (1280 wide, ~561 M params with vocab 65536), seq 2048, 524 288 tokens a step
-        on 8 GPUs: 32 x 2048 per GPU with the fused kernels (the fused loss never holds the (B*T, 65536) logits:
-        ~52 GB, estimated), 16 x 2048 x 2 accumulation steps eager (its loss keeps ~4 fp32 logit copies of ~17 GB
-        each at batch 32): train.stage.D20_DEVICE_BATCH, arithmetic in bench/train.py; torch.compile on CUDA; steps
-        = 20 tokens per parameter; FineWeb-Edu shards (--num-shards 240, the last one validation) downloaded first;
-        val bpb every 250 steps over 20 x 524 288 tokens; samples every 2000 steps; a missing tokenizer (vocab
-        65536) is trained on the first 2 B characters.
-Shared loop flags: train/loop.py. Bits per byte (train.evaluate.evaluate_bpb) = sum of nats / (ln 2 x UTF-8 bytes of
-the target tokens), special tokens left out (as nanochat's nanochat/loss_eval.py). The summary (losses, val bpb,
-tokens/s, MFU) is also written to $TRITONCHAT_HOME/reports/base_<run>.json.
+Presets: tiny = depth 2, seq 256, vocab 2048 (a tokenizer is trained on the corpus if none exists), 200 steps of
+8 x 256 tokens, val bpb every 50 steps, greedy samples at the end. d20 = nanochat's speedrun: depth 20 (~561 M
+params), seq 2048, 524 288 tokens a step (train.stage.D20_DEVICE_BATCH sequences per GPU), 20 tokens per parameter,
+240 FineWeb-Edu shards (the last one validation), a vocab-65536 tokenizer trained on the first 2 B characters.
+Bits per byte (train.evaluate.evaluate_bpb) = nats / (ln 2 x UTF-8 bytes of the targets), special tokens left out (as
+nanochat's loss_eval.py). The summary is also written to $TRITONCHAT_HOME/reports/base_<run>.json.
 """
 import argparse
 import itertools
@@ -84,7 +76,7 @@ def parse_args(argv=None):
 
 
 def resolve_num_iterations(args, num_params, world_size):
-    """--num-iterations, or (when -1) target_param_data_ratio x params / tokens per step (nanochat: 20 x params)."""
+    """--num-iterations, or (when -1) target_param_data_ratio x params / tokens per step."""
     if args.num_iterations != -1:
         return args.num_iterations
     tokens_per_step = args.total_batch_size if args.total_batch_size > 0 else \
@@ -99,8 +91,8 @@ def _markers():
 
 
 def _rank0_first(rank, fn, marker):
-    """Run fn on rank 0 while the others poll for `marker` (a file) — no collective, so a download of any length
-    cannot hit a process-group timeout. Rank 0 writes marker + '.failed' if fn fails."""
+    """Run fn on rank 0 while the others poll for the file `marker` (no collective, so no process-group timeout),
+    then on them; rank 0 writes marker + '.failed' if fn fails."""
     if rank == 0:
         for stale in (marker, marker + ".failed"):
             if os.path.exists(stale):
@@ -148,8 +140,7 @@ def prepare_tokenizer(args, rank, train_source):
 
 
 def run(argv=None):
-    """Base pretraining -> the loop's summary plus preset, num_params, config, world_size (also written to
-    $TRITONCHAT_HOME/reports/base_<run>.json). Leaves the process group up."""
+    """Base pretraining -> the loop's summary plus preset, num_params, config, world_size; leaves the group up."""
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
     device_type = None if args.device == "auto" else args.device
@@ -191,8 +182,7 @@ def run(argv=None):
             out = list(model.generate(ids, max_tokens=args.sample_tokens, temperature=0.0))
             print0(f"sample | {tok.decode(ids[1:] + out)!r}")
 
-    meta = {"config": vars(config).copy(), "stage": "base", "kernels": kernels.get_mode(), "tokenizer_dir": tok_dir,
-            "preset": args.preset}
+    meta = {"config": vars(config).copy(), "tokenizer_dir": tok_dir, "preset": args.preset}
     summary = train("base", model, optimizers, loader, args, eval_fn=eval_fn, sample_fn=sample_fn, meta=meta)
     summary.update(preset=args.preset, num_params=num_params, config=meta["config"], world_size=info.world_size)
     if info.rank == 0:

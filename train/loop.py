@@ -1,23 +1,13 @@
-"""The one training loop every stage shares (base, mid, SFT; RL drives its own steps with the helpers below:
-is_due, set_lrs, optimizer_step, resume). A stage builds its model (train.distributed.build_model), optimizers
-(model.setup_optimizers) and a loader, adds add_train_args(parser) to its flags, then calls
-`train(stage, model, optimizers, loader, args, eval_fn=..., sample_fn=..., meta={...}) -> summary`.
+"""The training loop every stage shares (base, mid, SFT; RL drives its own steps with is_due, set_lrs, optimizer_step
+and resume): `train(stage, model, optimizers, loader, args, eval_fn=..., sample_fn=..., meta={...}) -> summary`.
 
-Loader: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss; `state_dict()` /
-`load_state_dict(state)` (JSON-serialisable, exact position); attributes B and T. Model: `model(x, y)` = mean loss
-over targets != -1; optional `estimate_flops()` per token. eval_fn(model, step) -> dict of metrics; sample_fn(model,
-step) prints. Both run on every rank (FSDP's forward has collectives) under torch.random.fork_rng, so they never
-change the training RNG stream.
-
-A step: grad_accum = total_batch_size / (world_size · B · T) micro-batches, loss / grad_accum backward; every param
-group's LR = its initial_lr × lr_multiplier(step) (nanochat's warmup, constant, warmdown to final_lr_frac); Muon's
-momentum 0.85 → 0.95 over the first 300 steps; grad-norm clip; optimizer steps. Every --eval-every steps and at the
-end: eval_fn; every --save-every steps and at the end: an atomic checkpoint (model, optimizers, every rank's loader
-state and RNG, step) in $TRITONCHAT_HOME/checkpoints/<stage>/<run>/. --resume continues the newest one on any number
-of processes: DCP reshards model and optimizer; on as many as saved, loaders and RNG continue bit-for-bit; on
-another, the loaders continue from where every saved rank had got to (loader.load_state_dicts) and a note says the
-data order differs. Rank 0 logs loss, lr, tokens/s, MFU (CUDA), ETA every --log-every steps (the only .item() sync),
-also as JSON lines in <run dir>/log.jsonl. run_main prints a UserError as one line "error: ..." and exits 2.
+Loader: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss; JSON-serialisable
+`state_dict()` / `load_state_dict(state)`; attributes B and T. eval_fn(model, step) -> metrics dict and
+sample_fn(model, step) run on every rank under torch.random.fork_rng, so they never change the training RNG stream.
+A step: grad_accum micro-batches, LR = initial_lr x lr_multiplier(step) (nanochat's warmup, constant, warmdown), Muon
+momentum warmup, grad-norm clip, optimizer steps. --resume continues the newest checkpoint on any number of processes
+(DCP reshards; bit-for-bit on as many as saved; on another, loader.load_state_dicts continues from where every saved
+rank had got to). Rank 0 logs every --log-every steps (the only .item() sync), also to <run dir>/log.jsonl.
 """
 import json
 import os
@@ -36,7 +26,7 @@ from train.distributed import COMPILE_CHOICES
 
 
 def add_train_args(parser):
-    """The flags every stage shares. Stages call parser.set_defaults(...) for their own defaults (presets)."""
+    """The flags every stage shares (stages set their own defaults: presets)."""
     kernels.add_argument(parser)
     g = parser.add_argument_group("training loop")
     g.add_argument("--run", default="default", help="run name: checkpoints go to checkpoints/<stage>/<run>/")
@@ -64,7 +54,7 @@ def add_train_args(parser):
 
 
 def add_compile_args(parser):
-    """--compile and --compile-backend: every training stage's, and train.speedrun's (which hands them on)."""
+    """--compile and --compile-backend: every training stage's, and train.speedrun's."""
     parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                         help="torch.compile every block and the root's embedding and loss, then shard (auto: on "
                              "with CUDA, off on CPU and for RL; see train/distributed.py)")
@@ -86,9 +76,9 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
 
 def grad_accum_steps(total_batch_size, world_size, B, T):
     """Micro-batches per step so that world_size·B·T·steps == total_batch_size tokens (-1 = one micro-batch)."""
-    per_micro = world_size * B * T
     if total_batch_size == -1:
         return 1
+    per_micro = world_size * B * T
     if total_batch_size <= 0 or total_batch_size % per_micro:
         lo = max(per_micro, total_batch_size // per_micro * per_micro)
         raise UserError(f"--total-batch-size {total_batch_size} is not divisible by world_size x device_batch_size x "
@@ -112,8 +102,8 @@ def set_lrs(optimizers, lr_mult, momentum=None):
 
 
 def optimizer_step(model, optimizers, grad_clip):
-    """Clip the gradient norm (grad_clip > 0), step every optimizer, drop the gradients -> total norm before
-    clipping (a tensor; None without clipping)."""
+    """Clip the gradient norm (grad_clip > 0), step every optimizer, drop the gradients -> norm before clipping (a
+    tensor; None without clipping)."""
     grad_norm = None
     if grad_clip > 0:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -125,23 +115,19 @@ def optimizer_step(model, optimizers, grad_clip):
             torch._foreach_mul_(grads, torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0))  # as clip_grad_norm_
     for opt in optimizers:
         opt.step()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return grad_norm
 
 
 def resume(stage, run, model, optimizers):
-    """Load the newest checkpoint of <stage>/<run> into model and optimizers (DCP reshards them to this run's number
-    of processes) and restore this rank's saved RNG, if any -> its meta.json (step, loader_states, val, ...) plus
-    "path" and "exact" (saved by as many processes; else a one-line note). UserError when there is none."""
+    """Load the newest checkpoint of <stage>/<run> into model and optimizers and restore this rank's RNG -> its
+    meta.json plus "path" and "exact" (saved by as many processes; else a note). UserError when there is none."""
     ckpt = find_last_checkpoint(stage, run)
     if ckpt is None:
         raise UserError(f"--resume: no checkpoint found in {checkpoint_dir(stage, run)}; run without --resume first "
                         f"(or pass the --run name of an existing run)")
-    saved = load_checkpoint(ckpt, model, optimizers)
-    info = dist_info()
-    saved_world = saved.get("world_size", 1)
-    rng_states = saved.get("rng_states", [])
+    saved, info = load_checkpoint(ckpt, model, optimizers), dist_info()
+    saved_world, rng_states = saved.get("world_size", 1), saved.get("rng_states", [])
     if info.rank < len(rng_states) and not set_rng_state(rng_states[info.rank]):
         print0(f"note: {ckpt} holds its RNG state in an older format that is not decoded (it would be unpickled); "
                f"the RNG stays seeded, so this resume is not bit-exact")
@@ -173,15 +159,13 @@ def _forked(fn, *a):
 
 
 def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, meta=None):
-    """Run the loop for args.num_iterations optimizer steps; returns a summary dict:
-    {"stage", "run", "steps", "tokens", "time_s", "tokens_per_s", "mfu", "final_train_loss", "first_train_loss",
-     "val": last eval_fn metrics, "losses": {step: loss of logged steps}, "checkpoint": last checkpoint path}."""
-    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+    """Run the loop for args.num_iterations optimizer steps -> summary: {"stage", "run", "steps", "tokens", "time_s",
+    "tokens_per_s", "mfu", "first_train_loss", "final_train_loss", "val": last eval_fn metrics, "losses": {step: loss
+    of logged steps}, "checkpoint": last checkpoint path}."""
     num_iterations = args.num_iterations
     if num_iterations is None or num_iterations < 1:
         raise UserError(f"--num-iterations must be >= 1, got {num_iterations}")
-    info = dist_info()
-    world, rank = info.world_size, info.rank
+    world, rank = dist_info().world_size, dist_info().rank
     B, T = loader.B, loader.T
     accum = grad_accum_steps(args.total_batch_size, world, B, T)
     tokens_per_step = accum * world * B * T
@@ -191,7 +175,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     start_step, last_val, ckpt = 0, {}, None
     if args.resume:
         saved = resume(stage, args.run, model, optimizers)
-        states = saved["loader_states"]  # load_state_dicts also continues on another number of ranks
+        states = saved["loader_states"]
         if hasattr(loader, "load_state_dicts"):
             loader.load_state_dicts(states)
         elif saved["exact"]:
@@ -206,7 +190,6 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
         start_step, last_val, ckpt = saved["step"], saved.get("val", {}), saved["path"]
     print0(f"{stage}: {num_iterations} steps x {tokens_per_step:,} tokens (world {world} x batch {B} x seq {T} x "
            f"accum {accum}), kernels {kernels.get_mode()}")
-
     device = next(model.parameters()).device
     peak = peak_flops(device)
     flops_per_token = model.estimate_flops() if peak and hasattr(model, "estimate_flops") else None
@@ -224,10 +207,8 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    losses, first_loss, last_loss = {}, None, None
-    train_time, t_log, steps_since_log = 0.0, 0.0, 0
-    mfu = None
-    step = start_step
+    losses, first_loss, last_loss, mfu = {}, None, None, None
+    train_time, t_log, steps_since_log, step = 0.0, 0.0, 0, start_step
     model.train()
     while True:
         last = step == num_iterations
@@ -247,7 +228,6 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
         if last:
             break
 
-        # ---- one optimizer step ----
         t0 = time.perf_counter()
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_lrs(optimizers, lrm, muon_momentum(step, args.muon_momentum_warmup))
@@ -264,7 +244,6 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
         if logging and device.type == "cuda":
             torch.cuda.synchronize()  # the only sync: it flushes the queued steps, so the timing below is right
         train_time += time.perf_counter() - t0
-
         if logging:  # dt = training time per step since the last log line (eval / sample / save time left out)
             dt = (train_time - t_log) / steps_since_log
             t_log, steps_since_log = train_time, 0
@@ -283,7 +262,6 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
                    f"grad norm {gnf:.3f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tok_s:,.0f} | "
                    f"mfu {'n/a' if mfu is None else f'{100 * mfu:.2f}%'} | eta {_fmt_time(eta)}")
             log({"step": step, "loss": lossf, "lrm": lrm, "grad_norm": gnf, "dt": dt, "tok_per_s": tok_s, "mfu": mfu})
-
     steps_done = num_iterations - start_step
     summary = {"stage": stage, "run": args.run, "steps": num_iterations, "steps_this_run": steps_done,
                "tokens": num_iterations * tokens_per_step, "time_s": train_time,
@@ -296,7 +274,7 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
 
 
 def run_main(main):
-    """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2 — no traceback."""
+    """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2, no traceback."""
     try:
         return main()
     except UserError as e:

@@ -5,10 +5,8 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.rl -- --preset tiny ...   # CPU, gloo
 
 Each step every rank samples `--num-samples` completions of each of its `--prompts-per-step / world` prompts from the
-Engine (paged KV cache; python tool calls run live in the sandbox, their output forced in) and scores each with the
-task's reward (0 when its tool call crashed; training goes on). The update scores exactly the tokens the engine
-emitted, each at the position it was sampled from: the stop token (<|assistant_end|> or <|bos|>) when it stopped on
-one, nothing added when it stopped for length (--max-new-tokens or the context limit; logged as `cut`).
+Engine (tool calls run in the sandbox, their output forced in; reward 0 when one crashed) and trains on exactly the
+tokens the engine emitted (the stop token included when it stopped on one).
 
 Objective (per sampled token t of completion i in group g; forced tool-output tokens and the prompt are masked):
     A_i   = r_i - mean_g(r)                          group-relative advantage (--std-scale: / (std_g(r) + 1e-6),
@@ -21,13 +19,9 @@ Objective (per sampled token t of completion i in group g; forced tool-output to
     loss  = sum_t L_t / (number of sampled tokens in the step)           token-level mean (--reduction token), or
             mean over completions of their per-token mean                (--reduction sequence)
 Defaults (nanochat's first release, https://github.com/karpathy/nanochat/blob/master/scripts/chat_rl.py): no std
-scaling, no KL, no clipping, one inner step (on-policy), token-level mean; --inner-steps K > 1 re-uses the rollouts
-for K optimizer steps (then clipping matters). Cadence, LR setting, optimizer step and --resume are train/loop.py's
-helpers, the stage plumbing train/stage.py's. Logs mean reward, pass@k on held-out prompts, completion lengths.
-
-References: GRPO's group-relative advantage, clipped ratio and k3 KL term: DeepSeekMath,
-https://arxiv.org/abs/2402.03300; the token-level mean over all sampled tokens of the step: DAPO,
-https://arxiv.org/abs/2503.14476.
+scaling, KL or clipping, one inner step (on-policy), token-level mean; --inner-steps K > 1 re-uses the rollouts.
+References: GRPO's advantage, clipped ratio and k3 KL: DeepSeekMath, https://arxiv.org/abs/2402.03300; the token-level
+mean over the step: DAPO, https://arxiv.org/abs/2503.14476.
 """
 import argparse
 import math
@@ -45,11 +39,9 @@ from train.loop import is_due, optimizer_step, resume, run_meta, set_lrs
 from train.tasks import TaskError, get_task
 
 
-
-# ------------------------------------------------------------------------------------------------ the GRPO maths
 def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
-    """rewards (P * G,) in prompt-major order (G = num_samples per prompt) -> advantages (P * G,):
-    reward minus its group's mean, optionally divided by the group's population std (+ eps)."""
+    """rewards (P * G,) prompt-major (G = num_samples) -> advantages (P * G,): reward - its group's mean, optionally
+    / (the group's population std + eps)."""
     r = rewards.float().view(-1, num_samples)
     adv = r - r.mean(dim=1, keepdim=True)
     if std_scale:
@@ -59,14 +51,11 @@ def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
 
 def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=None, kl_coef=0.0,
                 reduction="token", normalizer=None):
-    """GRPO loss of one micro-batch and its stats.
-
-    logp (N, T) log-probabilities of the taken tokens under the current policy (with grad); mask (N, T) 1 where the
-    token was sampled by the policy; advantages (N,); old_logp (N, T) of the sampling policy (None: on-policy, the
-    detached logp); ref_logp (N, T) of the frozen reference (needed when kl_coef > 0); clip_eps None = no clipping.
-    reduction "token": sum over all sampled tokens / normalizer (default: this batch's token count; pass the
-    whole step's count when accumulating micro-batches). "sequence": each row's token mean, summed over rows and
-    divided by normalizer (default: this batch's row count). Returns (loss, stats dict of floats)."""
+    """GRPO loss of one micro-batch -> (loss, stats dict of floats). logp (N, T) of the taken tokens under the current
+    policy (with grad); mask (N, T) 1 on sampled tokens; advantages (N,); old_logp (N, T) of the sampling policy (None:
+    on-policy); ref_logp (N, T) of the frozen reference (kl_coef > 0); clip_eps None = no clipping. reduction "token":
+    sum over sampled tokens / normalizer (default this batch's token count); "sequence": the sum of each row's token
+    mean / normalizer (default this batch's row count)."""
     mask = mask.float()
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
@@ -74,8 +63,7 @@ def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=N
     surrogate = ratio * adv
     stats = {}
     if clip_eps is not None:
-        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
-        surrogate = torch.minimum(surrogate, clipped)
+        surrogate = torch.minimum(surrogate, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
         stats["clip_frac"] = ((((ratio - 1).abs() > clip_eps).float() * mask).sum() / mask.sum().clamp(min=1)).item()
     per_tok = -surrogate
     if kl_coef:
@@ -96,14 +84,13 @@ def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=N
 
 
 def pass_at_k(correct, k):
-    """correct: list of 0/1 per sample of one prompt (n >= k) -> unbiased pass@k = 1 - C(n - c, k) / C(n, k)."""
+    """correct: 0/1 per sample of one prompt (n >= k) -> unbiased pass@k = 1 - C(n - c, k) / C(n, k)."""
     n, c = len(correct), sum(correct)
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-# ------------------------------------------------------------------------------------------------ rollouts
 def tool_crashed(tokenizer, completion):
-    """True when a forced tool output in the completion reports an error (the Engine writes 'Error: ...')."""
+    """True when a forced tool output in the completion reports an error ('Error: ...')."""
     start, end = tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>")
     inside, out = False, []
     for t in completion:
@@ -118,20 +105,15 @@ def tool_crashed(tokenizer, completion):
     return False
 
 
-def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed, stage="rl"):
-    """Sample num_samples completions for each task example in `indices` (example j seeded with seed + j, as
-    Engine.generate_many) and score them -> a list of dicts (prompt-major): ids = prompt + exactly the tokens the
-    engine emitted (its stop token included when it stopped on one, nothing added after a "length" finish), mask (1
-    on sampled tokens, 0 on the prompt and forced tool output), reward (of the text without the stop token), prompt
-    index, completion length, crashed, finish ("stop" | "length"). RuntimeError when the engine failed a request."""
+def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed):
+    """Sample num_samples completions of each task example in `indices` (the j-th seeded with seed + j) and score them
+    -> dicts (prompt-major): ids = prompt + exactly the tokens the engine emitted, mask (1 on sampled tokens, 0 on the
+    prompt and forced tool output), reward (of the text without the stop token), prompt index, length, crashed,
+    finish ("stop" | "length"). RuntimeError when the engine failed a request."""
     convs = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
     reqs = [engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           seed=seed + i) for i, p in enumerate(prompts)]
-    if getattr(engine, "thread", None) is not None:  # a background loop steps: wait for each end of stream
-        for r in reqs:
-            for _ in r.stream():
-                pass
     while not all(r.done for r in reqs):
         engine.step()
     failed = next((r.error for r in reqs if r.error), None)
@@ -143,34 +125,29 @@ def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperatu
             stopped = finish == "stop" and comp and comp[-1] in engine.stop_ids
             text_ids = comp[:-1] if stopped else comp
             crashed = tool_crashed(tokenizer, text_ids)
-            if crashed:
-                reward = 0.0
-            else:
-                try:
-                    reward = float(task.reward(conv, tokenizer.decode(text_ids)))
-                except Exception as e:  # noqa: BLE001
-                    raise TaskError(f"[{stage}] reward function of task {getattr(task, 'name', task)} raised: "
-                                    f"{type(e).__name__}: {e}") from e
+            try:
+                reward = 0.0 if crashed else float(task.reward(conv, tokenizer.decode(text_ids)))
+            except Exception as e:  # noqa: BLE001
+                raise TaskError(f"[rl] reward function of task {getattr(task, 'name', task)} raised: "
+                                f"{type(e).__name__}: {e}") from e
             out.append(dict(ids=prompt + list(comp), mask=[0] * len(prompt) + list(mask), reward=reward, prompt=p,
                             length=len(comp), crashed=crashed, finish=finish))
     return out
 
 
-def check_prompts(tokenizer, task, max_context, count=None, stage="rl"):
-    """At load time: the prompt of each of the first `count` examples (default all) leaves room for a completion
-    in the Engine's context of max_context tokens (Engine.submit would refuse it mid-run). TaskError naming the
-    task and the example otherwise."""
+def check_prompts(tokenizer, task, max_context, count=None):
+    """TaskError naming the task and example unless the prompt of each of the first `count` examples (default all)
+    leaves room for a completion in max_context tokens (checked at load time, not mid-run)."""
     for i in range(min(len(task), len(task) if count is None else count)):
         n = len(tokenizer.render_for_completion(task[i]))
         if n >= max_context:
-            raise TaskError(f"[{stage}] {getattr(task, 'name', task)}: example {i}: its prompt of {n} tokens leaves "
+            raise TaskError(f"[rl] {getattr(task, 'name', task)}: example {i}: its prompt of {n} tokens leaves "
                             f"no room for a completion in the context of {max_context} tokens")
 
 
 def pad_samples(samples, device, pad_id):
-    """Scored samples (dicts with ids and mask, see rollout) -> right-padded int64 (x, y) and bool m, each (N, T) with
-    T = longest ids - 1: y = ids[1:] with -1 where the target was not sampled (prompt, tool output, padding),
-    m = y >= 0."""
+    """Scored samples (see rollout) -> right-padded int64 (x, y) and bool m = y >= 0, each (N, longest ids - 1):
+    y = ids[1:] with -1 where the target was not sampled (prompt, tool output, padding)."""
     T = max(len(s["ids"]) for s in samples) - 1
     x = torch.full((len(samples), T), pad_id, dtype=torch.long)
     y = torch.full((len(samples), T), -1, dtype=torch.long)
@@ -188,19 +165,15 @@ def token_logp(model, x, y):
 
 
 def grpo_update(model, optimizers, samples, args, ref_model=None):
-    """One GRPO update from scored samples (prompt-major, args.num_samples per prompt): advantages, then
-    args.inner_steps optimizer steps over micro-batches of args.device_batch_size. Returns stats."""
+    """One GRPO update from scored samples (prompt-major): advantages, then args.inner_steps optimizer steps over
+    micro-batches of args.device_batch_size -> stats."""
     device = local(next(model.parameters())).device
-    rewards = torch.tensor([s["reward"] for s in samples])
-    adv = group_advantages(rewards, args.num_samples, std_scale=args.std_scale)
-    pad = samples[0]["ids"][0]
+    adv = group_advantages(torch.tensor([s["reward"] for s in samples]), args.num_samples, std_scale=args.std_scale)
     B = args.device_batch_size
     chunks = [list(range(i, min(i + B, len(samples)))) for i in range(0, len(samples), B)]
-    batches = [pad_samples([samples[i] for i in c], device, pad) for c in chunks]
+    batches = [pad_samples([samples[i] for i in c], device, samples[0]["ids"][0]) for c in chunks]
     n_tokens = sum(int(m.sum()) for _, _, m in batches)
     normalizer = max(n_tokens, 1) if args.reduction == "token" else len(samples)
-    if args.kl_coef and ref_model is None:
-        raise ValueError("grpo_update: --kl-coef > 0 needs the frozen reference model")
     need_old = args.clip_eps is not None or args.inner_steps > 1
     with torch.no_grad():
         old = [token_logp(model, x, y) for x, y, _ in batches] if need_old else [None] * len(batches)
@@ -223,7 +196,7 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
 
 @torch.no_grad()
 def sync_sampler(model, sampler):
-    """Copy the (possibly FSDP-sharded) training weights into the plain sampling copy (collective under FSDP)."""
+    """Copy the (possibly FSDP-sharded) training weights into the plain sampling copy (collective)."""
     for p, q in zip(model.parameters(), sampler.parameters()):
         q.copy_(full(p))
 
@@ -241,14 +214,12 @@ def plain_copy(model):
     return copy
 
 
-def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed, stage="rl"):
+def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed):
     """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
-    info = dist_info()
-    rank, world = info.rank, info.world_size
-    idx = list(range(rank, min(num_examples, len(task)), world))
+    idx = list(range(dist_info().rank, min(num_examples, len(task)), dist_info().world_size))
     p1 = pk = 0.0
     if idx:
-        samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed, stage)
+        samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed)
         for j in range(len(idx)):
             correct = [int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]]
             p1 += pass_at_k(correct, 1)
@@ -257,7 +228,6 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, tem
     return {"pass@1": p1 / max(n, 1), f"pass@{k}": pk / max(n, 1)}
 
 
-# ------------------------------------------------------------------------------------------------ the stage
 PRESETS = {
     "tiny": dict(task="arithmetic", num_iterations=8, prompts_per_step=4, num_samples=4, max_new_tokens=48,
                  device_batch_size=16, eval_every=0, eval_examples=8, eval_k=4, top_k=50),
@@ -290,8 +260,7 @@ def parse_args(argv=None):
 
 
 def run(argv=None):
-    """The RL stage -> summary dict (first/final/mean reward, last pass@k, per-step history, checkpoint); also
-    written to checkpoints/rl/<run>/summary.json. Leaves the process group up."""
+    """The RL stage -> summary (rewards, last pass@k, per-step history, checkpoint); leaves the process group up."""
     args = parse_args(argv)
     info = stage.start(args)
     if args.prompts_per_step % info.world_size:
@@ -315,15 +284,14 @@ def run(argv=None):
     if args.resume:
         saved = resume("rl", args.run, model, optimizers)
         start, ckpt = saved["step"], saved["path"]
-    sampler = plain_copy(model)  # the Engine samples from an unsharded copy; ranks roll out independently
+    sampler = plain_copy(model)  # ranks roll out independently from unsharded copies
     ref_model = plain_copy(model) if args.kl_coef else None
     engine = Engine(sampler, tokenizer)
     check_prompts(tokenizer, train_task, engine.max_context)
     check_prompts(tokenizer, test_task, engine.max_context, count=args.eval_examples)
     print0(f"[rl] {args.num_iterations} steps x {args.prompts_per_step} prompts x {args.num_samples} samples of "
            f"{args.task}, max {args.max_new_tokens} new tokens, kernels {kernels.get_mode()}")
-    history, t_total, last_eval = [], 0.0, {}
-    step = start
+    history, t_total, last_eval, step = [], 0.0, {}, start
     while True:
         last = step == args.num_iterations
         if is_due(step, args.eval_every, last):

@@ -1,10 +1,7 @@
 """What the training stages share: the preset-aware argument parser, the start of a stage that continues an earlier
 one (flags, kernels, seed, process group, source checkpoint), the summary the speedrun reads, and mid's and SFT's
-recipe (a task mixture through the shared loop).
-
-Every stage module (train.base, train.mid, train.sft, train.rl) has PRESETS, `parse_args(argv)`, `run(argv) ->
-summary` (leaves the process group up: train.speedrun runs the stages one after another on one group, as destroying
-and re-creating it under torchrun races) and `main(argv)` = stage.main(run, argv).
+recipe. Every stage module has PRESETS, `parse_args(argv)`, `run(argv) -> summary` (leaves the process group up:
+train.speedrun runs the stages on one group) and `main(argv)` = stage.main(run, argv).
 """
 import argparse
 import json
@@ -22,28 +19,24 @@ from train.loop import add_train_args, grad_accum_steps, run_main, train
 from train.tasks import build_mixture
 
 PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose newest checkpoint a stage starts from
-# What --compile auto means per stage (train.distributed.compile_enabled otherwise): RL's update runs on padded
-# rollouts whose length changes every step, so compiled parts would retrace for dynamic shapes, and the stage's time
-# goes to sampling (uncompiled Engine) anyway. --compile on still compiles it.
+# --compile auto per stage (else train.distributed.compile_enabled): RL's padded rollouts change length every step
+# (compiled parts would retrace) and its time goes to sampling anyway.
 COMPILE_AUTO = {"rl": "off"}
-# Sequences per GPU where a preset leaves device_batch_size None (the d20 presets of base and mid: seq 2048), by
-# kernel mode; the memory arithmetic is in bench/train.py's docstring.
+# Sequences per GPU where a preset leaves device_batch_size None (d20 base and mid), by kernel mode (bench/train.py)
 D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 
 
 def main(run, argv=None):
-    """A stage's entry point: run(argv) under train.loop.run_main (a UserError -> one line on stderr, exit status 2),
-    then the process group is destroyed -> run's summary."""
+    """A stage's entry point: run(argv) under train.loop.run_main, then the process group is destroyed -> summary."""
     summary = run_main(lambda: run(argv))
     cleanup()
     return summary
 
 
 def parse_args(parser, presets, argv=None):
-    """Two-phase parse: --preset (default "tiny") picks presets[name], a dict of flag defaults; every flag given
-    overrides them. Adds --preset to `parser`. Raises UserError for an unknown preset. A leading `--` (the
-    documented `torchrun ... -m train.<stage> -- FLAGS`, which some Pythons' argparse hand on) is dropped.
-    device_batch_size None -> D20_DEVICE_BATCH of the kernel mode ("auto" resolves as kernels.set_mode will)."""
+    """Two-phase parse: --preset (default "tiny", added to `parser`) picks presets[name], flag defaults that every flag
+    given overrides; UserError for an unknown preset. A leading `--` (`torchrun ... -m train.<stage> -- FLAGS`) is
+    dropped. device_batch_size None -> D20_DEVICE_BATCH of the kernel mode ("auto" resolved as kernels.set_mode)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -62,8 +55,7 @@ def parse_args(parser, presets, argv=None):
 
 
 def require_positive(stage, args, *names):
-    """UserError naming the flag unless each args.<name> is an integer >= 1 (checked before any work starts: a zero
-    batch or count otherwise fails mid-run, e.g. at the first evaluation)."""
+    """UserError naming the flag unless each args.<name> is an integer >= 1 (before any work starts)."""
     for name in names:
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
@@ -96,8 +88,8 @@ def compile_setting(stage, value):
 
 
 def load_source(stage, args, info):
-    """The newest checkpoint of args.source (run args.source_run, default its newest) in an FSDP2 model
-    -> (model, tokenizer, source meta, source path). UserError naming the stage when there is none."""
+    """The newest checkpoint of args.source (run args.source_run, default its newest) in an FSDP2 model -> (model,
+    tokenizer, source meta, source path); UserError naming the stage when there is none."""
     path = find_last_checkpoint(args.source, args.source_run)
     if path is None:
         where = checkpoint_dir(args.source, args.source_run or "<newest run>")
@@ -127,7 +119,6 @@ def write_summary(stage, run, summary):
             json.dump(summary, f, indent=1, default=str)
 
 
-# ------------------------------------------------------------------------------------------------ mid and SFT
 def mixture_stage(stage, presets, loader_cls, doc):
     """-> (parse_args, run, main) of a stage that trains on a task mixture with loader_cls (train.mid, train.sft)."""
     def parse(argv=None):
@@ -138,16 +129,16 @@ def mixture_stage(stage, presets, loader_cls, doc):
         return parse_args(p, presets, argv)
 
     def run(argv=None):
-        """The stage -> the loop's summary plus "tasks" (see train_on_mixture). Leaves the process group up."""
+        """The stage -> train_on_mixture's summary. Leaves the process group up."""
         return train_on_mixture(stage, parse(argv), loader_cls)
 
     return parse, run, lambda argv=None: main(run, argv)
 
 
 def train_on_mixture(stage, args, loader_cls):
-    """The source checkpoint in FSDP2 -> train.loop.train on loader_cls (train.data.PackedLoader or SFTLoader) over
-    the train split of the mixture args.tasks, val_loss = the mean loss of args.val_batches batches of its test split
-    -> the loop's summary plus "tasks" (also written by write_summary). --num-iterations -1: args.epochs passes."""
+    """train.loop.train from the source checkpoint on loader_cls over the train split of the mixture args.tasks,
+    val_loss = mean loss of args.val_batches batches of its test split (--num-iterations -1: args.epochs passes)
+    -> the loop's summary plus "tasks" (also written by write_summary)."""
     require_positive(stage, args, "device_batch_size", "val_batches")
     info = start(args)
     model, tokenizer, src_meta, src_path = load_source(stage, args, info)
