@@ -282,8 +282,7 @@ class TokenLoader:
         self.load_state_dict({"epoch": 0, "unit": 0, "doc": rank, "offset": 0, "rank": rank, "world_size": world_size})
 
     def state_dict(self):
-        return {"epoch": self.epoch, "unit": self.unit, "doc": self.doc, "offset": self.offset,
-                "rank": self.rank, "world_size": self.world_size}
+        return {k: getattr(self, k) for k in ("epoch", "unit", "doc", "offset", "rank", "world_size")}
 
     def load_state_dict(self, state):
         if state.get("world_size", self.world_size) != self.world_size or state.get("rank", self.rank) != self.rank:
@@ -295,9 +294,8 @@ class TokenLoader:
         self._docs = None   # documents of the current unit (read lazily)
 
     def load_state_dicts(self, states):
-        """Resume from every rank's state (a checkpoint's loader_states, rank order) -> True when exact (as many
-        ranks: this rank's own state). Else False: every rank continues from the first document some saved rank had
-        not finished (nothing skipped; those in flight are read again), taking d = rank (mod world_size) from there."""
+        """Resume from every rank's state (rank order) -> True when exact (as many ranks). Else False: every rank
+        continues from the first document some saved rank had not finished (those in flight are read again)."""
         if len(states) == self.world_size:
             self.load_state_dict(states[self.rank])
             return True
@@ -391,8 +389,7 @@ class _ConversationStream:
         return state["epoch"] * len(self.task) + state["index"]
 
     def load_state_dicts(self, states):
-        """As TokenLoader.load_state_dicts: True when exact; else False, the ranks continuing from the first
-        conversation some saved rank had not delivered (those in flight are read again)."""
+        """As TokenLoader.load_state_dicts, from the first conversation some saved rank had not delivered."""
         if len(states) == self.world:
             self.load_state_dict(states[self.rank])
             return True
@@ -406,9 +403,7 @@ class SFTLoader(_ConversationStream):
     mask is 0 and on the padding. Rows whose targets would all be masked are skipped; TaskError (naming the task)
     when a whole pass of this rank's conversations is skipped."""
 
-    @staticmethod
-    def rows_per_conversation(T):
-        return 1
+    rows_per_conversation = staticmethod(lambda T: 1)
 
     def next_batch(self):
         pad = self.tok.bos_token_id
@@ -442,9 +437,7 @@ class PackedLoader(_ConversationStream):
         self.buf_lens = []  # tokens of each conversation in the buffer (the first may be partly emitted)
         self.barren = 0  # with mask_loss: conversations in a row without a target (a whole pass of them: TaskError)
 
-    @staticmethod
-    def rows_per_conversation(T):
-        return 1 / max(1, T // 128)  # a rendered conversation is ~128 tokens
+    rows_per_conversation = staticmethod(lambda T: 1 / max(1, T // 128))  # a rendered conversation is ~128 tokens
 
     def next_batch(self):
         need = self.B * (self.T + 1)

@@ -474,12 +474,11 @@ impl Tokenizer {
 #[pyo3(text_signature = "(texts, pattern=None, force_regex=False)")]
 fn split_texts(texts: Vec<&PyString>, pattern: Option<&str>, force_regex: bool) -> PyResult<Vec<Vec<String>>> {
     let sp = Splitter::new(pattern.unwrap_or(GPT4_PATTERN), force_regex)?;
-    let texts = texts.into_iter().map(to_utf8).collect::<PyResult<Vec<String>>>()?;
-    let split = |text: &String| {
-        let mut chunks = Vec::new();
-        sp.for_each(text, |c| chunks.push(c.to_owned())).map(|_| chunks)
+    let split = |s: &PyString| {
+        let (text, mut chunks) = (to_utf8(s)?, Vec::new());
+        sp.for_each(&text, |c| chunks.push(c.to_owned())).map(|_| chunks)
     };
-    texts.iter().map(split).collect()
+    texts.into_iter().map(split).collect()
 }
 
 #[pymodule]
