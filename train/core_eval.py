@@ -17,6 +17,7 @@ import os
 import random
 import re
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +93,8 @@ def render_item(task, index, items=None):
 
 
 def scored_spans(kind, rows):
-    """Token rows of one item's prompts -> (rows, starts, ends): tokens start..end-1 of each row are scored.
-    language_modeling keeps only the full prompt. ValueError when the context's tokens are not a prefix of the full
-    prompt's (the tokenizer merged across the boundary; nanochat asserts the same)."""
+    """Token rows of one item's prompts -> (rows, starts, ends), tokens start..end-1 of each row scored (LM: the full
+    prompt only). ValueError when the context's tokens are not a prefix of the full prompt's, as nanochat asserts."""
     ends = [len(r) for r in rows]
     if kind == MULTIPLE_CHOICE:
         return rows, [len(os.path.commonprefix(rows))] * len(rows), ends
@@ -122,17 +122,14 @@ def crop(rows, starts, ends, max_len):
 def _max_len(model, max_seq_len):
     """Crop length: the argument, else the model's `max_seq_len` (as nanochat, whose GPT has none), else the rotary
     table length (model/gpt.py cannot run past it), else None."""
-    for value in (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None)):
-        if value:
-            return int(value)
-    return None
+    values = (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None))
+    return next((int(v) for v in values if v), None)
 
 
 @torch.no_grad()
 def score_rows(model, rows, starts, ends, pad_id, device):
-    """One right-padded forward of token rows -> per row (losses, predictions, targets), CPU tensors over the scored
-    positions only: for p in start-1 .. end-2, the cross-entropy (nats, fp32) of token p + 1 given tokens 0..p and
-    the argmax prediction for it. Gathering those positions first keeps the loss off the (B, T, V) tensor."""
+    """One right-padded forward -> per row (losses, predictions, targets), CPU tensors over positions p in start-1 ..
+    end-2: the fp32 cross-entropy (nats) of token p + 1 and its argmax, gathered first (no (B, T, V) loss)."""
     T = max(len(r) for r in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -193,8 +190,7 @@ def _batches(prepared, batch_size, max_batch_tokens):
 
 
 @torch.no_grad()
-def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
-                  max_seq_len=None):
+def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, max_seq_len=None):
     """Accuracy of `model` on one task -> dict(accuracy, centered, n, correct, baseline, num_fewshot, kind, seconds).
     Collective under torch.distributed (every rank calls it with the same task)."""
     items = task.items if max_per_task is None or max_per_task < 0 else task.items[:max_per_task]
@@ -205,9 +201,8 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
         raise UserError(f"CORE task {task.name}: {task.num_fewshot}-shot needs at least {task.num_fewshot + 1} "
                         f"items, got {n} (raise max_per_task)")
     info = dist_info()
-    if device is None:
-        p = next(model.parameters(), None)
-        device = local(p).device if p is not None else torch.device("cpu")
+    p = next(model.parameters(), None)
+    device = local(p).device if p is not None else torch.device("cpu")
     t0 = time.time()
     indices = list(range(info.rank, n, info.world_size))
     batches = _batches(_prepared(task, items, indices, tokenizer, _max_len(model, max_seq_len)),
@@ -247,12 +242,11 @@ def core_name(tasks):
     return "CORE" if all(t.source == "bundle" for t in tasks) else f"CORE-{len({t.dataset for t in tasks})}"
 
 
-def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, device=None,
-                  max_seq_len=None, log=print0):
+def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, log=print0, **kwargs):
     """Score `model` (token ids (B, T) -> logits (B, T, V)) on every task, logging a line per task -> {"name": "CORE"
     | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict}, "max_per_task"}.
-    max_per_task: the first items of each (shuffled) task; batch_size / max_batch_tokens bound one forward (items,
-    padded tokens); max_seq_len crops prompts from the left (default: _max_len). Collective under torch.distributed."""
+    max_per_task: the first items of each (shuffled) task; kwargs: evaluate_task's batch_size / max_batch_tokens (one
+    forward's items and padded tokens) and max_seq_len (crop from the left; default: _max_len). Collective."""
     if not tasks:
         raise UserError("CORE: no tasks to evaluate")
     names = [t.name for t in tasks]
@@ -264,9 +258,7 @@ def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, batch_size=8, m
     results = {}
     try:
         for task in tasks:
-            r = evaluate_task(model, tokenizer, task, max_per_task=max_per_task, batch_size=batch_size,
-                              max_batch_tokens=max_batch_tokens, device=device, max_seq_len=max_seq_len)
-            results[task.name] = r
+            r = results[task.name] = evaluate_task(model, tokenizer, task, max_per_task=max_per_task, **kwargs)
             if log:
                 log(f"{name} {task.name:<34} {r['num_fewshot']:>2}-shot {task.kind:<17} | accuracy "
                     f"{r['accuracy']:.4f} | centred {r['centered']:+.4f} | {r['n']} items | "
@@ -325,7 +317,6 @@ def check_item(kind, item):
             return "needs at least two options"
         if not isinstance(item["gold"], int) or not 0 <= item["gold"] < len(options):
             return f"gold {item['gold']!r} is not an index into {len(options)} options"
-    return None
 
 
 def _read_items(path, kind, label):
@@ -374,12 +365,10 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
     return tasks
 
 
-# Raw Hugging Face rows -> bundle items, with the templates of the bundle's files (MosaicML llm-foundry's
-# scripts/eval/local_data, which DCLM and nanochat use): on the splits both have, the renderings of copa, piqa,
-# winogrande, boolq and commonsense_qa equal the bundle's rows, in the same order. The bundle's arc and openbook_qa
-# are test splits (validation here); its HellaSwag follows lm-evaluation-harness's preprocessing; its LAMBADA keeps
-# paragraph breaks that the raw copy here has as single spaces. Not carried over: the bundle's ARC rows with labels
-# "1".."4" have gold one too high; here gold is the answer's index among the row's own labels.
+# Raw HF rows -> bundle items with the bundle's templates (MosaicML llm-foundry's scripts/eval/local_data): on the
+# splits both have, copa, piqa, winogrande, boolq and commonsense_qa render as the bundle's rows, in its order. The
+# bundle's arc and openbook_qa are test splits (validation here); its LAMBADA keeps paragraph breaks the raw copy has
+# as spaces; its ARC rows labelled "1".."4" have gold one too high (here: the answer's index among the row's labels).
 def _hellaswag_clean(text):
     """lm-evaluation-harness's HellaSwag cleanup: " [title]" becomes ". ", other [tags] go, double spaces collapse."""
     return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
@@ -411,8 +400,7 @@ def render_openbookqa(row):
 
 
 def render_copa(row):
-    """super_glue copa {premise, choice1, choice2, question cause|effect, label} -> multiple choice: "<premise
-    without its final period>, because|therefore" and the choices with a lower-case first letter."""
+    """super_glue copa {premise, choice1, choice2, question cause|effect, label} -> "<premise>, because|therefore"."""
     connector = {"cause": "because", "effect": "therefore"}[row["question"]]
     return _mc(f"{row['premise'].strip()[:-1]}, {connector}",
                [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])], row["label"])
@@ -424,9 +412,8 @@ def render_piqa(row):
 
 
 def render_boolq(row):
-    """super_glue boolq {passage, question, answer} -> multiple choice: "Passage: ...\\nQuestion: ...?", choices
-    ["no", "yes"]. The bundle's file also has every " question" (any case) turned into "\\nQuestion", inside
-    passages too (22 of 3270 validation rows); kept so that the rows match it."""
+    """super_glue boolq {passage, question, answer} -> multiple choice "Passage: ...\\nQuestion: ...?", ["no", "yes"];
+    as in the bundle's file, every " question" (any case, passages too: 22 of 3270 rows) becomes "\\nQuestion"."""
     text = f"Passage: {row['passage']}\nQuestion: {row['question']}?"
     return _mc(re.sub(" question", "\nQuestion", text, flags=re.IGNORECASE), ["no", "yes"], bool(row["answer"]))
 
@@ -437,8 +424,8 @@ CSQA_DROPPED = {0: 1, 1: 2, 2: 3, 3: 0, 4: 1}
 
 
 def render_commonsense_qa(row):
-    """tau/commonsense_qa {question, choices {label, text} (5), answerKey} -> multiple choice whose query lists
-    four options "A. ..".."D. .." and ends in "Answer:"; the choices are the letters."""
+    """tau/commonsense_qa {question, choices {label, text} (5), answerKey} -> four options "A. ..".."D. .." in the
+    query, the letters as choices."""
     item = _labelled(row, "")
     texts, gold = item["choices"], item["gold"]
     if len(texts) != 5:
@@ -449,8 +436,7 @@ def render_commonsense_qa(row):
 
 
 def render_winogrande(row):
-    """winogrande {sentence with "_", option1, option2, answer "1"|"2"} -> schema: the text before "_" plus each
-    option, then the stripped rest of the sentence."""
+    """winogrande {sentence with "_", option1, option2, answer "1"|"2"} -> schema: "<before _><option>", "<after _>"."""
     sentence = row["sentence"]
     cut = sentence.index("_")
     return {"context_options": [sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
@@ -462,22 +448,9 @@ def render_lambada(row):
     return {"context": row["context"], "continuation": row["continuation"]}
 
 
-@dataclass(frozen=True)
-class RawTask:
-    """A CORE task over a raw dataset file: label as in core.yaml, file stem (".parquet" or ".jsonl"), HF id and
-    split, renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's eval_meta_data.csv),
-    row count of the full file."""
-    label: str
-    stem: str
-    hf: str
-    render: object
-    kind: str
-    num_fewshot: int
-    delimiter: str
-    baseline: float
-    rows: int
-
-
+# A CORE task over a raw dataset file: label as in core.yaml, file stem (.parquet or .jsonl), HF id and split, row
+# renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's), rows of the full file.
+RawTask = namedtuple("RawTask", "label stem hf render kind num_fewshot delimiter baseline rows")
 # In core.yaml's order. Baselines as DCLM's table: 1/choices except boolq (62, its majority class) and
 # commonsense_qa (20, for five options though four are shown).
 RAW_TASKS = (

@@ -6,16 +6,14 @@
     python -m train.evaluate --mode chat --data-dir ../shared/realdata/chat     # ARC, MMLU, GSM8K, HumanEval, offline
     torchrun --nproc_per_node=8 -m train.evaluate -- --mode chat --source rl --tasks gsm8k,humaneval
 
-Base: val bpb = next-token nats / (ln 2 * bytes of the target tokens), special tokens counting zero bytes, so it does
-not depend on the vocabulary. CORE (train/core_eval.py) on the first source found: an eval bundle (core.yaml: "CORE")
-or raw dataset files ("CORE-10") in --data-dir, the bundle at $TRITONCHAT_HOME/eval_bundle or nanochat's, else the
-embedded sample (train/tasks/realdata). CORE-style scoring of the embedded (and cached real) tasks: few-shot
-"Question: ...\nAnswer: <x>" prompts; multiple choice: the lowest mean loss wins; GSM8K-style: the answer after "####"
-must be the greedy prediction. Chat: categorical tasks (ARC, MMLU, number_mc) take the argmax of the logits at
-<|assistant_start|> over the choice letters; generative ones (GSM8K, HumanEval in the sandbox, arithmetic, spelling,
-identity) are sampled with the Engine, tools live. Scores are centred, (acc - chance) / (1 - chance), and averaged
-(ChatCORE: chance 0.25 for multiple choice, 0 for generative). `--max-examples N` scores the first N examples, a
-seeded sample, the same on every run and rank; examples are split across ranks (i % world == rank), counts summed.
+Base: val bpb = next-token nats / (ln 2 * bytes of the target tokens), special tokens counting zero bytes; CORE
+(train/core_eval.py) on the first source found: an eval bundle ("CORE") or raw dataset files ("CORE-10") in
+--data-dir, the bundle at $TRITONCHAT_HOME/eval_bundle or nanochat's, else the embedded sample; CORE-style scoring
+of the embedded (and cached real) tasks on few-shot "Question: ...\nAnswer: <x>" prompts. Chat: categorical tasks
+(ARC, MMLU, number_mc) take the argmax over the choice letters at <|assistant_start|>; generative ones are sampled
+with the Engine, tools live (HumanEval runs in the sandbox). Scores are centred, (acc - chance) / (1 - chance), and
+averaged (ChatCORE: chance 0.25 for multiple choice, 0 for generative). `--max-examples N` scores the first N
+examples, a seeded sample, the same on every run and rank; ranks split the examples (i % world == rank).
 """
 import argparse
 import itertools
@@ -43,8 +41,6 @@ from train.tasks import TaskError, get_task
 from train.tasks.common import cache_dir, extract_answer, find_file
 from train.tasks.gsm8k import solution_text
 from train.tasks.realdata import SAMPLE_DIR
-
-MC_CHANCE = 0.25
 
 
 def chatcore(results, chances):
@@ -265,7 +261,7 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
             acc = categorical_accuracy(model, tokenizer, task, max_examples)
         else:
             acc = generative_accuracy(engine, tokenizer, task, max_examples, max_tokens=max_tokens, stage=stage)
-        results[name], chances[name] = acc, MC_CHANCE if task.eval_type == "categorical" else 0.0
+        results[name], chances[name] = acc, 0.25 if task.eval_type == "categorical" else 0.0
         n = len(task) if max_examples is None else min(len(task), max_examples)
         details[name] = d = dict(accuracy=acc, chance=chances[name], centred=centred(acc, chances[name]), n=n,
                                  seconds=time.time() - t0, file=files.get(name))
@@ -281,20 +277,15 @@ def present_real_tasks():
             if os.path.exists(os.path.join(cache_dir(repo.replace("/", "__"), config, "test"), "COMPLETE"))]
 
 
-def bundle_dirs():
-    """Where an eval bundle is looked for: $TRITONCHAT_HOME/eval_bundle, then nanochat's ($NANOCHAT_BASE_DIR or
-    ~/.cache/nanochat, /eval_bundle: https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip unzipped)."""
-    nano = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    return [os.path.join(home_dir(), "eval_bundle"), os.path.join(nano, "eval_bundle")]
-
-
 def core_source(data_dir=None):
-    """Which CORE to run -> (kind, folder): ("bundle", dir) when data_dir (or, without one, a bundle_dirs() entry)
-    holds core.yaml; ("raw", dir) for raw dataset files in data_dir (or data_dir/core); ("sample", SAMPLE_DIR) when
-    data_dir is None or "sample" and no bundle is found. UserError when data_dir holds neither."""
+    """Which CORE to run -> (kind, folder): ("bundle", dir) when data_dir holds core.yaml, or without data_dir
+    ("auto"), $TRITONCHAT_HOME/eval_bundle or nanochat's ($NANOCHAT_BASE_DIR or ~/.cache/nanochat, /eval_bundle, from
+    https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip); ("raw", dir) for raw dataset files in
+    data_dir (or data_dir/core); else ("sample", SAMPLE_DIR). UserError when data_dir holds neither."""
     if data_dir in (None, "auto"):
-        bundles = [d for d in bundle_dirs() if os.path.isfile(os.path.join(d, "core.yaml"))]
-        return ("bundle", bundles[0]) if bundles else ("sample", SAMPLE_DIR)
+        nano = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+        bundles = [d for d in (home_dir(), nano) if os.path.isfile(os.path.join(d, "eval_bundle", "core.yaml"))]
+        return ("bundle", os.path.join(bundles[0], "eval_bundle")) if bundles else ("sample", SAMPLE_DIR)
     if data_dir == "sample":
         return "sample", SAMPLE_DIR
     if not os.path.isdir(data_dir):

@@ -48,9 +48,6 @@ class Task:
     def num_examples(self):
         return len(self.rows)
 
-    def get_example(self, index):
-        raise NotImplementedError
-
     def __len__(self):
         return self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
 
@@ -58,10 +55,6 @@ class Task:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} examples")
         return self.get_example(index)
-
-    def describe(self):
-        """The task's name as messages show it (a mixture lists its tasks)."""
-        return self.name
 
     def validate(self):
         """Check every example once, at load time (check_conversation) -> self; TaskError naming the task and the
@@ -118,7 +111,7 @@ class TaskMixture(Task):
             task.validate()
         return self
 
-    def describe(self):
+    def describe(self):  # the name messages show (train/data.py)
         return "mixture of " + ", ".join(task.name for task in self.tasks)
 
 
