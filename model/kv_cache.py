@@ -148,8 +148,7 @@ class PagedKVCache:
                 self._push(node)
 
     def writable(self, blocks, pos):
-        """Make token position `pos` of block table `blocks` writable: a fresh block at a page boundary, a copy of a
-        shared or cached block (copy-on-write). True if it copied."""
+        """Make position `pos` of block table `blocks` writable (a new block, or copy-on-write); True if it copied."""
         j = pos // self.block_size
         if j == len(blocks):
             blocks.append(self.allocate())
@@ -224,9 +223,7 @@ class PagedKVCache:
                 b = blocks[j]
                 if b in self.node_of:  # cannot happen for a block holding exactly this prefix; keep the tree sound
                     return
-                child = _Node(key, node, b, node.depth + 1)
-                node.children[key] = child
-                self.node_of[b] = child
+                node.children[key] = self.node_of[b] = child = _Node(key, node, b, node.depth + 1)
                 if self.refcount[b] == 0:
                     self.n_evictable += 1
             child.last_used = now
@@ -250,8 +247,7 @@ class PagedKVCache:
                     n = last.length
                     self.row_k[:, i, :, :n] = self.row_k[:, last.index, :, :n]
                     self.row_v[:, i, :, :n] = self.row_v[:, last.index, :, :n]
-                last.index = i
-                self.rows[i] = last
+                last.index, self.rows[i] = i, last
         self.rows.pop()
         row.index, row.length, row.synced, row.blocks = -1, 0, 0, None
 
@@ -429,10 +425,8 @@ class PagedKVCache:
                                                is_causal=True, enable_gqa=H != Hkv)
             return y.transpose(1, 2).to(v.dtype)
         # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
-        n_pages, block_size = plan.tables.shape[1], k_cache.shape[1]
-        keys = k_cache[plan.tables.long()].flatten(1, 2)          # (R, n_pages * block_size, Hkv, D)
-        vals = v_cache[plan.tables.long()].flatten(1, 2)
-        mask = torch.arange(n_pages * block_size, device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
+        keys, vals = k_cache[plan.tables.long()].flatten(1, 2), v_cache[plan.tables.long()].flatten(1, 2)
+        mask = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=mask[:, None], enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
