@@ -82,9 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
     p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluated task")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="generation budget in the chat evals")
-    p.add_argument("--eval-data", default=None,
-                   help="local real eval data: an eval bundle (-> CORE) or raw CORE files (-> CORE-10) for the base "
-                        "model, here or in core/; ARC/MMLU/GSM8K/HumanEval files for the chat models, here or in chat/")
+    p.add_argument("--eval-data", default=None, help="local real eval data: an eval bundle (-> CORE) or raw CORE "
+                   "files (-> CORE-10), here or in core/; ARC/MMLU/GSM8K/HumanEval files, here or in chat/")
     p.add_argument("--core-max-per-task", type=int, default=None, help="items per CORE task (default: the preset's)")
     p.add_argument("--real-examples", type=int, default=None, help="examples per real chat task (tiny's sample)")
     for s in TRAIN_STAGES:

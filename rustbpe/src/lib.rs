@@ -31,8 +31,7 @@ const MAX_VOCAB: i64 = 1 << 24;
 type Pair = (u32, u32);
 
 /// A heap entry: a pair's count when pushed, the pair (reversed: among equal counts the smaller pair pops first) and
-/// the words that may contain it (a superset: words that lost the pair are skipped when merging), so no global
-/// pair -> words map is needed. A pair has at most one entry, so the derived order never compares `words`.
+/// the words that may contain it (a superset). A pair has at most one entry, so the order never compares `words`.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Entry {
     count: i64,
@@ -210,11 +209,8 @@ fn run_end(cl: &Classes, text: &str, mut i: usize, keep: impl Fn(u8) -> bool) ->
     i
 }
 
-/// End (byte offset) of the GPT-4-pattern match starting at `pos`, alternative by alternative in the regex's
-/// leftmost-first order:
-///   '(?i:[sdmt]|ll|ve|re) | [^\r\n\p{L}\p{N}]?+\p{L}+ | \p{N}{1,2} | ' '?[^\s\p{L}\p{N}]++[\r\n]* | \s*[\r\n] |
-///   \s+(?!\S) | \s+
-/// Every character starts some alternative, so the matches tile the text and none is empty.
+/// End (byte offset) of the GPT4_PATTERN match starting at `pos`, trying its seven alternatives in the regex's
+/// leftmost-first order. Every character starts some alternative, so the matches tile the text and none is empty.
 fn gpt4_chunk_end(cl: &Classes, text: &str, pos: usize) -> usize {
     let c = char_at(text, pos).unwrap();
     let after_c = pos + c.len_utf8();
