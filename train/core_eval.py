@@ -338,10 +338,9 @@ def _read_items(path, kind, label):
 
 
 def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
-    """The tasks of a DCLM/nanochat eval bundle folder -> list[Task] in core.yaml's order: `core.yaml` (icl_tasks:
-    label, icl_task_type, dataset_uri, num_fewshot (its first value), continuation_delimiter (default " ")),
-    `eval_meta_data.csv` (Eval Task, Random baseline in percent) and `eval_data/<dataset_uri>` (jsonl). Items are
-    shuffled with Random(seed) and cut to max_per_task, as nanochat. UserError on a missing or malformed file."""
+    """An eval bundle folder -> list[Task] in core.yaml's order, from core.yaml (icl_tasks: label, icl_task_type,
+    dataset_uri, num_fewshot, continuation_delimiter), eval_meta_data.csv (Eval Task, Random baseline in percent) and
+    eval_data/<dataset_uri> (jsonl); items subsample'd. UserError on a missing or malformed file."""
     config = os.path.join(directory, "core.yaml")
     if not os.path.isfile(config):
         raise UserError(f"{directory}: no core.yaml (an eval bundle holds core.yaml, eval_meta_data.csv, eval_data/)")
@@ -478,9 +477,8 @@ RAW_TASKS = (
 
 
 def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
-    """CORE tasks over raw HF-schema files -> list[Task] (source "raw"), for every RAW_TASKS entry whose file
-    (<stem>.parquet or <stem>.jsonl) is in `directory` or its core/ subfolder. names: only these labels (UserError
-    if one is missing). Items shuffled with Random(seed) and cut to max_per_task, as load_bundle."""
+    """list[Task] (source "raw") of every RAW_TASKS entry whose <stem>.parquet or .jsonl is in `directory` or its core/,
+    items subsample'd; names: only these labels (UserError if one is missing)."""
     folder = directory
     if not any(find_file(directory, t.stem) for t in RAW_TASKS) and os.path.isdir(os.path.join(directory, "core")):
         folder = os.path.join(directory, "core")

@@ -313,10 +313,9 @@ def describe_core(result):
 
 
 def run_core(model, tokenizer, data_dir=None, max_per_task=None, stage="eval", max_seq_len=None):
-    """CORE (bundle) or CORE-<n> (raw files / embedded sample) of a base model -> dict {name, score, source, where,
-    max_per_task, max_seq_len, tasks: {label: {accuracy, centered, baseline, n, num_fewshot, kind, seconds}},
-    seconds}, printing a line per task and the table. max_seq_len: crop prompts to their last max_seq_len tokens
-    (default: the model's rotary table; nanochat does not crop). Collective under torch.distributed."""
+    """CORE or CORE-<n> of a base model (core_source(data_dir)) -> dict {name, score, source, where, max_per_task,
+    max_seq_len, tasks: {label: {accuracy, centered, baseline, n, num_fewshot, kind, seconds}}, seconds}, printing
+    a line per task and the table. max_seq_len: as evaluate_core's. Collective under torch.distributed."""
     kind, where = core_source(data_dir)
     t0 = time.time()
     tasks = core_eval.load_tasks(where, max_per_task)

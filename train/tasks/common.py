@@ -27,8 +27,8 @@ class TaskError(UserError):
 
 
 def check_conversation(conversation):
-    """A conversation as model/tokenizer.py's renderers require it (see conversation_messages) -> it, unchanged;
-    TaskError with the renderer's reason (naming the message and part) otherwise."""
+    """The conversation, unchanged, if model/tokenizer.py can render it, else TaskError with conversation_messages'
+    reason."""
     try:
         conversation_messages(conversation)
     except ValueError as e:
@@ -164,8 +164,7 @@ def cache_dir(*parts):
 
 
 def cached_download(url, path):
-    """url -> path unless path is already there (model.common.download: retries with backoff, temp file + rename).
-    Returns path, or None when the server answers 404; other failures raise TaskError naming the URL."""
+    """url -> path unless already there (model.common.download) -> path, None on a 404, else TaskError."""
     if os.path.exists(path):
         return path
     try:
@@ -245,8 +244,7 @@ def seeded_order(rows, seed=42):
 
 
 def real_rows(name, repo, config, split, files, ok, needs, prepare=None):
-    """hf_rows, each row (after `prepare`) checked with ok(row) in the file's order (TaskError "<name>: row i needs
-    <needs>"), then in the seeded order (seeded_order)."""
+    """hf_rows, each (prepared) row checked with ok(row) (TaskError "<name>: row i needs <needs>"), in seeded order."""
     rows = hf_rows(repo, config, split, files)
     rows = rows if prepare is None else [prepare(r) for r in rows]
     for i, r in enumerate(rows):
