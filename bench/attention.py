@@ -22,23 +22,12 @@ TOKENS = 16 * D20.sequence_len  # the d20 preset's device batch of 16 sequences
 GQA_KV_HEADS = 2
 
 
-def _flex_provider(T, H, Hkv, device):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    block_mask = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, None, None, T, T, device=device)
-
-    def flex(q, k, v, cos, sin):
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                           enable_gqa=H != Hkv)
-        return y.transpose(1, 2)
-    return torch.compile(flex)
-
-
 def _providers(inputs, T, H, Hkv):
     """name -> (fn, extra row fields)"""
     if not harness.on_gpu():
         return {"eager": (attention_reference, {}), "fused": (attention_triton, {})}
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     try:  # flash if it accepts these inputs, else SDPA's own choice
         with ctx():
@@ -52,23 +41,28 @@ def _providers(inputs, T, H, Hkv):
             with ctx():
                 return f(*a)
         return run
+    block_mask = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, None, None, T, T, device=inputs[0].device)
+
+    def flex(q, k, v, cos, sin):  # FlexAttention with a causal BlockMask + the same RoPE / norm ops
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           enable_gqa=H != Hkv)
+        return y.transpose(1, 2)
     extra, compiled = {"sdpa_backend": backend}, torch.compile(attention_reference)
     return {"eager": (in_backend(attention_reference), extra), "compile": (in_backend(compiled), extra),
-            "flex": (_flex_provider(T, H, Hkv, inputs[0].device), {}), "fused": (attention_triton, {})}
-
-
-def _cases(quick):
-    if not harness.on_gpu():
-        return [(1, 64, 4, 4, 64), (1, 64, 4, 2, 64)], torch.float32
-    H, D, T0 = D20.n_head, D20.head_dim, D20.sequence_len
-    if quick:  # one case: compiling the compile / flex providers dominates a quick GPU run
-        return [(TOKENS // T0, T0, H, H, D)], torch.bfloat16
-    return [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, GQA_KV_HEADS)], torch.bfloat16
+            "flex": (torch.compile(flex), {}), "fused": (attention_triton, {})}
 
 
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
-    cases, dtype = _cases(quick)
+    H, D, T0 = D20.n_head, D20.head_dim, D20.sequence_len
+    if dev == "cpu":
+        cases, dtype = [(1, 64, 4, 4, 64), (1, 64, 4, 2, 64)], torch.float32
+    elif quick:  # one case: compiling the compile / flex providers dominates a quick GPU run
+        cases, dtype = [(TOKENS // T0, T0, H, H, D)], torch.bfloat16
+    else:
+        cases = [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, GQA_KV_HEADS)]
+        dtype = torch.bfloat16
     rows = []
     for B, T, H, Hkv, D in cases:
         g = torch.Generator(device="cpu").manual_seed(0)

@@ -59,9 +59,9 @@ def build_model(depth, head_dim, vocab, seq_len, device, dtype):
     return model.to(dtype).eval()
 
 
-def peer_model(path, ours):
-    """(nanochat's Engine class, its GPT configured as the plain architecture holding our weights (module docstring)),
-    imported from a local checkout at `path`."""
+def peer_engine(path, ours, tok):
+    """nanochat's Engine (imported from a local checkout at `path`) over its GPT configured as the plain architecture
+    holding our weights (module docstring)."""
     path = os.path.abspath(path)
     if not os.path.isfile(os.path.join(path, "nanochat", "engine.py")):
         sys.exit(f"bench.engine: {path} is not a nanochat checkout (no nanochat/engine.py)")
@@ -95,7 +95,7 @@ def peer_model(path, ours):
         fa.flash_attn.flash_attn_with_kvcache = lambda q, *a, **k: kv(q / 1.44, *a, **k)
         fa.flash_attn.flash_attn_func = lambda q, *a, **k: func(q / 1.44, *a, **k)
         fa.flash_attn._plain_scale = True
-    return nanochat.engine.Engine, model.eval()
+    return nanochat.engine.Engine(model.eval(), tok)
 
 
 class _StampedQueue(queue.Queue):
@@ -143,8 +143,7 @@ def _summary(start, end, streams, num_samples, kv_bytes):
 
 def run_ours(engine, prompts, num_samples, max_tokens):
     """All prompts submitted at once and stepped until done (continuous batching)."""
-    cache = engine.cache
-    start, reqs = _clocks(), []
+    cache, start, reqs = engine.cache, _clocks(), []
     for i, p in enumerate(prompts):
         r = engine.submit(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i)
         r.events = _StampedQueue()
@@ -182,8 +181,7 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     """-> harness rows (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device("cuda" if harness.on_gpu() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if harness.on_gpu() else (torch.device("cpu"), torch.float32)
     reps = min(reps, 2) if quick else reps
     model, tok = build_model(depth, head_dim, vocab, seq_len, device, dtype), _tokenizer(vocab)
     g = torch.Generator().manual_seed(1)
@@ -198,8 +196,7 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
         providers["ours-fused"] = ("fused", run_ours, ours)
         providers["ours-fused-graphs"] = ("fused", run_ours, Engine(model, tok, prefix_caching=False, cuda_graphs=True))
     if peer:
-        peer_engine, peer_gpt = peer_model(peer, model)
-        providers["nanochat"] = ("eager", run_peer, peer_engine(peer_gpt, tok))
+        providers["nanochat"] = ("eager", run_peer, peer_engine(peer, model, tok))
 
     results = {}  # (case index, provider) -> list of runs
     old_mode = kernels.get_mode()

@@ -19,29 +19,21 @@ SUITE = "linear_cross_entropy"
 CHUNK_ELEMENTS = 1 << 28  # the fused path's logits budget per chunk, given to the chunked provider too
 
 
-def chunked_reference(h, w, targets, softcap=SOFTCAP, ignore_index=-1):
-    """Mean cross-entropy chunk by chunk; each chunk's logits are rebuilt in backward instead of kept."""
-    N, V = h.shape[0], w.shape[0]
-    chunk = max(1, CHUNK_ELEMENTS // V)
-    n_valid = (targets != ignore_index).sum().clamp(min=1)
-    total = 0.0
-    for a in range(0, N, chunk):
-        total = total + checkpoint(linear_cross_entropy_reference, h[a:a + chunk], w, targets[a:a + chunk],
-                                   softcap=softcap, ignore_index=ignore_index, reduction="sum", use_reentrant=False)
-    return total / n_valid
-
-
-def _cases(quick):
-    V = GPTConfig().vocab_size
-    if not harness.on_gpu():
-        return [(64, GPTConfig.from_depth(1).n_embd, 512)], torch.float32
-    pairs = [(8192, 20), (32768, 32)] if quick else [(n, d) for d in (20, 32) for n in (8192, 32768, 65536)]
-    return [(n, GPTConfig.from_depth(d).n_embd, V) for n, d in pairs], torch.bfloat16
+def chunked_reference(h, w, targets):
+    """Mean cross-entropy (targets -1 ignored) chunk by chunk; each chunk's logits are rebuilt in backward, not kept."""
+    chunk = max(1, CHUNK_ELEMENTS // w.shape[0])
+    total = sum(checkpoint(linear_cross_entropy_reference, h[a:a + chunk], w, targets[a:a + chunk], softcap=SOFTCAP,
+                           reduction="sum", use_reentrant=False) for a in range(0, h.shape[0], chunk))
+    return total / (targets != -1).sum().clamp(min=1)
 
 
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
-    cases, dtype = _cases(quick)
+    if dev == "cuda":
+        pairs = [(8192, 20), (32768, 32)] if quick else [(n, d) for d in (20, 32) for n in (8192, 32768, 65536)]
+        cases, dtype = [(n, GPTConfig.from_depth(d).n_embd, GPTConfig().vocab_size) for n, d in pairs], torch.bfloat16
+    else:
+        cases, dtype = [(64, GPTConfig.from_depth(1).n_embd, 512)], torch.float32
     rows = []
     for N, C, V in cases:
         g = torch.Generator().manual_seed(0)
@@ -57,11 +49,7 @@ def run(quick):
                      "fused": linear_cross_entropy_triton}
         for name, fn in providers.items():
             both = lambda: torch.autograd.grad(fn(h, w, targets), (h, w))
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(h, w, targets)
-
+            fwd = torch.no_grad()(lambda: fn(h, w, targets))
             for pass_, f, fl in (("fwd+bwd", both, 3 * flops), ("fwd", fwd, flops)):
                 try:
                     rows.append(harness.timed_row(SUITE, case, name, pass_, f, quick, peak=True, flops=fl))

@@ -25,8 +25,7 @@ def _ns_flops(batch, rows, cols):
 
 def run(quick):
     gpu = harness.on_gpu()
-    dev = "cuda" if gpu else "cpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     if not gpu:
         ns_shapes, gram_shapes, depth = [(1, 64, 96), (2, 32, 48)], [(1, 64, 96)], 1
     elif quick:  # the d20 shapes only: each ns5 shape costs a torch.compile of the reference (~10 s cold)

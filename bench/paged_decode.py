@@ -20,14 +20,6 @@ from kernels.paged_decode import paged_decode_attention_reference, paged_decode_
 SUITE = "paged_decode"
 
 
-def _cases(quick):
-    if not harness.on_gpu():
-        return [dict(B=B, L=L, H=4, Hkv=2, D=64, block_size=16) for B, L in ((1, 100), (3, 64))], torch.float32
-    batches, contexts = ((8, 64), (4096, 16384)) if quick else ((1, 8, 64, 256), (1024, 4096, 16384, 32768))
-    grid = [(bs, B, L, hkv) for bs in (16, 64) for B in batches for L in contexts for hkv in (16, 4)]
-    return [dict(B=B, L=L, H=16, Hkv=hkv, D=128, block_size=bs) for bs, B, L, hkv in grid], torch.bfloat16
-
-
 def _free_bytes():
     return torch.cuda.mem_get_info()[0] if harness.on_gpu() else 1 << 62
 
@@ -42,7 +34,13 @@ def _timed_or_oom(case, name, fn, args, quick, bytes_):
 
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
-    cases, dtype = _cases(quick)
+    if dev == "cuda":
+        batches, contexts = ((8, 64), (4096, 16384)) if quick else ((1, 8, 64, 256), (1024, 4096, 16384, 32768))
+        grid = [(bs, B, L, hkv) for bs in (16, 64) for B in batches for L in contexts for hkv in (16, 4)]
+        cases = [dict(B=B, L=L, H=16, Hkv=hkv, D=128, block_size=bs) for bs, B, L, hkv in grid]
+    else:
+        cases = [dict(B=B, L=L, H=4, Hkv=2, D=64, block_size=16) for B, L in ((1, 100), (3, 64))]
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     esize = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for c in cases:

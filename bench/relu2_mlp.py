@@ -14,16 +14,11 @@ from model.gpt import GPTConfig
 SUITE = "relu2_mlp"
 
 
-def _cases(quick):
-    if not harness.on_gpu():
-        return [(64, 64)], torch.float32
-    pairs = [(8192, 20), (32768, 32)] if quick else [(m, d) for d in (12, 20, 26, 32) for m in (8192, 32768, 65536)]
-    return [(m, GPTConfig.from_depth(d).n_embd) for m, d in pairs], torch.bfloat16
-
-
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
-    cases, dtype = _cases(quick)
+    pairs = [(8192, 20), (32768, 32)] if quick else [(m, d) for d in (12, 20, 26, 32) for m in (8192, 32768, 65536)]
+    cases = [(m, GPTConfig.from_depth(d).n_embd) for m, d in pairs] if dev == "cuda" else [(64, 64)]
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     rows = []
     for M, C in cases:
         Fh = 4 * C

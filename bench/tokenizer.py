@@ -14,7 +14,7 @@ work, so the full run is meaningful on a CPU: only --quick (or bench.kernels off
 """
 import bisect
 import hashlib
-import importlib
+import importlib.util
 import itertools
 import os
 import random
@@ -63,8 +63,7 @@ def _timed(make, fn, reps):
 
 
 def train_bpe(module, docs, vocab, reps, pattern):
-    """Train `reps` times with a rustbpe-API module (ours or PyPI's): (wall s list, CPU s list, tiktoken Encoding,
-    sha256 of the merged tokens in rank order)."""
+    """Train `reps` times with a rustbpe-API module: (wall s, CPU s, tiktoken Encoding, sha256 of the ranked merges)."""
     times, cpu, tok = _timed(module.Tokenizer, lambda t: t.train_from_iterator(iter(docs), vocab, pattern=pattern),
                              reps)
     ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
@@ -73,8 +72,8 @@ def train_bpe(module, docs, vocab, reps, pattern):
 
 
 def import_pypi_rustbpe():
-    """PyPI's `rustbpe` module (installed once into PYPI_DIR; ours is `tritonchat_rustbpe`, so both load in one
-    process), or None with a printed reason."""
+    """PyPI's `rustbpe`, installed once into PYPI_DIR and loaded from there by path (ours is `tritonchat_rustbpe`:
+    both load in one process), or None with a printed reason."""
     if not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
                "--target", PYPI_DIR, "rustbpe"]
@@ -86,14 +85,9 @@ def import_pypi_rustbpe():
             print(f"[{SUITE}] skipping pypi_rustbpe: `pip install --only-binary :all: --target {PYPI_DIR} rustbpe` "
                   f"failed: {err}")
             return None
-    sys.path.insert(0, PYPI_DIR)
-    try:
-        module = importlib.import_module("rustbpe")
-    finally:
-        sys.path.remove(PYPI_DIR)
-    if not module.__file__.startswith(PYPI_DIR):
-        print(f"[{SUITE}] pypi_rustbpe: imported {module.__file__} instead of the PyPI package; skipped")
-        return None
+    spec = importlib.util.spec_from_file_location("rustbpe", os.path.join(PYPI_DIR, "rustbpe", "__init__.py"))
+    module = sys.modules["rustbpe"] = importlib.util.module_from_spec(spec)  # for its `from .rustbpe import *`
+    spec.loader.exec_module(module)
     return module
 
 

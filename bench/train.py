@@ -119,22 +119,6 @@ def dynamo_counts():
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
-def build_for_bench(config, dist_info, compiled, build, backend):
-    """-> (model whose parameters the optimizers own, the callable a step runs, autocast context factory).
-    build "fsdp": train.distributed.build_model (compiled part by part before sharding); "plain": GPT on the device,
-    init_weights, torch.compile of the whole model (bf16 autocast on CUDA, as FSDP2's bf16 policy there)."""
-    if build == "fsdp":
-        model = build_model(config, dist_info, compile=compiled, compile_backend=backend)
-        return model, model, contextlib.nullcontext
-    with torch.device(dist_info.device):
-        model = GPT(config)
-    model.init_weights()
-    fwd = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
-    if dist_info.device.type == "cuda":
-        return model, fwd, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return model, fwd, contextlib.nullcontext
-
-
 def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
     """Warm up, then time args.steps steps in kernel `mode`, compiled or not, FSDP2 or plain build; returns one
     result dict (a CUDA out-of-memory gives {"mode", "compiled", "build", "error"})."""
@@ -154,7 +138,15 @@ def _profile(mode, args, dist_info, compiled, build):
     device = dist_info.device
     config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
     torch.manual_seed(0)
-    model, fwd, autocast = build_for_bench(config, dist_info, compiled, build, args.compile_backend)
+    if build == "fsdp":  # compiled part by part before sharding
+        model = fwd = build_model(config, dist_info, compile=compiled, compile_backend=args.compile_backend)
+    else:  # plain: the GPT on the device, compiled whole, bf16 autocast on CUDA (as FSDP2's bf16 policy there)
+        with torch.device(device):
+            model = GPT(config)
+        model.init_weights()
+        fwd = torch.compile(model, fullgraph=True, backend=args.compile_backend) if compiled else model
+    bf16 = build == "plain" and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     optimizers = model.setup_optimizers()
     B, T = args.device_batch_size, args.seq_len
     gen = torch.Generator(device="cpu").manual_seed(dist_info.rank)
@@ -203,18 +195,16 @@ def _profile(mode, args, dist_info, compiled, build):
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     end = dynamo_counts()
 
-    name = label(mode, compiled, build)
     comm_ms, top = (0.0 if dist_info.world_size == 1 else None), None
     if args.profile or (device.type == "cuda" and dist_info.world_size > 1):
-        comm_ms, top = _profile_one_step(step, name.replace(" ", "").replace("(", "-").rstrip(")"), args, device)
-    flops_tok = model.estimate_flops()
+        trace_name = label(mode, compiled, build).replace(" ", "").replace("(", "-").rstrip(")")
+        comm_ms, top = _profile_one_step(step, trace_name, args, device)
     tok_s = B * T * dist_info.world_size / (step_ms / 1e3)
     return {"mode": mode, "compiled": compiled, "build": build, "step_ms": step_ms, "phases_ms": phases,
             "comm_ms": comm_ms, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / dist_info.world_size,
-            "flops_per_token": flops_tok, "num_params": model.num_params(), "peak_mem_gib": peak_mem,
+            "flops_per_token": model.estimate_flops(), "num_params": model.num_params(), "peak_mem_gib": peak_mem,
             "loss": loss.item(), "warmup_s": warmup_s, "graphs": end["graphs"], "graph_breaks": end["graph_breaks"],
-            "recompiles": end["graphs"] - warm["graphs"],
-            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "recompiles": end["graphs"] - warm["graphs"], "load_avg": os.getloadavg()[0],
             "telemetry": telemetry.summary(), "top_kernels": top}
 
 
@@ -251,16 +241,13 @@ def _csv(value, allowed, flag):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused, compiled or not)")
     ap.add_argument("--depth", type=int, default=20, help="model depth (width 64*depth)")
-    ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--device-batch-size", type=int, default=None, help="default 16 on CUDA (the d20 preset), 2 on CPU")
-    ap.add_argument("--vocab-size", type=int, default=65536)
     ap.add_argument("--kernels", default=None, help="comma list of modes (default eager,fused on CUDA, eager on CPU)")
     ap.add_argument("--compile", default=None, help="comma list of off/on (default off,on on CUDA, off on CPU)")
     ap.add_argument("--compile-backend", default="inductor", help="inductor, or aot_eager (CPU smoke: no C++ build)")
-    ap.add_argument("--build", default="fsdp", help="comma list: fsdp and/or plain (no FSDP2, whole-model compile; "
-                                                    "one process only)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--build", default="fsdp", help="comma list: fsdp and/or plain (no FSDP2, whole-model compile)")
+    for flag, default in (("--seq-len", 2048), ("--vocab-size", 65536), ("--steps", 10), ("--warmup", 3)):
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--profile", action="store_true", help="torch.profiler trace + top kernels by time")
     ap.add_argument("--out", default=os.environ.get("OUT") or harness.RESULTS_DIR)
     args = ap.parse_args(argv)
