@@ -1,11 +1,10 @@
 """The eager / fused switch, in one place.
 
-Every kernel family in this package ends with `<name>` (dispatches on the mode set here), `<name>_triton` (always the
-Triton kernels, a torch.ops.tritonchat.* operator, so torch.compile(fullgraph=True) traces a fused model whole) and
-`<name>_reference` (plain PyTorch, same signature). One switch moves the whole stack (model, optimizer, engine):
-`kernels.set_mode("eager")` (or "fused", "auto"), `TRITONCHAT_KERNELS=eager python -m train.base ...` or
-`python -m train.base --kernels eager`. "auto" = fused when CUDA is available, else eager. Fused on CPU runs the
-Triton kernels under the interpreter and needs TRITON_INTERPRET=1 set *before* triton is imported (slow; tests only).
+Every kernel family here ends with `<name>` (dispatches on this mode), `<name>_triton` (always Triton: a
+torch.ops.tritonchat.* operator, so torch.compile(fullgraph=True) traces a fused model whole) and `<name>_reference`
+(plain PyTorch, same signature). Set it with `kernels.set_mode("eager"|"fused"|"auto")`, `TRITONCHAT_KERNELS=eager` or
+`--kernels eager`; "auto" = fused when CUDA is available. Fused on CPU needs TRITON_INTERPRET=1 set before triton is
+imported (slow; tests only).
 """
 import os
 
@@ -37,7 +36,7 @@ def get_mode():
 
 
 def use_fused():
-    """True when the kernel families should dispatch to Triton (the resolved mode is 'fused')."""
+    """True when the kernel families dispatch to Triton (resolved mode 'fused')."""
     return get_mode() == "fused"
 
 

@@ -1,31 +1,23 @@
 """Fused RoPE + QK-norm flash attention, forward and backward in Triton.
 
-attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None)
-  q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0, cos and sin (T, D/2) -> (B, T, H, D), q's dtype.
-Per head: rotate (x1, x2 = halves of D; y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos), RMS-normalise q and k over D
-(no weight), then softmax(q k^T * scale [causal]) v, scale = 1/sqrt(D) by default. Differentiable w.r.t. q, k, v.
-Triton path: fp32/fp16/bf16, D a power of two in [16, 256]; a bad shape is a ValueError, a bad dtype a TypeError.
-It is the PyTorch operator tritonchat::attention (fake shapes + autograd registered): torch.compile traces it whole.
+attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None): q (B, T, H, D), k, v (B, T, Hkv, D),
+H % Hkv == 0, cos, sin (T, D/2) -> (B, T, H, D) in q's dtype, differentiable w.r.t. q, k, v. Triton path (operator
+tritonchat::attention): fp32/fp16/bf16 (else TypeError), D a power of two in [16, 256] (else ValueError).
 
-Maths. Per row x (one token, one head): y = R_t x (the rotation at position t), rstd = (mean(y^2) + eps)^-1/2,
-x_hat = y * rstd (x_hat = y when qk_norm=False). Attention on the hats, FlashAttention-2 style: S = q_hat k_hat^T *
-scale, P = softmax(S), O = P V, block by block with an online softmax so S and P never reach HBM; the forward saves
-LSE_i = log2 sum_j exp2(S_ij log2 e) (base 2: the kernels use exp2). Backward:
+Maths, per row x (one token, one head) at position t: y = R_t x (x1, x2 = halves of D; y1 = x1 cos + x2 sin,
+y2 = -x1 sin + x2 cos), rstd = (mean(y^2) + eps)^-1/2, x_hat = y rstd (y when qk_norm=False). FlashAttention-2 on the
+hats: S = q_hat k_hat^T scale (1/sqrt(D) by default), P = softmax(S) [causal], O = P V, with an online softmax so S
+and P never reach HBM; the forward saves LSE_i = log2 sum_j exp2(S_ij log2 e). Backward:
     dV = P^T dO          Delta_i = rowsum(dO_i * O_i)        dS = P * (dO V^T - Delta)
     dq_hat = scale dS k_hat          dk_hat = scale dS^T q_hat
-then back through the norm and the rotation, per row, in the epilogue of the kernel that owns the row:
     dy = rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))      dx = R_t^T dy  (dx1 = dy1 cos - dy2 sin,
                                                                              dx2 = dy1 sin + dy2 cos)
-so dq, dk come out w.r.t. the raw, un-rotated, un-normalised q and k.
+the last line in the epilogue of the kernel that owns the row, so dq, dk are w.r.t. the raw q and k.
 
-Kernels: `_rope_norm_kv` (K pre-pass: k_hat, rstd_k); `_attn_fwd`, per (query block, batch*head): Q rotated and
-normalised on load (q_hat, rstd_q saved), online softmax over K/V blocks -- causal blocks above the diagonal skipped,
-those below unmasked, only diagonal ones masked; GQA: query head h reads KV head h // (H / Hkv), never repeated.
-`_attn_bwd_preprocess`: Delta. `_attn_bwd_dkdv`, per (KV block, batch*KV head), sums the group's query heads in
-registers (no atomics); `_attn_bwd_dq`, per (query block, batch*head); both end in the chain rule above. Saved:
-q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin. Versus eager (elementwise RoPE/norm kernels, each an HBM round
-trip, then SDPA; ~6 elementwise backward kernels): Q's RoPE/norm costs no pass, K's one, the chain rule sits in the
-epilogues. Not measured on GPU yet: `python -m bench.attention`.
+Kernels: `_rope_norm_kv` (K pre-pass), `_attn_fwd` (Q rotated and normalised on load; causal blocks above the
+diagonal skipped, only diagonal ones masked; query head h reads KV head h // (H / Hkv), never repeated),
+`_attn_bwd_preprocess` (Delta), `_attn_bwd_dkdv` (per KV head, sums its query heads in registers, no atomics) and
+`_attn_bwd_dq`. Saved: q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin. Timing: `python -m bench.attention`.
 
 References:
   * FlashAttention-2 (Dao, 2023): https://arxiv.org/abs/2307.08691
@@ -41,25 +33,23 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import LOG2E, configs, dot_precision, kernel_op
+from kernels._common import LOG2E, check_floats, configs, dot_precision, kernel_op
 
 # Hopper (H100/H200), D = 64/128, bf16; fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal
-# diagonal then falls in whole blocks). Not timed on GPU; `python -m bench.sass` shows their wgmma use and spills.
+# diagonal then falls in whole blocks). The GPU tests run every config.
 _BLOCKS = ("BLOCK_M", "BLOCK_N")
 _FWD_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32, 4, 1))
 _DKDV_CONFIGS = configs(_BLOCKS, [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)], (32, 64, 4, 1))
 _DQ_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], (64, 32, 4, 1))
-# T is not specialised (do_not_specialize): one compiled variant serves every length. Autotune key: T rounded up to a
-# power of two (the engine's varying prompt lengths don't retune every call), head dim, causality; Triton adds dtypes.
+# T is not specialised: one compiled variant serves every length; autotuned per power-of-two bucket of T (the
+# engine's varying prompt lengths don't retune every call).
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
 def _autotune_prune(candidates, nargs, **kwargs):
-    """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no sweep (the GPU tests' many shapes)."""
+    """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no sweep (for the GPU tests)."""
     return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
 
-
-# Row helpers: rotation + RMS norm on a (BLOCK, D) fp32 tile, its backward, and loads of masked or unmasked blocks.
 
 @triton.jit
 def _halves(x, BLOCK: tl.constexpr, HALF: tl.constexpr):
@@ -107,7 +97,7 @@ def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.const
 
 @triton.jit
 def _load(ptrs, mask, MASK: tl.constexpr):
-    """MASK: load under `mask` (0 elsewhere); else unmasked, as the blocks wholly inside the sequence are."""
+    """Load under `mask` (0 elsewhere) if MASK, else unmasked (blocks wholly inside the sequence)."""
     if MASK:
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
@@ -124,8 +114,6 @@ def _mask_scores(s, valid, q_idx, k_idx, fill, MASK: tl.constexpr, CAUSAL: tl.co
         s = tl.where(valid, s, fill)
     return s
 
-
-# Forward
 
 @triton.jit
 def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
@@ -171,8 +159,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
 def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm_scale, eps,
               CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H). K holds k_hat from the pre-pass; Q is raw and rotated/normalised here."""
-    # causal: the last query blocks have the most key blocks; launch them first so the tail of the grid is light
+    """Grid (cdiv(T, BLOCK_M), B * H), heaviest (last, when causal) query blocks first; K holds k_hat, Q is raw."""
     pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hkv = h // (H // HKV)
@@ -186,7 +173,6 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     rows = m_start + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     q_offs = rows[:, None] * stride_qt + tl.arange(0, HEAD_DIM)[None, :]
-    # Q tile: load raw, rotate + normalise once; keep q_hat for the backward
     q = tl.load(Q + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     cos, sin = _load_cos_sin(COS, SIN, rows, row_mask, HEAD_DIM // 2)
     q, rstd = _rope_norm(q, cos, sin, eps, QK_NORM, BLOCK_M, HEAD_DIM // 2)
@@ -196,7 +182,7 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    qk_scale = sm_scale * LOG2E  # exp2 instead of exp
+    qk_scale = sm_scale * LOG2E
     # key blocks [0, lo) need no mask; [lo, hi) are the diagonal blocks (causal) or the ragged tail (not causal)
     if CAUSAL:
         lo, hi = m_start, tl.minimum(m_start + BLOCK_M, T)
@@ -210,8 +196,6 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     tl.store(OUT + q_offs, acc.to(OUT.dtype.element_ty), mask=row_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_mask)
 
-
-# Backward
 
 @triton.jit
 def _attn_bwd_preprocess(OUT, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -279,14 +263,12 @@ def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H
         h = hkv * group + g
         q_base = b.to(tl.int64) * T * stride_qt + h * HEAD_DIM
         r_base = (b * H + h).to(tl.int64) * T
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, QHAT + q_base, DO + q_base, LSE + r_base, DELTA + r_base,
-                                      stride_qt, lo, mid, cols, T, qk_scale,
+        Qg, DOg, LSEg, DELTAg = QHAT + q_base, DO + q_base, LSE + r_base, DELTA + r_base
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, lo, mid, cols, T, qk_scale,
                                       True, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, QHAT + q_base, DO + q_base, LSE + r_base, DELTA + r_base,
-                                      stride_qt, mid, t_full, cols, T, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, mid, t_full, cols, T, qk_scale,
                                       False, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, QHAT + q_base, DO + q_base, LSE + r_base, DELTA + r_base,
-                                      stride_qt, tail, T, cols, T, qk_scale,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qg, DOg, LSEg, DELTAg, stride_qt, tail, T, cols, T, qk_scale,
                                       True, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
     cos, sin = _load_cos_sin(COS, SIN, cols, col_mask, HEAD_DIM // 2)
     rstd = tl.load(RSTD_K + pid_bh.to(tl.int64) * T + cols, mask=col_mask, other=1.0)
@@ -318,7 +300,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
 def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV, T_BUCKET, sm_scale,
                  CAUSAL: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(T, BLOCK_M), B * H); heaviest (last) query blocks first, as in the forward."""
+    """Grid (cdiv(T, BLOCK_M), B * H), heaviest query blocks first."""
     pid_m, pid_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     hkv = h // (H // HKV)
@@ -351,8 +333,6 @@ def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV,
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None])
 
 
-# Input checks; the ops below launch the kernels
-
 def _check_inputs(q, k, v, cos, sin):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D (B, T, heads, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -369,27 +349,21 @@ def _check_inputs(q, k, v, cos, sin):
                          f"{tuple(sin.shape)}")
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"attention: head dim must be a power of two in [16, 256] for the Triton kernel; got {D}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"attention: q, k, v must share one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if not (q.device == k.device == v.device == cos.device == sin.device):
+    check_floats("attention", "q, k, v", q, k, v)
+    if not (q.device == cos.device == sin.device):
         raise ValueError("attention: q, k, v, cos, sin must be on one device")
 
 
 def triton_kernels():
-    """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (each with .configs and .fn), for ahead-of-time
-    compile checks (bench/sass.py) and config-by-config GPU tests."""
+    """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (.configs, .fn), for config-by-config checks."""
     return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 
-
-# torch.library: tritonchat::attention (differentiable through tritonchat::attention_backward)
 
 @kernel_op("tritonchat::attention")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   causal: bool, qk_norm: bool, eps: float, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only. The K pre-pass, then the
-    attention kernel."""
+    """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only."""
     q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -418,7 +392,7 @@ def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.T
                            o: torch.Tensor, lse: torch.Tensor, rstd_q: torch.Tensor, rstd_k: torch.Tensor,
                            cos: torch.Tensor, sin: torch.Tensor, causal: bool, qk_norm: bool, scale: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv) w.r.t. the raw q, k, v of tritonchat::attention, from its saved tensors."""
+    """-> (dq, dk, dv) w.r.t. the raw q, k, v, from tritonchat::attention's saved tensors."""
     do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin = (
         x.contiguous() for x in (do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin))
     B, T, H, D = q_hat.shape
@@ -456,8 +430,6 @@ def _attention_backward(ctx, do, *_):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-# Reference helpers: readable eager PyTorch (also used by the inference engine's decode path).
-
 def apply_rotary(x, cos, sin):
     """x (B, T, H, D), cos/sin (T, D/2) -> x rotated by position (half-split convention), x's dtype."""
     d = x.shape[-1] // 2
@@ -470,8 +442,6 @@ def rms_norm(x, eps=1e-6):
     """RMSNorm over the last dim without a learned weight."""
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
-
-# Public functions
 
 def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """RoPE + QK-norm + softmax attention (module docstring): Triton in fused mode, else the reference."""
@@ -495,8 +465,7 @@ def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if qk_norm:
         q, k = rms_norm(q, eps), rms_norm(k, eps)
-    # SDPA wants (B, H, T, D); enable_gqa maps each query head to its KV head without copying K/V. Its flags must be
-    # plain bools: under torch.compile(dynamic=True) T > 1 and H != Hkv are SymBools, so branch on them instead.
+    # SDPA's flags must be plain bools: under torch.compile(dynamic=True) T > 1 and H != Hkv are SymBools.
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=causal if T > 1 else False, enable_gqa=True if H != Hkv else False,
                                        scale=scale if scale is not None else 1 / math.sqrt(D))

@@ -1,9 +1,8 @@
 """Fused linear + softcap + cross-entropy: the LM head's loss without ever holding the (tokens x vocab) logits.
 
-Contract: linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None)
-h (N, C) hidden states, w (V, C) the lm_head weight (nn.Linear layout), targets (N,) int64 in [0, V) or equal to
-ignore_index -> fp32: a scalar for "mean" and "sum", (N,) for "none" (0 at ignored positions). Differentiable
-w.r.t. h and w. softcap=None turns the cap off; chunk_size (tokens per chunk) is a tuning knob, None = automatic.
+linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None): h (N, C),
+w (V, C) (nn.Linear layout), targets (N,) int64 in [0, V) or ignore_index -> fp32 scalar ("mean", "sum") or (N,)
+("none", 0 at ignored rows); differentiable w.r.t. h and w. softcap=None: no cap; chunk_size: tokens per chunk.
 
 Maths, for token i and vocab entry j, c = softcap:
     z = h w^T                  GEMM in the input dtype with fp32 accumulation (exactly nn.Linear's)
@@ -13,20 +12,14 @@ Maths, for token i and vocab entry j, c = softcap:
     dz_ij = (softmax(s_i)_j - [j == target_i]) (1 - t_ij^2) g_i       g_i = 1/n_valid ("mean"), 1 ("sum"),
                                                                        grad_output_i ("none"); 0 at ignored rows
     dh = dz w  (N, C),   dw = dz^T h  (V, C)
-All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan; the reference too).
+All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan).
 
-Per chunk of tokens [a, b): (1) z = h[a:b] w^T by cuBLAS into one reused (chunk, V) buffer in the input dtype;
-(2) `_softcap_ce_kernel`, one program per token: pass 1 streams the row in BLOCK_V tiles summing exp(s - c) in fp32
-(s <= c is a known maximum: no running max, no overflow, exp(s - c) >= e^-2c stays normal; without a cap an online
-max) -> loss_i; pass 2, when gradients are wanted, overwrites z in place with dz; (3) dh[a:b] = dz w and
-dw += dz^T h[a:b] by cuBLAS (dw in fp32 across chunks; one chunk writes it directly). For "mean" and "sum" the
-gradients are computed in the forward, as Liger-Kernel does (the loss is the last op): the backward only scales the
-saved dh, dw -- three GEMMs in all, as eager. For "none" the per-token upstream gradient must scale dz before dw sums
-over tokens, so the backward reruns (1)-(3) (four GEMMs). Saved: dh and dw, or h, w and targets ("none"); nothing of
-size N x V (test_saved_tensors_have_no_logits). At d20 (C = 1280, V = 65536), 32768 bf16 tokens, eager keeps 16 GiB
-of fp32 (N, V) tensors for backward; the fused path needs ~1.2 GiB (a <= 2^28-element logits buffer, dw's fp32
-accumulator, dh) and moves ~12 bytes per logit through HBM instead of ~100. Not yet measured on a GPU:
-bench/linear_cross_entropy.py.
+Per chunk of tokens: (1) z = h w^T by cuBLAS into one reused (chunk, V) buffer; (2) `_softcap_ce_kernel`, a program
+per token, sums exp(s - c) over the row in fp32 (s <= c: no running max, no overflow; without a cap an online max) ->
+loss_i, then overwrites z with dz; (3) dh = dz w, dw += dz^T h by cuBLAS (fp32 across chunks). For "mean" and "sum"
+the gradients are computed in the forward, as Liger-Kernel does: the backward only scales the saved dh, dw. For
+"none" the backward reruns (1)-(3) with the upstream gradient. Nothing of size N x V is saved: at d20 (V = 65536),
+32768 bf16 tokens, eager keeps 16 GiB of fp32 (N, V) tensors, the fused path ~1.2 GiB.
 
 References:
   Liger-Kernel, fused linear cross-entropy (gradients in the forward, chunked over tokens):
@@ -40,26 +33,23 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import INTERPRET, kernel_op
+from kernels._common import INTERPRET, check_floats, kernel_op
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# the interpreter costs ~ms per program x loop step: 128-wide tiles keep the multi-tile loop testable at V ~ 300; on
-# GPU (a memory-bound row kernel) 2048-wide tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load (not yet
-# measured on a GPU: bench/linear_cross_entropy.py checks)
+# interpreter: 128-wide tiles keep the multi-tile loop testable at V ~ 300; GPU (a memory-bound row kernel): 2048-wide
+# tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load
 _BLOCK_V, _NUM_WARPS = (128, 4) if INTERPRET else (2048, 8)
 
-# logits buffer of at most 2^28 elements per chunk (512 MiB in bf16), but never fewer than 1024 tokens: adding a
-# chunk's bf16 dz^T h into dw's fp32 accumulator moves ~12 V C bytes, as much HBM time as the chunk's three GEMMs
-# take on an H100 (~790 TFLOP/s, 3.3 TB/s) at ~500 tokens
+# logits buffer of at most 2^28 elements (512 MiB in bf16), but >= 1024 tokens: adding a chunk's dz^T h into dw's fp32
+# accumulator moves ~12 V C bytes, as much HBM time as the chunk's three GEMMs take on an H100 at ~500 tokens
 _CHUNK_ELEMENTS = 1 << 28
 _MIN_CHUNK = 1024
 
 
 @triton.jit
 def _tanh(x):
-    # from exp: Triton has no portable tanh (libdevice's is CUDA-only and missing in the interpreter). e is in
-    # (0, 1], so nothing overflows; the absolute error, ~1e-7, is far below bf16's resolution of z
+    # Triton has no portable tanh (libdevice's is CUDA-only); e in (0, 1] never overflows; error ~1e-7
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
@@ -68,14 +58,14 @@ def _tanh(x):
 @triton.jit
 def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_scale, V, softcap, ignore_index,
                        HAS_SOFTCAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One token per program. z (M, V) raw logits in the input dtype, row stride stride_z; targets (M,) int64;
-    loss (M,) fp32 out. GRAD: overwrite z with dz = (softmax(s) - onehot) * ds/dz * scale[row * stride_scale]."""
+    """One token per program: z (M, V) logits, targets (M,), loss (M,) fp32 out. GRAD: overwrite z with
+    dz = (softmax(s) - onehot) * ds/dz * scale[row * stride_scale]."""
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_z
     tgt = tl.load(tgt_ptr + row)
     valid = tgt != ignore_index
     cols = tl.arange(0, BLOCK_V)
-    # pass 1: log-sum-exp of s over the row, fp32
+    # pass 1: log-sum-exp of s over the row
     if HAS_SOFTCAP:
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sums of exp(s - c): one reduction at the end
         for start in range(0, V, BLOCK_V):
@@ -115,8 +105,7 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
 
 
 def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w):
-    """Steps 1-3 of the module docstring over chunks of chunk_size tokens -> (loss (N,) fp32, dh or None,
-    dw or None). scale: (1,) or (N,) fp32, the g_i that multiplies each token's dz."""
+    """Steps 1-3 of the module docstring -> (loss (N,) fp32, dh or None, dw or None); scale (1,) or (N,): g_i."""
     (N, C), V = h.shape, w.shape[0]
     if h.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 set before triton is "
@@ -147,8 +136,7 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
             elif zc.dtype == torch.float32:
                 dw.addmm_(zc.t(), hc)
             else:
-                # bf16/fp16 product, fp32 sum, rounded once at the end. addmm(out_dtype=fp32) would skip the
-                # (V, C) temporary, but is CUDA-only and was not measurable here
+                # bf16/fp16 product, fp32 sum, rounded once at the end
                 dw += torch.mm(zc.t(), hc)
     if dw is not None and dw.dtype != w.dtype:
         dw = dw.to(w.dtype)
@@ -163,14 +151,11 @@ def _check(h, w, targets, softcap, reduction, chunk_size):
         raise ValueError(f"linear_cross_entropy: shape mismatch: h (N, C) = {tuple(h.shape)} needs w (V >= 1, "
                          f"{h.shape[1]}) and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets "
                          f"{tuple(targets.shape)}")
-    if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"linear_cross_entropy: h and w must share one dtype among fp32/fp16/bf16; got {h.dtype}, "
-                        f"{w.dtype}")
+    check_floats("linear_cross_entropy", "h and w", h, w)
     if targets.dtype != torch.int64:
         raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
-    if not (h.device == w.device == targets.device):
-        raise ValueError(f"linear_cross_entropy: tensors on different devices: {h.device}, {w.device}, "
-                         f"{targets.device}")
+    if targets.device != h.device:
+        raise ValueError(f"linear_cross_entropy: targets on {targets.device}, h on {h.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     if softcap is not None and not softcap > 0:
@@ -179,14 +164,11 @@ def _check(h, w, targets, softcap, reduction, chunk_size):
         raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-# torch.library: tritonchat::linear_cross_entropy (differentiable through tritonchat::linear_cross_entropy_backward)
-
 @kernel_op("tritonchat::linear_cross_entropy")
 def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
             reduction: str, chunk_size: int, grad_h: bool, grad_w: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss, dh, dw): dh, dw are the gradients of the reduced loss ("mean"/"sum" only), computed when grad_h /
-    grad_w, else empty."""
+    """-> (loss, dh, dw): the reduced loss's gradients ("mean"/"sum") when grad_h / grad_w, else empty."""
     if reduction == "none" and (grad_h or grad_w):
         raise ValueError("tritonchat::linear_cross_entropy: gradients in the forward need reduction 'mean' or 'sum'")
     n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)  # stays on device: no sync
@@ -248,19 +230,16 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Public functions
-
 def linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
-    """Cross-entropy of softcap * tanh((h w^T) / softcap) against targets: h (N, C), w (V, C), targets (N,) int64
-    -> fp32 scalar ("mean" over non-ignored targets, 0 when all are ignored; "sum") or (N,) ("none").
-    Triton in fused mode (kernels.set_mode), else the plain PyTorch reference."""
+    """Cross-entropy of softcap * tanh(h w^T / softcap), h (N, C), w (V, C), targets (N,) int64 -> fp32 scalar
+    ("mean" over non-ignored targets, 0 when all are ignored; "sum") or (N,) ("none"). Triton or reference by mode."""
     fn = linear_cross_entropy_triton if kernels.use_fused() else linear_cross_entropy_reference
     return fn(h, w, targets, softcap=softcap, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
 
 
 def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
-    """linear_cross_entropy on the chunked cuBLAS + Triton path, whatever the mode. Raises ValueError for shapes,
-    reduction, softcap or chunk_size, TypeError for dtypes (h and w: one of fp32/fp16/bf16; targets int64)."""
+    """The chunked cuBLAS + Triton path whatever the mode; ValueError for shapes, reduction, softcap, chunk_size,
+    TypeError for dtypes (h and w: one of fp32/fp16/bf16; targets int64)."""
     if torch.is_autocast_enabled(h.device.type):  # the kernels run in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
@@ -277,8 +256,7 @@ def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1,
 
 def linear_cross_entropy_reference(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean",
                                    chunk_size=None):
-    """Plain PyTorch, the ops GPT.forward always ran: linear -> fp32 -> softcap -> F.cross_entropy. Materialises
-    the (N, V) logits. chunk_size is accepted for the shared signature and ignored."""
+    """Plain PyTorch: linear -> fp32 -> softcap -> F.cross_entropy, with the (N, V) logits; chunk_size is ignored."""
     logits = F.linear(h, w).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)

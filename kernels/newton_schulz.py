@@ -1,23 +1,18 @@
 """Muon's Newton-Schulz orthogonalisation (quintic iteration), batched, with symmetric Triton GEMMs.
 
-newton_schulz(G, steps=5, eps=1e-7): G (m, n) or (batch, m, n) -> same shape and dtype, contiguous. Triton path:
-fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 are a ValueError; it is the PyTorch operator
-tritonchat::newton_schulz and, as Muon needs, not differentiable (it runs under no_grad); the reference is.
+newton_schulz(G, steps=5, eps=1e-7): G (m, n) or (batch, m, n) -> same shape and dtype, contiguous. Triton path
+(operator tritonchat::newton_schulz): fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 a ValueError; not
+differentiable (Muon calls it on gradients), the reference is.
 X = G / (||G||_F + eps), transposed when m > n so the Gram matrix is the small one; then `steps` times
     A = X X^T;  B = b A + c A A;  X = a X + B X       with (a, b, c) = NS_COEFFS = (3.4445, -4.7750, 2.0315).
-On the singular values s of X each step applies p(s) = a s + b s^3 + c s^5 (U and V are untouched), so the result is
-U phi(S) V^T with phi = p applied `steps` times to s = sigma / ||G||_F. Measured on that scalar map: after 5 steps,
-every s >= 0.01 lands in [0.682, 1.134] and every s >= 0.0015 in [0.68, 1.203] (the maximum of p on [0, 1]);
-smaller ones stay small (p'(0) = a, so s grows ~3.44x per step); after 1 step the band is [p(s_min), 1.203].
-Tests check the fused result's singular values against phi directly.
+Each step maps the singular values s of X by p(s) = a s + b s^3 + c s^5 (U, V untouched): the result is U phi(S) V^T,
+phi = p applied `steps` times to s = sigma / ||G||_F. After 5 steps every s >= 0.01 lands in [0.682, 1.134] and every
+s >= 0.0015 in [0.68, 1.203] (max of p on [0, 1]); smaller ones grow ~3.44x per step (p'(0) = a). Tests check phi.
 
-Per step (m <= n), one launch each for the whole batch (grid axis 1 = batch): `_syrk_kernel` A = X X^T computes only
-the upper tiles (i <= j) and mirrors them (diagonal tiles: upper triangle + mirror, so A is exactly symmetric);
-`_syrk_kernel` again for B = c A A^T + b A (A A = A A^T as A is symmetric; scalars in the epilogue); and
-`_ns_update_kernel` X' = a X + B X (the last step writes straight into the transposed output when G was). fp32
-accumulation, A, B, X stored in the input dtype. 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3 (1.38x
-fewer at m = n/4, 1.5x square) in as many launches as the reference: a win only where the Triton GEMMs run near
-cuBLAS speed (not measured on GPU: `python -m bench.newton_schulz`).
+Per step, one launch each for the whole batch: `_syrk_kernel` A = X X^T computes only the upper tiles and mirrors them
+(A exactly symmetric); again for B = c A A^T + b A (A A = A A^T, scalars in the epilogue); `_ns_update_kernel`
+X' = a X + B X (the last step writes straight into the transposed output). fp32 accumulation, storage in the input
+dtype; 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3. Timing: `python -m bench.newton_schulz`.
 
 References:
   * Muon and its Newton-Schulz coefficients (Keller Jordan, 2024): https://kellerjordan.github.io/posts/muon/
@@ -29,12 +24,12 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import configs, dot_precision, grouped_tile, kernel_op, matmul_tile
+from kernels._common import FLOATS, configs, dot_precision, grouped_tile, kernel_op, matmul_tile
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-# Hopper (H100/H200), bf16 with fp32 accumulation; square tiles for the symmetric product. Under the interpreter
-# 64-wide tiles: 32 still covers the tile-edge masking at the test shapes, but makes a tiny model's Muon step 4x slower.
+# Hopper (H100/H200) bf16; square tiles for the symmetric product. Interpreter: 64-wide tiles (32 makes a tiny
+# model's Muon step 4x slower).
 _SYRK_CONFIGS = configs(("BLOCK", "BLOCK_K"), [(128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4),
                                                (64, 128, 4, 3)],  # the last: few tiles, long K (1280 x 5120)
                        (64, 64, 4, 1))
@@ -60,7 +55,7 @@ def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta,
     offs_i = i * BLOCK + tl.arange(0, BLOCK)
     offs_j = j * BLOCK + tl.arange(0, BLOCK)
     x_ptr += bid * stride_xb
-    # rows i of X times rows j of X read transposed (X^T has strides (stride_xk, stride_xm))
+    # rows i of X times X^T (strides (stride_xk, stride_xm)) at columns j
     acc = matmul_tile(x_ptr, x_ptr, offs_i, offs_j, M, M, K, stride_xm, stride_xk, stride_xk, stride_xm,
                       BLOCK, BLOCK, BLOCK_K, PRECISION)
     inside = (offs_i[:, None] < M) & (offs_j[None, :] < M)
@@ -71,7 +66,7 @@ def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta,
         acc += beta * c.to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
     out_ptr += bid * stride_ob
-    # off-diagonal tiles: everything, twice; diagonal tiles: the upper triangle, and its mirror
+    # off-diagonal tiles: all, twice; diagonal tiles: the upper triangle and its mirror
     tl.store(out_ptr + offs_i[:, None] * stride_om + offs_j[None, :] * stride_on, out,
              mask=inside & (offs_i[:, None] <= offs_j[None, :]))
     tl.store(out_ptr + offs_j[None, :] * stride_om + offs_i[:, None] * stride_on, out,
@@ -101,9 +96,12 @@ def _ns_update_kernel(b_ptr, x_ptr, out_ptr, M, N, a_coef,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _syrk_launch(x, out, alpha=1.0, c=None, beta=0.0):
-    """out = alpha x x^T (+ beta c) for x (batch, M, K), c and out (batch, M, M); c must be symmetric."""
+def gram_triton(x, out=None, alpha=1.0, c=None, beta=0.0):
+    """alpha x x^T (+ beta c, c symmetric) for x (batch, m, k) -> (batch, m, m) in x's dtype, into `out` if given, by
+    the symmetric kernel (upper tiles computed, mirrored)."""
     batch, M, K = x.shape
+    if out is None:
+        out = torch.empty(batch, M, M, device=x.device, dtype=x.dtype)
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK"])
     grid = lambda meta: (tiles(meta) * (tiles(meta) + 1) // 2, batch)  # the upper tiles only
     cc = out if c is None else c
@@ -112,48 +110,36 @@ def _syrk_launch(x, out, alpha=1.0, c=None, beta=0.0):
     return out
 
 
-def gram_triton(x, out=None):
-    """x x^T for x (batch, m, k) -> (batch, m, m) in x's dtype, with the symmetric Triton kernel (upper tiles
-    computed, mirrored); `out` may be given. The first product of each Newton-Schulz step, exposed for benchmarks."""
-    if out is None:
-        out = torch.empty(x.shape[0], x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
-    return _syrk_launch(x, out)
+# torch.library: tritonchat::newton_schulz (no autograd)
 
-
+@kernel_op("tritonchat::newton_schulz")
 @torch.no_grad()
-def _newton_schulz(G, steps, eps):
+def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    """The batched symmetric iteration on G (m, n) or (batch, m, n) -> a new contiguous tensor of G's shape."""
     G3 = G.unsqueeze(0) if G.ndim == 2 else G
     batch, rows, cols = G3.shape
     transposed = rows > cols
-    X0 = G3.mT if transposed else G3                       # (batch, m, n), m <= n (a view)
+    X0 = G3.mT if transposed else G3  # (batch, m, n), m <= n (a view)
     m, n = X0.shape[-2:]
     result = torch.empty_like(G3, memory_format=torch.contiguous_format)
-    final = result.mT if transposed else result            # the (batch, m, n) view the last step writes into
+    final = result.mT if transposed else result  # the (batch, m, n) view the last step writes into
     if steps == 0:
         torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=final)
     elif G3.numel() > 0:
         X = torch.empty(batch, m, n, device=G.device, dtype=G.dtype)
-        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)  # one pass into the contiguous work buffer
+        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)
         a, b, c = NS_COEFFS
         A = torch.empty(batch, m, m, device=G.device, dtype=G.dtype)
         B, X_next = torch.empty_like(A), torch.empty_like(X)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
         for step in range(steps):
-            _syrk_launch(X, A)                                 # A = X X^T
-            _syrk_launch(A, B, alpha=c, c=A, beta=b)           # B = c A A^T + b A  (A symmetric)
-            out = final if step == steps - 1 else X_next       # X' = a X + B X:
+            gram_triton(X, A)  # A = X X^T
+            gram_triton(A, B, alpha=c, c=A, beta=b)  # B = c A A^T + b A  (A symmetric)
+            out = final if step == steps - 1 else X_next  # X' = a X + B X:
             _ns_update_kernel[grid](B, X, out, m, n, a, *B.stride(), *X.stride(), *out.stride(),
                                     PRECISION=dot_precision(X.dtype))
             X, X_next = out, X
     return result.view(G.shape)
-
-
-# torch.library: tritonchat::newton_schulz (no autograd: Muon calls it on gradients)
-
-@kernel_op("tritonchat::newton_schulz")
-def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
-    """The batched symmetric iteration on G (m, n) or (batch, m, n) -> a new contiguous tensor of G's shape."""
-    return _newton_schulz(G, steps, eps)
 
 
 @_newton_schulz_op.register_fake
@@ -161,20 +147,17 @@ def _(G, steps, eps):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
-# Public functions
-
 def newton_schulz(G, steps=5, eps=1e-7):
-    """Orthogonalise G (m, n) or (batch, m, n) with `steps` quintic Newton-Schulz iterations -> same shape and dtype.
-    Triton in fused mode, else the reference."""
+    """Orthogonalise G (m, n) or (batch, m, n) by `steps` quintic Newton-Schulz iterations, Triton or reference."""
     fn = newton_schulz_triton if kernels.use_fused() else newton_schulz_reference
     return fn(G, steps=steps, eps=eps)
 
 
 def newton_schulz_triton(G, steps=5, eps=1e-7):
-    """tritonchat::newton_schulz (the batched symmetric Triton kernels) whatever the mode; not differentiable."""
+    """tritonchat::newton_schulz (the symmetric Triton kernels) whatever the mode; not differentiable."""
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz: expected a (m, n) or (batch, m, n) tensor, got shape {tuple(G.shape)}")
-    if G.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if G.dtype not in FLOATS:
         raise TypeError(f"newton_schulz: G must be fp32, fp16 or bf16, got {G.dtype}")
     if steps < 0:
         raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
@@ -182,20 +165,18 @@ def newton_schulz_triton(G, steps=5, eps=1e-7):
 
 
 def newton_schulz_reference(G, steps=5, eps=1e-7):
-    """Eager PyTorch in G's dtype; addmm/baddbmm fuse the scalars into the products. Differentiable."""
+    """Eager PyTorch in G's dtype (addmm/baddbmm fuse the scalars into the products); differentiable."""
     if G.ndim not in (2, 3):
         raise ValueError(f"newton_schulz: expected a (m, n) or (batch, m, n) tensor, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
-    X = G
     transposed = G.size(-2) > G.size(-1)
-    if transposed:
-        X = X.mT
+    X = G.mT if transposed else G
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     mm = torch.baddbmm if X.ndim == 3 else torch.addmm
     for _ in range(steps):
         A = X @ X.mT
-        B = mm(A, A, A, beta=b, alpha=c)   # b*A + c*A@A
-        X = mm(X, B, X, beta=a)            # a*X + B@X
+        B = mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = mm(X, B, X, beta=a)  # a*X + B@X
     if transposed:
         X = X.mT
     return X.contiguous()

@@ -1,28 +1,22 @@
 """Paged KV-cache decode attention (flash-decoding), the KV scatter, and the fused decode-step prologue.
 
-paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D), q's dtype: q (B, H, D)
-  one new token per sequence, rotated and normalised; k_cache, v_cache (num_blocks, block_size in {16, 32, 64}, Hkv,
-  D); block_table (B, max_blocks) int32; seq_lens (B,) int32 valid tokens (the new k/v already written); scale
-  defaults to 1/sqrt(D).
-write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D), block_table (N, max_blocks) int32,
-  positions (N,): token i goes to page block_table[i, pos // block_size], slot pos % block_size (in place).
+paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D) in q's dtype: q (B, H,
+  D) one rotated, normalised new token per sequence; caches (num_blocks, block_size in {16, 32, 64}, Hkv, D);
+  block_table (B, max_blocks) int32; seq_lens (B,) int32 valid tokens (the new k/v already written).
+write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D) in place, token i to page
+  block_table[i, pos // block_size], slot pos % block_size, pos = positions[i].
 rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D) in
-  the cache dtype: q (B, H, D), k, v (B, Hkv, D) raw, cos, sin (rotary_len, D/2) read at positions (B,). Rotates q
-  and k (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-normalises them over D, writes k_hat and v as write_kv.
-Triton path: one cache dtype among fp16/bf16/fp32, q the same (else TypeError); bad shapes: ValueError. Inference
-only; operators tritonchat::paged_decode_attention, ::write_kv and ::rope_norm_write_kv (these two mutate the caches).
+  the cache dtype: rotates q, k (B, Hkv, D) at positions (B,) (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-
+  normalises them over D, writes k_hat and v as write_kv: the decode step's prologue in one launch per layer.
+Triton path: caches and q of one dtype among fp16/bf16/fp32 (else TypeError), bad shapes a ValueError. Inference only;
+operators tritonchat::paged_decode_attention, ::write_kv and ::rope_norm_write_kv (the last two mutate the caches).
 
-Maths, one decode step of sequence b, query head h, kv head g = h // (H / Hkv), context length L:
+Maths, sequence b, query head h, kv head g = h // (H / Hkv), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
-Decode is memory bound. A program owns one (sequence, kv head) and holds ALL the group's query heads in its q tile
-(padded to 16 rows for tensor cores), so each page is read once per group. Split-KV: each context is split into
-`num_splits` chunks (grid (B, Hkv, num_splits)), enough programs to fill the GPU with chunks of at least
-`_MIN_SPLIT_TOKENS` of the sequence's OWN length; each writes o_s (softmax within the chunk) and lse_s (base 2), and
-a combine kernel computes y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (one split writes y
-directly). A K/V tile is BLOCK_N = max(64, block_size) tokens, each row's page looked up in the table; rows past
-seq_len are masked, so unused table entries are never read. rope_norm_write_kv is the decode step's prologue in one
-launch per layer instead of ~20 elementwise ones (launch bound at small batch; not measured on GPU), one program per
-sequence, rows loaded as two halves of D/2 columns (no register shuffle), fp32 maths.
+Memory bound: a program owns one (sequence, kv head) and all its query heads (padded to 16 rows for tensor cores), so
+each page is read once per group. Split-KV: grid (B, Hkv, num_splits), chunks of at least `_MIN_SPLIT_TOKENS` of the
+sequence's own length; each writes o_s and lse_s (base 2), and a combine kernel computes y = sum_s 2^(lse_s - M) o_s /
+sum_s 2^(lse_s - M), M = max_s lse_s. Rows past seq_len are masked, so unused table entries are never read.
 
 References:
   * Flash-Decoding for long-context inference (Dao, Haziza, Massa, Sizov, 2023):
@@ -41,29 +35,28 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import LOG2E, dot_precision, kernel_op
+from kernels._common import FLOATS, LOG2E, check_floats, dot_precision, kernel_op
 
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# The block-table width and the split count change as sequences grow: don't compile a variant per value.
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, stride_kblk, stride_ktok, stride_kh,
                         stride_vblk, stride_vtok, stride_vh, stride_btb, stride_ob, stride_oh, num_splits, sm_scale,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Grid (B, Hkv, num_splits): one split of one sequence's context for all H/Hkv query heads of one kv head."""
+    """Grid (B, Hkv, num_splits): one split of one sequence's context for all H/Hkv query heads of one kv head.
+    stride_btb and num_splits change as sequences grow: not specialised, no variant per value."""
     b, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SL + b)
-    qk_scale = sm_scale * LOG2E  # base-2 logits: exp2 instead of exp
-    # This split's token range, in whole BLOCK_N tiles, of this sequence's own length.
+    qk_scale = sm_scale * LOG2E
+    # this split's token range, in whole BLOCK_N tiles of this sequence's own length
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
     tiles_per_split = tl.cdiv(n_tiles, num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
-    rows = tl.arange(0, GROUP_PAD)                      # query heads of this kv group
+    rows = tl.arange(0, GROUP_PAD)  # query heads of this kv group
     cols = tl.arange(0, D_PAD)
     row_ok = rows < GROUP
     col_ok = cols < D
@@ -77,7 +70,7 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         valid = pos < end
-        # Page id of each row (a tile spans BLOCK_N // BLOCK_SIZE pages); masked rows never touch the table.
+        # page of each row (a tile spans BLOCK_N // BLOCK_SIZE pages); masked rows never read the table
         blk = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         kv_mask = valid[:, None] & col_ok[None, :]
@@ -85,7 +78,7 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
                     mask=kv_mask, other=0.0)
         v = tl.load(V + blk[:, None] * stride_vblk + slot[:, None] * stride_vtok + g * stride_vh + cols[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (GROUP_PAD, BLOCK_N), base-2 logits
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (GROUP_PAD, BLOCK_N)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,11 +92,11 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
         tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + cols[None, :], y.to(OUT.dtype.element_ty),
                  mask=out_mask)
     else:
-        # Empty split (short sequence): l_i = 0 -> write o = 0, lse = -inf so the combine gives it weight 0.
+        # empty split (short sequence): o = 0, lse = -inf, weight 0 in the combine
         has = l_i > 0
         y = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        # partials: OP (B, H, num_splits, D) fp32, LSE (B, H, num_splits) fp32, both contiguous
+        # OP (B, H, num_splits, D), LSE (B, H, num_splits): fp32, contiguous
         bh = b * (tl.num_programs(1) * GROUP) + heads
         tl.store(OP + (bh[:, None] * num_splits + split) * D + cols[None, :], y, mask=out_mask)
         tl.store(LSE + bh * num_splits + split, lse, mask=row_ok)
@@ -119,7 +112,7 @@ def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
     cols = tl.arange(0, D_PAD)
     s_ok = offs_s < num_splits
     lse = tl.load(LSE + bh * num_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)                                  # finite: split 0 is never empty (seq_len >= 1)
+    m = tl.max(lse, 0)  # finite: split 0 is never empty (seq_len >= 1)
     w = tl.exp2(lse - m)
     o = tl.load(OP + (bh * num_splits + offs_s[:, None]) * D + cols[None, :],
                 mask=s_ok[:, None] & (cols[None, :] < D), other=0.0)
@@ -129,7 +122,7 @@ def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
 
 @triton.jit
 def _rope_rms(X, row_mask, cols, col_ok, c, s, eps, HALF: tl.constexpr):
-    """Rows of X (two halves of HALF columns) rotated and RMS-normalised over the 2 * HALF columns, fp32."""
+    """Rows of X as two halves (no register shuffle), rotated and RMS-normalised over 2 * HALF columns, fp32."""
     m = row_mask[:, None] & col_ok[None, :]
     x1 = tl.load(X + cols[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(X + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -146,8 +139,8 @@ def _rope_norm_write_kv_kernel(Q, K, V, COS, SIN, KC, VC, BT, POS, QOUT,
                                stride_btb, stride_ob, stride_oh, eps,
                                H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
                                HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Grid (B,): sequence b's new q rotated + normalised into QOUT, its k (rotated + normalised) and v into slot
-    POS[b] % BLOCK_SIZE of page BT[b, POS[b] // BLOCK_SIZE]."""
+    """Grid (B,): sequence b's q rotated + normalised into QOUT; k (so too) and v into slot POS[b] % BLOCK_SIZE of
+    page BT[b, POS[b] // BLOCK_SIZE]."""
     b = tl.program_id(0)
     pos = tl.load(POS + b).to(tl.int64)
     blk = tl.load(BT + b * stride_btb + pos // BLOCK_SIZE).to(tl.int64)
@@ -192,13 +185,11 @@ def _write_kv_kernel(K, V, KC, VC, BT, POS, stride_kn, stride_kh, stride_vn, str
              v.to(VC.dtype.element_ty), mask=mask)
 
 
-# Launchers
-
 def _check_cache(k_cache, v_cache, name):
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: k_cache and v_cache must both be (num_blocks, block_size, Hkv, D), got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype:
+    if k_cache.dtype not in FLOATS or v_cache.dtype != k_cache.dtype:
         raise TypeError(f"{name}: cache dtype must be one of fp16/bf16/fp32 and equal for k and v, got "
                         f"{k_cache.dtype} and {v_cache.dtype}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -208,24 +199,18 @@ def _check_cache(k_cache, v_cache, name):
 
 
 def choose_num_splits(batch, n_kv_head, max_context, device=None):
-    """Splits per sequence: enough programs (batch * Hkv * splits) for ~2 waves on the GPU, each split at least
-    _MIN_SPLIT_TOKENS long; a power of two so the kernels compile for few distinct values."""
+    """Splits per sequence: a power of two, for ~2 waves of batch * Hkv * splits programs, each >= _MIN_SPLIT_TOKENS."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
     want = max(1, (2 * sms) // max(1, batch * n_kv_head))
     cap = max(1, max_context // _MIN_SPLIT_TOKENS)
-    n = min(want, cap)
-    return 1 << (n.bit_length() - 1)   # round down to a power of two
+    return 1 << (min(want, cap).bit_length() - 1)
 
 
 def triton_kernels():
-    """{"split", "combine", "write_kv", "rope_norm_write_kv"} -> this family's @triton.jit kernels, for
-    ahead-of-time compile checks."""
+    """{"split", "combine", "write_kv", "rope_norm_write_kv"} -> this family's kernels, for compile checks."""
     return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel,
             "rope_norm_write_kv": _rope_norm_write_kv_kernel}
 
-
-# torch.library: tritonchat::paged_decode_attention, tritonchat::write_kv and tritonchat::rope_norm_write_kv (no
-# autograd: inference only); each op launches its kernels
 
 @kernel_op("tritonchat::paged_decode_attention")
 def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -239,7 +224,7 @@ def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if B == 0:
         return out
     group, block_n, d_pad = H // Hkv, max(64, block_size), triton.next_power_of_2(D)
-    max_context = block_table.shape[1] * block_size     # an upper bound, known without a device sync
+    max_context = block_table.shape[1] * block_size  # an upper bound, known without a device sync
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_context, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max_context, block_n)))
@@ -248,7 +233,7 @@ def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part = lse = out  # unused
-    # Memory-bound: 4 warps, 2 stages is enough to keep a (64, 128) K and V tile in flight per program.
+    # memory bound: 4 warps, 2 stages keep a (64, 128) K and V tile in flight per program
     _paged_decode_split[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse, *q.stride()[:2], *k_cache.stride()[:3],
         *v_cache.stride()[:3], block_table.stride(0), *out.stride()[:2], num_splits,
@@ -297,7 +282,7 @@ def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         return out
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cos, sin, block_table, positions = (x.contiguous() for x in (cos, sin, block_table, positions))
-    # A few KB per program, pure load/compute/store: 2 warps cover a (16, 64) half tile without idle lanes.
+    # a few KB per program: 2 warps cover a (16, 64) half tile without idle lanes
     _rope_norm_write_kv_kernel[(B,)](
         q, k, v, cos, sin, k_cache, v_cache, block_table, positions, out, *q.stride()[:2], *k.stride()[:2],
         *v.stride()[:2], cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
@@ -311,18 +296,14 @@ def _(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
     return q.new_empty(q.shape, dtype=k_cache.dtype)
 
 
-# Public functions (no autograd: inference only)
-
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
-    """One decode step over a paged KV cache (module docstring) -> (B, H, D): Triton in fused mode, else the
-    reference."""
+    """One decode step over a paged KV cache (module docstring) -> (B, H, D), Triton or reference by mode."""
     fn = paged_decode_attention_triton if kernels.use_fused() else paged_decode_attention_reference
     return fn(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
-    """tritonchat::paged_decode_attention (the split-KV Triton kernels) whatever the mode; num_splits (per sequence)
-    defaults to choose_num_splits."""
+    """tritonchat::paged_decode_attention whatever the mode; num_splits per sequence, default choose_num_splits."""
     _check_cache(k_cache, v_cache, "paged_decode_attention")
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be (B, H, D), got {tuple(q.shape)}")
@@ -346,13 +327,12 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *,
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
-    """Eager PyTorch: gather every sequence's pages into a dense copy, then SDPA with a length mask."""
+    """Eager PyTorch: every sequence's pages gathered into a dense copy, then SDPA with a length mask."""
     B, H, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     L = block_table.shape[1] * block_size
-    # Gather every sequence's pages into a dense (B, L, Hkv, D) view; unused table entries may hold anything.
     table = block_table.long().clamp(min=0, max=k_cache.shape[0] - 1)
-    k, v = (cache[table].reshape(B, L, Hkv, D) for cache in (k_cache, v_cache))
+    k, v = (cache[table].reshape(B, L, Hkv, D) for cache in (k_cache, v_cache))  # unused entries: anything
     valid = torch.arange(L, device=q.device)[None, :] < seq_lens.long()[:, None]  # (B, L)
     y = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=valid[:, None, None, :],
@@ -362,14 +342,13 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens,
 
 
 def write_kv(k_cache, v_cache, k, v, block_table, positions):
-    """Scatter N new tokens' k, v (N, Hkv, D) into their cache slots in place: Triton in fused mode, else the
-    reference."""
+    """Scatter N new tokens' k, v (N, Hkv, D) into their cache slots in place, Triton or reference by mode."""
     fn = write_kv_triton if kernels.use_fused() else write_kv_reference
     return fn(k_cache, v_cache, k, v, block_table, positions)
 
 
 def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
-    """tritonchat::write_kv (the Triton scatter, one program per token) whatever the mode."""
+    """tritonchat::write_kv (one program per token) whatever the mode."""
     _check_cache(k_cache, v_cache, "write_kv")
     Hkv, D = k_cache.shape[2:]
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (Hkv, D):
@@ -394,8 +373,7 @@ def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
 
 
 def rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
-    """The decode step's prologue (module docstring): rotate + RMS-normalise the new q and k, write k and v into the
-    pages -> q_hat (B, H, D) in the cache dtype. Triton in fused mode, else the reference."""
+    """The decode step's prologue (module docstring) -> q_hat (B, H, D) in the cache dtype, Triton or reference."""
     fn = rope_norm_write_kv_triton if kernels.use_fused() else rope_norm_write_kv_reference
     return fn(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps=eps)
 
@@ -411,9 +389,7 @@ def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, 
     if k.shape != (B, Hkv, D) or v.shape != (B, Hkv, D):
         raise ValueError(f"rope_norm_write_kv: k and v must be (B={B}, Hkv={Hkv}, D={D}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if q.dtype != k.dtype or v.dtype != k.dtype or q.dtype not in _DTYPES:
-        raise TypeError(f"rope_norm_write_kv: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
+    check_floats("rope_norm_write_kv", "q, k, v", q, k, v)
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D // 2 or D % 2:
         raise ValueError(f"rope_norm_write_kv: cos and sin must be (rotary_len, D/2={D // 2}), got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
@@ -425,7 +401,7 @@ def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, 
 
 
 def rope_norm_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
-    """Eager PyTorch, in fp32 as the kernel: gather cos/sin, rotate halves, rms_norm, write_kv_reference."""
+    """Eager PyTorch, in fp32 as the kernel: rotate halves, rms_norm, write_kv_reference."""
     pos = positions.long()
     c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]  # (B, 1, D/2)
 

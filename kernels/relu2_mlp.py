@@ -1,22 +1,19 @@
 """Fused ReLU^2 MLP: y = relu(x W_fc^T)^2 W_proj^T, forward and backward.
 
-relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear weight layout, no bias) -> (..., C),
-x's dtype; differentiable w.r.t. x, w_fc and w_proj. Inputs are flattened to M = prod(...) tokens. Triton path: one
-dtype among fp32/fp16/bf16 (under autocast: the autocast dtype); a shape mismatch is a ValueError, a dtype one a
-TypeError. It is the PyTorch operator tritonchat::relu2_mlp (fake shapes + autograd registered).
+relu2_mlp(x, w_fc, w_proj): x (..., C), w_fc (F, C), w_proj (C, F) (nn.Linear layout, no bias) -> (..., C) in x's
+dtype, differentiable w.r.t. all three. Triton path (operator tritonchat::relu2_mlp): one dtype among fp32/fp16/bf16
+(under autocast: the autocast dtype; else TypeError), a shape mismatch is a ValueError.
 
 Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     forward    y  = a W_proj^T
     backward   dW_proj = dy^T a          dA = dy W_proj          dh = dA * 2 r
                dW_fc   = dh^T x          dx = dh W_fc
 
-Fused: GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a (h, r never reach
-memory); the backward GEMM dA = dy W_proj (_ACT_DRELU2) loads the a tile and writes dh = dA * 2 sqrt(a). The other
-GEMMs have nothing to fuse: cuBLAS. Saved for backward: x and a, ONE (M, F) tensor (r = sqrt(a) exactly as r >= 0,
-and dW_proj needs a itself), where eager keeps r and a: C + 4C instead of C + 8C elements per token (F = 4C;
-`test_saved_tensor_bytes`). a in bf16 has relative error <= 2^-8, so sqrt(a) <= 2^-9, better than eager's bf16 r;
-in fp16, a = h^2 underflows for |h| < ~1.7e-4 (subnormal below ~8e-3), so there 2 sqrt(a) loses precision or is 0
-where eager's 2 r is not. Not measured on GPU: `python -m bench.relu2_mlp`.
+GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a; the backward GEMM dA = dy W_proj
+(_ACT_DRELU2) loads a and writes dh = dA * 2 sqrt(a). The other GEMMs are cuBLAS. Saved: x and a only (r = sqrt(a)
+exactly as r >= 0), C + 4C elements per token instead of eager's C + 8C (F = 4C). sqrt(a) in bf16 errs <= 2^-9,
+better than eager's bf16 r; in fp16 a = h^2 underflows for |h| < ~1.7e-4, so there 2 sqrt(a) loses precision.
+Timing: `python -m bench.relu2_mlp`.
 
 References:
   * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
@@ -32,39 +29,36 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import configs, dot_precision, grouped_tile, kernel_op, matmul_tile
+from kernels._common import check_floats, configs, dot_precision, grouped_tile, kernel_op, matmul_tile
 
-# GEMM epilogues of `_matmul_kernel`
 _ACT_RELU2: tl.constexpr = tl.constexpr(1)   # C = relu(A @ B)^2
 _ACT_DRELU2: tl.constexpr = tl.constexpr(2)  # C = (A @ B) * 2 sqrt(aux)
 
-# Hopper (H100/H200) bf16 GEMM configs; tl.dot lowers to wgmma for these tile shapes
+# Hopper (H100/H200) bf16 GEMM configs (wgmma tile shapes)
 _CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
     (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
     (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 3)], (32, 64, 64, 4, 4, 1))
 
 
-# tuned per power-of-two bucket of M, not per M: the engine's prefill/decode calls come with ever-changing token counts
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "ACT"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
                    ACT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = epilogue(A @ B), A (M, K), B (K, N), any strides. _ACT_RELU2: C = relu(acc)^2.
-    _ACT_DRELU2: C = acc * 2 sqrt(aux), aux (M, N) = the saved a = relu(h)^2. Grid (tiles of C,)."""
+    """C = epilogue(A @ B), A (M, K), B (K, N), any strides; aux (M, N) = the saved a. Grid (tiles of C,), tuned per
+    power-of-two bucket of M (the engine's token counts keep changing)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
     # int64 rows: M * F can pass 2^31 elements at 64k+ tokens and large F
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ACT == _ACT_RELU2:  # forward epilogue: a = relu(h)^2
+    if ACT == _ACT_RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
-    elif ACT == _ACT_DRELU2:  # backward epilogue: dh = dA * 2 relu(h), relu(h) = sqrt(a) since relu(h) >= 0
+    elif ACT == _ACT_DRELU2:  # relu(h) = sqrt(a) since relu(h) >= 0
         aux = tl.load(aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
         acc = acc * (2.0 * tl.sqrt(aux.to(tl.float32)))
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
@@ -72,7 +66,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
 
 
 def _matmul(a, b, act, aux=None):
-    """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`; fp32 accumulation."""
+    """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`."""
     (M, K), N = a.shape, b.shape[1]
     assert K == b.shape[0] and (aux is None or aux.shape == (M, N)), (a.shape, b.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
@@ -94,21 +88,14 @@ def _check(x, w_fc, w_proj):
     if w_fc.shape[1] != C or tuple(w_proj.shape) != (C, Fh):
         raise ValueError(f"relu2_mlp: shape mismatch: x (..., {C}) needs w_fc (F, {C}) and w_proj ({C}, F); got "
                          f"w_fc {tuple(w_fc.shape)}, w_proj {tuple(w_proj.shape)}")
-    if not (x.dtype == w_fc.dtype == w_proj.dtype) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"relu2_mlp: x, w_fc, w_proj must share one dtype among fp32/fp16/bf16; got {x.dtype}, "
-                        f"{w_fc.dtype}, {w_proj.dtype}")
-    if not (x.device == w_fc.device == w_proj.device):
-        raise ValueError(f"relu2_mlp: tensors on different devices: {x.device}, {w_fc.device}, {w_proj.device}")
+    check_floats("relu2_mlp", "x, w_fc, w_proj", x, w_fc, w_proj)
 
-
-# torch.library: tritonchat::relu2_mlp (differentiable; its backward calls tritonchat::relu2_mlp_dh)
 
 @kernel_op("tritonchat::relu2_mlp")
 def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y (..., C), a = relu(x w_fc^T)^2 (M, F), the one activation saved for the backward)."""
-    x2 = x.reshape(-1, x.shape[-1])                           # (M, C), a view when possible
-    a = _matmul(x2, w_fc.t(), act=_ACT_RELU2)                 # (M, F) = relu(x W_fc^T)^2
-    y = torch.matmul(a, w_proj.t())                           # (M, C), cuBLAS
+    a = _matmul(x.reshape(-1, x.shape[-1]), w_fc.t(), act=_ACT_RELU2)  # (M, F)
+    y = torch.matmul(a, w_proj.t())  # (M, C), cuBLAS
     return y.view(*x.shape[:-1], w_proj.shape[0]), a
 
 
@@ -119,7 +106,7 @@ def _(x, w_fc, w_proj):
 
 @kernel_op("tritonchat::relu2_mlp_dh")
 def _relu2_mlp_dh_op(dy: torch.Tensor, w_proj: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """dh = (dy w_proj) * 2 sqrt(a) (M, F) for dy (M, C): the backward GEMM with the ReLU^2-derivative epilogue."""
+    """dh = (dy w_proj) * 2 sqrt(a) (M, F) for dy (M, C)."""
     return _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)
 
 
@@ -129,10 +116,8 @@ def _(dy, w_proj, a):
 
 
 def _relu2_mlp_setup_context(ctx, inputs, output):
-    x, w_fc, w_proj = inputs
-    a = output[1]
-    ctx.mark_non_differentiable(a)
-    ctx.save_for_backward(x, w_fc, w_proj, a)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs, output[1])
 
 
 def _relu2_mlp_backward(ctx, dy, _da):
@@ -140,30 +125,27 @@ def _relu2_mlp_backward(ctx, dy, _da):
     x2, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (M, C)
     dx = dw_fc = dw_proj = None
     if ctx.needs_input_grad[2]:
-        dw_proj = torch.matmul(dy.t(), a)                                  # (C, F)
+        dw_proj = torch.matmul(dy.t(), a)  # (C, F)
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        dh = torch.ops.tritonchat.relu2_mlp_dh(dy, w_proj, a)              # (M, F) = (dy W_proj) * 2 sqrt(a)
+        dh = torch.ops.tritonchat.relu2_mlp_dh(dy, w_proj, a)  # (M, F)
         if ctx.needs_input_grad[1]:
-            dw_fc = torch.matmul(dh.t(), x2)                               # (F, C)
+            dw_fc = torch.matmul(dh.t(), x2)  # (F, C)
         if ctx.needs_input_grad[0]:
-            dx = torch.matmul(dh, w_fc).view(x.shape)                      # (..., C)
+            dx = torch.matmul(dh, w_fc).view(x.shape)
     return dx, dw_fc, dw_proj
 
 
 _relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
 
 
-# Public functions
-
 def relu2_mlp(x, w_fc, w_proj):
-    """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C). Triton in fused mode, else the
-    reference."""
+    """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C), Triton or reference by mode."""
     fn = relu2_mlp_triton if kernels.use_fused() else relu2_mlp_reference
     return fn(x, w_fc, w_proj)
 
 
 def relu2_mlp_triton(x, w_fc, w_proj):
-    """tritonchat::relu2_mlp (the Triton GEMM epilogues, differentiable) whatever the mode; autocast dtype if on."""
+    """tritonchat::relu2_mlp (differentiable) whatever the mode, in the autocast dtype if autocast is on."""
     if torch.is_autocast_enabled(x.device.type):  # the kernel runs in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
@@ -174,5 +156,4 @@ def relu2_mlp_triton(x, w_fc, w_proj):
 
 def relu2_mlp_reference(x, w_fc, w_proj):
     """Eager PyTorch: linear, relu, square, linear."""
-    h = F.linear(x, w_fc)            # (..., F)
-    return F.linear(F.relu(h).square(), w_proj)  # (..., C)
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
