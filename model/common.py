@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -118,22 +119,16 @@ def versions():
     changes; None outside git), python, torch, triton, cuda, host, cpu (model name), cpu_cores, gpus, kind ("cuda" |
     "cpu"), device (GPU 0's name, or "cpu (<model>, <cores> cores)"), driver (None on the CPU; "unavailable" without
     nvidia-ml-py); on CUDA also sm_count, memory_gb and capability."""
-    try:  # the package metadata: importing triton would fix TRITON_INTERPRET before a caller sets it
+    triton_version = commit = None
+    with suppress(importlib.metadata.PackageNotFoundError):  # importing triton would fix TRITON_INTERPRET too early
         triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    try:  # --exclude='*': never a tag name, always the commit
+    with suppress(OSError, subprocess.SubprocessError):  # --exclude='*': never a tag name, always the commit
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True,
                              text=True, timeout=10, cwd=ROOT)
         commit = out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "host": platform.node(), "cpu": cpu,

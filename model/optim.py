@@ -7,11 +7,9 @@ Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
     W  -= lr * max(1, rows/cols)^0.5 * O
 Newton-Schulz runs through kernels.newton_schulz, in bf16 on CUDA as nanochat, fp32 on CPU.
 
-Under FSDP2 (parameters and gradients sharded on dim 0) the momentum update runs on the local shard; Newton-Schulz
-needs whole matrices, so the ranks split them: matrix number i (counted over all same-shape param groups) is owned by
-rank i % W. Per group one all_to_all sends every shard to its owner, which orthogonalises its matrices in ONE batched
-call, and a second sends the results back (shards follow torch.chunk on dim 0, zero-padded to ceil(rows/W) rows).
-The collectives are async, so one group's communication overlaps another's Newton-Schulz.
+Under FSDP2 (sharded on dim 0) the momentum update runs on the local shard; Newton-Schulz needs whole matrices, so
+matrix i (counted over all same-shape param groups) is owned by rank i % W: per group one async all_to_all sends the
+shards to their owners, which orthogonalise theirs in ONE batched call, and a second sends the results back.
 """
 import torch
 import torch.distributed as dist

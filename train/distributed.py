@@ -4,11 +4,10 @@
     torchrun --nproc_per_node=8 -m train.base -- ...       # one process per GPU (NCCL); stage flags after --
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base -- --preset tiny   # CPU, gloo
 
-One code path for every world size: without torchrun a process still gets a process group (world size 1, an
-in-memory HashStore) and the model is sharded with FSDP2, so optimizers, checkpoints and the loop always see DTensors.
-On one CPU rank, where FSDP2 would only copy them in and out every step, the root's wte and lm_head (the largest
-matrices) stay plain tensors (build_model's shard_root). On CUDA FSDP2 computes in bf16 (fp32 master weights and
-gradient reduction); on CPU everything stays fp32.
+One code path for every world size: without torchrun a process still gets a 1-rank group (in-memory HashStore) and
+an FSDP2 model, so optimizers, checkpoints and the loop always see DTensors; only on one CPU rank the root's wte and
+lm_head stay plain (build_model's shard_root). On CUDA FSDP2 computes in bf16 (fp32 master weights and gradient
+reduction); on CPU everything stays fp32.
 
 Compile (as torchtitan's apply_compile, torchtitan/models/llama3/infra/parallelize.py): each block's forward and the
 root's embedding and head are compiled separately with fullgraph=True, then sharded, so FSDP2's hooks run eagerly

@@ -153,8 +153,7 @@ def _fmt_time(s):
 
 def _forked(fn, *a):
     """Run fn without touching the training RNG stream (CPU + current CUDA device)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         return fn(*a)
 
 

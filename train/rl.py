@@ -172,8 +172,7 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
     B = args.device_batch_size
     chunks = [list(range(i, min(i + B, len(samples)))) for i in range(0, len(samples), B)]
     batches = [pad_samples([samples[i] for i in c], device, samples[0]["ids"][0]) for c in chunks]
-    n_tokens = sum(int(m.sum()) for _, _, m in batches)
-    normalizer = max(n_tokens, 1) if args.reduction == "token" else len(samples)
+    normalizer = max(sum(int(m.sum()) for _, _, m in batches), 1) if args.reduction == "token" else len(samples)
     need_old = args.clip_eps is not None or args.inner_steps > 1
     with torch.no_grad():
         old = [token_logp(model, x, y) for x, y, _ in batches] if need_old else [None] * len(batches)
