@@ -19,7 +19,6 @@ from model.gpt import GPTConfig, precompute_rotary
 SUITE = "attention"
 D20 = GPTConfig.from_depth(20)
 TOKENS = 16 * D20.sequence_len  # the d20 preset's device batch of 16 sequences
-GQA_KV_HEADS = 2
 
 
 def _providers(inputs, T, H, Hkv):
@@ -61,7 +60,7 @@ def run(quick):
     elif quick:  # one case: compiling the compile / flex providers dominates a quick GPU run
         cases, dtype = [(TOKENS // T0, T0, H, H, D)], torch.bfloat16
     else:
-        cases = [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, GQA_KV_HEADS)]
+        cases = [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, 2)]  # MHA, GQA
         dtype = torch.bfloat16
     rows = []
     for B, T, H, Hkv, D in cases:

@@ -2,7 +2,6 @@
 
     python -m bench.engine --peer /tmp/nanochat          # ours vs nanochat (a local checkout; nothing of it is shipped)
     python -m bench.engine                                # ours only
-    python -m bench.engine --peer /tmp/nanochat --reps 7 --samples 1,8,32 --prompts 8 --vocab 2048
 
 Cases (a 64-token prompt, 128 new greedy tokens, all made: the stop tokens lie outside the vocabulary): samples=N,
 one prompt with N samples decoding together; prompts=N, N different prompts at once (nanochat's Engine takes one per

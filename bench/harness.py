@@ -107,8 +107,7 @@ def measure_peaks(quick=False):
     n, dtype, dev = ((4096 if quick else 8192), torch.bfloat16, "cuda") if gpu else (512, torch.float32, "cpu")
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     mm = bench(lambda: a @ b, quick=quick)["ms"]
-    src = torch.empty(1 << 28 if gpu else 1 << 22, device=dev, dtype=torch.float32)
-    dst = torch.empty_like(src)
+    src, dst = (torch.empty(1 << 28 if gpu else 1 << 22, device=dev, dtype=torch.float32) for _ in range(2))
     cp = bench(lambda: dst.copy_(src), quick=quick)["ms"]
     return {"matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
             "copy_gbps": 2 * src.numel() * 4 / (cp * 1e-3) / 1e9}
@@ -139,7 +138,7 @@ def print_table(rows):
     fmt = lambda v: ("-" if v is None else f"{v:.3g}" if isinstance(v, float) else
                      fmt_case(v) if isinstance(v, dict) else str(v))
     table = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+    widths = [max(map(len, col)) for col in zip(cols, *table)]
     for t in [cols] + table:
         print("  ".join(x.ljust(w) for x, w in zip(t, widths)))
 

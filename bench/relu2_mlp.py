@@ -30,7 +30,6 @@ def run(quick):
         case = {"tokens": M, "C": C, "F": Fh, "dtype": str(dtype).replace("torch.", "")}
         compiled = {"compile": torch.compile(relu2_mlp_reference, dynamic=False)} if dev == "cuda" else {}  # per shape
         for name, fn in {"eager": relu2_mlp_reference, **compiled, "fused": relu2_mlp_triton}.items():
-            # forward: two GEMMs of 2*M*C*F; backward: four
             rows += harness.fwd_bwd_rows(SUITE, case, name, fn, inputs, inputs, dy, 4 * M * C * Fh, 2, quick)
     return harness.add_ratios(rows, "eager")
 

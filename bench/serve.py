@@ -5,11 +5,10 @@ with stalled clients holding connections open.
     python -m bench.serve --clients 32 --requests 8 --max-tokens 64 --stalled 16 --device cuda
 
 The server runs in a child process on 127.0.0.1 with a random-weight model (--layers x --width, a byte-level BPE
-trained on a few sentences). Each client streams its requests one after another (stream_options.include_usage) and
-times latency (request sent -> [DONE]) and time to first token (-> first content delta). A stalled client sends its
-headers and the first bytes of a body it never finishes, and reconnects when the server drops it (408 after
---body-timeout). Per phase: requests/s and tokens/s (completion tokens from usage over the phase's wall time), p50 /
-p99 latency and time to first token in ms, errors; JSON rows via bench.harness (on CPU: a toy model's smoke run).
+trained on a few sentences). Each client streams its requests one after another (stream_options.include_usage),
+timing latency (request sent -> [DONE]) and time to first token (-> first content delta). A stalled client sends
+headers and part of a body it never finishes, and reconnects when dropped (408 after --body-timeout). Per phase:
+requests/s and tokens/s (completion tokens from usage / wall time), p50 / p99 latency and time to first token, errors.
 """
 import argparse
 import json

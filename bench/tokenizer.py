@@ -3,14 +3,14 @@
     python -m bench.tokenizer            # full: whole embedded corpus, vocab 65536 and 8192 (a few CPU minutes)
     python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
 
-Training (same corpus, split pattern and vocab size incl. the 256 bytes; median of a few runs, timed around the
-training call only): "ours" = rustbpe from this repository (`tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's
-`rustbpe` from PyPI, a wheel only (`pip install --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe
-rustbpe`: no sdist build code runs), loaded in this same process (skipped with a note when it cannot be installed);
-"hf_tokenizers" = HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares. Encode: MB/s
-of UTF-8 text through our tiktoken Encoding vs the HF tokenizer trained on the same data, one long string ("encode")
-and the documents in threads ("encode_batch"). Compression: bytes per token on the held-out play. Training is CPU
-work, so the full run is meaningful on a CPU: only --quick (or bench.kernels off-GPU) selects the small run.
+Training (same corpus, split pattern and vocab size incl. the 256 bytes; median of a few runs of the training call
+alone): "ours" = rustbpe from this repository (`tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's `rustbpe` from
+PyPI, a wheel only (`pip install --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no sdist
+build code runs), loaded in this same process (skipped with a note when it cannot be installed); "hf_tokenizers" =
+HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares. Encode: MB/s of UTF-8 text,
+our tiktoken Encoding vs the HF tokenizer trained on the same data, one long string ("encode") and the documents in
+threads ("encode_batch"). Compression: bytes per token on the held-out play. Training is CPU work: the full run is
+meaningful on a CPU, and only --quick (or bench.kernels off-GPU) selects the small run.
 """
 import bisect
 import hashlib
@@ -155,8 +155,7 @@ def run(quick=False):
 
 
 def main(argv=None):
-    # Not harness.main: harness.run_suite forces the quick run off-GPU (right for kernels, whose CPU numbers mean
-    # nothing), but tokenizer training is CPU work, so here only --quick selects the small run.
+    # Not harness.main, which forces the quick run off-GPU: tokenizer training is CPU work, so only --quick does here.
     args = harness.parser(__doc__.split("\n")[0], quick="500 kB of the corpus, vocab 512").parse_args(argv)
     info = harness.header(SUITE)
     info["note"] = f"tokenizer suite: {'quick' if args.quick else 'full'} CPU run; {os.cpu_count()} cores"
