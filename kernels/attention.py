@@ -4,20 +4,15 @@ attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None)
 H % Hkv == 0, cos, sin (T, D/2) -> (B, T, H, D) in q's dtype, differentiable w.r.t. q, k, v. Triton path (operator
 tritonchat::attention): fp32/fp16/bf16 (else TypeError), D a power of two in [16, 256] (else ValueError).
 
-Maths, per row x (one token, one head) at position t: y = R_t x (x1, x2 = halves of D; y1 = x1 cos + x2 sin,
-y2 = -x1 sin + x2 cos), rstd = (mean(y^2) + eps)^-1/2, x_hat = y rstd (y when qk_norm=False). FlashAttention-2 on the
-hats: S = q_hat k_hat^T scale (1/sqrt(D) by default), P = softmax(S) [causal], O = P V, with an online softmax so S
-and P never reach HBM; the forward saves LSE_i = log2 sum_j exp2(S_ij log2 e). Backward:
+Maths, per row x at position t: y = R_t x (halves x1, x2: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos), rstd =
+(mean(y^2) + eps)^-1/2, x_hat = y rstd (y if not qk_norm). FlashAttention-2 on the hats: S = q_hat k_hat^T scale
+(default 1/sqrt(D)), P = softmax(S) [causal], O = P V, online softmax in base 2 (LSE_i = log2 sum_j exp2(S_ij log2 e)
+saved). Backward, the last line in the epilogue of the kernel that owns the row (dq, dk w.r.t. the raw q, k):
     dV = P^T dO          Delta_i = rowsum(dO_i * O_i)        dS = P * (dO V^T - Delta)
     dq_hat = scale dS k_hat          dk_hat = scale dS^T q_hat
-    dy = rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))      dx = R_t^T dy  (dx1 = dy1 cos - dy2 sin,
-                                                                             dx2 = dy1 sin + dy2 cos)
-the last line in the epilogue of the kernel that owns the row, so dq, dk are w.r.t. the raw q and k.
-
-Kernels: `_rope_norm_kv` (K pre-pass), `_attn_fwd` (Q rotated and normalised on load; causal blocks above the
-diagonal skipped, only diagonal ones masked; query head h reads KV head h // (H / Hkv), never repeated),
-`_attn_bwd_preprocess` (Delta), `_attn_bwd_dkdv` (per KV head, sums its query heads in registers, no atomics) and
-`_attn_bwd_dq`. Saved: q_hat, k_hat, v, O, LSE, rstd_q, rstd_k, cos, sin. Timing: `python -m bench.attention`.
+    dy = rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))      dx = R_t^T dy = [dy1 cos - dy2 sin | dy1 sin + dy2 cos]
+Kernels: `_rope_norm_kv` (K pre-pass), `_attn_fwd` (Q rotated on load), `_attn_bwd_preprocess` (Delta),
+`_attn_bwd_dkdv` (sums a KV head's query heads in registers: GQA without atomics or repeated K/V), `_attn_bwd_dq`.
 
 References:
   * FlashAttention-2 (Dao, 2023): https://arxiv.org/abs/2307.08691
@@ -333,27 +328,6 @@ def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV,
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None])
 
 
-def _check_inputs(q, k, v, cos, sin):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be 4-D (B, T, heads, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(f"attention: k and v must be (B, T, Hkv, D) = ({B}, {T}, Hkv, {D}) to match q "
-                         f"{tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if H % Hkv != 0:
-        raise ValueError(f"attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
-    if cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
-        raise ValueError(f"attention: cos and sin must be (T, D/2) = ({T}, {D // 2}); got {tuple(cos.shape)}, "
-                         f"{tuple(sin.shape)}")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"attention: head dim must be a power of two in [16, 256] for the Triton kernel; got {D}")
-    check_floats("attention", "q, k, v", q, k, v)
-    if not (q.device == cos.device == sin.device):
-        raise ValueError("attention: q, k, v, cos, sin must be on one device")
-
-
 def triton_kernels():
     """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (.configs, .fn), for config-by-config checks."""
     return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
@@ -365,15 +339,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (o, q_hat, k_hat, lse, rstd_q, rstd_k); all but o are saved for the backward only."""
     q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    k_hat = torch.empty_like(k)
-    rstd_k = torch.empty(B, Hkv, T, device=q.device, dtype=torch.float32)
+    (B, T, H, D), Hkv = q.shape, k.shape[2]
+    stats = lambda heads: q.new_empty(B, heads, T, dtype=torch.float32)
+    k_hat, rstd_k = torch.empty_like(k), stats(Hkv)
     _rope_norm_kv[(triton.cdiv(T, 64), B * Hkv)](k, k_hat, rstd_k, cos, sin, T, Hkv, eps,
                                                   QK_NORM=qk_norm, HEAD_DIM=D, BLOCK_T=64, num_warps=4)
-    o, q_hat = torch.empty_like(q), torch.empty_like(q)
-    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    rstd_q = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    o, q_hat, lse, rstd_q = torch.empty_like(q), torch.empty_like(q), stats(H), stats(H)
     _attn_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k_hat, v, cos, sin, o, q_hat, lse, rstd_q, T, H, Hkv, triton.next_power_of_2(T), scale, eps,
         CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q.dtype))
@@ -395,8 +366,7 @@ def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.T
     """-> (dq, dk, dv) w.r.t. the raw q, k, v, from tritonchat::attention's saved tensors."""
     do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin = (
         x.contiguous() for x in (do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin))
-    B, T, H, D = q_hat.shape
-    Hkv = k_hat.shape[2]
+    (B, T, H, D), Hkv = q_hat.shape, k_hat.shape[2]
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, HEAD_DIM=D, BLOCK_M=64, num_warps=4)
     dq, dk, dv = torch.empty_like(q_hat), torch.empty_like(k_hat), torch.empty_like(v)
@@ -409,9 +379,8 @@ def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.T
     return dq, dk, dv
 
 
-@_attention_backward_op.register_fake
-def _(do, q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin, causal, qk_norm, scale):
-    return q_hat.new_empty(q_hat.shape), k_hat.new_empty(k_hat.shape), v.new_empty(v.shape)
+_attention_backward_op.register_fake(
+    lambda do, q_hat, k_hat, v, *_: (q_hat.new_empty(q_hat.shape), k_hat.new_empty(k_hat.shape), v.new_empty(v.shape)))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -451,15 +420,30 @@ def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=N
 
 def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """tritonchat::attention (the Triton kernels, differentiable) whatever the eager/fused mode; any strides."""
-    _check_inputs(q, k, v, cos, sin)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be 4-D (B, T, heads, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    (B, T, H, D), Hkv = q.shape, k.shape[2]
+    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(f"attention: k and v must be (B, T, Hkv, D) = ({B}, {T}, Hkv, {D}) to match q "
+                         f"{tuple(q.shape)}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % Hkv != 0:
+        raise ValueError(f"attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
+    if cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
+        raise ValueError(f"attention: cos and sin must be (T, D/2) = ({T}, {D // 2}); got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"attention: head dim must be a power of two in [16, 256] for the Triton kernel; got {D}")
+    check_floats("attention", "q, k, v", q, k, v)
+    if not (q.device == cos.device == sin.device):
+        raise ValueError("attention: q, k, v, cos, sin must be on one device")
     scale = float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
     return torch.ops.tritonchat.attention(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)[0]
 
 
 def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """Eager PyTorch: apply_rotary, rms_norm, then SDPA (GQA without repeating K/V)."""
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
+    (_, T, H, D), Hkv = q.shape, k.shape[2]
     if H % Hkv != 0:
         raise ValueError(f"attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -13,13 +13,10 @@ Maths, for token i and vocab entry j, c = softcap:
                                                                        grad_output_i ("none"); 0 at ignored rows
     dh = dz w  (N, C),   dw = dz^T h  (V, C)
 All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan).
-
-Per chunk of tokens: (1) z = h w^T by cuBLAS into one reused (chunk, V) buffer; (2) `_softcap_ce_kernel`, a program
-per token, sums exp(s - c) over the row in fp32 (s <= c: no running max, no overflow; without a cap an online max) ->
-loss_i, then overwrites z with dz; (3) dh = dz w, dw += dz^T h by cuBLAS (fp32 across chunks). For "mean" and "sum"
-the gradients are computed in the forward, as Liger-Kernel does: the backward only scales the saved dh, dw. For
-"none" the backward reruns (1)-(3) with the upstream gradient. Nothing of size N x V is saved: at d20 (V = 65536),
-32768 bf16 tokens, eager keeps 16 GiB of fp32 (N, V) tensors, the fused path ~1.2 GiB.
+Per chunk of tokens: z = h w^T (cuBLAS, one reused (chunk, V) buffer); `_softcap_ce_kernel`, a program per token,
+sums exp(s - c) in fp32 (s <= c: no running max; without a cap an online max) -> loss_i and overwrites z with dz;
+dh = dz w, dw += dz^T h (cuBLAS, fp32 across chunks). "mean"/"sum" compute the gradients in the forward (as
+Liger-Kernel) and the backward scales them; "none" reruns the chunks. Nothing N x V is saved.
 
 References:
   Liger-Kernel, fused linear cross-entropy (gradients in the forward, chunked over tokens):
@@ -105,7 +102,7 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
 
 
 def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w):
-    """Steps 1-3 of the module docstring -> (loss (N,) fp32, dh or None, dw or None); scale (1,) or (N,): g_i."""
+    """Steps 1-3 of the module docstring -> (loss (N,) fp32, dh, dw; each empty unless wanted); scale (1,) or (N,)."""
     (N, C), V = h.shape, w.shape[0]
     if h.device.type == "cpu" and not INTERPRET:
         raise RuntimeError("linear_cross_entropy_triton: CPU tensors need TRITON_INTERPRET=1 set before triton is "
@@ -115,7 +112,7 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
                         f"linear_cross_entropy: targets must be in [0, {V}) or equal ignore_index={ignore_index}")
     targets = targets.contiguous()
     loss = torch.empty(N, device=h.device, dtype=torch.float32)
-    dh = torch.empty(N, C, device=h.device, dtype=h.dtype) if grad_h else None
+    dh = torch.empty(N, C, device=h.device, dtype=h.dtype) if grad_h else h.new_empty(0)
     multi = N > chunk_size
     dw = torch.zeros(V, C, device=w.device, dtype=torch.float32) if grad_w and multi else None
     z = torch.empty(min(N, chunk_size), V, device=h.device, dtype=h.dtype)
@@ -138,30 +135,7 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
             else:
                 # bf16/fp16 product, fp32 sum, rounded once at the end
                 dw += torch.mm(zc.t(), hc)
-    if dw is not None and dw.dtype != w.dtype:
-        dw = dw.to(w.dtype)
-    return loss, dh, dw
-
-
-def _check(h, w, targets, softcap, reduction, chunk_size):
-    if h.ndim != 2 or w.ndim != 2 or targets.ndim != 1:
-        raise ValueError(f"linear_cross_entropy: expected h (N, C), w (V, C), targets (N,); got {tuple(h.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(targets.shape)}")
-    if w.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0] or w.shape[0] == 0:
-        raise ValueError(f"linear_cross_entropy: shape mismatch: h (N, C) = {tuple(h.shape)} needs w (V >= 1, "
-                         f"{h.shape[1]}) and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets "
-                         f"{tuple(targets.shape)}")
-    check_floats("linear_cross_entropy", "h and w", h, w)
-    if targets.dtype != torch.int64:
-        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
-    if targets.device != h.device:
-        raise ValueError(f"linear_cross_entropy: targets on {targets.device}, h on {h.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"linear_cross_entropy: softcap must be None (no cap) or > 0, got {softcap!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
+    return loss, dh, dw.to(w.dtype) if grad_w else w.new_empty(0)
 
 
 @kernel_op("tritonchat::linear_cross_entropy")
@@ -176,7 +150,7 @@ def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: fl
     loss, dh, dw = _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w)
     if reduction != "none":
         loss = loss.sum() / n_valid if reduction == "mean" else loss.sum()
-    return loss, (dh if grad_h else h.new_empty(0)), (dw if grad_w else w.new_empty(0))
+    return loss, dh, dw
 
 
 @_lce_op.register_fake
@@ -191,9 +165,8 @@ def _lce_backward_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, gr
                      softcap: float, ignore_index: int, chunk_size: int, grad_h: bool, grad_w: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """reduction "none": (dh, dw) for the per-token upstream gradient grad_loss (N,), recomputing the logits."""
-    _, dh, dw = _chunked(h, w, targets, grad_loss.to(torch.float32).contiguous(), softcap, ignore_index, chunk_size,
-                         grad_h, grad_w)
-    return (dh if grad_h else h.new_empty(0)), (dw if grad_w else w.new_empty(0))
+    return _chunked(h, w, targets, grad_loss.to(torch.float32).contiguous(), softcap, ignore_index, chunk_size,
+                    grad_h, grad_w)[1:]
 
 
 @_lce_backward_op.register_fake
@@ -202,22 +175,17 @@ def _(h, w, targets, grad_loss, softcap, ignore_index, chunk_size, grad_h, grad_
 
 
 def _setup_context(ctx, inputs, output):
-    h, w, targets, softcap, ignore_index, reduction, chunk_size, grad_h, grad_w = inputs
-    _, dh, dw = output
-    ctx.mark_non_differentiable(dh, dw)
-    ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.chunk_size = reduction, softcap, ignore_index, chunk_size
-    if reduction == "none":
-        ctx.save_for_backward(h, w, targets)
-    else:
-        ctx.save_for_backward(dh, dw)
+    _, _, _, softcap, ignore_index, reduction, chunk_size, _, _ = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction, ctx.args = reduction, (softcap, ignore_index, chunk_size)
+    ctx.save_for_backward(*(inputs[:3] if reduction == "none" else output[1:]))  # h, w, targets or dh, dw
 
 
 def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.reduction == "none":
         h, w, targets = ctx.saved_tensors
-        dh, dw = torch.ops.tritonchat.linear_cross_entropy_backward(h, w, targets, grad_loss, ctx.softcap,
-                                                                    ctx.ignore_index, ctx.chunk_size, need_h, need_w)
+        dh, dw = torch.ops.tritonchat.linear_cross_entropy_backward(h, w, targets, grad_loss, *ctx.args, need_h, need_w)
     else:
         dh, dw = ctx.saved_tensors
         if (need_h and dh.ndim != 2) or (need_w and dw.ndim != 2):  # the (0,) placeholders of the forward
@@ -243,15 +211,30 @@ def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1,
     if torch.is_autocast_enabled(h.device.type):  # the kernels run in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
-    _check(h, w, targets, softcap, reduction, chunk_size)
+    if h.ndim != 2 or w.ndim != 2 or targets.ndim != 1:
+        raise ValueError(f"linear_cross_entropy: expected h (N, C), w (V, C), targets (N,); got {tuple(h.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(targets.shape)}")
+    if w.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0] or w.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: shape mismatch: h {tuple(h.shape)} needs w (V >= 1, {h.shape[1]}) "
+                         f"and targets ({h.shape[0]},); got w {tuple(w.shape)}, targets {tuple(targets.shape)}")
+    check_floats("linear_cross_entropy", "h and w", h, w)
+    if targets.dtype != torch.int64:
+        raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
+    if targets.device != h.device:
+        raise ValueError(f"linear_cross_entropy: targets on {targets.device}, h on {h.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be None (no cap) or > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_size must be None or a positive int, got {chunk_size!r}")
     # default: the largest power of two of tokens whose logits fit in _CHUNK_ELEMENTS, at least _MIN_CHUNK
     chunk = chunk_size or max(_MIN_CHUNK, triton.next_power_of_2(_CHUNK_ELEMENTS // w.shape[0] + 1) // 2)
     grads = torch.is_grad_enabled() and reduction != "none"
     with torch.autocast(h.device.type, enabled=False):
-        loss, _, _ = torch.ops.tritonchat.linear_cross_entropy(h, w, targets, float(softcap or 0.0), int(ignore_index),
-                                                               reduction, chunk, grads and h.requires_grad,
-                                                               grads and w.requires_grad)
-    return loss
+        return torch.ops.tritonchat.linear_cross_entropy(h, w, targets, float(softcap or 0.0), int(ignore_index),
+                                                         reduction, chunk, grads and h.requires_grad,
+                                                         grads and w.requires_grad)[0]
 
 
 def linear_cross_entropy_reference(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean",

@@ -9,10 +9,9 @@ Each step maps the singular values s of X by p(s) = a s + b s^3 + c s^5 (U, V un
 phi = p applied `steps` times to s = sigma / ||G||_F. After 5 steps every s >= 0.01 lands in [0.682, 1.134] and every
 s >= 0.0015 in [0.68, 1.203] (max of p on [0, 1]); smaller ones grow ~3.44x per step (p'(0) = a). Tests check phi.
 
-Per step, one launch each for the whole batch: `_syrk_kernel` A = X X^T computes only the upper tiles and mirrors them
-(A exactly symmetric); again for B = c A A^T + b A (A A = A A^T, scalars in the epilogue); `_ns_update_kernel`
-X' = a X + B X (the last step writes straight into the transposed output). fp32 accumulation, storage in the input
-dtype; 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3. Timing: `python -m bench.newton_schulz`.
+Per step, one launch each for the whole batch: `_syrk_kernel` A = X X^T (upper tiles computed and mirrored), again
+for B = c A A^T + b A (A symmetric), `_ns_update_kernel` X' = a X + B X; fp32 accumulation, storage in the input
+dtype: 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3.
 
 References:
   * Muon and its Newton-Schulz coefficients (Keller Jordan, 2024): https://kellerjordan.github.io/posts/muon/
@@ -48,10 +47,9 @@ def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta,
     bid = tl.program_id(1).to(tl.int64)
     # pid enumerates the upper tiles column by column: pid = j (j + 1) / 2 + i with 0 <= i <= j
     j = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-    j = tl.where(j * (j + 1) // 2 > pid, j - 1, j)          # guard the float sqrt against rounding
+    j = tl.where(j * (j + 1) // 2 > pid, j - 1, j)  # guard the float sqrt against rounding
     j = tl.where((j + 1) * (j + 2) // 2 <= pid, j + 1, j)
     i = pid - j * (j + 1) // 2
-
     offs_i = i * BLOCK + tl.arange(0, BLOCK)
     offs_j = j * BLOCK + tl.arange(0, BLOCK)
     x_ptr += bid * stride_xb
@@ -82,7 +80,6 @@ def _ns_update_kernel(b_ptr, x_ptr, out_ptr, M, N, a_coef,
     """out[b] = a X[b] + B[b] X[b]; B (M, M), X (M, N), out (M, N) with any strides (e.g. a transposed view)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     bid = tl.program_id(1).to(tl.int64)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     b_ptr += bid * stride_bb
@@ -142,9 +139,7 @@ def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
     return result.view(G.shape)
 
 
-@_newton_schulz_op.register_fake
-def _(G, steps, eps):
-    return torch.empty_like(G, memory_format=torch.contiguous_format)
+_newton_schulz_op.register_fake(lambda G, steps, eps: torch.empty_like(G, memory_format=torch.contiguous_format))
 
 
 def newton_schulz(G, steps=5, eps=1e-7):

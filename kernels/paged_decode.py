@@ -6,17 +6,15 @@ paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None
 write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D) in place, token i to page
   block_table[i, pos // block_size], slot pos % block_size, pos = positions[i].
 rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D) in
-  the cache dtype: rotates q, k (B, Hkv, D) at positions (B,) (y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), RMS-
-  normalises them over D, writes k_hat and v as write_kv: the decode step's prologue in one launch per layer.
-Triton path: caches and q of one dtype among fp16/bf16/fp32 (else TypeError), bad shapes a ValueError. Inference only;
-operators tritonchat::paged_decode_attention, ::write_kv and ::rope_norm_write_kv (the last two mutate the caches).
+  the cache dtype: q, k (B, Hkv, D) rotated at positions (B,) and RMS-normalised, k_hat and v written as write_kv.
+Triton path (operators tritonchat::*, inference only): q and caches of one dtype among fp16/bf16/fp32 (else
+TypeError), bad shapes a ValueError.
 
 Maths, sequence b, query head h, kv head g = h // (H / Hkv), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
-Memory bound: a program owns one (sequence, kv head) and all its query heads (padded to 16 rows for tensor cores), so
-each page is read once per group. Split-KV: grid (B, Hkv, num_splits), chunks of at least `_MIN_SPLIT_TOKENS` of the
-sequence's own length; each writes o_s and lse_s (base 2), and a combine kernel computes y = sum_s 2^(lse_s - M) o_s /
-sum_s 2^(lse_s - M), M = max_s lse_s. Rows past seq_len are masked, so unused table entries are never read.
+A program owns one (sequence, kv head) and all its query heads, so each page is read once per group. Split-KV: grid
+(B, Hkv, num_splits), each split writes o_s, lse_s (base 2); the combine: y = sum_s 2^(lse_s - M) o_s / sum_s
+2^(lse_s - M), M = max_s lse_s.
 
 References:
   * Flash-Decoding for long-context inference (Dao, Haziza, Massa, Sizov, 2023):
@@ -35,7 +33,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from kernels._common import FLOATS, LOG2E, check_floats, dot_precision, kernel_op
+from kernels._common import LOG2E, check_floats, dot_precision, kernel_op
 
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 
@@ -61,8 +59,8 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
     row_ok = rows < GROUP
     col_ok = cols < D
     heads = g * GROUP + rows
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=out_mask, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
@@ -86,7 +84,6 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out_mask = row_ok[:, None] & col_ok[None, :]
     if SINGLE_SPLIT:
         y = acc / l_i[:, None]
         tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + cols[None, :], y.to(OUT.dtype.element_ty),
@@ -189,9 +186,7 @@ def _check_cache(k_cache, v_cache, name):
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: k_cache and v_cache must both be (num_blocks, block_size, Hkv, D), got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype not in FLOATS or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"{name}: cache dtype must be one of fp16/bf16/fp32 and equal for k and v, got "
-                        f"{k_cache.dtype} and {v_cache.dtype}")
+    check_floats(name, "k_cache and v_cache", k_cache, v_cache)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"{name}: the last (D) dim of the caches must be contiguous")
     if k_cache.shape[1] not in (16, 32, 64):
@@ -228,11 +223,8 @@ def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_context, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max_context, block_n)))
-    if num_splits > 1:
-        o_part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
-        lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
-    else:
-        o_part = lse = out  # unused
+    o_part = q.new_empty(B, H, num_splits, D, dtype=torch.float32) if num_splits > 1 else out  # out: unused
+    lse = q.new_empty(B, H, num_splits, dtype=torch.float32) if num_splits > 1 else out
     # memory bound: 4 warps, 2 stages keep a (64, 128) K and V tile in flight per program
     _paged_decode_split[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, o_part, lse, *q.stride()[:2], *k_cache.stride()[:3],
@@ -246,9 +238,7 @@ def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
-@_paged_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits):
-    return q.new_empty(q.shape)
+_paged_decode_attention_op.register_fake(lambda q, *_: q.new_empty(q.shape))
 
 
 @kernel_op("tritonchat::write_kv", mutates_args=("k_cache", "v_cache"))
@@ -265,9 +255,7 @@ def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
                                     D_PAD=triton.next_power_of_2(D), BLOCK_SIZE=block_size, num_warps=4)
 
 
-@_write_kv_op.register_fake
-def _(k_cache, v_cache, k, v, block_table, positions):
-    return None
+_write_kv_op.register_fake(lambda *_: None)
 
 
 @kernel_op("tritonchat::rope_norm_write_kv", mutates_args=("k_cache", "v_cache"))
@@ -291,9 +279,7 @@ def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     return out
 
 
-@_rope_norm_write_kv_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps):
-    return q.new_empty(q.shape, dtype=k_cache.dtype)
+_rope_norm_write_kv_op.register_fake(lambda q, k, v, cos, sin, k_cache, *_: q.new_empty(q.shape, dtype=k_cache.dtype))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
@@ -313,8 +299,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *,
         raise ValueError(f"paged_decode_attention: head dim of q ({D}) != head dim of the cache ({Dc})")
     if H % Hkv != 0:
         raise ValueError(f"paged_decode_attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
-    if q.dtype != k_cache.dtype:
-        raise TypeError(f"paged_decode_attention: q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    check_floats("paged_decode_attention", "q and the caches", q, k_cache)
     if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"paged_decode_attention: block_table must be int32 (B={B}, max_blocks), got "
                          f"{tuple(block_table.shape)} {block_table.dtype}")

@@ -9,11 +9,9 @@ Maths, with h = x W_fc^T (M, F), r = relu(h), a = r^2 (M, F):
     backward   dW_proj = dy^T a          dA = dy W_proj          dh = dA * 2 r
                dW_fc   = dh^T x          dx = dh W_fc
 
-GEMM 1 (Triton `_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a; the backward GEMM dA = dy W_proj
-(_ACT_DRELU2) loads a and writes dh = dA * 2 sqrt(a). The other GEMMs are cuBLAS. Saved: x and a only (r = sqrt(a)
-exactly as r >= 0), C + 4C elements per token instead of eager's C + 8C (F = 4C). sqrt(a) in bf16 errs <= 2^-9,
-better than eager's bf16 r; in fp16 a = h^2 underflows for |h| < ~1.7e-4, so there 2 sqrt(a) loses precision.
-Timing: `python -m bench.relu2_mlp`.
+GEMM 1 (`_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a; the backward GEMM dA = dy W_proj
+(_ACT_DRELU2) writes dh = dA * 2 sqrt(a); the rest is cuBLAS. Saved: x and a only (r = sqrt(a) as r >= 0): C + 4C
+elements per token, eager's C + 8C. In fp16, a = h^2 underflows for |h| < ~1.7e-4, so 2 sqrt(a) loses precision.
 
 References:
   * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
@@ -79,18 +77,6 @@ def _matmul(a, b, act, aux=None):
     return c
 
 
-def _check(x, w_fc, w_proj):
-    if x.ndim < 1 or w_fc.ndim != 2 or w_proj.ndim != 2:
-        raise ValueError(f"relu2_mlp: expected x (..., C), w_fc (F, C), w_proj (C, F); got {tuple(x.shape)}, "
-                         f"{tuple(w_fc.shape)}, {tuple(w_proj.shape)}")
-    C = x.shape[-1]
-    Fh = w_fc.shape[0]
-    if w_fc.shape[1] != C or tuple(w_proj.shape) != (C, Fh):
-        raise ValueError(f"relu2_mlp: shape mismatch: x (..., {C}) needs w_fc (F, {C}) and w_proj ({C}, F); got "
-                         f"w_fc {tuple(w_fc.shape)}, w_proj {tuple(w_proj.shape)}")
-    check_floats("relu2_mlp", "x, w_fc, w_proj", x, w_fc, w_proj)
-
-
 @kernel_op("tritonchat::relu2_mlp")
 def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y (..., C), a = relu(x w_fc^T)^2 (M, F), the one activation saved for the backward)."""
@@ -99,9 +85,8 @@ def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> 
     return y.view(*x.shape[:-1], w_proj.shape[0]), a
 
 
-@_relu2_mlp_op.register_fake
-def _(x, w_fc, w_proj):
-    return x.new_empty(*x.shape[:-1], w_proj.shape[0]), x.new_empty(x.numel() // x.shape[-1], w_fc.shape[0])
+_relu2_mlp_op.register_fake(lambda x, w_fc, w_proj: (x.new_empty(*x.shape[:-1], w_proj.shape[0]),
+                                                     x.new_empty(x.numel() // x.shape[-1], w_fc.shape[0])))
 
 
 @kernel_op("tritonchat::relu2_mlp_dh")
@@ -110,9 +95,7 @@ def _relu2_mlp_dh_op(dy: torch.Tensor, w_proj: torch.Tensor, a: torch.Tensor) ->
     return _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)
 
 
-@_relu2_mlp_dh_op.register_fake
-def _(dy, w_proj, a):
-    return dy.new_empty(dy.shape[0], w_proj.shape[1])
+_relu2_mlp_dh_op.register_fake(lambda dy, w_proj, a: dy.new_empty(dy.shape[0], w_proj.shape[1]))
 
 
 def _relu2_mlp_setup_context(ctx, inputs, output):
@@ -149,7 +132,14 @@ def relu2_mlp_triton(x, w_fc, w_proj):
     if torch.is_autocast_enabled(x.device.type):  # the kernel runs in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
-    _check(x, w_fc, w_proj)
+    if x.ndim < 1 or w_fc.ndim != 2 or w_proj.ndim != 2:
+        raise ValueError(f"relu2_mlp: expected x (..., C), w_fc (F, C), w_proj (C, F); got {tuple(x.shape)}, "
+                         f"{tuple(w_fc.shape)}, {tuple(w_proj.shape)}")
+    C, Fh = x.shape[-1], w_fc.shape[0]
+    if w_fc.shape[1] != C or tuple(w_proj.shape) != (C, Fh):
+        raise ValueError(f"relu2_mlp: shape mismatch: x (..., {C}) needs w_fc (F, {C}) and w_proj ({C}, F); got "
+                         f"w_fc {tuple(w_fc.shape)}, w_proj {tuple(w_proj.shape)}")
+    check_floats("relu2_mlp", "x, w_fc, w_proj", x, w_fc, w_proj)
     with torch.autocast(x.device.type, enabled=False):
         return torch.ops.tritonchat.relu2_mlp(x, w_fc, w_proj)[0]
 
