@@ -406,8 +406,7 @@ class SFTLoader(_ConversationStream):
     rows_per_conversation = staticmethod(lambda T: 1)
 
     def next_batch(self):
-        pad = self.tok.bos_token_id
-        x = torch.full((self.B, self.T), pad, dtype=torch.long)
+        x = torch.full((self.B, self.T), self.tok.bos_token_id, dtype=torch.long)
         y = torch.full((self.B, self.T), -1, dtype=torch.long)
         row = skipped = 0
         while row < self.B:
@@ -419,9 +418,7 @@ class SFTLoader(_ConversationStream):
                     raise self._nothing_to_learn("an assistant token")
                 continue
             skipped = 0
-            n = len(ids) - 1
-            x[row, :n] = torch.tensor(ids[:-1])
-            y[row, :n] = torch.tensor(tgt)
+            x[row, :len(tgt)], y[row, :len(tgt)] = torch.tensor(ids[:-1]), torch.tensor(tgt)
             row += 1
         return _to_device(self.device, x, y)
 
