@@ -1,10 +1,9 @@
 """The eager / fused switch, in one place.
 
-Every kernel family here ends with `<name>` (dispatches on this mode), `<name>_triton` (always Triton: a
-torch.ops.tritonchat.* operator, so torch.compile(fullgraph=True) traces a fused model whole) and `<name>_reference`
-(plain PyTorch, same signature). Set it with `kernels.set_mode("eager"|"fused"|"auto")`, `TRITONCHAT_KERNELS=eager` or
-`--kernels eager`; "auto" = fused when CUDA is available. Fused on CPU needs TRITON_INTERPRET=1 set before triton is
-imported (slow; tests only).
+Every kernel family here ends with `<name>` (dispatches on this mode), `<name>_triton` (a torch.ops.tritonchat.*
+operator, so torch.compile(fullgraph=True) traces a fused model whole) and `<name>_reference` (plain PyTorch, same
+signature). Set by `kernels.set_mode`, $TRITONCHAT_KERNELS or `--kernels`; "auto" = fused when CUDA is available.
+Fused on CPU needs TRITON_INTERPRET=1 set before triton is imported (slow; tests only).
 """
 import os
 
@@ -15,7 +14,7 @@ _mode = None  # resolved mode: "eager" or "fused"
 
 
 def set_mode(mode):
-    """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto'. Returns the resolved mode."""
+    """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto' (resolved here)."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -25,7 +24,6 @@ def set_mode(mode):
         raise RuntimeError("fused kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before starting Python "
                            "(slow, for tests) or use --kernels eager")
     _mode = mode
-    return _mode
 
 
 def get_mode():
@@ -44,4 +42,3 @@ def add_argument(parser):
     """The `--kernels eager|fused|auto` flag every entry point shares."""
     parser.add_argument("--kernels", choices=MODES, default=os.environ.get("TRITONCHAT_KERNELS", "auto"),
                         help="eager = PyTorch references, fused = Triton kernels, auto = fused on CUDA else eager")
-    return parser

@@ -19,8 +19,7 @@ def dot_precision(dtype):
 
 
 def configs(names, hopper, interpret):
-    """The autotune list, rows = values of `names`, num_warps, num_stages: `hopper` (H100/H200, bf16), or the one
-    small `interpret` row under the interpreter (~ms per program and loop step whatever the tile size)."""
+    """Autotune configs from rows (values of `names`, num_warps, num_stages): `hopper`, or one `interpret` row."""
     return [triton.Config(dict(zip(names, r)), num_warps=r[-2], num_stages=r[-1])
             for r in ([interpret] if INTERPRET else hopper)]
 
@@ -36,8 +35,7 @@ def check_floats(name, names, *tensors):
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (pid_m, pid_n) in grouped order: GROUP_M row tiles share each column panel while it sits in L2
-    (Triton tutorial 03, "L2 cache optimizations")."""
+    """Program id -> (pid_m, pid_n), GROUP_M row tiles sharing each column panel in L2 (Triton tutorial 03)."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
@@ -68,7 +66,6 @@ def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, str
 
 def kernel_op(qualname, mutates_args=()):
     """Register a Triton launcher as the operator `qualname` (typed signature); then .register_fake / _autograd."""
-    # custom_op, not triton_op + wrap_triton: under TRITON_INTERPRET=1 wrap_triton hands interpreted kernels back
-    # unwrapped, so tracing a triton_op with FakeTensors launches them on data-less tensors. An opaque op traces
-    # alike on CPU and GPU (fullgraph); inductor calls it rather than inlining its kernels.
+    # custom_op, not triton_op: under TRITON_INTERPRET=1 tracing a triton_op with FakeTensors launches its kernels on
+    # data-less tensors. An opaque op traces alike on CPU and GPU (fullgraph); inductor calls it, never inlines it.
     return torch.library.custom_op(qualname, mutates_args=mutates_args)

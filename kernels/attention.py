@@ -16,8 +16,7 @@ Kernels: `_rope_norm_kv` (K pre-pass), `_attn_fwd` (Q rotated on load), `_attn_b
 
 References:
   * FlashAttention-2 (Dao, 2023): https://arxiv.org/abs/2307.08691
-  * Triton tutorial 06, fused attention (kernel names and the two-kernel backward):
-    https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html
+  * Triton tutorial 06, fused attention: https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html
 """
 import math
 import os
@@ -30,32 +29,18 @@ import triton.language as tl
 import kernels
 from kernels._common import LOG2E, check_floats, configs, dot_precision, kernel_op
 
-# Hopper (H100/H200), D = 64/128, bf16; fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal
-# diagonal then falls in whole blocks). The GPU tests run every config.
+# Hopper bf16, D = 64/128 (the GPU tests run each); fwd/dq need BLOCK_M % BLOCK_N == 0, dkdv the converse (whole
+# diagonal blocks). T is not specialised (one variant for every length); tuned per power-of-two bucket of T.
 _BLOCKS = ("BLOCK_M", "BLOCK_N")
 _FWD_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32, 4, 1))
 _DKDV_CONFIGS = configs(_BLOCKS, [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 4)], (32, 64, 4, 1))
 _DQ_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], (64, 32, 4, 1))
-# T is not specialised: one compiled variant serves every length; autotuned per power-of-two bucket of T (the
-# engine's varying prompt lengths don't retune every call).
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
 def _autotune_prune(candidates, nargs, **kwargs):
     """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no sweep (for the GPU tests)."""
     return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
-
-
-@triton.jit
-def _halves(x, BLOCK: tl.constexpr, HALF: tl.constexpr):
-    """(BLOCK, 2*HALF) -> x[:, :HALF], x[:, HALF:]"""
-    return tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF)), (0, 2, 1)))
-
-
-@triton.jit
-def _cat(a, b, BLOCK: tl.constexpr, HALF: tl.constexpr):
-    """two (BLOCK, HALF) -> (BLOCK, 2*HALF) = [a | b]"""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK, 2 * HALF))
 
 
 @triton.jit
@@ -69,8 +54,8 @@ def _load_cos_sin(COS, SIN, rows, row_mask, HALF: tl.constexpr):
 @triton.jit
 def _rope_norm(x, cos, sin, eps, QK_NORM: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     """raw rows x (BLOCK, D) fp32 -> (x_hat = rotated [and RMS-normalised] rows, rstd (BLOCK,))"""
-    x1, x2 = _halves(x, BLOCK, HALF)
-    y = _cat(x1 * cos + x2 * sin, x2 * cos - x1 * sin, BLOCK, HALF)
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF)), (0, 2, 1)))  # the halves of D
+    y = tl.reshape(tl.permute(tl.join(x1 * cos + x2 * sin, x2 * cos - x1 * sin), (0, 2, 1)), (BLOCK, 2 * HALF))
     if QK_NORM:
         rstd = tl.rsqrt(tl.sum(y * y, axis=1) / (2 * HALF) + eps)
         y = y * rstd[:, None]
@@ -86,8 +71,8 @@ def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.const
         dy = rstd[:, None] * (dz - z * (tl.sum(dz * z, axis=1) / (2 * HALF))[:, None])
     else:
         dy = dz
-    dy1, dy2 = _halves(dy, BLOCK, HALF)
-    return _cat(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos, BLOCK, HALF)
+    dy1, dy2 = tl.split(tl.permute(tl.reshape(dy, (BLOCK, 2, HALF)), (0, 2, 1)))
+    return tl.reshape(tl.permute(tl.join(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos), (0, 2, 1)), (BLOCK, 2 * HALF))
 
 
 @triton.jit

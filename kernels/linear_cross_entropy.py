@@ -34,12 +34,10 @@ from kernels._common import INTERPRET, check_floats, kernel_op
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# interpreter: 128-wide tiles keep the multi-tile loop testable at V ~ 300; GPU (a memory-bound row kernel): 2048-wide
-# tiles, 8 warps -> 8 contiguous bf16 (16 B) per thread and load
+# interpreter: 128-wide tiles test the multi-tile loop at V ~ 300; GPU: 8 contiguous bf16 (16 B) per thread and load
 _BLOCK_V, _NUM_WARPS = (128, 4) if INTERPRET else (2048, 8)
 
-# logits buffer of at most 2^28 elements (512 MiB in bf16), but >= 1024 tokens: adding a chunk's dz^T h into dw's fp32
-# accumulator moves ~12 V C bytes, as much HBM time as the chunk's three GEMMs take on an H100 at ~500 tokens
+# logits buffer <= 2^28 elements (512 MiB bf16), >= 1024 tokens (at ~500 adding dz^T h to dw costs as much as the GEMMs)
 _CHUNK_ELEMENTS = 1 << 28
 _MIN_CHUNK = 1024
 
@@ -116,13 +114,13 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
     multi = N > chunk_size
     dw = torch.zeros(V, C, device=w.device, dtype=torch.float32) if grad_w and multi else None
     z = torch.empty(min(N, chunk_size), V, device=h.device, dtype=h.dtype)
+    scale = scale.expand(N)  # one factor for all rows (stride 0) or one per row
     for a in range(0, N, chunk_size):
         b = min(a + chunk_size, N)
         zc, hc = z[: b - a], h[a:b]
         torch.mm(hc, w.t(), out=zc)
-        one = scale.numel() == 1  # one factor for all rows (stride 0) or one per row
-        _softcap_ce_kernel[(b - a,)](zc, zc.stride(0), targets[a:b], loss[a:b], scale if one else scale[a:b],
-                                     0 if one else scale.stride(0), V, softcap if softcap > 0 else 1.0, ignore_index,
+        _softcap_ce_kernel[(b - a,)](zc, zc.stride(0), targets[a:b], loss[a:b], scale[a:b], scale.stride(0), V,
+                                     softcap if softcap > 0 else 1.0, ignore_index,
                                      HAS_SOFTCAP=softcap > 0, GRAD=grad_h or grad_w, BLOCK_V=_BLOCK_V,
                                      num_warps=_NUM_WARPS)
         if grad_h:

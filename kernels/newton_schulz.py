@@ -15,8 +15,7 @@ dtype: 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3.
 
 References:
   * Muon and its Newton-Schulz coefficients (Keller Jordan, 2024): https://kellerjordan.github.io/posts/muon/
-  * Triton tutorial 03, matrix multiplication (grouped tile order):
-    https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html
+  * Triton tutorial 03: https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html
 """
 import torch
 import triton
@@ -27,8 +26,7 @@ from kernels._common import FLOATS, configs, dot_precision, grouped_tile, kernel
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-# Hopper (H100/H200) bf16; square tiles for the symmetric product. Interpreter: 64-wide tiles (32 makes a tiny
-# model's Muon step 4x slower).
+# Hopper bf16, square tiles for the symmetric product; interpreter: 64-wide (32 makes a tiny Muon step 4x slower)
 _SYRK_CONFIGS = configs(("BLOCK", "BLOCK_K"), [(128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4),
                                                (64, 128, 4, 3)],  # the last: few tiles, long K (1280 x 5120)
                        (64, 64, 4, 1))
@@ -107,8 +105,6 @@ def gram_triton(x, out=None, alpha=1.0, c=None, beta=0.0):
     return out
 
 
-# torch.library: tritonchat::newton_schulz (no autograd)
-
 @kernel_op("tritonchat::newton_schulz")
 @torch.no_grad()
 def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
@@ -120,11 +116,9 @@ def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
     m, n = X0.shape[-2:]
     result = torch.empty_like(G3, memory_format=torch.contiguous_format)
     final = result.mT if transposed else result  # the (batch, m, n) view the last step writes into
-    if steps == 0:
-        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=final)
-    elif G3.numel() > 0:
-        X = torch.empty(batch, m, n, device=G.device, dtype=G.dtype)
-        torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)
+    X = final if steps == 0 else torch.empty(batch, m, n, device=G.device, dtype=G.dtype)  # a contiguous work buffer
+    torch.div(X0, X0.norm(dim=(-2, -1), keepdim=True) + eps, out=X)
+    if steps > 0 and G3.numel() > 0:
         a, b, c = NS_COEFFS
         A = torch.empty(batch, m, m, device=G.device, dtype=G.dtype)
         B, X_next = torch.empty_like(A), torch.empty_like(X)

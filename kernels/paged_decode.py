@@ -1,24 +1,22 @@
 """Paged KV-cache decode attention (flash-decoding), the KV scatter, and the fused decode-step prologue.
 
-paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None) -> (B, H, D) in q's dtype: q (B, H,
-  D) one rotated, normalised new token per sequence; caches (num_blocks, block_size in {16, 32, 64}, Hkv, D);
-  block_table (B, max_blocks) int32; seq_lens (B,) int32 valid tokens (the new k/v already written).
-write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D) in place, token i to page
-  block_table[i, pos // block_size], slot pos % block_size, pos = positions[i].
-rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6) -> q_hat (B, H, D) in
-  the cache dtype: q, k (B, Hkv, D) rotated at positions (B,) and RMS-normalised, k_hat and v written as write_kv.
-Triton path (operators tritonchat::*, inference only): q and caches of one dtype among fp16/bf16/fp32 (else
-TypeError), bad shapes a ValueError.
+paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None): q (B, H, D) one rotated, normalised
+  new token per sequence, caches (num_blocks, block_size in {16, 32, 64}, Hkv, D), block_table (B, max_blocks) and
+  seq_lens (B,) int32 (the new k/v already written) -> (B, H, D).
+write_kv(k_cache, v_cache, k, v, block_table, positions): k, v (N, Hkv, D) into slot pos % block_size of page
+  block_table[i, pos // block_size], pos = positions[i], in place.
+rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6): q (B, H, D), k, v
+  (B, Hkv, D); q, k rotated at positions (B,) and RMS-normalised, k_hat, v written as write_kv -> q_hat, cache dtype.
+Triton path (operators tritonchat::*, inference only): fp16/bf16/fp32 (else TypeError), bad shapes a ValueError.
 
 Maths, sequence b, query head h, kv head g = h // (H / Hkv), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
 A program owns one (sequence, kv head) and all its query heads, so each page is read once per group. Split-KV: grid
-(B, Hkv, num_splits), each split writes o_s, lse_s (base 2); the combine: y = sum_s 2^(lse_s - M) o_s / sum_s
-2^(lse_s - M), M = max_s lse_s.
+(B, Hkv, num_splits), each split writes o_s, lse_s (base 2); y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),
+M = max_s lse_s.
 
 References:
-  * Flash-Decoding for long-context inference (Dao, Haziza, Massa, Sizov, 2023):
-    https://crfm.stanford.edu/2023/10/12/flashdecoding.html
+  * Flash-Decoding (Dao, Haziza, Massa, Sizov, 2023): https://crfm.stanford.edu/2023/10/12/flashdecoding.html
   * vLLM's Triton decode attention (paged, split-KV, GQA-grouped), adapted from LightLLM and SGLang:
     https://github.com/vllm-project/vllm/blob/main/vllm/attention/ops/triton_decode_attention.py
   * SGLang's Triton decode attention:
@@ -300,12 +298,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *,
     if H % Hkv != 0:
         raise ValueError(f"paged_decode_attention: n_head {H} must be a multiple of n_kv_head {Hkv}")
     check_floats("paged_decode_attention", "q and the caches", q, k_cache)
-    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged_decode_attention: block_table must be int32 (B={B}, max_blocks), got "
-                         f"{tuple(block_table.shape)} {block_table.dtype}")
-    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged_decode_attention: seq_lens must be int32 (B={B},), got {tuple(seq_lens.shape)} "
-                         f"{seq_lens.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or seq_lens.shape != (B,) or not (
+            {block_table.dtype, seq_lens.dtype} <= {torch.int32, torch.int64}):
+        raise ValueError(f"paged_decode_attention: block_table (B={B}, max_blocks), seq_lens (B,) must be int32, got "
+                         f"{tuple(block_table.shape)} {block_table.dtype}, {tuple(seq_lens.shape)} {seq_lens.dtype}")
     scale = None if scale is None else float(scale)
     num_splits = None if num_splits is None else int(num_splits)
     return torch.ops.tritonchat.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
@@ -348,11 +344,9 @@ def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
 
 def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
     """Eager PyTorch: index assignment into the caches."""
-    block_size = k_cache.shape[1]
-    positions = positions.long()
-    rows = torch.arange(positions.shape[0], device=positions.device)
-    blocks = block_table.long()[rows, positions // block_size]
-    slots = positions % block_size
+    pos, block_size = positions.long(), k_cache.shape[1]
+    blocks = block_table.long()[torch.arange(len(pos), device=pos.device), pos // block_size]
+    slots = pos % block_size
     k_cache[blocks, slots] = k.to(k_cache.dtype)
     v_cache[blocks, slots] = v.to(v_cache.dtype)
 
@@ -389,10 +383,8 @@ def rope_norm_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, block_tabl
     """Eager PyTorch, in fp32 as the kernel: rotate halves, rms_norm, write_kv_reference."""
     pos = positions.long()
     c, s = cos[pos].float()[:, None], sin[pos].float()[:, None]  # (B, 1, D/2)
-
     def rope_norm(x):
         x1, x2 = x.float().chunk(2, dim=-1)
         return F.rms_norm(torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], -1), (x.shape[-1],), eps=eps)
-
     write_kv_reference(k_cache, v_cache, rope_norm(k), v, block_table, positions)
     return rope_norm(q).to(k_cache.dtype)

@@ -14,12 +14,9 @@ GEMM 1 (`_matmul_kernel`, _ACT_RELU2) accumulates h in fp32 and writes only a; t
 elements per token, eager's C + 8C. In fp16, a = h^2 underflows for |h| < ~1.7e-4, so 2 sqrt(a) loses precision.
 
 References:
-  * Primer: Searching for Efficient Transformers for Language Modeling (So et al., 2021), squared ReLU:
-    https://arxiv.org/abs/2109.08668
-  * nanochat's MLP (relu(x)^2 between two bias-free linears):
-    https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
-  * Triton tutorial 03, matrix multiplication (grouped tile order, fused activation epilogue):
-    https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html
+  * Primer (So et al., 2021), squared ReLU: https://arxiv.org/abs/2109.08668
+  * nanochat's MLP: https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
+  * Triton tutorial 03, matmul: https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html
 """
 import torch
 import torch.nn.functional as F
