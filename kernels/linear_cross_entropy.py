@@ -120,9 +120,8 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
         zc, hc = z[: b - a], h[a:b]
         torch.mm(hc, w.t(), out=zc)
         _softcap_ce_kernel[(b - a,)](zc, zc.stride(0), targets[a:b], loss[a:b], scale[a:b], scale.stride(0), V,
-                                     softcap if softcap > 0 else 1.0, ignore_index,
-                                     HAS_SOFTCAP=softcap > 0, GRAD=grad_h or grad_w, BLOCK_V=_BLOCK_V,
-                                     num_warps=_NUM_WARPS)
+                                     softcap if softcap > 0 else 1.0, ignore_index, HAS_SOFTCAP=softcap > 0,
+                                     GRAD=grad_h or grad_w, BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS)
         if grad_h:
             torch.mm(zc, w, out=dh[a:b])
         if grad_w:
@@ -130,8 +129,7 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
                 dw = torch.mm(zc.t(), hc)
             elif zc.dtype == torch.float32:
                 dw.addmm_(zc.t(), hc)
-            else:
-                # bf16/fp16 product, fp32 sum, rounded once at the end
+            else:  # bf16/fp16 product, fp32 sum, rounded once at the end
                 dw += torch.mm(zc.t(), hc)
     return loss, dh, dw.to(w.dtype) if grad_w else w.new_empty(0)
 
@@ -204,8 +202,7 @@ def linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduct
 
 
 def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
-    """The chunked cuBLAS + Triton path whatever the mode; ValueError for shapes, reduction, softcap, chunk_size,
-    TypeError for dtypes (h and w: one of fp32/fp16/bf16; targets int64)."""
+    """The chunked cuBLAS + Triton path whatever the mode; bad dtypes a TypeError, other bad arguments a ValueError."""
     if torch.is_autocast_enabled(h.device.type):  # the kernels run in one dtype: apply autocast's cast ourselves
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)

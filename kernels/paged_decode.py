@@ -11,9 +11,8 @@ Triton path (operators tritonchat::*, inference only): fp16/bf16/fp32 (else Type
 
 Maths, sequence b, query head h, kv head g = h // (H / Hkv), context length L:
     s_j = scale * q_h . k_{g,j},   y_h = sum_j softmax(s)_j v_{g,j},   j < L, token j in page table[b, j // bs].
-A program owns one (sequence, kv head) and all its query heads, so each page is read once per group. Split-KV: grid
-(B, Hkv, num_splits), each split writes o_s, lse_s (base 2); y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),
-M = max_s lse_s.
+A program owns one (sequence, kv head) and all its query heads: each page is read once per group. Split-KV: grid
+(B, Hkv, splits), each writing o_s, lse_s (base 2); y = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max lse.
 
 References:
   * Flash-Decoding (Dao, Haziza, Massa, Sizov, 2023): https://crfm.stanford.edu/2023/10/12/flashdecoding.html
@@ -197,12 +196,6 @@ def choose_num_splits(batch, n_kv_head, max_context, device=None):
     want = max(1, (2 * sms) // max(1, batch * n_kv_head))
     cap = max(1, max_context // _MIN_SPLIT_TOKENS)
     return 1 << (min(want, cap).bit_length() - 1)
-
-
-def triton_kernels():
-    """{"split", "combine", "write_kv", "rope_norm_write_kv"} -> this family's kernels, for compile checks."""
-    return {"split": _paged_decode_split, "combine": _paged_decode_combine, "write_kv": _write_kv_kernel,
-            "rope_norm_write_kv": _rope_norm_write_kv_kernel}
 
 
 @kernel_op("tritonchat::paged_decode_attention")

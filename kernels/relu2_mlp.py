@@ -63,7 +63,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
 def _matmul(a, b, act, aux=None):
     """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`."""
     (M, K), N = a.shape, b.shape[1]
-    assert K == b.shape[0] and (aux is None or aux.shape == (M, N)), (a.shape, b.shape)
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return c

@@ -203,8 +203,7 @@ HOPPER_COMPILE = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.paged_decode import triton_kernels
-fn = triton_kernels()["split"]
+from kernels.paged_decode import _paged_decode_split as fn
 sig = dict(Q="*bf16", K="*bf16", V="*bf16", BT="*i32", SL="*i32", OUT="*bf16", OP="*fp32", LSE="*fp32")
 sig.update({n: "i32" for n in fn.arg_names[8:20]}, sm_scale="fp32")
 consts = dict(GROUP=4, GROUP_PAD=16, D=128, D_PAD=128, BLOCK_SIZE=16, BLOCK_N=64, SINGLE_SPLIT=False, PRECISION="tf32")
