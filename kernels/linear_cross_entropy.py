@@ -3,6 +3,7 @@
 linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None): h (N, C),
 w (V, C) (nn.Linear layout), targets (N,) int64 in [0, V) or ignore_index -> fp32 scalar ("mean", "sum") or (N,)
 ("none", 0 at ignored rows); differentiable w.r.t. h and w. softcap=None: no cap; chunk_size: tokens per chunk.
+All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan).
 
 Maths, for token i and vocab entry j, c = softcap:
     z = h w^T                  GEMM in the input dtype with fp32 accumulation (exactly nn.Linear's)
@@ -12,7 +13,6 @@ Maths, for token i and vocab entry j, c = softcap:
     dz_ij = (softmax(s_i)_j - [j == target_i]) (1 - t_ij^2) g_i       g_i = 1/n_valid ("mean"), 1 ("sum"),
                                                                        grad_output_i ("none"); 0 at ignored rows
     dh = dz w  (N, C),   dw = dz^T h  (V, C)
-All targets ignored: "mean" returns 0 with zero gradients (F.cross_entropy alone gives 0/0 = nan).
 Per chunk of tokens: z = h w^T (cuBLAS, one reused (chunk, V) buffer); `_softcap_ce_kernel`, a program per token,
 sums exp(s - c) in fp32 (s <= c: no running max; without a cap an online max) -> loss_i and overwrites z with dz;
 dh = dz w, dw += dz^T h (cuBLAS, fp32 across chunks). "mean"/"sum" compute the gradients in the forward (as
@@ -185,8 +185,7 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
     else:
         dh, dw = ctx.saved_tensors
         if (need_h and dh.ndim != 2) or (need_w and dw.ndim != 2):  # the (0,) placeholders of the forward
-            raise RuntimeError("tritonchat::linear_cross_entropy: backward needs a gradient that the forward was "
-                               "called with grad_h / grad_w = False for")
+            raise RuntimeError("tritonchat::linear_cross_entropy: a gradient the forward skipped (grad_h/grad_w False)")
         dh, dw = dh * grad_loss, dw * grad_loss
     return (dh if need_h else None), (dw if need_w else None), None, None, None, None, None, None, None
 

@@ -1,17 +1,16 @@
 """Muon's Newton-Schulz orthogonalisation (quintic iteration), batched, with symmetric Triton GEMMs.
 
 newton_schulz(G, steps=5, eps=1e-7): G (m, n) or (batch, m, n) -> same shape and dtype, contiguous. Triton path
-(operator tritonchat::newton_schulz): fp32/fp16/bf16 (else TypeError), other ranks or steps < 0 a ValueError; not
-differentiable (Muon calls it on gradients), the reference is.
+(tritonchat::newton_schulz, not differentiable: Muon needs no graph): fp32/fp16/bf16 (else TypeError), ValueError for
+other ranks or steps < 0. The reference is differentiable.
 X = G / (||G||_F + eps), transposed when m > n so the Gram matrix is the small one; then `steps` times
     A = X X^T;  B = b A + c A A;  X = a X + B X       with (a, b, c) = NS_COEFFS = (3.4445, -4.7750, 2.0315).
 Each step maps the singular values s of X by p(s) = a s + b s^3 + c s^5 (U, V untouched): the result is U phi(S) V^T,
 phi = p applied `steps` times to s = sigma / ||G||_F. After 5 steps every s >= 0.01 lands in [0.682, 1.134] and every
 s >= 0.0015 in [0.68, 1.203] (max of p on [0, 1]); smaller ones grow ~3.44x per step (p'(0) = a). Tests check phi.
 
-Per step, one launch each for the whole batch: `_syrk_kernel` A = X X^T (upper tiles computed and mirrored), again
-for B = c A A^T + b A (A symmetric), `_ns_update_kernel` X' = a X + B X; fp32 accumulation, storage in the input
-dtype: 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3.
+Per step, one launch each for the whole batch: `_syrk_kernel` A = X X^T, again for B = c A A^T + b A (A symmetric),
+`_ns_update_kernel` X' = a X + B X; fp32 accumulation: 3 m^2 n + m^3 FLOPs per step instead of 4 m^2 n + 2 m^3.
 
 References:
   * Muon and its Newton-Schulz coefficients (Keller Jordan, 2024): https://kellerjordan.github.io/posts/muon/
@@ -110,10 +109,9 @@ def gram_triton(x, out=None, alpha=1.0, c=None, beta=0.0):
 def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
     """The batched symmetric iteration on G (m, n) or (batch, m, n) -> a new contiguous tensor of G's shape."""
     G3 = G.unsqueeze(0) if G.ndim == 2 else G
-    batch, rows, cols = G3.shape
-    transposed = rows > cols
-    X0 = G3.mT if transposed else G3  # (batch, m, n), m <= n (a view)
-    m, n = X0.shape[-2:]
+    transposed = G3.shape[1] > G3.shape[2]
+    X0 = G3.mT if transposed else G3  # a view, m <= n
+    batch, m, n = X0.shape
     result = torch.empty_like(G3, memory_format=torch.contiguous_format)
     final = result.mT if transposed else result  # the (batch, m, n) view the last step writes into
     X = final if steps == 0 else torch.empty(batch, m, n, device=G.device, dtype=G.dtype)  # a contiguous work buffer
@@ -166,6 +164,4 @@ def newton_schulz_reference(G, steps=5, eps=1e-7):
         A = X @ X.mT
         B = mm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
         X = mm(X, B, X, beta=a)  # a*X + B@X
-    if transposed:
-        X = X.mT
-    return X.contiguous()
+    return (X.mT if transposed else X).contiguous()
