@@ -20,7 +20,6 @@ SUITE = "attention"
 D20 = GPTConfig.from_depth(20)
 TOKENS = 16 * D20.sequence_len  # the d20 preset's device batch of 16 sequences
 
-
 def _providers(inputs, T, H, Hkv):
     """name -> (fn, extra row fields)"""
     if not harness.on_gpu():
@@ -51,7 +50,6 @@ def _providers(inputs, T, H, Hkv):
     return {"eager": (in_backend(attention_reference), extra), "compile": (in_backend(compiled), extra),
             "flex": (torch.compile(flex), {}), "fused": (attention_triton, {})}
 
-
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
     H, D, T0 = D20.n_head, D20.head_dim, D20.sequence_len
@@ -73,7 +71,6 @@ def run(quick):
         for name, (fn, extra) in _providers(inputs, T, H, Hkv).items():
             rows += harness.fwd_bwd_rows(SUITE, case, name, fn, inputs, (q, k, v), dy, flops, 2.5, quick, **extra)
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

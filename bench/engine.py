@@ -33,7 +33,6 @@ from model.tokenizer import SPECIAL_TOKENS
 
 SUITE = "engine"
 
-
 def _tokenizer(vocab_size):
     """The surface both engines read. Special ids start at the model's vocab size: no model can sample them."""
     special = {name: vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -41,7 +40,6 @@ def _tokenizer(vocab_size):
     return SimpleNamespace(bos_token_id=bos, get_bos_token_id=lambda: bos, encode_special=special.__getitem__,
                            encode=lambda text, *args, **kwargs: [b % 256 for b in text.encode()],
                            decode=lambda ids: bytes(i % 256 for i in ids).decode(errors="replace"))
-
 
 def build_model(depth, head_dim, vocab, seq_len, device, dtype):
     """Our GPT with random weights: the init, then every zero-initialised matrix drawn N(0, 1/fan_in)."""
@@ -56,7 +54,6 @@ def build_model(depth, head_dim, vocab, seq_len, device, dtype):
             if p.dim() == 2 and not p.any():
                 p.normal_(0.0, p.shape[1] ** -0.5)
     return model.to(dtype).eval()
-
 
 def peer_engine(path, ours, tok):
     """nanochat's Engine (imported from a local checkout at `path`) over its GPT configured as the plain architecture
@@ -96,7 +93,6 @@ def peer_engine(path, ours, tok):
         fa.flash_attn._plain_scale = True
     return nanochat.engine.Engine(model.eval(), tok)
 
-
 class _StampedQueue(queue.Queue):
     """A request's event queue that records when each token column was produced (wall and process time)."""
 
@@ -110,10 +106,8 @@ class _StampedQueue(queue.Queue):
             self.cpu_stamps.append(time.process_time())
         super().put(item, *args, **kwargs)
 
-
 def _clocks():
     return harness.now(), time.process_time()
-
 
 def _union(intervals):
     """Total length covered by a list of (start, end) intervals."""
@@ -122,7 +116,6 @@ def _union(intervals):
         total += max(0.0, b - max(a, end))
         end = max(end, b)
     return total
-
 
 def _summary(start, end, streams, num_samples, kv_bytes):
     """start, end: (wall, process) clocks; streams: per request (submit time, [column times], [column process times],
@@ -138,7 +131,6 @@ def _summary(start, end, streams, num_samples, kv_bytes):
                 ttft_ms=1e3 * statistics.mean(times[0] - ts for ts, times, _, _ in streams),
                 itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20,
                 tokens=[toks for _, _, _, toks in streams])
-
 
 def run_ours(engine, prompts, num_samples, max_tokens):
     """All prompts submitted at once and stepped until done (continuous batching)."""
@@ -156,7 +148,6 @@ def run_ours(engine, prompts, num_samples, max_tokens):
     streams = [(ts, r.events.stamps, r.events.cpu_stamps, r.completions[0]) for ts, r in reqs]
     return _summary(start, _clocks(), streams, num_samples, peak)
 
-
 def run_peer(engine, prompts, num_samples, max_tokens):
     """nanochat's Engine.generate, one prompt after another (it takes one prompt per call)."""
     c, start, streams = engine.model.config, _clocks(), []
@@ -173,7 +164,6 @@ def run_peer(engine, prompts, num_samples, max_tokens):
     per_token = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * engine.model.cos.element_size()
     kv_bytes = per_token * (num_samples * (len(prompts[-1]) + max_tokens) + len(prompts[-1]))
     return _summary(start, end, streams, num_samples, kv_bytes)
-
 
 def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_len=64, max_tokens=128, depth=4,
         head_dim=64, vocab=2048, seq_len=256, threads=None):
@@ -238,7 +228,6 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
         harness.add_ratios(rows, "nanochat")
     return rows
 
-
 def main(argv=None):
     ap = harness.parser(__doc__.splitlines()[0], quick="at most 2 reps")
     ap.add_argument("--peer", default=None, help="a nanochat checkout to run side by side (imported at run time)")
@@ -265,7 +254,6 @@ def main(argv=None):
                   f"kv {r['kv_mb']:.1f} MB, ratio {r.get('ratio') or float('nan'):.2f} (CPU time "
                   f"{r.get('cpu_ratio') or float('nan'):.2f}), agree {r.get('agree')}")
     return harness.write_results(SUITE, rows, info, None, args.out, not args.no_png, args.quick)
-
 
 if __name__ == "__main__":
     main()

@@ -23,21 +23,17 @@ from model.common import versions
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-
 def on_gpu():
     return torch.cuda.is_available()
-
 
 def sync():
     if on_gpu():
         torch.cuda.synchronize()
 
-
 def now():
     """time.perf_counter() once the device's queued work is done."""
     sync()
     return time.perf_counter()
-
 
 def bench(fn, quick=False, rep=None):
     """Time fn() in milliseconds -> {"ms": median, "ms_p20", "ms_p80"}."""
@@ -48,7 +44,6 @@ def bench(fn, quick=False, rep=None):
     fn()  # warm-up (and compilation / interpreter caches)
     times = sorted(1e3 * t for t in timeit.repeat(fn, number=1, repeat=rep or (2 if quick else 5)))
     return {"ms": statistics.median(times), "ms_p20": times[len(times) // 5], "ms_p80": times[(4 * len(times)) // 5]}
-
 
 def peak_memory_mb(fn):
     """Run fn() -> the peak CUDA memory allocated meanwhile, in MB above what was allocated before (None on CPU)."""
@@ -62,20 +57,17 @@ def peak_memory_mb(fn):
     sync()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
-
 def row(suite, case, provider, pass_, ms, flops=None, bytes_=None, peak_mb=None, **extra):
     """One result row. flops / bytes_ are the explicit counts of the work; rates are derived from them."""
     return {"suite": suite, "case": dict(case), "provider": provider, "pass": pass_, "ms": ms,
             "tflops": flops / (ms * 1e-3) / 1e12 if flops and ms else None,
             "gbps": bytes_ / (ms * 1e-3) / 1e9 if bytes_ and ms else None, "peak_mb": peak_mb, **extra}
 
-
 def timed_row(suite, case, provider, pass_, fn, quick, peak=False, rep=None, **extra):
     """bench(fn) as a row: median ms, the p20/p80 spread, peak memory when `peak`; extra: flops=, bytes_=, ..."""
     t = bench(fn, quick=quick, rep=rep)
     return row(suite, case, provider, pass_, t["ms"], peak_mb=peak_memory_mb(fn) if peak and on_gpu() else None,
                ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], **extra)
-
 
 def fwd_bwd_rows(suite, case, provider, fn, inputs, grad_inputs, dy, flops, bwd_factor, quick, **extra):
     """Rows of fn(*inputs) for passes fwd, bwd (on a retained graph) and fwd+bwd, gradients w.r.t. grad_inputs; the
@@ -87,10 +79,8 @@ def fwd_bwd_rows(suite, case, provider, fn, inputs, grad_inputs, dy, flops, bwd_
               ("fwd+bwd", lambda: torch.autograd.grad(fwd(), grad_inputs, dy), (1 + bwd_factor) * flops))
     return [timed_row(suite, case, provider, p, f, quick, peak=p != "bwd", flops=fl, **extra) for p, f, fl in passes]
 
-
 def case_key(r):
     return json.dumps(r["case"], sort_keys=True), r["pass"]
-
 
 def add_ratios(rows, baseline, key="ms", name="ratio"):
     """r[name] = the baseline's r[key] / this row's for the same case and pass (> 1: faster than the baseline)."""
@@ -99,7 +89,6 @@ def add_ratios(rows, baseline, key="ms", name="ratio"):
         b = base.get(case_key(r))
         r[name] = b / r[key] if b and r.get(key) else None
     return rows
-
 
 def measure_peaks(quick=False):
     """The device's reachable peaks measured in this run: a bf16 matmul (TFLOP/s) and a device copy (GB/s)."""
@@ -112,14 +101,12 @@ def measure_peaks(quick=False):
     return {"matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
             "copy_gbps": 2 * src.numel() * 4 / (cp * 1e-3) / 1e9}
 
-
 def device_info():
     """model.common.versions() (device, versions, commit, date), plus a note on CPU that the timings are smoke runs."""
     info = versions()
     if info["kind"] == "cpu":
         info["note"] = "CPU smoke run: tiny shapes, not GPU performance"
     return info
-
 
 def header(suite, extra=""):
     """Print the run's device, versions and commit; -> device_info()."""
@@ -128,10 +115,8 @@ def header(suite, extra=""):
           + extra, flush=True)
     return info
 
-
 def fmt_case(case):
     return ",".join(f"{k}={v}" for k, v in case.items())
-
 
 def print_table(rows):
     cols = ["case", "provider", "pass", "ms", "tflops", "gbps", "ratio", "peak_mb"]
@@ -141,7 +126,6 @@ def print_table(rows):
     widths = [max(map(len, col)) for col in zip(cols, *table)]
     for t in [cols] + table:
         print("  ".join(x.ljust(w) for x, w in zip(t, widths)))
-
 
 def plot(suite, rows, path):
     """One bar group per case: the speed ratio of every provider to the baseline (1.0 = baseline)."""
@@ -170,7 +154,6 @@ def plot(suite, rows, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
 def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, quick=False):
     """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png) and print its path; -> the JSON path. Quick runs
     get their own name, so a smoke run never replaces a full one; a rerun on the same day replaces the file whole."""
@@ -187,7 +170,6 @@ def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, qu
     print(f"[{suite}] wrote {stem}.json")
     return stem + ".json"
 
-
 def parser(description, quick="fewer shapes and repetitions (CPU always runs tiny ones)"):
     """The flags every suite takes: --quick, --out DIR, --no-png."""
     ap = argparse.ArgumentParser(description=description)
@@ -196,12 +178,10 @@ def parser(description, quick="fewer shapes and repetitions (CPU always runs tin
     ap.add_argument("--no-png", action="store_true", help="skip the plot")
     return ap
 
-
 def main(suite, run, argv=None):
     """`python -m bench.<suite> [--quick] [--out DIR] [--no-png]`."""
     args = parser(f"benchmark suite: {suite}").parse_args(argv)
     return run_suite(suite, run, quick=args.quick, out_dir=args.out, png=not args.no_png)
-
 
 def run_suite(suite, run, quick=False, out_dir=None, png=True):
     info = header(suite)

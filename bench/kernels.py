@@ -7,7 +7,6 @@ from bench import harness
 
 SUITES = ["attention", "relu2_mlp", "newton_schulz", "paged_decode", "linear_cross_entropy", "tokenizer"]
 
-
 def main(argv=None):
     ap = harness.parser(__doc__.splitlines()[0], quick="fewer shapes and repetitions")
     ap.add_argument("--suite", default="all", help=f"all, or a comma list of: {', '.join(SUITES)}")
@@ -27,7 +26,6 @@ def main(argv=None):
     print("results:", *paths, sep="\n  ")
     if failed:
         sys.exit(f"bench.kernels: suite(s) failed: {', '.join(failed)}")
-
 
 if __name__ == "__main__":
     main()

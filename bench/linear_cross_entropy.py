@@ -18,14 +18,12 @@ from model.gpt import SOFTCAP, GPTConfig
 SUITE = "linear_cross_entropy"
 CHUNK_ELEMENTS = 1 << 28  # the fused path's logits budget per chunk, given to the chunked provider too
 
-
 def chunked_reference(h, w, targets):
     """Mean cross-entropy (targets -1 ignored) chunk by chunk; each chunk's logits are rebuilt in backward, not kept."""
     chunk = max(1, CHUNK_ELEMENTS // w.shape[0])
     total = sum(checkpoint(linear_cross_entropy_reference, h[a:a + chunk], w, targets[a:a + chunk], softcap=SOFTCAP,
                            reduction="sum", use_reentrant=False) for a in range(0, h.shape[0], chunk))
     return total / (targets != -1).sum().clamp(min=1)
-
 
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
@@ -59,7 +57,6 @@ def run(quick):
         h = w = None  # the case's tensors go before the next, larger case is allocated
         torch.cuda.empty_cache()
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

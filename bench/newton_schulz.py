@@ -17,11 +17,9 @@ from model.optim import Muon
 SUITE = "newton_schulz"
 STEPS = 5
 
-
 def _ns_flops(batch, rows, cols):
     m, n = min(rows, cols), max(rows, cols)
     return batch * STEPS * (4 * m * m * n + 2 * m ** 3)
-
 
 def run(quick):
     gpu = harness.on_gpu()
@@ -68,7 +66,6 @@ def run(quick):
     finally:
         kernels.set_mode(prev)
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

@@ -19,10 +19,8 @@ from kernels.paged_decode import paged_decode_attention_reference, paged_decode_
 
 SUITE = "paged_decode"
 
-
 def _free_bytes():
     return torch.cuda.mem_get_info()[0] if harness.on_gpu() else 1 << 62
-
 
 def _timed_or_oom(case, name, fn, args, quick, bytes_):
     try:
@@ -30,7 +28,6 @@ def _timed_or_oom(case, name, fn, args, quick, bytes_):
     except torch.OutOfMemoryError:
         print(f"[{SUITE}] skip {name} {case}: out of memory")
         return []
-
 
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
@@ -72,7 +69,6 @@ def run(quick):
             del kd, dense
         torch.cuda.empty_cache()  # a no-op without CUDA
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

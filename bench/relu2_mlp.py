@@ -13,7 +13,6 @@ from model.gpt import GPTConfig
 
 SUITE = "relu2_mlp"
 
-
 def run(quick):
     dev = "cuda" if harness.on_gpu() else "cpu"
     pairs = [(8192, 20), (32768, 32)] if quick else [(m, d) for d in (12, 20, 26, 32) for m in (8192, 32768, 65536)]
@@ -32,7 +31,6 @@ def run(quick):
         for name, fn in {"eager": relu2_mlp_reference, **compiled, "fused": relu2_mlp_triton}.items():
             rows += harness.fwd_bwd_rows(SUITE, case, name, fn, inputs, inputs, dy, 4 * M * C * Fh, 2, quick)
     return harness.add_ratios(rows, "eager")
-
 
 if __name__ == "__main__":
     harness.main(SUITE, run)

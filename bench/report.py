@@ -10,7 +10,6 @@ import os
 
 from bench.harness import RESULTS_DIR, fmt_case
 
-
 def load_newest(results_dir):
     newest, rank = {}, lambda d: (not d.get("quick", False), d["info"]["date"])
     for path in glob.glob(os.path.join(results_dir, "*.json")):
@@ -24,10 +23,8 @@ def load_newest(results_dir):
             newest[key] = data
     return [newest[k] for k in sorted(newest)]
 
-
 def _f(v, spec=".3g"):
     return "-" if v is None else format(v, spec)
-
 
 def to_markdown(results):
     lines = []
@@ -44,7 +41,6 @@ def to_markdown(results):
         lines.append("")
     return "\n".join(lines)
 
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=RESULTS_DIR)
@@ -56,7 +52,6 @@ def main(argv=None):
             f.write(md)
     else:
         print(md)
-
 
 if __name__ == "__main__":
     main()

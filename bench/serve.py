@@ -29,7 +29,6 @@ CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
           "The quick brown fox jumps over the lazy dog; 12 + 30 = 42.", "What is the capital of France? Paris."] * 10
 MESSAGES = [{"role": "user", "content": "Hello there! How are you today?"}]
 
-
 def serve(args):
     """Child process: build the random model and serve it until killed."""
     import torch
@@ -56,7 +55,6 @@ def serve(args):
                           max_queue=args.max_queue, max_tokens_limit=args.max_tokens, body_timeout=args.body_timeout)
     uvicorn.run(create_app(service), host="127.0.0.1", port=args.port, log_level="warning")
 
-
 def start_server(args):
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
@@ -77,7 +75,6 @@ def start_server(args):
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("bench.serve: the server did not come up within 300 s")
-
 
 def one_request(client, url, max_tokens, seed):
     """One streaming request -> (latency s, time to first token s or None, completion tokens, error or None)."""
@@ -102,7 +99,6 @@ def one_request(client, url, max_tokens, seed):
     except httpx.HTTPError as e:
         return time.perf_counter() - t0, ttft, tokens, f"{type(e).__name__}: {e}"
     return time.perf_counter() - t0, ttft, tokens, None
-
 
 class Stalled:
     """`n` connections that each send headers and 10 bytes of a body they never finish, reopened when dropped."""
@@ -136,7 +132,6 @@ class Stalled:
         self.stop.set()
         for th in self.threads:
             th.join(timeout=5)
-
 
 def phase(url, clients, requests, max_tokens, stalled):
     """Run `clients` threads x `requests` sequential streaming requests -> the phase's metrics."""
@@ -172,7 +167,6 @@ def phase(url, clients, requests, max_tokens, stalled):
             "ttft_p50_ms": p50(ttft), "ttft_p99_ms": p99(ttft), "stalled_dropped": holder.dropped if holder else 0,
             "engine_after": health["engine"]}
 
-
 def run(args):
     proc, url = start_server(args)
     rows = []
@@ -193,7 +187,6 @@ def run(args):
         except subprocess.TimeoutExpired:
             proc.kill()
     return rows
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="load test of model/server.py")
@@ -218,7 +211,6 @@ def main(argv=None):
         return serve(args)
     info = harness.header(SUITE)
     harness.write_results(SUITE, run(args), info, out_dir=args.out, png=False, quick=not harness.on_gpu())
-
 
 if __name__ == "__main__":
     main()

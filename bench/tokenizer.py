@@ -32,7 +32,6 @@ from model.common import home_dir
 SUITE = "tokenizer"
 PYPI_DIR = os.environ.get("TRITONCHAT_PYPI_RUSTBPE") or os.path.join(home_dir(), "bench", "pypi_rustbpe")
 
-
 def load_texts(quick):
     """(train docs, held-out docs, corpus name): the embedded corpus, or a synthetic one when it is unavailable."""
     try:
@@ -49,7 +48,6 @@ def load_texts(quick):
         docs = docs[:bisect.bisect_left(list(itertools.accumulate(map(len, docs))), 500_000) + 1]
     return docs, val, name
 
-
 def _timed(make, fn, reps):
     """reps x (obj = make(), then fn(obj) timed) -> (wall s list, CPU s list, the last obj)."""
     times, cpu = [], []
@@ -61,7 +59,6 @@ def _timed(make, fn, reps):
         cpu.append(time.process_time() - c0)
     return times, cpu, obj
 
-
 def train_bpe(module, docs, vocab, reps, pattern):
     """Train `reps` times with a rustbpe-API module: (wall s, CPU s, tiktoken Encoding, sha256 of the ranked merges)."""
     times, cpu, tok = _timed(module.Tokenizer, lambda t: t.train_from_iterator(iter(docs), vocab, pattern=pattern),
@@ -69,7 +66,6 @@ def train_bpe(module, docs, vocab, reps, pattern):
     ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
     enc = tiktoken.Encoding(module.__name__, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     return times, cpu, enc, hashlib.sha256(b"".join(sorted(ranks, key=ranks.get))).hexdigest()
-
 
 def import_pypi_rustbpe():
     """PyPI's `rustbpe`, installed once into PYPI_DIR and loaded from there by path (ours is `tritonchat_rustbpe`:
@@ -90,7 +86,6 @@ def import_pypi_rustbpe():
     spec.loader.exec_module(module)
     return module
 
-
 def train_hf(docs, vocab, reps, pattern):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -107,7 +102,6 @@ def train_hf(docs, vocab, reps, pattern):
 
     times, cpu, (tk, _) = _timed(make, lambda m: m[0].train_from_iterator(docs, m[1]), reps)
     return times, cpu, tk
-
 
 def run(quick=False):
     from model.tokenizer import SPLIT_PATTERN as pattern
@@ -153,7 +147,6 @@ def run(quick=False):
                 r[f"cpu_speedup_vs_{peer}"] = p["cpu_s"] / r["cpu_s"]
     return rows
 
-
 def main(argv=None):
     # Not harness.main, which forces the quick run off-GPU: tokenizer training is CPU work, so only --quick does here.
     args = harness.parser(__doc__.split("\n")[0], quick="500 kB of the corpus, vocab 512").parse_args(argv)
@@ -169,7 +162,6 @@ def main(argv=None):
         print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
               + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
     return harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
-
 
 if __name__ == "__main__":
     main()

@@ -46,22 +46,18 @@ from model.common import peak_flops, print0
 from model.gpt import GPT, GPTConfig
 from train.distributed import build_model, cleanup, init_distributed
 
-
 def device_peak_flops(name, measured=None):
     """The dense bf16 peak of model.common.PEAK_BF16_FLOPS, else the matmul peak measured in this run."""
     return peak_flops(name) or measured
-
 
 def mfu(tokens_per_s, flops_per_token, peak, world_size=1):
     """Model FLOPs utilisation, in % (None without a peak)."""
     return 100.0 * tokens_per_s * flops_per_token / (peak * world_size) if peak else None
 
-
 def project_speedrun(num_params, tokens_per_s_per_gpu, n_gpus=8, tokens_per_param=20):
     """Hours for nanochat's base-training budget (20 tokens/param) on n_gpus at the measured per-GPU speed."""
     tokens = tokens_per_param * num_params
     return {"tokens": tokens, "n_gpus": n_gpus, "hours": tokens / (tokens_per_s_per_gpu * n_gpus) / 3600}
-
 
 class Telemetry:
     """NVML samples in a background thread: power (W), SM clock (MHz), temperature (C), memory (GiB), util (%)."""
@@ -108,16 +104,13 @@ class Telemetry:
         return {"status": "ok", "samples": len(self.samples),
                 **{k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in cols.items()}}
 
-
 def label(mode, compiled, build="fsdp"):
     """Row name: eager, eager+compile, fused, fused+compile; " (plain)" for the build without FSDP2."""
     return mode + ("+compile" if compiled else "") + ("" if build == "fsdp" else f" ({build})")
 
-
 def dynamo_counts():
     """torch._dynamo's running totals -> {"graphs": graphs compiled, "graph_breaks": breaks hit while tracing}."""
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
-
 
 def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
     """Warm up, then time args.steps steps in kernel `mode`, compiled or not, FSDP2 or plain build; returns one
@@ -132,7 +125,6 @@ def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
         return {"mode": mode, "compiled": compiled, "build": build, "error": "out of memory"}
     finally:
         torch.cuda.empty_cache()  # a no-op without CUDA
-
 
 def _profile(mode, args, dist_info, compiled, build):
     device = dist_info.device
@@ -207,7 +199,6 @@ def _profile(mode, args, dist_info, compiled, build):
             "recompiles": end["graphs"] - warm["graphs"], "load_avg": os.getloadavg()[0],
             "telemetry": telemetry.summary(), "top_kernels": top}
 
-
 def _profile_one_step(step, mode, args, device):
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -227,7 +218,6 @@ def _profile_one_step(step, mode, args, device):
             print0(f"  {t['ms']:9.3f} ms  x{t['calls']:<5} {t['name']}")
     return comm, top
 
-
 def _csv(value, allowed, flag):
     items = [v.strip() for v in value.split(",") if v.strip()]
     for v in items:
@@ -236,7 +226,6 @@ def _csv(value, allowed, flag):
     if not items:
         raise SystemExit(f"bench.train: {flag} is empty")
     return items
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused, compiled or not)")
@@ -293,7 +282,6 @@ def main(argv=None):
     cleanup()
     return rows
 
-
 def print_table(rows, baseline):
     """The table: one line per configuration; "vs base" = this row's tokens/s over the baseline's."""
     f = lambda v, s: "n/a" if v is None else format(v, s)
@@ -310,7 +298,6 @@ def print_table(rows, baseline):
               f"{r['recompiles']:6d} {r['warmup_s']:8.1f} {r['projection_8gpu']['hours']:10.2f}")
     print(f"baseline: {baseline}; memory: peak CUDA allocation (n/a on CPU); graphs / breaks: compiled by torch."
           "compile / graph breaks; recomp: graphs compiled after the warm-up")
-
 
 if __name__ == "__main__":
     main()

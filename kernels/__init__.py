@@ -12,7 +12,6 @@ import torch
 MODES = ("eager", "fused", "auto")
 _mode = None  # resolved mode: "eager" or "fused"
 
-
 def set_mode(mode):
     """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto' (resolved here)."""
     global _mode
@@ -25,18 +24,15 @@ def set_mode(mode):
                            "(slow, for tests) or use --kernels eager")
     _mode = mode
 
-
 def get_mode():
     """The resolved mode ('eager' or 'fused'); the first call reads $TRITONCHAT_KERNELS (default 'auto')."""
     if _mode is None:
         set_mode(os.environ.get("TRITONCHAT_KERNELS", "auto"))
     return _mode
 
-
 def use_fused():
     """True when the kernel families dispatch to Triton (resolved mode 'fused')."""
     return get_mode() == "fused"
-
 
 def add_argument(parser):
     """The `--kernels eager|fused|auto` flag every entry point shares."""

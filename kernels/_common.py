@@ -12,17 +12,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = tl.constexpr(1.4426950408889634)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-
 def dot_precision(dtype):
     """tl.dot's input_precision: "ieee" for fp32 (exact, no TF32, as eager); bf16/fp16 ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
 
 def configs(names, hopper, interpret):
     """Autotune configs from rows (values of `names`, num_warps, num_stages): `hopper`, or one `interpret` row."""
     return [triton.Config(dict(zip(names, r)), num_warps=r[-2], num_stages=r[-1])
             for r in ([interpret] if INTERPRET else hopper)]
-
 
 def check_floats(name, names, *tensors):
     """TypeError unless `tensors` (called `names`) share one dtype of FLOATS, ValueError unless one device."""
@@ -31,7 +28,6 @@ def check_floats(name, names, *tensors):
                         f"{', '.join(str(t.dtype) for t in tensors)}")
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"{name}: {names} on different devices: {', '.join(str(t.device) for t in tensors)}")
-
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -43,7 +39,6 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
     pid_n = (pid % pids_per_group) // group_size_m
     return pid_m, pid_n
-
 
 @triton.jit
 def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
@@ -62,7 +57,6 @@ def matmul_tile(a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, str
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
-
 
 def kernel_op(qualname, mutates_args=()):
     """Register a Triton launcher as the operator `qualname` (typed signature); then .register_fake / _autograd."""

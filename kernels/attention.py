@@ -37,11 +37,9 @@ _DKDV_CONFIGS = configs(_BLOCKS, [(32, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 
 _DQ_CONFIGS = configs(_BLOCKS, [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], (64, 32, 4, 1))
 _KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
 
-
 def _autotune_prune(candidates, nargs, **kwargs):
     """TRITONCHAT_ATTN_AUTOTUNE=0 (read at each new key): first config only, no sweep (for the GPU tests)."""
     return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
-
 
 @triton.jit
 def _load_cos_sin(COS, SIN, rows, row_mask, HALF: tl.constexpr):
@@ -49,7 +47,6 @@ def _load_cos_sin(COS, SIN, rows, row_mask, HALF: tl.constexpr):
     cos = tl.load(COS + offs, mask=row_mask[:, None], other=1.0).to(tl.float32)
     sin = tl.load(SIN + offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     return cos, sin
-
 
 @triton.jit
 def _rope_norm(x, cos, sin, eps, QK_NORM: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
@@ -63,7 +60,6 @@ def _rope_norm(x, cos, sin, eps, QK_NORM: tl.constexpr, BLOCK: tl.constexpr, HAL
         rstd = tl.full((BLOCK,), 1.0, tl.float32)
     return y, rstd
 
-
 @triton.jit
 def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     """dz = dL/dx_hat, z = x_hat (BLOCK, D) fp32 -> dL/dx for the raw rows (norm backward, then R^T)."""
@@ -74,7 +70,6 @@ def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.const
     dy1, dy2 = tl.split(tl.permute(tl.reshape(dy, (BLOCK, 2, HALF)), (0, 2, 1)))
     return tl.reshape(tl.permute(tl.join(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos), (0, 2, 1)), (BLOCK, 2 * HALF))
 
-
 @triton.jit
 def _load(ptrs, mask, MASK: tl.constexpr):
     """Load under `mask` (0 elsewhere) if MASK, else unmasked (blocks wholly inside the sequence)."""
@@ -84,7 +79,6 @@ def _load(ptrs, mask, MASK: tl.constexpr):
         x = tl.load(ptrs)
     return x
 
-
 @triton.jit
 def _mask_scores(s, valid, q_idx, k_idx, fill, MASK: tl.constexpr, CAUSAL: tl.constexpr):
     """MASK: s where `valid` (and q_idx >= k_idx if CAUSAL), else `fill`; s unchanged when not MASK."""
@@ -93,7 +87,6 @@ def _mask_scores(s, valid, q_idx, k_idx, fill, MASK: tl.constexpr, CAUSAL: tl.co
             valid = valid & (q_idx >= k_idx)
         s = tl.where(valid, s, fill)
     return s
-
 
 @triton.jit
 def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
@@ -111,7 +104,6 @@ def _rope_norm_kv(X, XHAT, RSTD, COS, SIN, T, NH, eps,
     x_hat, rstd = _rope_norm(x, cos, sin, eps, QK_NORM, BLOCK_T, HEAD_DIM // 2)
     tl.store(XHAT + offs, x_hat.to(XHAT.dtype.element_ty), mask=row_mask[:, None])
     tl.store(RSTD + pid_bh.to(tl.int64) * T + rows, rstd, mask=row_mask)
-
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale,
@@ -132,7 +124,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, lo, hi, rows, T, qk_scale
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
-
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
@@ -176,7 +167,6 @@ def _attn_fwd(Q, K, V, COS, SIN, OUT, QHAT, LSE, RSTD_Q, T, H, HKV, T_BUCKET, sm
     tl.store(OUT + q_offs, acc.to(OUT.dtype.element_ty), mask=row_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * T + rows, m_i + tl.math.log2(l_i), mask=row_mask)
 
-
 @triton.jit
 def _attn_bwd_preprocess(OUT, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Delta (B, H, T) = rowsum(dO * O). Grid (cdiv(T, BLOCK_M), B * H)."""
@@ -189,7 +179,6 @@ def _attn_bwd_preprocess(OUT, DO, DELTA, T, H, HEAD_DIM: tl.constexpr, BLOCK_M: 
     o = tl.load(OUT + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=(rows < T)[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + rows, tl.sum(o * do, axis=1), mask=rows < T)
-
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, lo, hi, cols, T, qk_scale,
@@ -209,7 +198,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, lo, hi, col
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
-
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
@@ -256,7 +244,6 @@ def _attn_bwd_dkdv(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_K, COS, SIN, DK, DV, T, H
     tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=col_mask[:, None])
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_mask[:, None])
 
-
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, qk_scale,
                        MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -273,7 +260,6 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kt, lo, hi, rows, T, 
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
-
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _autotune_prune})
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
@@ -312,11 +298,9 @@ def _attn_bwd_dq(QHAT, KHAT, V, DO, LSE, DELTA, RSTD_Q, COS, SIN, DQ, T, H, HKV,
     dq = _rope_norm_bwd(dq * sm_scale, q.to(tl.float32), rstd, cos, sin, QK_NORM, BLOCK_M, HEAD_DIM // 2)
     tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None])
 
-
 def triton_kernels():
     """{"fwd", "dkdv", "dq"} -> the @triton.autotune'd kernels (.configs, .fn), for config-by-config checks."""
     return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-
 
 @kernel_op("tritonchat::attention")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -335,13 +319,11 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         CAUSAL=causal, QK_NORM=qk_norm, HEAD_DIM=D, PRECISION=dot_precision(q.dtype))
     return o, q_hat, k_hat, lse, rstd_q, rstd_k
 
-
 @_attention_op.register_fake
 def _(q, k, v, cos, sin, causal, qk_norm, eps, scale):
     B, T, H, _ = q.shape
     stats = lambda heads: q.new_empty(B, heads, T, dtype=torch.float32)
     return q.new_empty(q.shape), q.new_empty(q.shape), k.new_empty(k.shape), stats(H), stats(H), stats(k.shape[2])
-
 
 @kernel_op("tritonchat::attention_backward")
 def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.Tensor, v: torch.Tensor,
@@ -363,10 +345,8 @@ def _attention_backward_op(do: torch.Tensor, q_hat: torch.Tensor, k_hat: torch.T
         q_hat, k_hat, v, do, lse, delta, rstd_q, cos, sin, dq, *args, **meta)
     return dq, dk, dv
 
-
 _attention_backward_op.register_fake(
     lambda do, q_hat, k_hat, v, *_: (q_hat.new_empty(q_hat.shape), k_hat.new_empty(k_hat.shape), v.new_empty(v.shape)))
-
 
 def _attention_setup_context(ctx, inputs, output):
     _, _, v, cos, sin, causal, qk_norm, _, scale = inputs
@@ -375,14 +355,11 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q_hat, k_hat, v, o, lse, rstd_q, rstd_k, cos, sin)
     ctx.flags = (causal, qk_norm, scale)
 
-
 def _attention_backward(ctx, do, *_):
     dq, dk, dv = torch.ops.tritonchat.attention_backward(do, *ctx.saved_tensors, *ctx.flags)
     return dq, dk, dv, None, None, None, None, None, None
 
-
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-
 
 def apply_rotary(x, cos, sin):
     """x (B, T, H, D), cos/sin (T, D/2) -> x rotated by position (half-split convention), x's dtype."""
@@ -391,17 +368,14 @@ def apply_rotary(x, cos, sin):
     cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
-
 def rms_norm(x, eps=1e-6):
     """RMSNorm over the last dim without a learned weight."""
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
-
 
 def attention(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """RoPE + QK-norm + softmax attention (module docstring): Triton in fused mode, else the reference."""
     fn = attention_triton if kernels.use_fused() else attention_reference
     return fn(q, k, v, cos, sin, causal=causal, qk_norm=qk_norm, eps=eps, scale=scale)
-
 
 def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """tritonchat::attention (the Triton kernels, differentiable) whatever the eager/fused mode; any strides."""
@@ -424,7 +398,6 @@ def attention_triton(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, 
         raise ValueError("attention: q, k, v, cos, sin must be on one device")
     scale = float(scale) if scale is not None else 1 / math.sqrt(q.shape[-1])
     return torch.ops.tritonchat.attention(q, k, v, cos, sin, bool(causal), bool(qk_norm), float(eps), scale)[0]
-
 
 def attention_reference(q, k, v, cos, sin, *, causal=True, qk_norm=True, eps=1e-6, scale=None):
     """Eager PyTorch: apply_rotary, rms_norm, then SDPA (GQA without repeating K/V)."""

@@ -41,14 +41,12 @@ _BLOCK_V, _NUM_WARPS = (128, 4) if INTERPRET else (2048, 8)
 _CHUNK_ELEMENTS = 1 << 28
 _MIN_CHUNK = 1024
 
-
 @triton.jit
 def _tanh(x):
     # Triton has no portable tanh (libdevice's is CUDA-only); e in (0, 1] never overflows; error ~1e-7
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
-
 
 @triton.jit
 def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_scale, V, softcap, ignore_index,
@@ -98,7 +96,6 @@ def _softcap_ce_kernel(z_ptr, stride_z, tgt_ptr, loss_ptr, scale_ptr, stride_sca
                 dz = tl.where(offs == tgt, p - 1.0, p) * g
             tl.store(z_row + offs, dz.to(z_ptr.dtype.element_ty), mask=mask)
 
-
 def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, grad_w):
     """Steps 1-3 of the module docstring -> (loss (N,) fp32, dh, dw; each empty unless wanted); scale (1,) or (N,)."""
     (N, C), V = h.shape, w.shape[0]
@@ -133,7 +130,6 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
                 dw += torch.mm(zc.t(), hc)
     return loss, dh, dw.to(w.dtype) if grad_w else w.new_empty(0)
 
-
 @kernel_op("tritonchat::linear_cross_entropy")
 def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
             reduction: str, chunk_size: int, grad_h: bool, grad_w: bool
@@ -148,13 +144,11 @@ def _lce_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: fl
         loss = loss.sum() / n_valid if reduction == "mean" else loss.sum()
     return loss, dh, dw
 
-
 @_lce_op.register_fake
 def _(h, w, targets, softcap, ignore_index, reduction, chunk_size, grad_h, grad_w):
     loss = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     dh = h.new_empty(h.shape) if grad_h else h.new_empty(0)
     return loss, dh, (w.new_empty(w.shape) if grad_w else w.new_empty(0))
-
 
 @kernel_op("tritonchat::linear_cross_entropy_backward")
 def _lce_backward_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_loss: torch.Tensor,
@@ -164,18 +158,15 @@ def _lce_backward_op(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, gr
     return _chunked(h, w, targets, grad_loss.to(torch.float32).contiguous(), softcap, ignore_index, chunk_size,
                     grad_h, grad_w)[1:]
 
-
 @_lce_backward_op.register_fake
 def _(h, w, targets, grad_loss, softcap, ignore_index, chunk_size, grad_h, grad_w):
     return (h.new_empty(h.shape) if grad_h else h.new_empty(0)), (w.new_empty(w.shape) if grad_w else w.new_empty(0))
-
 
 def _setup_context(ctx, inputs, output):
     _, _, _, softcap, ignore_index, reduction, chunk_size, _, _ = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.reduction, ctx.args = reduction, (softcap, ignore_index, chunk_size)
     ctx.save_for_backward(*(inputs[:3] if reduction == "none" else output[1:]))  # h, w, targets or dh, dw
-
 
 def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -189,16 +180,13 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
         dh, dw = dh * grad_loss, dw * grad_loss
     return (dh if need_h else None), (dw if need_w else None), None, None, None, None, None, None, None
 
-
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
-
 
 def linear_cross_entropy(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
     """Cross-entropy of softcap * tanh(h w^T / softcap), h (N, C), w (V, C), targets (N,) int64 -> fp32 scalar
     ("mean" over non-ignored targets, 0 when all are ignored; "sum") or (N,) ("none"). Triton or reference by mode."""
     fn = linear_cross_entropy_triton if kernels.use_fused() else linear_cross_entropy_reference
     return fn(h, w, targets, softcap=softcap, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
-
 
 def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean", chunk_size=None):
     """The chunked cuBLAS + Triton path whatever the mode; bad dtypes a TypeError, other bad arguments a ValueError."""
@@ -229,7 +217,6 @@ def linear_cross_entropy_triton(h, w, targets, *, softcap=15.0, ignore_index=-1,
         return torch.ops.tritonchat.linear_cross_entropy(h, w, targets, float(softcap or 0.0), int(ignore_index),
                                                          reduction, chunk, grads and h.requires_grad,
                                                          grads and w.requires_grad)[0]
-
 
 def linear_cross_entropy_reference(h, w, targets, *, softcap=15.0, ignore_index=-1, reduction="mean",
                                    chunk_size=None):

@@ -33,7 +33,6 @@ _UPDATE_CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
     (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
     (64, 64, 64, 8, 4, 3)], (64, 64, 64, 4, 4, 1))
 
-
 @triton.autotune(configs=_SYRK_CONFIGS, key=["M", "K", "HAS_C"])
 @triton.jit
 def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta,
@@ -67,7 +66,6 @@ def _syrk_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta,
     tl.store(out_ptr + offs_j[None, :] * stride_om + offs_i[:, None] * stride_on, out,
              mask=inside & (offs_i[:, None] < offs_j[None, :]))
 
-
 @triton.autotune(configs=_UPDATE_CONFIGS, key=["M", "N"])
 @triton.jit
 def _ns_update_kernel(b_ptr, x_ptr, out_ptr, M, N, a_coef,
@@ -89,7 +87,6 @@ def _ns_update_kernel(b_ptr, x_ptr, out_ptr, M, N, a_coef,
     tl.store(out_ptr + bid * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-
 def gram_triton(x, out=None, alpha=1.0, c=None, beta=0.0):
     """alpha x x^T (+ beta c, c symmetric) for x (batch, m, k) -> (batch, m, m) in x's dtype, into `out` if given, by
     the symmetric kernel (upper tiles computed, mirrored)."""
@@ -102,7 +99,6 @@ def gram_triton(x, out=None, alpha=1.0, c=None, beta=0.0):
     _syrk_kernel[grid](x, cc, out, M, K, alpha, beta, *x.stride(), *cc.stride(), *out.stride(),
                        HAS_C=c is not None, PRECISION=dot_precision(x.dtype))
     return out
-
 
 @kernel_op("tritonchat::newton_schulz")
 @torch.no_grad()
@@ -130,15 +126,12 @@ def _newton_schulz_op(G: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
             X, X_next = out, X
     return result.view(G.shape)
 
-
 _newton_schulz_op.register_fake(lambda G, steps, eps: torch.empty_like(G, memory_format=torch.contiguous_format))
-
 
 def newton_schulz(G, steps=5, eps=1e-7):
     """Orthogonalise G (m, n) or (batch, m, n) by `steps` quintic Newton-Schulz iterations, Triton or reference."""
     fn = newton_schulz_triton if kernels.use_fused() else newton_schulz_reference
     return fn(G, steps=steps, eps=eps)
-
 
 def newton_schulz_triton(G, steps=5, eps=1e-7):
     """tritonchat::newton_schulz (the symmetric Triton kernels) whatever the mode; not differentiable."""
@@ -149,7 +142,6 @@ def newton_schulz_triton(G, steps=5, eps=1e-7):
     if steps < 0:
         raise ValueError(f"newton_schulz: steps must be >= 0, got {steps}")
     return torch.ops.tritonchat.newton_schulz(G, int(steps), float(eps))
-
 
 def newton_schulz_reference(G, steps=5, eps=1e-7):
     """Eager PyTorch in G's dtype (addmm/baddbmm fuse the scalars into the products); differentiable."""

@@ -34,7 +34,6 @@ from kernels._common import LOG2E, check_floats, dot_precision, kernel_op
 
 _MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial write, combine) outweighs its parallelism
 
-
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, stride_kblk, stride_ktok, stride_kh,
                         stride_vblk, stride_vtok, stride_vh, stride_btb, stride_ob, stride_oh, num_splits, sm_scale,
@@ -95,7 +94,6 @@ def _paged_decode_split(Q, K, V, BT, SL, OUT, OP, LSE, stride_qb, stride_qh, str
         tl.store(OP + (bh[:, None] * num_splits + split) * D + cols[None, :], y, mask=out_mask)
         tl.store(LSE + bh * num_splits + split, lse, mask=row_ok)
 
-
 @triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
                           D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
@@ -113,7 +111,6 @@ def _paged_decode_combine(OP, LSE, OUT, stride_ob, stride_oh, H, num_splits,
     y = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(OUT + b * stride_ob + h * stride_oh + cols, y.to(OUT.dtype.element_ty), mask=cols < D)
 
-
 @triton.jit
 def _rope_rms(X, row_mask, cols, col_ok, c, s, eps, HALF: tl.constexpr):
     """Rows of X as two halves (no register shuffle), rotated and RMS-normalised over 2 * HALF columns, fp32."""
@@ -124,7 +121,6 @@ def _rope_rms(X, row_mask, cols, col_ok, c, s, eps, HALF: tl.constexpr):
     y2 = x2 * c[None, :] - x1 * s[None, :]
     rstd = tl.rsqrt((tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1)) / (2 * HALF) + eps)
     return y1 * rstd[:, None], y2 * rstd[:, None], m
-
 
 @triton.jit(do_not_specialize=["stride_btb"])
 def _rope_norm_write_kv_kernel(Q, K, V, COS, SIN, KC, VC, BT, POS, QOUT,
@@ -158,7 +154,6 @@ def _rope_norm_write_kv_kernel(Q, K, V, COS, SIN, KC, VC, BT, POS, QOUT,
     tl.store(vc, tl.load(vsrc, mask=m).to(VC.dtype.element_ty), mask=m)
     tl.store(vc + HALF, tl.load(vsrc + HALF, mask=m).to(VC.dtype.element_ty), mask=m)
 
-
 @triton.jit(do_not_specialize=["stride_btn"])
 def _write_kv_kernel(K, V, KC, VC, BT, POS, stride_kn, stride_kh, stride_vn, stride_vh, stride_kcblk, stride_kctok,
                      stride_kch, stride_vcblk, stride_vctok, stride_vch, stride_btn,
@@ -178,7 +173,6 @@ def _write_kv_kernel(K, V, KC, VC, BT, POS, stride_kn, stride_kh, stride_vn, str
     tl.store(VC + blk * stride_vcblk + slot * stride_vctok + hs[:, None] * stride_vch + cols[None, :],
              v.to(VC.dtype.element_ty), mask=mask)
 
-
 def _check_cache(k_cache, v_cache, name):
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: k_cache and v_cache must both be (num_blocks, block_size, Hkv, D), got "
@@ -189,14 +183,12 @@ def _check_cache(k_cache, v_cache, name):
     if k_cache.shape[1] not in (16, 32, 64):
         raise ValueError(f"{name}: block_size must be 16, 32 or 64, got {k_cache.shape[1]}")
 
-
 def choose_num_splits(batch, n_kv_head, max_context, device=None):
     """Splits per sequence: a power of two, for ~2 waves of batch * Hkv * splits programs, each >= _MIN_SPLIT_TOKENS."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
     want = max(1, (2 * sms) // max(1, batch * n_kv_head))
     cap = max(1, max_context // _MIN_SPLIT_TOKENS)
     return 1 << (min(want, cap).bit_length() - 1)
-
 
 @kernel_op("tritonchat::paged_decode_attention")
 def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -228,9 +220,7 @@ def _paged_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                       D=D, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
-
 _paged_decode_attention_op.register_fake(lambda q, *_: q.new_empty(q.shape))
-
 
 @kernel_op("tritonchat::write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -245,9 +235,7 @@ def _write_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
                                     HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D,
                                     D_PAD=triton.next_power_of_2(D), BLOCK_SIZE=block_size, num_warps=4)
 
-
 _write_kv_op.register_fake(lambda *_: None)
-
 
 @kernel_op("tritonchat::rope_norm_write_kv", mutates_args=("k_cache", "v_cache"))
 def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -269,15 +257,12 @@ def _rope_norm_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), BLOCK_SIZE=block_size, num_warps=2)
     return out
 
-
 _rope_norm_write_kv_op.register_fake(lambda q, k, v, cos, sin, k_cache, *_: q.new_empty(q.shape, dtype=k_cache.dtype))
-
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
     """One decode step over a paged KV cache (module docstring) -> (B, H, D), Triton or reference by mode."""
     fn = paged_decode_attention_triton if kernels.use_fused() else paged_decode_attention_reference
     return fn(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
-
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None):
     """tritonchat::paged_decode_attention whatever the mode; num_splits per sequence, default choose_num_splits."""
@@ -299,7 +284,6 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, seq_lens, *,
     num_splits = None if num_splits is None else int(num_splits)
     return torch.ops.tritonchat.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
 
-
 def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, scale=None):
     """Eager PyTorch: every sequence's pages gathered into a dense copy, then SDPA with a length mask."""
     B, H, D = q.shape
@@ -314,12 +298,10 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens,
                                        enable_gqa=True if H != Hkv else False)  # a bool, not a SymBool under compile
     return y[:, :, 0, :]
 
-
 def write_kv(k_cache, v_cache, k, v, block_table, positions):
     """Scatter N new tokens' k, v (N, Hkv, D) into their cache slots in place, Triton or reference by mode."""
     fn = write_kv_triton if kernels.use_fused() else write_kv_reference
     return fn(k_cache, v_cache, k, v, block_table, positions)
-
 
 def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
     """tritonchat::write_kv (one program per token) whatever the mode."""
@@ -334,7 +316,6 @@ def write_kv_triton(k_cache, v_cache, k, v, block_table, positions):
                          f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
     torch.ops.tritonchat.write_kv(k_cache, v_cache, k, v, block_table, positions)
 
-
 def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
     """Eager PyTorch: index assignment into the caches."""
     pos, block_size = positions.long(), k_cache.shape[1]
@@ -343,12 +324,10 @@ def write_kv_reference(k_cache, v_cache, k, v, block_table, positions):
     k_cache[blocks, slots] = k.to(k_cache.dtype)
     v_cache[blocks, slots] = v.to(v_cache.dtype)
 
-
 def rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
     """The decode step's prologue (module docstring) -> q_hat (B, H, D) in the cache dtype, Triton or reference."""
     fn = rope_norm_write_kv_triton if kernels.use_fused() else rope_norm_write_kv_reference
     return fn(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, eps=eps)
-
 
 def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
     """tritonchat::rope_norm_write_kv (one program per sequence) whatever the mode."""
@@ -370,7 +349,6 @@ def rope_norm_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, block_table, 
                          f"{tuple(block_table.shape)} and {tuple(positions.shape)}")
     return torch.ops.tritonchat.rope_norm_write_kv(q, k, v, cos, sin, k_cache, v_cache, block_table, positions,
                                                    float(eps))
-
 
 def rope_norm_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, block_table, positions, *, eps=1e-6):
     """Eager PyTorch, in fp32 as the kernel: rotate halves, rms_norm, write_kv_reference."""

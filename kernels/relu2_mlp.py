@@ -34,7 +34,6 @@ _CONFIGS = configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
     (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
     (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 3)], (32, 64, 64, 4, 4, 1))
 
-
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "ACT"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
@@ -59,7 +58,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, aux_ptr, M, N, K, M_BUCKET,
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=mask)
 
-
 def _matmul(a, b, act, aux=None):
     """epilogue(a @ b) for a (M, K), b (K, N) with any strides, through `_matmul_kernel`."""
     (M, K), N = a.shape, b.shape[1]
@@ -72,7 +70,6 @@ def _matmul(a, b, act, aux=None):
                          *aux.stride(), ACT=act.value, PRECISION=dot_precision(a.dtype))
     return c
 
-
 @kernel_op("tritonchat::relu2_mlp")
 def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y (..., C), a = relu(x w_fc^T)^2 (M, F), the one activation saved for the backward)."""
@@ -80,24 +77,19 @@ def _relu2_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> 
     y = torch.matmul(a, w_proj.t())  # (M, C), cuBLAS
     return y.view(*x.shape[:-1], w_proj.shape[0]), a
 
-
 _relu2_mlp_op.register_fake(lambda x, w_fc, w_proj: (x.new_empty(*x.shape[:-1], w_proj.shape[0]),
                                                      x.new_empty(x.numel() // x.shape[-1], w_fc.shape[0])))
-
 
 @kernel_op("tritonchat::relu2_mlp_dh")
 def _relu2_mlp_dh_op(dy: torch.Tensor, w_proj: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """dh = (dy w_proj) * 2 sqrt(a) (M, F) for dy (M, C)."""
     return _matmul(dy, w_proj, act=_ACT_DRELU2, aux=a)
 
-
 _relu2_mlp_dh_op.register_fake(lambda dy, w_proj, a: dy.new_empty(dy.shape[0], w_proj.shape[1]))
-
 
 def _relu2_mlp_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*inputs, output[1])
-
 
 def _relu2_mlp_backward(ctx, dy, _da):
     x, w_fc, w_proj, a = ctx.saved_tensors
@@ -113,15 +105,12 @@ def _relu2_mlp_backward(ctx, dy, _da):
             dx = torch.matmul(dh, w_fc).view(x.shape)
     return dx, dw_fc, dw_proj
 
-
 _relu2_mlp_op.register_autograd(_relu2_mlp_backward, setup_context=_relu2_mlp_setup_context)
-
 
 def relu2_mlp(x, w_fc, w_proj):
     """relu(x w_fc^T)^2 w_proj^T; x (..., C), w_fc (F, C), w_proj (C, F) -> (..., C), Triton or reference by mode."""
     fn = relu2_mlp_triton if kernels.use_fused() else relu2_mlp_reference
     return fn(x, w_fc, w_proj)
-
 
 def relu2_mlp_triton(x, w_fc, w_proj):
     """tritonchat::relu2_mlp (differentiable) whatever the mode, in the autocast dtype if autocast is on."""
@@ -138,7 +127,6 @@ def relu2_mlp_triton(x, w_fc, w_proj):
     check_floats("relu2_mlp", "x, w_fc, w_proj", x, w_fc, w_proj)
     with torch.autocast(x.device.type, enabled=False):
         return torch.ops.tritonchat.relu2_mlp(x, w_fc, w_proj)[0]
-
 
 def relu2_mlp_reference(x, w_fc, w_proj):
     """Eager PyTorch: linear, relu, square, linear."""

@@ -27,7 +27,6 @@ TRAIN_COMMANDS = {"base": "python -m train.base --preset tiny   (or `make run` f
                   "mid": "python -m train.mid", "sft": "python -m train.sft", "rl": "python -m train.rl"}
 COMMANDS = {"/help": "this list", "/clear": "start a new conversation", "/quit": "leave (also /exit or Ctrl-D)"}
 
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
 
@@ -37,13 +36,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-
 class _DefaultsOnce(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         described = action.default in (None, False, argparse.SUPPRESS) or "default" in text
         return text if described else text + " (default: %(default)s)"
-
 
 def _bounded(cast, what, lo, hi, bounds):
     def parse(text):
@@ -56,16 +53,13 @@ def _bounded(cast, what, lo, hi, bounds):
         return value
     return parse
 
-
 def int_at_least(lo, hi=math.inf):
     """argparse type: an int in [lo, hi]."""
     return _bounded(int, "an integer", lo, hi, f">= {lo}" if hi == math.inf else f"between {lo} and {hi}")
 
-
 def float_between(lo, hi):
     """argparse type: a finite float in [lo, hi] (nan / inf refused)."""
     return _bounded(float, "a number", lo, hi, f"a finite number between {lo:g} and {hi:g}")
-
 
 def device_type(text):
     """argparse type: cpu, cuda, cuda:N or mps, and only if this machine has it."""
@@ -85,16 +79,13 @@ def device_type(text):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
     return text
 
-
 def context_of(engine):
     """The context a conversation may fill: what the model was trained on (its rotary tables reach further)."""
     return min(engine.model.config.sequence_len, engine.max_context)
 
-
 def default_reserve(context):
     """Room kept for an answer of unset length when old turns have to go: a quarter of the context."""
     return max(1, context // 4)
-
 
 def fit_conversation(tokenizer, messages, context, reserve):
     """messages [{"role", "content"}] ending with the user's -> (prompt ids ending in <|assistant_start|>, number
@@ -111,7 +102,6 @@ def fit_conversation(tokenizer, messages, context, reserve):
             return prompt, dropped
         rest, dropped = rest[nxt:], dropped + nxt
 
-
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
     if find_last_checkpoint(source, run) is None:
@@ -126,7 +116,6 @@ def load_chat_model(source, device=None, run=None):
     if tokenizer is None:
         raise SystemExit(f"no tokenizer found for the {source} checkpoint; train one: python -m train.tokenizer")
     return model, tokenizer, meta
-
 
 def assistant_content(tokenizer, ids):
     """Completion ids (no stop token) -> message content: a str, or parts when the model used the python tool, so
@@ -150,7 +139,6 @@ def assistant_content(tokenizer, ids):
         return "".join(p["text"] for p in parts)
     return parts
 
-
 def respond(engine, tokenizer, prompt, args):
     """Stream the answer to `prompt` (ids) to stdout, at most args.max_tokens (None: the room left) -> its content."""
     room = context_of(engine) - len(prompt)
@@ -163,7 +151,6 @@ def respond(engine, tokenizer, prompt, args):
         print(decoder.add(tokens[0]), end="", flush=True)
     print(decoder.flush(), flush=True)
     return assistant_content(tokenizer, decoder.ids)
-
 
 def _prompt_for(engine, tokenizer, messages, args):
     """The conversation fit into the context -> prompt ids (dropped old turns leave `messages`, announced), or None
@@ -182,7 +169,6 @@ def _prompt_for(engine, tokenizer, messages, args):
         del messages[keep:keep + dropped]
         print(f"(the {dropped} oldest messages were dropped to fit the context of {context} tokens)")
     return prompt
-
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m model.chat", description="chat with a tritonchat checkpoint")
@@ -251,7 +237,6 @@ def main(argv=None):
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": answer})
-
 
 if __name__ == "__main__":
     main()

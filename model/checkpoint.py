@@ -32,23 +32,18 @@ from model.tokenizer import Tokenizer, get_tokenizer
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
-
 def checkpoint_dir(stage, run="default"):
     """$TRITONCHAT_HOME/checkpoints/<stage>/<run>/ (holds a step_XXXXXX/ directory per saved step)."""
     return os.path.join(home_dir(), "checkpoints", stage, run)
 
-
 def step_dir(stage, run, step):
     return os.path.join(checkpoint_dir(stage, run), f"step_{step:06d}")
-
 
 def _b64(t):
     return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
 
-
 def _unb64(text):
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
 
 def rng_state():
     """This process's RNG states (torch CPU, CUDA, python, numpy) as plain JSON values (data only: resuming never
@@ -60,7 +55,6 @@ def rng_state():
     if torch.cuda.is_available():
         state["cuda"] = [_b64(t) for t in torch.cuda.get_rng_state_all()]
     return state
-
 
 def set_rng_state(state):
     """Restore what rng_state() returned -> True; another format (an older base64 pickle) is not decoded -> False."""
@@ -75,19 +69,16 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([_unb64(t) for t in state["cuda"]])
     return True
 
-
 def _state_dicts(model, opts):
     if not opts:
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, opts)
     return {"model": model_sd, "optim": optim_sd}
 
-
 def estimate_checkpoint_bytes(model, optimizers=None, state=None):
     """Disk bytes a checkpoint needs: its tensors' global (unsharded) size + 10 % + 1 MiB."""
     leaves = tree_leaves(state or _state_dicts(model, list(optimizers or [])))
     return int(sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)) * 1.1) + (1 << 20)
-
 
 def _all_gather(obj):
     if not dist.is_initialized():
@@ -95,7 +86,6 @@ def _all_gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
 
 def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     """Atomically write a checkpoint of `step` to `path` (a step_XXXXXX dir); collective. meta: JSON-serialisable dict
@@ -144,14 +134,12 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
         dist.barrier()
     return path
 
-
 # What a DCP .metadata pickle may name. DCP unpickles it with plain pickle.load, which would run anything a foreign
 # checkpoint put there: it is checked first.
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
                 ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
                 ("collections", "OrderedDict")}
-
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
@@ -161,7 +149,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         if not allowed:
             raise pickle.UnpicklingError(f"it names {module}.{name}")
         return super().find_class(module, name)
-
 
 def check_dcp_metadata(path):
     """UserError when the DCP .metadata pickle names anything but DCP's metadata types (checked before DCP loads it)."""
@@ -175,14 +162,12 @@ def check_dcp_metadata(path):
         raise UserError(f"{meta_path} is not DCP metadata this code loads ({type(e).__name__}: {e}); "
                         f"refusing to unpickle it") from None
 
-
 def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         raise UserError(f"{path} is not a checkpoint (no meta.json)")
     with open(meta_path) as f:
         return json.load(f)
-
 
 def load_checkpoint(path, model, optimizers=None):
     """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model; collective -> meta.json."""
@@ -199,7 +184,6 @@ def load_checkpoint(path, model, optimizers=None):
         set_model_state_dict(model, state["model"])
     return meta
 
-
 def find_last_checkpoint(stage, run=None):
     """Newest complete step_* dir of `run` (default: the most recently modified run of the stage), or None."""
     stage_dir = os.path.join(home_dir(), "checkpoints", stage)
@@ -214,7 +198,6 @@ def find_last_checkpoint(stage, run=None):
     steps = [(int(m.group(1)), d) for d in os.listdir(run_dir) if (m := _STEP_RE.match(d))
              and os.path.exists(os.path.join(run_dir, d, "meta.json"))]
     return os.path.join(run_dir, max(steps)[1]) if steps else None
-
 
 def load_model(stage, device="cpu", run=None, path=None):
     """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`): a plain fp32 GPT in eval mode on
@@ -235,7 +218,6 @@ def load_model(stage, device="cpu", run=None, path=None):
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer, meta
-
 
 def load_tokenizer(meta):
     """The tokenizer of meta["tokenizer_dir"] when it still exists, else of $TRITONCHAT_HOME/tokenizer."""

@@ -23,11 +23,9 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NV
                    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                    "RTX 4090": 165e12, "RTX 3090": 71e12}
 
-
 class UserError(RuntimeError):
     """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, ...): entry points print its
     message alone, without a traceback, and exit with status 2."""
-
 
 class DownloadError(UserError):
     """A download that failed for good. `status`: the HTTP status of a refused request (404, 403, ...), else None."""
@@ -36,13 +34,11 @@ class DownloadError(UserError):
         super().__init__(message)
         self.status = status
 
-
 def home_dir():
     """$TRITONCHAT_HOME (default ~/.cache/tritonchat): tokenizer/, data/, checkpoints/<stage>/<run>/, reports/."""
     path = os.environ.get("TRITONCHAT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")
     os.makedirs(path, exist_ok=True)
     return path
-
 
 @dataclass
 class DistInfo:
@@ -51,7 +47,6 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-
 
 def dist_info():
     """This process's place -> DistInfo: rank and world size of the default group (0 and 1 while there is none),
@@ -64,25 +59,20 @@ def dist_info():
                     world_size=dist.get_world_size() if group else 1,
                     device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
-
 def _group():
     return dist.is_available() and dist.is_initialized()
 
-
 def is_rank0():
     return not _group() or dist.get_rank() == 0
-
 
 def print0(*args, **kwargs):
     if is_rank0():
         print(*args, **kwargs, flush=True)
 
-
 def barrier():
     """Wait for every rank (nothing to wait for in a single process)."""
     if _group() and dist.get_world_size() > 1:
         dist.barrier()
-
 
 def all_reduce_sum(values):
     """A few numbers summed over all ranks (collective) -> list of floats (float64)."""
@@ -93,16 +83,13 @@ def all_reduce_sum(values):
         dist.all_reduce(t)
     return t.tolist()
 
-
 def local(t):
     """The local shard of an FSDP2 DTensor (a plain tensor is returned as it is)."""
     return t.to_local() if hasattr(t, "to_local") else t
 
-
 def full(t):
     """The whole tensor of an FSDP2 DTensor (a collective: every rank must call it); a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
 
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of one GPU (a torch device or a name like "NVIDIA H100 80GB HBM3"); None for the CPU
@@ -112,7 +99,6 @@ def peak_flops(device):
             return None
         device = torch.cuda.get_device_name(device)
     return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if k in device), None)
-
 
 def versions():
     """What a measurement was made with -> dict: date (UTC, ISO 8601), git_commit (short, "-dirty" with uncommitted
@@ -146,7 +132,6 @@ def versions():
     else:
         info.update(kind="cpu", device=f"cpu ({cpu}, {os.cpu_count()} cores)", driver=None)
     return info
-
 
 def download(url, path, retries=5, backoff=1.0, timeout=60, resume=False, progress=False):
     """Fetch url into path via a temp file renamed when complete -> path. Connection errors, timeouts, short reads and

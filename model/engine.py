@@ -25,7 +25,6 @@ from model import sandbox
 from model.kv_cache import DecodeGraphs, PagedKVCache
 from model.tokenizer import IncrementalDecoder
 
-
 class Request:
     """One prompt with num_samples continuations, filled in by the engine, read from any thread: then .completions,
     .completion_masks (1 sampled, 0 forced), .finish_reasons ("stop" | "length" | "cancelled" | "error"), .error."""
@@ -54,7 +53,6 @@ class Request:
                 return
             yield item
 
-
 class _Sequence:
     """Sample `index` of `req`: prompt + completion `tokens`, block table, num_cached tokens in the cache, dense row."""
 
@@ -63,7 +61,6 @@ class _Sequence:
         self.row, self.done = row, False
         self.forced = deque()                           # tool output still to be forced, one token per step
         self.in_python, self.python_tokens = False, []  # inside <|python_start|> ... <|python_end|>; its tokens
-
 
 class Engine:
     """Continuous-batching generation for `model` (a GPT) with `tokenizer` (model.tokenizer.Tokenizer's surface).

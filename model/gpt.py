@@ -24,7 +24,6 @@ from model.optim import Muon, make_adamw
 
 SOFTCAP = 15.0
 
-
 @dataclass
 class GPTConfig:
     sequence_len: int = 2048
@@ -60,11 +59,9 @@ class GPTConfig:
         kv = overrides.get("n_head", n_head)  # n_head overridden alone: n_kv_head follows it
         return cls(**{**dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=kv), **overrides})
 
-
 def norm(x):
     """RMSNorm without a learned weight."""
     return F.rms_norm(x, (x.size(-1),))
-
 
 def precompute_rotary(seq_len, head_dim, base=10000, device=None):
     """cos, sin of shape (seq_len, head_dim/2), fp32: angle[t, i] = t * base^(-2i/head_dim)."""
@@ -72,16 +69,13 @@ def precompute_rotary(seq_len, head_dim, base=10000, device=None):
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos(), freqs.sin()
 
-
 def embed(idx, wte):
     """Token ids (B, T) int64, embedding table (V, C) -> normalised embeddings (B, T, C)."""
     return norm(F.embedding(idx, wte))
 
-
 def head_logits(x, w):
     """Last hidden states (B, T, C), lm_head weight (V, C) -> soft-capped logits (B, T, V) in fp32."""
     return SOFTCAP * torch.tanh(F.linear(norm(x), w).float() / SOFTCAP)
-
 
 def head_loss(x, w, targets, reduction="mean"):
     """Hidden states (B, T, C), lm_head weight (V, C), targets (B, T) int64 (-1 = no loss) -> mean loss over targets
@@ -90,7 +84,6 @@ def head_loss(x, w, targets, reduction="mean"):
     loss = linear_cross_entropy(norm(x).reshape(B * T, C), w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
                                 reduction=reduction)
     return loss.view(B, T) if reduction == "none" else loss
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -112,7 +105,6 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, cos, sin) if kv_cache is None else kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -121,7 +113,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
-
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
@@ -132,7 +123,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         return x + self.mlp(norm(x))
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -221,7 +211,6 @@ class GPT(nn.Module):
                        else logits.argmax(dim=-1, keepdim=True))
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
-
 
 def _fill_normal(p, std):
     """p ~ N(0, std^2); a DTensor keeps its slice of the full tensor each rank draws (same for any world size)."""

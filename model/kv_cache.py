@@ -26,7 +26,6 @@ from kernels.paged_decode import paged_decode_attention, rope_norm_write_kv, wri
 
 QK_NORM_EPS = 1e-6  # kernels.attention.attention's default, so the prefill and decode paths normalise alike
 
-
 @dataclass
 class PrefillPlan:
     """The N valid tokens of a right-padded (R, T) prompt batch: token i at (rows[i], cols[i]), position
@@ -39,7 +38,6 @@ class PrefillPlan:
     starts: torch.Tensor = None  # (R,) each row's cached-prefix length; None = all zero
     tables: torch.Tensor = None  # (R, max_blocks) int32: each row's block table (only with starts)
     rot: tuple = None            # (positions, [cos, cos], [sin, -sin]) for the eager path, set by its first layer
-
 
 @dataclass
 class DecodePlan:
@@ -57,7 +55,6 @@ class DecodePlan:
     direct: bool = False            # row_index == arange(B) and n_rows == B: no permutation
     rows: list = None               # the Row handles, advanced after the forward
 
-
 @dataclass(eq=False, slots=True)
 class Row:
     """A running sequence's dense row."""
@@ -66,7 +63,6 @@ class Row:
     synced: int = 0      # the first `synced` of them are in the pages too
     blocks: list = None  # the sequence's block table (the engine's list)
 
-
 class _Node:
     """A cached full block: `tokens` its block_size tokens, the path from the root the prefix before them."""
     __slots__ = ("tokens", "parent", "children", "block", "last_used", "depth")
@@ -74,7 +70,6 @@ class _Node:
     def __init__(self, tokens, parent, block, depth):
         self.tokens, self.parent, self.block, self.depth = tokens, parent, block, depth
         self.children, self.last_used = {}, 0
-
 
 class PagedKVCache:
     """Block pool + free list + refcounts + prefix cache + dense rows. cos, sin: the model's rotary tables (rotary_len,
@@ -430,7 +425,6 @@ class PagedKVCache:
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=mask[:, None], enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
-
 
 class DecodeGraphs:
     """CUDA graphs of the fused decode step (launch bound at small batch), one per (batch bucket, block table width),

@@ -18,18 +18,15 @@ from torch.distributed.tensor import Shard
 from kernels.newton_schulz import newton_schulz
 from model.common import local
 
-
 def muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
     """nanochat's Muon momentum warmup: linear from `start` to `end` over the first `warmup_steps` steps."""
     frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     return (1 - frac) * start + frac * end
 
-
 def make_adamw(param_groups, weight_decay=0.0):
     """nanochat's AdamW for embedding and lm_head: betas (0.8, 0.95), eps 1e-10, fused on CUDA; DTensors welcome."""
     fused = local(next(p for g in param_groups for p in g["params"])).device.type == "cuda"
     return torch.optim.AdamW(param_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=fused)
-
 
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D plain tensors or FSDP2 DTensors sharded on dim 0, one param group per matrix shape (lr, momentum,

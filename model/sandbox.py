@@ -48,7 +48,6 @@ USERNS_HINT = ("the jail needs unprivileged user namespaces (sysctl user.max_use
                f"restricts them, kernel.apparmor_restrict_unprivileged_userns=0); {UNSAFE_HINT}")
 _TAG = "tc_sbx_"  # heads every call's code (so ps shows it) and names unsafe-mode temp dirs: tc_sbx_<pid>_<n>
 
-
 @dataclass
 class ExecResult:
     stdout: str
@@ -58,7 +57,6 @@ class ExecResult:
     success: bool
     jail: str = ""  # "bwrap", or "none: <why>" when the call ran without a jail or was refused
     returncode: int | None = None
-
 
 @dataclass(frozen=True)
 class JailStatus:
@@ -80,7 +78,6 @@ class JailStatus:
             return (f"python tool: UNSAFE, NO JAIL ({UNSAFE_ENV}=1): model-written code runs with resource limits "
                     f"and an audit hook only ({self.why})")
         return f"python tool: DISABLED: {self.why}. To enable it: {self.fix}"
-
 
 # The trusted bootstrap: arms layers 2-3, then runs the code from stdin (as a program, or as the REPL does: "single"
 # mode shows each expression's repr). argv: result_fd, workdir, timeout_s, memory_mb, max_file_bytes, layers, tag
@@ -199,7 +196,6 @@ sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
 '''
 
-
 # Seccomp: syscalls answered with EPERM inside the jail. name: (x86_64 number, aarch64 number).
 _DENIED_SYSCALLS = {
     "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "keyctl": (250, 219),
@@ -214,7 +210,6 @@ _DENIED_SYSCALLS = {
     "mount_setattr": (442, 442),
 }
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # linux/audit.h
-
 
 def seccomp_program(machine=None):
     """Classic BPF (struct sock_filter array, as bwrap --seccomp reads it) denying _DENIED_SYSCALLS with EPERM and
@@ -232,7 +227,6 @@ def seccomp_program(machine=None):
     prog += [(jeq, len(nrs) - i, 0, nr) for i, nr in enumerate(nrs)] + [(ret, 0, 0, allow), (ret, 0, 0, deny)]
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
-
 def _seccomp_fd():
     """A pipe's read end holding seccomp_program() for bwrap to read (it fits the pipe buffer); None without one."""
     program = seccomp_program()
@@ -244,7 +238,6 @@ def _seccomp_fd():
     finally:
         os.close(w)
     return r
-
 
 def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
     """The jail's command prefix; `prefix`: the interpreter's install; bwrap writes {"child-pid": ...} to `info_fd`."""
@@ -266,7 +259,6 @@ def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
     args += [] if seccomp_fd is None else ["--seccomp", str(seccomp_fd)]
     return args + ([] if info_fd is None else ["--info-fd", str(info_fd)])
 
-
 def _jail_init(info_fd):
     """A pidfd of the jail's PID 1, read from bwrap's --info-fd (None if bwrap failed first). Killing it makes the
     kernel kill every process left in the jail's PID namespace; the pidfd cannot hit a recycled pid."""
@@ -281,18 +273,15 @@ def _jail_init(info_fd):
             return None
     return None
 
-
 def _unprivileged():
     """Popen arguments that start the child as uid/gid 65534 when we are root (user code never runs as root)."""
     return dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
-
 
 def _interpreters():
     """(interpreter, install prefix) pairs that may run user code, best first: ours, then the system's."""
     ours = (os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix))
     system = os.path.realpath(SYSTEM_PYTHON)
     return [ours] + ([(system, "/usr")] if os.path.exists(system) and system != ours[0] else [])
-
 
 def _try(cmd, fd=None):
     """Run a probe command unprivileged (passing it `fd`, closed after) -> "" if it printed ok, else a short reason."""
@@ -307,7 +296,6 @@ def _try(cmd, fd=None):
     if p.returncode == 0 and p.stdout.strip() == b"ok":
         return ""
     return p.stderr.decode(errors="replace").strip()[-200:] or f"exit code {p.returncode}"
-
 
 @functools.cache  # the machine does not change under a running process
 def _probe(bwrap, unsafe, euid):
@@ -331,15 +319,12 @@ def _probe(bwrap, unsafe, euid):
             return JailStatus("unsafe", why, python, prefix, fix=fix)
     return JailStatus("refused", why + f"; and no Python interpreter runs as uid {NOBODY} for {UNSAFE_ENV}", fix=fix)
 
-
 def jail_status():
     """-> JailStatus: how run_python runs code here. The jail is probed once per process (per bwrap path)."""
     return _probe(shutil.which(BWRAP), os.environ.get(UNSAFE_ENV) == "1", os.geteuid())
 
-
 _swept = set()  # temp dirs roots already swept by this process
 _calls = itertools.count()
-
 
 def _sweep_stale_dirs(root):
     """Once per process and root: remove unsafe-mode temp dirs (tc_sbx_<pid>_...) of callers killed mid-call."""
@@ -359,7 +344,6 @@ def _sweep_stale_dirs(root):
             shutil.rmtree(path, ignore_errors=True)
         except OSError:  # alive under another user, or gone already
             continue
-
 
 def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True, repl=False):
     """run_python with switches for each layer, so tests can show what every layer holds on its own; jail=False runs
@@ -440,7 +424,6 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
     jail_note = "bwrap" if status.mode == "bwrap" else f"none: {status.why}"
     return ExecResult(stdout, stderr, error, timed_out, error is None, jail_note, rc)
 
-
 def _collect(proc, timeout, max_output):
     """Read both pipes as data arrives until EOF, the deadline, or too much output. Never buffers > max_output."""
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -471,7 +454,6 @@ def _collect(proc, timeout, max_output):
     sel.close()
     return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), timed_out, overflow
 
-
 def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
     """Execute `code` as a program in a fresh jailed Python process -> ExecResult; never raises for what the code does.
     stdout/stderr are capped at `max_output` bytes each (more kills it: "output limit exceeded"). Without a jail (and
@@ -479,7 +461,6 @@ def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     return _run(code, timeout=timeout, memory_mb=memory_mb, max_output=max_output)
-
 
 def run_tool_call(code, timeout=5.0, memory_mb=256):
     """A model's python tool call (the text between <|python_start|> and <|python_end|>) -> what a Python REPL shows
@@ -491,7 +472,6 @@ def run_tool_call(code, timeout=5.0, memory_mb=256):
         return res.stdout.rstrip("\n")
     err = "timed out" if res.timed_out else (res.error or "error")
     return (res.stdout + "Error: " + err).strip()
-
 
 if __name__ == "__main__":
     print(jail_status().banner)

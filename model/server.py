@@ -51,16 +51,13 @@ from model.tokenizer import IncrementalDecoder
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # stop strings per request, as OpenAI
 
-
 class EngineError(RuntimeError):
     pass
-
 
 def error_response(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
     """OpenAI's error body: param the offending request field, code a reason such as "context_length_exceeded"."""
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status,
                         headers=headers)
-
 
 class APIError(Exception):
     """Answered with error_response(*args)."""
@@ -69,14 +66,11 @@ class APIError(Exception):
         super().__init__(message)
         self.response = error_response(status, message, type_, param, code, headers)
 
-
 class _ClientGone(Exception):
     """The client disconnected: nobody reads the answer."""
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)  # JSON types as sent (no true for 1), no NaN
-
 
 def _text_parts(content):
     """OpenAI content parts (text only) -> their text; anything else is left to fail as not a string."""
@@ -85,15 +79,12 @@ def _text_parts(content):
         return "".join(p["text"] for p in content)
     return content
 
-
 class _Message(_Strict):
     role: Literal[tuple(ROLES)]
     content: Annotated[str, BeforeValidator(_text_parts)]
 
-
 class _StreamOptions(_Strict):
     include_usage: bool | None = None
-
 
 class ChatRequest(_Strict):
     """The chat-completions fields the server reads (any other is ignored); null is the default."""
@@ -110,7 +101,6 @@ class ChatRequest(_Strict):
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_STOP),
                     BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] | None = None
 
-
 @dataclass
 class ChatParams:
     """A validated chat-completions request."""
@@ -125,7 +115,6 @@ class ChatParams:
     stop: tuple = ()       # stop strings
     trimmed: int = 0       # oldest messages dropped to fit the context
 
-
 def _invalid(err):
     """pydantic's error -> APIError(400): param as messages[0].role, code invalid_type / invalid_value / empty_array."""
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
@@ -135,7 +124,6 @@ def _invalid(err):
         if (kind.endswith("_type") or kind == "missing") and param != "stop" else "invalid_value"
     return APIError(400, f"'{param or 'body'}': {err['msg']}, got {json.dumps(err['input'])[:50]}", param=param,
                     code=code)
-
 
 def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     """A chat-completions JSON body -> ChatParams; APIError(400) naming the offending field otherwise."""
@@ -175,7 +163,6 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
                       max_tokens, bool(req.stream), bool(req.stream_options and req.stream_options.include_usage),
                       tuple(req.stop or ()), trimmed)
 
-
 class _Choice:
     """One choice's text: tokens in (the engine's stop tokens dropped), text out, cut before the first stop string,
     holding back any tail that could start one (a stop string can arrive split over several pieces)."""
@@ -211,7 +198,6 @@ class _Choice:
         if self.hit or reason in ("stop", "cancelled"):
             return "stop"
         return "length" if reason in (None, "length") else reason
-
 
 class ChatService:
     """Owns the engine (stepping in its background thread) and the admission queue: max_concurrency requests generate
@@ -320,7 +306,6 @@ class ChatService:
                 "max_queue": self.max_queue, "engine": {**self.engine.load(), **self.engine.stats},
                 "python_tool": sandbox.jail_status().mode}
 
-
 class _Slot:
     """One admitted request's place under max_concurrency; release() gives it back (once, however often called)."""
 
@@ -334,7 +319,6 @@ class _Slot:
             self.held = False
             self.service.service_time = 0.8 * self.service.service_time + 0.2 * (time.monotonic() - self.t0)
         self.service._release()
-
 
 def create_app(service):
     app = FastAPI(title="tritonchat", docs_url=None, redoc_url=None, openapi_url=None)
@@ -403,12 +387,10 @@ def create_app(service):
 
     return app
 
-
 def _usage(params, job):
     completion_tokens = sum(len(c) for c in job.completions)
     return {"prompt_tokens": len(params.prompt), "completion_tokens": completion_tokens,
             "total_tokens": len(params.prompt) + completion_tokens}
-
 
 async def _complete(s, params, meta):
     """A non-streaming completion -> the response body; cancelled (the client left), it gives up its place or job."""
@@ -428,7 +410,6 @@ async def _complete(s, params, meta):
                          "logprobs": None, "finish_reason": c.finish_reason(job.finish_reasons[i])}
                         for i, c in enumerate(choices)], "usage": _usage(params, job)}
 
-
 async def _unless_disconnected(request, coro):
     """Await `coro` unless the client disconnects first: then cancel it (its cleanup runs) and raise _ClientGone."""
     task = asyncio.ensure_future(coro)
@@ -445,18 +426,15 @@ async def _unless_disconnected(request, coro):
         raise _ClientGone()
     return task.result()
 
-
 async def _disconnect(request):
     """Returns once the client has disconnected (the body is read: the only message left is http.disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-
 def _cleanup(service, job, slot):
     if job is not None and not job.done:  # an abandoned request: free its KV blocks
         service.engine.cancel(job)
     slot.release()
-
 
 async def _read_json(request, limit, timeout):
     if (declared := request.headers.get("content-length", "")).isdigit() and int(declared) > limit:
@@ -483,7 +461,6 @@ async def _read_json(request, limit, timeout):
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise APIError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}"[:300],
                        code="invalid_json") from None
-
 
 async def _stream(s, job, slot, params, meta):
     """Server-sent events in OpenAI's chunk format: a role chunk per choice, content deltas, a finish chunk per
@@ -514,12 +491,10 @@ async def _stream(s, job, slot, params, meta):
     finally:
         _cleanup(s, job, slot)
 
-
 def chat_page(model_name="tritonchat"):
     """model/chat.html read from the package (a checkout or an install alike), the model's name HTML-escaped in."""
     page = importlib.resources.files(__package__ or "model").joinpath("chat.html").read_text(encoding="utf-8")
     return page.replace("__MODEL__", html.escape(model_name, quote=True))
-
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m model.server", description="tritonchat web UI + OpenAI-compatible API")
@@ -557,7 +532,6 @@ def main(argv=None):
         uvicorn.Server(uvicorn.Config(create_app(service), log_level="info")).run(sockets=[sock])
     finally:
         service.close()
-
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,6 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|
 RANKS_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
 FORMAT = "tritonchat-tokenizer-1"
 
-
 class Tokenizer:
     """A tiktoken Encoding with the learned ranks and SPECIAL_TOKENS appended after them."""
 
@@ -154,7 +153,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
 
-
 def conversation_messages(conversation):
     """A conversation {"messages": [{"role": system | user | assistant, "content": str or [{"type": text | python |
     python_output, "text": str}]}]} checked (python parts: assistant only; a system message only first; turns
@@ -200,15 +198,12 @@ def conversation_messages(conversation):
                              f"{expected!r}: turns alternate user, assistant, user, ...")
     return messages
 
-
 def _text(content):
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
-
 
 def get_tokenizer(directory=None):
     """The trained tokenizer at $TRITONCHAT_HOME/tokenizer (or `directory`)."""
     return Tokenizer.load(directory or os.path.join(home_dir(), "tokenizer"))
-
 
 class IncrementalDecoder:
     """Streaming decode: add(token) -> the newly completed text ("" while a UTF-8 character is incomplete), flush()

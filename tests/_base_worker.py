@@ -28,7 +28,6 @@ from train.data import TokenLoader  # noqa: E402
 from train.distributed import build_model, cleanup, init_distributed  # noqa: E402
 from train.evaluate import evaluate_bpb, token_bytes  # noqa: E402
 
-
 class RowLoader:
     """Deterministic random rows; block index = calls * world + rank (world-size independent global order)."""
 
@@ -47,7 +46,6 @@ class RowLoader:
 
     def load_state_dict(self, state):
         self.calls = state["calls"]
-
 
 def main():
     p = argparse.ArgumentParser()
@@ -104,7 +102,6 @@ def main():
     loop.train(args.stage, model, opts, loader, args, eval_fn=eval_fn,
                meta={"config": cfg.__dict__})
     cleanup()
-
 
 if __name__ == "__main__":
     loop.run_main(main)

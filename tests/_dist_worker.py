@@ -25,7 +25,6 @@ STEPS, BATCH = 4, 4
 # Odd shapes: uneven dim-0 shards (5 rows over 2 ranks = 3 + 2), an empty shard (1 row), groups of 3/1/1 matrices.
 MUON_SHAPES = [(5, 3), (5, 3), (5, 3), (1, 4), (7, 4), (3, 8)]
 
-
 def muon_case():
     """Sharded Muon on MUON_SHAPES, 3 steps with fresh gradients; returns (initial, grads, final) full tensors."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -41,7 +40,6 @@ def muon_case():
             p.grad = distribute_tensor(gr.clone(), mesh, [Shard(0)], src_data_rank=None)
         opt.step()
     return init, grads, [p.detach().full_tensor() for p in params], opt.ns_matrices
-
 
 def main():
     out = sys.argv[1]
@@ -80,7 +78,6 @@ def main():
         torch.save(dict(world=world, logits0=logits0, losses=losses, params=params, ns_counts=ns_counts,
                         muon=dict(init=m_init, grads=m_grads, final=m_final, counts=m_counts)), out)
     cleanup()
-
 
 if __name__ == "__main__":
     main()

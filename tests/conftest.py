@@ -17,13 +17,11 @@ except ImportError:  # pragma: no cover
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
-
 
 @pytest.fixture
 def cpu_rank():
@@ -37,7 +35,6 @@ def cpu_rank():
     if owned:
         cleanup()
 
-
 @pytest.fixture
 def eager_single_thread():
     """Eager kernels on one thread: for tests of tiny shapes, where OpenMP threads spinning on a shared 2-core box
@@ -49,7 +46,6 @@ def eager_single_thread():
     yield
     kernels.set_mode(prev)
     torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def fused():

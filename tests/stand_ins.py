@@ -13,7 +13,6 @@ from kernels.newton_schulz import newton_schulz_reference
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import SPECIAL_TOKENS
 
-
 class ByteTokenizer:
     """model/tokenizer.py's surface over raw bytes: ids 0..255 are bytes, 256.. the special tokens (bos = 256)."""
     vocab_size = 256 + len(SPECIAL_TOKENS)
@@ -31,13 +30,11 @@ class ByteTokenizer:
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-
 def synthetic_docs(n=300, seed=0):
     """n short documents of Shakespeare-ish words, each starting with its index ("12: to be or ...")."""
     rng = random.Random(seed)
     words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
     return [f"{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "." for i in range(n)]
-
 
 def zipf_corpus(n_docs, seed, words_per_doc=60):
     """Documents from a Zipf-distributed vocabulary of made-up words, numbers and punctuation."""
@@ -56,7 +53,6 @@ def zipf_corpus(n_docs, seed, words_per_doc=60):
         docs.append(" ".join(ws) + rng.choice(["\n", "\n\n", "  \n", ""]))
     return docs
 
-
 CORPORA = {
     "english": ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world! Hello, hello; HELLO.",
                 "It's what we've said: they'll do it, we're sure, I'd think, you'd be 12345 or 3.14159."],
@@ -66,11 +62,9 @@ CORPORA = {
     "zipf": zipf_corpus(40, seed=1),
 }
 
-
 def write_parquet(path, docs, row_group_size=4):
     """docs as the "text" column of a parquet file (FineWeb's layout), row_group_size documents per row group."""
     pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
-
 
 class LocalServer:
     """An HTTP server on 127.0.0.1 (a free port) in a thread, as a context manager; subclasses build a handler."""
@@ -87,7 +81,6 @@ class LocalServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-
 
 class Server(LocalServer):
     """http.server on 127.0.0.1 serving `root`; `flaky` names fail once with 503; `requests` counts GETs per name.
@@ -121,7 +114,6 @@ class Server(LocalServer):
 
         self.serve(Handler, "/files")
 
-
 def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov=True):
     """Muon written out per matrix with explicit formulas (no lerp, no batching), fp64 bookkeeping."""
     params = [p.clone().double() for p in params]
@@ -135,7 +127,6 @@ def straightforward_muon(params, grads_per_step, lr, momentum_per_step, nesterov
             rows, cols = p.shape
             params[i] = p - lr * max(1.0, rows / cols) ** 0.5 * o
     return [p.float() for p in params]
-
 
 def tiny_model(cls=GPT, seed=0):
     """A 2-layer GPT (GQA 4/2 heads, width 128, context 64) over ByteTokenizer's vocabulary, in eval mode, with the

@@ -25,20 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_base_worker.py")
 PY = sys.executable
 
-
 def run(cmd, home, timeout=120):
     env = dict(os.environ, TRITONCHAT_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 def logged(home, stage="worker", run_name="default"):
     with open(os.path.join(home, "checkpoints", stage, run_name, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
-
 def losses(records):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
-
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     common = [PY, WORKER, "--steps", "6", "--device-batch-size", "2", "--total-batch-size", "128",
@@ -55,7 +51,6 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert losses(a) == losses(b) and len(losses(a)) == 6  # identical floats, steps 1..6
     assert losses(a)[6] < losses(a)[1] - 1.0
     assert [r for r in a if "val_bpb" in r] == [r for r in b if "val_bpb" in r]
-
 
 def test_fsdp2_two_ranks_match_one_process(tmp_path):
     args = [WORKER, "--rows", "--steps", "4", "--device-batch-size", "2", "--total-batch-size", "128",
@@ -74,7 +69,6 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     v1, v2 = [[r["val_bpb"] for r in logged(tmp_path / d) if "val_bpb" in r] for d in ("one", "two")]
     assert len(v1) == len(v2) == 1 and abs(v1[0] - v2[0]) < 0.05  # uneven val shards: no hang, similar bpb
 
-
 def flat(tree, prefix=""):
     """A nested state dict -> {dotted key: leaf}."""
     if isinstance(tree, dict):
@@ -82,7 +76,6 @@ def flat(tree, prefix=""):
     if isinstance(tree, (list, tuple)):
         return {k: v for i, sub in enumerate(tree) for k, v in flat(sub, f"{prefix}{i}.").items()}
     return {prefix[:-1]: tree}
-
 
 def assert_loaded_equals_saved(dump, ckpt, tmp_path):
     """The full model + optimizer state right after --resume (dump) equals the checkpoint's, tensor for tensor."""
@@ -95,7 +88,6 @@ def assert_loaded_equals_saved(dump, ckpt, tmp_path):
     for k in saved:  # Muon's momentum, AdamW's moments and steps, every weight; param groups too
         same = torch.equal(saved[k], loaded[k]) if k in tensors else saved[k] == loaded[k]
         assert same, k
-
 
 def test_resume_on_another_number_of_processes(tmp_path):
     """2 ranks -> 1 -> 2: DCP reshards model and optimizer state (the tensors after each load equal those saved),
@@ -122,7 +114,6 @@ def test_resume_on_another_number_of_processes(tmp_path):
     assert all(d > 0 for d in drop.values()), loss  # the curve keeps falling across both moves (steps 5 and 7) ...
     assert max(drop[5], drop[7]) <= max(drop[2], drop[3], drop[4]), loss  # ... without a jump either way
 
-
 @pytest.mark.gpu
 def test_cuda_bf16_loop_resume_and_mfu(tmp_path):
     common = [PY, WORKER, "--device", "cuda", "--steps", "6", "--device-batch-size", "8", "--total-batch-size", "512",
@@ -135,13 +126,11 @@ def test_cuda_bf16_loop_resume_and_mfu(tmp_path):
     known = peak_flops(torch.device("cuda")) is not None  # MFU is n/a only on a GPU missing from the table
     assert all((0 < rec["mfu"] < 1) if known else rec["mfu"] is None for rec in steps)
 
-
 def test_lr_schedule_and_momentum():
     lrm = [loop.lr_multiplier(s, 10, warmup_ratio=0.2, warmdown_ratio=0.2, final_lr_frac=0.1) for s in range(10)]
     assert lrm[:2] == [0.5, 1.0] and lrm[2:9] == [1.0] * 7 and lrm[9] == pytest.approx(0.1 + 0.9 * 0.5)
     assert loop.muon_momentum(0) == 0.85 and loop.muon_momentum(150) == pytest.approx(0.90)
     assert loop.muon_momentum(300) == loop.muon_momentum(10_000) == pytest.approx(0.95)
-
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -152,7 +141,6 @@ def home(tmp_path, monkeypatch):
         os.makedirs(tmp_path / "data" / "shakespeare")
         shutil.copy(cached, tmp_path / "data" / "shakespeare")
     return tmp_path
-
 
 def test_tiny_preset_end_to_end(home, capsys):
     summary = base.main(["--preset", "tiny", "--num-iterations", "3", "--device-batch-size", "4",
@@ -166,7 +154,6 @@ def test_tiny_preset_end_to_end(home, capsys):
     model, tok, meta = ck.load_model("base")  # what the next stage does
     assert meta["stage"] == "base" and meta["step"] == 3 and tok.vocab_size == meta["config"]["vocab_size"] == 400
     assert meta["tokenizer_dir"] == str(home / "tokenizer")
-
 
 def test_tiny_preset_under_torchrun(home):
     """Rank 0 fetches the corpus and trains the tokenizer while rank 1 waits on marker files; then 2-rank FSDP2.
@@ -184,7 +171,6 @@ def test_tiny_preset_under_torchrun(home):
     assert report["world_size"] == 2 and report["val"]["val_bpb"] > 0
     assert not [f for f in os.listdir(home) + os.listdir(home / "data") if f.startswith(".")]  # markers removed
 
-
 def test_d20_preset_arguments():
     args = base.parse_args(["--preset", "d20"])
     assert (args.depth, args.max_seq_len, args.vocab_size) == (20, 2048, 65536)
@@ -197,7 +183,6 @@ def test_d20_preset_arguments():
     args = base.parse_args(["--preset", "d20", "--depth", "26", "--num-iterations", "7", "--run", "x"])
     assert (args.depth, args.num_iterations, args.run) == (26, 7, "x")
     assert loop.grad_accum_steps(524288, 1, 32, 2048) == 8  # one GPU: 8 micro-batches
-
 
 def test_d20_code_path_on_local_shards(home, capsys):
     """The d20 path shrunk: FineWeb shards from a local server, a tokenizer trained on them, parquet loader."""
@@ -214,7 +199,6 @@ def test_d20_code_path_on_local_shards(home, capsys):
     assert "training a tokenizer with vocab 300" in out and "accum 2" in out
     assert summary["steps"] == 2 and summary["val"]["val_bpb"] > 0 and summary["preset"] == "d20"
     assert sorted(os.listdir(home / "data" / "fineweb")) == [data.shard_name(s) for s in range(3)]
-
 
 def test_resume_with_another_batch_says_so(home, capsys):
     """--total-batch-size -1 means one micro-batch per process: resumed with another batch (as on another number of
@@ -235,7 +219,6 @@ def test_resume_with_another_batch_says_so(home, capsys):
     out = go(4, 3, True)
     assert "note: a step now holds 64 tokens, 32 before the resume; pass --total-batch-size 32" in out
 
-
 # --------------------------------------------------------------------------------------------------- bad input
 
 def expect_exit(capsys, fn, match):
@@ -246,7 +229,6 @@ def expect_exit(capsys, fn, match):
     assert match in err, err
     return err
 
-
 @pytest.mark.parametrize("argv,match", [
     (["--preset", "huge"], "unknown preset 'huge': choose one of tiny, d20"),
     (["--preset", "tiny", "--depth", "0"], "--depth must be an integer >= 1 (got 0)"),
@@ -255,11 +237,9 @@ def expect_exit(capsys, fn, match):
 def test_bad_arguments(capsys, argv, match):
     expect_exit(capsys, lambda: base.parse_args(argv), match)
 
-
 def test_bad_input_cli_has_no_traceback(tmp_path):
     r = run([PY, "-m", "train.base", "--preset", "nope"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == "error: unknown preset 'nope': choose one of tiny, d20"
-
 
 def tiny_setup(B=2, T=16):
     kernels.set_mode("eager")
@@ -270,7 +250,6 @@ def tiny_setup(B=2, T=16):
     args = p.parse_args(["--num-iterations", "2", "--device-batch-size", str(B), "--eval-every", "0"])
     return model, model.setup_optimizers(), TokenLoader(ByteTokenizer(), synthetic_docs(20), B, T), args
 
-
 def test_batch_not_divisible(home, capsys):
     model, opts, loader, args = tiny_setup()
     args.total_batch_size = 100
@@ -278,13 +257,11 @@ def test_batch_not_divisible(home, capsys):
                 "--total-batch-size 100 is not divisible by world_size x device_batch_size x seq_len = 1 x 2 x 16 = "
                 "32 tokens; set --total-batch-size to a multiple of 32 (e.g. 96 or 128)")
 
-
 def test_resume_without_checkpoint(home, capsys):
     model, opts, loader, args = tiny_setup()
     args.resume, args.run = True, "ghost"
     expect_exit(capsys, lambda: loop.train("base", model, opts, loader, args),
                 f"--resume: no checkpoint found in {home}/checkpoints/base/ghost; run without --resume first")
-
 
 def test_no_disk_space_for_checkpoint(home, capsys, monkeypatch):
     model, opts, loader, args = tiny_setup()
@@ -292,7 +269,6 @@ def test_no_disk_space_for_checkpoint(home, capsys, monkeypatch):
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     expect_exit(capsys, lambda: loop.train("base", model, opts, loader, args), "not enough disk space")
     assert os.listdir(home / "checkpoints" / "base" / "default") == ["log.jsonl"]  # no step dir, no temp dir
-
 
 def test_corrupt_shard(home, capsys):
     served = home / "served"
@@ -305,17 +281,14 @@ def test_corrupt_shard(home, capsys):
                           "shard shard_00001.parquet from http://127.0.0.1")
     assert "corrupt" in err and not (home / "data" / "fineweb" / data.shard_name(1)).exists()
 
-
 # ------------------------------------------------------------------------------------------------ torchrun launches
 # Every module a documented command launches under torchrun; its flags follow `--` (torchrun's parser would take
 # a flag that abbreviates one of its own options, as --run does --run-path, for its own).
 TORCHRUN_MODULES = ("train.base", "train.mid", "train.sft", "train.rl", "train.evaluate", "train.speedrun",
                     "bench.train")
 
-
 class _Parsed(Exception):
     pass
-
 
 def module_parser(module, monkeypatch):
     """The argparse parser a module's entry point builds (captured at its first parse_args call)."""
@@ -333,7 +306,6 @@ def module_parser(module, monkeypatch):
     monkeypatch.undo()
     return captured[0]
 
-
 @pytest.mark.parametrize("module", TORCHRUN_MODULES)
 def test_every_flag_reaches_the_module_through_torchrun(module, monkeypatch):
     """torchrun's own parser, given the documented form `torchrun ... -m MODULE -- FLAGS`, hands every flag of the
@@ -350,14 +322,12 @@ def test_every_flag_reaches_the_module_through_torchrun(module, monkeypatch):
     with pytest.raises(SystemExit):  # what the undocumented form does to --run (why the `--` is there)
         torchrun.parse_args(["--standalone", "--nproc_per_node=2", "-m", "train.base", "--run", "ws"])
 
-
 def test_stage_flags_after_a_double_dash_parse():
     """The `--` of the documented launch, if handed on to the stage, is dropped: the flags after it still parse."""
     from train import rl, sft
     args = base.parse_args(["--", "--preset", "tiny", "--run", "ws", "--depth", "3"])
     assert (args.run, args.depth, args.max_seq_len) == ("ws", 3, 256)
     assert sft.parse_args(["--", "--run", "ws"]).run == rl.parse_args(["--", "--run", "ws"]).run == "ws"
-
 
 def test_documented_torchrun_commands_put_flags_after_a_double_dash():
     """README, Makefile and every module docstring: a torchrun line that passes flags to `-m module` passes them

@@ -6,13 +6,11 @@ import torch
 
 from bench import harness, report
 
-
 def _fake_run(quick):
     rows = [harness.row("fake", {"n": 8}, "eager", "fwd", 2.0, flops=4e9),
             harness.row("fake", {"n": 8}, "fused", "fwd", 0.5, flops=4e9, bytes_=1e9),
             harness.row("fake", {"n": 8}, "fused", "bwd", 1.0)]  # no eager bwd -> no ratio
     return harness.add_ratios(rows, "eager")
-
 
 def test_row_rates_and_ratios():
     rows = _fake_run(True)
@@ -22,12 +20,10 @@ def test_row_rates_and_ratios():
     assert rows[1]["ratio"] == pytest.approx(4.0)                   # 2.0 ms / 0.5 ms
     assert rows[2]["ratio"] is None
 
-
 def test_bench_cpu_timing():
     t = harness.bench(lambda: torch.randn(64, 64) @ torch.randn(64, 64), quick=True)
     assert 0 < t["ms_p20"] <= t["ms"] <= t["ms_p80"]
     assert harness.peak_memory_mb(lambda: None) is None  # no CUDA here
-
 
 def test_run_suite_json_schema_and_report(tmp_path):
     path = harness.run_suite("fake", _fake_run, quick=True, out_dir=str(tmp_path), png=True)
@@ -42,7 +38,6 @@ def test_run_suite_json_schema_and_report(tmp_path):
     md = report.to_markdown(report.load_newest(str(tmp_path)))
     assert "| n=8 | fwd | fused | 0.5 | 8 | 2e+03 | 4.00 |" in md
 
-
 def test_report_keeps_newest_per_suite_and_device(tmp_path):
     for date, ms in (("2026-01-01T00:00:00Z", 1.0), ("2026-02-01T00:00:00Z", 3.0)):
         info = {"device": "gpu-x", "date": date, "kind": "cuda"}
@@ -52,13 +47,11 @@ def test_report_keeps_newest_per_suite_and_device(tmp_path):
     newest = report.load_newest(str(tmp_path))
     assert len(newest) == 1 and newest[0]["rows"][0]["ms"] == 3.0
 
-
 def test_unknown_suite_is_a_clear_error(capsys):
     from bench import kernels
     with pytest.raises(SystemExit) as e:
         kernels.main(["--suite", "nope"])
     assert "unknown suite" in str(e.value)
-
 
 def test_mfu_and_projection_arithmetic():
     from bench.train import device_peak_flops, mfu, project_speedrun
@@ -73,7 +66,6 @@ def test_mfu_and_projection_arithmetic():
     p = project_speedrun(561e6, 50_000)
     assert p["tokens"] == pytest.approx(11.22e9)
     assert p["hours"] == pytest.approx(11.22e9 / 400_000 / 3600)
-
 
 def test_telemetry_unavailable_is_reported_not_raised(monkeypatch):
     import builtins
@@ -91,7 +83,6 @@ def test_telemetry_unavailable_is_reported_not_raised(monkeypatch):
     s = t.summary()
     assert s["status"] == "unavailable" and "pynvml" in s["reason"]
 
-
 def test_train_profiler_runs_on_cpu(tmp_path):
     import json as _json
     from bench import train as bench_train
@@ -103,7 +94,6 @@ def test_train_profiler_runs_on_cpu(tmp_path):
     assert set(r["phases_ms"]) == {"forward", "backward", "optimizer"}
     assert r["telemetry"]["status"] in ("ok", "unavailable")
     assert _json.load(open(next(tmp_path.glob("train-*.json"))))["rows"][0]["flops_per_token"] > 0
-
 
 def test_train_profiler_four_way_and_plain_build_on_cpu(tmp_path, eager_single_thread):
     """--compile off,on x --build fsdp,plain (aot_eager: traced, no C++ build): four rows named as the table names
@@ -120,7 +110,6 @@ def test_train_profiler_four_way_and_plain_build_on_cpu(tmp_path, eager_single_t
         assert r["graphs"] == {"eager": 0, "eager+compile": 3, "eager (plain)": 0, "eager+compile (plain)": 1}[name]
     with pytest.raises(SystemExit, match="unknown value 'maybe' in --compile"):
         bench_train.main(["--compile", "maybe"])
-
 
 def test_report_prefers_a_full_run_over_a_newer_quick_one(tmp_path):
     for name, date, quick, ms in (("full", "2026-01-01T00:00:00Z", False, 1.0),

@@ -18,7 +18,6 @@ torch.manual_seed(0)
 CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
           "The quick brown fox jumps over the lazy dog; 12 + 30 = 42."] * 10
 
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """$TRITONCHAT_HOME with tokenizer/ and checkpoints/sft/test/step_000003 of a tiny random model."""
@@ -43,12 +42,10 @@ def home(tmp_path_factory):
     else:
         os.environ["TRITONCHAT_HOME"] = old_home
 
-
 def _greedy(model, tok, conversation, max_tokens):
     prompt = tok.render_for_completion(conversation)
     seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     return tok.decode(seqs[0][len(prompt):])
-
 
 def test_missing_checkpoint_says_how_to_train(home):
     for stage, command in [("mid", "python -m train.mid"), ("rl", "python -m train.rl")]:
@@ -57,13 +54,11 @@ def test_missing_checkpoint_says_how_to_train(home):
         assert f"no {stage} checkpoint" in str(e.value.code) and command in str(e.value.code)
         assert str(home[0]) in str(e.value.code)
 
-
 def test_one_shot_prompt(home, capsys):
     _, model, tok = home
     main(["--source", "sft", "-p", "Hello there!", "--temperature", "0", "--max-tokens", "12", "--kernels", "eager"])
     expected = _greedy(model, tok, {"messages": [{"role": "user", "content": "Hello there!"}]}, 12)
     assert capsys.readouterr().out == expected + "\n"
-
 
 def test_repl_streams_and_keeps_the_conversation(home, monkeypatch, capsys):
     _, model, tok = home
@@ -78,7 +73,6 @@ def test_repl_streams_and_keeps_the_conversation(home, monkeypatch, capsys):
     answers = [part.split("\n")[0] for part in out.split("Assistant: ")[1:]]
     assert answers == [first.split("\n")[0], second.split("\n")[0], fresh.split("\n")[0]]
     assert "(new conversation)" in out
-
 
 def test_tool_use_round_trips_into_the_next_turn(home):
     """An answer with a python call + forced output becomes parts, which render back to exactly those tokens."""
@@ -95,12 +89,10 @@ def test_tool_use_round_trips_into_the_next_turn(home):
     assert rendered == prompt + ids + [sp["<|assistant_end|>"]]
     assert assistant_content(tok, tok.encode("plain")) == "plain"
 
-
 BAD_FLAGS = [["--temperature", "-1"], ["--temperature", "nan"], ["--temperature", "inf"], ["--max-tokens", "-5"],
              ["--top-k", "0"], ["--device", "tpu"], ["--seed", "x"], ["--source", "nope"]]
 if not torch.cuda.is_available():
     BAD_FLAGS.append(["--device", "cuda"])
-
 
 @pytest.mark.parametrize("flags", BAD_FLAGS + [["-p", "hi", "--max-tokens", "5000"]], ids=" ".join)
 def test_bad_flag_is_one_line_exit_2(home, capsys, flags):
@@ -114,7 +106,6 @@ def test_bad_flag_is_one_line_exit_2(home, capsys, flags):
     assert len(lines) == 1 and lines[0].startswith(f"python -m model.chat: error: argument {flags[-2]}"), err
     assert "Traceback" not in err
 
-
 def test_help_prints_each_default_once(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -124,7 +115,6 @@ def test_help_prints_each_default_once(capsys):
     assert len(entries) >= 8
     for entry in entries:
         assert entry.count("default") <= 1 and "default: None" not in entry, entry
-
 
 def _scripted_input(monkeypatch, items):
     """input() answering from `items`: strings, or exceptions (KeyboardInterrupt = Ctrl-C, EOFError = Ctrl-D)."""
@@ -139,7 +129,6 @@ def _scripted_input(monkeypatch, items):
 
     monkeypatch.setattr("builtins.input", fake_input)
 
-
 def test_repl_commands_ctrl_c_and_ctrl_d(home, monkeypatch, capsys):
     """Slash commands never reach the model; Ctrl-C at the prompt only clears the line; Ctrl-D leaves."""
     _, model, tok = home
@@ -151,7 +140,6 @@ def test_repl_commands_ctrl_c_and_ctrl_d(home, monkeypatch, capsys):
     answers = [part.split("\n")[0] for part in out.split("Assistant: ")[1:]]
     expected = _greedy(model, tok, {"messages": [{"role": "user", "content": "Hello there!"}]}, 6)
     assert answers == [expected.split("\n")[0]]  # one answer: to the one message that was not a command
-
 
 def test_long_messages_and_history_fit_the_context(home, monkeypatch, capsys):
     """A message longer than the trained context (64) is refused with a note and the session goes on; a history

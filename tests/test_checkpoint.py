@@ -14,13 +14,11 @@ from train.distributed import build_model, init_distributed
 torch.manual_seed(0)
 CFG = GPTConfig(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
 
-
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     kernels.set_mode("eager")
     return tmp_path
-
 
 def trained_model(steps=2, seed=0):
     torch.manual_seed(seed)
@@ -34,11 +32,9 @@ def trained_model(steps=2, seed=0):
             o.zero_grad()
     return model, opts
 
-
 def flat_optim_state(opts):
     return [(k, full(v).clone()) for o in opts for s in o.state.values() for k, v in sorted(s.items())
             if isinstance(v, torch.Tensor)]
-
 
 def test_round_trip(home):
     model, opts = trained_model()
@@ -63,7 +59,6 @@ def test_round_trip(home):
     ck.save_checkpoint(path, 2, model, opts, meta)
     assert sorted(os.listdir(os.path.dirname(path))) == ["step_000002"]
 
-
 def test_failure_mid_save_leaves_nothing(home, monkeypatch):
     model, opts = trained_model(steps=1)
     real_save = ck.dcp.save
@@ -79,7 +74,6 @@ def test_failure_mid_save_leaves_nothing(home, monkeypatch):
     assert os.listdir(os.path.dirname(path)) == []
     assert ck.find_last_checkpoint("base", "r1") is None
 
-
 def test_no_disk_space_is_a_clear_error(home, monkeypatch):
     model, opts = trained_model(steps=1)
     need = ck.estimate_checkpoint_bytes(model, opts)
@@ -90,7 +84,6 @@ def test_no_disk_space_is_a_clear_error(home, monkeypatch):
     with pytest.raises(ck.UserError, match="not enough disk space .* GiB free"):
         ck.save_checkpoint(path, 1, model, opts, {"config": vars(CFG)})
     assert os.listdir(os.path.dirname(path)) == []
-
 
 def test_find_last_checkpoint_ignores_partial(home):
     run = ck.checkpoint_dir("sft", "a")
@@ -104,7 +97,6 @@ def test_find_last_checkpoint_ignores_partial(home):
     with pytest.raises(ck.UserError, match="no rl checkpoint"):
         ck.load_model("rl")
 
-
 def test_load_model_single_process(home):
     model, opts = trained_model()
     ck.save_checkpoint(ck.step_dir("base", "r1", 2), 2, model, opts, {"config": vars(CFG), "stage": "base"})
@@ -115,7 +107,6 @@ def test_load_model_single_process(home):
         assert torch.allclose(plain(x), model(x), atol=1e-6, rtol=1e-6)
     assert meta["step"] == 2
 
-
 class _Effect:
     """A pickle payload: unpickling it writes a file (what a pickle in someone else's checkpoint could do)."""
 
@@ -125,7 +116,6 @@ class _Effect:
     def __reduce__(self):
         import pathlib
         return pathlib.Path.write_text, (pathlib.Path(self.path), "unpickled")
-
 
 def test_rng_state_is_data_never_unpickled(home, tmp_path):
     """RNG states are JSON values (torch bytes in base64, python/numpy numbers) that round-trip exactly; a
@@ -156,7 +146,6 @@ def test_rng_state_is_data_never_unpickled(home, tmp_path):
     saved = loop.resume("base", "planted", model, opts)
     assert saved["step"] == 1 and not marker.exists()
     assert ck.set_rng_state(payload) is False and not marker.exists()
-
 
 def test_foreign_dcp_metadata_is_refused_before_unpickling(home, tmp_path):
     """DCP unpickles .metadata with plain pickle: a checkpoint whose .metadata names anything but DCP's own types

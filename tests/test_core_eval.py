@@ -30,7 +30,6 @@ TOK = ByteTokenizer()
 V = ByteTokenizer.vocab_size
 SPACE, A = ord(" "), ord("a")
 
-
 # ------------------------------------------------------------------------------------------------ scripted models
 def bigram_table():
     """(V, V) logits: after " " or "a" the next token is "a", after anything else " " (+20 over the rest)."""
@@ -38,7 +37,6 @@ def bigram_table():
     for c in range(V):
         w[c, A if c in (SPACE, A) else SPACE] = 20.0
     return w
-
 
 class Bigram(nn.Module):
     """logits[b, t] depend on token t alone, so padding and batch shape cannot change them; counts its forwards."""
@@ -53,7 +51,6 @@ class Bigram(nn.Module):
     def forward(self, idx):
         self.forwards += 1
         return self.emb(idx)
-
 
 class Oracle(nn.Module):
     """Teacher-forced (+30 on the next input token) on rows whose text ends with a gold ending of some task item,
@@ -84,7 +81,6 @@ class Oracle(nn.Module):
                 logits[b].scatter_(1, nxt[b][:, None], 30.0)
         return logits
 
-
 class Guess(nn.Module):
     """A random constant loss per row (token id 0, never in text, gets a random logit): the argmin over choices is a
     uniform guess; greedy predictions are token 0, so language modelling scores 0."""
@@ -98,7 +94,6 @@ class Guess(nn.Module):
         logits = torch.zeros(idx.shape[0], 1, V)
         logits[:, :, 0] = 5 * torch.rand(idx.shape[0], 1, generator=self.gen)
         return logits.expand(*idx.shape, V)
-
 
 # ------------------------------------------------------------------------------------------------ a hand-made bundle
 MC_ITEMS = [  # delimiter "\nAnswer: " ends in a space, so the bigram model wants "a" then more "a"
@@ -141,7 +136,6 @@ icl_tasks:
     - 'Q:'
 """
 
-
 def write_bundle(root, mc=MC_ITEMS):
     os.makedirs(os.path.join(root, "eval_data", "toy"), exist_ok=True)
     with open(os.path.join(root, "core.yaml"), "w") as f:
@@ -155,11 +149,9 @@ def write_bundle(root, mc=MC_ITEMS):
             f.write("".join(json.dumps(it) + "\n" for it in items))
     return str(root)
 
-
 @pytest.fixture
 def bundle(tmp_path):
     return write_bundle(tmp_path)
-
 
 def test_bundle_core_equals_hand_computed_value(bundle):
     tasks = ce.load_bundle(bundle)
@@ -178,7 +170,6 @@ def test_bundle_core_equals_hand_computed_value(bundle):
     assert len(lines) == 4 and "items/s" in lines[0] and "centred +0.6667" in lines[0]
     assert ce.format_results(result).splitlines()[-1].split() == ["CORE", "0.5000"]
 
-
 def test_batching_does_not_change_the_score(bundle):
     tasks = ce.load_bundle(bundle)
     one = ce.evaluate_core(Bigram(), TOK, tasks, batch_size=1, log=None)
@@ -187,7 +178,6 @@ def test_batching_does_not_change_the_score(bundle):
     accuracies = [{k: r["accuracy"] for k, r in x["tasks"].items()} for x in (one, many, tight)]
     assert accuracies[0] == accuracies[1] == accuracies[2]
     assert one["score"] == many["score"] == tight["score"]
-
 
 def test_a_real_gpt_runs_and_crops_to_max_seq_len(bundle):
     from model.gpt import GPT, GPTConfig
@@ -200,7 +190,6 @@ def test_a_real_gpt_runs_and_crops_to_max_seq_len(bundle):
     for r in (full, cropped):
         assert all(0 <= t["accuracy"] <= 1 for t in r["tasks"].values()) and math.isfinite(r["score"])
     assert model.training  # evaluate_core restores the mode it found
-
 
 # ------------------------------------------------------------------------------------------------ the pieces
 def test_templates():
@@ -215,7 +204,6 @@ def test_templates():
         "c1 w1\n\nctx", "c1 w1\n\nctx word"]
     assert ce.render_lm({"context": "Q", "continuation": "4"}, "\nAnswer: ", []) == ["Q\nAnswer:", "Q\nAnswer: 4"]
 
-
 def test_sampling_follows_nanochat_seeds():
     for index, n, k in [(0, 11, 10), (5, 11, 10), (10, 11, 10), (3, 500, 10), (499, 500, 3), (7, 20, 0)]:
         others = [i for i in range(n) if i != index]
@@ -225,7 +213,6 @@ def test_sampling_follows_nanochat_seeds():
     random.Random(1337).shuffle(shuffled)
     assert ce.subsample(items) == shuffled and ce.subsample(items, 7) == shuffled[:7]
     assert ce.subsample(items, -1) == shuffled
-
 
 def test_scored_spans_prefix_suffix_and_crop():
     rows, s, e = ce.scored_spans(ce.MULTIPLE_CHOICE, [[256, 1, 2, 3], [256, 1, 2, 4, 5], [256, 1, 9]])
@@ -240,13 +227,11 @@ def test_scored_spans_prefix_suffix_and_crop():
     with pytest.raises(ValueError):
         ce.crop([[256, 1, 2, 3, 4]], [2], [5], 3)
 
-
 def test_icl_tasks_parse(bundle):
     tasks = ce._read_icl_tasks(os.path.join(bundle, "core.yaml"))
     assert [t["label"] for t in tasks] == ["pick_a", "fill_in", "say_a"]
     assert tasks[0]["continuation_delimiter"] == "\nAnswer: " and tasks[0]["num_fewshot"] == [1]
     assert tasks[2]["early_stopping_criteria"] == ["\n\n", "Q:"]
-
 
 def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="no core.yaml"):
@@ -260,17 +245,14 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="no raw CORE dataset files"):
         ce.load_raw(str(tmp_path))
 
-
 # ------------------------------------------------------------------------------------------------ real rows
 def sample_row(name, **match):
     return next(r for r in realdata.sample_rows(name) if all(r.get(k) == v for k, v in match.items()))
-
 
 def first_prompt(label, row):
     spec = next(t for t in ce.RAW_TASKS if t.label == label)
     item = spec.render(row)
     return item, ce.RENDER[spec.kind](item, spec.delimiter)[0]
-
 
 def test_real_rows_render_as_the_bundle_does():
     item, p = first_prompt("arc_easy", sample_row("core/arc_easy_validation", id="NYSEDREGENTS_2014_8_22"))
@@ -316,12 +298,10 @@ def test_real_rows_render_as_the_bundle_does():
     assert ce.render_boolq({"passage": "Any question left.", "question": "is it", "answer": False})["query"] == \
         "Passage: Any\nQuestion left.\nQuestion: is it?"  # the bundle file's rewrite, kept
 
-
 def readme_counts(path):
     with open(path) as f:
         return {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^\| (\S+)\.jsonl \| (\d+) \| (\d+) \|", f.read(),
                                                                   re.M)}
-
 
 def test_embedded_sample_matches_its_readme_and_manifest():
     counts = readme_counts(os.path.join(realdata.SAMPLE_DIR, "README.md"))
@@ -344,24 +324,20 @@ def test_embedded_sample_matches_its_readme_and_manifest():
     with pytest.raises(UserError, match="unknown raw CORE task"):
         ce.load_raw(realdata.SAMPLE_DIR, names=["mmlu"])
 
-
 def test_sample_oracle_scores_one():
     tasks = ce.load_raw(realdata.SAMPLE_DIR, max_per_task=15)
     result = ce.evaluate_core(Oracle(tasks), TOK, tasks, log=None)
     assert result["name"] == "CORE-10" and result["score"] == 1.0
-
 
 # ------------------------------------------------------------------------------------------------ full real files
 @pytest.fixture(scope="module")
 def real_tasks():
     return ce.load_raw(REAL)
 
-
 @needs_real
 def test_raw_tasks_load_with_the_documented_row_counts(real_tasks):
     assert {t.name: len(t.items) for t in real_tasks} == {t.label: t.rows for t in ce.RAW_TASKS}
     assert ce.core_name(real_tasks) == "CORE-10"
-
 
 @needs_real
 def test_oracle_scores_one_on_every_task(real_tasks):
@@ -369,7 +345,6 @@ def test_oracle_scores_one_on_every_task(real_tasks):
     result = ce.evaluate_core(Oracle(tasks), TOK, tasks, log=None)
     assert {k: r["accuracy"] for k, r in result["tasks"].items()} == {t.name: 1.0 for t in tasks}
     assert result["score"] == 1.0
-
 
 @needs_real
 def test_guessing_scores_chance(real_tasks):
@@ -384,7 +359,6 @@ def test_guessing_scores_chance(real_tasks):
         if t.name not in ("boolq", "commonsense_qa"):  # DCLM's baselines there: majority class, 1/5 of 5 options
             assert abs(chance - t.baseline) < 0.01, t.name
 
-
 @needs_real
 def test_draw_reproduces_the_sample(tmp_path):
     from train.tasks.realdata.draw import draw
@@ -392,7 +366,6 @@ def test_draw_reproduces_the_sample(tmp_path):
     assert result == realdata.manifest()
     with open(os.path.join(realdata.SAMPLE_DIR, "README.md")) as a, open(tmp_path / "README.md") as b:
         assert a.read() == b.read()
-
 
 @needs_real
 @pytest.mark.skipif(not os.path.isdir(os.path.join(BUNDLE, "eval_data")),
@@ -407,7 +380,6 @@ def test_raw_renderings_equal_the_bundle_rows(label, uri):
     mine = [spec.render(r) for r in realdata.read_rows(os.path.join(REAL, "core", spec.stem + ".parquet"))]
     with open(os.path.join(BUNDLE, "eval_data", uri)) as f:
         assert mine == [json.loads(line) for line in f if line.strip()]
-
 
 # ------------------------------------------------------------------------------------------------ two ranks
 def _rank_main(rank, world, port, root, out):
@@ -425,7 +397,6 @@ def _rank_main(rank, world, port, root, out):
                        "acc": {k: r["accuracy"] for k, r in result["tasks"].items()}}, f)
     finally:
         dist.destroy_process_group()
-
 
 def test_two_ranks_fsdp_match_one_process(tmp_path):
     import torch.multiprocessing as mp

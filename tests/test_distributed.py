@@ -19,12 +19,10 @@ torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_dist_worker.py")
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def start_worker(out, nproc):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITONCHAT_KERNELS="eager", PYTHONPATH=ROOT)
@@ -36,7 +34,6 @@ def start_worker(out, nproc):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", WORKER, out]
     return cmd, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -53,10 +50,8 @@ def runs(tmp_path_factory):
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-5000:]}"
     return {n: torch.load(out) for n, out in outs.items()}
 
-
 def test_forward_identical_across_world_sizes(runs):
     torch.testing.assert_close(runs[2]["logits0"], runs[1]["logits0"], atol=0, rtol=0)
-
 
 def test_training_same_losses_and_params(runs):
     one, two = runs[1], runs[2]
@@ -67,14 +62,12 @@ def test_training_same_losses_and_params(runs):
     for name, p in one["params"].items():
         torch.testing.assert_close(two["params"][name], p, atol=2e-5, rtol=1e-4, msg=name)
 
-
 def test_each_rank_orthogonalizes_its_share(runs):
     n_matrices = 2 * 6  # tiny config: 2 layers x (c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj)
     assert runs[1]["ns_counts"] == [STEPS * n_matrices]
     assert runs[2]["ns_counts"] == [STEPS * n_matrices // 2] * 2
     assert runs[1]["muon"]["counts"] == [3 * len(MUON_SHAPES)]
     assert runs[2]["muon"]["counts"] == [3 * len(MUON_SHAPES) // 2] * 2
-
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_muon_matches_straightforward(runs, world):
@@ -84,7 +77,6 @@ def test_sharded_muon_matches_straightforward(runs, world):
     for got, w, shape in zip(m["final"], want, MUON_SHAPES):
         assert got.shape == shape
         torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
-
 
 def test_in_process_fsdp_matches_plain_model_with_eval_forwards(cpu_rank, eager_single_thread):
     """World size 1 in this process: FSDP2 model == plain GPT, even with forwards without backward (eval, sampling)
@@ -118,7 +110,6 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards(cpu_rank, eager_
     assert samples[0::2] == samples[1::2]
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(full(p), q, atol=1e-6, rtol=1e-5, msg=name)
-
 
 def test_root_stays_gathered_only_from_forward_to_backward(cpu_rank, eager_single_thread):
     """The FSDP2 root's wte/lm_head: gathered (plain tensors) from a training forward to its backward, sharded
@@ -156,7 +147,6 @@ def test_root_stays_gathered_only_from_forward_to_backward(cpu_rank, eager_singl
     with torch.no_grad():
         torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), plain(x[:, :-1], x[:, 1:]), atol=1e-6, rtol=1e-5)
     assert sharded()
-
 
 def test_fsdp_compiled_matches_uncompiled(cpu_rank, eager_single_thread):
     """build_model(compile="on") at world size 1 in this process (gloo): every block and the root's embedding and head
@@ -212,7 +202,6 @@ def test_fsdp_compiled_matches_uncompiled(cpu_rank, eager_single_thread):
     for name, p in plain["params"].items():
         torch.testing.assert_close(comp["params"][name], p, atol=1e-5, rtol=1e-4, msg=name)
 
-
 @pytest.mark.parametrize("stage", ["base", "mid", "sft", "rl"])
 def test_compile_flag_parses_and_defaults_per_preset(stage):
     """--compile auto|on|off (default auto: on with CUDA, off on CPU; off for RL, whose shapes change every step)
@@ -241,13 +230,11 @@ def test_compile_flag_parses_and_defaults_per_preset(stage):
         assert batch() == (32 if torch.cuda.is_available() else 16)  # auto: fused with CUDA
         assert mod.parse_args(["--preset", "tiny"]).device_batch_size == 8
 
-
 def test_compile_enabled_rejects_unknown_values():
     from train.distributed import compile_enabled
     assert compile_enabled(True, "cpu") and not compile_enabled(False, "cuda")
     with pytest.raises(ValueError, match="compile must be one of"):
         compile_enabled("maybe", "cpu")
-
 
 @pytest.mark.gpu
 def test_cuda_bf16_fsdp_single_process():
@@ -287,7 +274,6 @@ def test_cuda_bf16_fsdp_single_process():
     finally:
         if owned:
             cleanup()
-
 
 def test_one_cpu_rank_leaves_the_root_plain_with_the_same_training(cpu_rank, eager_single_thread):
     """At one CPU rank build_model leaves wte and lm_head plain tensors (FSDP2 would only copy them) and shards the

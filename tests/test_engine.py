@@ -16,7 +16,6 @@ torch.manual_seed(0)
 TOK = ByteTokenizer()
 SP = {name: TOK.encode_special(name) for name in SPECIAL_TOKENS}
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Tiny matmuls: one thread is much faster than two contended ones on a shared CPU.
@@ -28,20 +27,16 @@ def one_thread():
     torch.set_num_threads(n)
     kernels.set_mode(old)
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
 
-
 PROMPTS = [[SP["<|bos|>"], 1, 2, 3, 4, 5], list(range(10, 40)), [SP["<|bos|>"]], list(range(50, 66))]  # 6, 30, 1, 16
-
 
 def assert_all_free(engine):
     assert engine.cache.num_free() == engine.cache.num_blocks
     assert not any(engine.cache.refcount)
     assert not engine.running and not engine.waiting
-
 
 def test_greedy_matches_full_recompute(model):
     engine = Engine(model, TOK, block_size=16, num_blocks=4)  # small pool: exercises growth too
@@ -52,7 +47,6 @@ def test_greedy_matches_full_recompute(model):
         assert masks[0] == [0] * len(prompt) + [1] * 24
     assert_all_free(engine)
 
-
 def test_mixed_lengths_batch_equals_alone(model):
     engine = Engine(model, TOK, block_size=16)
     alone = [engine.generate_batch(p, max_tokens=12, temperature=0) for p in PROMPTS]
@@ -61,7 +55,6 @@ def test_mixed_lengths_batch_equals_alone(model):
     assert engine.stats["prefill_batches"] == before + 1  # one padded prefill for all four prompts
     assert together == alone
     assert_all_free(engine)
-
 
 def record_logits(engine):
     """Capture, for every emitted token, (request, sample index, position, the logits it was sampled from)."""
@@ -80,7 +73,6 @@ def record_logits(engine):
 
     engine._sample, engine._emit = _sample, _emit
     return log
-
 
 @pytest.mark.parametrize("prompt_len,block_size", [(21, 16), (32, 16), (21, 32)])
 def test_shared_prefix_samples(model, prompt_len, block_size):
@@ -104,13 +96,11 @@ def test_shared_prefix_samples(model, prompt_len, block_size):
     assert len(log) == sum(len(c) for c in req.completions) > 4
     assert_all_free(engine)
 
-
 def test_greedy_samples_identical(model):
     engine = Engine(model, TOK)
     seqs, _ = engine.generate_batch(PROMPTS[1], num_samples=3, max_tokens=8, temperature=0)
     assert seqs[0] == seqs[1] == seqs[2] == engine.generate_batch(PROMPTS[1], max_tokens=8, temperature=0)[0][0]
     assert_all_free(engine)
-
 
 def test_seeded_sampling_reproducible(model):
     engine = Engine(model, TOK)
@@ -126,7 +116,6 @@ def test_seeded_sampling_reproducible(model):
     g = engine.generate_batch(PROMPTS[0], max_tokens=16, temperature=1.0, top_k=1, seed=3)
     assert g == engine.generate_batch(PROMPTS[0], max_tokens=16, temperature=0)
     assert_all_free(engine)
-
 
 def test_continuous_batching_and_streaming(model):
     engine = Engine(model, TOK, block_size=16, num_blocks=2)
@@ -150,7 +139,6 @@ def test_continuous_batching_and_streaming(model):
     gen.close()
     assert_all_free(engine)
 
-
 def test_background_thread(model):
     engine = Engine(model, TOK)
     expected = engine.generate_batch(PROMPTS[0], max_tokens=8, temperature=0)
@@ -164,7 +152,6 @@ def test_background_thread(model):
     finally:
         engine.stop()
     assert_all_free(engine)
-
 
 def test_background_failure_ends_requests(model, monkeypatch):
     engine = Engine(model, TOK)
@@ -182,14 +169,12 @@ def test_background_failure_ends_requests(model, monkeypatch):
         engine.stop()
     assert_all_free(engine)
 
-
 def test_failed_prefill_returns_blocks(model, monkeypatch):
     engine = Engine(model, TOK)
     monkeypatch.setattr(engine, "model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
     with pytest.raises(RuntimeError, match="oom"):
         engine.generate_batch(PROMPTS[1], num_samples=2, max_tokens=4)
     assert_all_free(engine)
-
 
 class ScriptedGPT(GPT):
     """A real GPT (the cache is exercised) whose logits are pushed towards a scripted next token: SCRIPT[last]."""
@@ -199,7 +184,6 @@ class ScriptedGPT(GPT):
         logits = super().forward(idx, kv_cache=kv_cache)
         nxt = torch.tensor([self.SCRIPT.get(t, 0) for t in idx.flatten().tolist()]).view(idx.shape)
         return logits + 100.0 * torch.nn.functional.one_hot(nxt, logits.shape[-1]).float()
-
 
 def test_tool_use_forces_output(monkeypatch):
     # assistant_start -> python_start 1 + 2 python_end -> (forced: output_start 3 output_end) -> assistant_end
@@ -226,7 +210,6 @@ def test_tool_use_forces_output(monkeypatch):
     assert cols[-1] == ([SP["<|assistant_end|>"]], [1])  # generate yields the stop token itself
     assert_all_free(engine)
 
-
 def test_bad_requests(model):
     engine = Engine(model, TOK)
     with pytest.raises(ValueError, match="at least one token"):
@@ -238,7 +221,6 @@ def test_bad_requests(model):
     seqs, _ = engine.generate_batch([1, 2, 3], max_tokens=0)
     assert seqs == [[1, 2, 3]]
     assert_all_free(engine)
-
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="fused mode needs CUDA or the Triton interpreter")
@@ -254,7 +236,6 @@ def test_fused_engine_matches_eager(model):
         kernels.set_mode("eager")
     assert fused == eager
     assert_all_free(engine)
-
 
 @pytest.mark.gpu
 def test_fused_engine_gpu_bf16():
@@ -278,7 +259,6 @@ def test_fused_engine_gpu_bf16():
     assert len(log) == sum(len(c) for r in reqs for c in r.completions)
     assert_all_free(engine)
 
-
 def test_sampling_parameters_checked_at_submit(model):
     engine = Engine(model, TOK)
     for bad in [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1),
@@ -288,7 +268,6 @@ def test_sampling_parameters_checked_at_submit(model):
             engine.submit(PROMPTS[0], **bad)
     assert not engine.waiting
 
-
 def test_tiny_temperature_is_greedy(model):
     """1e-300 overflows logits / temperature in fp32 (NaN probabilities): it must behave as the limit, greedy."""
     engine = Engine(model, TOK)
@@ -296,7 +275,6 @@ def test_tiny_temperature_is_greedy(model):
     for t in (1e-300, 5e-324, 1e-7):
         assert engine.generate_batch(PROMPTS[0], max_tokens=8, temperature=t, seed=1) == greedy
     assert_all_free(engine)
-
 
 def test_one_failing_request_ends_alone(model, monkeypatch):
     """A request whose sampling raises ends with "error"; the requests batched with it finish unharmed."""
@@ -322,7 +300,6 @@ def test_one_failing_request_ends_alone(model, monkeypatch):
         assert r.error is None and r.prompt + r.completions[0] == want
     assert_all_free(engine)
 
-
 def test_failed_forward_is_isolated(model, monkeypatch):
     """A forward that fails for one request (a poisoned prompt) fails that request alone; a forward that fails for
     the batch (out of memory) is retried one request at a time and everyone finishes."""
@@ -347,7 +324,6 @@ def test_failed_forward_is_isolated(model, monkeypatch):
     assert reqs[0].error is None and reqs[2].error is None
     assert_all_free(engine)
 
-
 def test_stop_strings():
     """A stop string ends the sample right after the token completing it, across token boundaries, any of a list."""
     ScriptedGPT.SCRIPT = {SP["<|assistant_start|>"]: ord("a"), ord("g"): SP["<|assistant_end|>"],
@@ -365,7 +341,6 @@ def test_stop_strings():
     assert engine.generate_batch(prompt, max_tokens=20, temperature=0)[0][0][len(prompt):] == \
         [ord(c) for c in "abcdefg"]
     assert_all_free(engine)
-
 
 def test_load_reports_queue_and_blocks(model):
     engine = Engine(model, TOK, num_blocks=8)

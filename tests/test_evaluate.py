@@ -26,14 +26,12 @@ from stand_ins import ByteTokenizer
 
 torch.manual_seed(0)
 
-
 class CharTok(ByteTokenizer):
     """Byte-level tokenizer with a minimal chat template."""
 
     def render_for_completion(self, conv):
         user = conv["messages"][0]["content"]
         return [256, 257] + self.encode(user) + [258, 259]
-
 
 class Bigram(nn.Module):
     """logits[t] = table[idx[t]]: the next token depends only on the current one."""
@@ -50,11 +48,9 @@ class Bigram(nn.Module):
                                reduction=loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
 
-
 def test_centred_and_chatcore():
     assert ev.centred(0.25, 0.25) == 0 and ev.centred(1.0, 0.25) == 1 and ev.centred(0.5, 0.0) == 0.5
     assert ev.chatcore({"a": 0.625, "b": 0.1}, {"a": 0.25, "b": 0.0}) == pytest.approx((0.5 + 0.1) / 2)
-
 
 def test_bits_per_byte_hand_computed():
     tok = CharTok()
@@ -71,7 +67,6 @@ def test_bits_per_byte_hand_computed():
     bpb2 = ev.evaluate_bpb(model, [(x, y2)], torch.ones(V, dtype=torch.long) * 2)
     assert bpb2 == pytest.approx(2 * math.log(V) / (math.log(2) * 4))
 
-
 def test_continuation_losses_and_exact_match():
     V = CharTok.vocab_size
     table = torch.zeros(V, V)
@@ -84,7 +79,6 @@ def test_continuation_losses_and_exact_match():
     lp_good = -F.log_softmax(table[a], -1)[b].item()
     assert losses[0] == pytest.approx((lp_good + -F.log_softmax(table[b], -1)[c].item()) / 2, rel=1e-5)
     assert losses[1] == pytest.approx(-F.log_softmax(table[a], -1)[d].item(), rel=1e-5)
-
 
 def test_core_mc_picks_lowest_loss_choice():
     tok = CharTok()
@@ -99,7 +93,6 @@ def test_core_mc_picks_lowest_loss_choice():
                          and task[i]["choices"][task[i]["answer"]].startswith("9"))
     assert acc >= solved_by_nine / 12
 
-
 def test_categorical_accuracy_uses_letter_logits():
     tok = CharTok()
     task = get_task("number_mc", split="test", n=20)
@@ -110,7 +103,6 @@ def test_categorical_accuracy_uses_letter_logits():
     acc = ev.categorical_accuracy(Bigram(table), tok, task, batch_size=3)
     expect = sum(task[i]["messages"][1]["content"] == "B" for i in range(20)) / 20
     assert acc == pytest.approx(expect)
-
 
 class FakeEngine:
     def __init__(self, tok, answer_fn):
@@ -125,7 +117,6 @@ class FakeEngine:
     def generate_many(self, prompts, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42):
         return [self.generate_batch(p, num_samples, max_tokens, temperature, top_k, seed + i)
                 for i, p in enumerate(prompts)]
-
 
 def test_generative_accuracy_and_bad_reward():
     tok = CharTok()
@@ -152,7 +143,6 @@ def test_generative_accuracy_and_bad_reward():
     with pytest.raises(TaskError, match=r"\[sft\] scoring function of task boom raised"):
         ev.generative_accuracy(wrong, tok, Boom(), stage="sft")
 
-
 # ------------------------------------------------------------------------------------------------ real benchmarks
 # The shared real-data folder (../shared/realdata, see its README) when present; the embedded sample always.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,11 +154,9 @@ needs_jail = pytest.mark.skipif(jail_status().mode != "bwrap", reason="HumanEval
 # documented row counts of the shared folder's chat files (its README)
 CHAT_ROWS = {"arc_easy": 2376, "arc_challenge": 1172, "mmlu": 14042, "gsm8k": 1319, "humaneval": 164}
 
-
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
 
 def test_chat_files_found_in_the_sample_and_the_shared_folder(tmp_path):
     found = ev.chat_files(SAMPLE_DIR)  # the sample keeps them in chat/
@@ -181,14 +169,12 @@ def test_chat_files_found_in_the_sample_and_the_shared_folder(tmp_path):
     with pytest.raises(UserError, match="not a folder"):
         ev.chat_files(str(tmp_path / "nope"))
 
-
 @needs_real
 def test_real_chat_tasks_load_with_the_documented_row_counts():
     files = ev.chat_files(REAL_CHAT)
     assert set(files) == set(CHAT_ROWS)
     for name, rows in CHAT_ROWS.items():
         assert len(get_task(name, split="test", files=[files[name]])) == rows, name
-
 
 # ---- subsets: a seeded shuffle of the whole set
 def test_subsets_are_seeded_shuffles_of_the_whole_set(tmp_path):
@@ -213,7 +199,6 @@ def test_subsets_are_seeded_shuffles_of_the_whole_set(tmp_path):
     g = get_task("gsm8k", split="test", files=[str(tmp_path / "g.jsonl")])
     assert [g[i]["messages"][0]["content"] for i in range(5)] == [f"g{i}" for i in permutation(50)[:5]]
 
-
 @needs_real
 def test_mmlu_hundred_examples_span_many_subjects():
     """The real test file is sorted by subject (abstract_algebra has exactly its first 100 rows)."""
@@ -221,7 +206,6 @@ def test_mmlu_hundred_examples_span_many_subjects():
     task = get_task("mmlu", split="test", files=[path])
     subjects = {task[i]["subject"] for i in range(100)}
     assert len(subjects) >= 30, subjects
-
 
 def test_categorical_eval_scores_the_seeded_subset(tmp_path):
     """categorical_accuracy with max_examples scores the task's first examples, i.e. the seeded sample: a model that
@@ -238,7 +222,6 @@ def test_categorical_eval_scores_the_seeded_subset(tmp_path):
     expect = sum(rows[i]["answer"] == 0 for i in permutation(120)[:40]) / 40
     assert acc == pytest.approx(expect) and 0.2 < acc < 0.8
 
-
 # ---- GSM8K: calculator annotations rendered as the authors meant
 ELIZA = sample_rows("chat/gsm8k_main_test")[0]  # a real test row (source row 9)
 ELIZA_TEXT = ("Eliza is entitled to 45 -40 = 5 hours overtime pay.\n"
@@ -246,7 +229,6 @@ ELIZA_TEXT = ("Eliza is entitled to 45 -40 = 5 hours overtime pay.\n"
               "So, Eliza will receive $12 x 5 =$60 for overtime pay.\n"
               "Her regular weekly earning is $10 x 40 = $400.\n"
               "Thus, Eliza will receive a total of $400 + $60 = $460 for this week's work.\n#### 460")
-
 
 def test_gsm8k_annotations_render_with_the_result_once():
     assert ELIZA["question"].startswith("Eliza's rate per hour")
@@ -263,7 +245,6 @@ def test_gsm8k_annotations_render_with_the_result_once():
     result = [p["text"] for p in parts if p["type"] == "python_output"][0]
     assert solution_text(parts) == parts[0]["text"] + f"{result}.\n#### {result}"
 
-
 @needs_real
 def test_gsm8k_janet_row_and_all_answers_parse():
     rows = read_jsonl(os.path.join(REAL_CHAT, "gsm8k_main_test.jsonl"))
@@ -279,7 +260,6 @@ def test_gsm8k_janet_row_and_all_answers_parse():
         assert task.reward(conv, f"so the answer is\n#### {ref}") == 1.0
     answers = {ev.extract_answer(r["answer"]) for r in rows}
     assert None not in answers
-
 
 def test_base_prompt_renders_gsm8k_solutions_as_text(tmp_path, monkeypatch):
     """The CORE-style language-modelling prompt of a GSM8K item: few-shot solutions and the item's own solution
@@ -300,20 +280,16 @@ def test_base_prompt_renders_gsm8k_solutions_as_text(tmp_path, monkeypatch):
     two = "Question: How many?\nAnswer: Two and two is 2+2 = 4.\n#### 4"
     assert sorted(seen) == sorted([(f"{eliza}\n\n{two[:-1]}", "4"), (f"{two}\n\n{eliza[:-3]}", "460")])
 
-
 # ---- HumanEval: the prompt's context is always available to the answer
 def _full_function(conv):
     """The canonical answer written as a whole function, without the prompt's imports or helpers."""
     text = conv["prompt"] + conv["messages"][1]["content"][len(conv["prompt"]):]
     return text[re.search(rf"^def {conv['entry_point']}\(", text, re.MULTILINE).start():]
 
-
 def _body(conv):
     return conv["messages"][1]["content"][len(conv["prompt"]):]
 
-
 WRONG_BODY = "    return None\n"
-
 
 @needs_jail
 def test_humaneval_answers_with_imports_and_helpers_of_the_prompt():
@@ -334,7 +310,6 @@ def test_humaneval_answers_with_imports_and_helpers_of_the_prompt():
             expect.append(ok)
     assert task.evaluate_many(pairs, workers=4) == expect
 
-
 BATCH_RUNNER = r'''
 import json
 results = []
@@ -347,7 +322,6 @@ for source in json.loads(PROGRAMS):
 print(json.dumps(results))
 '''
 
-
 def run_batched(programs, per_call=110):
     """Run many programs in a few jailed processes (each program in its own namespace) -> list of 0|1."""
     out = []
@@ -357,7 +331,6 @@ def run_batched(programs, per_call=110):
         assert r.success, r.error
         out += json.loads(r.stdout)
     return out
-
 
 @needs_real
 @needs_jail
@@ -380,7 +353,6 @@ def test_all_164_canonical_solutions_pass():
     pairs = [(c, a) for c in chosen for a in (_body(c), _full_function(c), WRONG_BODY)]
     assert task.evaluate_many(pairs, workers=4) == [1, 1, 0] * len(chosen)
 
-
 def test_build_program_keeps_the_prompt_first():
     prompt = "import math\n\n\ndef helper(x):\n    return 2 * x\n\n\ndef f(x):\n    \"\"\"Twice x.\"\"\"\n"
     test = "def check(c):\n    assert c(2) == 4\n"
@@ -391,7 +363,6 @@ def test_build_program_keeps_the_prompt_first():
     # "def f_other(" is not the entry point: a body
     assert build_program(prompt, "    def f_other(y):\n        return y\n", test, "f").startswith(
         prompt + "    def f_other")
-
 
 def test_real_chat_rows_render_as_written():
     """One real row of ARC and of MMLU (the embedded sample) as the chat model sees it: nanochat's multiple-choice

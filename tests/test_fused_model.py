@@ -17,7 +17,6 @@ from train.distributed import apply_compile
 
 torch.manual_seed(0)
 
-
 def _train(mode, config, steps, device, dtype=torch.float32, backend=None):
     """-> (losses, state dict); with `backend`, the model is compiled by apply_compile first, and the dynamo caches
     are cleared before and after."""
@@ -47,11 +46,9 @@ def _train(mode, config, steps, device, dtype=torch.float32, backend=None):
         kernels.set_mode("auto")
         torch._dynamo.reset()
 
-
 # GQA (2 query heads share 1 KV head), head dim 64, an odd sequence length (not a multiple of the attention tile).
 # One block keeps the interpreter's cost (~ms per program step) at ~15 s; the kernel tests cover the rest.
 TRAIN_CONFIG = GPTConfig(sequence_len=37, vocab_size=97, n_layer=1, n_head=2, n_kv_head=1, n_embd=128)
-
 
 def test_fused_training_matches_eager_cpu(eager_single_thread):
     eager, w_eager = _train("eager", TRAIN_CONFIG, 3, "cpu")
@@ -60,7 +57,6 @@ def test_fused_training_matches_eager_cpu(eager_single_thread):
     assert fused == pytest.approx(eager, rel=1e-4)
     for name in w_eager:
         torch.testing.assert_close(w_fused[name], w_eager[name], atol=2e-4, rtol=1e-3, msg=name)
-
 
 def test_compiled_fused_training_matches_eager_cpu(eager_single_thread):
     """Both modes compiled part by part: fused == eager, both == the uncompiled eager run; per mode three graphs
@@ -83,13 +79,11 @@ def test_compiled_fused_training_matches_eager_cpu(eager_single_thread):
         torch.testing.assert_close(w_eager_c[name], w_eager[name], atol=2e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(w_fused_c[name], w_eager[name], atol=2e-4, rtol=1e-3, msg=name)
 
-
 def _loss_and_grads(forward, model, x, y):
     model.zero_grad(set_to_none=True)
     loss = forward(x, y)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
 
 @pytest.mark.parametrize("mode", ["fused", "eager"])
 def test_compiled_gpt_matches_eager_cpu(mode):
@@ -126,7 +120,6 @@ def test_compiled_gpt_matches_eager_cpu(mode):
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
 
 @pytest.mark.gpu
 def test_fused_training_matches_eager_gpu_bf16():

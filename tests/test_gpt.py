@@ -12,22 +12,18 @@ from model.gpt import GPT, GPTConfig, precompute_rotary
 
 torch.manual_seed(0)
 
-
 pytestmark = pytest.mark.usefixtures("eager_single_thread")
-
 
 def tiny(**kw):
     cfg = dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     cfg.update(kw)
     return GPTConfig(**cfg)
 
-
 def make_model(cfg, seed=0):
     torch.manual_seed(seed)
     model = GPT(cfg)
     model.init_weights()
     return model
-
 
 # -- reference formulas --------------------------------------------------------------------------------------------
 
@@ -52,7 +48,6 @@ def explicit_attention(q, k, v, base=10000, eps=1e-6):
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
 
-
 @pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 17, 4, 4, 16), (1, 33, 6, 2, 32), (2, 5, 4, 1, 64)])
 def test_attention_reference_vs_explicit(B, T, H, Hkv, D):
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
@@ -60,7 +55,6 @@ def test_attention_reference_vs_explicit(B, T, H, Hkv, D):
     want = explicit_attention(q, k, v).float()
     torch.testing.assert_close(attention_reference(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(attention(q, k, v, cos, sin), want, atol=2e-5, rtol=1e-4)  # eager dispatch
-
 
 def test_rotary_tables():
     cos, sin = precompute_rotary(40, 8)
@@ -70,7 +64,6 @@ def test_rotary_tables():
     assert cos[t, i].item() == pytest.approx(math.cos(angle), abs=1e-6)
     assert sin[t, i].item() == pytest.approx(math.sin(angle), abs=1e-6)
 
-
 # -- config ----------------------------------------------------------------------------------------------------------
 
 def test_config_from_depth():
@@ -79,7 +72,6 @@ def test_config_from_depth():
     assert GPTConfig.from_depth(5).head_dim == 64  # width 320 is not a multiple of 128
     c = GPTConfig.from_depth(4, vocab_size=300, sequence_len=64, n_head=4)
     assert (c.vocab_size, c.sequence_len, c.n_head, c.n_kv_head) == (300, 64, 4, 4)
-
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_head=3), "divisible by n_head"),
@@ -91,11 +83,9 @@ def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**kw)
 
-
 def test_bad_depth():
     with pytest.raises(ValueError, match="depth"):
         GPTConfig.from_depth(0)
-
 
 # -- shapes, loss, init, flops -------------------------------------------------------------------------------------
 
@@ -118,7 +108,6 @@ def test_shapes_and_loss(n_head, n_kv_head):
     assert (per_tok[0, :5] == 0).all()
     torch.testing.assert_close(model(idx, targets), want[targets != -1].mean())
 
-
 def test_softcap():
     model = make_model(tiny())
     model.lm_head.weight.data.normal_(0, 10.0)
@@ -127,7 +116,6 @@ def test_softcap():
         F.rms_norm(model.transformer.wte(idx), (64,)), model.cos[:8], model.sin[:8]), model.cos[:8], model.sin[:8]),
         (64,)))
     torch.testing.assert_close(model(idx), 15 * torch.tanh(raw / 15))
-
 
 def test_init():
     cfg = tiny(vocab_size=512, n_embd=128, n_head=4, n_kv_head=4)
@@ -141,7 +129,6 @@ def test_init():
     ck = model.transformer.h[0].attn.c_q.weight
     assert ck.std().item() == pytest.approx(1 / math.sqrt(128), rel=0.05)
 
-
 def test_num_params_and_flops_by_hand():
     cfg = tiny(vocab_size=100, n_embd=64, n_head=4, n_kv_head=2, n_layer=3, sequence_len=48)
     model = GPT(cfg)
@@ -149,7 +136,6 @@ def test_num_params_and_flops_by_hand():
     per_layer = C * C + 2 * C * Hkv * D + C * C + 2 * 4 * C * C
     assert model.num_params() == V * C + L * per_layer + V * C
     assert model.estimate_flops() == 6 * (L * per_layer + V * C) + 12 * L * H * D * T
-
 
 def test_setup_optimizers():
     model = make_model(tiny(n_embd=192, n_head=3, n_kv_head=3))
@@ -162,7 +148,6 @@ def test_setup_optimizers():
     seen = [p for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(map(id, seen))) == len(list(model.parameters()))
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
-
 
 # -- training, meta build, kv cache, generate ------------------------------------------------------------------------
 
@@ -183,7 +168,6 @@ def test_overfits_one_batch():
     assert first == pytest.approx(math.log(cfg.vocab_size), rel=0.05)  # zero lm_head: uniform at init
     assert model(x, y).item() < 0.1 * first
 
-
 def test_meta_build_then_init():
     cfg = tiny()
     with torch.device("meta"):
@@ -202,7 +186,6 @@ def test_meta_build_then_init():
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
     assert torch.equal(model(idx), ref(idx))
 
-
 class RecordingCache:
     """A stand-in for the engine's KV cache: full-sequence attention at positions 0..T-1, recording each call."""
 
@@ -214,7 +197,6 @@ class RecordingCache:
         T = q.shape[1]
         return attention_reference(q, k, v, self.model.cos[:T], self.model.sin[:T])
 
-
 def test_kv_cache_hook():
     cfg = tiny(n_head=4, n_kv_head=2)
     model = make_model(cfg)
@@ -225,7 +207,6 @@ def test_kv_cache_hook():
     cache = RecordingCache(model)
     torch.testing.assert_close(model(idx, kv_cache=cache), model(idx))
     assert cache.calls == [(i, (2, 7, 4, 16), (2, 7, 2, 16), (2, 7, 2, 16)) for i in range(cfg.n_layer)]
-
 
 def test_generate():
     model = make_model(tiny())
@@ -239,12 +220,10 @@ def test_generate():
     b = list(model.generate([5], max_tokens=8, temperature=1.0, top_k=5, seed=1))
     assert a == b and all(0 <= t < 64 for t in a)
 
-
 def test_sequence_too_long():
     model = make_model(tiny(sequence_len=4))
     with pytest.raises(ValueError, match="rotary"):
         model(torch.zeros(1, 41, dtype=torch.long))
-
 
 @pytest.mark.gpu
 def test_bf16_cuda_forward_close_to_fp32():

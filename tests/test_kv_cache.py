@@ -14,7 +14,6 @@ torch.manual_seed(0)
 
 TOK = ByteTokenizer()
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Tiny shapes: one thread is much faster than two contended ones on a shared CPU.
@@ -25,11 +24,9 @@ def one_thread():
     torch.set_num_threads(n)
     kernels.set_mode(old)
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
 
 def assert_all_returned(engine):
     """No block in use; every block free or in the evictable prefix cache."""
@@ -39,14 +36,12 @@ def assert_all_returned(engine):
     assert len(cache.free) + cache.num_cached() == cache.num_blocks
     assert not cache.rows and not engine.running and not engine.waiting
 
-
 def make_cache(n_layer=2, Hkv=2, D=64, block_size=16, num_blocks=12, rotary_len=256):
     t = torch.arange(rotary_len, dtype=torch.float32)[:, None] * 0.37 ** torch.arange(D // 2)[None, :]
     cache = PagedKVCache(n_layer, Hkv, D, block_size, num_blocks, torch.float32, "cpu", t.cos(), t.sin())
     cache.k.normal_()  # whatever the pages hold: the paths must agree on any content
     cache.v.normal_()
     return cache
-
 
 @torch.inference_mode()
 def test_dense_rows_match_paged_reference():
@@ -81,7 +76,6 @@ def test_dense_rows_match_paged_reference():
     torch.testing.assert_close(cache.v, ref.v)
     assert [r.length for r in rows] == [p + 2 for p in positions] and all(r.synced == r.length for r in rows)
 
-
 @torch.inference_mode()
 def test_rows_catch_up_after_a_paged_step():
     """A step on the pages alone (the fused path, or no rows) leaves a row behind: the next row step fills it."""
@@ -97,7 +91,6 @@ def test_rows_catch_up_after_a_paged_step():
             y_ref = ref.attend(0, q, k, v)
         torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     assert rows[0].length == 23
-
 
 def test_prefix_cache_prefills_only_new_tokens(model):
     """A second request starting with the first's prompt (a system prompt) and a third continuing a finished
@@ -125,7 +118,6 @@ def test_prefix_cache_prefills_only_new_tokens(model):
     assert cached.stats["prefix_hit_tokens"] == 32 + 48
     assert_all_returned(cached)
     assert_all_returned(plain)
-
 
 def test_prefix_cache_logits_match_full_forward(model):
     """Rows prefilled after a cached prefix (mixed with a row without one in the same padded batch) and decoded from
@@ -158,7 +150,6 @@ def test_prefix_cache_logits_match_full_forward(model):
     assert [seen[id(r)] for r in reqs] == [len(r.completions[0]) for r in reqs] and seen[id(reqs[0])] > 1
     assert_all_returned(engine)
 
-
 def test_eviction_is_lru_and_the_pool_does_not_grow():
     cache = make_cache(num_blocks=6, block_size=16)
     A, B = list(range(0, 40)), list(range(1000, 1040))   # 2 full pages each (+8 tokens)
@@ -180,7 +171,6 @@ def test_eviction_is_lru_and_the_pool_does_not_grow():
     cache.clear_prefix_cache()
     assert cache.num_cached() == 0 and sorted(cache.free) == list(range(6))
 
-
 def test_engine_under_pool_pressure(model):
     """A pool of 4 pages, distinct prompts then prompts sharing a prefix: cached pages are evicted (LRU) instead of
     the pool growing, outputs equal an engine without caching, and every block comes back."""
@@ -195,7 +185,6 @@ def test_engine_under_pool_pressure(model):
     assert cached.stats["prefix_hit_tokens"] == 32 + 32 + 16
     assert_all_returned(cached)
     assert_all_returned(plain)
-
 
 @torch.inference_mode()
 def test_fused_decode_step_matches_reference(fused):
@@ -224,7 +213,6 @@ def test_fused_decode_step_matches_reference(fused):
     torch.testing.assert_close(fused_cache.k, rows_cache.k, atol=1e-6, rtol=1e-6)
     assert torch.equal(fused_cache.v, ref.v) and torch.equal(fused_cache.v, rows_cache.v)
 
-
 def test_fused_engine_with_prefix_cache_matches_full_recompute(model, fused):
     """Fused mode (Triton under the interpreter): greedy tokens of a fresh prompt and of one that hits the prefix
     cache equal a full forward per token (eager, no cache)."""
@@ -237,7 +225,6 @@ def test_fused_engine_with_prefix_cache_matches_full_recompute(model, fused):
     kernels.set_mode("fused")
     assert outs == refs
     assert_all_returned(engine)
-
 
 def test_decode_graph_buckets_and_padding(model):
     """CUDA graphs run only on a GPU; what the CPU can check: the buckets, the table widths, and that the padded
@@ -265,7 +252,6 @@ def test_decode_graph_buckets_and_padding(model):
     assert scratch is not None and padded.cache.refcount[scratch] == 1
     padded.graphs.release()
     assert_all_returned(padded)
-
 
 @pytest.mark.gpu
 def test_cuda_graphs_match_the_plain_fused_step(model, fused):

@@ -16,7 +16,6 @@ torch.manual_seed(0)
 # (dtype, atol, rtol): fp32 GEMMs on both sides; the kernel's exp-based tanh is ~1e-7 off torch.tanh, times the cap
 FP32 = (torch.float32, 2e-5, 1e-4)
 
-
 def _inputs(N, C, V, dtype=torch.float32, ignored=(), device="cpu", w_scale=6.0):
     g = torch.Generator().manual_seed(1000 + N + C + V)
     h = torch.randn(N, C, generator=g)
@@ -25,7 +24,6 @@ def _inputs(N, C, V, dtype=torch.float32, ignored=(), device="cpu", w_scale=6.0)
     targets[list(ignored)] = -1
     return h.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype), targets.to(device)
 
-
 def _run(fn, h, w, targets, upstream=None, **kw):
     """(loss, dh, dw) of fn; upstream: the gradient of the loss (a scalar or (N,)), the same for every fn."""
     h, w = (t.detach().clone().requires_grad_(True) for t in (h, w))
@@ -33,12 +31,10 @@ def _run(fn, h, w, targets, upstream=None, **kw):
     loss.backward(torch.ones_like(loss) if upstream is None else upstream.to(loss.dtype))
     return loss.detach(), h.grad, w.grad
 
-
 def _compare(got, ref, atol, rtol):
     for name, g, r in zip(("loss", "dh", "dw"), got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype, (name, g.shape, r.shape, g.dtype, r.dtype)
         torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
 
 # N not a multiple of the chunk, V not a multiple of the 128-wide interpreter tile, C not a power of two
 @pytest.mark.parametrize("N,C,V,chunk", [(37, 48, 200, 16), (20, 80, 130, 7), (1, 48, 129, None)])
@@ -52,7 +48,6 @@ def test_matches_reference(N, C, V, chunk, reduction):
     got = _run(linear_cross_entropy_triton, h, w, targets, upstream, **kw)
     _compare(got, ref, *FP32[1:])
 
-
 def test_sum_without_softcap_and_ignore_index():
     # softcap=None takes the online-max branch of the kernel; ignore_index other than -1; logits up to ~+-40
     h, w, targets = _inputs(19, 32, 200, w_scale=12.0)
@@ -60,7 +55,6 @@ def test_sum_without_softcap_and_ignore_index():
     kw = dict(softcap=None, ignore_index=-100, reduction="sum", chunk_size=8)
     _compare(_run(linear_cross_entropy_triton, h, w, targets, **kw),
              _run(linear_cross_entropy_reference, h, w, targets, **kw), 1e-4, 1e-4)
-
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored(reduction):
@@ -72,13 +66,11 @@ def test_all_targets_ignored(reduction):
         assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw)), fn.__name__
     assert torch.isnan(F.cross_entropy(h @ w.t(), targets, ignore_index=-1))  # what the guard is for
 
-
 def test_fp16():
     # z and dz are rounded to fp16 on both sides at the same points; the fp32 sums differ in order only
     h, w, targets = _inputs(21, 48, 150, dtype=torch.float16, ignored=(4,))
     _compare(_run(linear_cross_entropy_triton, h, w, targets, chunk_size=8),
              _run(linear_cross_entropy_reference, h, w, targets, chunk_size=8), 2e-3, 1e-2)
-
 
 def test_single_gradients_no_grad_and_non_leaf_weight():
     """w as FSDP2 hands it over: a non-leaf full tensor (here a cast of the parameter) whose .grad is never read;
@@ -97,7 +89,6 @@ def test_single_gradients_no_grad_and_non_leaf_weight():
         torch.testing.assert_close(linear_cross_entropy_triton(h, w, targets),
                                    linear_cross_entropy_reference(h, w, targets), atol=2e-5, rtol=1e-5)
 
-
 def _saved_numels(fn, h, w, targets, **kw):
     numels = []
 
@@ -109,7 +100,6 @@ def _saved_numels(fn, h, w, targets, **kw):
         fn(h, w, targets, **kw)
     return numels
 
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_saved_tensors_have_no_logits(reduction):
     N, C, V = 24, 16, 200  # N*V = 4800 > V*C = 3200 > N*C = 384
@@ -120,7 +110,6 @@ def test_saved_tensors_have_no_logits(reduction):
     saved = _saved_numels(linear_cross_entropy_triton, h, w, targets, reduction=reduction, chunk_size=8)
     assert saved and max(saved) <= V * C, saved
 
-
 def test_opcheck():
     h, w, targets = _inputs(5, 8, 20, ignored=(3,))
     h.requires_grad_(True)
@@ -130,7 +119,6 @@ def test_opcheck():
     torch.library.opcheck(fwd, (h, w, targets, 15.0, -1, "none", 2, False, False))
     torch.library.opcheck(torch.ops.tritonchat.linear_cross_entropy_backward.default,
                           (h.detach(), w.detach(), targets, torch.randn(5), 0.0, -1, 2, True, True))
-
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(fused, reduction):
@@ -143,7 +131,6 @@ def test_compile_fullgraph(fused, reduction):
     want = _run(f, h, w, targets)
     got = _run(torch.compile(f, fullgraph=True, backend="aot_eager"), h, w, targets)
     _compare(got, want, 1e-6, 1e-6)
-
 
 def test_bad_inputs():
     h, w, targets = _inputs(4, 16, 30)
@@ -166,7 +153,6 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match=r"targets must be in \[0, 30\)"):
         linear_cross_entropy_triton(h, w, torch.tensor([0, 1, 30, 2]))
 
-
 def test_dispatch_follows_the_mode():
     h, w, targets = _inputs(5, 16, 40)
     prev = kernels.get_mode()
@@ -177,7 +163,6 @@ def test_dispatch_follows_the_mode():
         assert torch.equal(linear_cross_entropy(h, w, targets), linear_cross_entropy_triton(h, w, targets))
     finally:
         kernels.set_mode(prev)
-
 
 def _tiny_gpt():
     from model.gpt import GPT, GPTConfig
@@ -190,7 +175,6 @@ def _tiny_gpt():
     targets[0, :4] = -1
     return model, idx, targets
 
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gpt_eager_loss_is_bitwise_unchanged(eager_single_thread, reduction):
     """GPT.forward's eager loss == the formula it used before: lm_head -> .float() -> softcap -> F.cross_entropy."""
@@ -200,7 +184,6 @@ def test_gpt_eager_loss_is_bitwise_unchanged(eager_single_thread, reduction):
         want = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1, reduction=reduction)
         got = model(idx, targets, loss_reduction=reduction)
     assert torch.equal(got.view(-1) if reduction == "none" else got, want)
-
 
 def test_gpt_fused_loss_matches_eager():
     """The whole tiny GPT, fused (attention, MLP and this loss on Triton) vs eager: loss and every gradient."""
@@ -218,7 +201,6 @@ def test_gpt_fused_loss_matches_eager():
         kernels.set_mode(prev)
     for (name, _), e, f in zip([("loss", None)] + list(model.named_parameters()), results["eager"], results["fused"]):
         torch.testing.assert_close(f, e, atol=2e-5, rtol=1e-4, msg=name)
-
 
 def test_fsdp2_managed_weight(fused, cpu_rank):
     """w as an FSDP2 parameter (world of 1, gloo): read inside the root's forward it is the gathered full tensor;
@@ -245,7 +227,6 @@ def test_fsdp2_managed_weight(fused, cpu_rank):
         torch.testing.assert_close(loss.detach(), ref[0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(sharded.weight.grad.full_tensor(), ref[2], atol=2e-5, rtol=1e-4)
 
-
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth,N", [(20, 4096), (32, 2048)])
@@ -265,7 +246,6 @@ def test_gpu_bf16_model_shapes(depth, N, reduction):
         err_fused = (g.double() - e).norm() / e.norm()
         err_eager = (r.double() - e).norm() / e.norm()
         assert err_fused <= 1.25 * err_eager + 1e-3, (name, err_fused.item(), err_eager.item())
-
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_lower():

@@ -13,8 +13,6 @@ torch.manual_seed(0)
 
 FP32 = (torch.float32, 2e-5, 1e-4)  # (dtype, atol, rtol): fp32 both sides; entries are O(1/sqrt(n)), order differs
 
-
-
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("shape", [(16, 16), (32, 96), (96, 32), (33, 65), (64, 256), (3, 40, 48)])
 @pytest.mark.parametrize("dtype,atol,rtol", [FP32])
@@ -25,13 +23,11 @@ def test_matches_reference(shape, steps, dtype, atol, rtol):
     assert out.shape == G.shape and out.dtype == G.dtype and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
-
 def _phi(s, steps):
     a, b, c = NS_COEFFS
     for _ in range(steps):
         s = a * s + b * s ** 3 + c * s ** 5
     return s
-
 
 @pytest.mark.parametrize("shape", [(80, 48)])  # transposed path; (48, 80)-like shapes are covered above
 def test_singular_values_in_band(shape):
@@ -53,7 +49,6 @@ def test_singular_values_in_band(shape):
     ref_sv = torch.linalg.svdvals(newton_schulz_reference(G, steps=5).double())
     torch.testing.assert_close(sv, ref_sv, atol=1e-4, rtol=1e-4)
 
-
 def test_zero_input():
     G = torch.zeros(2, 24, 40)
     G[1] = torch.randn(24, 40)                              # a zero matrix next to a normal one in the batch
@@ -62,13 +57,11 @@ def test_zero_input():
     assert torch.equal(out[0], torch.zeros(24, 40))
     torch.testing.assert_close(out[1], newton_schulz_reference(G[1]), atol=2e-5, rtol=1e-4)
 
-
 def test_noncontiguous_and_steps0():
     G = torch.randn(40, 70)[:, 3:67]                        # a strided view (40, 64)
     torch.testing.assert_close(newton_schulz_triton(G, steps=2), newton_schulz_reference(G, steps=2),
                                atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(newton_schulz_triton(G.T, steps=0), newton_schulz_reference(G.T, steps=0))
-
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="expected a"):
@@ -76,13 +69,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="fp32"):
         newton_schulz_triton(torch.randn(8, 8, dtype=torch.float64))
 
-
 @pytest.mark.parametrize("shape", [(24, 40), (2, 40, 24)])
 def test_opcheck(shape):
     """torch.library.opcheck (schema, fake vs real outputs, AOT dispatch with dynamic shapes) of
     tritonchat::newton_schulz, plain and batched-transposed."""
     torch.library.opcheck(torch.ops.tritonchat.newton_schulz, (torch.randn(*shape), 2, 1e-7))
-
 
 def test_gram_is_symmetric_product():
     X = torch.randn(2, 70, 33)
@@ -90,11 +81,9 @@ def test_gram_is_symmetric_product():
     assert torch.equal(A, A.mT)                             # exactly symmetric: upper tiles mirrored
     torch.testing.assert_close(A, X @ X.mT, atol=1e-4, rtol=1e-4)
 
-
 def test_fused_mode_is_triton(fused):
     G = torch.randn(24, 40)
     assert torch.equal(newton_schulz(G), newton_schulz_triton(G))
-
 
 def _muon_step(mode, params0, grads):
     from model.optim import Muon
@@ -110,7 +99,6 @@ def _muon_step(mode, params0, grads):
     finally:
         kernels.set_mode(prev)
 
-
 def test_muon_step_fused_matches_eager():
     """One Muon step (model/optim.py, which batches same-shaped matrices into one newton_schulz call), fused vs
     eager, fp32 on CPU: updates are lr * O(1/sqrt(n)) so params agree to ~1e-6 absolute; tolerance 1e-5."""
@@ -124,7 +112,6 @@ def test_muon_step_fused_matches_eager():
     for e, f, p0 in zip(eager, fused, params0):
         assert not torch.equal(e, p0)                       # the step did something
         torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
-
 
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu

@@ -9,9 +9,7 @@ from stand_ins import straightforward_muon
 
 torch.manual_seed(0)
 
-
 pytestmark = pytest.mark.usefixtures("eager_single_thread")
-
 
 @pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 48), (37, 13), (3, 50, 20)])
 def test_newton_schulz_singular_values_near_one(shape):
@@ -32,7 +30,6 @@ def test_newton_schulz_singular_values_near_one(shape):
     diag = torch.diagonal(M, dim1=-2, dim2=-1)
     assert (diag > 0.6).all() and (diag < 1.25).all()
     assert (M - torch.diag_embed(diag)).abs().max() < 1e-4
-
 
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_matches_straightforward(nesterov):
@@ -56,7 +53,6 @@ def test_muon_matches_straightforward(nesterov):
     for p, g in zip(params, grads[-1]):
         assert torch.equal(p.grad, g)  # the gradient is left untouched
 
-
 def test_muon_skips_params_without_grad_and_rejects_vectors():
     a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(3, 5))
     opt = Muon([a, b])
@@ -67,20 +63,17 @@ def test_muon_skips_params_without_grad_and_rejects_vectors():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.randn(8))])
 
-
 def test_muon_momentum_warmup():
     assert muon_momentum(0) == pytest.approx(0.85)
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95)
     assert muon_momentum(10_000) == pytest.approx(0.95)
 
-
 def test_make_adamw():
     w = torch.nn.Parameter(torch.randn(5, 3))
     opt = make_adamw([dict(params=[w], lr=0.1)], weight_decay=0.0)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-10 and not opt.defaults["fused"]
-
 
 @pytest.mark.gpu
 def test_muon_bf16_cuda_close_to_fp32():

@@ -13,8 +13,6 @@ from kernels.paged_decode import (choose_num_splits, paged_decode_attention, pag
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-
 def make_case(B, H, Hkv, D, block_size, seq_lens, dtype, extra_blocks=5, garbage=True):
     """A pool with more blocks than needed, each sequence's pages taken from a shuffled permutation (non-contiguous,
     out of order), and unused block-table entries filled with garbage ids that must never be read."""
@@ -33,16 +31,13 @@ def make_case(B, H, Hkv, D, block_size, seq_lens, dtype, extra_blocks=5, garbage
     seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     return q, k_cache, v_cache, table.to(DEVICE, torch.int32), seq
 
-
 def reference(q, k_cache, v_cache, table, seq):
     # The reference gathers every table entry (clamped), so give it the fp32 cache and a clean table.
     table = torch.where(table < 0, 0, table).clamp(max=k_cache.shape[0] - 1)
     return paged_decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), table, seq)
 
-
 SEQS = {1: [[1], [17], [100]], 3: [[1, 15, 16], [17, 100, 1], [16, 100, 15]]}
 CPU_DTYPES = [(torch.float32, 2e-5, 2e-5)]
-
 
 @pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES)
 @pytest.mark.parametrize("D", [64, 128])
@@ -54,7 +49,6 @@ def test_paged_decode_vs_reference(B, seq_lens, H, Hkv, D, dtype, atol, rtol):
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
 
-
 @pytest.mark.parametrize("block_size,seq_lens", [(32, [1, 33, 100]), (64, [64, 65, 1]), (16, [7])])
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
 @pytest.mark.parametrize("dtype,atol,rtol", CPU_DTYPES + [(torch.float16, 2e-3, 2e-3)])
@@ -64,7 +58,6 @@ def test_paged_decode_splits_and_block_sizes(block_size, seq_lens, num_splits, d
     out = paged_decode_attention_triton(q, kc, vc, table, seq, num_splits=num_splits)
     torch.testing.assert_close(out.float(), reference(q, kc, vc, table, seq), atol=atol, rtol=rtol)
 
-
 def test_paged_decode_scale_and_odd_group():
     # H / Hkv = 3 (not a power of two), custom scale.
     q, kc, vc, table, seq = make_case(2, 6, 2, 64, 16, [40, 3], torch.float32)
@@ -73,14 +66,12 @@ def test_paged_decode_scale_and_odd_group():
     ref = paged_decode_attention_reference(q, kc, vc, t, seq, scale=0.3)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
-
 def test_reference_compiles_with_dynamic_shapes():
     """Under torch.compile(dynamic=True) H != Hkv is a SymBool; SDPA's enable_gqa takes a plain bool only."""
     compiled = torch.compile(paged_decode_attention_reference, backend="aot_eager", dynamic=True, fullgraph=True)
     for B in (2, 3):
         args = make_case(B, 8, 2, 64, 16, [40, 3, 17][:B], torch.float32, garbage=False)
         torch.testing.assert_close(compiled(*args), paged_decode_attention_reference(*args))
-
 
 def test_num_splits_heuristic():
     # More splits for small batch / long context, one split when the batch alone fills the GPU.
@@ -89,7 +80,6 @@ def test_num_splits_heuristic():
     for args in [(1, 1, 10 ** 6), (3, 2, 1000), (64, 4, 4096)]:
         n = choose_num_splits(*args)
         assert n >= 1 and n & (n - 1) == 0
-
 
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -108,7 +98,6 @@ def test_write_kv_vs_reference(block_size, dtype):
     write_kv_reference(*caches, k, v, table, positions)
     assert torch.equal(ours[0], caches[0]) and torch.equal(ours[1], caches[1])
 
-
 def test_clear_errors():
     q, kc, vc, table, seq = make_case(2, 8, 2, 64, 16, [5, 9], torch.float32)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
@@ -126,7 +115,6 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="write_kv"):
         write_kv_triton(kc, vc, q[:, :2], q[:, :2, :32], table, seq)
 
-
 def test_fused_mode_dispatches_to_triton(fused):
     q, kc, vc, table, seq = make_case(2, 8, 2, 64, 16, [20, 3], torch.float32)
     assert torch.equal(paged_decode_attention(q, kc, vc, table, seq),
@@ -137,7 +125,6 @@ def test_fused_mode_dispatches_to_triton(fused):
     write_kv_triton(*theirs, k, v, table, seq)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
-
 @pytest.mark.parametrize("scale,num_splits", [(None, None), (0.3, 2)])
 def test_opcheck(scale, num_splits):
     """torch.library.opcheck (schema incl. the declared cache mutation, fake vs real outputs, AOT dispatch with
@@ -146,7 +133,6 @@ def test_opcheck(scale, num_splits):
     torch.library.opcheck(torch.ops.tritonchat.paged_decode_attention, (q, kc, vc, table, seq, scale, num_splits))
     k, v = q[:, :2].contiguous(), q[:, 2:].contiguous()
     torch.library.opcheck(torch.ops.tritonchat.write_kv, (kc, vc, k, v, table, seq.long()))
-
 
 def make_prologue_case(B, H, Hkv, D, block_size, dtype):
     """Raw q, k, v as strided views of one packed (B, 1, H + 2 Hkv, D) projection (as the model hands them over),
@@ -161,7 +147,6 @@ def make_prologue_case(B, H, Hkv, D, block_size, dtype):
     table = torch.randperm(num_blocks, generator=g)[:B * 4].view(B, 4).to(DEVICE, torch.int32)
     positions = torch.tensor([0, block_size, 3 * block_size - 1, block_size - 1, 5][:B], device=DEVICE)
     return q, k, v, cos, sin, caches, table, positions
-
 
 @pytest.mark.parametrize("B,H,Hkv,D", [(3, 4, 2, 64), (5, 6, 3, 128), (1, 2, 2, 64)])  # Hkv = 3, H = 6: padded tiles
 @pytest.mark.parametrize("block_size", [16, 64])
@@ -182,7 +167,6 @@ def test_rope_norm_write_kv_vs_reference(B, H, Hkv, D, block_size, dtype, atol, 
     changed = (ours[0] != caches[0]).any(-1).any(-1).nonzero().tolist()
     assert sorted(map(tuple, changed)) == sorted(zip(blocks.tolist(), (positions % block_size).tolist()))
 
-
 def test_rope_norm_write_kv_errors_dispatch_and_opcheck(fused):
     q, k, v, cos, sin, caches, table, positions = make_prologue_case(2, 4, 2, 64, 16, torch.float32)
     with pytest.raises(ValueError, match="multiple of Hkv"):
@@ -197,7 +181,6 @@ def test_rope_norm_write_kv_errors_dispatch_and_opcheck(fused):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     torch.library.opcheck(torch.ops.tritonchat.rope_norm_write_kv,
                           (q, k, v, cos, sin, *caches, table, positions, 1e-6))
-
 
 HOPPER_COMPILE = r"""
 import json, re, triton
@@ -218,7 +201,6 @@ patterns = ("cp.async.cg.shared.global", "mma.sync", "ld.local")
 print(json.dumps({p: len(re.findall(re.escape(p), ptx)) for p in patterns}))
 """
 
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the real thing")
 def test_split_kernel_compiles_for_hopper():
     """No GPU needed: compile the bf16 split kernel for sm_90 (Triton's bundled ptxas) in a process without the
@@ -232,7 +214,6 @@ def test_split_kernel_compiles_for_hopper():
     assert out.returncode == 0, out.stderr[-3000:]
     counts = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert counts["cp.async.cg.shared.global"] > 0 and counts["mma.sync"] > 0 and counts["ld.local"] == 0, counts
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 64])

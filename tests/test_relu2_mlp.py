@@ -12,8 +12,6 @@ torch.manual_seed(0)
 
 FP32 = (torch.float32, 1e-4, 1e-4)  # (dtype, atol, rtol): fp32 accumulation on both sides, only summation order differs
 
-
-
 def _inputs(shape, C, Fh, dtype, device="cpu"):
     g = torch.Generator().manual_seed(1234 + C + Fh + shape[0])
     x = torch.randn(*shape, C, generator=g)
@@ -22,13 +20,11 @@ def _inputs(shape, C, Fh, dtype, device="cpu"):
     dy = torch.randn(*shape, C, generator=g)
     return [t.to(device=device, dtype=dtype) for t in (x, w_fc, w_proj, dy)]
 
-
 def _run(fn, x, w_fc, w_proj, dy):
     x, w_fc, w_proj = (t.detach().clone().requires_grad_(True) for t in (x, w_fc, w_proj))
     y = fn(x, w_fc, w_proj)
     y.backward(dy)
     return y.detach(), x.grad, w_fc.grad, w_proj.grad
-
 
 def _compare(shape, C, Fh, dtype, atol, rtol):
     x, w_fc, w_proj, dy = _inputs(shape, C, Fh, dtype)
@@ -38,24 +34,20 @@ def _compare(shape, C, Fh, dtype, atol, rtol):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
-
 @pytest.mark.parametrize("C", [32, 64, 96])
 @pytest.mark.parametrize("M", [1, 7, 64, 130])
 @pytest.mark.parametrize("dtype,atol,rtol", [FP32])
 def test_matches_reference(M, C, dtype, atol, rtol):
     _compare((M,), C, 4 * C, dtype, atol, rtol)
 
-
 @pytest.mark.parametrize("shape,C,Fh", [((37,), 64, 100), ((130,), 96, 200), ((2, 9), 64, 256), ((3, 5, 7), 32, 72)])
 def test_odd_hidden_and_nd_inputs(shape, C, Fh):
     # F not a multiple of the 64-wide tile, and (B, T, C) / (B, H, T, C) inputs
     _compare(shape, C, Fh, *FP32)
 
-
 def test_fp16():
     # fp16 stores a = relu(h)^2 rounded to fp16 (eager stores r and a rounded); tolerance of a few fp16 ulps
     _compare((33,), 64, 256, torch.float16, 2e-2, 2e-2)
-
 
 def test_only_weight_grads_and_noncontiguous():
     x, w_fc, w_proj, dy = _inputs((16, 8), 64, 256, torch.float32)
@@ -69,7 +61,6 @@ def test_only_weight_grads_and_noncontiguous():
     relu2_mlp_reference(x, w_fc, w_proj).backward(dy)
     torch.testing.assert_close(g_fc, w_fc.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g_proj, w_proj.grad, atol=1e-4, rtol=1e-4)
-
 
 def _saved_activation_bytes(fn, x, w_fc, w_proj):
     """Bytes of the distinct non-parameter tensors autograd keeps for backward (what the MLP adds to peak memory)."""
@@ -85,7 +76,6 @@ def _saved_activation_bytes(fn, x, w_fc, w_proj):
         fn(x, w_fc, w_proj)
     return sum(seen.values())
 
-
 def test_saved_tensor_bytes():
     """Eager saves x, r = relu(h) and a = r^2 (M*C + 2*M*F elements); fused saves x and a only (M*C + M*F)."""
     M, C, Fh = 64, 32, 128
@@ -98,7 +88,6 @@ def test_saved_tensor_bytes():
     assert eager == 4 * (M * C + 2 * M * Fh)
     assert fused_bytes == 4 * (M * C + M * Fh)
 
-
 def test_bad_inputs():
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -107,7 +96,6 @@ def test_bad_inputs():
         relu2_mlp_triton(x, torch.randn(128, 32), torch.randn(128, 32))  # w_proj given transposed
     with pytest.raises(TypeError, match="dtype"):
         relu2_mlp_triton(x, torch.randn(128, 32, dtype=torch.float16), torch.randn(32, 128))
-
 
 def test_opcheck():
     """torch.library.opcheck (schema, autograd registration, fake vs real outputs, AOT dispatch with dynamic shapes)
@@ -118,7 +106,6 @@ def test_opcheck():
     a = torch.ops.tritonchat.relu2_mlp(x.detach(), w_fc.detach(), w_proj.detach())[1]
     torch.library.opcheck(torch.ops.tritonchat.relu2_mlp_dh, (dy.reshape(15, 32), w_proj.detach(), a))
 
-
 def test_eager_mode_is_reference():
     prev = kernels.get_mode()
     kernels.set_mode("eager")
@@ -128,11 +115,9 @@ def test_eager_mode_is_reference():
     finally:
         kernels.set_mode(prev)
 
-
 def test_fused_mode_is_triton(fused):
     x, w_fc, w_proj, _ = _inputs((5,), 32, 128, torch.float32)
     assert torch.equal(relu2_mlp(x, w_fc, w_proj), relu2_mlp_triton(x, w_fc, w_proj))
-
 
 def test_model_mlp_fused_matches_eager():
     """model.gpt.MLP (nn.Linear weights, (B, T, C) input) in fused vs eager mode: output and all gradients."""
@@ -156,7 +141,6 @@ def test_model_mlp_fused_matches_eager():
     for e, f in zip(results["eager"], results["fused"]):
         torch.testing.assert_close(f, e, atol=1e-4, rtol=1e-4)
 
-
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth", [12, 20, 26])
@@ -173,7 +157,6 @@ def test_gpu_bf16_model_shapes(depth):
         err_fused = (g.double() - e).norm() / e.norm()
         err_eager = (r.double() - e).norm() / e.norm()
         assert err_fused <= 1.25 * err_eager + 1e-3, (name, err_fused.item(), err_eager.item())
-
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_lower():

@@ -10,7 +10,6 @@ from train.rl import group_advantages, pass_at_k, policy_loss
 
 torch.manual_seed(0)
 
-
 def test_group_advantages_hand_computed():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # 2 prompts x 4 samples
     adv = group_advantages(r, 4)
@@ -20,12 +19,10 @@ def test_group_advantages_hand_computed():
     r3 = torch.tensor([3.0, 0.0, 0.0])
     assert torch.allclose(group_advantages(r3, 3), torch.tensor([2.0, -1.0, -1.0]))
 
-
 # toy batch: 2 sequences x 3 positions; row 0 has 2 sampled tokens, row 1 has 3
 LOGP = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
 ADV = torch.tensor([0.5, -1.0])
-
 
 def test_on_policy_loss_and_gradient():
     logp = LOGP.clone().requires_grad_(True)
@@ -37,13 +34,11 @@ def test_on_policy_loss_and_gradient():
     expect = torch.tensor([[-0.1, -0.1, 0.0], [0.2, 0.2, 0.2]])
     assert torch.allclose(logp.grad, expect)
 
-
 def test_sequence_reduction_and_normalizer():
     loss, _ = policy_loss(LOGP, MASK, ADV, reduction="sequence")
     assert loss.item() == pytest.approx((-0.5 + 1.0) / 2)
     loss, _ = policy_loss(LOGP, MASK, ADV, normalizer=10)  # a micro-batch of a 10-token step
     assert loss.item() == pytest.approx(2 / 10)
-
 
 def test_clipped_ratio_loss_hand_computed():
     old = LOGP - torch.tensor([[0.5, -0.5, 0.0], [0.05, 0.0, -0.5]])  # logp - old = the log ratios
@@ -61,7 +56,6 @@ def test_clipped_ratio_loss_hand_computed():
     assert logp.grad[0, 1].item() == pytest.approx(-0.5 * r[0, 1].item() / 5, rel=1e-5)
     assert logp.grad[1, 0].item() == pytest.approx(1.0 * r[1, 0].item() / 5, rel=1e-5)
 
-
 def test_kl_penalty_hand_computed():
     ref = LOGP + torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     loss, stats = policy_loss(LOGP, MASK, torch.zeros(2), ref_logp=ref, kl_coef=0.1)
@@ -71,17 +65,14 @@ def test_kl_penalty_hand_computed():
     with pytest.raises(ValueError, match="ref_logp"):
         policy_loss(LOGP, MASK, ADV, kl_coef=0.1)
 
-
 def test_pass_at_k():
     assert pass_at_k([0, 0, 0, 0], 1) == 0.0
     assert pass_at_k([1, 0, 0, 0], 1) == pytest.approx(0.25)
     assert pass_at_k([1, 0, 0, 0], 4) == 1.0
     assert pass_at_k([1, 1, 0, 0], 2) == pytest.approx(1 - 1 / 6)
 
-
 # ------------------------------------------------------------------------------------------------ the pipeline
 SPECIALS = SPECIAL_TOKENS
-
 
 class SmallTok:
     """Six letters + the nine special tokens: a uniform policy samples 'a' often enough to learn from."""
@@ -101,7 +92,6 @@ class SmallTok:
     def render_for_completion(self, conv):
         return [6, 7] + self.encode(conv["messages"][0]["content"]) + [8, 9]
 
-
 class PreferA:
     name = "prefer_a"
 
@@ -115,14 +105,12 @@ class PreferA:
         letters = [c for c in text if c in "abcdef"]
         return letters.count("a") / max(len(letters), 1)
 
-
 def _args(**kw):
     import argparse
     d = dict(num_samples=8, std_scale=False, device_batch_size=16, clip_eps=None, inner_steps=1, kl_coef=0.0,
              reduction="token", grad_clip=1.0)
     d.update(kw)
     return argparse.Namespace(**d)
-
 
 def test_batch_masks_prompt_forced_and_padding():
     from train.rl import pad_samples
@@ -131,7 +119,6 @@ def test_batch_masks_prompt_forced_and_padding():
     assert x.tolist() == [[6, 7, 0, 9, 1, 2], [6, 9, 6, 6, 6, 6]]
     assert y.tolist() == [[-1, -1, -1, 1, -1, 10], [-1, 3, -1, -1, -1, -1]]
     assert m.sum().item() == 3
-
 
 class ScriptedEngine:
     """The Engine's submit/step/stop_ids surface replaying fixed completions: script[p] = [(tokens, masks, finish
@@ -155,7 +142,6 @@ class ScriptedEngine:
     def step(self):
         raise AssertionError("every scripted request is done at submit")
 
-
 def test_tool_crash_scores_zero_and_reward_errors_name_the_stage():
     from train.rl import rollout
     from train.tasks import TaskError
@@ -176,7 +162,6 @@ def test_tool_crash_scores_zero_and_reward_errors_name_the_stage():
     with pytest.raises(TaskError, match=r"\[rl\] reward function of task prefer_a raised: ZeroDivisionError"):
         rollout(ScriptedEngine(tok, script), tok, Bad(), [0], 2, max_tokens=16, temperature=1.0, top_k=None, seed=0)
 
-
 def test_rollout_trains_exactly_the_emitted_tokens():
     """The end comes from the engine's finish reason: a stop on <|bos|> keeps <|bos|> (never <|assistant_end|>),
     a "length" finish short of max_tokens (the context limit) and a stop string add nothing."""
@@ -194,7 +179,6 @@ def test_rollout_trains_exactly_the_emitted_tokens():
     assert [o["mask"] for o in out] == [[0] * len(prompt) + [1, 1]] * 4
     assert [o["finish"] for o in out] == ["stop", "length", "stop", "stop"]
     assert [o["reward"] for o in out] == [0.0, 0.5, 0.5, 1.0]  # scored on the text without the stop token
-
 
 def test_rollout_logp_at_the_sampled_positions():
     """With a real Engine (greedy, a model that never stops) the context limit ends the sample before max_tokens:
@@ -234,7 +218,6 @@ def test_rollout_logp_at_the_sampled_positions():
             want = torch.log_softmax(model(ids[None, :pos])[0, -1].float(), -1)[t]
             assert torch.allclose(logp[0, pos - 1], want, atol=1e-5)
 
-
 def test_reward_preferring_one_token_rises():
     from model.engine import Engine
     from model.gpt import GPT, GPTConfig
@@ -256,7 +239,6 @@ def test_reward_preferring_one_token_rises():
     first, last = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3  # uniform start: E[reward] = 1/6
     assert first < 0.4 and last > first + 0.3, rewards
 
-
 def test_grpo_update_with_clipping_inner_steps_and_kl():
     from model.gpt import GPT, GPTConfig
     from train.rl import grpo_update, plain_copy
@@ -273,7 +255,6 @@ def test_grpo_update_with_clipping_inner_steps_and_kl():
     assert not torch.equal(before, model.lm_head.weight)
     assert all(not p.requires_grad for p in ref.parameters())
 
-
 def test_prompts_that_leave_no_room_fail_at_load():
     from train.rl import check_prompts
     from train.tasks import TaskError
@@ -288,7 +269,6 @@ def test_prompts_that_leave_no_room_fail_at_load():
     with pytest.raises(TaskError, match=r"\[rl\] prefer_a: example 2: its prompt of 44 tokens leaves no room for a "
                                         r"completion in the context of 44 tokens"):
         check_prompts(tok, Prompts(), max_context=44)
-
 
 @pytest.mark.parametrize("flag", ["--device-batch-size", "--num-samples", "--prompts-per-step", "--max-new-tokens",
                                   "--eval-k", "--inner-steps"])

@@ -17,7 +17,6 @@ from stand_ins import CORPORA, zipf_corpus
 
 random.seed(0)
 
-
 def reference_train(texts, vocab_size, pattern=SPLIT_PATTERN):
     """Byte-level BPE the slow way: recount every pair of every chunk before each merge."""
     chunks = Counter(m for t in texts for m in regex.findall(pattern, t))
@@ -44,12 +43,10 @@ def reference_train(texts, vocab_size, pattern=SPLIT_PATTERN):
             words[k] = (out, n)
     return merges
 
-
 SPLIT_POOL = (list("abcXYZ \u00e9\u00df\u017f'sdmtlLvVeErRSDMT0123456789\u0663\u00b2\u00bd\u216b.,;:!?\"-()[]{}<>")
               + ["'", "'", " ", " ", "  ", "\n", "\r", "\r\n", "\t", "\x0b", "\x0c", "\x85", "\xa0", "\u2028",
                  "\u3000", "\x1c", "\x00", "\x7f", "\u0301", "\u200d", "\ufe0f", "\U0001f600", "\U0001f1eb",
                  "\u65e5", "\u0639", "\u0939", "\u093f", "\u03a9", "\u0436", "\u1f88"])
-
 
 def test_gpt4_scanner_equals_the_regex():
     """The hand-written GPT-4 splitter == fancy-regex on the same pattern == Python's `regex` module."""
@@ -64,7 +61,6 @@ def test_gpt4_scanner_equals_the_regex():
         if "\x1c" not in s and "\x85" not in s:  # Python's regex counts these as \s, Rust's Unicode tables do not
             assert fast == regex.findall(SPLIT_PATTERN, s), repr(s)
 
-
 @pytest.mark.parametrize("name", list(CORPORA))
 @pytest.mark.parametrize("vocab_size", [256, 300, 420])
 def test_matches_reference(name, vocab_size):
@@ -74,7 +70,6 @@ def test_matches_reference(name, vocab_size):
     ref = reference_train(texts, vocab_size)
     assert tok.get_merges() == ref
     assert tok.get_vocab_size() == 256 + len(ref)
-
 
 def test_matches_reference_custom_pattern_and_buffering():
     texts = zipf_corpus(30, seed=2)
@@ -86,7 +81,6 @@ def test_matches_reference_custom_pattern_and_buffering():
         assert tok.get_merges() == ref
         assert tok.get_pattern() == pattern
 
-
 def test_threads_do_not_change_the_result():
     texts = zipf_corpus(600, seed=3)
     results = []
@@ -96,7 +90,6 @@ def test_threads_do_not_change_the_result():
         results.append(tok.get_merges())
     assert len(results[0]) == 2000 - 256
     assert results[0] == results[1] == results[2]
-
 
 def test_mergeable_ranks_and_encode_match_tiktoken():
     texts = zipf_corpus(200, seed=4) + CORPORA["unicode"] + CORPORA["english"]
@@ -116,7 +109,6 @@ def test_mergeable_ranks_and_encode_match_tiktoken():
         assert ids == enc.encode_ordinary(s)
         assert enc.decode(ids) == s
 
-
 def test_runs_out_of_pairs_and_empty_inputs():
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(["ab ab", ""], 1000)  # chunks "ab", " ab": 2 merges possible ((a,b), then (32, ab))
@@ -124,11 +116,9 @@ def test_runs_out_of_pairs_and_empty_inputs():
     tok.train_from_iterator(iter([]), 500)
     assert tok.get_vocab_size() == 256 and len(tok.get_mergeable_ranks()) == 256
 
-
 def _gen_then_fail():
     yield "fine text"
     raise RuntimeError("boom from the iterator")
-
 
 @pytest.mark.parametrize("call, exc, match", [
     (lambda t: t.train_from_iterator(["a"], 255), ValueError, "vocab_size"),
@@ -151,7 +141,6 @@ def test_bad_inputs_raise_python_errors(call, exc, match):
         call(tok)
     tok.train_from_iterator(["still usable after an error"], 260)  # no panic, the object still works
     assert tok.get_vocab_size() == 260
-
 
 @pytest.mark.parametrize("text", ["a\ud800b c\udfff", "\ud83d\ude00 smile", "x\x00y", "<|bos|> special text", ""])
 def test_trainer_takes_every_string_the_encoder_takes(text):

@@ -26,17 +26,14 @@ LAYERS = [pytest.param({}, id="all-layers", marks=needs_jail), pytest.param({"ja
           pytest.param({"audit": False}, id="jail-only", marks=needs_jail)]
 JAILED = [pytest.param({}, id="all-layers"), pytest.param({"audit": False}, id="jail-only")]
 
-
 def _ours():
     """`uid args` of every live process of this test process's sandbox calls (tagged tc_sbx_<pid>_ in argv)."""
     out = subprocess.run(["ps", "-ewwo", "uid=,args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if f"tc_sbx_{os.getpid()}_" in line and "ps -ewwo" not in line]
 
-
 def _no_leftovers():
     """No sandbox process survives its call."""
     return not _ours()
-
 
 @needs_jail
 def test_ok_and_metadata():
@@ -45,7 +42,6 @@ def test_ok_and_metadata():
     assert r.success and r.error is None and not r.timed_out and r.returncode == 0
     assert r.stdout == "285 6\n"
     assert r.jail == "bwrap" and jail_status().banner.startswith("python tool: jailed by bubblewrap")
-
 
 def test_refuses_without_jail(monkeypatch):
     """No bubblewrap: nothing runs, and the answer says why and how to fix it; only the loud opt-in runs code."""
@@ -62,7 +58,6 @@ def test_refuses_without_jail(monkeypatch):
     r = run_python("print(6 * 7)")
     assert r.success and r.stdout == "42\n" and r.jail.startswith("none: ")
 
-
 def test_refuses_with_a_broken_jail(monkeypatch):
     """bwrap installed but unable to make its namespaces (no unprivileged user namespaces): refused, saying so."""
     with tempfile.TemporaryDirectory() as d:
@@ -77,13 +72,11 @@ def test_refuses_with_a_broken_jail(monkeypatch):
     assert not r.success and r.stdout == "" and "cannot start a jail here" in r.error
     assert "No permissions to creating new namespace" in r.error and "user namespaces" in r.error
 
-
 @needs_jail
 def test_user_exception_and_temp_dir_writes():
     r = run_python("open('a.txt', 'w').write('hi')\nprint(open('a.txt').read())\n1 / 0")
     assert not r.success and r.stdout == "hi\n"
     assert r.error == "ZeroDivisionError: division by zero"
-
 
 @needs_jail
 def test_tool_call_is_what_a_repl_shows():
@@ -101,7 +94,6 @@ def test_tool_call_is_what_a_repl_shows():
     assert run_tool_call("while True:\n    pass", timeout=1.0) == "Error: timed out"
     assert run_python("6 * 7").stdout == ""  # a program, not a REPL: nothing shown
 
-
 @needs_jail
 def test_infinite_loop():
     t0 = time.monotonic()
@@ -109,7 +101,6 @@ def test_infinite_loop():
     assert r.timed_out and not r.success and "timed out" in r.error
     assert time.monotonic() - t0 < 5
     assert _no_leftovers()
-
 
 @needs_jail
 @pytest.mark.parametrize("layers", [pytest.param({}, id="all-layers"),
@@ -123,14 +114,12 @@ def test_fork_bomb(layers):
     assert _no_leftovers()  # killed as a group / with its PID namespace
     assert run_python("print('still fine')").stdout == "still fine\n"
 
-
 @needs_jail
 def test_memory_bomb():
     r = run_python("a = []\nwhile True:\n    a.append(bytearray(10 ** 7))", timeout=2.0, memory_mb=128)
     assert not r.success and "MemoryError" in r.error
     r = run_python("x = bytearray(4 * 1024 ** 3)", memory_mb=128)
     assert not r.success and "MemoryError" in r.error
-
 
 @needs_jail
 def test_os_system_and_subprocess():
@@ -141,7 +130,6 @@ def test_os_system_and_subprocess():
         r = run_python(code)
         assert not r.success and "pwned" not in r.stdout, code
         assert "sandbox" in r.error, (code, r.error)
-
 
 @needs_jail
 def test_write_outside_temp_dir(tmp_path):
@@ -154,7 +142,6 @@ def test_write_outside_temp_dir(tmp_path):
         r = run_python(code)
         assert not r.success, code
     assert not os.path.exists("/pwned_sbx")
-
 
 @needs_jail
 def test_delete_files(tmp_path):
@@ -169,7 +156,6 @@ def test_delete_files(tmp_path):
     # deleting inside the temp dir is fine
     r = run_python("import os\nopen('t', 'w').close()\nos.remove('t')\nprint(os.listdir('.'))")
     assert r.success and r.stdout == "[]\n"
-
 
 @pytest.mark.parametrize("layers", LAYERS)
 def test_network_blocked(layers):
@@ -191,7 +177,6 @@ def test_network_blocked(layers):
     assert not r.success and "connected" not in r.stdout
     assert got == [b""], "the sandbox reached the parent's socket"
 
-
 def _accept(srv):
     try:
         conn, _ = srv.accept()
@@ -200,7 +185,6 @@ def _accept(srv):
             return conn.recv(16)
     except OSError:
         return None
-
 
 @pytest.mark.parametrize("layers", LAYERS)
 def test_ctypes_blocked(layers, tmp_path):
@@ -212,7 +196,6 @@ def test_ctypes_blocked(layers, tmp_path):
         assert not r.success and "ctypes" in r.error
     # with the hook off, libc's system() runs inside the jail: no /bin/sh there, and /tmp is a private tmpfs
 
-
 @needs_jail
 def test_huge_print():
     t0 = time.monotonic()
@@ -223,7 +206,6 @@ def test_huge_print():
     assert not r.success and len(r.stderr) <= 50_000
     assert time.monotonic() - t0 < 5
 
-
 @needs_jail
 def test_sys_exit_and_kill():
     for code in ["import sys; sys.exit(0)", "exit()", "raise SystemExit(3)"]:
@@ -231,7 +213,6 @@ def test_sys_exit_and_kill():
         assert not r.success and r.error, code
     r = run_python(f"import os, signal; os.kill({os.getpid()}, signal.SIGKILL)")
     assert not r.success and "sandbox" in r.error  # and we are still here to assert it
-
 
 @needs_jail
 def test_hook_cannot_be_loosened():
@@ -244,7 +225,6 @@ def test_hook_cannot_be_loosened():
         assert not r.success and "pwned" not in r.stdout, code
     assert not os.path.exists("/pwned_sbx")
 
-
 @needs_jail
 def test_stdlib_still_usable():
     r = run_python("import collections, dataclasses, json, re, fractions, unittest, shutil\n"
@@ -252,7 +232,6 @@ def test_stdlib_still_usable():
                    "P = collections.namedtuple('P', 'x y')\nprint(json.dumps(P(1, 2)._asdict()))")
     assert r.success, r.error
     assert r.stdout == '{"x": 1, "y": 2}\n'
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Escapes: each is tried with all layers and with the jail alone (what native code gets past the audit hook).
@@ -272,7 +251,6 @@ libc.system(b"kill -9 PARENT; echo pwned > MARKER; cat /proc/PARENT/environ; (se
 print("native code ran")
 '''
 
-
 def _escape(code, layers, tmp_path, monkeypatch):
     """Run `code` (PARENT, MARKER, SLEEP, TMP and REPO substituted) with a secret in our environment -> (result,
     the secret, the sleep duration that tags a would-be detached child)."""
@@ -283,7 +261,6 @@ def _escape(code, layers, tmp_path, monkeypatch):
                        ("TMP", str(tmp_path)), ("REPO", ROOT)):
         code = code.replace(key, value)
     return _run(code, timeout=5.0, **layers), secret, sleep
-
 
 def _contained(r, secret, sleep, tmp_path):
     assert secret not in r.stdout + r.stderr
@@ -296,7 +273,6 @@ def _contained(r, secret, sleep, tmp_path):
     assert _no_leftovers()
     assert "uid 0 " not in r.stdout  # never root
 
-
 @needs_jail
 @pytest.mark.parametrize("layers", JAILED)
 def test_native_extension_is_contained(layers, tmp_path, monkeypatch):
@@ -304,7 +280,6 @@ def test_native_extension_is_contained(layers, tmp_path, monkeypatch):
     if layers.get("audit") is False:  # the hook is off: the extension really ran, as the jail's user
         assert "native code ran" in r.stdout and f"uid {sandbox.NOBODY} {sandbox.NOBODY}" in r.stdout, r
     _contained(r, secret, sleep, tmp_path)
-
 
 @needs_jail
 @pytest.mark.parametrize("layers", JAILED)
@@ -317,7 +292,6 @@ def test_cannot_signal_the_parent(layers, tmp_path, monkeypatch):
     if layers.get("audit") is False:
         assert f"{os.getpid()} ProcessLookupError" in r.stdout  # the caller is not even visible
     _contained(r, secret, sleep, tmp_path)  # and we are still here to check
-
 
 @needs_jail
 @pytest.mark.parametrize("layers", JAILED)
@@ -339,7 +313,6 @@ def test_no_fifo_node_or_database_outside_the_temp_dir(layers, tmp_path, monkeyp
              "print(sorted(os.listdir('.')))", **layers)
     assert r.success and r.stdout == ("['d.db', 'f']\n" if fifo else "['d.db']\n"), r
 
-
 @needs_jail
 @pytest.mark.parametrize("layers", JAILED)
 def test_no_process_outlives_the_call(layers, tmp_path, monkeypatch):
@@ -350,7 +323,6 @@ def test_no_process_outlives_the_call(layers, tmp_path, monkeypatch):
     if layers.get("audit") is False:
         assert r.success and r.stdout == "spawned\n", r
     _contained(r, secret, sleep, tmp_path)
-
 
 @needs_jail
 @pytest.mark.parametrize("layers", JAILED)
@@ -371,7 +343,6 @@ def test_no_view_of_the_parent_or_the_repository(layers, tmp_path, monkeypatch):
     assert len(pids) <= 3 and str(os.getpid()) not in pids
     _contained(r, secret, sleep, tmp_path)
 
-
 @needs_jail
 def test_never_runs_as_root():
     """Seen from the host: every process of a call (bwrap included) runs under an unprivileged uid."""
@@ -389,7 +360,6 @@ def test_never_runs_as_root():
     assert procs and all(int(line.split()[0]) != 0 for line in procs), procs
     assert seen[0].success and seen[0].stdout == f"{sandbox.NOBODY}\n"
 
-
 @needs_jail
 def test_disk_quota():
     t0 = time.monotonic()
@@ -399,7 +369,6 @@ def test_disk_quota():
     assert not r.success and "File too large" in r.error, r
     assert time.monotonic() - t0 < 10
 
-
 @needs_jail
 def test_seccomp_denies_kernel_interfaces():
     if sandbox.seccomp_program() is None:
@@ -408,7 +377,6 @@ def test_seccomp_denies_kernel_interfaces():
             "print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())")  # PTRACE_TRACEME: 0 when allowed
     r = _run(code, audit=False)
     assert r.success and r.stdout == "-1 1\n", r  # EPERM
-
 
 def test_stale_temp_dirs_are_swept(tmp_path, monkeypatch):
     """Temp dirs of a caller killed mid-call (the unsafe mode keeps them on the host) go at the next start."""

@@ -24,7 +24,6 @@ CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
           "The quick brown fox jumps over the lazy dog; 12 + 30 = 42.", "What is the capital of France? Paris."] * 10
 CONTEXT = 96
 
-
 @pytest.fixture(scope="module")
 def tiny():
     old = kernels.get_mode()
@@ -41,7 +40,6 @@ def tiny():
     yield model, tok
     kernels.set_mode(old)
 
-
 def _serve(service):
     import uvicorn
     sock = socket.socket()
@@ -56,7 +54,6 @@ def _serve(service):
         time.sleep(0.02)
     return server, th, url
 
-
 @pytest.fixture(scope="module")
 def server(tiny):
     model, tok = tiny
@@ -69,11 +66,9 @@ def server(tiny):
     th.join(timeout=10)
     service.close()
 
-
 @pytest.fixture
 def client(server):
     return OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=30)
-
 
 def _greedy(tiny, messages, max_tokens):
     """What the server must answer at temperature 0: the engine's greedy completion, decoded, stop token dropped."""
@@ -82,9 +77,7 @@ def _greedy(tiny, messages, max_tokens):
     seqs, _ = Engine(model, tok).generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
     return tok.decode(seqs[0][len(prompt):]), len(seqs[0]) - len(prompt)
 
-
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
-
 
 def test_models_health_page(server):
     service, url = server
@@ -96,7 +89,6 @@ def test_models_health_page(server):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/chat/completions" in page.text and "getReader" in page.text
 
-
 def test_completion_matches_greedy_engine(client, tiny):
     expected, n_tokens = _greedy(tiny, MESSAGES, 12)
     r = client.chat.completions.create(model="whatever", messages=MESSAGES, temperature=0, max_tokens=12)
@@ -106,7 +98,6 @@ def test_completion_matches_greedy_engine(client, tiny):
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == len(tiny[1].render_for_completion({"messages": MESSAGES}))
     assert r.usage.completion_tokens >= n_tokens  # + the stop token when it stopped
-
 
 def test_streaming_matches_non_streaming(client, tiny):
     expected, _ = _greedy(tiny, MESSAGES, 12)
@@ -121,7 +112,6 @@ def test_streaming_matches_non_streaming(client, tiny):
     assert len(finals) == 1 and finals[0] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert len({c.id for c in chunks}) == 1
-
 
 def test_n2_streaming_and_not(client):
     r = client.chat.completions.create(model="x", messages=MESSAGES, n=2, temperature=1.0, max_tokens=10, seed=7)
@@ -139,7 +129,6 @@ def test_n2_streaming_and_not(client):
                 finished.add(ch.index)
     assert finished == {0, 1}
     assert [texts[0], texts[1]] == [c.message.content for c in r.choices]
-
 
 def test_bad_requests_get_4xx_and_server_survives(server, client, tiny):
     service, url = server
@@ -195,7 +184,6 @@ def test_bad_requests_get_4xx_and_server_survives(server, client, tiny):
                                           max_tokens=5).choices[0].message.content == expected
     assert service.in_flight == 0
 
-
 def test_concurrent_requests_batch_together(server, client, tiny):
     """Several clients at once: each gets exactly its own greedy answer (continuous batching must not mix them)."""
     prompts = [[{"role": "user", "content": t}] for t in ("Hello there!", "What is the capital of France?",
@@ -214,7 +202,6 @@ def test_concurrent_requests_batch_together(server, client, tiny):
         t.join()
     assert results == expected
 
-
 def test_abandoned_stream_frees_blocks(server, monkeypatch):
     service, url = server
     engine = service.engine
@@ -232,7 +219,6 @@ def test_abandoned_stream_frees_blocks(server, monkeypatch):
     assert submitted[0].finish_reasons == ["cancelled"] and len(submitted[0].completions[0]) < 64
     assert not engine.has_work() and service.in_flight == 0
     assert engine.cache.num_free() == engine.cache.num_blocks
-
 
 def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeypatch, capsys):
     service, url = server
@@ -257,7 +243,6 @@ def test_engine_failure_is_a_500_not_a_dead_server(server, client, tiny, monkeyp
                                           max_tokens=5).choices[0].message.content == expected
     assert service.in_flight == 0 and engine.cache.num_free() == engine.cache.num_blocks
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # One client must not hurt another
 
@@ -266,19 +251,16 @@ def _post_raw(url, body, timeout=30):
     return httpx.post(url + "/v1/chat/completions", content=data, headers={"Content-Type": "application/json"},
                       timeout=timeout)
 
-
 def _slow_engine(engine, monkeypatch, seconds=0.02):
     """Each engine step takes >= `seconds`, so that a request is still generating when the test acts on it."""
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(seconds), step()))
-
 
 def _wait(cond, timeout=10):
     deadline = time.time() + timeout
     while time.time() < deadline and not cond():
         time.sleep(0.02)
     return cond()
-
 
 def test_sampling_parameters_validated_per_request(server, client, tiny):
     service, url = server
@@ -302,7 +284,6 @@ def test_sampling_parameters_validated_per_request(server, client, tiny):
         r = client.chat.completions.create(model="x", messages=MESSAGES, temperature=t, max_tokens=6, seed=3)
         assert r.choices[0].message.content == expected
     assert service.in_flight == 0 and service.engine.cache.num_free() == service.engine.cache.num_blocks
-
 
 def test_one_request_failing_leaves_the_others(server, client, tiny, monkeypatch):
     """A request whose sampling raises gets its 500 (or an in-band error event when streaming); the request
@@ -333,7 +314,6 @@ def test_one_request_failing_leaves_the_others(server, client, tiny, monkeypatch
     assert _wait(lambda: service.in_flight == 0 and not engine.has_work())
     assert engine.cache.num_free() == engine.cache.num_blocks
 
-
 def _raw_request(url, body, declared=None):
     """A socket that has sent the request line, headers and `body` (bytes), declaring `declared` body bytes."""
     host, port = url.split("//")[1].split(":")
@@ -341,7 +321,6 @@ def _raw_request(url, body, declared=None):
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body) if declared is None else declared}\r\n\r\n".encode() + body)
     return sock
-
 
 def _response(sock):
     data = b""
@@ -355,7 +334,6 @@ def _response(sock):
         data += chunk
     sock.close()
     return data.decode(errors="replace")
-
 
 def test_stalled_bodies_hold_nothing(server, client, capfd):
     """16 clients that stop halfway through their body, and one that trickles it, do not keep anyone out; each
@@ -377,7 +355,6 @@ def test_stalled_bodies_hold_nothing(server, client, capfd):
     assert service.in_flight == 0 and service.queued == 0
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
-
 
 def test_overload_queues_then_429_with_retry_after(server, client, tiny):
     """With every place taken, requests wait in a queue (max_queue = 2 here) and are served in turn; only past the
@@ -406,7 +383,6 @@ def test_overload_queues_then_429_with_retry_after(server, client, tiny):
     assert [c.choices[0].message.content for c in results] == [expected, expected]
     assert service.in_flight == 0 and service.queued == 0
 
-
 def test_client_leaving_cancels_its_request(server, monkeypatch):
     """A non-streaming client that hangs up stops its generation (blocks freed); one that hangs up while queued
     leaves the queue without ever reaching the engine."""
@@ -432,7 +408,6 @@ def test_client_leaving_cancels_its_request(server, monkeypatch):
             slot.release()
     assert len(submitted) == 1 and service.in_flight == 0
 
-
 def test_stop_sequences(server, client, tiny):
     """`stop` as OpenAI: a string or a list; the text ends before the first stop string (which is not included),
     found across token boundaries, streaming too; finish_reason "stop"."""
@@ -449,7 +424,6 @@ def test_stop_sequences(server, client, tiny):
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     r = client.chat.completions.create(model="x", messages=MESSAGES, temperature=0, max_tokens=40, stop="\x00never")
     assert r.choices[0].message.content == full
-
 
 def test_lengths_follow_the_trained_context(server, client, tiny):
     """An unspecified max_tokens is the room left; a history longer than the context (96) loses its oldest turns,
@@ -476,7 +450,6 @@ def test_lengths_follow_the_trained_context(server, client, tiny):
     r = _post_raw(url, {"messages": history[:1] + [{"role": "user", "content": "hello there " * 200}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
-
 def test_health_models_and_page(server, client):
     service, url = server
     health = httpx.get(url + "/health").json()
@@ -493,7 +466,6 @@ def test_health_models_and_page(server, client):
     assert '.user::before{content:"You"' in page and ".assistant::before" in page  # bubbles say who speaks
     assert 'id="maxtok" type="number" value=""' in page  # default: the room the context leaves
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -508,7 +480,6 @@ def test_bad_flag_is_one_line_exit_2(flags, capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"python -m model.server: error: argument {flags[0]}"), err
-
 
 def test_port_in_use_and_start_banner(capsys, monkeypatch, tmp_path, tiny):
     """A port that cannot be had is one line before the model loads; a good start says how the python tool runs."""
@@ -526,7 +497,6 @@ def test_port_in_use_and_start_banner(capsys, monkeypatch, tmp_path, tiny):
     main(["--port", str(_free_port()), "--kernels", "eager"])
     out = capsys.readouterr().out
     assert "tritonchat-sft (step 3" in out and "python tool: " in out
-
 
 def _free_port():
     with socket.socket() as s:

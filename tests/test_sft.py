@@ -21,16 +21,13 @@ from train.tasks.common import Task, TaskMixture
 torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
 def tiny_tokenizer():
     texts = [c["messages"][0]["content"] for c in get_task("arithmetic", n=40)] + ["Spell the word letter by"] * 5
     return Tokenizer.train(texts, vocab_size=300)
 
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
 
 def test_sft_batch_masks_and_padding(tok):
     task = build_mixture("arithmetic,identity,spelling", n=6)
@@ -52,7 +49,6 @@ def test_sft_batch_masks_and_padding(tok):
     targets = set(y[y >= 0].tolist())
     assert out_start not in targets and end in targets
 
-
 def test_padding_never_contributes_to_the_loss(tok):
     model = GPT(GPTConfig(sequence_len=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
@@ -70,7 +66,6 @@ def test_padding_never_contributes_to_the_loss(tok):
     assert (per_tok[pad] == 0).all()
     assert loss.item() == pytest.approx(per_tok[~pad].mean().item(), rel=1e-5)
 
-
 def test_packed_loader_rows_and_exact_resume(tok):
     task = build_mixture("arithmetic,spelling", n=20)
     a = PackedLoader(task, tok, 2, 32)
@@ -87,7 +82,6 @@ def test_packed_loader_rows_and_exact_resume(tok):
     # ranks see disjoint conversations
     r0, r1 = SFTLoader(task, tok, 1, 64, rank=0, world_size=2), SFTLoader(task, tok, 1, 64, rank=1, world_size=2)
     assert not torch.equal(r0.next_batch()[0], r1.next_batch()[0])
-
 
 WORKER = textwrap.dedent('''
     import dataclasses, json, os, sys
@@ -121,7 +115,6 @@ WORKER = textwrap.dedent('''
     cleanup()
 ''')
 
-
 def test_stages_under_torchrun_two_ranks_and_resume(tmp_path, tok):
     home = tmp_path / "home"
     tok.save(str(home / "tokenizer"))
@@ -147,12 +140,10 @@ def test_stages_under_torchrun_two_ranks_and_resume(tmp_path, tok):
     meta = json.load(open(home / "checkpoints" / "rl" / "t" / "step_000003" / "meta.json"))
     assert meta["world_size"] == 2 and meta["stage"] == "rl" and meta["step"] == 3
 
-
 def test_missing_previous_checkpoint_names_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=r"\[sft\] no mid checkpoint found in .*checkpoints/mid"):
         sft.run(["--kernels", "eager", "--num-iterations", "1"])
-
 
 # ------------------------------------------------------------------------------------------------ loops that skip
 def within(seconds, fn):
@@ -167,7 +158,6 @@ def within(seconds, fn):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
 
-
 class Conversations(Task):
     name = "long_questions"
 
@@ -181,12 +171,10 @@ class Conversations(Task):
     def get_example(self, index):
         return self.convs[index]
 
-
 LONG = {"messages": [{"role": "user", "content": "what is two plus two? " * 40},
                      {"role": "assistant", "content": "four"}]}
 SHORT = {"messages": [{"role": "user", "content": "two plus two?"}, {"role": "assistant", "content": "four"}]}
 QUESTION = {"messages": [{"role": "user", "content": "two plus two?"}]}
-
 
 def test_sft_loader_ends_when_a_whole_pass_is_skipped(tok):
     """Every assistant token beyond sequence_len + 1: a TaskError naming the task, not an endless loop."""
@@ -203,7 +191,6 @@ def test_sft_loader_ends_when_a_whole_pass_is_skipped(tok):
     with pytest.raises(TaskError, match="of mixture of long_questions, identity"):
         within(20, lambda: SFTLoader(mix, tok, 1, 32).next_batch())
 
-
 def test_packed_loader_with_mask_loss_ends_without_targets(tok):
     """mask_loss over conversations with no assistant turn would give all -1 targets (a NaN loss): TaskError."""
     with pytest.raises(TaskError, match="PackedLoader: none of the 2 conversations of long_questions .* a token to "
@@ -212,11 +199,9 @@ def test_packed_loader_with_mask_loss_ends_without_targets(tok):
     x, y = PackedLoader(Conversations([QUESTION] * 2), tok, 2, 32).next_batch()  # without mask_loss: all targets
     assert (y >= 0).all()
 
-
 def test_empty_mixture_is_a_user_error(tok):
     with pytest.raises(UserError, match="mixture of arithmetic has no examples"):
         SFTLoader(build_mixture("arithmetic:0"), tok, 2, 32)
-
 
 def test_conversation_loaders_resume_on_another_number_of_ranks(tok):
     """Saved by 2 ranks, resumed on 1 or 3: the ranks continue from the first conversation a saved rank had not
@@ -245,14 +230,12 @@ def test_conversation_loaders_resume_on_another_number_of_ranks(tok):
         assert same.load_state_dicts(states) is True
         assert all(torch.equal(a, b) for a, b in zip(same.next_batch(), old[0].next_batch()))
 
-
 @pytest.mark.parametrize("flag", ["--val-batches", "--device-batch-size"])
 def test_zero_batches_are_refused_before_training(tmp_path, monkeypatch, flag):
     """--val-batches 0 would divide by zero at the first evaluation, --device-batch-size 0 in the loop: UserError."""
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     with pytest.raises(UserError, match=rf"\[sft\] {flag} must be an integer >= 1, got 0"):
         sft.run(["--kernels", "eager", flag, "0"])
-
 
 def test_mid_d20_batch_follows_the_kernels_as_base():
     """mid's d20 preset takes base's sequences per GPU by kernel mode (32 fused, 16 eager) unless given."""

@@ -7,9 +7,7 @@ import shutil
 import subprocess
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def home_with_corpus(tmp_path):
     """A fresh $TRITONCHAT_HOME; the extracted Shakespeare texts are copied from an existing cache when there is one
@@ -22,13 +20,11 @@ def home_with_corpus(tmp_path):
             break
     return home
 
-
 def speedrun(home, *args, timeout=600):
     env = dict(os.environ, TRITONCHAT_HOME=str(home), PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)  # eager on CPU: the kernels are not under test here
     return subprocess.run([sys.executable, "-m", "train.speedrun", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
 
 def evaluate(home, *args, timeout=600):
     env = dict(os.environ, TRITONCHAT_HOME=str(home), PYTHONPATH=ROOT)
@@ -36,12 +32,10 @@ def evaluate(home, *args, timeout=600):
     return subprocess.run([sys.executable, "-m", "train.evaluate", "--kernels", "eager", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
-
 QUICK = ["--preset", "tiny", "--run", "ci", "--kernels", "eager", "--num-iterations", "2", "--eval-examples", "2",
          "--eval-max-tokens", "8", "--core-max-per-task", "11", "--real-examples", "2",
          "--base-args", "--sample-tokens 2 --eval-tokens 2048",
          "--rl-args", "--max-new-tokens 8 --eval-examples 2 --prompts-per-step 2 --num-samples 2"]
-
 
 def test_tiny_speedrun_end_to_end_and_resume(tmp_path):
     home = home_with_corpus(tmp_path)
@@ -81,7 +75,6 @@ def test_tiny_speedrun_end_to_end_and_resume(tmp_path):
     bad = evaluate(home, "--mode", "base", "--source", "base", "--run", "ci", "--data-dir", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
-
 def test_speedrun_bad_input(tmp_path):
     p = speedrun(tmp_path / "empty", "--stages", "mid", "--run", "x", "--kernels", "eager")
     assert p.returncode == 2
@@ -89,7 +82,6 @@ def test_speedrun_bad_input(tmp_path):
     assert "Traceback" not in p.stderr
     p = speedrun(tmp_path / "empty", "--stages", "mid,nope")
     assert p.returncode == 2 and "unknown stage(s) nope" in p.stderr
-
 
 def test_stage_errors_are_one_line(tmp_path):
     """An unknown task in a stage: exit status 2, one line naming the stage and the task, no traceback."""
@@ -99,7 +91,6 @@ def test_stage_errors_are_one_line(tmp_path):
                         "run_main(lambda: build_mixture('arithmetic,nope', stage='mid'))"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error: [mid] unknown task 'nope'" in p.stderr and "Traceback" not in p.stderr
-
 
 def test_report_card_names_the_core_it_ran():
     """The d20 card says "CORE" with the bundle's place when one ran, CORE-10 with its data otherwise; --eval-data
@@ -126,7 +117,6 @@ def test_report_card_names_the_core_it_ran():
     card = sr.report_card(state, args, 1.0)
     assert "- CORE-10 (mean centred accuracy, 0 = chance): 0.2219" in card
     assert "CORE-10 on the raw datasets in /data/realdata; all items; 1 of CORE's 22 tasks, not nanochat's CORE" in card
-
 
 def test_compile_flags_reach_every_training_stage(tmp_path, monkeypatch):
     """--compile and --compile-backend go to base, mid, SFT and RL; the default (auto) is each stage's own."""

@@ -22,23 +22,19 @@ LAYOUT = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"), "mmlu
           "gsm8k": ("openai/gsm8k", "main", "test"),
           "humaneval": ("openai/openai_humaneval", "openai_humaneval", "test")}
 
-
 def by_question(task, question):
     """The example of a multiple-choice task with this question (real tasks present rows in a seeded order)."""
     return next(c for c in task if c["question"] == question)
 
-
 def rows_of(name):
     with open(os.path.join(FIX, f"{name}.jsonl")) as f:
         return [json.loads(line) for line in f]
-
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
     hits = []
 
     def log_message(self, *args):
         Quiet.hits.append(self.path)
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -66,7 +62,6 @@ def server(tmp_path_factory):
     for k, v in old.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
-
 def test_loaders_download_parse_and_cache(server):
     st = get_task("smoltalk")
     assert len(st) == 3 and st[1]["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -88,7 +83,6 @@ def test_loaders_download_parse_and_cache(server):
     Quiet.hits.clear()
     assert len(get_task("gsm8k", split="test")) == 2 and Quiet.hits == []
 
-
 def test_files_option_jsonl_and_bad_files(server):
     mm = get_task("mmlu", split="test", files=[f"{server}/files/mmlu.jsonl"])
     assert len(mm) == 3
@@ -103,7 +97,6 @@ def test_files_option_jsonl_and_bad_files(server):
     with pytest.raises(TaskError, match="no data"):
         hf_rows("nobody/nothing", "default", "train")
 
-
 def test_gsm8k_annotations_become_tool_calls():
     parts = solution_parts(rows_of("gsm8k")[0]["answer"])
     assert parts[:4] == [{"type": "text", "text": "Natalia sold 48/2 = "}, {"type": "python", "text": "48/2"},
@@ -111,7 +104,6 @@ def test_gsm8k_annotations_become_tool_calls():
                          {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "}]
     assert parts[-1]["text"].endswith("#### 72") and sum(p["type"] == "python" for p in parts) == 2
     assert extract_answer("so #### 2,400") == "2400" and extract_answer("no marker 42") is None
-
 
 def test_rewards_right_wrong_malformed(server):
     gsm = get_task("gsm8k", split="test")
@@ -125,7 +117,6 @@ def test_rewards_right_wrong_malformed(server):
     assert mm.evaluate(two, "B") == 1 and mm.evaluate(two, " B\n") == 1
     assert mm.evaluate(two, "A") == 0 and mm.evaluate(two, "B) five") == 0 and mm.evaluate(two, "") == 0
 
-
 def test_humaneval_runs_tests_in_sandbox(server):
     pytest.importorskip("model.sandbox")
     he = get_task("humaneval")
@@ -135,7 +126,6 @@ def test_humaneval_runs_tests_in_sandbox(server):
     assert he.evaluate(conv, "def add(a, b):\n    return a - b\n") == 0
     assert he.evaluate(conv, "def add(a, b) return") == 0  # syntax error
     assert extract_program("text\n```python\nx = 1\n```\nmore") == "x = 1\n"
-
 
 def test_embedded_tasks_deterministic_and_scored():
     a1, a2 = get_task("arithmetic"), get_task("arithmetic")
@@ -167,7 +157,6 @@ def test_embedded_tasks_deterministic_and_scored():
     nums = [int(c) for c in conv["choices"]]
     assert conv["messages"][1]["content"] == "ABCD"[nums.index(max(nums))]
 
-
 def test_mixture_weights_and_errors():
     assert parse_spec("arithmetic:2, spelling,identity:0.5@7") == [("arithmetic", 2.0, None), ("spelling", 1.0, None),
                                                                    ("identity", 0.5, 7)]
@@ -190,7 +179,6 @@ def test_mixture_weights_and_errors():
     with pytest.raises(IndexError):
         get_task("identity", n=3)[3]
 
-
 GOOD = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}]
 BAD = [  # (messages, what the renderer says about them)
@@ -210,7 +198,6 @@ BAD = [  # (messages, what the renderer says about them)
     ([], "needs at least one message"),
 ]
 
-
 @pytest.mark.parametrize("messages,reason", BAD)
 def test_load_time_validation_of_what_rendering_requires(tmp_path, monkeypatch, messages, reason):
     """A conversation the tokenizer cannot render fails when the task loads (TaskError naming the task and the row),
@@ -222,7 +209,6 @@ def test_load_time_validation_of_what_rendering_requires(tmp_path, monkeypatch, 
         get_task("smoltalk", files=[str(path)])
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (GOOD, GOOD)))
     assert len(get_task("smoltalk", files=[str(path)])) == 2
-
 
 def test_every_built_in_task_renders(server):
     """What get_task returns renders: the embedded tasks and the fixture-backed real ones pass validation."""

@@ -15,19 +15,16 @@ POOL = ("abcxyz ABC 0123456789 .,;:!?'\"-()[]{}<>|/\\@#$%^&*_+=~`" + " \n\t\r\x0
         + "éüñßøÆ" + "\u0301\u0308\u0327\u20dd\u200d\ufe0f" + "日本語中文한국어" + "عربيहिन्दी" + "Ωπжщ"
         + "😀🦊👩💻🇫🇷🏽" + "\u2028\u3000\U0001d11e\U0010fffd")
 
-
 @pytest.fixture(scope="module")
 def tok():
     texts = zipf_corpus(300, seed=11) + CORPORA["unicode"] + CORPORA["english"]
     return Tokenizer.train(texts, VOCAB)
-
 
 def random_strings(n, seed):
     rng = random.Random(seed)
     out = ["", " ", "\n", "\x00", "👩\u200d💻", "e\u0301\u0301\u0301", "<|bos|>", "<|assistant_end|> text"]
     out += ["".join(rng.choice(POOL) for _ in range(rng.randint(1, 60))) for _ in range(n)]
     return out
-
 
 def test_vocab_and_special_tokens(tok):
     assert tok.vocab_size == VOCAB
@@ -38,7 +35,6 @@ def test_vocab_and_special_tokens(tok):
     with pytest.raises(ValueError, match="unknown special token"):
         tok.encode_special("<|nope|>")
 
-
 def test_round_trip_random_unicode(tok):
     nbytes = tok.token_bytes()
     for s in random_strings(300, seed=1):
@@ -46,7 +42,6 @@ def test_round_trip_random_unicode(tok):
         assert all(0 <= i < VOCAB - len(SPECIAL_TOKENS) for i in ids)  # special-token text stays ordinary text
         assert tok.decode(ids) == s
         assert sum(nbytes[i] for i in ids) == len(s.encode("utf-8"))
-
 
 def test_encode_batch_prepend_append(tok):
     texts = random_strings(50, seed=2)
@@ -58,7 +53,6 @@ def test_encode_batch_prepend_append(tok):
     assert tok.encode([]) == []
     with pytest.raises(TypeError):
         tok.encode([b"bytes"])
-
 
 def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     tok.save(tmp_path / "t")
@@ -74,7 +68,6 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     tok.save(tmp_path / "home" / "tokenizer")
     assert get_tokenizer().encode("hello there") == tok.encode("hello there")
 
-
 def test_train_rejects_bad_arguments():
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(["abc"], 260)  # < 256 bytes + 9 specials
@@ -82,7 +75,6 @@ def test_train_rejects_bad_arguments():
         Tokenizer.train("one string", 300)
     with pytest.raises(TypeError, match="item 1"):
         Tokenizer.train(["ok", 5], 300)
-
 
 def test_incremental_decoder_holds_split_characters(tok):
     text = "héllo wörld ✓ 日本語 😀🦊 e\u0301 👩\u200d💻"
@@ -97,7 +89,6 @@ def test_incremental_decoder_holds_split_characters(tok):
     assert [decoder.add(b) for b in "😀".encode("utf-8")] == ["", "", "", "😀"]  # out with its 4th byte
     assert decoder.add(0xE2) == "" and decoder.flush() == "\ufffd"  # an incomplete tail is flushed as U+FFFD
 
-
 # ---------------------------------------------------------------------------------------------------- conversations
 def expected(tok, *segments):
     """segments: (special name or text, mask) -> (ids, mask), each text encoded on its own as the renderer does."""
@@ -107,7 +98,6 @@ def expected(tok, *segments):
         ids += t
         mask += [m] * len(t)
     return ids, mask
-
 
 def test_render_simple_conversation(tok):
     conv = {"messages": [{"role": "user", "content": "What is the capital of France?"},
@@ -121,7 +111,6 @@ def test_render_simple_conversation(tok):
                     ("Rome, of course.", 1), ("<|assistant_end|>", 1))
     assert (ids, mask) == want
     assert tok.decode(ids).startswith("<|bos|><|user_start|>What is")
-
 
 def test_render_tool_use_and_system_message(tok):
     conv = {"messages": [
@@ -148,7 +137,6 @@ def test_render_tool_use_and_system_message(tok):
     cut = ids.index(tok.encode_special("<|assistant_start|>"))
     assert prompt == ids[:cut + 1]
     assert tok.render_for_completion({"messages": conv["messages"][:2]}) == prompt
-
 
 @pytest.mark.parametrize("conv, match", [
     ([{"role": "user", "content": "hi"}], "dict"),

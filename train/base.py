@@ -44,7 +44,6 @@ PRESETS = {
 }
 SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "If 5*x + 3 = 13, then x is"]
 
-
 def parse_args(argv=None):
     """The flags below with the --preset's defaults; UserError for values that cannot work."""
     p = argparse.ArgumentParser(description="Base pretraining (see the module docstring of train/base.py)")
@@ -74,7 +73,6 @@ def parse_args(argv=None):
         raise UserError("set --num-iterations, or --num-iterations -1 with --target-param-data-ratio > 0")
     return args
 
-
 def resolve_num_iterations(args, num_params, world_size):
     """--num-iterations, or (when -1) target_param_data_ratio x params / tokens per step."""
     if args.num_iterations != -1:
@@ -83,12 +81,10 @@ def resolve_num_iterations(args, num_params, world_size):
         world_size * args.device_batch_size * args.max_seq_len
     return max(1, int(args.target_param_data_ratio * num_params) // tokens_per_step)
 
-
 def _markers():
     """(data, tokenizer) marker files of this launch: the same on every rank (torchrun's run id + the agent's pid)."""
     launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'single')}-{os.getppid()}"
     return os.path.join(home_dir(), "data", f".ready-{launch}"), os.path.join(home_dir(), f".tok-ready-{launch}")
-
 
 def _rank0_first(rank, fn, marker):
     """Run fn on rank 0 while the others poll for the file `marker` (no collective, so no process-group timeout),
@@ -110,7 +106,6 @@ def _rank0_first(rank, fn, marker):
         time.sleep(1)
     return fn()  # everything is on disk now: fn only reads
 
-
 def prepare_data(args, rank):
     """-> (train source, val source): lists of documents (shakespeare) or ParquetSources (fineweb)."""
     os.makedirs(os.path.join(home_dir(), "data"), exist_ok=True)
@@ -120,7 +115,6 @@ def prepare_data(args, rank):
     paths = _rank0_first(rank, lambda: data.download_shards(args.num_shards, base_url=args.data_url,
                                                             checksums=args.checksums), marker)
     return data.ParquetSource(paths[:-1]), data.ParquetSource(paths[-1:])
-
 
 def prepare_tokenizer(args, rank, train_source):
     """Load $TRITONCHAT_HOME/tokenizer, training one (rank 0) first when it does not exist yet."""
@@ -137,7 +131,6 @@ def prepare_tokenizer(args, rank, train_source):
         return get_tokenizer(tok_dir)
 
     return _rank0_first(rank, load_or_train, _markers()[1]), tok_dir
-
 
 def run(argv=None):
     """Base pretraining -> the loop's summary plus preset, num_params, config, world_size; leaves the group up."""
@@ -191,10 +184,8 @@ def run(argv=None):
             json.dump(summary, f, indent=1)
     return summary
 
-
 def main(argv=None):
     return stage.main(run, argv)
-
 
 if __name__ == "__main__":
     main()

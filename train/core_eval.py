@@ -33,7 +33,6 @@ TASK_TYPES = (MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING)
 SHUFFLE_SEED = 1337   # nanochat's scripts/base_eval.py: the order items are kept in when subsampling
 FEWSHOT_SEED = 1234   # nanochat's core_eval.py: Random(FEWSHOT_SEED + item index) draws the few-shot examples
 
-
 @dataclass
 class Task:
     """One in-context task: items in the bundle's format for `kind`, in evaluation order; baseline: chance accuracy
@@ -47,18 +46,15 @@ class Task:
     dataset: str = ""
     source: str = "bundle"
 
-
 def render_mc(item, delimiter, fewshot=()):
     """Multiple choice -> one prompt per choice (list of str)."""
     shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
     return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
 
-
 def render_schema(item, delimiter, fewshot=()):
     """Schema -> one prompt per context option (list of str), all ending in the same continuation."""
     shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
     return [f"{shots}{option}{delimiter}{item['continuation']}" for option in item["context_options"]]
-
 
 def render_lm(item, delimiter, fewshot=()):
     """Language modelling -> [prompt without the continuation, prompt with it]. Contexts are stripped, and so is the
@@ -67,9 +63,7 @@ def render_lm(item, delimiter, fewshot=()):
     prompt = f"{shots}{item['context'].strip()}{delimiter}"
     return [prompt.strip(), prompt + item["continuation"]]
 
-
 RENDER = {MULTIPLE_CHOICE: render_mc, SCHEMA: render_schema, LANGUAGE_MODELING: render_lm}
-
 
 def subsample(items, max_per_task=None, seed=SHUFFLE_SEED):
     """A shuffled copy of `items` (random.Random(seed).shuffle, as nanochat always does), cut to max_per_task."""
@@ -77,20 +71,17 @@ def subsample(items, max_per_task=None, seed=SHUFFLE_SEED):
     random.Random(seed).shuffle(items)
     return items if max_per_task is None or max_per_task < 0 else items[:max_per_task]
 
-
 def fewshot_indices(index, n, k):
     """Indices of the k few-shot examples of item `index` among n items: Random(1234 + index).sample of the other
     n - 1 indices (sampling range(n - 1) and skipping `index` draws the same numbers)."""
     picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), k)
     return [j + (j >= index) for j in picks]
 
-
 def render_item(task, index, items=None):
     """The prompts of item `index` of task.items (or of `items`, the evaluated prefix) with its few-shot examples."""
     items = task.items if items is None else items
     shots = [items[j] for j in fewshot_indices(index, len(items), task.num_fewshot)]
     return RENDER[task.kind](items[index], task.delimiter, shots)
-
 
 def scored_spans(kind, rows):
     """Token rows of one item's prompts -> (rows, starts, ends), tokens start..end-1 of each row scored (LM: the full
@@ -107,7 +98,6 @@ def scored_spans(kind, rows):
                          "the tokens of the prompt with it")
     return [full], [len(without)], [len(full)]
 
-
 def crop(rows, starts, ends, max_len):
     """Keep the last max_len tokens of longer rows (dropping BOS and the oldest context), shifting their spans.
     ValueError when the scored span itself does not fit."""
@@ -118,13 +108,11 @@ def crop(rows, starts, ends, max_len):
     return ([r[c:] for r, c in zip(rows, cuts)], [s - c for s, c in zip(starts, cuts)],
             [e - c for e, c in zip(ends, cuts)])
 
-
 def _max_len(model, max_seq_len):
     """Crop length: the argument, else the model's `max_seq_len` (as nanochat, whose GPT has none), else the rotary
     table length (model/gpt.py cannot run past it), else None."""
     values = (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None))
     return next((int(v) for v in values if v), None)
-
 
 @torch.no_grad()
 def score_rows(model, rows, starts, ends, pad_id, device):
@@ -144,7 +132,6 @@ def score_rows(model, rows, starts, ends, pad_id, device):
     sizes = [e - s for s, e in zip(starts, ends)]
     return list(zip(loss.split(sizes), pred.split(sizes), targets.split(sizes)))
 
-
 def _judge(kind, gold, scored):
     """Whether one item is answered correctly, from score_rows' (losses, predictions, targets) of its rows."""
     if kind == LANGUAGE_MODELING:
@@ -153,7 +140,6 @@ def _judge(kind, gold, scored):
     # Python floats and list.index(min(...)): nanochat's tie rule (first minimum)
     means = [loss.mean().item() for loss, _, _ in scored]
     return means.index(min(means)) == gold
-
 
 def _prepared(task, items, indices, tokenizer, max_len):
     """Yield (index, gold, rows, starts, ends) for the items at `indices`, tokenizing a few hundred at a time."""
@@ -172,7 +158,6 @@ def _prepared(task, items, indices, tokenizer, max_len):
                 raise UserError(f"CORE task {task.name}, item {i}: {e}") from None
             yield (i, items[i].get("gold"), *spans)
 
-
 def _batches(prepared, batch_size, max_batch_tokens):
     """Group prepared items: at most batch_size items and max_batch_tokens padded tokens (rows x longest row) per
     batch; an item too big for the budget goes alone."""
@@ -187,7 +172,6 @@ def _batches(prepared, batch_size, max_batch_tokens):
         n_rows, width = n_rows + len(rows), w
     if batch:
         yield batch
-
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, max_batch_tokens=16384, max_seq_len=None):
@@ -231,16 +215,13 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
     return dict(accuracy=accuracy, centered=centred(accuracy, task.baseline), n=int(count), correct=int(correct),
                 baseline=task.baseline, num_fewshot=task.num_fewshot, kind=task.kind, seconds=time.time() - t0)
 
-
 def centred(accuracy, baseline):
     """(accuracy - baseline) / (1 - baseline): 0 at chance, 1 when every item is right."""
     return (accuracy - baseline) / (1.0 - baseline)
 
-
 def core_name(tasks):
     """"CORE" for bundle tasks; "CORE-<number of distinct datasets>" as soon as a raw-dataset task is in."""
     return "CORE" if all(t.source == "bundle" for t in tasks) else f"CORE-{len({t.dataset for t in tasks})}"
-
 
 def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, log=print0, **kwargs):
     """Score `model` (token ids (B, T) -> logits (B, T, V)) on every task, logging a line per task -> {"name": "CORE"
@@ -270,14 +251,12 @@ def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, log=print0, **k
         log(f"{name}: {score:.4f} (mean centred accuracy over {len(results)} tasks)")
     return {"name": name, "score": score, "tasks": results, "max_per_task": max_per_task}
 
-
 def format_results(result):
     """A results dict -> a text table (task, accuracy, centred, items) ending with the score's line."""
     lines = [f"{'Task':<35} {'Accuracy':>9} {'Centred':>9} {'Items':>6}"]
     lines += [f"{t:<35} {r['accuracy']:>9.4f} {r['centered']:>9.4f} {r['n']:>6}" for t, r in result["tasks"].items()]
     lines.append(f"{result['name']:<35} {'':>9} {result['score']:>9.4f}")
     return "\n".join(lines)
-
 
 def _read_icl_tasks(path):
     with open(path, encoding="utf-8") as f:
@@ -289,7 +268,6 @@ def _read_icl_tasks(path):
         raise UserError(f"{path}: no icl_tasks list")
     return config["icl_tasks"]
 
-
 def _read_baselines(path):
     """eval_meta_data.csv -> {task label: random baseline as a fraction}: 0.01 * percent, as nanochat (bit for bit)."""
     if not os.path.isfile(path):
@@ -300,10 +278,8 @@ def _read_baselines(path):
             raise UserError(f"{path}: needs the columns 'Eval Task' and 'Random baseline'")
         return {row["Eval Task"]: 0.01 * float(row["Random baseline"]) for row in reader}
 
-
 REQUIRED = {MULTIPLE_CHOICE: ("query", "choices", "gold"), SCHEMA: ("context_options", "continuation", "gold"),
             LANGUAGE_MODELING: ("context", "continuation")}
-
 
 def check_item(kind, item):
     """None if `item` is a valid item of `kind`, else a short reason."""
@@ -317,7 +293,6 @@ def check_item(kind, item):
             return "needs at least two options"
         if not isinstance(item["gold"], int) or not 0 <= item["gold"] < len(options):
             return f"gold {item['gold']!r} is not an index into {len(options)} options"
-
 
 def _read_items(path, kind, label):
     if not os.path.isfile(path):
@@ -335,7 +310,6 @@ def _read_items(path, kind, label):
                 raise UserError(f"{path}:{lineno}: not a {kind} item: {problem}")
             items.append(item)
     return items
-
 
 def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
     """An eval bundle folder -> list[Task] in core.yaml's order, from core.yaml (icl_tasks: label, icl_task_type,
@@ -363,7 +337,6 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
         raise UserError(f"{config}: icl_tasks is empty")
     return tasks
 
-
 # Raw HF rows -> bundle items with the bundle's templates (MosaicML llm-foundry's scripts/eval/local_data): on the
 # splits both have, copa, piqa, winogrande, boolq and commonsense_qa render as the bundle's rows, in its order. The
 # bundle's arc and openbook_qa are test splits (validation here); its LAMBADA keeps paragraph breaks the raw copy has
@@ -372,31 +345,25 @@ def _hellaswag_clean(text):
     """lm-evaluation-harness's HellaSwag cleanup: " [title]" becomes ". ", other [tags] go, double spaces collapse."""
     return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
-
 def _mc(query, choices, gold):
     return {"query": query, "choices": list(choices), "gold": int(gold)}
-
 
 def _labelled(row, query):
     """{choices {text, label}, answerKey} -> multiple choice; gold: the answer's index among the row's own labels."""
     return _mc(query, row["choices"]["text"], list(row["choices"]["label"]).index(row["answerKey"]))
-
 
 def render_hellaswag(row):
     """Rowan/hellaswag {activity_label, ctx_a, ctx_b, endings, label (str)} -> multiple choice."""
     query = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
     return _mc(query, map(_hellaswag_clean, row["endings"]), row["label"])
 
-
 def render_arc(row):
     """allenai/ai2_arc {question, choices {text, label}, answerKey} -> multiple choice ("Question: ...")."""
     return _labelled(row, f"Question: {row['question']}")
 
-
 def render_openbookqa(row):
     """allenai/openbookqa {question_stem, choices, answerKey} -> multiple choice (the stem alone)."""
     return _labelled(row, row["question_stem"])
-
 
 def render_copa(row):
     """super_glue copa {premise, choice1, choice2, question cause|effect, label} -> "<premise>, because|therefore"."""
@@ -404,11 +371,9 @@ def render_copa(row):
     return _mc(f"{row['premise'].strip()[:-1]}, {connector}",
                [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])], row["label"])
 
-
 def render_piqa(row):
     """piqa {goal, sol1, sol2, label} -> multiple choice ("Question: <goal>\\n", stripped solutions)."""
     return _mc(f"Question: {row['goal']}\n", [row["sol1"].strip(), row["sol2"].strip()], row["label"])
-
 
 def render_boolq(row):
     """super_glue boolq {passage, question, answer} -> multiple choice "Passage: ...\\nQuestion: ...?", ["no", "yes"];
@@ -416,11 +381,9 @@ def render_boolq(row):
     text = f"Passage: {row['passage']}\nQuestion: {row['question']}?"
     return _mc(re.sub(" question", "\nQuestion", text, flags=re.IGNORECASE), ["no", "yes"], bool(row["answer"]))
 
-
 # The bundle's commonsense_qa shows four of the five options: which distractor it drops depends only on the answer's
 # position (answer index -> dropped index), as read off all 1221 validation rows of its file.
 CSQA_DROPPED = {0: 1, 1: 2, 2: 3, 3: 0, 4: 1}
-
 
 def render_commonsense_qa(row):
     """tau/commonsense_qa {question, choices {label, text} (5), answerKey} -> four options "A. ..".."D. .." in the
@@ -433,7 +396,6 @@ def render_commonsense_qa(row):
     options = "".join(f"\n{letter}. {texts[i]}" for letter, i in zip("ABCD", keep))
     return _mc(f"Question: {row['question']}\nChoices:{options}\nAnswer:", "ABCD", keep.index(gold))
 
-
 def render_winogrande(row):
     """winogrande {sentence with "_", option1, option2, answer "1"|"2"} -> schema: "<before _><option>", "<after _>"."""
     sentence = row["sentence"]
@@ -441,11 +403,9 @@ def render_winogrande(row):
     return {"context_options": [sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
             "continuation": sentence[cut + 1:].strip(), "gold": int(row["answer"]) - 1}
 
-
 def render_lambada(row):
     """LAMBADA (OpenAI) {context, continuation (last word)} -> language modelling."""
     return {"context": row["context"], "continuation": row["continuation"]}
-
 
 # A CORE task over a raw dataset file: label as in core.yaml, file stem (.parquet or .jsonl), HF id and split, row
 # renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's), rows of the full file.
@@ -474,7 +434,6 @@ RAW_TASKS = (
     RawTask("boolq", "boolq_validation", "super_glue boolq validation", render_boolq, MULTIPLE_CHOICE, 10,
             "\nAnswer: ", 62, 3270),
 )
-
 
 def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
     """list[Task] (source "raw") of every RAW_TASKS entry whose <stem>.parquet or .jsonl is in `directory` or its core/,
@@ -507,7 +466,6 @@ def load_raw(directory, max_per_task=None, seed=SHUFFLE_SEED, names=None):
         raise UserError(f"no raw CORE dataset files in {directory} (expected e.g. "
                         f"{', '.join(t.stem + '.parquet' for t in RAW_TASKS[:3])}, ...)")
     return tasks
-
 
 def load_tasks(directory, max_per_task=None, seed=SHUFFLE_SEED):
     """An eval bundle (a folder with core.yaml) through load_bundle, else raw dataset files through load_raw."""

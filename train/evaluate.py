@@ -42,17 +42,14 @@ from train.tasks.common import cache_dir, extract_answer, find_file
 from train.tasks.gsm8k import solution_text
 from train.tasks.realdata import SAMPLE_DIR
 
-
 def chatcore(results, chances):
     """Mean centred accuracy; results and chances are dicts keyed by task name."""
     return sum(centred(results[k], chances[k]) for k in results) / max(1, len(results))
-
 
 def _my_indices(task, max_examples):
     """This rank's share of the first max_examples (None: all) examples of task: i % world == rank."""
     info = dist_info()
     return list(range(info.rank, len(task) if max_examples is None else min(len(task), max_examples), info.world_size))
-
 
 def token_bytes(tokenizer):
     """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""
@@ -61,7 +58,6 @@ def token_bytes(tokenizer):
     special = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     nbytes = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)]
     return torch.tensor(nbytes, dtype=torch.long)
-
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes):
@@ -97,7 +93,6 @@ def evaluate_bpb(model, batches, token_bytes):
     model.train(was_training)
     return (stats[0] / (math.log(2) * stats[1])).item()
 
-
 @torch.no_grad()
 def continuation_losses(model, contexts, continuations):
     """One right-padded batch -> (mean loss of each continuation after its context, whether the greedy prediction
@@ -118,7 +113,6 @@ def continuation_losses(model, contexts, continuations):
     mean = (loss * valid).sum(1) / valid.sum(1).clamp(min=1)
     exact = ((logits.argmax(-1) == y) | ~valid).all(1)
     return mean.tolist(), exact.tolist()
-
 
 def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100, seed=1234):
     """CORE-style accuracy of a base model on a task. kind "mc" uses the conversations' question/choices/answer;
@@ -149,7 +143,6 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
-
 @torch.no_grad()
 def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8):
     """Multiple choice: argmax of the logits after <|assistant_start|> over the choice letters' tokens."""
@@ -171,7 +164,6 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
-
 def _score(task, pairs, indices, stage):
     """task.evaluate (or evaluate_many, when the task has it) over (conversation, completion) pairs -> list of 0|1;
     a scoring function that raises becomes a TaskError naming it."""
@@ -187,7 +179,6 @@ def _score(task, pairs, indices, stage):
         where = f"one of examples {indices[0]}..{indices[-1]}" if many else f"example {i}"
         raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
                         f"{type(e).__name__}: {e}") from e
-
 
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
                         temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
@@ -211,7 +202,6 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
-
 # The real chat tasks, their HF dataset (repo, config) and the file stems a local folder may hold them under, first
 # choice first: <config>_<split> (ARC's HF config is the subset), or as the shared real-data folder and the embedded
 # sample name them (the dataset in front; ARC's test split rebuilt there, "_reconstructed", see its README).
@@ -225,7 +215,6 @@ TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "mmlu":
 HF_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
                "mmlu": ("cais/mmlu", "all"), "gsm8k": ("openai/gsm8k", "main")}
 
-
 def chat_files(data_dir):
     """{task name: path} for each real chat task whose file (<stem>.parquet or <stem>.jsonl, CHAT_FILES) is in
     data_dir or data_dir/chat. UserError when data_dir is not a folder."""
@@ -238,7 +227,6 @@ def chat_files(data_dir):
             found[name] = path
     return found
 
-
 def format_chat_table(details, chatcore_value):
     """{task: {accuracy, chance, centred, n, seconds}} -> a text table ending with the ChatCORE line."""
     lines = [f"{'Task':<16} {'Accuracy':>9} {'Chance':>7} {'Centred':>9} {'Items':>6} {'Time':>8}"]
@@ -246,7 +234,6 @@ def format_chat_table(details, chatcore_value):
               f"{d['seconds']:>7.1f}s" for name, d in details.items()]
     lines.append(f"{'ChatCORE':<16} {'':>9} {'':>7} {chatcore_value:>+9.4f}")
     return "\n".join(lines)
-
 
 def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", files=None):
     """Accuracy of every named task's test split plus ChatCORE -> dict {task: accuracy, "chatcore": float,
@@ -270,12 +257,10 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
     print0(f"[{stage}] per task:\n{format_chat_table(details, score)}")
     return dict(results, chatcore=score, details=details)
 
-
 def present_real_tasks():
     """Real tasks whose test files are already in the cache (never downloads)."""
     return [name for name, (repo, config) in HF_DATASETS.items()
             if os.path.exists(os.path.join(cache_dir(repo.replace("/", "__"), config, "test"), "COMPLETE"))]
-
 
 def core_source(data_dir=None):
     """Which CORE to run -> (kind, folder): ("bundle", dir) when data_dir holds core.yaml, or without data_dir
@@ -298,7 +283,6 @@ def core_source(data_dir=None):
     raise UserError(f"--data-dir {data_dir}: neither an eval bundle (core.yaml) nor raw CORE dataset files "
                     f"(e.g. {core_eval.RAW_TASKS[0].stem}.parquet, here or in core/)")
 
-
 def describe_core(result):
     """One line saying which CORE a dclm_core result is: name, data, items per task, crop, tasks."""
     kind, where = result["source"], result["where"]
@@ -310,7 +294,6 @@ def describe_core(result):
     if result["name"] != "CORE":
         notes.append(f"{len(result['tasks'])} of CORE's 22 tasks, not nanochat's CORE")
     return f"{result['name']} on {'; '.join(notes)}: {', '.join(result['tasks'])}"
-
 
 def run_core(model, tokenizer, data_dir=None, max_per_task=None, stage="eval", max_seq_len=None):
     """CORE or CORE-<n> of a base model (core_source(data_dir)) -> dict {name, score, source, where, max_per_task,
@@ -327,7 +310,6 @@ def run_core(model, tokenizer, data_dir=None, max_per_task=None, stage="eval", m
                seconds=time.time() - t0)
     print0(f"[{stage}] {describe_core(out)}\n{core_eval.format_results(res)}")
     return out
-
 
 def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examples=100, stage="eval", core=None,
                   max_per_task=None, core_max_seq_len=None):
@@ -348,7 +330,6 @@ def run_base_eval(model, tokenizer, val_batches=None, task_names=None, max_examp
     if core is not None:
         out["dclm_core"] = run_core(model, tokenizer, core, max_per_task, stage=stage, max_seq_len=core_max_seq_len)
     return out
-
 
 def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, max_tokens=256, val_batches=20,
                         device=None, stage="evaluate", data_dir=None, core=None, max_per_task=None,
@@ -383,7 +364,6 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
         res = run_chat_eval(model, tokenizer, tasks, max_examples, max_tokens, stage=stage, files=files)
     res["eval_seconds"] = time.time() - t0
     return res
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,7 +414,6 @@ def main(argv=None):
         cleanup()
         return res
     return run_main(go)
-
 
 if __name__ == "__main__":
     main()

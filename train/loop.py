@@ -24,7 +24,6 @@ from model.common import UserError, dist_info, full, local, peak_flops, print0
 from model.optim import muon_momentum
 from train.distributed import COMPILE_CHOICES
 
-
 def add_train_args(parser):
     """The flags every stage shares (stages set their own defaults: presets)."""
     kernels.add_argument(parser)
@@ -52,7 +51,6 @@ def add_train_args(parser):
     add_compile_args(g)
     return parser
 
-
 def add_compile_args(parser):
     """--compile and --compile-backend: every training stage's, and train.speedrun's."""
     parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
@@ -60,7 +58,6 @@ def add_compile_args(parser):
                              "with CUDA, off on CPU and for RL; see train/distributed.py)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend: inductor, or "
                         "aot_eager for quick CPU runs (no C++ build, no speed-up)")
-
 
 def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """nanochat's schedule: linear warmup, constant, linear warmdown to final_lr_frac over the last warmdown_ratio."""
@@ -72,7 +69,6 @@ def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, fi
         return 1.0
     progress = (num_iterations - step) / warmdown
     return progress + (1 - progress) * final_lr_frac
-
 
 def grad_accum_steps(total_batch_size, world_size, B, T):
     """Micro-batches per step so that world_size·B·T·steps == total_batch_size tokens (-1 = one micro-batch)."""
@@ -86,11 +82,9 @@ def grad_accum_steps(total_batch_size, world_size, B, T):
                         f"multiple of {per_micro} (e.g. {lo} or {lo + per_micro}) or change --device-batch-size")
     return total_batch_size // per_micro
 
-
 def is_due(step, every, last):
     """True at the last step and, with every > 0, at every multiple of `every` (step 0 included)."""
     return last or (every > 0 and step % every == 0)
-
 
 def set_lrs(optimizers, lr_mult, momentum=None):
     """Every param group's lr = its initial_lr x lr_mult; with `momentum`, also the momentum of the Muon groups."""
@@ -99,7 +93,6 @@ def set_lrs(optimizers, lr_mult, momentum=None):
             group["lr"] = group["initial_lr"] * lr_mult
             if momentum is not None and "momentum" in group:  # Muon
                 group["momentum"] = momentum
-
 
 def optimizer_step(model, optimizers, grad_clip):
     """Clip the gradient norm (grad_clip > 0), step every optimizer, drop the gradients -> norm before clipping (a
@@ -117,7 +110,6 @@ def optimizer_step(model, optimizers, grad_clip):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return grad_norm
-
 
 def resume(stage, run, model, optimizers):
     """Load the newest checkpoint of <stage>/<run> into model and optimizers and restore this rank's RNG -> its
@@ -139,23 +131,19 @@ def resume(stage, run, model, optimizers):
     print0(f"resumed from {ckpt} at step {saved['step']}")
     return dict(saved, path=ckpt, exact=exact)
 
-
 def run_meta(stage, args, meta):
     """A checkpoint's meta: stage, kernel mode and the flags' plain values, then the dict `meta` (which wins)."""
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
     return {"stage": stage, "kernels": kernels.get_mode(), "args": plain, **meta}
 
-
 def _fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
 
 def _forked(fn, *a):
     """Run fn without touching the training RNG stream (CPU + current CUDA device)."""
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         return fn(*a)
-
 
 def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, meta=None):
     """Run the loop for args.num_iterations optimizer steps -> summary: {"stage", "run", "steps", "tokens", "time_s",
@@ -270,7 +258,6 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     print0(f"{stage} done: {steps_done} steps in {_fmt_time(train_time)}, {summary['tokens_per_s']:,.0f} tok/s, "
            f"train loss {first_loss} -> {last_loss}" + "".join(f", {k} {v:.4f}" for k, v in last_val.items()))
     return summary
-
 
 def run_main(main):
     """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2, no traceback."""

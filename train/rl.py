@@ -38,7 +38,6 @@ from train import stage
 from train.loop import is_due, optimizer_step, resume, run_meta, set_lrs
 from train.tasks import TaskError, get_task
 
-
 def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
     """rewards (P * G,) prompt-major (G = num_samples) -> advantages (P * G,): reward - its group's mean, optionally
     / (the group's population std + eps)."""
@@ -47,7 +46,6 @@ def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
     if std_scale:
         adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
     return adv.view(-1)
-
 
 def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=None, kl_coef=0.0,
                 reduction="token", normalizer=None):
@@ -82,12 +80,10 @@ def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=N
         raise ValueError(f"policy_loss: reduction must be 'token' or 'sequence', got {reduction!r}")
     return loss, stats
 
-
 def pass_at_k(correct, k):
     """correct: 0/1 per sample of one prompt (n >= k) -> unbiased pass@k = 1 - C(n - c, k) / C(n, k)."""
     n, c = len(correct), sum(correct)
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
 
 def tool_crashed(tokenizer, completion):
     """True when a forced tool output in the completion reports an error ('Error: ...')."""
@@ -103,7 +99,6 @@ def tool_crashed(tokenizer, completion):
         elif inside:
             out.append(t)
     return False
-
 
 def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperature, top_k, seed):
     """Sample num_samples completions of each task example in `indices` (the j-th seeded with seed + j) and score them
@@ -134,7 +129,6 @@ def rollout(engine, tokenizer, task, indices, num_samples, max_tokens, temperatu
                             length=len(comp), crashed=crashed, finish=finish))
     return out
 
-
 def check_prompts(tokenizer, task, max_context, count=None):
     """TaskError naming the task and example unless the prompt of each of the first `count` examples (default all)
     leaves room for a completion in max_context tokens (checked at load time, not mid-run)."""
@@ -143,7 +137,6 @@ def check_prompts(tokenizer, task, max_context, count=None):
         if n >= max_context:
             raise TaskError(f"[rl] {getattr(task, 'name', task)}: example {i}: its prompt of {n} tokens leaves "
                             f"no room for a completion in the context of {max_context} tokens")
-
 
 def pad_samples(samples, device, pad_id):
     """Scored samples (see rollout) -> right-padded int64 (x, y) and bool m = y >= 0, each (N, longest ids - 1):
@@ -158,11 +151,9 @@ def pad_samples(samples, device, pad_id):
         y[i, :n] = torch.where(m[1:] == 1, ids[1:], torch.full_like(ids[1:], -1))
     return x.to(device), y.to(device), (y >= 0).to(device)
 
-
 def token_logp(model, x, y):
     """log p(y_t | x_<=t) for every position (0 where y == -1), shape (B, T)."""
     return -model(x, y, loss_reduction="none")
-
 
 def grpo_update(model, optimizers, samples, args, ref_model=None):
     """One GRPO update from scored samples (prompt-major): advantages, then args.inner_steps optimizer steps over
@@ -192,13 +183,11 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
     stats["loss"] = total
     return stats
 
-
 @torch.no_grad()
 def sync_sampler(model, sampler):
     """Copy the (possibly FSDP-sharded) training weights into the plain sampling copy (collective)."""
     for p, q in zip(model.parameters(), sampler.parameters()):
         q.copy_(full(p))
-
 
 def plain_copy(model):
     """A plain (unsharded) GPT with the model's config and current weights: the Engine's sampler / KL reference."""
@@ -211,7 +200,6 @@ def plain_copy(model):
     for p in copy.parameters():
         p.requires_grad_(False)
     return copy
-
 
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed):
     """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
@@ -226,14 +214,12 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, tem
     p1, pk, n = all_reduce_sum([p1, pk, len(idx)])
     return {"pass@1": p1 / max(n, 1), f"pass@{k}": pk / max(n, 1)}
 
-
 PRESETS = {
     "tiny": dict(task="arithmetic", num_iterations=8, prompts_per_step=4, num_samples=4, max_new_tokens=48,
                  device_batch_size=16, eval_every=0, eval_examples=8, eval_k=4, top_k=50),
     "d20": dict(task="gsm8k", num_iterations=-1, prompts_per_step=16, num_samples=16, max_new_tokens=256,
                 device_batch_size=8, eval_every=60, eval_examples=400, eval_k=8, top_k=50),
 }
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,7 +242,6 @@ def parse_args(argv=None):
     stage.require_positive("rl", args, "prompts_per_step", "num_samples", "max_new_tokens", "device_batch_size",
                            "eval_k", "inner_steps")
     return args
-
 
 def run(argv=None):
     """The RL stage -> summary (rewards, last pass@k, per-step history, checkpoint); leaves the process group up."""
@@ -337,10 +322,8 @@ def run(argv=None):
     stage.write_summary("rl", args.run, summary)
     return summary
 
-
 def main(argv=None):
     return stage.main(run, argv)
-
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,6 @@ PRESETS = {
 }
 CHAT_PROMPT = "Tom has 12 apples and buys 3 packs of 4 apples each. How many apples does Tom have now?"
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
@@ -94,10 +93,8 @@ def parse_args(argv=None):
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     return args
 
-
 def state_path(run):
     return os.path.join(home_dir(), "reports", f"speedrun_{run}.json")
-
 
 def save_state(state):
     if is_rank0():
@@ -106,7 +103,6 @@ def save_state(state):
         with open(path + ".tmp", "w") as f:
             json.dump(state, f, indent=1, default=str)
         os.replace(path + ".tmp", path)
-
 
 def stage_argv(args, stage):
     """The flags train.<stage> runs with: the preset's, the shared ones, then --<stage>-args."""
@@ -121,7 +117,6 @@ def stage_argv(args, stage):
     if find_last_checkpoint(stage, args.run) is not None:  # interrupted earlier: continue where it stopped
         argv += ["--resume"]
     return argv + shlex.split(getattr(args, f"{stage}_args"))
-
 
 def run_tokenizer(args):
     tok_dir = os.path.join(home_dir(), "tokenizer")
@@ -138,7 +133,6 @@ def run_tokenizer(args):
     barrier()
     return stats
 
-
 def eval_config(args):
     """The preset's eval settings with the command line's overrides. --eval-data feeds the d20 run's CORE and chat
     evals; the tiny run's real rows stay on the embedded sample."""
@@ -150,7 +144,6 @@ def eval_config(args):
     if args.eval_data and cfg.get("core") != "sample":
         cfg["core"], cfg["chat_data"] = args.eval_data, args.eval_data
     return cfg
-
 
 def run_evals(args):
     cfg, device = eval_config(args), init_distributed().device
@@ -169,10 +162,8 @@ def run_evals(args):
                                                      data_dir=cfg["real_data"])
     return out
 
-
 def _fmt(v, nd=4):
     return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
 
 def _stage_row(name, rec):
     s, t = rec.get("summary") or {}, rec.get("wall_s")
@@ -191,7 +182,6 @@ def _stage_row(name, rec):
     tokens = f"{int(s['tokens']):,}" if s.get("tokens") else "-"
     return f"| {name} | {_fmt(t, 1)} s | {s.get('steps', '-')} | {tokens} | {loss} | {metrics or '-'} |"
 
-
 def _core_lines(core):
     """The card's CORE lines: which CORE ran (name, data, tasks), its score and a per-task table."""
     if not core:
@@ -201,7 +191,6 @@ def _core_lines(core):
             "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"] + \
         [f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | {t['centered']:+.4f} | "
          f"{t['n']} |" for name, t in core["tasks"].items()]
-
 
 def _real_chat_lines(ev, cfg):
     """The card's table of the real chat benchmarks on the embedded sample (SFT and RL), each with its chance."""
@@ -219,7 +208,6 @@ def _real_chat_lines(ev, cfg):
         [f"| {TASK_TITLES.get(k, k)} | {d['chance']:.2f} | {_fmt(sft.get(k))} | {_fmt(rl.get(k))} | {d['n']} |"
          for k, d in det.items()] + \
         [f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt(sft.get('chatcore'))} | {_fmt(rl.get('chatcore'))} | |"]
-
 
 def report_card(state, args, total_s):
     v = versions()
@@ -250,7 +238,6 @@ def report_card(state, args, total_s):
                   "(stages finished earlier are skipped)", ""]
     return "\n".join(lines)
 
-
 def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
     """One greedy answer of the newest chat model (rl, else sft), tools live."""
     src = "rl" if find_last_checkpoint("rl", run) else "sft"
@@ -258,7 +245,6 @@ def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
     ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
     seqs, _ = Engine(model, tok).generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
     return src, tok.decode(seqs[0][len(ids):])
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -292,7 +278,6 @@ def main(argv=None):
             print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{answer}\n", flush=True)
     return state
 
-
 def run_stages(args, state, wanted):
     """Each wanted stage not finished yet, in order; the state file is updated after every stage."""
     for stage in STAGES:
@@ -323,7 +308,6 @@ def run_stages(args, state, wanted):
         state["stages"][stage] = {"done": True, "wall_s": time.time() - t0, "summary": summary}
         save_state(state)
         print0(f"=== {stage}: done in {time.time() - t0:.1f} s")
-
 
 if __name__ == "__main__":
     main()

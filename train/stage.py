@@ -25,13 +25,11 @@ COMPILE_AUTO = {"rl": "off"}
 # Sequences per GPU where a preset leaves device_batch_size None (d20 base and mid), by kernel mode (bench/train.py)
 D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 
-
 def main(run, argv=None):
     """A stage's entry point: run(argv) under train.loop.run_main, then the process group is destroyed -> summary."""
     summary = run_main(lambda: run(argv))
     cleanup()
     return summary
-
 
 def parse_args(parser, presets, argv=None):
     """Two-phase parse: --preset (default "tiny", added to `parser`) picks presets[name], flag defaults that every flag
@@ -53,14 +51,12 @@ def parse_args(parser, presets, argv=None):
         args.device_batch_size = D20_DEVICE_BATCH["fused" if fused else "eager"]
     return args
 
-
 def require_positive(stage, args, *names):
     """UserError naming the flag unless each args.<name> is an integer >= 1 (before any work starts)."""
     for name in names:
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             raise UserError(f"[{stage}] --{name.replace('_', '-')} must be an integer >= 1, got {value}")
-
 
 def add_stage_args(parser, stage):
     """The loop's flags plus those of a stage that starts from an earlier stage's checkpoint -> the stage's group."""
@@ -72,7 +68,6 @@ def add_stage_args(parser, stage):
     g.add_argument("--epochs", type=float, default=1.0, help="with --num-iterations -1: passes over the train data")
     return g
 
-
 def start(args):
     """Task data URL, kernels mode, seed, process group: the start of a stage after base -> DistInfo."""
     if args.data_url:
@@ -81,11 +76,9 @@ def start(args):
     torch.manual_seed(args.seed)
     return init_distributed()
 
-
 def compile_setting(stage, value):
     """The --compile value `stage` builds with: "auto" becomes COMPILE_AUTO[stage] where there is one."""
     return COMPILE_AUTO.get(stage, "auto") if value == "auto" else value
-
 
 def load_source(stage, args, info):
     """The newest checkpoint of args.source (run args.source_run, default its newest) in an FSDP2 model -> (model,
@@ -103,12 +96,10 @@ def load_source(stage, args, info):
     print0(f"[{stage}] starting from {path}")
     return model, tokenizer, meta, path
 
-
 def setup_optimizers(model, args):
     """model.setup_optimizers with the loop's learning-rate and weight-decay flags."""
     return model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-
 
 def write_summary(stage, run, summary):
     """checkpoints/<stage>/<run>/summary.json (rank 0): what the speedrun's report card reads."""
@@ -117,7 +108,6 @@ def write_summary(stage, run, summary):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(summary, f, indent=1, default=str)
-
 
 def mixture_stage(stage, presets, loader_cls, doc):
     """-> (parse_args, run, main) of a stage that trains on a task mixture with loader_cls (train.mid, train.sft)."""
@@ -133,7 +123,6 @@ def mixture_stage(stage, presets, loader_cls, doc):
         return train_on_mixture(stage, parse(argv), loader_cls)
 
     return parse, run, lambda argv=None: main(run, argv)
-
 
 def train_on_mixture(stage, args, loader_cls):
     """train.loop.train from the source checkpoint on loader_cls over the train split of the mixture args.tasks,

@@ -15,11 +15,9 @@ from model.common import home_dir, print0
 from model.tokenizer import Tokenizer
 from train.data import load_corpus
 
-
 def bytes_per_token(tok, docs):
     ids = tok.encode(list(docs))
     return sum(len(d.encode("utf-8")) for d in docs) / max(1, sum(len(x) for x in ids))
-
 
 def capped_docs(docs, max_chars=None, doc_cap=10_000):
     """Yield documents cut to doc_cap characters until max_chars characters were yielded in total."""
@@ -30,7 +28,6 @@ def capped_docs(docs, max_chars=None, doc_cap=10_000):
         doc = doc[:doc_cap][:None if max_chars is None else max_chars - total]
         total += len(doc)
         yield doc
-
 
 def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=None, num_threads=None):
     """Train, save and evaluate; returns (tokenizer, stats dict)."""
@@ -44,7 +41,6 @@ def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=No
              "train_seconds": round(train_s, 3), "val_bytes_per_token": round(bytes_per_token(tok, val_docs), 4),
              "train_bytes_per_token": round(bytes_per_token(tok, docs[:200]), 4), "dir": out_dir}
     return tok, stats
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -60,7 +56,6 @@ def main(argv=None):
     print0(f"bytes/token: held-out {s['val_bytes_per_token']:.3f}, train {s['train_bytes_per_token']:.3f}")
     print0(f"saved to {s['dir']}")
     return s
-
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ REAL_TASKS = {"smoltalk": (smoltalk.SmolTalk, {}), "mmlu": (mmlu.MMLU, {"subset"
               "gsm8k": (gsm8k.GSM8K, {}), "humaneval": (humaneval.HumanEval, {"split": "test"})}
 TASKS = (*EMBEDDED, *REAL_TASKS)
 
-
 def get_task(name, split="train", n=None, files=None, **kwargs):
     """One task by name, every example checked against what rendering requires (Task.validate: TaskError naming
     the task and the example). split: train | test (| validation for ARC). n: size of an embedded task, or the first
@@ -31,7 +30,6 @@ def get_task(name, split="train", n=None, files=None, **kwargs):
         raise TaskError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
     return task.validate()
 
-
 def parse_spec(spec):
     """"a:2,b@100" -> [("a", 2.0, None), ("b", 1.0, 100)]."""
     out = []
@@ -45,7 +43,6 @@ def parse_spec(spec):
     if not out:
         raise TaskError(f"empty task spec {spec!r}")
     return out
-
 
 def build_mixture(spec, split="train", stage="?", n=None, seed=42):
     """A TaskMixture from a spec string; any task error is re-raised naming the stage."""

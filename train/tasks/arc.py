@@ -2,7 +2,6 @@
 seeded order of train/tasks/common.py."""
 from train.tasks.common import MCTask, mc_conversation, real_rows
 
-
 class ARC(MCTask):
     name = "arc"
 

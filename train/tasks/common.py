@@ -20,11 +20,9 @@ from model.tokenizer import conversation_messages
 
 MAX_PARQUET_SHARDS = 10_000
 
-
 class TaskError(UserError):
     """Bad task input (unknown task, a file that does not parse, a failed download, a reward that raised): entry
     points print its one line (naming the stage and the file) and exit with status 2."""
-
 
 def check_conversation(conversation):
     """The conversation, unchanged, if model/tokenizer.py can render it, else TaskError with conversation_messages'
@@ -34,7 +32,6 @@ def check_conversation(conversation):
     except ValueError as e:
         raise TaskError(str(e)) from None
     return conversation
-
 
 class Task:
     """A dataset of conversations (real tasks: over `self.rows`), cut to its first `stop` examples if given."""
@@ -77,7 +74,6 @@ class Task:
     def reward(self, conversation, completion):
         return float(self.evaluate(conversation, completion))
 
-
 class TaskMixture(Task):
     """Several tasks mixed by a deterministic shuffle. `weights` (or `epochs`) repeat a task: a weight of 2 puts
     every example in twice, 0.5 half of them (the first half of a seeded permutation)."""
@@ -114,7 +110,6 @@ class TaskMixture(Task):
     def describe(self):  # the name messages show (train/data.py)
         return "mixture of " + ", ".join(task.name for task in self.tasks)
 
-
 def mc_conversation(question, choices, answer_idx, letters="ABCDEFGHIJ"):
     """nanochat's multiple-choice conversation: the letter comes *after* each choice with no space before it (small
     models bind better), and the answer is that bare letter."""
@@ -125,7 +120,6 @@ def mc_conversation(question, choices, answer_idx, letters="ABCDEFGHIJ"):
     return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": letters[answer_idx]}],
             "letters": letters, "question": question, "choices": list(choices), "answer": answer_idx}
 
-
 class MCTask(Task):
     """Multiple choice: conversations carry "letters"; a completion is right when it is exactly the answer letter."""
     eval_type = "categorical"
@@ -133,15 +127,12 @@ class MCTask(Task):
     def evaluate(self, conversation, completion):
         return int(completion.strip() == conversation["messages"][-1]["content"])
 
-
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-
 
 def extract_answer(text):
     """The number after '####' with commas removed (the official normalisation), or None."""
     m = ANSWER_RE.search(text)
     return m.group(1).strip().replace(",", "").rstrip(".") if m else None
-
 
 class AnswerTask(Task):
     """Generative task scored by exact match of the '####' answer (GSM8K and the embedded arithmetic)."""
@@ -152,16 +143,13 @@ class AnswerTask(Task):
         pred = extract_answer(completion)
         return int(pred is not None and pred == ref)
 
-
 def data_url():
     return os.environ.get("TRITONCHAT_DATA_URL", "https://huggingface.co/datasets").rstrip("/")
-
 
 def cache_dir(*parts):
     path = os.path.join(home_dir(), "data", "tasks", *parts)
     os.makedirs(path, exist_ok=True)
     return path
-
 
 def cached_download(url, path):
     """url -> path unless already there (model.common.download) -> path, None on a 404, else TaskError."""
@@ -174,14 +162,12 @@ def cached_download(url, path):
             return None
         raise TaskError(str(e)) from None
 
-
 def find_file(folder, stem):
     """<folder>/<stem>.parquet, else <folder>/<stem>.jsonl, else None."""
     for ext in (".parquet", ".jsonl"):
         if os.path.isfile(path := os.path.join(folder, stem + ext)):
             return path
     return None
-
 
 def read_rows(path):
     """Rows (list of dicts) of a .parquet or .jsonl file; TaskError naming the file when it does not parse."""
@@ -192,7 +178,6 @@ def read_rows(path):
         return pq.read_table(path).to_pylist()
     except Exception as e:  # noqa: BLE001 - any parse failure becomes one clear message
         raise TaskError(f"cannot parse task file {path}: {type(e).__name__}: {e}") from e
-
 
 def hf_rows(repo, config, split, files=None):
     """All rows of one split: from `files` (paths or URLs) if given, else from the HF parquet export shards."""
@@ -229,7 +214,6 @@ def hf_rows(repo, config, split, files=None):
     raise TaskError(f"{repo} {config}/{split}: {data_url()} served {MAX_PARQUET_SHARDS} shards without the 404 that "
                     f"ends the list; check $TRITONCHAT_DATA_URL / --data-url")
 
-
 # Real rows are presented in numpy.random.default_rng(42).permutation(n) order: what HF's Dataset.shuffle(seed=42)
 # applies, as nanochat's tasks load every split (https://github.com/karpathy/nanochat/blob/master/tasks/mmlu.py), so
 # any prefix of a task (--max-examples 100, mmlu@500, the first RL prompts) is a seeded sample, the same everywhere.
@@ -237,11 +221,9 @@ def permutation(n, seed=42):
     """list of the n indices 0..n-1 in the seeded order."""
     return np.random.default_rng(seed).permutation(n).tolist()
 
-
 def seeded_order(rows, seed=42):
     """The rows (a list) in the seeded order: rows[permutation(len(rows))[i]] at position i."""
     return [rows[i] for i in permutation(len(rows), seed)]
-
 
 def real_rows(name, repo, config, split, files, ok, needs, prepare=None):
     """hf_rows, each (prepared) row checked with ok(row) (TaskError "<name>: row i needs <needs>"), in seeded order."""

@@ -17,7 +17,6 @@ WORDS = ("apple banana cherry orange grape lemon melon peach river mountain fore
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lia", "Max", "Nia", "Omar"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "cards", "pencils", "cookies", "stamps"]
 
-
 class Generated(Task):
     """A task of `n` examples, example i generated from Random(seed * 1_000_003 + i) - no storage, any index."""
 
@@ -30,7 +29,6 @@ class Generated(Task):
 
     def get_example(self, index):
         return self.generate(random.Random(self.seed * 1_000_003 + index))
-
 
 class Arithmetic(Generated, AnswerTask):
     name = "arithmetic"
@@ -54,7 +52,6 @@ class Arithmetic(Generated, AnswerTask):
         parts = [{"type": "text", "text": pre}, {"type": "python", "text": expr},
                  {"type": "python_output", "text": result}, {"type": "text", "text": f"{result}.\n#### {result}"}]
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
-
 
 class Spelling(Generated):
     name = "spelling"
@@ -81,7 +78,6 @@ class Spelling(Generated):
         pred = extract_answer(completion)
         return int(pred is not None and pred == extract_answer(ref[-1]["text"]))
 
-
 class Identity(Generated):
     name = "identity"
     QUESTIONS = ["Who are you?", "What is your name?", "Hi! What are you?", "Tell me about yourself.",
@@ -97,7 +93,6 @@ class Identity(Generated):
 
     def evaluate(self, conversation, completion):
         return int("tritonchat" in completion.lower())
-
 
 class NumberMC(Generated, MCTask):
     name = "number_mc"

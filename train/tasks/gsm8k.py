@@ -10,11 +10,9 @@ from train.tasks.common import AnswerTask, extract_answer, real_rows
 
 ANNOTATION = re.compile(r"<<[^>]*>>")
 
-
 def strip_annotations(answer):
     """A GSM8K solution string as plain text: every `<<expr=result>>` removed."""
     return ANNOTATION.sub("", answer)
-
 
 def solution_parts(answer):
     """A GSM8K-style solution string -> assistant message parts with python tool calls."""
@@ -27,14 +25,12 @@ def solution_parts(answer):
             parts.append({"type": "text", "text": piece})
     return parts
 
-
 def solution_text(content):
     """An assistant message as plain text: a string through strip_annotations, parts as their text parts only (the
     text after a tool call restates its result, in GSM8K and the embedded tasks)."""
     if isinstance(content, str):
         return strip_annotations(content)
     return "".join(p["text"] for p in content if p.get("type") == "text")
-
 
 class GSM8K(AnswerTask):
     name = "gsm8k"

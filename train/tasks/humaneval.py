@@ -13,12 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from model.sandbox import run_python
 from train.tasks.common import Task, real_rows
 
-
 def extract_program(completion):
     """The code in a completion: the first ```python fenced block if there is one, else the whole text."""
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.DOTALL)
     return m.group(1) if m else completion
-
 
 def build_program(prompt, code, test, entry_point):
     """The program that scores `code` (a body or a whole function) against one problem -> str."""
@@ -27,7 +25,6 @@ def build_program(prompt, code, test, entry_point):
     if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.MULTILINE):
         body = "\n" + textwrap.dedent(code)
     return f"{head}{body}\n\n{test}\n\ncheck({entry_point})\n"
-
 
 class HumanEval(Task):
     name = "humaneval"

@@ -3,7 +3,6 @@
 (or by source), so the rows are taken in the seeded order of train/tasks/common.py: any prefix mixes subjects."""
 from train.tasks.common import MCTask, mc_conversation, real_rows
 
-
 class MMLU(MCTask):
     name = "mmlu"
 

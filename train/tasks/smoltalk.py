@@ -2,7 +2,6 @@
 in the seeded order of train/tasks/common.py, so `smoltalk@10000` is a seeded sample of the split."""
 from train.tasks.common import Task, TaskError, check_conversation, hf_rows, seeded_order
 
-
 class SmolTalk(Task):
     name = "smoltalk"
 

@@ -11,7 +11,6 @@ from train.tasks.common import TaskError, read_rows
 
 SAMPLE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-
 @dataclass(frozen=True)
 class Source:
     """One sampled file. name: its path under the sample and source folders, without extension; hf: HF dataset id,
@@ -20,7 +19,6 @@ class Source:
     hf: str
     licence: str
     note: str = ""
-
 
 SOURCES = (
     Source("core/hellaswag_validation", "Rowan/hellaswag validation", "MIT", "rowanz/hellaswag LICENSE"),
@@ -44,18 +42,15 @@ SOURCES = (
     Source("chat/humaneval_test", "openai/openai_humaneval test", "MIT"),
 )
 
-
 def sample_path(name, root=SAMPLE_DIR):
     """Path of the sample file `name` ("chat/mmlu_all_test") under root."""
     return os.path.join(root, name + ".jsonl")
-
 
 def sample_rows(name, root=SAMPLE_DIR):
     """The rows (list of dicts) of one sample file. TaskError when it is missing or does not parse."""
     if not os.path.isfile(path := sample_path(name, root)):
         raise TaskError(f"no embedded sample {name!r} at {path} (known: {', '.join(s.name for s in SOURCES)})")
     return read_rows(path)
-
 
 def manifest(root=SAMPLE_DIR):
     """manifest.json -> dict: seed, per_file, command, files {name: {source, source_rows, rows, indices, sha256}}."""

@@ -18,12 +18,10 @@ from train.tasks.realdata import SOURCES
 
 COMMAND = "python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata"
 
-
 def _write(path, text):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-
 
 def draw(src, out, per_file=100, seed=0):
     """Write the sample under `out` -> the manifest dict. UserError when a source file is missing."""
@@ -43,7 +41,6 @@ def draw(src, out, per_file=100, seed=0):
     _write(os.path.join(out, "manifest.json"), json.dumps(result, indent=1) + "\n")
     _write(os.path.join(out, "README.md"), readme(result))
     return result
-
 
 def readme(result):
     """README.md text for a manifest dict."""
@@ -101,7 +98,6 @@ SHA-512, so the draw is the same everywhere. manifest.json lists the kept source
 every file.
 """
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="folder with core/ and chat/ (parquet or jsonl files)")
@@ -113,7 +109,6 @@ def main(argv=None):
     for name, f in result["files"].items():
         print(f"{name}.jsonl: {f['rows']} of {f['source_rows']} rows, {f['bytes']} bytes")
     print(f"total {sum(f['bytes'] for f in result['files'].values())} bytes")
-
 
 if __name__ == "__main__":
     from train.loop import run_main
