@@ -12,11 +12,10 @@ calls stay in the content as their literal markers. GET /v1/models[/{id}], /heal
 nanochat's https://github.com/karpathy/nanochat/blob/master/scripts/chat_web.py). An unset max_tokens is the room the
 prompt leaves in the trained context (at most --max-tokens-limit); a history too long loses its oldest turns (header
 X-Trimmed-Messages); a prompt that cannot fit is a 400 context_length_exceeded. The body is read (within
---body-timeout, at most --max-body-bytes: else 408 / 413) and validated (else a 4xx with OpenAI's error body) before
-the request takes a place: up to --max-concurrency requests join the Engine's running decode batch, --max-queue more
-wait in arrival order, then 429 + Retry-After. A client that leaves cancels its request (its KV blocks freed); a
-failure ends its request alone (a 500, or an in-band error event).
-"""
+--body-timeout, at most --max-body-bytes: else 408 / 413) and validated (else an OpenAI 4xx) before the request takes
+a place: --max-concurrency requests join the Engine's decode batch, --max-queue more wait in arrival order, then 429 +
+Retry-After. A client that leaves cancels its request (KV blocks freed); a failure ends its request alone (a 500, or
+an in-band error event)."""
 import asyncio
 import contextlib
 import html
@@ -29,9 +28,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
@@ -60,11 +58,11 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
                         headers=headers)
 
 class APIError(Exception):
-    """Answered with error_response(*args)."""
+    """Answered with error_response(status, message, **kwargs)."""
 
-    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    def __init__(self, status, message, **kwargs):
         super().__init__(message)
-        self.response = error_response(status, message, type_, param, code, headers)
+        self.response = error_response(status, message, **kwargs)
 
 class _ClientGone(Exception):
     """The client disconnected: nobody reads the answer."""
@@ -101,19 +99,9 @@ class ChatRequest(_Strict):
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_STOP),
                     BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] | None = None
 
-@dataclass
-class ChatParams:
-    """A validated chat-completions request."""
-    prompt: list[int]      # token ids of the rendered conversation, ending in <|assistant_start|>
-    temperature: float     # 0 = greedy
-    top_k: int | None
-    n: int                 # samples of the one prompt
-    seed: int
-    max_tokens: int        # per sample; prompt + max_tokens fits the context
-    stream: bool
-    include_usage: bool    # stream_options.include_usage
-    stop: tuple = ()       # stop strings
-    trimmed: int = 0       # oldest messages dropped to fit the context
+# A validated request: prompt ids end in <|assistant_start|>, prompt + max_tokens (per sample) fits the context, stop
+# is a tuple of strings, trimmed counts the oldest messages dropped to fit the context.
+ChatParams = namedtuple("ChatParams", "prompt temperature top_k n seed max_tokens stream include_usage stop trimmed")
 
 def _invalid(err):
     """pydantic's error -> APIError(400): param as messages[0].role, code invalid_type / invalid_value / empty_array."""
@@ -272,14 +260,19 @@ class ChatService:
         else:
             fut.set_result(True)
 
-    def start(self, params):
-        """Submit a validated request to the engine -> its engine.Request; APIError(400) if the engine refuses it."""
+    async def admit(self, params):
+        """Wait for a place, then submit a validated request to the engine -> (_Slot, engine.Request); the place is
+        given back if the engine refuses it (APIError(400))."""
+        slot = await self.acquire()
         try:
-            return self.engine.submit(params.prompt, num_samples=params.n, max_tokens=params.max_tokens,
-                                      temperature=params.temperature, top_k=params.top_k, seed=params.seed,
-                                      stop=list(params.stop))
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+            return slot, self.engine.submit(params.prompt, num_samples=params.n, max_tokens=params.max_tokens,
+                                            temperature=params.temperature, top_k=params.top_k, seed=params.seed,
+                                            stop=list(params.stop))
+        except BaseException as e:
+            slot.release()
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e)) from None
+            raise
 
     def _next(self, job):
         """Blocking: the job's next column, None at the end; raises if the engine died."""
@@ -371,19 +364,18 @@ def create_app(service):
         headers = {"X-Trimmed-Messages": str(params.trimmed)} if params.trimmed else {}
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=s.model_name)
         try:
-            if not params.stream:
-                return JSONResponse(await _unless_disconnected(request, _complete(s, params, meta)), headers=headers)
-            slot = await _unless_disconnected(request, s.acquire())
+            slot, job = await _unless_disconnected(request, s.admit(params))
+            if params.stream:
+                return StreamingResponse(_stream(s, job, slot, params, meta), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+                                         background=BackgroundTask(_cleanup, s, job, slot))
+            try:
+                body = await _unless_disconnected(request, _complete(s, job, params, meta))
+            finally:
+                _cleanup(s, job, slot)
         except _ClientGone:
             return Response(status_code=499)
-        try:
-            job = s.start(params)
-        except BaseException:
-            slot.release()
-            raise
-        return StreamingResponse(_stream(s, job, slot, params, meta), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-                                 background=BackgroundTask(_cleanup, s, job, slot))
+        return JSONResponse(body, headers=headers)
 
     return app
 
@@ -392,23 +384,31 @@ def _usage(params, job):
     return {"prompt_tokens": len(params.prompt), "completion_tokens": completion_tokens,
             "total_tokens": len(params.prompt) + completion_tokens}
 
-async def _complete(s, params, meta):
-    """A non-streaming completion -> the response body; cancelled (the client left), it gives up its place or job."""
-    slot = await s.acquire()
-    job = None
-    try:
-        job = s.start(params)
-        choices = [_Choice(s.tokenizer, params.stop, s.engine.stop_ids) for _ in range(params.n)]
-        texts = [""] * params.n
-        async for col, _ in s.columns(job):
-            for i, t in enumerate(col):
-                texts[i] += choices[i].add(t)
-    finally:
-        _cleanup(s, job, slot)
+async def _chunks(s, job, params):
+    """The `choices` of OpenAI's stream chunks: a role delta per choice, content deltas, then a finish per choice."""
+    choices = [_Choice(s.tokenizer, params.stop, s.engine.stop_ids) for _ in range(params.n)]
+    yield [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+           for i in range(params.n)]
+    async for col, _ in s.columns(job):
+        if out := [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                   for i, text in enumerate(c.add(t) for c, t in zip(choices, col)) if text]:
+            yield out
+    for i, c in enumerate(choices):
+        tail = c.close()
+        yield [{"index": i, "delta": {"content": tail} if tail else {}, "logprobs": None,
+                "finish_reason": c.finish_reason(job.finish_reasons[i])}]
+
+async def _complete(s, job, params, meta):
+    """A non-streaming completion -> the response body: the stream's deltas joined."""
+    texts, reasons = [""] * params.n, [None] * params.n
+    async for chunk in _chunks(s, job, params):
+        for c in chunk:
+            texts[c["index"]] += c["delta"].get("content", "")
+            reasons[c["index"]] = c["finish_reason"]
     return {**meta, "object": "chat.completion",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i] + c.close()},
-                         "logprobs": None, "finish_reason": c.finish_reason(job.finish_reasons[i])}
-                        for i, c in enumerate(choices)], "usage": _usage(params, job)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons))],
+            "usage": _usage(params, job)}
 
 async def _unless_disconnected(request, coro):
     """Await `coro` unless the client disconnects first: then cancel it (its cleanup runs) and raise _ClientGone."""
@@ -432,7 +432,7 @@ async def _disconnect(request):
         pass
 
 def _cleanup(service, job, slot):
-    if job is not None and not job.done:  # an abandoned request: free its KV blocks
+    if not job.done:  # an abandoned request: free its KV blocks
         service.engine.cancel(job)
     slot.release()
 
@@ -463,31 +463,18 @@ async def _read_json(request, limit, timeout):
                        code="invalid_json") from None
 
 async def _stream(s, job, slot, params, meta):
-    """Server-sent events in OpenAI's chunk format: a role chunk per choice, content deltas, a finish chunk per
-    choice, an optional usage chunk, then [DONE]. A client that leaves cancels the job (the background task and the
-    cleanup here)."""
-    def chunk(choices, **extra):
-        return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
-
-    choices = [_Choice(s.tokenizer, params.stop, s.engine.stop_ids) for _ in range(params.n)]
+    """Server-sent events: the chunks of _chunks, an optional usage chunk, then [DONE]. A client that leaves cancels
+    the job (the background task and the cleanup here)."""
+    head = {**meta, "object": "chat.completion.chunk"}
     try:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(params.n)])
-        async for col, _ in s.columns(job):
-            out = [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                   for i, text in enumerate(c.add(t) for c, t in zip(choices, col)) if text]
-            if out:
-                yield chunk(out)
-        for i, c in enumerate(choices):
-            tail = c.close()
-            yield chunk([{"index": i, "delta": {"content": tail} if tail else {}, "logprobs": None,
-                          "finish_reason": c.finish_reason(job.finish_reasons[i])}])
+        async for choices in _chunks(s, job, params):
+            yield f"data: {json.dumps({**head, 'choices': choices})}\n\n"
         if params.include_usage:
-            yield chunk([], usage=_usage(params, job))
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(params, job)})}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # the headers are gone: report in-band, as OpenAI does
-        yield "data: " + json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
-                                               "param": None, "code": None}}) + "\n\n"
+        error = {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     finally:
         _cleanup(s, job, slot)
 
