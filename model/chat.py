@@ -67,16 +67,14 @@ def device_type(text):
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (torch sees none); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
-    elif dev.type != "cpu":
+    if dev.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (torch sees none); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
     return text
 
 def context_of(engine):
@@ -125,12 +123,9 @@ def assistant_content(tokenizer, ids):
              sp["<|output_start|>"]: ("python_output", sp["<|output_end|>"])}
     parts, text, kind, end = [], [], "text", None
     for t in ids:
-        if kind == "text" and t in kinds:
-            parts.append({"type": "text", "text": tokenizer.decode(text)})
-            (kind, end), text = kinds[t], []
-        elif kind != "text" and t == end:
+        if t == end or (end is None and t in kinds):  # a tool part starts or ends
             parts.append({"type": kind, "text": tokenizer.decode(text)})
-            kind, text = "text", []
+            (kind, end), text = kinds.get(t, ("text", None)), []
         else:
             text.append(t)
     parts.append({"type": kind, "text": tokenizer.decode(text)})  # an unterminated tool call gets closed

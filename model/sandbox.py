@@ -17,6 +17,7 @@ Without a working bwrap the tool refuses, naming the reason and the fix; only TR
 https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py
 """
 import contextlib
+import dataclasses
 import errno
 import functools
 import itertools
@@ -33,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 MAX_OUTPUT = 64 * 1024  # bytes per stream; more and the program is killed and marked as an error
 FILE_SIZE_LIMIT = 16 * 1024 * 1024  # bytes per file (RLIMIT_FSIZE)
@@ -48,7 +48,7 @@ USERNS_HINT = ("the jail needs unprivileged user namespaces (sysctl user.max_use
                f"restricts them, kernel.apparmor_restrict_unprivileged_userns=0); {UNSAFE_HINT}")
 _TAG = "tc_sbx_"  # heads every call's code (so ps shows it) and names unsafe-mode temp dirs: tc_sbx_<pid>_<n>
 
-@dataclass
+@dataclasses.dataclass
 class ExecResult:
     stdout: str
     stderr: str
@@ -58,7 +58,7 @@ class ExecResult:
     jail: str = ""  # "bwrap", or "none: <why>" when the call ran without a jail or was refused
     returncode: int | None = None
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class JailStatus:
     """How the python tool runs on this machine (jail_status())."""
     mode: str                # "bwrap" (jailed), "unsafe" (no jail, TRITONCHAT_UNSAFE_NO_JAIL=1) or "refused"
@@ -229,14 +229,11 @@ def seccomp_program(machine=None):
 
 def _seccomp_fd():
     """A pipe's read end holding seccomp_program() for bwrap to read (it fits the pipe buffer); None without one."""
-    program = seccomp_program()
-    if program is None:
+    if (program := seccomp_program()) is None:
         return None
     r, w = os.pipe()
-    try:
-        os.write(w, program)
-    finally:
-        os.close(w)
+    with open(w, "wb") as f:
+        f.write(program)
     return r
 
 def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
@@ -270,8 +267,7 @@ def _jail_init(info_fd):
         except (ValueError, KeyError, TypeError):  # not all of it yet
             continue
         except OSError:  # already gone
-            return None
-    return None
+            break
 
 def _unprivileged():
     """Popen arguments that start the child as uid/gid 65534 when we are root (user code never runs as root)."""
@@ -323,14 +319,11 @@ def jail_status():
     """-> JailStatus: how run_python runs code here. The jail is probed once per process (per bwrap path)."""
     return _probe(shutil.which(BWRAP), os.environ.get(UNSAFE_ENV) == "1", os.geteuid())
 
-_swept = set()  # temp dirs roots already swept by this process
 _calls = itertools.count()
 
+@functools.cache  # once per process and root
 def _sweep_stale_dirs(root):
-    """Once per process and root: remove unsafe-mode temp dirs (tc_sbx_<pid>_...) of callers killed mid-call."""
-    if root in _swept:
-        return
-    _swept.add(root)
+    """Remove unsafe-mode temp dirs (tc_sbx_<pid>_...) of callers killed mid-call."""
     for name in os.listdir(root):
         m = re.fullmatch(_TAG + r"(\d+)_.*", name)
         if not m or int(m.group(1)) == os.getpid():
@@ -351,9 +344,8 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
     _sweep_stale_dirs(tempfile.gettempdir())
     if jail:
         status = jail_status()
-    else:
-        weak = _probe(None, True, os.geteuid())
-        status = JailStatus("unsafe", "jail switched off", weak.python, weak.prefix) if weak.python else weak
+    elif (status := _probe(None, True, os.geteuid())).python:
+        status = dataclasses.replace(status, why="jail switched off")
     if status.mode == "refused":
         return ExecResult("", "", f"python tool disabled: {status.why}; {status.fix}", False, False,
                           f"none: {status.why}")
@@ -378,9 +370,8 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         cmd += [status.python, "-I", "-S", "-B", "-c", f"# {tag}\n{_BOOTSTRAP}", str(w_fd), work, str(timeout),
                 str(memory_mb), str(FILE_SIZE_LIMIT), layers, tag]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": work}
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=theirs, cwd=workdir or "/", env=env, start_new_session=True,
-                                **_unprivileged())
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                pass_fds=theirs, cwd=workdir or "/", start_new_session=True, **_unprivileged())
         while theirs:
             os.close(theirs.pop())
         init = _jail_init(info_r) if status.mode == "bwrap" else None
@@ -426,33 +417,32 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
 
 def _collect(proc, timeout, max_output):
     """Read both pipes as data arrives until EOF, the deadline, or too much output. Never buffers > max_output."""
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-    sel = selectors.DefaultSelector()
-    for fd in bufs:
-        sel.register(fd, selectors.EVENT_READ)
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}  # stdout, stderr
     deadline = time.monotonic() + timeout
     timed_out = overflow = False
-    while sel.get_map() and not overflow:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        for key, _ in sel.select(min(left, 0.25)):
-            chunk = os.read(key.fd, 65536)
-            if not chunk:
-                sel.unregister(key.fd)
-                continue
-            buf = bufs[key.fd]
-            buf += chunk[:max_output - len(buf)]
-            overflow |= len(buf) >= max_output
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map() and not overflow:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(min(left, 0.25)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                buf += chunk[:max_output - len(buf)]
+                overflow |= len(buf) >= max_output
     # EOF on both pipes; give the process (not its vanished children) the rest of the deadline to exit
     if not timed_out and not overflow:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-    sel.close()
-    return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), timed_out, overflow
+    return *map(bytes, bufs.values()), timed_out, overflow
 
 def run_python(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT):
     """Execute `code` as a program in a fresh jailed Python process -> ExecResult; never raises for what the code does.
@@ -470,8 +460,7 @@ def run_tool_call(code, timeout=5.0, memory_mb=256):
     res = _run(code, timeout=timeout, memory_mb=memory_mb, repl=True)
     if res.success:
         return res.stdout.rstrip("\n")
-    err = "timed out" if res.timed_out else (res.error or "error")
-    return (res.stdout + "Error: " + err).strip()
+    return (res.stdout + "Error: " + ("timed out" if res.timed_out else res.error)).strip()
 
 if __name__ == "__main__":
     print(jail_status().banner)

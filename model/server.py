@@ -126,9 +126,8 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
     if req.messages[-1].role != "user":
         raise APIError(400, "the last message must be the user's", param="messages", code="invalid_value")
     if None not in (req.max_tokens, req.max_completion_tokens) and req.max_tokens != req.max_completion_tokens:
-        raise APIError(400, f"'max_tokens' ({req.max_tokens}) and 'max_completion_tokens' "
-                            f"({req.max_completion_tokens}) disagree: send one", param="max_tokens",
-                       code="invalid_value")
+        raise APIError(400, f"'max_tokens' ({req.max_tokens}) and 'max_completion_tokens' ({req.max_completion_tokens})"
+                            " disagree: send one", param="max_tokens", code="invalid_value")
     key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = getattr(req, key)
     reserve = max_tokens if max_tokens is not None else min(max_tokens_limit, default_reserve(max_context))
@@ -147,9 +146,9 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
         raise APIError(400, f"prompt ({len(prompt)} tokens) + {key} ({max_tokens}) exceeds the context "
                             f"({max_context} tokens)", param=key, code="context_length_exceeded")
     seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
+    usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatParams(prompt, 1.0 if req.temperature is None else req.temperature, req.top_k, req.n or 1, seed,
-                      max_tokens, bool(req.stream), bool(req.stream_options and req.stream_options.include_usage),
-                      tuple(req.stop or ()), trimmed)
+                      max_tokens, bool(req.stream), usage, tuple(req.stop or ()), trimmed)
 
 class _Choice:
     """One choice's text: tokens in (the engine's stop tokens dropped), text out, cut before the first stop string,
@@ -160,26 +159,22 @@ class _Choice:
         self.pending, self.hit = "", False  # hit: a stop string was found, everything after it is dropped
 
     def _feed(self, text):
-        if self.hit or not self.stops:
-            return "" if self.hit else text
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
-            out, self.pending = self.pending[:cut], ""
-            return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return out
+        if self.hit:
+            return ""
+        p = self.pending + text
+        cut = min((i for i in (p.find(s) for s in self.stops) if i >= 0), default=-1)
+        self.hit = cut >= 0
+        if not self.hit:  # hold back the longest tail that starts a stop string
+            cut = len(p) - max((k for s in self.stops for k in range(1, len(s)) if p.endswith(s[:k])), default=0)
+        self.pending = "" if self.hit else p[cut:]
+        return p[:cut]
 
     def add(self, token):
         return "" if token is None or token in self.stop_ids else self._feed(self.decoder.add(token))
 
     def close(self):
-        """The rest of the text."""
-        tail = self._feed(self.decoder.flush())
-        out, self.pending = ("" if self.hit else self.pending), ""
-        return tail + out
+        """The rest of the text (the held-back tail is empty after a hit)."""
+        return self._feed(self.decoder.flush()) + self.pending
 
     def finish_reason(self, reason):
         """OpenAI's finish_reason, given the engine's."""
@@ -315,29 +310,25 @@ class _Slot:
 
 def create_app(service):
     app = FastAPI(title="tritonchat", docs_url=None, redoc_url=None, openapi_url=None)
+    card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "tritonchat"}
+    page = chat_page(service.model_name)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, e):
-        return e.response
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
-                              else "invalid_request_error")
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(request, e):
-        return error_response(500, f"generation failed: {e}", "server_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e):
+    async def _error(request, e):
+        if isinstance(e, APIError):
+            return e.response
+        if isinstance(e, StarletteHTTPException):
+            return error_response(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404
+                                  else "invalid_request_error")
+        if isinstance(e, EngineError):
+            return error_response(500, f"generation failed: {e}", "server_error")
         return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+    for cls in (APIError, StarletteHTTPException, EngineError, Exception):
+        app.add_exception_handler(cls, _error)
 
     @app.get("/health")
     async def health():
         return service.health()
-
-    card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "tritonchat"}
 
     @app.get("/v1/models")
     async def models():
@@ -349,8 +340,6 @@ def create_app(service):
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {service.model_name!r}",
                            type_="not_found_error", param="model", code="model_not_found")
         return card
-
-    page = chat_page(service.model_name)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -405,10 +394,9 @@ async def _complete(s, job, params, meta):
         for c in chunk:
             texts[c["index"]] += c["delta"].get("content", "")
             reasons[c["index"]] = c["finish_reason"]
-    return {**meta, "object": "chat.completion",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons))],
-            "usage": _usage(params, job)}
+    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+               for i, (t, r) in enumerate(zip(texts, reasons))]
+    return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(params, job)}
 
 async def _unless_disconnected(request, coro):
     """Await `coro` unless the client disconnects first: then cancel it (its cleanup runs) and raise _ClientGone."""

@@ -381,7 +381,7 @@ def test_seccomp_denies_kernel_interfaces():
 def test_stale_temp_dirs_are_swept(tmp_path, monkeypatch):
     """Temp dirs of a caller killed mid-call (the unsafe mode keeps them on the host) go at the next start."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(sandbox, "_swept", set())
+    sandbox._sweep_stale_dirs.cache_clear()
     gone = subprocess.Popen(["true"])
     gone.wait()
     stale, live, other = (tmp_path / f"tc_sbx_{gone.pid}_3_ab", tmp_path / f"tc_sbx_{os.getpid()}_9_cd",
