@@ -1,7 +1,6 @@
 """CORE: the in-context-learning score of a base model, as DCLM defines it (Li et al. 2024,
 https://arxiv.org/abs/2406.11794: mean centred accuracy over 22 tasks of the MosaicML/DCLM eval bundle) and nanochat
 computes it (https://github.com/karpathy/nanochat/blob/master/nanochat/core_eval.py and scripts/base_eval.py).
-
 multiple_choice and schema: one prompt per option, the lowest mean loss over the tokens after the shared prefix
 (choices) or of the shared suffix (schema) wins, the first on a tie; language_modeling: right when every continuation
 token is the greedy prediction. Few-shot examples come first, each with its gold answer and "\n\n"; BOS is prepended.
@@ -29,7 +28,6 @@ from model.common import UserError, all_reduce_sum, dist_info, local, print0
 from train.tasks.common import find_file, read_rows
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
-TASK_TYPES = (MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING)
 SHUFFLE_SEED = 1337   # nanochat's scripts/base_eval.py: the order items are kept in when subsampling
 FEWSHOT_SEED = 1234   # nanochat's core_eval.py: Random(FEWSHOT_SEED + item index) draws the few-shot examples
 
@@ -77,12 +75,6 @@ def fewshot_indices(index, n, k):
     picks = random.Random(FEWSHOT_SEED + index).sample(range(n - 1), k)
     return [j + (j >= index) for j in picks]
 
-def render_item(task, index, items=None):
-    """The prompts of item `index` of task.items (or of `items`, the evaluated prefix) with its few-shot examples."""
-    items = task.items if items is None else items
-    shots = [items[j] for j in fewshot_indices(index, len(items), task.num_fewshot)]
-    return RENDER[task.kind](items[index], task.delimiter, shots)
-
 def scored_spans(kind, rows):
     """Token rows of one item's prompts -> (rows, starts, ends), tokens start..end-1 of each row scored (LM: the full
     prompt only). ValueError when the context's tokens are not a prefix of the full prompt's, as nanochat asserts."""
@@ -108,12 +100,6 @@ def crop(rows, starts, ends, max_len):
     return ([r[c:] for r, c in zip(rows, cuts)], [s - c for s, c in zip(starts, cuts)],
             [e - c for e, c in zip(ends, cuts)])
 
-def _max_len(model, max_seq_len):
-    """Crop length: the argument, else the model's `max_seq_len` (as nanochat, whose GPT has none), else the rotary
-    table length (model/gpt.py cannot run past it), else None."""
-    values = (max_seq_len, getattr(model, "max_seq_len", None), getattr(model, "rotary_len", None))
-    return next((int(v) for v in values if v), None)
-
 @torch.no_grad()
 def score_rows(model, rows, starts, ends, pad_id, device):
     """One right-padded forward -> per row (losses, predictions, targets), CPU tensors over positions p in start-1 ..
@@ -132,20 +118,14 @@ def score_rows(model, rows, starts, ends, pad_id, device):
     sizes = [e - s for s, e in zip(starts, ends)]
     return list(zip(loss.split(sizes), pred.split(sizes), targets.split(sizes)))
 
-def _judge(kind, gold, scored):
-    """Whether one item is answered correctly, from score_rows' (losses, predictions, targets) of its rows."""
-    if kind == LANGUAGE_MODELING:
-        _, pred, target = scored[0]
-        return bool(torch.equal(pred, target))
-    # Python floats and list.index(min(...)): nanochat's tie rule (first minimum)
-    means = [loss.mean().item() for loss, _, _ in scored]
-    return means.index(min(means)) == gold
-
 def _prepared(task, items, indices, tokenizer, max_len):
-    """Yield (index, gold, rows, starts, ends) for the items at `indices`, tokenizing a few hundred at a time."""
+    """Yield (index, gold, rows, starts, ends) for the items at `indices` (with their few-shot examples from
+    `items`, the evaluated prefix), tokenizing a few hundred at a time."""
     for lo in range(0, len(indices), 256):
         chunk = indices[lo:lo + 256]
-        prompts = [render_item(task, i, items) for i in chunk]
+        prompts = [RENDER[task.kind](items[i], task.delimiter,
+                                     [items[j] for j in fewshot_indices(i, len(items), task.num_fewshot)])
+                   for i in chunk]
         flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=tokenizer.bos_token_id)
         at = 0
         for i, ps in zip(chunk, prompts):
@@ -188,9 +168,11 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
     p = next(model.parameters(), None)
     device = local(p).device if p is not None else torch.device("cpu")
     t0 = time.time()
+    # crop length: the argument, else the model's max_seq_len (nanochat's GPT has none), else its rotary table's
+    max_len = next((int(v) for v in (max_seq_len, getattr(model, "max_seq_len", None),
+                                     getattr(model, "rotary_len", None)) if v), None)
     indices = list(range(info.rank, n, info.world_size))
-    batches = _batches(_prepared(task, items, indices, tokenizer, _max_len(model, max_seq_len)),
-                       batch_size, max_batch_tokens)
+    batches = _batches(_prepared(task, items, indices, tokenizer, max_len), batch_size, max_batch_tokens)
     pad = tokenizer.bos_token_id
     correct = count = 0
     while True:
@@ -208,7 +190,12 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
         rows_starts_ends = [[x for entry in batch for x in entry[k]] for k in (2, 3, 4)]
         scored = iter(score_rows(model, *rows_starts_ends, pad, device))
         for _, gold, rows, _, _ in batch:
-            correct += _judge(task.kind, gold, [next(scored) for _ in rows])
+            losses, pred, target = zip(*[next(scored) for _ in rows])
+            if task.kind == LANGUAGE_MODELING:
+                correct += bool(torch.equal(pred[0], target[0]))
+            else:  # Python floats and list.index(min(...)): nanochat's tie rule (first minimum)
+                means = [loss.mean().item() for loss in losses]
+                correct += means.index(min(means)) == gold
         count += len(batch)
     correct, count = all_reduce_sum([correct, count])
     accuracy = correct / count
@@ -227,7 +214,8 @@ def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, log=print0, **k
     """Score `model` (token ids (B, T) -> logits (B, T, V)) on every task, logging a line per task -> {"name": "CORE"
     | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict}, "max_per_task"}.
     max_per_task: the first items of each (shuffled) task; kwargs: evaluate_task's batch_size / max_batch_tokens (one
-    forward's items and padded tokens) and max_seq_len (crop from the left; default: _max_len). Collective."""
+    forward's items and padded tokens) and max_seq_len (crop from the left; default: the model's max_seq_len, else its
+    rotary_len). Collective."""
     if not tasks:
         raise UserError("CORE: no tasks to evaluate")
     names = [t.name for t in tasks]
@@ -328,8 +316,8 @@ def load_bundle(directory, max_per_task=None, seed=SHUFFLE_SEED):
             raise UserError(f"{config}: task {label} has no random baseline in eval_meta_data.csv")
         shots = entry.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots
-        if kind not in TASK_TYPES:
-            raise UserError(f"{config}: task {label} has unsupported type {kind!r} (CORE uses {', '.join(TASK_TYPES)})")
+        if kind not in RENDER:
+            raise UserError(f"{config}: task {label} has unsupported type {kind!r} (CORE uses {', '.join(RENDER)})")
         items = _read_items(os.path.join(directory, "eval_data", entry["dataset_uri"]), kind, label)
         tasks.append(Task(label, kind, subsample(items, max_per_task, seed), int(shots),
                           entry.get("continuation_delimiter", " "), baselines[label], entry["dataset_uri"], "bundle"))

@@ -12,10 +12,8 @@ conversation loaders of mid and SFT.
     (checksum list) or a full parse; a shard failing verification is fetched once more, then a DataError names it.
 (c) TokenLoader: <|bos|>-prefixed documents packed into rows of T+1 tokens (documents run across rows, as in
     nanochat); rank r reads documents d % world_size == r of every unit (row group), so ranks never share text.
-    state_dict() = (epoch, unit, document, token offset): load_state_dict() continues bit-for-bit; load_state_dicts()
-    on another number of ranks continues from the slowest saved position (nothing skipped; the order differs).
-(d) Conversation loaders, rank r taking conversations r, r + world, ...: PackedLoader (mid: packed rows) and
-    SFTLoader (one right-padded conversation per row), with the TokenLoader's next_batch/state_dict/load_state_dicts.
+(d) Conversation loaders (rank r takes conversations r, r + world, ...): PackedLoader (mid: packed rows) and SFTLoader
+    (one right-padded conversation per row). Every loader resumes bit-for-bit from its state_dict().
 """
 import hashlib
 import json
@@ -261,7 +259,7 @@ class TokenLoader:
         self.tok, self.source, self.B, self.T = tokenizer, source, B, T
         self.rank, self.world_size, self.device, self.loop = rank, world_size, torch.device(device), loop
         self.bos, self.chunk = tokenizer.bos_token_id, tokenize_chunk
-        self.load_state_dict({"epoch": 0, "unit": 0, "doc": rank, "offset": 0, "rank": rank, "world_size": world_size})
+        self.load_state_dict({"epoch": 0, "unit": 0, "doc": rank, "offset": 0})
 
     def state_dict(self):
         return {k: getattr(self, k) for k in ("epoch", "unit", "doc", "offset", "rank", "world_size")}
@@ -283,8 +281,7 @@ class TokenLoader:
             return True
         epoch, unit, doc = min((st["epoch"], st["unit"], st["doc"]) for st in states)
         doc += (self.rank - doc) % self.world_size  # the first document of this rank's stripe at or after doc
-        self.load_state_dict({"epoch": epoch, "unit": unit, "doc": doc, "offset": 0, "rank": self.rank,
-                              "world_size": self.world_size})
+        self.load_state_dict({"epoch": epoch, "unit": unit, "doc": doc, "offset": 0})
         return False
 
     def _refill(self):

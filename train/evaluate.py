@@ -65,8 +65,7 @@ def evaluate_bpb(model, batches, token_bytes):
     and -1 targets left out, summed over all ranks (collective). Every stage and the report card log this number."""
     was_training = model.training
     model.eval()
-    nats = nbytes = None
-    it = iter(batches)
+    stats, it = None, iter(batches)
     device = next(model.parameters()).device  # NCCL collectives need CUDA tensors
     tbytes = token_bytes.to(device)
     world = dist_info().world_size
@@ -83,11 +82,11 @@ def evaluate_bpb(model, batches, token_bytes):
         loss = model(x, y, loss_reduction="none").reshape(-1).float()  # (B*T,) nats
         yf = y.reshape(-1)
         tb = tbytes[yf.clamp(min=0)] * (yf >= 0)
-        n, b = (loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)
-        nats, nbytes = (n, b) if nats is None else (nats + n, nbytes + b)
-    if nats is None:
+        step = torch.stack([(loss * (tb > 0)).sum(), tb.sum().to(loss.dtype)])  # nats, bytes
+        stats = step if stats is None else stats + step
+    if stats is None:
         raise UserError("evaluate_bpb: no validation batches (the validation set is smaller than one batch)")
-    stats = torch.stack([nats, nbytes]).double()
+    stats = stats.double()
     if world > 1:
         dist.all_reduce(stats)
     model.train(was_training)
@@ -164,27 +163,12 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
     correct, total = all_reduce_sum([correct, total])
     return correct / max(total, 1)
 
-def _score(task, pairs, indices, stage):
-    """task.evaluate (or evaluate_many, when the task has it) over (conversation, completion) pairs -> list of 0|1;
-    a scoring function that raises becomes a TaskError naming it."""
-    many = hasattr(task, "evaluate_many")
-    try:
-        if many:
-            return [int(v) for v in task.evaluate_many(pairs)]
-        out = []
-        for i, (conv, text) in zip(indices, pairs):
-            out.append(int(task.evaluate(conv, text)))
-        return out
-    except Exception as e:  # noqa: BLE001
-        where = f"one of examples {indices[0]}..{indices[-1]}" if many else f"example {i}"
-        raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
-                        f"{type(e).__name__}: {e}") from e
-
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
                         temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
     """Accuracy of completions sampled with the Engine (batch_size prompts decoded together), scored by the task; an
-    example is solved when any of its num_samples completions is right (pass@num_samples)."""
-    idx = _my_indices(task, max_examples)
+    example is solved when any of its num_samples completions is right (pass@num_samples). A scoring function
+    (task.evaluate, or evaluate_many when the task has it) that raises becomes a TaskError naming the example."""
+    idx, many = _my_indices(task, max_examples), hasattr(task, "evaluate_many")
     correct = total = 0
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
@@ -196,7 +180,17 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
         for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
             pairs += [(conv, tokenizer.decode(seq[len(prompt):])) for seq in seqs]
             owners += [i] * len(seqs)
-        scores = _score(task, pairs, owners, stage)
+        try:
+            if many:
+                scores = [int(v) for v in task.evaluate_many(pairs)]
+            else:
+                scores = []
+                for i, (conv, text) in zip(owners, pairs):
+                    scores.append(int(task.evaluate(conv, text)))
+        except Exception as e:  # noqa: BLE001
+            where = f"one of examples {owners[0]}..{owners[-1]}" if many else f"example {i}"
+            raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
+                            f"{type(e).__name__}: {e}") from e
         correct += sum(any(v for v, o in zip(scores, owners) if o == i) for i in chunk)
         total += len(chunk)
     correct, total = all_reduce_sum([correct, total])
@@ -336,13 +330,13 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
                         core_max_seq_len=None):
     """Load the newest checkpoint of `source` as a plain model (every rank, under torchrun) and run the base or chat
     evaluation -> dict. base: val bpb (val_batches batches), CORE-style on `tasks` (default: embedded + cached real)
-    and CORE (skipped when `core` is None) from data_dir, else `core` (run_core's data_dir), prompts cropped to
-    core_max_seq_len tokens ("trained": the checkpoint's sequence_len). chat: `tasks` (default: the real chat tasks
-    found in data_dir, else embedded + cached real ones)."""
+    and CORE from `core` (run_core's data_dir; None: skipped), prompts cropped to core_max_seq_len tokens ("trained":
+    the checkpoint's sequence_len). chat: `tasks` (default: the real chat tasks found in data_dir, else embedded +
+    cached real ones)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = chat_files(data_dir) if mode == "chat" and data_dir else {}
     if mode == "base" and core is not None:
-        core_source(data_dir or core)  # a wrong folder fails before the model loads
+        core_source(core)  # a wrong folder fails before the model loads
     if mode == "chat" and data_dir and not tasks and not files:
         raise UserError(f"--data-dir {data_dir}: no chat-eval files (expected e.g. "
                         f"{', '.join(CHAT_FILES[t][0] + '.parquet' for t in REAL_CHAT_TASKS)}, here or in chat/)")
@@ -354,8 +348,8 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
         loader = TokenLoader(tokenizer, load_corpus("val"), 4, T, rank=info.rank, world_size=info.world_size,
                              device=device, loop=False)  # next_batch raises StopIteration at the corpus' end
         batches = list(itertools.islice(iter(loader.next_batch, None), val_batches))
-        res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage,
-                            core=None if core is None else (data_dir or core), max_per_task=max_per_task,
+        res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage, core=core,
+                            max_per_task=max_per_task,
                             core_max_seq_len=T if core_max_seq_len == "trained" else core_max_seq_len)
     else:
         if not tasks:
@@ -405,7 +399,7 @@ def main(argv=None):
         source = args.source or ("base" if args.mode == "base" else "sft")
         res = evaluate_checkpoint(args.mode, source, args.run, args.tasks.split(",") if args.tasks else None,
                                   args.max_examples, args.max_tokens, args.val_batches, info.device,
-                                  data_dir=args.data_dir, core=None if args.no_core else "auto",
+                                  data_dir=args.data_dir, core=None if args.no_core else (args.data_dir or "auto"),
                                   max_per_task=args.max_per_task, core_max_seq_len=args.max_seq_len)
         print0(json.dumps(res, indent=1))
         if args.out and info.rank == 0:

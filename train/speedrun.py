@@ -38,7 +38,6 @@ from train.tokenizer import train_tokenizer
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl", "eval")
 STAGE_MODULES = {"base": base, "mid": mid, "sft": sft, "rl": rl}  # the training stages
-TRAIN_STAGES = tuple(STAGE_MODULES)
 
 # Flags of every stage per preset (each stage's own --preset supplies the rest).
 PRESETS = {
@@ -85,24 +84,15 @@ def parse_args(argv=None):
                    "files (-> CORE-10), here or in core/; ARC/MMLU/GSM8K/HumanEval files, here or in chat/")
     p.add_argument("--core-max-per-task", type=int, default=None, help="items per CORE task (default: the preset's)")
     p.add_argument("--real-examples", type=int, default=None, help="examples per real chat task (tiny's sample)")
-    for s in TRAIN_STAGES:
+    for s in STAGE_MODULES:
         p.add_argument(f"--{s}-args", default="", help=f"extra flags for train.{s} (quoted)")
     args = p.parse_args(argv)
-    unknown = set(args.stages.split(",")) - set(STAGES)
-    if unknown:
+    if unknown := set(args.stages.split(",")) - set(STAGES):
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     return args
 
 def state_path(run):
     return os.path.join(home_dir(), "reports", f"speedrun_{run}.json")
-
-def save_state(state):
-    if is_rank0():
-        path = state_path(state["run"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
 
 def stage_argv(args, stage):
     """The flags train.<stage> runs with: the preset's, the shared ones, then --<stage>-args."""
@@ -182,33 +172,6 @@ def _stage_row(name, rec):
     tokens = f"{int(s['tokens']):,}" if s.get("tokens") else "-"
     return f"| {name} | {_fmt(t, 1)} s | {s.get('steps', '-')} | {tokens} | {loss} | {metrics or '-'} |"
 
-def _core_lines(core):
-    """The card's CORE lines: which CORE ran (name, data, tasks), its score and a per-task table."""
-    if not core:
-        return []
-    return [f"- {core['name']} (mean centred accuracy, 0 = chance): {_fmt(core['score'])}",
-            f"  - {describe_core(core)} ({core['seconds']:.1f} s)",
-            "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"] + \
-        [f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | {t['centered']:+.4f} | "
-         f"{t['n']} |" for name, t in core["tasks"].items()]
-
-def _real_chat_lines(ev, cfg):
-    """The card's table of the real chat benchmarks on the embedded sample (SFT and RL), each with its chance."""
-    sft, rl = ev.get("sft_real") or {}, ev.get("rl_real") or {}
-    if not sft and not rl:
-        return []
-    det = (sft or rl).get("details", {})
-    n = max((d["n"] for d in det.values()), default=0)
-    return ["", f"## Real benchmarks (embedded sample: the first {n} of each task's seeded rows)", "",
-            "Chance is the score of guessing (a letter for ARC and MMLU; nothing right for GSM8K and HumanEval); "
-            f"near-chance numbers are the honest result for a tiny CPU model, and with {n} examples one standard "
-            f"error is up to {50 / max(n, 1) ** 0.5:.0f} points. "
-            f"Generation budget {cfg.get('max_tokens')} tokens; GSM8K with the python tool live, HumanEval's tests "
-            "in the sandbox.", "", "| task | chance | SFT | RL | items |", "|---|---|---|---|---|"] + \
-        [f"| {TASK_TITLES.get(k, k)} | {d['chance']:.2f} | {_fmt(sft.get(k))} | {_fmt(rl.get(k))} | {d['n']} |"
-         for k, d in det.items()] + \
-        [f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt(sft.get('chatcore'))} | {_fmt(rl.get('chatcore'))} | |"]
-
 def report_card(state, args, total_s):
     v = versions()
     gpu = f"GPU: {v['gpus']} x {v['device']}" if v["kind"] == "cuda" else "no GPU"
@@ -226,13 +189,31 @@ def report_card(state, args, total_s):
                   "batches of 4 rows of the held-out text; the base row above used its own eval length)",
                   f"- CORE-style (centred mean): {_fmt(base.get('core'))}"]
         lines += [f"  - {k[5:]}: accuracy {_fmt(val)}" for k, val in base.items() if k.startswith("core_")]
-        lines += _core_lines(base.get("dclm_core"))
+        if core := base.get("dclm_core"):  # which CORE ran (name, data, tasks), its score and a per-task table
+            lines += [f"- {core['name']} (mean centred accuracy, 0 = chance): {_fmt(core['score'])}",
+                      f"  - {describe_core(core)} ({core['seconds']:.1f} s)",
+                      "", "| CORE task | shots | accuracy | chance | centred | items |", "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {t['num_fewshot']} | {_fmt(t['accuracy'])} | {_fmt(t['baseline'], 2)} | "
+                      f"{t['centered']:+.4f} | {t['n']} |" for name, t in core["tasks"].items()]
         sft, rl = ev.get("sft", {}), ev.get("rl", {})
         tasks = [k for k, v in sft.items() if k not in ("chatcore", "eval_seconds") and isinstance(v, (int, float))]
         lines += ["", "## Chat model", "", "| task | SFT | RL |", "|---|---|---|"]
         lines += [f"| {t} | {_fmt(sft.get(t))} | {_fmt(rl.get(t))} |" for t in tasks]
         lines.append(f"| **ChatCORE** | {_fmt(sft.get('chatcore'))} | {_fmt(rl.get('chatcore'))} |")
-        lines += _real_chat_lines(ev, cfg)
+        sft, rl = ev.get("sft_real") or {}, ev.get("rl_real") or {}
+        if sft or rl:  # the real chat benchmarks on the embedded sample, each with its chance
+            det = (sft or rl).get("details", {})
+            n = max((d["n"] for d in det.values()), default=0)
+            lines += ["", f"## Real benchmarks (embedded sample: the first {n} of each task's seeded rows)", "",
+                      "Chance is the score of guessing (a letter for ARC and MMLU; nothing right for GSM8K and "
+                      f"HumanEval); near-chance numbers are the honest result for a tiny CPU model, and with {n} "
+                      f"examples one standard error is up to {50 / max(n, 1) ** 0.5:.0f} points. Generation budget "
+                      f"{cfg.get('max_tokens')} tokens; GSM8K with the python tool live, HumanEval's tests in the "
+                      "sandbox.", "", "| task | chance | SFT | RL | items |", "|---|---|---|---|---|"]
+            lines += [f"| {TASK_TITLES.get(k, k)} | {d['chance']:.2f} | {_fmt(sft.get(k))} | {_fmt(rl.get(k))} | "
+                      f"{d['n']} |" for k, d in det.items()]
+            lines.append(f"| **ChatCORE ({len(det)} real tasks)** | 0 | {_fmt(sft.get('chatcore'))} | "
+                         f"{_fmt(rl.get('chatcore'))} | |")
     stage_s = sum(r.get("wall_s") or 0 for r in state["stages"].values())
     lines += ["", f"Total stage time: {stage_s:.1f} s; this invocation: {total_s:.1f} s "
                   "(stages finished earlier are skipped)", ""]
@@ -256,7 +237,7 @@ def main(argv=None):
     state = {"run": args.run, "stages": {}}
     if args.fresh:
         if is_rank0():
-            for s in TRAIN_STAGES:
+            for s in STAGE_MODULES:
                 shutil.rmtree(checkpoint_dir(s, args.run), ignore_errors=True)
         barrier()
     elif os.path.exists(state_path(args.run)):
@@ -280,9 +261,7 @@ def main(argv=None):
 
 def run_stages(args, state, wanted):
     """Each wanted stage not finished yet, in order; the state file is updated after every stage."""
-    for stage in STAGES:
-        if stage not in wanted:
-            continue
+    for stage in [s for s in STAGES if s in wanted]:
         if state["stages"].get(stage, {}).get("done"):
             print0(f"=== {stage}: finished earlier, skipped (use --fresh to redo)")
             continue
@@ -306,7 +285,12 @@ def run_stages(args, state, wanted):
         if isinstance(summary, dict):  # keep the report light: no per-step histories
             summary = {k: v for k, v in summary.items() if k not in ("losses", "history")}
         state["stages"][stage] = {"done": True, "wall_s": time.time() - t0, "summary": summary}
-        save_state(state)
+        if is_rank0():
+            path = state_path(state["run"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(state, f, indent=1, default=str)
+            os.replace(path + ".tmp", path)
         print0(f"=== {stage}: done in {time.time() - t0:.1f} s")
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ class TaskError(UserError):
     points print its one line (naming the stage and the file) and exit with status 2."""
 
 def check_conversation(conversation):
-    """The conversation, unchanged, if model/tokenizer.py can render it, else TaskError with conversation_messages'
-    reason."""
+    """The conversation, unchanged, if model/tokenizer.py can render it, else TaskError with the reason."""
     try:
         conversation_messages(conversation)
     except ValueError as e:
@@ -143,9 +142,6 @@ class AnswerTask(Task):
         pred = extract_answer(completion)
         return int(pred is not None and pred == ref)
 
-def data_url():
-    return os.environ.get("TRITONCHAT_DATA_URL", "https://huggingface.co/datasets").rstrip("/")
-
 def cache_dir(*parts):
     path = os.path.join(home_dir(), "data", "tasks", *parts)
     os.makedirs(path, exist_ok=True)
@@ -199,9 +195,9 @@ def hf_rows(repo, config, split, files=None):
     if os.path.exists(done):
         n = int(open(done).read())
         return [row for i in range(n) for row in read_rows(os.path.join(folder, f"{i:04d}.parquet"))]
-    rows = []
+    rows, base = [], os.environ.get("TRITONCHAT_DATA_URL", "https://huggingface.co/datasets").rstrip("/")
     for i in range(MAX_PARQUET_SHARDS):
-        url = f"{data_url()}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
+        url = f"{base}/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{i:04d}.parquet"
         path = cached_download(url, os.path.join(folder, f"{i:04d}.parquet"))
         if path is None:
             if i == 0:
@@ -211,7 +207,7 @@ def hf_rows(repo, config, split, files=None):
             return rows
         rows += read_rows(path)
     # the export numbers shards with 4 digits; a server that never 404s would loop
-    raise TaskError(f"{repo} {config}/{split}: {data_url()} served {MAX_PARQUET_SHARDS} shards without the 404 that "
+    raise TaskError(f"{repo} {config}/{split}: {base} served {MAX_PARQUET_SHARDS} shards without the 404 that "
                     f"ends the list; check $TRITONCHAT_DATA_URL / --data-url")
 
 # Real rows are presented in numpy.random.default_rng(42).permutation(n) order: what HF's Dataset.shuffle(seed=42)
