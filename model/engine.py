@@ -1,16 +1,13 @@
-"""Inference engine: batched prefill + decode over a paged KV cache (model/kv_cache.py), sampling, tool use,
-continuous batching (nanochat's engine, https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py, batched).
-
-A step prefills the waiting requests (one right-padded batch of what each prompt does not find in the prefix cache),
-then decodes one token for every running sequence. A prompt's num_samples continuations fork from one prefill and
-share its pages; full pages outlive their request in the prefix cache. Sampling: temperature (0 = greedy), top-k, a
-torch.Generator per request (seed), so a request's samples do not depend on the batch. A sample ends on
-Engine.stop_ids (<|assistant_end|>, <|bos|>), after the token that completes a `stop` string in its decoded text, or
-at max_tokens. Tool use: code between <|python_start|> and <|python_end|> runs in model.sandbox.run_tool_call's jail,
-synchronously in the step; its answer (a failed call: stdout + "Error: <reason>") is forced, one token a step, as
-<|output_start|> answer <|output_end|> with mask 0. One request's failure (its sampling, tool call, stop check, or
-its forward: a failed batched forward is retried request by request) ends it with "error", never another.
-"""
+"""Inference engine (nanochat's, https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py, batched):
+continuous batching over a paged KV cache (model/kv_cache.py). A step prefills the waiting requests (one right-padded
+batch of what each prompt does not find in the prefix cache), then decodes one token for every running sequence; a
+prompt's num_samples continuations fork from one prefill and share its pages. Sampling: temperature (0 = greedy),
+top-k, a torch.Generator per request (seed), so samples do not depend on the batch. A sample ends on Engine.stop_ids
+(<|assistant_end|>, <|bos|>), after the token completing a `stop` string in its decoded text, or at max_tokens. Tool
+use: code between <|python_start|> and <|python_end|> runs in model.sandbox.run_tool_call's jail during the step; its
+answer (a failed call: stdout + "Error: <reason>") is forced, one token a step, as <|output_start|> answer
+<|output_end|> with mask 0. One request's failure (its sampling, tool call, stop check, or forward: a failed batched
+forward is retried request by request) ends it alone with "error"."""
 import math
 import queue
 import threading
@@ -105,19 +102,17 @@ class Engine:
                              f"({self.max_context})")
         is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
         real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        stop = () if stop is None else tuple(stop)
         for ok, what, value in (
                 (is_int(num_samples) and num_samples >= 1, "num_samples must be an int >= 1", num_samples),
                 (is_int(max_tokens) and max_tokens >= 0, "max_tokens must be an int >= 0", max_tokens),
                 (real and math.isfinite(temperature) and temperature >= 0, "temperature must be a finite number >= 0",
                  temperature),
                 (top_k is None or is_int(top_k) and top_k >= 1, "top_k must be None or an int >= 1", top_k),
-                (is_int(seed), "seed must be an int", seed)):
+                (is_int(seed), "seed must be an int", seed),
+                (all(isinstance(x, str) and x for x in stop), "stop must be a list of non-empty strings", stop)):
             if not ok:
                 raise ValueError(f"Engine: bad sampling parameters: {what}, got {value!r}")
-        stop = () if stop is None else tuple(stop)
-        if not all(isinstance(x, str) and x for x in stop):
-            raise ValueError(f"Engine: bad sampling parameters: stop must be a list of non-empty strings, got "
-                             f"{stop!r}")
         req = Request(prompt_ids, num_samples, max_tokens, float(temperature), top_k, seed, stop)
         with self.cond:
             self.waiting.append(req)
@@ -202,9 +197,8 @@ class Engine:
         reqs = [self.submit(p, num_samples, max_tokens, temperature, top_k, seed + i) for i, p in enumerate(prompts)]
         for r in reqs:  # to the end of each stream, stepped by the background thread or here
             deque(r.stream(step=None if self.thread is not None else self.step), maxlen=0)
-        for r in reqs:
-            if r.error:
-                raise RuntimeError(r.error)
+        if errors := [r.error for r in reqs if r.error]:
+            raise RuntimeError(errors[0])
         return [self._result(r) for r in reqs]
 
     def _result(self, req):
@@ -243,10 +237,9 @@ class Engine:
             starts.append(len(blocks) * cache.block_size)
             blocks += [cache.allocate() for _ in range(math.ceil(len(r.prompt) / cache.block_size) - len(blocks))]
             prefix.append(blocks)
-        new = [torch.tensor(r.prompt[start:]) for r, start in zip(batch, starts)]
-        idx = pad_sequence(new, batch_first=True)                     # (R, T), right padded with 0
-        lens = torch.tensor([len(t) for t in new])
-        plan = cache.prefill_plan(prefix, lens.tolist(), starts)
+        idx = pad_sequence([torch.tensor(r.prompt[s:]) for r, s in zip(batch, starts)], batch_first=True)  # (R, T)
+        lens = [len(r.prompt) - s for r, s in zip(batch, starts)]    # right padded with 0 to the longest
+        plan = cache.prefill_plan(prefix, lens, starts)
         try:
             with cache.planned(plan):
                 logits = self.model(idx.to(dev), kv_cache=cache)     # (R, T, V)
@@ -257,11 +250,11 @@ class Engine:
                 with self.cond:
                     self.waiting.extendleft(reversed(batch))
                 self._solo = len(batch)
-                return
-            self._fail(batch[0], e)
+            else:
+                self._fail(batch[0], e)
             return
-        last = logits[torch.arange(len(batch), device=dev), (lens - 1).to(dev)]  # (R, V)
-        self.stats["prefill_tokens"] += int(lens.sum())
+        last = logits[torch.arange(len(batch), device=dev), torch.tensor(lens, device=dev) - 1]  # (R, V)
+        self.stats["prefill_tokens"] += sum(lens)
         self.stats["prefill_batches"] += 1
         self.stats["prefix_hit_tokens"] += sum(starts)
         for i, r in enumerate(batch):

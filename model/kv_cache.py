@@ -2,15 +2,12 @@
 
 Pages (vLLM's PagedAttention, https://arxiv.org/abs/2309.06180): k and v (n_layer, num_blocks, block_size, n_kv_head,
 head_dim), a free list and a refcount per block; block j of a sequence's table holds its tokens j*block_size ...
-Forked samples share blocks, copied on the first write; the pool doubles when it runs dry.
-Prefix cache (SGLang's RadixAttention, https://arxiv.org/abs/2312.07104, per block): full blocks in a tree keyed by
-their tokens; a request reuses its longest cached prefix. Cached blocks at refcount 0 are evictable: allocation takes
-free blocks, then the least recently used evictable leaf, then grows the pool.
-Dense rows (eager decode): each running sequence also has a row of a (n_layer, rows, n_kv_head, row_len, head_dim)
-tensor (nanochat's layout, read by SDPA without gathering pages); an eager step writes k/v there, runs one SDPA per
-layer over rows[:n], and the rows are flushed into the pages before these are read.
-The model calls `cache.attend(layer_idx, q, k, v)` inside `with cache.planned(plan):` (a PrefillPlan or DecodePlan).
-"""
+Forked samples share blocks, copied on the first write; the pool doubles when it runs dry. Prefix cache (SGLang's
+RadixAttention, https://arxiv.org/abs/2312.07104, per block): full blocks in a tree keyed by their tokens; a request
+reuses its longest cached prefix; allocation takes free blocks, then the least recently used unused cached leaf, then
+grows the pool. Dense rows (eager decode, nanochat's layout): each running sequence also has a row of a (n_layer,
+rows, n_kv_head, row_len, head_dim) tensor that SDPA reads without gathering pages, flushed into the pages before
+these are read. The model calls `cache.attend(layer_idx, q, k, v)` inside `with cache.planned(plan):`."""
 import contextlib
 import heapq
 import itertools
@@ -87,8 +84,7 @@ class PagedKVCache:
         self.plan = None  # a PrefillPlan or DecodePlan during a forward
         self.root = _Node((), None, None, 0)
         self.node_of = {}          # block id -> its _Node, for every cached block
-        self.n_evictable = 0       # cached blocks with refcount 0
-        self.evictions = 0         # cached blocks given back to the free list so far
+        self.n_evictable = self.evictions = 0  # cached blocks with refcount 0; cached blocks freed so far
         self._heap = []            # (last_used, -depth, tiebreak, node): eviction candidates, checked when popped
         self._clock, self._tiebreak = itertools.count(1), itertools.count()
         self.rows = []             # Row handles in use, rows[i].index == i
@@ -239,9 +235,8 @@ class PagedKVCache:
             self._flush(row)
             if last is not row:
                 if self.row_k is not None and last.length:
-                    n = last.length
-                    self.row_k[:, i, :, :n] = self.row_k[:, last.index, :, :n]
-                    self.row_v[:, i, :, :n] = self.row_v[:, last.index, :, :n]
+                    for t in (self.row_k, self.row_v):
+                        t[:, i, :, :last.length] = t[:, last.index, :, :last.length]
                 last.index, self.rows[i] = i, last
         self.rows.pop()
         row.index, row.length, row.synced, row.blocks = -1, 0, 0, None
@@ -261,16 +256,6 @@ class PagedKVCache:
         for row in self.rows:
             self._flush(row)
 
-    def _fill_row(self, row, blocks, upto):
-        """Copy tokens row.length .. upto-1 of a sequence from its pages into its row (all layers)."""
-        bs, start = self.block_size, row.length
-        j0 = start // bs
-        pages = torch.tensor(blocks[j0:math.ceil(upto / bs)], device=self.k.device)
-        lo, hi = start - j0 * bs, upto - j0 * bs
-        for src, dst in ((self.k, self.row_k), (self.v, self.row_v)):
-            dst[:, row.index, :, start:upto] = src[:, pages].flatten(1, 2)[:, lo:hi].transpose(1, 2)
-        row.length = row.synced = upto
-
     def _table(self, tables):
         """List of B block lists -> (B, max_blocks) int32 (padding 0: never read, seq_lens masks it)."""
         width = max(1, max(len(t) for t in tables))
@@ -285,12 +270,11 @@ class PagedKVCache:
         rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
         cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
         slots = [t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
-        table = self._table(tables)
-        plan = PrefillPlan(rows=rows, cols=cols, token_tables=table[rows], slots=torch.tensor(slots, device=device),
-                           token_index=None if min(lengths) == T else rows * T + cols)
-        if any(starts):
-            plan.starts, plan.tables = torch.tensor(starts, device=device), table
-        return plan
+        table, prefix = self._table(tables), any(starts)
+        return PrefillPlan(rows=rows, cols=cols, token_tables=table[rows], slots=torch.tensor(slots, device=device),
+                           token_index=None if min(lengths) == T else rows * T + cols,
+                           starts=torch.tensor(starts, device=device) if prefix else None,
+                           tables=table if prefix else None)
 
     def decode_plan(self, tables, positions, rows=None):
         """tables: each of B sequences' block list, positions: where each new token goes, rows: their Row handles
@@ -310,9 +294,13 @@ class PagedKVCache:
             self.row_k, self.row_v = self._zeros_with(self.row_k, shape), self._zeros_with(self.row_v, shape)
         for row, blocks, p in zip(rows, tables, positions):
             row.blocks = blocks
-            if row.length < p:    # behind: new, or after a step on the pages alone (fused)
-                self._fill_row(row, blocks, p)
-            row.length = p        # (never ahead; if it were, position p is simply written again)
+            if row.length < p:  # behind (new, or after a step on the pages alone): copy a .. p-1 from the pages
+                a, bs = row.length, self.block_size
+                pages = torch.tensor(blocks[a // bs:math.ceil(p / bs)], device=device)
+                for src, dst in ((self.k, self.row_k), (self.v, self.row_v)):
+                    dst[:, row.index, :, a:p] = src[:, pages].flatten(1, 2)[:, a % bs:a % bs + p - a].transpose(1, 2)
+                row.synced = p
+            row.length = p      # (never ahead; if it were, position p is simply written again)
         index = [r.index for r in rows]
         Hkv, cap_len = self.k.shape[3], self.row_k.shape[3]
         row_slots = [(i * Hkv + h) * cap_len + p for i, p in zip(index, positions) for h in range(Hkv)]
@@ -321,11 +309,10 @@ class PagedKVCache:
         rot = self._rotation()[pos_t]                            # (B, 2, D)
         direct = n == B and index == list(range(n))
         mask = None
-        if n != B or min(positions) + 1 != row_len:
-            lens = [1] * n
-            for i, p in zip(index, positions):
-                lens[i] = p + 1
-            mask = (torch.arange(row_len, device=device) < torch.tensor(lens, device=device)[:, None])[:, None, None]
+        if n != B or min(positions) + 1 != row_len:  # rows of other lengths (a row no sequence of B uses: 1)
+            at = dict(zip(index, positions))
+            lens = torch.tensor([at.get(i, 0) + 1 for i in range(n)], device=device)
+            mask = (torch.arange(row_len, device=device) < lens[:, None])[:, None, None]
         return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=index_t, row_slots=slots_t,
                           rot_cos=rot[:, :1], rot_sin=rot[:, 1:], n_rows=n, row_len=row_len, mask=mask,
                           direct=direct, rows=list(rows))
@@ -416,14 +403,12 @@ class PagedKVCache:
         k_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, k_new)
         v_cache.view(-1, Hkv * D).index_copy_(0, plan.slots, v_new)
         if plan.starts is None:                                   # causal: right padding is never attended
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype),
-                                               is_causal=True, enable_gqa=H != Hkv)
-            return y.transpose(1, 2).to(v.dtype)
-        # A cached prefix: row r's tokens sit at starts[r] + col and attend to the prefix in the pages as well.
-        keys, vals = k_cache[plan.tables.long()].flatten(1, 2), v_cache[plan.tables.long()].flatten(1, 2)
-        mask = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= pos[:, :, None]  # (R, T, Lk)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=mask[:, None], enable_gqa=H != Hkv)
+            keys, vals, mask = k.transpose(1, 2), v.transpose(1, 2).to(q.dtype), None
+        else:  # row r's tokens sit at starts[r] + col and attend to the cached prefix in the pages as well
+            keys, vals = (c[plan.tables.long()].flatten(1, 2).transpose(1, 2) for c in (k_cache, v_cache))
+            mask = (torch.arange(keys.shape[2], device=q.device)[None, None, :] <= pos[:, :, None])[:, None]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=H != Hkv)
         return y.transpose(1, 2).to(v.dtype)
 
 class DecodeGraphs:
@@ -478,14 +463,12 @@ class DecodeGraphs:
         if self._storage != cache.k.data_ptr():  # the pool grew: the graphs point at the old one
             self.graphs.clear()
             self._storage = cache.k.data_ptr()
-        pad = batch - B
-        sc = self.scratch
-        inputs = dict(
-            idx=torch.tensor([[t] for t in tokens] + [[0]] * pad),
-            positions=torch.tensor(list(positions) + [0] * pad),
-            tables=torch.tensor([t + [sc] * (width - len(t)) for t in tables] + [[sc] * width] * pad,
-                                dtype=torch.int32),
-            seq_lens=torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32))
+        pad, sc = batch - B, self.scratch
+        inputs = dict(idx=torch.tensor([[t] for t in tokens] + [[0]] * pad),
+                      positions=torch.tensor(list(positions) + [0] * pad),
+                      tables=torch.tensor([t + [sc] * (width - len(t)) for t in tables] + [[sc] * width] * pad,
+                                          dtype=torch.int32),
+                      seq_lens=torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32))
         if not self.capture:
             return self._forward({k: v.to(cache.k.device) for k, v in inputs.items()})[:B]
         g = self.graphs.get((batch, width))
