@@ -1,13 +1,11 @@
 """Checkpoints: model + optimizers (sharded, via torch.distributed.checkpoint) + meta.json, written atomically.
 
-Layout: $TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/ holds the DCP files (*.distcp, .metadata: each rank
-writes its shards of {"model", "optim"}; DCP reshards on load, so N ranks' checkpoint loads into M ranks or one plain
-module) and meta.json: {"config", "step", "stage", "kernels", "world_size", "loader_states" and "rng_states" (per rank;
-torch/CUDA states as base64 bytes, python's and numpy's as JSON numbers, never a pickle), plus what the stage adds}.
-Everything goes into a hidden `.step_XXXXXX.tmp/`, meta.json last, then one rename: a step_* dir is complete or absent.
-Free disk space is checked first (state tensors + 10 %; too little -> UserError, nothing written). save_checkpoint and
-load_checkpoint are collective; load_model is one process, no FSDP.
-"""
+$TRITONCHAT_HOME/checkpoints/<stage>/<run>/step_XXXXXX/ holds the DCP files (*.distcp, .metadata: each rank writes its
+shards of {"model", "optim"}; DCP reshards on load, so N ranks' checkpoint loads into M ranks or one plain module) and
+meta.json: {"config", "step", "stage", "kernels", "world_size", "loader_states" and "rng_states" (per rank; torch/CUDA
+states as base64 bytes, python's and numpy's as JSON numbers, never a pickle), plus what the stage adds}. All is
+written into a hidden `.step_XXXXXX.tmp/`, meta.json last, then renamed: a step_* dir is complete or absent. Free disk
+space is checked first. save_checkpoint and load_checkpoint are collective; load_model is one process, no FSDP."""
 import base64
 import json
 import os
@@ -17,6 +15,7 @@ import re
 import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,13 +79,6 @@ def estimate_checkpoint_bytes(model, optimizers=None, state=None):
     leaves = tree_leaves(state or _state_dicts(model, list(optimizers or [])))
     return int(sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)) * 1.1) + (1 << 20)
 
-def _all_gather(obj):
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
 def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     """Atomically write a checkpoint of `step` to `path` (a step_XXXXXX dir); collective. meta: JSON-serialisable dict
     for meta.json, to which "step", "world_size", "loader_states" and "rng_states" (of every rank) are added."""
@@ -95,7 +87,10 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     tmp = os.path.join(parent, f".{name}.tmp")
     rank, world = dist_info().rank, dist_info().world_size
     state = _state_dicts(model, list(optimizers or []))
-    loader_states, rng_states = zip(*_all_gather((loader_state, rng_state())))
+    gathered = [(loader_state, rng_state())] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, gathered[0])
+    loader_states, rng_states = zip(*gathered)
     ok = [True]
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
@@ -150,18 +145,6 @@ class _MetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it names {module}.{name}")
         return super().find_class(module, name)
 
-def check_dcp_metadata(path):
-    """UserError when the DCP .metadata pickle names anything but DCP's metadata types (checked before DCP loads it)."""
-    meta_path = os.path.join(path, ".metadata")
-    if not os.path.exists(meta_path):
-        raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
-    try:
-        with open(meta_path, "rb") as f:
-            _MetadataUnpickler(f).load()
-    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: one clear line, nothing run
-        raise UserError(f"{meta_path} is not DCP metadata this code loads ({type(e).__name__}: {e}); "
-                        f"refusing to unpickle it") from None
-
 def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
@@ -170,11 +153,19 @@ def read_meta(path):
         return json.load(f)
 
 def load_checkpoint(path, model, optimizers=None):
-    """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model; collective -> meta.json."""
-    meta = read_meta(path)
-    opts = list(optimizers or [])
+    """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model; collective -> meta.json.
+    UserError when the DCP .metadata pickle names anything but DCP's metadata types (checked before DCP loads it)."""
+    meta, opts = read_meta(path), list(optimizers or [])
     state = _state_dicts(model, opts)
-    check_dcp_metadata(path)
+    dcp_meta = os.path.join(path, ".metadata")
+    if not os.path.exists(dcp_meta):
+        raise UserError(f"{path} has no DCP metadata; the checkpoint is incomplete")
+    try:
+        with open(dcp_meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file: one clear line, nothing run
+        raise UserError(f"{dcp_meta} is not DCP metadata this code loads ({type(e).__name__}: {e}); "
+                        f"refusing to unpickle it") from None
     with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: as meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
         dcp.load(state, checkpoint_id=path)
@@ -186,18 +177,15 @@ def load_checkpoint(path, model, optimizers=None):
 
 def find_last_checkpoint(stage, run=None):
     """Newest complete step_* dir of `run` (default: the most recently modified run of the stage), or None."""
-    stage_dir = os.path.join(home_dir(), "checkpoints", stage)
+    stage_dir = Path(home_dir(), "checkpoints", stage)
     if run is None:
-        runs = [os.path.join(stage_dir, r) for r in os.listdir(stage_dir)] if os.path.isdir(stage_dir) else []
-        runs = [r for r in runs if os.path.isdir(r) and not os.path.basename(r).startswith(".")]
-        run_dir = max(runs, key=os.path.getmtime, default="")
-    else:
-        run_dir = os.path.join(stage_dir, run)
-    if not os.path.isdir(run_dir):
-        return None
-    steps = [(int(m.group(1)), d) for d in os.listdir(run_dir) if (m := _STEP_RE.match(d))
-             and os.path.exists(os.path.join(run_dir, d, "meta.json"))]
-    return os.path.join(run_dir, max(steps)[1]) if steps else None
+        runs = [d for d in stage_dir.glob("[!.]*") if d.is_dir()]  # none without a stage_dir
+        if not runs:
+            return None
+        run = max(runs, key=os.path.getmtime).name
+    steps = [(int(m.group(1)), str(p.parent)) for p in (stage_dir / run).glob("step_*/meta.json")
+             if (m := _STEP_RE.match(p.parent.name))]
+    return max(steps)[1] if steps else None
 
 def load_model(stage, device="cpu", run=None, path=None):
     """(model, tokenizer, meta) from the newest checkpoint of `stage` (or `path`): a plain fp32 GPT in eval mode on

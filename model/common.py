@@ -153,18 +153,15 @@ def download(url, path, retries=5, backoff=1.0, timeout=60, resume=False, progre
             if progress:
                 print0(f"downloaded {url} ({os.path.getsize(path) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
             return path
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and os.path.exists(tmp):  # our partial file is already complete (or bogus): start over
-                os.remove(tmp)
-            elif 400 <= e.code < 500 and e.code != 429:
-                if not resume and os.path.exists(tmp):
-                    os.remove(tmp)
-                raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}", status=e.code) from None
+        except (urllib.error.URLError, OSError, TimeoutError) as e:  # HTTP error, connection reset, timeout, short read
             err = e
-        except (urllib.error.URLError, OSError, TimeoutError) as e:  # connection reset, timeout, short read, ...
-            err = e
-        if not resume and os.path.exists(tmp):
+        code = err.code if isinstance(err, urllib.error.HTTPError) else 0
+        # 416 with a partial file: it is already complete (or bogus): start over
+        fatal = 400 <= code < 500 and code != 429 and not (code == 416 and os.path.exists(tmp))
+        if os.path.exists(tmp) and (not resume or code == 416):
             os.remove(tmp)
+        if fatal:
+            raise DownloadError(f"downloading {url} failed: HTTP {code} {err.reason}", status=code)
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
     raise DownloadError(f"downloading {url} failed after {retries + 1} attempts: {err}")
