@@ -148,8 +148,7 @@ def respond(engine, tokenizer, prompt, args):
     return assistant_content(tokenizer, decoder.ids)
 
 def _prompt_for(engine, tokenizer, messages, args):
-    """The conversation fit into the context -> prompt ids (dropped old turns leave `messages`, announced), or None
-    (said why) when its last message cannot fit."""
+    """The conversation fit into the context -> prompt ids (dropping old turns of `messages`, said), or None (said)."""
     context = context_of(engine)
     reserve = args.max_tokens if args.max_tokens is not None else default_reserve(context)
     prompt, dropped = fit_conversation(tokenizer, messages, context, reserve)

@@ -257,8 +257,7 @@ def _bwrap_args(bwrap, prefix, seccomp_fd, info_fd=None):
     return args + ([] if info_fd is None else ["--info-fd", str(info_fd)])
 
 def _jail_init(info_fd):
-    """A pidfd of the jail's PID 1, read from bwrap's --info-fd (None if bwrap failed first). Killing it makes the
-    kernel kill every process left in the jail's PID namespace; the pidfd cannot hit a recycled pid."""
+    """A pidfd (never a recycled pid) of the jail's PID 1, from bwrap's --info-fd; None if bwrap failed first."""
     data = b""
     while select.select([info_fd], [], [], 30)[0] and (chunk := os.read(info_fd, 4096)):
         data += chunk
@@ -339,8 +338,7 @@ def _sweep_stale_dirs(root):
             continue
 
 def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True, repl=False):
-    """run_python with switches for each layer, so tests can show what every layer holds on its own; jail=False runs
-    the unsafe mode whatever the environment says."""
+    """run_python with a switch per layer (tests show what each holds alone); jail=False forces the unsafe mode."""
     _sweep_stale_dirs(tempfile.gettempdir())
     if jail:
         status = jail_status()
@@ -359,8 +357,7 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
             seccomp_fd = _seccomp_fd()
             theirs += [] if seccomp_fd is None else [seccomp_fd]
             info_r, info_w = os.pipe()
-            ours.append(info_r)
-            theirs.append(info_w)
+            ours, theirs = ours + [info_r], theirs + [info_w]
             cmd, work = _bwrap_args(status.bwrap, status.prefix, seccomp_fd, info_w), "/tmp"
         else:
             workdir = work = tempfile.mkdtemp(prefix=tag + "_")
@@ -375,14 +372,13 @@ def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True,
         while theirs:
             os.close(theirs.pop())
         init = _jail_init(info_r) if status.mode == "bwrap" else None
-        if init is not None:
-            ours.append(init)
+        ours += [] if init is None else [init]
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(code.encode("utf-8", errors="replace"))
             proc.stdin.close()
         out, err, timed_out, overflow = _collect(proc, timeout, max_output)
         if init is not None and proc.poll() is None:
-            signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel empties the jail; then bwrap exits
+            signal.pidfd_send_signal(init, signal.SIGKILL)  # the kernel kills every process in the jail; bwrap exits
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError, PermissionError):  # the unsafe mode's group (or a stuck bwrap)

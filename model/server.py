@@ -151,8 +151,7 @@ def parse_request(body, tokenizer, max_context, max_tokens_limit, max_n):
                       max_tokens, bool(req.stream), usage, tuple(req.stop or ()), trimmed)
 
 class _Choice:
-    """One choice's text: tokens in (the engine's stop tokens dropped), text out, cut before the first stop string,
-    holding back any tail that could start one (a stop string can arrive split over several pieces)."""
+    """A choice's text: tokens in (stop tokens dropped), text out, cut before a stop string (found across pieces)."""
 
     def __init__(self, tokenizer, stops, stop_ids):
         self.decoder, self.stops, self.stop_ids = IncrementalDecoder(tokenizer), stops, stop_ids
@@ -280,8 +279,7 @@ class ChatService:
                     raise EngineError("the engine stopped") from None
 
     async def columns(self, job):
-        """The job's (token_column, mask_column) steps, read off the event loop; EngineError if the engine failed it
-        (e.g. out of GPU memory)."""
+        """The job's (token_column, mask_column) steps, read off the event loop; EngineError if the engine failed it."""
         loop = asyncio.get_running_loop()
         while (item := await loop.run_in_executor(self.pool, self._next, job)) is not None:
             yield item
@@ -437,22 +435,19 @@ async def _read_json(request, limit, timeout):
         return data
 
     try:
-        data = await asyncio.wait_for(read(), timeout)
+        return json.loads(await asyncio.wait_for(read(), timeout))
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
                        headers={"Connection": "close"}) from None
     except ClientDisconnect:
         raise APIError(400, "the client disconnected while sending its request", code="client_disconnected") \
             from None
-    try:
-        return json.loads(data)
     except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise APIError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}"[:300],
                        code="invalid_json") from None
 
 async def _stream(s, job, slot, params, meta):
-    """Server-sent events: the chunks of _chunks, an optional usage chunk, then [DONE]. A client that leaves cancels
-    the job (the background task and the cleanup here)."""
+    """Server-sent events: _chunks, an optional usage chunk, then [DONE]; a client that leaves cancels the job."""
     head = {**meta, "object": "chat.completion.chunk"}
     try:
         async for choices in _chunks(s, job, params):
