@@ -214,8 +214,7 @@ def evaluate_core(model, tokenizer, tasks, *, max_per_task=None, log=print0, **k
     """Score `model` (token ids (B, T) -> logits (B, T, V)) on every task, logging a line per task -> {"name": "CORE"
     | "CORE-<n>", "score": mean centred accuracy, "tasks": {name: evaluate_task's dict}, "max_per_task"}.
     max_per_task: the first items of each (shuffled) task; kwargs: evaluate_task's batch_size / max_batch_tokens (one
-    forward's items and padded tokens) and max_seq_len (crop from the left; default: the model's max_seq_len, else its
-    rotary_len). Collective."""
+    forward's items and padded tokens), max_seq_len (crop from the left; default: model.max_seq_len or rotary_len)."""
     if not tasks:
         raise UserError("CORE: no tasks to evaluate")
     names = [t.name for t in tasks]
@@ -396,10 +395,9 @@ def render_lambada(row):
     return {"context": row["context"], "continuation": row["continuation"]}
 
 # A CORE task over a raw dataset file: label as in core.yaml, file stem (.parquet or .jsonl), HF id and split, row
-# renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's), rows of the full file.
+# renderer, task type, few-shot count, delimiter, random baseline in percent (DCLM's table: 1/choices except boolq,
+# 62 for its majority class, and commonsense_qa, 20 for five options though four are shown), rows of the full file.
 RawTask = namedtuple("RawTask", "label stem hf render kind num_fewshot delimiter baseline rows")
-# In core.yaml's order. Baselines as DCLM's table: 1/choices except boolq (62, its majority class) and
-# commonsense_qa (20, for five options though four are shown).
 RAW_TASKS = (
     RawTask("hellaswag_zeroshot", "hellaswag_validation", "Rowan/hellaswag validation", render_hellaswag,
             MULTIPLE_CHOICE, 0, " ", 25, 10042),

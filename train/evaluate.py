@@ -121,8 +121,8 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
     def qa(c):  # "lm": question, solution up to "#### ", answer
         text = solution_text(c["messages"][-1]["content"])
         return c["messages"][0]["content"], text[:text.rindex("#### ") + 5], extract_answer(text)
-    correct = total = 0
-    for i in _my_indices(task, max_examples):
+    correct, idx = 0, _my_indices(task, max_examples)
+    for i in idx:
         rng = random.Random(seed + i)
         shots = [task[j] for j in rng.sample([j for j in range(len(task)) if j != i], min(num_shots, len(task) - 1))]
         conv = task[i]
@@ -138,16 +138,14 @@ def core_task_score(model, tokenizer, task, kind, num_shots=3, max_examples=100,
             ctx = [bos] + tokenizer.encode(prefix + f"Question: {q}\nAnswer: {sol}")
             _, exact = continuation_losses(model, [ctx], [tokenizer.encode(ans)])
             correct += int(exact[0])
-        total += 1
-    correct, total = all_reduce_sum([correct, total])
+    correct, total = all_reduce_sum([correct, len(idx)])
     return correct / max(total, 1)
 
 @torch.no_grad()
 def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8):
     """Multiple choice: argmax of the logits after <|assistant_start|> over the choice letters' tokens."""
     dev = local(next(model.parameters())).device
-    idx = _my_indices(task, max_examples)
-    correct = total = 0
+    idx, correct = _my_indices(task, max_examples), 0
     for s in range(0, len(idx), batch_size):
         convs = [task[i] for i in idx[s:s + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
@@ -159,8 +157,7 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
             letter_ids = [tokenizer.encode(letter)[0] for letter in conv["letters"]]
             pick = logits[i, len(p) - 1, letter_ids].argmax().item()
             correct += task.evaluate(conv, conv["letters"][pick])
-            total += 1
-    correct, total = all_reduce_sum([correct, total])
+    correct, total = all_reduce_sum([correct, len(idx)])
     return correct / max(total, 1)
 
 def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
@@ -168,8 +165,7 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
     """Accuracy of completions sampled with the Engine (batch_size prompts decoded together), scored by the task; an
     example is solved when any of its num_samples completions is right (pass@num_samples). A scoring function
     (task.evaluate, or evaluate_many when the task has it) that raises becomes a TaskError naming the example."""
-    idx, many = _my_indices(task, max_examples), hasattr(task, "evaluate_many")
-    correct = total = 0
+    idx, many, correct = _my_indices(task, max_examples), hasattr(task, "evaluate_many"), 0
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         convs = [task[i] for i in chunk]
@@ -192,8 +188,7 @@ def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=
             raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
                             f"{type(e).__name__}: {e}") from e
         correct += sum(any(v for v, o in zip(scores, owners) if o == i) for i in chunk)
-        total += len(chunk)
-    correct, total = all_reduce_sum([correct, total])
+    correct, total = all_reduce_sum([correct, len(idx)])
     return correct / max(total, 1)
 
 # The real chat tasks, their HF dataset (repo, config) and the file stems a local folder may hold them under, first
@@ -221,14 +216,6 @@ def chat_files(data_dir):
             found[name] = path
     return found
 
-def format_chat_table(details, chatcore_value):
-    """{task: {accuracy, chance, centred, n, seconds}} -> a text table ending with the ChatCORE line."""
-    lines = [f"{'Task':<16} {'Accuracy':>9} {'Chance':>7} {'Centred':>9} {'Items':>6} {'Time':>8}"]
-    lines += [f"{name:<16} {d['accuracy']:>9.4f} {d['chance']:>7.2f} {d['centred']:>+9.4f} {d['n']:>6} "
-              f"{d['seconds']:>7.1f}s" for name, d in details.items()]
-    lines.append(f"{'ChatCORE':<16} {'':>9} {'':>7} {chatcore_value:>+9.4f}")
-    return "\n".join(lines)
-
 def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256, stage="eval", files=None):
     """Accuracy of every named task's test split plus ChatCORE -> dict {task: accuracy, "chatcore": float,
     "details": {task: {accuracy, chance, centred, n, seconds}}}, printing a line per task and the table. files:
@@ -248,7 +235,11 @@ def run_chat_eval(model, tokenizer, task_names, max_examples=100, max_tokens=256
                                  seconds=time.time() - t0, file=files.get(name))
         print0(f"[{stage}] {name}: {acc:.4f} (chance {d['chance']:.2f}, {n} examples, {d['seconds']:.1f}s)")
     score = chatcore(results, chances)
-    print0(f"[{stage}] per task:\n{format_chat_table(details, score)}")
+    table = [f"{'Task':<16} {'Accuracy':>9} {'Chance':>7} {'Centred':>9} {'Items':>6} {'Time':>8}"]
+    table += [f"{name:<16} {d['accuracy']:>9.4f} {d['chance']:>7.2f} {d['centred']:>+9.4f} {d['n']:>6} "
+              f"{d['seconds']:>7.1f}s" for name, d in details.items()]
+    table.append(f"{'ChatCORE':<16} {'':>9} {'':>7} {score:>+9.4f}")
+    print0(f"[{stage}] per task:\n" + "\n".join(table))
     return dict(results, chatcore=score, details=details)
 
 def present_real_tasks():
@@ -363,26 +354,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_argument(p)
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
-    p.add_argument("--source", default=None,
-                   help="checkpoint stage to evaluate: base|mid|sft|rl (default: base for --mode base, else sft)")
-    p.add_argument("--run", default=None, help="run name (default: the newest run of the stage)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: embedded + cached real tasks; "
+    p.add_argument("--source", help="checkpoint stage to evaluate: base|mid|sft|rl (default: base for --mode base, "
+                   "else sft)")
+    p.add_argument("--run", help="run name (default: the newest run of the stage)")
+    p.add_argument("--tasks", help="comma-separated task names (default: embedded + cached real tasks; "
                    "chat with --data-dir: the real tasks found there)")
-    p.add_argument("--data-url", default=None, help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
-    p.add_argument("--data-dir", default=None,
-                   help="local evaluation data, read offline. base: an eval bundle (core.yaml) -> CORE, or raw "
-                        "dataset files (here or in core/) -> CORE-10; chat: ARC/MMLU/GSM8K/HumanEval files (here or "
-                        "in chat/). train/tasks/realdata is the embedded sample, laid out so (core/, chat/)")
+    p.add_argument("--data-url", help="base URL of the task datasets ($TRITONCHAT_DATA_URL)")
+    p.add_argument("--data-dir", help="local evaluation data, read offline. base: an eval bundle (core.yaml) -> CORE, "
+                   "or raw dataset files (here or in core/) -> CORE-10; chat: ARC/MMLU/GSM8K/HumanEval files (here or "
+                   "in chat/). train/tasks/realdata is the embedded sample, laid out so (core/, chat/)")
     p.add_argument("--max-examples", type=int, default=100, help="examples per task (chat; base: CORE-style)")
-    p.add_argument("--max-per-task", type=int, default=None,
-                   help="base: items per CORE task, the first of each task's seeded shuffle (default: all)")
-    p.add_argument("--max-seq-len", default=None,
-                   help="base: crop CORE prompts to their last N tokens, or 'trained' for the checkpoint's sequence "
-                        "length (default: no crop below the rotary table, as nanochat)")
+    p.add_argument("--max-per-task", type=int, help="base: items per CORE task, the first of each task's seeded "
+                   "shuffle (default: all)")
+    p.add_argument("--max-seq-len", help="base: crop CORE prompts to their last N tokens, or 'trained' for the "
+                   "checkpoint's sequence length (default: no crop below the rotary table, as nanochat)")
     p.add_argument("--no-core", action="store_true", help="base: skip CORE")
     p.add_argument("--max-tokens", type=int, default=256, help="generation budget for generative tasks")
     p.add_argument("--val-batches", type=int, default=20, help="base mode: batches of the held-out corpus")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--out", help="write the metrics as JSON here")
     args = p.parse_args(argv)
     kernels.set_mode(args.kernels)
     if args.data_url:
