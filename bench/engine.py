@@ -120,17 +120,15 @@ def _union(intervals):
 def _summary(start, end, streams, num_samples, kv_bytes):
     """start, end: (wall, process) clocks; streams: per request (submit time, [column times], [column process times],
     first sample's tokens) -> the row's metrics. Process (CPU) times are what a loaded machine disturbs least."""
-    (t0, cpu0), (t_end, cpu_end) = start, end
-    decode_s = _union([(times[0], times[-1]) for _, times, _, _ in streams])  # requests may overlap (batched)
-    decode_tok = sum(len(times) - 1 for _, times, _, _ in streams) * num_samples
-    gaps = [b - a for _, times, _, _ in streams for a, b in zip(times, times[1:])]
-    return dict(wall_s=t_end - t0, decode_s=decode_s,
-                tok_s=sum(len(times) for _, times, _, _ in streams) * num_samples / (t_end - t0),
-                cpu_s=cpu_end - cpu0, decode_cpu_s=_union([(cpu[0], cpu[-1]) for _, _, cpu, _ in streams]),
+    (t0, cpu0), (t_end, cpu_end), (submits, times, cpus, tokens) = start, end, zip(*streams)
+    decode_s = _union([(t[0], t[-1]) for t in times])  # requests may overlap (batched)
+    decode_tok = sum(len(t) - 1 for t in times) * num_samples
+    gaps = [b - a for t in times for a, b in zip(t, t[1:])]
+    return dict(wall_s=t_end - t0, decode_s=decode_s, tok_s=sum(map(len, times)) * num_samples / (t_end - t0),
+                cpu_s=cpu_end - cpu0, decode_cpu_s=_union([(c[0], c[-1]) for c in cpus]),
                 decode_tok_s=decode_tok / decode_s if decode_s > 0 else None,
-                ttft_ms=1e3 * statistics.mean(times[0] - ts for ts, times, _, _ in streams),
-                itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20,
-                tokens=[toks for _, _, _, toks in streams])
+                ttft_ms=1e3 * statistics.mean(t[0] - ts for ts, t in zip(submits, times)),
+                itl_ms=1e3 * statistics.median(gaps) if gaps else None, kv_mb=kv_bytes / 2**20, tokens=list(tokens))
 
 def run_ours(engine, prompts, num_samples, max_tokens):
     """All prompts submitted at once and stepped until done (continuous batching)."""
@@ -152,31 +150,30 @@ def run_peer(engine, prompts, num_samples, max_tokens):
     """nanochat's Engine.generate, one prompt after another (it takes one prompt per call)."""
     c, start, streams = engine.model.config, _clocks(), []
     for i, p in enumerate(prompts):
-        times, cpu, toks = [], [], []  # all prompts arrive at start: the later ones wait for the earlier ones
+        stamps = []  # (wall, process, token) per column; all prompts arrive at start: later ones wait
         for col, _ in engine.generate(p, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0, seed=i):
-            times.append(time.perf_counter())
-            cpu.append(time.process_time())
-            toks.append(col[0])
-            if len(toks) == max_tokens:  # stop here: its loop would run one more forward before it notices
+            stamps.append((time.perf_counter(), time.process_time(), col[0]))
+            if len(stamps) == max_tokens:  # stop here: its loop would run one more forward before it notices
                 break
-        streams.append((start[0], times, cpu, toks))
+        streams.append((start[0], *zip(*stamps)))
     end = _clocks()
     per_token = 2 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * engine.model.cos.element_size()
     kv_bytes = per_token * (num_samples * (len(prompts[-1]) + max_tokens) + len(prompts[-1]))
     return _summary(start, end, streams, num_samples, kv_bytes)
 
-def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_len=64, max_tokens=128, depth=4,
-        head_dim=64, vocab=2048, seq_len=256, threads=None):
-    """-> harness rows (see the module docstring)."""
-    if threads:
-        torch.set_num_threads(threads)
+def run(args):
+    """main's flags -> harness rows (see the module docstring)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = (torch.device("cuda"), torch.bfloat16) if harness.on_gpu() else (torch.device("cpu"), torch.float32)
-    reps = min(reps, 2) if quick else reps
-    model, tok = build_model(depth, head_dim, vocab, seq_len, device, dtype), _tokenizer(vocab)
+    vocab, prompt_len, max_tokens = args.vocab, args.prompt_len, args.max_tokens
+    reps = min(args.reps, 2) if args.quick else args.reps
+    model, tok = build_model(args.depth, args.head_dim, vocab, 256, device, dtype), _tokenizer(vocab)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
-    many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
-    cases = [(dict(samples=n), [prompt], n) for n in samples] + [(dict(prompts=n_prompts), many, 1)]
+    many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    cases = [(dict(samples=n), [prompt], n) for n in map(int, args.samples.split(","))]
+    cases.append((dict(prompts=args.prompts), many, 1))
 
     # name -> (kernel mode, runner, engine); every run prefills its prompt, as nanochat's
     ours = Engine(model, tok, prefix_caching=False)
@@ -184,8 +181,8 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     if device.type == "cuda":
         providers["ours-fused"] = ("fused", run_ours, ours)
         providers["ours-fused-graphs"] = ("fused", run_ours, Engine(model, tok, prefix_caching=False, cuda_graphs=True))
-    if peer:
-        providers["nanochat"] = ("eager", run_peer, peer_engine(peer, model, tok))
+    if args.peer:
+        providers["nanochat"] = ("eager", run_peer, peer_engine(args.peer, model, tok))
 
     results = {}  # (case index, provider) -> list of runs
     old_mode = kernels.get_mode()
@@ -211,9 +208,8 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
         for name in providers:
             runs = results[(ci, name)]
             med = lambda key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
-            extra = dict(cpu_ms=1e3 * med(cpu), decode_tok_s=med("decode_tok_s"), tok_s=med("tok_s"),
-                         ttft_ms=med("ttft_ms"), itl_ms=med("itl_ms"), kv_mb=med("kv_mb"), reps=len(runs),
-                         ms_all=[round(1e3 * r[wall], 2) for r in runs])
+            extra = dict(cpu_ms=1e3 * med(cpu), reps=len(runs), ms_all=[round(1e3 * r[wall], 2) for r in runs],
+                         **{k: med(k) for k in ("decode_tok_s", "tok_s", "ttft_ms", "itl_ms", "kv_mb")})
             if ref and name != "nanochat":  # the share of the first sample's tokens before the first difference
                 a, b = runs[-1]["tokens"][0], ref[-1]["tokens"][0]
                 same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -223,7 +219,7 @@ def run(quick=False, peer=None, reps=5, samples=(1, 8, 32), n_prompts=8, prompt_
     if device.type != "cuda":
         rows += [harness.row(SUITE, dict(note="fused decode step, CUDA graphs"), name, "decode", None,
                              status="not measured on GPU") for name in ("ours-fused", "ours-fused-graphs")]
-    if peer:
+    if args.peer:
         harness.add_ratios(rows, "nanochat", "cpu_ms", "cpu_ratio")
         harness.add_ratios(rows, "nanochat")
     return rows
@@ -240,19 +236,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     info = harness.header(SUITE, f"  threads {args.threads or torch.get_num_threads()}  load {os.getloadavg()[0]:.1f}")
-    rows = run(args.quick, peer=args.peer, reps=args.reps, samples=[int(s) for s in args.samples.split(",")],
-               n_prompts=args.prompts, prompt_len=args.prompt_len, max_tokens=args.max_tokens, depth=args.depth,
-               head_dim=args.head_dim, vocab=args.vocab, threads=args.threads)
+    rows = run(args)
     info["load_avg_1min"] = os.getloadavg()[0]
     if args.peer:
         info["peer"] = os.path.abspath(args.peer)
-    harness.print_table([r for r in rows if r["ms"] is not None])
-    for r in rows:
-        if r["ms"] is not None:
-            print(f"  {harness.fmt_case(r['case'])} {r['provider']}: decode {r['decode_tok_s']:.0f} tok/s, "
-                  f"e2e {r['tok_s']:.0f} tok/s, ttft {r['ttft_ms']:.1f} ms, itl {r['itl_ms']:.2f} ms, "
-                  f"kv {r['kv_mb']:.1f} MB, ratio {r.get('ratio') or float('nan'):.2f} (CPU time "
-                  f"{r.get('cpu_ratio') or float('nan'):.2f}), agree {r.get('agree')}")
+    measured = [r for r in rows if r["ms"] is not None]
+    harness.print_table(measured)
+    for r in measured:
+        print(f"  {harness.fmt_case(r['case'])} {r['provider']}: decode {r['decode_tok_s']:.0f} tok/s, "
+              f"e2e {r['tok_s']:.0f} tok/s, ttft {r['ttft_ms']:.1f} ms, itl {r['itl_ms']:.2f} ms, "
+              f"kv {r['kv_mb']:.1f} MB, ratio {r.get('ratio') or float('nan'):.2f} (CPU time "
+              f"{r.get('cpu_ratio') or float('nan'):.2f}), agree {r.get('agree')}")
     return harness.write_results(SUITE, rows, info, None, args.out, not args.no_png, args.quick)
 
 if __name__ == "__main__":

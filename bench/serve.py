@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -135,26 +136,20 @@ class Stalled:
 
 def phase(url, clients, requests, max_tokens, stalled):
     """Run `clients` threads x `requests` sequential streaming requests -> the phase's metrics."""
-    holder = Stalled(url, stalled) if stalled else None
-    if holder:
+    holder = Stalled(url, stalled)
+    if stalled:
         time.sleep(0.5)  # they are connected and stalled before the load starts
-    results = []  # list.append is atomic: the client threads share it
 
     def run_client(i):
         with httpx.Client(timeout=600) as client:
-            for j in range(requests):
-                results.append(one_request(client, url, max_tokens, seed=1000 * i + j))
+            return [one_request(client, url, max_tokens, seed=1000 * i + j) for j in range(requests)]
 
-    threads = [threading.Thread(target=run_client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(run_client, range(clients)) for r in rs]
     wall = time.perf_counter() - t0
     health = httpx.get(url + "/health", timeout=10).json()
-    if holder:
-        holder.close()
+    holder.close()
     ok = [r for r in results if r[3] is None]
     lat = sorted(r[0] * 1e3 for r in ok)
     ttft = sorted(r[1] * 1e3 for r in ok if r[1] is not None)
@@ -164,7 +159,7 @@ def phase(url, clients, requests, max_tokens, stalled):
             "error_samples": sorted({r[3] for r in results if r[3]})[:3], "wall_s": wall,
             "requests_s": len(ok) / wall, "tokens_s": sum(r[2] for r in ok) / wall,
             "completion_tokens": sum(r[2] for r in ok), "p50_ms": p50(lat), "p99_ms": p99(lat),
-            "ttft_p50_ms": p50(ttft), "ttft_p99_ms": p99(ttft), "stalled_dropped": holder.dropped if holder else 0,
+            "ttft_p50_ms": p50(ttft), "ttft_p99_ms": p99(ttft), "stalled_dropped": holder.dropped,
             "engine_after": health["engine"]}
 
 def run(args):

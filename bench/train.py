@@ -12,9 +12,8 @@ steps with device syncs between forward, backward and optimizer (the breakdown),
 ("step"). Rows record torch._dynamo's graphs, graph breaks and recompiles after the warm-up (0 expected), the NCCL
 kernels' time in a one-step profiler capture, MFU = tokens/s x GPT.estimate_flops() / (dense bf16 peak, else the
 matmul peak measured here, x GPUs), "vs base" = tokens/s over eager+compile's, and NVML telemetry ("unavailable"
-without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so. Tokens are random. On CPU `--compile-backend
-aot_eager` traces the same graphs without code generation. The speedrun projection: 20 tokens per parameter on 8
-GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
+without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so. Tokens are random. The speedrun projection:
+20 tokens per parameter on 8 GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
 
 Memory at d20 per GPU (arithmetic, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
 with no accumulation and the eager one 16 x 2048 x 2. d20: C = 1280, 20 layers, V = 65 536, 561 M params (wte and
@@ -31,10 +30,10 @@ lm_head 83.9 M each, blocks 393 M); N = B x T tokens; one (N, C) bf16 tensor is 
      16 x 2 accumulation (nanochat runs 32 x 2048 compiled on 80 GB - not measured here).
 """
 import argparse
-import contextlib
 import os
 import threading
 import time
+from contextlib import nullcontext
 
 import torch
 from torch._dynamo.utils import counters
@@ -64,18 +63,18 @@ class Telemetry:
 
     def __init__(self, interval=0.2):
         self.interval, self.samples, self.error, self._stop = interval, [], None, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread, self._nvml, self._handle = threading.Thread(target=self._loop, daemon=True), None, None
         try:
             import pynvml
             pynvml.nvmlInit()
             index = torch.cuda.current_device() if torch.cuda.is_available() else 0
             self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception as e:  # no nvidia-ml-py, no driver, no GPU: telemetry is simply unavailable
-            self._nvml, self.error = None, f"{type(e).__name__}: {e}"
+            self.error = f"{type(e).__name__}: {e}"
 
     def _loop(self):
         nv, h = self._nvml, self._handle
-        while not self._stop.is_set():
+        while nv is not None and not self._stop.is_set():
             try:
                 self.samples.append({"power_w": nv.nvmlDeviceGetPowerUsage(h) / 1e3,
                                      "sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
@@ -88,14 +87,12 @@ class Telemetry:
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        if self._nvml is not None:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        if self._nvml is not None:
-            self._thread.join()
+        self._thread.join()
 
     def summary(self):
         if not self.samples:
@@ -107,10 +104,6 @@ class Telemetry:
 def label(mode, compiled, build="fsdp"):
     """Row name: eager, eager+compile, fused, fused+compile; " (plain)" for the build without FSDP2."""
     return mode + ("+compile" if compiled else "") + ("" if build == "fsdp" else f" ({build})")
-
-def dynamo_counts():
-    """torch._dynamo's running totals -> {"graphs": graphs compiled, "graph_breaks": breaks hit while tracing}."""
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
     """Warm up, then time args.steps steps in kernel `mode`, compiled or not, FSDP2 or plain build; returns one
@@ -127,7 +120,7 @@ def profile_mode(mode, args, dist_info, compiled=False, build="fsdp"):
         torch.cuda.empty_cache()  # a no-op without CUDA
 
 def _profile(mode, args, dist_info, compiled, build):
-    device = dist_info.device
+    device, cuda = dist_info.device, dist_info.device.type == "cuda"
     config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
     torch.manual_seed(0)
     if build == "fsdp":  # compiled part by part before sharding
@@ -137,8 +130,7 @@ def _profile(mode, args, dist_info, compiled, build):
             model = GPT(config)
         model.init_weights()
         fwd = torch.compile(model, fullgraph=True, backend=args.compile_backend) if compiled else model
-    bf16 = build == "plain" and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if build == "plain" and cuda else nullcontext
     optimizers = model.setup_optimizers()
     B, T = args.device_batch_size, args.seq_len
     gen = torch.Generator(device="cpu").manual_seed(dist_info.rank)
@@ -163,8 +155,8 @@ def _profile(mode, args, dist_info, compiled, build):
     for _ in range(args.warmup):
         step()
     warmup_s = harness.now() - t0
-    warm = dynamo_counts()
-    if device.type == "cuda":
+    warm_graphs = counters["stats"]["unique_graphs"]  # torch._dynamo's running total of graphs compiled
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
 
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}  # syncs between phases make each one exact
@@ -184,39 +176,33 @@ def _profile(mode, args, dist_info, compiled, build):
         for _ in range(args.steps):
             loss = step().detach()
         step_ms = 1e3 * (harness.now() - t0) / args.steps
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    end = dynamo_counts()
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
     comm_ms, top = (0.0 if dist_info.world_size == 1 else None), None
-    if args.profile or (device.type == "cuda" and dist_info.world_size > 1):
-        trace_name = label(mode, compiled, build).replace(" ", "").replace("(", "-").rstrip(")")
-        comm_ms, top = _profile_one_step(step, trace_name, args, device)
+    if args.profile or (cuda and dist_info.world_size > 1):  # one step under torch.profiler
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+            harness.sync()
+        events = prof.key_averages()
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        comm_ms = sum(getattr(e, attr, 0) for e in events if "nccl" in e.key.lower()) / 1e3 if cuda else None
+        top = sorted(events, key=lambda e: getattr(e, attr, 0), reverse=True)[:15]
+        top = [{"name": e.key[:80], "ms": getattr(e, attr, 0) / 1e3, "calls": e.count} for e in top]
+        if args.profile:
+            name = label(mode, compiled, build).replace(" ", "").replace("(", "-").rstrip(")")
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"trace-{name}.json")
+            prof.export_chrome_trace(path)
+            print0(f"[{name}] trace: {path}\n[{name}] top kernels by self {'GPU' if cuda else 'CPU'} time:")
+            for t in top:
+                print0(f"  {t['ms']:9.3f} ms  x{t['calls']:<5} {t['name']}")
     tok_s = B * T * dist_info.world_size / (step_ms / 1e3)
     return {"mode": mode, "compiled": compiled, "build": build, "step_ms": step_ms, "phases_ms": phases,
             "comm_ms": comm_ms, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / dist_info.world_size,
             "flops_per_token": model.estimate_flops(), "num_params": model.num_params(), "peak_mem_gib": peak_mem,
-            "loss": loss.item(), "warmup_s": warmup_s, "graphs": end["graphs"], "graph_breaks": end["graph_breaks"],
-            "recompiles": end["graphs"] - warm["graphs"], "load_avg": os.getloadavg()[0],
-            "telemetry": telemetry.summary(), "top_kernels": top}
-
-def _profile_one_step(step, mode, args, device):
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        step()
-        harness.sync()
-    events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    comm = sum(getattr(e, attr, 0) for e in events if "nccl" in e.key.lower()) / 1e3 if cuda else None
-    top = sorted(events, key=lambda e: getattr(e, attr, 0), reverse=True)[:15]
-    top = [{"name": e.key[:80], "ms": getattr(e, attr, 0) / 1e3, "calls": e.count} for e in top]
-    if args.profile:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"trace-{mode}.json")
-        prof.export_chrome_trace(path)
-        print0(f"[{mode}] trace: {path}\n[{mode}] top kernels by self {'GPU' if cuda else 'CPU'} time:")
-        for t in top:
-            print0(f"  {t['ms']:9.3f} ms  x{t['calls']:<5} {t['name']}")
-    return comm, top
+            "loss": loss.item(), "warmup_s": warmup_s, "graphs": graphs, "graph_breaks": breaks, "top_kernels": top,
+            "recompiles": graphs - warm_graphs, "load_avg": os.getloadavg()[0], "telemetry": telemetry.summary()}
 
 def _csv(value, allowed, flag):
     items = [v.strip() for v in value.split(",") if v.strip()]

@@ -61,12 +61,9 @@ def parse_args(argv=None):
     g.add_argument("--sample-tokens", type=int, help="tokens per greedy sample")
     add_train_args(p)
     args = stage.parse_args(p, PRESETS, argv)
-    if args.depth is None or args.depth < 1:
-        raise UserError(f"--depth must be an integer >= 1 (got {args.depth})")
-    if args.max_seq_len < 2:
-        raise UserError(f"--max-seq-len must be >= 2 (got {args.max_seq_len})")
-    if args.device_batch_size < 1:
-        raise UserError(f"--device-batch-size must be >= 1 (got {args.device_batch_size})")
+    for name, low in (("depth", 1), ("max_seq_len", 2), ("device_batch_size", 1)):
+        if getattr(args, name) is None or getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {getattr(args, name)})")
     if args.data == "fineweb" and args.num_shards < 2:
         raise UserError(f"--num-shards must be >= 2 (training shards + 1 validation shard), got {args.num_shards}")
     if args.num_iterations == -1 and args.target_param_data_ratio <= 0:

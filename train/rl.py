@@ -9,8 +9,7 @@ Engine (tool calls run in the sandbox, their output forced in; reward 0 when one
 tokens the engine emitted (the stop token included when it stopped on one).
 
 Objective (per sampled token t of completion i in group g; forced tool-output tokens and the prompt are masked):
-    A_i   = r_i - mean_g(r)                          group-relative advantage (--std-scale: / (std_g(r) + 1e-6),
-                                                     population std)
+    A_i   = r_i - mean_g(r)                          group-relative advantage (--std-scale: / (pop. std_g + 1e-6))
     ratio = exp(logp_t - logp_old_t)                 logp_old = the policy that sampled (detached)
     L_t   = -A_i * ratio                             on-policy: gradient = -A_i * grad logp_t (REINFORCE)
           = -min(A_i * ratio, A_i * clip(ratio, 1 - eps, 1 + eps))       with --clip-eps eps (PPO)
@@ -160,9 +159,8 @@ def grpo_update(model, optimizers, samples, args, ref_model=None):
     micro-batches of args.device_batch_size -> stats."""
     device = local(next(model.parameters())).device
     adv = group_advantages(torch.tensor([s["reward"] for s in samples]), args.num_samples, std_scale=args.std_scale)
-    B = args.device_batch_size
-    chunks = [list(range(i, min(i + B, len(samples)))) for i in range(0, len(samples), B)]
-    batches = [pad_samples([samples[i] for i in c], device, samples[0]["ids"][0]) for c in chunks]
+    chunks = [slice(i, i + args.device_batch_size) for i in range(0, len(samples), args.device_batch_size)]
+    batches = [pad_samples(samples[c], device, samples[0]["ids"][0]) for c in chunks]
     normalizer = max(sum(int(m.sum()) for _, _, m in batches), 1) if args.reduction == "token" else len(samples)
     need_old = args.clip_eps is not None or args.inner_steps > 1
     with torch.no_grad():
@@ -196,22 +194,14 @@ def plain_copy(model):
     copy.to_empty(device=local(next(model.parameters())).device)
     copy.init_weights()  # fills the rotary buffers
     sync_sampler(model, copy)
-    copy.eval()
-    for p in copy.parameters():
-        p.requires_grad_(False)
-    return copy
+    return copy.eval().requires_grad_(False)
 
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed):
     """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
     idx = list(range(dist_info().rank, min(num_examples, len(task)), dist_info().world_size))
-    p1 = pk = 0.0
-    if idx:
-        samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed)
-        for j in range(len(idx)):
-            correct = [int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]]
-            p1 += pass_at_k(correct, 1)
-            pk += pass_at_k(correct, k)
-    p1, pk, n = all_reduce_sum([p1, pk, len(idx)])
+    samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed) if idx else []
+    correct = [[int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]] for j in range(len(idx))]
+    p1, pk, n = all_reduce_sum([sum(pass_at_k(c, 1) for c in correct), sum(pass_at_k(c, k) for c in correct), len(idx)])
     return {"pass@1": p1 / max(n, 1), f"pass@{k}": pk / max(n, 1)}
 
 PRESETS = {
