@@ -149,8 +149,7 @@ def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         raise UserError(f"{path} is not a checkpoint (no meta.json)")
-    with open(meta_path) as f:
-        return json.load(f)
+    return json.loads(Path(meta_path).read_text())
 
 def load_checkpoint(path, model, optimizers=None):
     """Load model (and optimizer) state from `path` into the (possibly FSDP-sharded) model; collective -> meta.json.

@@ -56,8 +56,8 @@ class _Sequence:
     def __init__(self, req, index, tokens, blocks, num_cached, row):
         self.req, self.index, self.tokens, self.blocks, self.num_cached = req, index, tokens, blocks, num_cached
         self.row, self.done = row, False
-        self.forced = deque()                           # tool output still to be forced, one token per step
-        self.in_python, self.python_tokens = False, []  # inside <|python_start|> ... <|python_end|>; its tokens
+        self.forced = deque()      # tool output still to be forced, one token per step
+        self.python_tokens = None  # inside <|python_start|> ... <|python_end|>: the code's tokens so far
 
 class Engine:
     """Continuous-batching generation for `model` (a GPT) with `tokenizer` (model.tokenizer.Tokenizer's surface).
@@ -340,15 +340,14 @@ class Engine:
             req.completion_masks[s.index].append(m)
             col[s.index], mcol[s.index] = tok, m
             if tok == self.python_start:
-                s.in_python, s.python_tokens = True, []
-            elif tok == self.python_end and s.in_python:
-                s.in_python = False
+                s.python_tokens = []
+            elif tok == self.python_end and s.python_tokens is not None:
                 if s.python_tokens:
                     code = self.tokenizer.decode(s.python_tokens)
                     out = sandbox.run_tool_call(code, timeout=self.tool_timeout, memory_mb=self.tool_memory_mb)
                     s.forced.extend([self.output_start] + self.tokenizer.encode(out) + [self.output_end])
-                s.python_tokens = []
-            elif s.in_python:
+                s.python_tokens = None
+            elif s.python_tokens is not None:
                 s.python_tokens.append(tok)
             if (tok in self.stop_ids and m) or (req.stop and self._hit_stop(req, s.index, tok)):
                 self._finish_seq(s, "stop")

@@ -307,7 +307,6 @@ class PagedKVCache:
         ints = torch.tensor(positions + index + row_slots, device=device)  # one host -> device copy
         pos_t, index_t, slots_t = ints[:B], ints[B:2 * B], ints[2 * B:]
         rot = self._rotation()[pos_t]                            # (B, 2, D)
-        direct = n == B and index == list(range(n))
         mask = None
         if n != B or min(positions) + 1 != row_len:  # rows of other lengths (a row no sequence of B uses: 1)
             at = dict(zip(index, positions))
@@ -315,7 +314,7 @@ class PagedKVCache:
             mask = (torch.arange(row_len, device=device) < lens[:, None])[:, None, None]
         return DecodePlan(positions=pos_t, tables=None, seq_lens=None, row_index=index_t, row_slots=slots_t,
                           rot_cos=rot[:, :1], rot_sin=rot[:, 1:], n_rows=n, row_len=row_len, mask=mask,
-                          direct=direct, rows=list(rows))
+                          direct=n == B and index == list(range(n)), rows=list(rows))
 
     def _rotation(self):
         """([cos, cos], [sin, -sin]) stacked (rotary_len, 2, D), in the cache dtype: the eager paths' rotary."""

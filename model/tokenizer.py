@@ -8,9 +8,9 @@ tool's answer <|output_start|> output <|output_end|>. The loss mask is 1 on what
 text, python calls with their delimiters, <|assistant_end|>), 0 elsewhere (tool outputs are forced by the engine).
 """
 import base64
-import copy
 import json
 import os
+from pathlib import Path
 
 import tiktoken
 
@@ -59,20 +59,17 @@ class Tokenizer:
         meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "vocab_size": self.vocab_size}
         for name, text in ((RANKS_FILE, ranks), (META_FILE, json.dumps(meta, indent=1) + "\n")):
-            tmp = os.path.join(directory, name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(directory, name))
+            tmp = Path(directory, name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(os.path.join(directory, name))
 
     @classmethod
     def load(cls, directory):
         ranks_path, meta_path = os.path.join(directory, RANKS_FILE), os.path.join(directory, META_FILE)
-        for name, path in ((RANKS_FILE, ranks_path), (META_FILE, meta_path)):
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no tokenizer at {directory} ({name} missing); "
-                                        f"train one with `python -m train.tokenizer`")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        if missing := [name for name in (RANKS_FILE, META_FILE) if not os.path.exists(os.path.join(directory, name))]:
+            raise FileNotFoundError(f"no tokenizer at {directory} ({missing[0]} missing); "
+                                    f"train one with `python -m train.tokenizer`")
+        meta = json.loads(Path(meta_path).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: unknown tokenizer format {meta.get('format')!r} (expected {FORMAT})")
         ranks = {}
@@ -186,9 +183,8 @@ def conversation_messages(conversation):
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")
-        merged = copy.deepcopy(messages[1])
-        merged["content"] = _text(messages[0]["content"]) + "\n\n" + _text(merged["content"])
-        messages = [merged] + messages[2:]
+        merged = _text(messages[0]["content"]) + "\n\n" + _text(messages[1]["content"])
+        messages = [dict(messages[1], content=merged)] + messages[2:]
     for i, m in enumerate(messages):
         expected = ("user", "assistant")[i % 2]
         if m["role"] == "system":
