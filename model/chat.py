@@ -8,8 +8,7 @@ The checkpoint is the newest of `--source` under $TRITONCHAT_HOME/checkpoints/<s
 commands: /help, /clear, /quit or /exit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt. The
 context is the model's trained sequence_len; --max-tokens unset = the room the conversation leaves. A history that no
 longer fits loses its oldest turns (the system message stays); a message too long on its own is refused with a note.
-A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed.
-"""
+A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed."""
 import argparse
 import math
 import sys
@@ -91,14 +90,13 @@ def fit_conversation(tokenizer, messages, context, reserve):
     plus `reserve` tokens fits `context`; the leading system message and the last user turn stay, so the prompt may
     still not fit (the caller refuses it). ValueError from the tokenizer for a conversation it cannot render."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest = list(messages[len(system):])
-    dropped = 0
+    rest = messages[len(system):]
     while True:
         prompt = tokenizer.render_for_completion({"messages": system + rest})
         nxt = next((k for k in range(1, len(rest)) if rest[k]["role"] == "user"), None)
         if len(prompt) + reserve <= context or nxt is None:
-            return prompt, dropped
-        rest, dropped = rest[nxt:], dropped + nxt
+            return prompt, len(messages) - len(system) - len(rest)
+        rest = rest[nxt:]
 
 def load_chat_model(source, device=None, run=None):
     """(model, tokenizer, meta) of the newest `source` checkpoint; a clear message (SystemExit) if there is none."""
@@ -187,8 +185,7 @@ def main(argv=None):
     tool = sandbox.jail_status().banner
     if args.prompt is not None:
         print(tool, file=sys.stderr, flush=True)
-        prompt = _prompt_for(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)
-        if prompt is None:
+        if (prompt := _prompt_for(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)) is None:
             sys.exit(1)
         respond(engine, tokenizer, prompt, args)
         return
@@ -219,18 +216,15 @@ def main(argv=None):
                 print(f"(unknown command {command}; /help lists the commands)")
             continue
         messages.append({"role": "user", "content": line})
-        prompt = _prompt_for(engine, tokenizer, messages, args)
-        if prompt is None:
+        if (prompt := _prompt_for(engine, tokenizer, messages, args)) is None:
             messages.pop()
             continue
         print("\nAssistant: ", end="", flush=True)
         try:
-            answer = respond(engine, tokenizer, prompt, args)
+            messages.append({"role": "assistant", "content": respond(engine, tokenizer, prompt, args)})
         except KeyboardInterrupt:  # stop this answer, keep the session
             print("\n(interrupted)")
             messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": answer})
 
 if __name__ == "__main__":
     main()

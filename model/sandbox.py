@@ -14,8 +14,7 @@ Every call gets a fresh jail, in three layers:
    subprocesses, ctypes, writes outside the temp dir) into clear errors.
 Without a working bwrap the tool refuses, naming the reason and the fix; only TRITONCHAT_UNSAFE_NO_JAIL=1 runs layers
 2-3 without the jail, for code you trust. nanochat's sandbox (layer 2 plus nulled functions, no OS boundary):
-https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py
-"""
+https://github.com/karpathy/nanochat/blob/master/nanochat/execution.py"""
 import contextlib
 import dataclasses
 import errno
