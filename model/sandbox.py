@@ -27,7 +27,6 @@ import select
 import selectors
 import shutil
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -324,17 +323,15 @@ def _sweep_stale_dirs(root):
     """Remove unsafe-mode temp dirs (tc_sbx_<pid>_...) of callers killed mid-call."""
     for name in os.listdir(root):
         m = re.fullmatch(_TAG + r"(\d+)_.*", name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
         path = os.path.join(root, name)
+        if not m or int(m.group(1)) == os.getpid() or os.path.islink(path) or not os.path.isdir(path):
+            continue
         try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                continue
             os.kill(int(m.group(1)), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # alive under another user, or gone already
-            continue
+        except OSError:  # alive under another user
+            pass
 
 def _run(code, timeout=5.0, memory_mb=256, max_output=MAX_OUTPUT, *, audit=True, rlimits=True, jail=True, repl=False):
     """run_python with a switch per layer (tests show what each holds alone); jail=False forces the unsafe mode."""
