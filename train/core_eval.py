@@ -119,8 +119,7 @@ def score_rows(model, rows, starts, ends, pad_id, device):
     return list(zip(loss.split(sizes), pred.split(sizes), targets.split(sizes)))
 
 def _prepared(task, items, indices, tokenizer, max_len):
-    """Yield (index, gold, rows, starts, ends) for the items at `indices` (with their few-shot examples from
-    `items`, the evaluated prefix), tokenizing a few hundred at a time."""
+    """Yield (index, gold, rows, starts, ends) of the items at `indices`, tokenizing a few hundred at a time."""
     for lo in range(0, len(indices), 256):
         chunk = indices[lo:lo + 256]
         prompts = [RENDER[task.kind](items[i], task.delimiter,
@@ -385,8 +384,7 @@ def render_commonsense_qa(row):
 
 def render_winogrande(row):
     """winogrande {sentence with "_", option1, option2, answer "1"|"2"} -> schema: "<before _><option>", "<after _>"."""
-    sentence = row["sentence"]
-    cut = sentence.index("_")
+    sentence, cut = row["sentence"], row["sentence"].index("_")
     return {"context_options": [sentence[:cut] + row["option1"], sentence[:cut] + row["option2"]],
             "continuation": sentence[cut + 1:].strip(), "gold": int(row["answer"]) - 1}
 

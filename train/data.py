@@ -200,8 +200,7 @@ def download_shards(num_shards, base_url=None, dest_dir=None, checksums=None, wo
             pairs = [line.split(maxsplit=1) for line in f if line.strip()]
         checksums = {os.path.basename(name.strip().lstrip("*")): digest.lower() for digest, name in pairs}
     with ThreadPoolExecutor(max_workers=max(1, min(workers, num_shards))) as pool:
-        futures = [pool.submit(download_shard, i, base_url, dest_dir, checksums, **kw) for i in range(num_shards)]
-        return [f.result() for f in futures]
+        return list(pool.map(lambda i: download_shard(i, base_url, dest_dir, checksums, **kw), range(num_shards)))
 
 class ListSource:
     """Documents held in memory: one unit holding every document."""

@@ -160,34 +160,28 @@ def categorical_accuracy(model, tokenizer, task, max_examples=None, batch_size=8
     correct, total = all_reduce_sum([correct, len(idx)])
     return correct / max(total, 1)
 
-def generative_accuracy(engine, tokenizer, task, max_examples=None, num_samples=1, max_tokens=256,
-                        temperature=0.0, top_k=None, seed=42, stage="eval", batch_size=32):
-    """Accuracy of completions sampled with the Engine (batch_size prompts decoded together), scored by the task; an
-    example is solved when any of its num_samples completions is right (pass@num_samples). A scoring function
-    (task.evaluate, or evaluate_many when the task has it) that raises becomes a TaskError naming the example."""
+def generative_accuracy(engine, tokenizer, task, max_examples=None, max_tokens=256, stage="eval", batch_size=32):
+    """Accuracy of greedy Engine completions (batch_size prompts decoded together) scored by task.evaluate (or
+    evaluate_many when the task has it); a scoring function that raises becomes a TaskError naming the example."""
     idx, many, correct = _my_indices(task, max_examples), hasattr(task, "evaluate_many"), 0
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         convs = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
-        results = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_tokens,
-                                       temperature=temperature, top_k=top_k, seed=seed + chunk[0])
-        pairs, owners = [], []
-        for i, conv, prompt, (seqs, _) in zip(chunk, convs, prompts, results):
-            pairs += [(conv, tokenizer.decode(seq[len(prompt):])) for seq in seqs]
-            owners += [i] * len(seqs)
+        results = engine.generate_many(prompts, max_tokens=max_tokens, temperature=0.0, seed=42 + chunk[0])
+        pairs = [(conv, tokenizer.decode(seqs[0][len(p):])) for conv, p, (seqs, _) in zip(convs, prompts, results)]
         try:
             if many:
                 scores = [int(v) for v in task.evaluate_many(pairs)]
             else:
                 scores = []
-                for i, (conv, text) in zip(owners, pairs):
+                for i, (conv, text) in zip(chunk, pairs):
                     scores.append(int(task.evaluate(conv, text)))
         except Exception as e:  # noqa: BLE001
-            where = f"one of examples {owners[0]}..{owners[-1]}" if many else f"example {i}"
+            where = f"one of examples {chunk[0]}..{chunk[-1]}" if many else f"example {i}"
             raise TaskError(f"[{stage}] scoring function of task {task.name} raised on {where}: "
                             f"{type(e).__name__}: {e}") from e
-        correct += sum(any(v for v, o in zip(scores, owners) if o == i) for i in chunk)
+        correct += sum(map(bool, scores))
     correct, total = all_reduce_sum([correct, len(idx)])
     return correct / max(total, 1)
 

@@ -219,14 +219,6 @@ def report_card(state, args, total_s):
                   "(stages finished earlier are skipped)", ""]
     return "\n".join(lines)
 
-def chat_answer(run, prompt=CHAT_PROMPT, max_tokens=64):
-    """One greedy answer of the newest chat model (rl, else sft), tools live."""
-    src = "rl" if find_last_checkpoint("rl", run) else "sft"
-    model, tok, _ = load_model(src, device="cuda" if torch.cuda.is_available() else "cpu", run=run)
-    ids = tok.render_for_completion({"messages": [{"role": "user", "content": prompt}]})
-    seqs, _ = Engine(model, tok).generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-    return src, tok.decode(seqs[0][len(ids):])
-
 def main(argv=None):
     args = parse_args(argv)
     kernels.set_mode(args.kernels)
@@ -254,9 +246,12 @@ def main(argv=None):
             f.write(card)
         print("\n" + card)
         print(f"(report card written to {path})")
-        if "sft" in state["stages"] or "rl" in state["stages"]:
-            src, answer = chat_answer(args.run)
-            print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{answer}\n", flush=True)
+        if "sft" in state["stages"] or "rl" in state["stages"]:  # a greedy answer of the newest chat model, tools live
+            src = "rl" if find_last_checkpoint("rl", args.run) else "sft"
+            model, tok, _ = load_model(src, device="cuda" if torch.cuda.is_available() else "cpu", run=args.run)
+            ids = tok.render_for_completion({"messages": [{"role": "user", "content": CHAT_PROMPT}]})
+            seqs, _ = Engine(model, tok).generate_batch(ids, max_tokens=64, temperature=0.0)
+            print(f"\nchat ({src} model) > {CHAT_PROMPT}\n{tok.decode(seqs[0][len(ids):])}\n", flush=True)
     return state
 
 def run_stages(args, state, wanted):
