@@ -109,9 +109,8 @@ def versions():
     with suppress(importlib.metadata.PackageNotFoundError):  # importing triton would fix TRITON_INTERPRET too early
         triton_version = importlib.metadata.version("triton")
     with suppress(OSError, subprocess.SubprocessError):  # --exclude='*': never a tag name, always the commit
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], capture_output=True,
-                             text=True, timeout=10, cwd=ROOT)
-        commit = out.stdout.strip() if out.returncode == 0 else None
+        commit = subprocess.check_output(["git", "describe", "--always", "--dirty", "--exclude=*"], text=True,
+                                         timeout=10, cwd=ROOT, stderr=subprocess.DEVNULL).strip()
     cpu = platform.processor() or platform.machine()
     with suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)

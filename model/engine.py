@@ -101,13 +101,12 @@ class Engine:
             raise ValueError(f"Engine: prompt of {len(prompt_ids)} tokens leaves no room in the context "
                              f"({self.max_context})")
         is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
-        real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
         stop = () if stop is None else tuple(stop)
         for ok, what, value in (
                 (is_int(num_samples) and num_samples >= 1, "num_samples must be an int >= 1", num_samples),
                 (is_int(max_tokens) and max_tokens >= 0, "max_tokens must be an int >= 0", max_tokens),
-                (real and math.isfinite(temperature) and temperature >= 0, "temperature must be a finite number >= 0",
-                 temperature),
+                ((is_int(temperature) or isinstance(temperature, float)) and math.isfinite(temperature)
+                 and temperature >= 0, "temperature must be a finite number >= 0", temperature),
                 (top_k is None or is_int(top_k) and top_k >= 1, "top_k must be None or an int >= 1", top_k),
                 (is_int(seed), "seed must be an int", seed),
                 (all(isinstance(x, str) and x for x in stop), "stop must be a list of non-empty strings", stop)):

@@ -414,15 +414,13 @@ class DecodeGraphs:
     """CUDA graphs of the fused decode step (launch bound at small batch), one per (batch bucket, block table width),
     captured on first use. The batch is padded to its bucket (BUCKETS up to max_batch; bigger batches run without a
     graph), the block table to a power-of-two width; padded rows write into one scratch page and attend to it alone
-    (seq_len 1). Inputs go through static buffers; a grown pool drops every graph. capture=False runs the same padded
-    step without graphs (a CPU test checks it); the engine uses this class only on CUDA in fused mode."""
+    (seq_len 1). A grown pool drops every graph. capture=False runs the same padded step without graphs (CPU tests)."""
 
     BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
     def __init__(self, model, cache, max_batch=256, capture=True):
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.capture = model, cache, capture
         self.buckets = [b for b in self.BUCKETS if b < max_batch] + [max_batch]
-        self.capture = capture
         self.graphs = {}      # (batch, width) -> dict of the graph and its static tensors
         self.scratch = None   # the page the padded rows write into
         self._storage = None  # cache.k's address the graphs were captured with
