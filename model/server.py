@@ -218,10 +218,11 @@ class ChatService:
     async def acquire(self):
         """Wait for a place in arrival order -> _Slot; APIError(429) with Retry-After when the queue is full.
         Cancelling the wait (the client left) gives up the place in the queue."""
-        if slot := self.try_acquire():
-            return slot
         fut = asyncio.get_running_loop().create_future()
-        with self.lock:
+        with self.lock:  # one step: a place freed between "is one free?" and "join the queue" would be lost
+            if self.in_flight < self.max_concurrency and not self.waiters:
+                self.in_flight += 1
+                return _Slot(self)
             if len(self.waiters) >= self.max_queue:
                 wait = min(60, max(1, math.ceil(self.service_time * (len(self.waiters) + 1) / self.max_concurrency)))
                 raise APIError(429, f"the server is busy ({self.in_flight} requests generating, {len(self.waiters)} "

@@ -3,6 +3,7 @@ model + a tiny tokenizer trained here), streaming and not, n=2; malformed reques
 the server keeps answering; stalled bodies hold nothing; a bounded queue, then 429 with Retry-After; a client that
 leaves (streaming or not, queued or generating) frees its KV blocks; one request's failure is a 500 for it alone;
 stop strings; lengths fit the trained context; /health, /v1/models/{id}, the page; the command line."""
+import asyncio
 import json
 import socket
 import threading
@@ -381,6 +382,35 @@ def test_overload_queues_then_429_with_retry_after(server, client, tiny):
     for th in threads:
         th.join()
     assert [c.choices[0].message.content for c in results] == [expected, expected]
+    assert service.in_flight == 0 and service.queued == 0
+
+def test_a_place_freed_while_joining_the_queue_is_not_lost(server):
+    """Checking for a free place and joining the queue are one step: a place given back in between (from another
+    thread) must reach the request, not leave it queued with nothing left to wake it."""
+    service, _ = server
+    held = [service.try_acquire() for _ in range(service.max_concurrency)]
+    real = service.lock
+
+    class ReleasingLock:  # gives a held place back the first time the lock is let go
+        def __enter__(self):
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            real.__exit__(*exc)
+            if held:
+                service.lock = real
+                held.pop().release()
+
+    async def admitted():
+        service.lock = ReleasingLock()
+        return await asyncio.wait_for(service.acquire(), timeout=5)
+
+    try:
+        asyncio.run(admitted()).release()
+    finally:
+        service.lock = real
+        for slot in held:
+            slot.release()
     assert service.in_flight == 0 and service.queued == 0
 
 def test_client_leaving_cancels_its_request(server, monkeypatch):
