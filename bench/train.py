@@ -12,8 +12,7 @@ steps with device syncs between forward, backward and optimizer (the breakdown),
 ("step"). Rows record torch._dynamo's graphs, graph breaks and recompiles after the warm-up (0 expected), the NCCL
 kernels' time in a one-step profiler capture, MFU = tokens/s x GPT.estimate_flops() / (dense bf16 peak, else the
 matmul peak measured here, x GPUs), "vs base" = tokens/s over eager+compile's, and NVML telemetry ("unavailable"
-without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so. Tokens are random. The speedrun projection:
-20 tokens per parameter on 8 GPUs at the per-GPU tokens/s measured here, perfect scaling (an upper bound).
+without nvidia-ml-py or a GPU). Out of GPU memory is a row marked so. Tokens are random.
 
 Memory at d20 per GPU (arithmetic, not measured on GPU): why the fused preset runs nanochat's 32 x 2048 tokens per GPU
 with no accumulation and the eager one 16 x 2048 x 2. d20: C = 1280, 20 layers, V = 65 536, 561 M params (wte and
@@ -54,7 +53,7 @@ def mfu(tokens_per_s, flops_per_token, peak, world_size=1):
     return 100.0 * tokens_per_s * flops_per_token / (peak * world_size) if peak else None
 
 def project_speedrun(num_params, tokens_per_s_per_gpu, n_gpus=8, tokens_per_param=20):
-    """Hours for nanochat's base-training budget (20 tokens/param) on n_gpus at the measured per-GPU speed."""
+    """Hours for nanochat's base-training budget (20 tokens/param) on n_gpus at a per-GPU speed, perfect scaling."""
     tokens = tokens_per_param * num_params
     return {"tokens": tokens, "n_gpus": n_gpus, "hours": tokens / (tokens_per_s_per_gpu * n_gpus) / 3600}
 

@@ -6,10 +6,9 @@
     torchrun --nproc_per_node=8 -m train.base -- --preset d20       # the speedrun model on FineWeb-Edu (8 GPUs)
     python -m train.base --preset tiny --resume                     # continue the newest checkpoint bit-for-bit
 
-Presets: tiny = depth 2, seq 256, vocab 2048 (a tokenizer is trained on the corpus if none exists), 200 steps of
-8 x 256 tokens, val bpb every 50 steps, greedy samples at the end. d20 = nanochat's speedrun: depth 20 (~561 M
-params), seq 2048, 524 288 tokens a step (train.stage.D20_DEVICE_BATCH sequences per GPU), 20 tokens per parameter,
-240 FineWeb-Edu shards (the last one validation), a vocab-65536 tokenizer trained on the first 2 B characters.
+Presets (PRESETS): tiny trains a vocab-2048 tokenizer on the corpus if none exists; d20 = nanochat's speedrun (~561 M
+params, 524 288 tokens a step of train.stage.D20_DEVICE_BATCH sequences per GPU, 20 tokens per parameter, 240
+FineWeb-Edu shards, the last one validation, a vocab-65536 tokenizer trained on the first 2 B characters).
 Bits per byte (train.evaluate.evaluate_bpb) = nats / (ln 2 x UTF-8 bytes of the targets), special tokens left out (as
 nanochat's loss_eval.py). The summary is also written to $TRITONCHAT_HOME/reports/base_<run>.json.
 """
@@ -157,8 +156,7 @@ def run(argv=None):
            f"world {info.world_size}")
 
     B, T = args.device_batch_size, args.max_seq_len
-    mk = lambda src, **kw: TokenLoader(tok, src, B, T, rank=info.rank, world_size=info.world_size, device=info.device,
-                                       **kw)
+    mk = lambda src, **kw: TokenLoader(tok, src, B, T, info.rank, info.world_size, info.device, **kw)
     loader, tbytes = mk(train_src), token_bytes(tok)
     eval_steps = max(1, args.eval_tokens // (B * T * info.world_size))
 

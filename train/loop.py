@@ -4,10 +4,9 @@ and resume): `train(stage, model, optimizers, loader, args, eval_fn=..., sample_
 Loader: `next_batch() -> (x, y)` int64 (B, T) on the model's device, y == -1 where no loss; JSON-serialisable
 `state_dict()` / `load_state_dict(state)`; attributes B and T. eval_fn(model, step) -> metrics dict and
 sample_fn(model, step) run on every rank under torch.random.fork_rng, so they never change the training RNG stream.
-A step: grad_accum micro-batches, LR = initial_lr x lr_multiplier(step) (nanochat's warmup, constant, warmdown), Muon
-momentum warmup, grad-norm clip, optimizer steps. --resume continues the newest checkpoint on any number of processes
-(DCP reshards; bit-for-bit on as many as saved; on another, loader.load_state_dicts continues from where every saved
-rank had got to). Rank 0 logs every --log-every steps (the only .item() sync), also to <run dir>/log.jsonl.
+--resume continues the newest checkpoint on any number of processes (DCP reshards; bit-for-bit on as many as saved; on
+another, loader.load_state_dicts continues from where every saved rank had got to). Rank 0 logs every --log-every
+steps (the only .item() sync), also to <run dir>/log.jsonl.
 """
 import json
 import os

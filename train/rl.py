@@ -48,11 +48,10 @@ def group_advantages(rewards, num_samples, std_scale=False, eps=1e-6):
 
 def policy_loss(logp, mask, advantages, old_logp=None, ref_logp=None, clip_eps=None, kl_coef=0.0,
                 reduction="token", normalizer=None):
-    """GRPO loss of one micro-batch -> (loss, stats dict of floats). logp (N, T) of the taken tokens under the current
-    policy (with grad); mask (N, T) 1 on sampled tokens; advantages (N,); old_logp (N, T) of the sampling policy (None:
-    on-policy); ref_logp (N, T) of the frozen reference (kl_coef > 0); clip_eps None = no clipping. reduction "token":
-    sum over sampled tokens / normalizer (default this batch's token count); "sequence": the sum of each row's token
-    mean / normalizer (default this batch's row count)."""
+    """GRPO loss of one micro-batch -> (loss, stats dict of floats). (N, T): logp of the taken tokens under the current
+    policy (with grad), mask (1 on sampled tokens), old_logp of the sampling policy (None: on-policy), ref_logp of the
+    frozen reference (kl_coef > 0); advantages (N,); clip_eps None = no clipping. reduction "token": sum over sampled
+    tokens / normalizer (default their count); "sequence": sum of the rows' token means / normalizer (default N)."""
     mask = mask.float()
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)

@@ -36,8 +36,7 @@ def parse_args(parser, presets, argv=None):
     given overrides; UserError for an unknown preset. A leading `--` (`torchrun ... -m train.<stage> -- FLAGS`) is
     dropped. device_batch_size None -> D20_DEVICE_BATCH of the kernel mode ("auto" resolved as kernels.set_mode)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    argv = argv[1:] if argv[:1] == ["--"] else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     name = pre.parse_known_args(argv)[0].preset
