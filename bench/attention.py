@@ -1,15 +1,12 @@
 """Benchmark: fused RoPE + QK-norm flash attention vs eager (torch ops + SDPA), torch.compile, FlexAttention.
 
-GPU (bf16, causal): the d20 model's heads (H = 10, D = 128), 16 x 2048 tokens (the d20 preset's device batch) as
-T in {1k, 2k, 4k, 8k}, B = tokens / T, Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA. Providers: eager =
-attention_reference (RoPE + rms_norm as torch ops, then SDPA forced to the flash backend, or SDPA's own choice if
-flash refuses the inputs: the row's sdpa_backend); compile = torch.compile of it; flex = torch.compile(FlexAttention
-with a causal BlockMask + the same RoPE / norm ops); fused = attention_triton. TFLOP/s from the causal count (RoPE /
-norm ignored): forward = 2 * B * H * T^2 * D (2 matmuls of 2*T*T*D per head, halved by the mask), backward = 2.5 x
-forward (5 matmuls: the FlashAttention convention).
+GPU (bf16, causal): the d20 heads (H = 10, D = 128), 16 x 2048 tokens as T in {1k, 2k, 4k, 8k}, B = tokens / T,
+Hkv = H (MHA) and 2 (GQA); --quick keeps T = 2k MHA. Providers: eager = attention_reference (RoPE + rms_norm as torch
+ops, then SDPA forced to flash, or SDPA's own choice if flash refuses the inputs: the row's sdpa_backend); compile =
+torch.compile of it; flex = torch.compile(FlexAttention with a causal BlockMask + the same RoPE / norm ops); fused =
+attention_triton. TFLOP/s from the causal count (RoPE / norm ignored): forward = 2 * B * H * T^2 * D (2 matmuls of
+2*T*T*D per head, halved by the mask), backward = 2.5 x forward (5 matmuls: the FlashAttention convention).
 """
-import contextlib
-
 import torch
 
 from bench import harness
@@ -26,22 +23,15 @@ def _providers(inputs, T, H, Hkv):
         return {"eager": (attention_reference, {}), "fused": (attention_triton, {})}
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    ctx = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
     try:  # flash if it accepts these inputs, else SDPA's own choice
-        with ctx():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             attention_reference(*inputs)
-        backend = "flash"
+        backend, in_backend = "flash", sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # as a decorator: entered per call
     except RuntimeError:
-        backend, ctx = "default", contextlib.nullcontext
-
-    def in_backend(f):
-        def run(*a):
-            with ctx():
-                return f(*a)
-        return run
+        backend, in_backend = "default", lambda f: f
     block_mask = create_block_mask(lambda b, h, qi, kvi: qi >= kvi, None, None, T, T, device=inputs[0].device)
 
-    def flex(q, k, v, cos, sin):  # FlexAttention with a causal BlockMask + the same RoPE / norm ops
+    def flex(q, k, v, cos, sin):
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                            enable_gqa=H != Hkv)
@@ -51,15 +41,14 @@ def _providers(inputs, T, H, Hkv):
             "flex": (torch.compile(flex), {}), "fused": (attention_triton, {})}
 
 def run(quick):
-    dev = "cuda" if harness.on_gpu() else "cpu"
+    dev, dtype = ("cuda", torch.bfloat16) if harness.on_gpu() else ("cpu", torch.float32)
     H, D, T0 = D20.n_head, D20.head_dim, D20.sequence_len
     if dev == "cpu":
-        cases, dtype = [(1, 64, 4, 4, 64), (1, 64, 4, 2, 64)], torch.float32
+        cases = [(1, 64, 4, 4, 64), (1, 64, 4, 2, 64)]
     elif quick:  # one case: compiling the compile / flex providers dominates a quick GPU run
-        cases, dtype = [(TOKENS // T0, T0, H, H, D)], torch.bfloat16
+        cases = [(TOKENS // T0, T0, H, H, D)]
     else:
         cases = [(TOKENS // T, T, H, hkv, D) for T in (1024, 2048, 4096, 8192) for hkv in (H, 2)]  # MHA, GQA
-        dtype = torch.bfloat16
     rows = []
     for B, T, H, Hkv, D in cases:
         g = torch.Generator(device="cpu").manual_seed(0)

@@ -1,12 +1,9 @@
-"""The one benchmark harness every suite uses.
-
-A suite is a module `bench/<kernel>.py` with `run(quick: bool) -> list[dict]` (rows built with `row()` or
-`timed_row()`) ending in `harness.main("<suite>", run)`. The harness times (triton.testing.do_bench on CUDA, a short
-perf_counter loop on CPU), turns explicit FLOP / byte counts into TFLOP/s and GB/s, adds the ratio to the baseline
-provider, prints a table and writes bench/results/<suite>-<device>-<date>.json (+ a PNG) with the device, driver,
-CUDA, torch, triton, git commit and date. peak_mb = CUDA memory allocated above the inputs while the pass runs. On
-CPU the suites run tiny fp32 smoke shapes without torch.compile providers, the fused ones under the Triton
-interpreter (the timings measure the interpreter): the JSON says "cpu".
+"""The one benchmark harness every suite uses: a suite `bench/<kernel>.py` has `run(quick) -> rows` (built with
+`row()` / `timed_row()`) and ends in `harness.main("<suite>", run)`. Timing: triton.testing.do_bench on CUDA, a
+perf_counter loop on CPU; TFLOP/s and GB/s come from explicit FLOP / byte counts, ratio = the baseline's ms / the row's.
+The table is printed and written to bench/results/<suite>-<device>-<date>.json (+ a PNG) with the device, driver, CUDA,
+torch, triton, git commit and date. On CPU the suites run tiny fp32 smoke shapes without torch.compile providers, the
+fused ones under the Triton interpreter (the timings measure the interpreter): the JSON says "cpu".
 """
 import argparse
 import json
@@ -140,24 +137,21 @@ def plot(suite, rows, path):
         return
     label = lambda r: f"{fmt_case(r['case'])} {r['pass']}"
     labels, providers = sorted({label(r) for r in rows}, key=str), sorted({r["provider"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4), layout="tight")
     w = 0.8 / len(providers)
     for i, p in enumerate(providers):
         vals = {label(r): r["ratio"] for r in rows if r["provider"] == p}
         ax.bar([j + i * w for j in range(len(labels))], [vals.get(x, 0) for x in labels], w, label=p)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
     ax.set(ylabel="speed vs baseline (x)", title=suite)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-def write_results(suite, rows, info=None, peaks=None, out_dir=None, png=True, quick=False):
+def write_results(suite, rows, info, peaks=None, out_dir=None, png=True, quick=False):
     """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png) and print its path; -> the JSON path. Quick runs
     get their own name, so a smoke run never replaces a full one; a rerun on the same day replaces the file whole."""
-    info = info or device_info()
     out_dir = out_dir or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     device = re.sub(r"[^A-Za-z0-9]+", "-", info["device"] if info["kind"] == "cuda" else "cpu").strip("-").lower()

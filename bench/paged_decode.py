@@ -1,13 +1,11 @@
-"""Benchmark: paged decode attention (flash-decoding) vs SDPA. The Engine's decode tokens/s, eager vs fused, is
-bench/engine.py's.
+"""Benchmark: paged decode attention (flash-decoding) vs SDPA; the Engine's decode tokens/s is bench/engine.py's.
 
 GPU (bf16, D = 128, H = 16, Hkv in {16, 4}, block_size in {16, 64}, batch in {1, 8, 64, 256}, context in {1k, 4k,
 16k, 32k}; --quick: batch {8, 64} x context {4k, 16k}; every sequence at the full context, pages shuffled in the
 pool): fused = paged_decode_attention_triton; eager = paged_decode_attention_reference (gathers the pages to a dense
 (B, L, Hkv, D) copy, then SDPA with a length mask); sdpa_dense = SDPA on a contiguous (B, Hkv, L, D) cache (no
 paging). GB/s counts the bytes a decode step must move: K + V of every valid token, q and the output. Cases whose
-cache does not fit in free GPU memory are skipped (per provider: eager needs a second, gathered copy; sdpa_dense its
-own dense cache).
+cache does not fit in free GPU memory are skipped (per provider: eager needs a gathered copy, sdpa_dense a dense one).
 """
 from functools import partial
 
@@ -30,21 +28,19 @@ def _timed_or_oom(case, name, fn, args, quick, bytes_):
         return []
 
 def run(quick):
-    dev = "cuda" if harness.on_gpu() else "cpu"
+    dev, dtype = ("cuda", torch.bfloat16) if harness.on_gpu() else ("cpu", torch.float32)
     if dev == "cuda":
         batches, contexts = ((8, 64), (4096, 16384)) if quick else ((1, 8, 64, 256), (1024, 4096, 16384, 32768))
         grid = [(bs, B, L, hkv) for bs in (16, 64) for B in batches for L in contexts for hkv in (16, 4)]
         cases = [dict(B=B, L=L, H=16, Hkv=hkv, D=128, block_size=bs) for bs, B, L, hkv in grid]
     else:
         cases = [dict(B=B, L=L, H=4, Hkv=2, D=64, block_size=16) for B, L in ((1, 100), (3, 64))]
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    esize = torch.tensor([], dtype=dtype).element_size()
     rows = []
     for c in cases:
         B, L, H, Hkv, D, bs = c["B"], c["L"], c["H"], c["Hkv"], c["D"], c["block_size"]
         case = dict(c, dtype=str(dtype).replace("torch.", ""))
-        cache_bytes = 2 * B * L * Hkv * D * esize
-        bytes_ = cache_bytes + 2 * B * H * D * esize  # K + V read once, q read, out written
+        cache_bytes = 2 * B * L * Hkv * D * dtype.itemsize
+        bytes_ = cache_bytes + 2 * B * H * D * dtype.itemsize  # K + V read once, q read, out written
         if 1.2 * cache_bytes > _free_bytes():
             print(f"[{SUITE}] skip {case}: the cache ({cache_bytes / 2**30:.1f} GiB) does not fit")
             continue

@@ -14,10 +14,9 @@ from model.gpt import GPTConfig
 SUITE = "relu2_mlp"
 
 def run(quick):
-    dev = "cuda" if harness.on_gpu() else "cpu"
+    dev, dtype = ("cuda", torch.bfloat16) if harness.on_gpu() else ("cpu", torch.float32)
     pairs = [(8192, 20), (32768, 32)] if quick else [(m, d) for d in (12, 20, 26, 32) for m in (8192, 32768, 65536)]
     cases = [(m, GPTConfig.from_depth(d).n_embd) for m, d in pairs] if dev == "cuda" else [(64, 64)]
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     rows = []
     for M, C in cases:
         Fh = 4 * C

@@ -4,13 +4,12 @@
     python -m bench.tokenizer --quick    # 500 kB of it, vocab 512
 
 Training (same corpus, split pattern and vocab size incl. the 256 bytes; median of a few runs of the training call
-alone): "ours" = rustbpe from this repository (`tritonchat_rustbpe`); "pypi_rustbpe" = nanochat's `rustbpe` from
-PyPI, a wheel only (`pip install --only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no sdist
-build code runs), loaded in this same process (skipped with a note when it cannot be installed); "hf_tokenizers" =
-HuggingFace `tokenizers` BPE (byte-level, the same split regex), as nanochat compares. Encode: MB/s of UTF-8 text,
-our tiktoken Encoding vs the HF tokenizer trained on the same data, one long string ("encode") and the documents in
-threads ("encode_batch"). Compression: bytes per token on the held-out play. Training is CPU work: the full run is
-meaningful on a CPU, and only --quick (or bench.kernels off-GPU) selects the small run.
+alone): "ours" = `tritonchat_rustbpe`; "pypi_rustbpe" = nanochat's `rustbpe`, a PyPI wheel only (`pip install
+--only-binary :all: --target $TRITONCHAT_HOME/bench/pypi_rustbpe rustbpe`: no sdist build code runs) loaded in this
+process (skipped with a note when it cannot be installed); "hf_tokenizers" = HuggingFace `tokenizers` byte-level BPE
+with the same split regex, as nanochat compares. Encode: MB/s of UTF-8 text, our tiktoken Encoding vs the HF tokenizer,
+one long string ("encode") and the documents in threads ("encode_batch"). Compression: bytes per token on the held-out
+play. Training is CPU work: only --quick (or bench.kernels off-GPU) selects the small run.
 """
 import bisect
 import hashlib
@@ -91,7 +90,6 @@ def train_hf(docs, vocab, reps, pattern):
 
     def make():
         tk = Tokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
-        tk.normalizer = None
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
