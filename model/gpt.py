@@ -1,13 +1,11 @@
-"""The GPT model: nanochat's architecture (first release), with attention and MLP running on our kernels.
+"""The GPT model: nanochat's architecture (first release), with attention, MLP and loss on our kernels.
 
 Token embedding untied from lm_head; no biases; weightless RMSNorm after the embedding, pre-norm in every block, before
 lm_head and on q, k (QK-norm, after RoPE: base 10 000, half-split); grouped-query attention; ReLU^2 MLP of width 4C;
 logits soft-capped in fp32, 15 * tanh(logits / 15); cross-entropy ignores targets == -1 (all ignored: mean 0, not nan).
 Init: linears N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in))), embedding N(0, 1), lm_head and both output
-projections zero; Muon for the 2-D block matrices, AdamW for embedding and lm_head (model/optim.py).
-Attention, MLP and loss call only kernels.attention / relu2_mlp / linear_cross_entropy (or kv_cache.attend), so
-kernels.set_mode flips the whole model between Triton and eager. Built on the meta device, sharded with FSDP2
-(train/distributed.py), then `to_empty` + `init_weights()` (weights independent of the world size).
+projections zero. kernels.set_mode flips the model between Triton and eager. Built on the meta device, sharded with
+FSDP2 (train/distributed.py), then `to_empty` + `init_weights()` (weights independent of the world size).
 """
 import math
 from dataclasses import dataclass
@@ -50,14 +48,12 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth, **overrides):
-        """nanochat's one-knob model size: n_layer = depth, width 64*depth, head dim 128 (64 when the width is not
-        a multiple of 128, i.e. odd depths, so head dims stay kernel-friendly). d20 = 1280 wide, 10 heads."""
+        """nanochat's one-knob size: n_layer = depth, width 64*depth, head dim 128 (64 at odd depths); d20: 10 heads."""
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"GPTConfig.from_depth: depth must be an integer >= 1, got {depth!r}")
-        n_embd = 64 * depth
-        n_head = n_embd // 128 if n_embd % 128 == 0 else n_embd // 64
+        n_head = depth if depth % 2 else depth // 2
         kv = overrides.get("n_head", n_head)  # n_head overridden alone: n_kv_head follows it
-        return cls(**{**dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=kv), **overrides})
+        return cls(**{**dict(n_layer=depth, n_embd=64 * depth, n_head=n_head, n_kv_head=kv), **overrides})
 
 def norm(x):
     """RMSNorm without a learned weight."""
@@ -80,10 +76,9 @@ def head_logits(x, w):
 def head_loss(x, w, targets, reduction="mean"):
     """Hidden states (B, T, C), lm_head weight (V, C), targets (B, T) int64 (-1 = no loss) -> mean loss over targets
     != -1 ("mean") or per token (B, T) ("none"); one op, so the fused path never holds the (B*T, V) logits."""
-    B, T, C = x.shape
-    loss = linear_cross_entropy(norm(x).reshape(B * T, C), w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
+    loss = linear_cross_entropy(norm(x).flatten(0, 1), w, targets.reshape(-1), softcap=SOFTCAP, ignore_index=-1,
                                 reduction=reduction)
-    return loss.view(B, T) if reduction == "none" else loss
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -135,9 +130,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # 10x the training length, so the engine can generate past it; recomputed in init_weights (after to_empty)
         self.rotary_len = 10 * config.sequence_len
-        cos, sin = precompute_rotary(self.rotary_len, config.head_dim)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in zip(("cos", "sin"), precompute_rotary(self.rotary_len, config.head_dim)):
+            self.register_buffer(name, table, persistent=False)
         # train.distributed.apply_compile swaps in compiled versions
         self.embed, self.head_logits, self.head_loss = embed, head_logits, head_loss
 
@@ -175,9 +169,8 @@ class GPT(nn.Module):
                             dict(params=list(self.transformer.wte.parameters()), lr=embedding_lr * scale)],
                            weight_decay=weight_decay)
         muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95)
-        for opt in (adamw, muon):
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
+        for group in adamw.param_groups + muon.param_groups:
+            group["initial_lr"] = group["lr"]
         return [adamw, muon]
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
