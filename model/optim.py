@@ -5,11 +5,10 @@ Muon (MomentUm Orthogonalized by Newton-Schulz), per matrix W with gradient G:
     U   = (1 - momentum) * G + momentum * buf                  # Nesterov look-ahead
     O   = newton_schulz(U)                                      # ~ U V^T of the SVD: all singular values ~ 1
     W  -= lr * max(1, rows/cols)^0.5 * O
-Newton-Schulz runs through kernels.newton_schulz, in bf16 on CUDA as nanochat, fp32 on CPU.
-
-Under FSDP2 (sharded on dim 0) the momentum update runs on the local shard; Newton-Schulz needs whole matrices, so
-matrix i (counted over all same-shape param groups) is owned by rank i % W: per group one async all_to_all sends the
-shards to their owners, which orthogonalise theirs in ONE batched call, and a second sends the results back.
+Newton-Schulz (kernels.newton_schulz) runs in bf16 on CUDA as nanochat, fp32 on CPU. Under FSDP2 (sharded on dim 0)
+the momentum update runs on the local shard; Newton-Schulz needs whole matrices, so matrix i (counted over all param
+groups) is owned by rank i % W: per group one async all_to_all sends the shards to their owners, which orthogonalise
+theirs in ONE batched call, and a second sends the results back.
 """
 import torch
 import torch.distributed as dist
@@ -58,10 +57,9 @@ class Muon(torch.optim.Optimizer):
                 updates = [self._momentum_update(p, group) for p in params]
                 jobs.append((group, self._orthogonalize(params, updates, group["ns_steps"], base)))
             base += len(params)  # owners continue round-robin across groups, so small groups spread over ranks
-        for _, job in jobs:
-            next(job)  # stage 1: shards sent to their owners (async)
-        for _, job in jobs:
-            next(job)  # stage 2: owners orthogonalise their full matrices, results sent back (async)
+        for _ in range(2):  # stage 1: shards sent to their owners; 2: owners orthogonalise, results sent back (async)
+            for _, job in jobs:
+                next(job)
         for group, job in jobs:
             outs = next(job)  # stage 3: this rank's rows of every orthogonalised matrix
             for p, o in zip(group["params"], outs):
@@ -90,17 +88,15 @@ class Muon(torch.optim.Optimizer):
         mesh = getattr(p0, "device_mesh", None)
         if mesh is None or mesh.size() == 1:  # every matrix is whole here: one batched call, no communication
             yield
-            out = self._ns(torch.stack([u.to(ns_dtype) for u in updates]), steps)
             yield
-            yield out.unbind(0)
+            yield self._ns(torch.stack([u.to(ns_dtype) for u in updates]), steps).unbind(0)
             return
         if mesh.ndim != 1 or tuple(p0.placements) != (Shard(0),):
             raise ValueError(f"Muon: expected parameters sharded on dim 0 over a 1-D mesh (FSDP2), "
                              f"got placements {p0.placements} on a {mesh.ndim}-D mesh")
         pg = mesh.get_group()
         W, r = dist.get_world_size(pg), dist.get_rank(pg)
-        rows, cols = p0.shape
-        n = len(params)
+        (rows, cols), n = p0.shape, len(params)
         P = -(-rows // W)                 # shard rows (torch.chunk), padded to equal size in the buffers
         my_rows = max(0, min(P, rows - r * P))
         # matrix i (global index base + i) is owned by rank (base + i) % W and sits in slot (base % W + i) // W
@@ -113,14 +109,10 @@ class Muon(torch.optim.Optimizer):
         # send[o, j] = my shard of the matrix that rank o owns in slot j
         send = torch.zeros(W, k, P, cols, dtype=ns_dtype, device=updates[0].device)
         for i, u in enumerate(updates):
-            if u.shape != (my_rows, cols):
-                raise ValueError(f"Muon: local shard of shape {tuple(u.shape)}, expected ({my_rows}, {cols}) "
-                                 f"(dim-0 chunks of a ({rows}, {cols}) matrix over {W} ranks)")
             send[owner[i], slot[i], :my_rows] = u
         recv = torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
         yield
-
         work.wait()
         # recv[s, j] = rank s's shard of my matrix in slot j -> my full matrices (hi - lo, rows, cols)
         full = recv[:, lo:hi].permute(1, 0, 2, 3).reshape(hi - lo, W * P, cols)[:, :rows]
@@ -131,7 +123,6 @@ class Muon(torch.optim.Optimizer):
         out = torch.empty_like(back)
         work = dist.all_to_all_single(out, back, group=pg, async_op=True)
         yield
-
         work.wait()
         # out[o, j] = my rows of the matrix rank o owns in slot j
         yield [out[owner[i], slot[i], :my_rows] for i in range(n)]
