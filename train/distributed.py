@@ -1,8 +1,4 @@
-"""Process group setup and FSDP2 model construction, in one place.
-
-    python -m train.base ...                               # single process (CPU or one GPU)
-    torchrun --nproc_per_node=8 -m train.base -- ...       # one process per GPU (NCCL); stage flags after --
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m train.base -- --preset tiny   # CPU, gloo
+"""Process group setup and FSDP2 model construction (stages run under `torchrun ... -m train.<stage> -- <flags>`).
 
 One code path for every world size: without torchrun a process still gets a 1-rank group (in-memory HashStore) and
 an FSDP2 model, so optimizers, checkpoints and the loop always see DTensors; only on one CPU rank the root's wte and
@@ -32,21 +28,20 @@ def init_distributed(device_type=None):
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"init_distributed: device_type must be 'cuda' or 'cpu', got {device_type!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("init_distributed: CUDA requested but no GPU is visible; use device_type='cpu'")
+    cuda = device_type == "cuda"
     is_dist = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"init_distributed: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
-                               "launch at most one process per GPU")
+            raise RuntimeError(f"init_distributed: CUDA on LOCAL_RANK {local_rank} but {torch.cuda.device_count()} "
+                               "GPUs visible; use device_type='cpu' or launch at most one process per GPU")
         torch.cuda.set_device(device)
-    backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
         if is_dist:  # env:// rendezvous from torchrun
-            dist.init_process_group(backend, **(dict(device_id=device) if device_type == "cuda" else {}))
+            dist.init_process_group(backend, device_id=device if cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if dist.get_world_size() != world_size:
@@ -69,14 +64,12 @@ def apply_compile(model, backend="inductor"):
     """Compile a GPT in place, part by part, each with fullgraph=True: every block (nn.Module.compile: parameter names
     and state dicts do not change) and the root's embed / head_loss / head_logits. Call it before fully_shard or on a
     plain model. backend: "inductor", or "aot_eager" for CPU smoke runs (no C++ build, no speed-up) -> the model."""
-    kwargs = dict(backend=backend, fullgraph=True)
-    # Inductor may hand a block's output back as a view of its buffer; FSDP2 then warns that an in-place op on it
-    # would skip the pre-backward all-gather. GPT.forward never writes into a block's output in place.
+    # Inductor may return a block's output as a view, which FSDP2 warns about; GPT.forward never modifies it in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
     for block in model.transformer.h:
-        block.compile(**kwargs)
+        block.compile(backend=backend, fullgraph=True)
     for name in ("embed", "head_loss", "head_logits"):
-        setattr(model, name, torch.compile(getattr(model, name), **kwargs))
+        setattr(model, name, torch.compile(getattr(model, name), backend=backend, fullgraph=True))
     return model
 
 def build_model(config, dist_info, compile=False, compile_backend="inductor", shard_root=None):
@@ -95,27 +88,22 @@ def build_model(config, dist_info, compile=False, compile_backend="inductor", sh
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    # The root keeps wte + lm_head gathered from a training forward to its backward (no second all-gather); forwards
-    # without grad reshard at once, and a forward that finds them still gathered (a training forward without
-    # backward) reshards first, so a gathered copy never outlives an optimizer step.
+    # The root keeps wte + lm_head gathered from a training forward to its backward (no second all-gather);
+    # _reshard_root drops any other gathered copy, so none outlives an optimizer step.
     if shard_root is None:
         shard_root = dist_info.world_size > 1 or device.type == "cuda"
-    root_params = {model.transformer.wte.weight, model.lm_head.weight}
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False,
-                ignored_params=None if shard_root else root_params)
+                ignored_params=None if shard_root else {model.transformer.wte.weight, model.lm_head.weight})
     if shard_root:
-        model.register_forward_pre_hook(_root_pre_forward, prepend=True)  # before FSDP2's own pre-forward
-        model.register_forward_hook(_root_post_forward)  # after FSDP2's own post-forward
+        model.register_forward_pre_hook(_reshard_root, prepend=True)  # before FSDP2's own pre-forward
+        model.register_forward_hook(_reshard_root)  # after FSDP2's own post-forward
     model.to_empty(device=device)
     model.init_weights()
     return model
 
-def _root_pre_forward(model, args):
-    if not isinstance(model.lm_head.weight, DTensor):  # gathered: a plain tensor
-        model.reshard()
-
-def _root_post_forward(model, args, output):
-    if not torch.is_grad_enabled() and not isinstance(model.lm_head.weight, DTensor):  # no backward will reshard
+def _reshard_root(model, args, output=None):
+    """Reshard a gathered root (plain tensors): before a forward, and after one without grad (no backward will)."""
+    if not isinstance(model.lm_head.weight, DTensor) and (output is None or not torch.is_grad_enabled()):
         model.reshard()
 
 def cleanup():
