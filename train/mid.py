@@ -1,12 +1,9 @@
 """Midtraining: continue the base model on conversations, teaching the special tokens, the python tool and the
-multiple-choice format (nanochat: SmolTalk + MMLU auxiliary_train + GSM8K,
-https://github.com/karpathy/nanochat/blob/master/scripts/mid_train.py).
+multiple-choice format (https://github.com/karpathy/nanochat/blob/master/scripts/mid_train.py); conversations are
+packed into (B, T+1) rows like base training (train.data.PackedLoader), every token a target.
 
     python -m train.mid --preset tiny                                    # from the newest base checkpoint
     torchrun --nproc_per_node=8 -m train.mid -- --preset d20 [--data-url URL]
-
-Rendered conversations are packed into (B, T+1) rows like base training (train.data.PackedLoader), every token a
-target; the recipe is SFT's (train.stage.train_on_mixture).
 """
 from train import stage
 from train.data import PackedLoader

@@ -1,11 +1,9 @@
-"""Supervised fine-tuning on conversations from the newest mid checkpoint, as nanochat's chat_sft
-(https://github.com/karpathy/nanochat/blob/master/scripts/chat_sft.py).
+"""Supervised fine-tuning from the newest mid checkpoint, as nanochat's chat_sft
+(https://github.com/karpathy/nanochat/blob/master/scripts/chat_sft.py): one conversation per row (train.data.SFTLoader),
+truncated to sequence_len + 1 tokens and right-padded; loss only on assistant tokens (mask 1); rows with none skipped.
 
     python -m train.sft --preset tiny
     torchrun --nproc_per_node=8 -m train.sft -- --preset d20             # ARC-E/C + GSM8K + SmolTalk 10k
-
-One conversation per row (train.data.SFTLoader), truncated to sequence_len + 1 tokens, right-padded; loss only on the
-assistant tokens (mask 1), never on padding; rows with no target are skipped. The shared loop is train/loop.py.
 """
 from train import stage
 from train.data import SFTLoader

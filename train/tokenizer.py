@@ -4,8 +4,7 @@
     python -m train.tokenizer --vocab-size 4096 --max-chars 1000000
 
 Corpus: `load_corpus("train")`, documents capped at --doc-cap characters, stopped after --max-chars (nanochat: 2 B
-characters of FineWeb-Edu); held-out: `load_corpus("val")`. The printed vocab size is the real one (a small corpus
-can run out of pairs first). Single process (rustbpe uses every core); under torchrun only rank 0 calls it.
+characters of FineWeb-Edu); held-out: `load_corpus("val")`. Single process (rustbpe uses every core).
 """
 import argparse
 import os
@@ -37,10 +36,9 @@ def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=No
     train_s = time.perf_counter() - t0
     out_dir = out_dir or os.path.join(home_dir(), "tokenizer")
     tok.save(out_dir)
-    stats = {"vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "train_chars": sum(map(len, docs)),
-             "train_seconds": round(train_s, 3), "val_bytes_per_token": round(bytes_per_token(tok, val_docs), 4),
-             "train_bytes_per_token": round(bytes_per_token(tok, docs[:200]), 4), "dir": out_dir}
-    return tok, stats
+    return tok, {"vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "train_chars": sum(map(len, docs)),
+                 "train_seconds": round(train_s, 3), "val_bytes_per_token": round(bytes_per_token(tok, val_docs), 4),
+                 "train_bytes_per_token": round(bytes_per_token(tok, docs[:200]), 4), "dir": out_dir}
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
