@@ -1,6 +1,5 @@
-"""Benchmark suites: `python -m bench.<suite>`, or all with `python -m bench.kernels --suite all`. Without CUDA the
-fused providers run under the Triton interpreter, which must be on before triton is imported: importing this package
-switches it on, once, for every suite."""
+"""Benchmark suites: `python -m bench.<suite>`, or all with `python -m bench.kernels --suite all`. Off CUDA the fused
+providers run under the Triton interpreter, switched on here, before triton is imported, for every suite."""
 import os
 
 import torch

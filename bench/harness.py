@@ -127,9 +127,7 @@ def print_table(rows):
 def plot(suite, rows, path):
     """One bar group per case: the speed ratio of every provider to the baseline (1.0 = baseline)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure to close
     except ImportError:
         return
     rows = [r for r in rows if r.get("ratio") is not None]
@@ -137,7 +135,8 @@ def plot(suite, rows, path):
         return
     label = lambda r: f"{fmt_case(r['case'])} {r['pass']}"
     labels, providers = sorted({label(r) for r in rows}, key=str), sorted({r["provider"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4), layout="tight")
+    fig = Figure(figsize=(max(6, 0.5 * len(labels) * len(providers)), 4), layout="tight")
+    ax = fig.subplots()
     w = 0.8 / len(providers)
     for i, p in enumerate(providers):
         vals = {label(r): r["ratio"] for r in rows if r["provider"] == p}
@@ -147,7 +146,6 @@ def plot(suite, rows, path):
     ax.set(ylabel="speed vs baseline (x)", title=suite)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 def write_results(suite, rows, info, peaks=None, out_dir=None, png=True, quick=False):
     """Write <out_dir>/<suite>-<device>-<date>[-quick].json (+ .png) and print its path; -> the JSON path. Quick runs

@@ -12,8 +12,7 @@ def main(argv=None):
     ap.add_argument("--suite", default="all", help=f"all, or a comma list of: {', '.join(SUITES)}")
     args = ap.parse_args(argv)
     names = SUITES if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
-    unknown = [s for s in names if s not in SUITES]
-    if unknown:
+    if unknown := [s for s in names if s not in SUITES]:
         sys.exit(f"bench.kernels: unknown suite(s) {', '.join(unknown)}; choose from all, {', '.join(SUITES)}")
     paths, failed = [], []
     for name in names:

@@ -1,12 +1,11 @@
 """Benchmark: the LM head's loss (linear -> fp32 softcap -> cross-entropy), forward+backward and no-grad forward.
 
-GPU (bf16): V = 65536, C = n_embd of d20 and d32 (1280, 2048), tokens in {8k, 32k, 64k}; --quick keeps (8k, d20)
-and (32k, d32); 10 % of the targets are ignored (-1). Providers: eager = linear_cross_entropy_reference (matmul,
-.float(), 15 tanh(z / 15), F.cross_entropy: materialises N x V); compile = torch.compile of it; chunked = the same
-per chunk of tokens under torch.utils.checkpoint with the fused path's logits budget (2^28 elements per chunk), the
-plain-PyTorch way to bound memory; fused = linear_cross_entropy_triton (cuBLAS GEMMs + one Triton row kernel,
-gradients computed in the forward). TFLOP/s from the loss's useful work: forward 2*N*V*C, fwd+bwd 6*N*V*C (chunked
-recomputes z: 8*N*V*C, counted as 6). A provider out of GPU memory gets a row with no time and oom=True.
+GPU (bf16): V = 65536, C = n_embd of d20 and d32 (1280, 2048), tokens in {8k, 32k, 64k}; --quick keeps (8k, d20) and
+(32k, d32); 10 % of the targets are ignored (-1). Providers: eager = linear_cross_entropy_reference (matmul, .float(),
+15 tanh(z / 15), F.cross_entropy: materialises N x V); compile = torch.compile of it; chunked = the same per chunk of
+tokens under torch.utils.checkpoint (the fused path's logits budget), the plain-PyTorch way to bound memory; fused =
+linear_cross_entropy_triton (cuBLAS GEMMs + one Triton row kernel, gradients computed in the forward). TFLOP/s: forward
+2*N*V*C, fwd+bwd 6*N*V*C (chunked recomputes z: 8*N*V*C, counted as 6). Out of GPU memory: a row with oom=True.
 """
 import torch
 from torch.utils.checkpoint import checkpoint

@@ -1,10 +1,9 @@
 """Benchmark: Newton-Schulz (5 steps), eager reference vs torch.compile of it vs the fused Triton kernels.
 
-GPU (bf16, fp32 accumulation), pass "ns5": (768, 768), (1280, 1280), (1280, 5120), (5120, 1280), (4096, 4096) and a
-batch of 20 x (1280, 1280), the shapes of the d12/d20/d32 block matrices; pass "gram": the symmetric X X^T alone
-(torch matmul vs gram_triton); pass "muon_step": the whole Muon step (model/optim.py) over a d20 model's block
-matrices, eager vs fused. TFLOP/s for every provider uses the reference's FLOP count (per step 4 m^2 n + 2 m^3,
-m <= n; Gram 2 m^2 n), so the symmetric kernels show up as a higher effective rate.
+GPU (bf16, fp32 accumulation), pass "ns5": the d12/d20/d32 block matrices' shapes and a batch of 20 x (1280, 1280);
+"gram": the symmetric X X^T alone (torch matmul vs gram_triton); "muon_step": the whole Muon step (model/optim.py)
+over a d20 model's block matrices, eager vs fused. TFLOP/s for every provider uses the reference's FLOP count (per
+step 4 m^2 n + 2 m^3, m <= n; Gram 2 m^2 n), so the symmetric kernels show up as a higher effective rate.
 """
 import torch
 

@@ -17,9 +17,6 @@ from kernels.paged_decode import paged_decode_attention_reference, paged_decode_
 
 SUITE = "paged_decode"
 
-def _free_bytes():
-    return torch.cuda.mem_get_info()[0] if harness.on_gpu() else 1 << 62
-
 def _timed_or_oom(case, name, fn, args, quick, bytes_):
     try:
         return [harness.timed_row(SUITE, case, name, "decode", lambda: fn(*args), quick, bytes_=bytes_)]
@@ -29,6 +26,7 @@ def _timed_or_oom(case, name, fn, args, quick, bytes_):
 
 def run(quick):
     dev, dtype = ("cuda", torch.bfloat16) if harness.on_gpu() else ("cpu", torch.float32)
+    free = lambda: torch.cuda.mem_get_info()[0] if dev == "cuda" else 1 << 62
     if dev == "cuda":
         batches, contexts = ((8, 64), (4096, 16384)) if quick else ((1, 8, 64, 256), (1024, 4096, 16384, 32768))
         grid = [(bs, B, L, hkv) for bs in (16, 64) for B in batches for L in contexts for hkv in (16, 4)]
@@ -41,7 +39,7 @@ def run(quick):
         case = dict(c, dtype=str(dtype).replace("torch.", ""))
         cache_bytes = 2 * B * L * Hkv * D * dtype.itemsize
         bytes_ = cache_bytes + 2 * B * H * D * dtype.itemsize  # K + V read once, q read, out written
-        if 1.2 * cache_bytes > _free_bytes():
+        if 1.2 * cache_bytes > free():
             print(f"[{SUITE}] skip {case}: the cache ({cache_bytes / 2**30:.1f} GiB) does not fit")
             continue
         nblk = B * -(-L // bs)
@@ -51,11 +49,11 @@ def run(quick):
         seq_lens = torch.full((B,), L, device=dev, dtype=torch.int32)
         q = torch.randn(B, H, D, device=dev, dtype=dtype)
         paged = (q, k_cache, v_cache, table, seq_lens)
-        eager_fits = 1.2 * cache_bytes < _free_bytes()  # its gathered copy
+        eager_fits = 1.2 * cache_bytes < free()  # its gathered copy
         rows += _timed_or_oom(case, "fused", paged_decode_attention_triton, paged, quick, bytes_)
         if eager_fits:
             rows += _timed_or_oom(case, "eager", paged_decode_attention_reference, paged, quick, bytes_)
-        fits_dense = 1.2 * cache_bytes < _free_bytes() + cache_bytes  # the dense cache replaces the paged one
+        fits_dense = 1.2 * cache_bytes < free() + cache_bytes  # the dense cache replaces the paged one
         del k_cache, v_cache, paged
         if fits_dense:
             kd = torch.empty(B, Hkv, L, D, device=dev, dtype=dtype).normal_()

@@ -2,8 +2,7 @@
 
 GPU (bf16): tokens in {8k, 32k, 64k} x (C, F = 4C) of GPTConfig.from_depth(12, 20, 26, 32); --quick keeps (8k, d20)
 and (32k, d32). TFLOP/s from 4*M*C*F for the forward (two GEMMs), twice that for the backward (four); the "fwd"
-row's peak memory holds the saved activations. Providers: eager (relu2_mlp_reference), compile (torch.compile of it),
-fused (relu2_mlp_triton).
+row's peak memory holds the saved activations.
 """
 import torch
 

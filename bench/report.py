@@ -1,8 +1,5 @@
 """All JSON results -> one markdown table (what the README shows): per (suite, device) the newest full run (a quick
-smoke run only where no full run exists).
-
-    python -m bench.report [--results bench/results] [--out bench/results/README.md]
-"""
+smoke run only where no full run exists). `python -m bench.report [--results bench/results] [--out FILE.md]`"""
 import argparse
 import glob
 import json
@@ -23,11 +20,8 @@ def load_newest(results_dir):
             newest[key] = data
     return [newest[k] for k in sorted(newest)]
 
-def _f(v, spec=".3g"):
-    return "-" if v is None else format(v, spec)
-
 def to_markdown(results):
-    lines = []
+    lines, f = [], lambda v, spec=".3g": "-" if v is None else format(v, spec)
     for data in results:
         info = data["info"]
         lines += [f"### {data['suite']} — {info['device']}" + (" (quick)" if data.get("quick") else ""), "",
@@ -36,8 +30,8 @@ def to_markdown(results):
                   + (f" — {info['note']}" if info.get("note") else ""), "",
                   "| case | pass | provider | ms | TFLOP/s | GB/s | ratio |", "|---|---|---|---|---|---|---|"]
         for r in data["rows"]:
-            lines.append(f"| {fmt_case(r['case'])} | {r['pass']} | {r['provider']} | {_f(r.get('ms'))} | "
-                         f"{_f(r.get('tflops'))} | {_f(r.get('gbps'))} | {_f(r.get('ratio'), '.2f')} |")
+            lines.append(f"| {fmt_case(r['case'])} | {r['pass']} | {r['provider']} | {f(r.get('ms'))} | "
+                         f"{f(r.get('tflops'))} | {f(r.get('gbps'))} | {f(r.get('ratio'), '.2f')} |")
         lines.append("")
     return "\n".join(lines)
 

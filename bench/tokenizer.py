@@ -67,8 +67,7 @@ def train_bpe(module, docs, vocab, reps, pattern):
     return times, cpu, enc, hashlib.sha256(b"".join(sorted(ranks, key=ranks.get))).hexdigest()
 
 def import_pypi_rustbpe():
-    """PyPI's `rustbpe`, installed once into PYPI_DIR and loaded from there by path (ours is `tritonchat_rustbpe`:
-    both load in one process), or None with a printed reason."""
+    """PyPI's `rustbpe`, installed once into PYPI_DIR and loaded by path beside ours, or None with a printed reason."""
     if not os.path.isdir(os.path.join(PYPI_DIR, "rustbpe")):
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary", ":all:",
                "--target", PYPI_DIR, "rustbpe"]
@@ -146,7 +145,6 @@ def run(quick=False):
     return rows
 
 def main(argv=None):
-    # Not harness.main, which forces the quick run off-GPU: tokenizer training is CPU work, so only --quick does here.
     args = harness.parser(__doc__.split("\n")[0], quick="500 kB of the corpus, vocab 512").parse_args(argv)
     info = harness.header(SUITE)
     info["note"] = f"tokenizer suite: {'quick' if args.quick else 'full'} CPU run; {os.cpu_count()} cores"
