@@ -1,9 +1,7 @@
-"""Tasks: datasets of conversations with a score. `get_task(name, split)` builds one by name; `build_mixture(spec)`
-builds a weighted mixture from a spec string such as "arithmetic:2,spelling,identity:0.5,smoltalk@10000"
-(":w" = weight in epochs, "@n" = only the first n examples). Real tasks download on first use and present their
-rows in a seeded shuffle of the whole split (common.py), so their first n examples are a seeded sample; embedded
-tasks generate each example from its own seed (train and test seeds differ, so test problems are unseen).
-"""
+"""Tasks: datasets of conversations with a score. `get_task(name, split)` builds one by name; `build_mixture(spec)` a
+weighted mixture from a spec such as "arithmetic:2,spelling,identity:0.5,smoltalk@10000" (":w" = weight in epochs,
+"@n" = the first n examples: of a real task, downloaded on first use and in a seeded shuffle (common.py), a seeded
+sample). Embedded tasks generate each example from its own seed; train and test seeds differ (test problems unseen)."""
 from train.tasks import arc, embedded, gsm8k, humaneval, mmlu, smoltalk
 from train.tasks.common import TaskError, TaskMixture
 
@@ -17,9 +15,8 @@ REAL_TASKS = {"smoltalk": (smoltalk.SmolTalk, {}), "mmlu": (mmlu.MMLU, {"subset"
 TASKS = (*EMBEDDED, *REAL_TASKS)
 
 def get_task(name, split="train", n=None, files=None, **kwargs):
-    """One task by name, every example checked against what rendering requires (Task.validate: TaskError naming
-    the task and the example). split: train | test (| validation for ARC). n: size of an embedded task, or the first
-    n examples (a seeded sample) of a real one. files: local paths or URLs read instead of the HF hub."""
+    """One task by name, each example checked (Task.validate: TaskError naming it). split: train | test (| validation
+    for ARC); n: an embedded task's size, or a real one's first n (seeded) examples; files: paths/URLs, not the hub."""
     if name in EMBEDDED:
         task = EMBEDDED[name](n=n or (2000 if split == "train" else 200),
                               seed={"train": 0, "test": 1, "validation": 2}[split], **kwargs)

@@ -16,7 +16,5 @@ class ARC(MCTask):
             "question, choices {text, label} and an answerKey among the labels")
 
     def get_example(self, index):
-        r = self.rows[index]
-        labels = r["choices"]["label"]
-        # labels are sometimes "1".."4"; we always present A, B, C, ... (the answer index carries over)
-        return mc_conversation(r["question"], r["choices"]["text"], labels.index(r["answerKey"]))
+        r = self.rows[index]  # labels are sometimes "1".."4"; presented as A, B, C, ... (the answer index carries over)
+        return mc_conversation(r["question"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))

@@ -1,12 +1,10 @@
-"""Offline tasks, generated deterministically from a seed, so the whole pipeline (mid, SFT, RL, chat evals) runs with
-no download; same conversation format and scoring as the real tasks. Arithmetic: GSM8K-style word problems whose
-solution calls the python tool (the text after the tool's output restates the result, as in GSM8K, so it reads right
-as plain text), scored by the "####" answer; Spelling: spell a word, or count a letter in it (with the tool);
-Identity: "who are you?" (scored by naming itself); NumberMC: "which number is the largest?" (4-way multiple choice).
-"""
+"""Offline tasks generated from a seed, so the whole pipeline (mid, SFT, RL, chat evals) runs with no download, in the
+real tasks' format and scoring. Arithmetic: GSM8K-style word problems solved with the python tool (the text after its
+output restates the result, as in GSM8K), scored by the "####" answer; Spelling: spell a word, or count a letter in it
+(with the tool); Identity: "who are you?" (named right); NumberMC: "which number is the largest?" (4-way choice)."""
 import random
 
-from train.tasks.common import AnswerTask, MCTask, Task, extract_answer, mc_conversation
+from train.tasks.common import AnswerTask, MCTask, Task, mc_conversation
 
 WORDS = ("apple banana cherry orange grape lemon melon peach river mountain forest ocean island garden window "
          "kitchen pencil letter bottle button candle doctor dragon engine finger flower guitar hammer jacket "
@@ -53,7 +51,7 @@ class Arithmetic(Generated, AnswerTask):
                  {"type": "python_output", "text": result}, {"type": "text", "text": f"{result}.\n#### {result}"}]
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
 
-class Spelling(Generated):
+class Spelling(Generated, AnswerTask):
     name = "spelling"
 
     def generate(self, rng):
@@ -72,11 +70,9 @@ class Spelling(Generated):
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}], "kind": "count"}
 
     def evaluate(self, conversation, completion):
-        ref = conversation["messages"][-1]["content"]
         if conversation.get("kind") == "spell":
-            return int(completion.strip().lower() == ref)
-        pred = extract_answer(completion)
-        return int(pred is not None and pred == extract_answer(ref[-1]["text"]))
+            return int(completion.strip().lower() == conversation["messages"][-1]["content"])
+        return super().evaluate(conversation, completion)  # the "####" count
 
 class Identity(Generated):
     name = "identity"

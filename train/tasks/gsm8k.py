@@ -1,18 +1,15 @@
 """GSM8K (openai/gsm8k, Cobbe et al. 2021, https://arxiv.org/abs/2110.14168): grade-school math word problems with a
-verifiable answer after "####". Rows in the seeded order of train/tasks/common.py. Solutions carry calculator
-annotations whose result the text after them restates (all 4282 of the test split), so the result shows once either
-way: as text the annotation is dropped ("She sold 48/2 = <<48/2=24>>24 clips" -> "She sold 48/2 = 24 clips"); as a
-tool call (chat) it is text "She sold 48/2 = ", python "48/2", python_output "24", text "24 clips".
-"""
+verifiable answer after "####", rows in common.py's seeded order. The text after each calculator annotation restates
+its result (all 4282 of the test split), so the result shows once either way: as text the annotation is dropped
+("She sold 48/2 = <<48/2=24>>24 clips" -> "She sold 48/2 = 24 clips"); as a tool call (chat) it is text
+"She sold 48/2 = ", python "48/2", python_output "24", text "24 clips"."""
 import re
 
 from train.tasks.common import AnswerTask, extract_answer, real_rows
 
-ANNOTATION = re.compile(r"<<[^>]*>>")
-
 def strip_annotations(answer):
     """A GSM8K solution string as plain text: every `<<expr=result>>` removed."""
-    return ANNOTATION.sub("", answer)
+    return re.sub(r"<<[^>]*>>", "", answer)
 
 def solution_parts(answer):
     """A GSM8K-style solution string -> assistant message parts with python tool calls."""

@@ -1,10 +1,8 @@
 """HumanEval (openai/openai_humaneval, Chen et al. 2021, https://arxiv.org/abs/2107.03374): 164 Python functions to
-complete, scored by running the unit tests in the sandbox (model/sandbox.py). Rows in the seeded order of common.py.
-The program is the prompt (imports, helpers, signature, docstring: HumanEval/10, /32, /38, /50 call helpers of their
-prompt, 21 prompts import from typing), then the answer (a body continuing the prompt, or a whole `def
-<entry_point>(` dedented after it), then the problem's `check` function and `check(<entry_point>)`: right when the
-program exits cleanly.
-"""
+complete, rows in common.py's seeded order, scored by running the unit tests in the sandbox (model/sandbox.py): the
+prompt (imports, helpers, signature, docstring: HumanEval/10, /32, /38, /50 call helpers of their prompt, 21 prompts
+import from typing), the answer (a body continuing it, or a whole `def <entry_point>(` dedented after it), then the
+problem's `check` function and `check(<entry_point>)`, right when the program exits cleanly."""
 import os
 import re
 import textwrap
@@ -21,10 +19,9 @@ def extract_program(completion):
 def build_program(prompt, code, test, entry_point):
     """The program that scores `code` (a body or a whole function) against one problem -> str."""
     head = prompt if prompt.endswith("\n") else prompt + "\n"
-    body = code  # a body continues the prompt; a whole function goes to the top level after it
     if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.MULTILINE):
-        body = "\n" + textwrap.dedent(code)
-    return f"{head}{body}\n\n{test}\n\ncheck({entry_point})\n"
+        code = "\n" + textwrap.dedent(code)  # a whole function goes to the top level after the prompt
+    return f"{head}{code}\n\n{test}\n\ncheck({entry_point})\n"
 
 class HumanEval(Task):
     name = "humaneval"
@@ -53,8 +50,7 @@ class HumanEval(Task):
         return int(bool(result.success))
 
     def evaluate_many(self, pairs, workers=None):
-        """[(conversation, completion), ...] -> [0|1, ...] in order, each program in its own jail, `workers` at a
-        time (default: CPU count, at least 2: the threads mostly wait on the jailed processes)."""
+        """[(conversation, completion), ...] -> [0|1, ...] in order, `workers` jails at once (default: CPUs, >= 2)."""
         pairs = list(pairs)
         with ThreadPoolExecutor(min(workers or max(2, os.cpu_count() or 1), max(1, len(pairs)))) as pool:
             return list(pool.map(lambda ct: self.evaluate(*ct), pairs))

