@@ -27,6 +27,7 @@ import torch
 
 import kernels
 from bench import harness
+from model.common import int_at_least
 from model.engine import Engine
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import SPECIAL_TOKENS
@@ -59,8 +60,6 @@ def peer_engine(path, ours, tok):
     """nanochat's Engine (imported from a local checkout at `path`) over its GPT configured as the plain architecture
     holding our weights (module docstring)."""
     path = os.path.abspath(path)
-    if not os.path.isfile(os.path.join(path, "nanochat", "engine.py")):
-        sys.exit(f"bench.engine: {path} is not a nanochat checkout (no nanochat/engine.py)")
     sys.path.insert(0, path)
     import nanochat.common
     import nanochat.engine
@@ -172,7 +171,7 @@ def run(args):
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
     many = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
-    cases = [(dict(samples=n), [prompt], n) for n in map(int, args.samples.split(","))]
+    cases = [(dict(samples=n), [prompt], n) for n in args.samples]
     cases.append((dict(prompts=args.prompts), many, 1))
 
     # name -> (kernel mode, runner, engine); every run prefills its prompt, as nanochat's
@@ -227,14 +226,17 @@ def run(args):
 def main(argv=None):
     ap = harness.parser(__doc__.splitlines()[0], quick="at most 2 reps")
     ap.add_argument("--peer", default=None, help="a nanochat checkout to run side by side (imported at run time)")
-    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians are reported)")
-    ap.add_argument("--samples", default="1,8,32", help="comma list of num_samples for the one-prompt cases")
-    ap.add_argument("--prompts", type=int, default=8, help="number of different prompts for the batching case")
+    ap.add_argument("--reps", type=int_at_least(1), default=5, help="interleaved repetitions (medians are reported)")
+    ap.add_argument("--samples", type=lambda s: [int_at_least(1)(n) for n in s.split(",")], default="1,8,32",
+                    help="comma list of num_samples for the one-prompt cases")
+    ap.add_argument("--prompts", type=int_at_least(1), default=8, help="different prompts for the batching case")
     for flag, default in (("--prompt-len", 64), ("--max-tokens", 128), ("--depth", 4), ("--head-dim", 64)):
-        ap.add_argument(flag, type=int, default=default)
-    ap.add_argument("--vocab", type=int, default=2048, help="vocabulary size (the tiny preset's tokenizer: 2048)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        ap.add_argument(flag, type=int_at_least(1), default=default)
+    ap.add_argument("--vocab", type=int_at_least(256), default=2048, help="the tiny preset's tokenizer has 2048")
+    ap.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.peer and not os.path.isfile(os.path.join(args.peer, "nanochat", "engine.py")):
+        ap.error(f"--peer {args.peer} is not a nanochat checkout (no nanochat/engine.py)")
     info = harness.header(SUITE, f"  threads {args.threads or torch.get_num_threads()}  load {os.getloadavg()[0]:.1f}")
     rows = run(args)
     info["load_avg_1min"] = os.getloadavg()[0]

@@ -5,7 +5,6 @@ The table is printed and written to bench/results/<suite>-<device>-<date>.json (
 torch, triton, git commit and date. On CPU the suites run tiny fp32 smoke shapes without torch.compile providers, the
 fused ones under the Triton interpreter (the timings measure the interpreter): the JSON says "cpu".
 """
-import argparse
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import timeit
 import torch
 import triton.testing
 
-from model.common import versions
+from model.common import ArgumentParser, versions, writable_dir
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -164,9 +163,9 @@ def write_results(suite, rows, info, peaks=None, out_dir=None, png=True, quick=F
 
 def parser(description, quick="fewer shapes and repetitions (CPU always runs tiny ones)"):
     """The flags every suite takes: --quick, --out DIR, --no-png."""
-    ap = argparse.ArgumentParser(description=description)
+    ap = ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help=quick)
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--out", type=writable_dir, help="output folder (default $OUT, else bench/results)")
     ap.add_argument("--no-png", action="store_true", help="skip the plot")
     return ap
 

@@ -13,7 +13,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     names = SUITES if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
     if unknown := [s for s in names if s not in SUITES]:
-        sys.exit(f"bench.kernels: unknown suite(s) {', '.join(unknown)}; choose from all, {', '.join(SUITES)}")
+        ap.error(f"unknown suite(s) {', '.join(unknown)}; choose from all, {', '.join(SUITES)}")
     paths, failed = [], []
     for name in names:
         try:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from bench import harness
+from model.common import ArgumentParser, float_between, int_at_least, writable_dir
 
 SUITE = "serve"
 CORPUS = ["Hello there! How are you today? I am fine, thank you. " * 4,
@@ -184,23 +185,25 @@ def run(args):
     return rows
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="load test of model/server.py")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
-    ap.add_argument("--max-tokens", type=int, default=32, help="completion tokens asked per request")
-    ap.add_argument("--stalled", type=int, default=16, help="stalled clients in the second phase")
-    ap.add_argument("--layers", type=int, default=2, help="random model: layers")
-    ap.add_argument("--width", type=int, default=128, help="random model: width (heads of 64)")
-    ap.add_argument("--context", type=int, default=256, help="random model: trained context")
-    ap.add_argument("--max-concurrency", type=int, default=None, help="server places (default: --clients)")
-    ap.add_argument("--max-queue", type=int, default=64, help="server queue depth")
-    ap.add_argument("--body-timeout", type=float, default=2.0, help="server body deadline (s)")
+    ap = ArgumentParser(description="load test of model/server.py")
+    ap.add_argument("--clients", type=int_at_least(1), default=8, help="concurrent streaming clients")
+    ap.add_argument("--requests", type=int_at_least(1), default=4, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int_at_least(1), default=32, help="completion tokens asked per request")
+    ap.add_argument("--stalled", type=int_at_least(0), default=16, help="stalled clients in the second phase")
+    ap.add_argument("--layers", type=int_at_least(1), default=2, help="random model: layers")
+    ap.add_argument("--width", type=int_at_least(1), default=128, help="random model: width (heads of 64)")
+    ap.add_argument("--context", type=int_at_least(1), default=256, help="random model: trained context")
+    ap.add_argument("--max-concurrency", type=int_at_least(1), help="server places (default: --clients)")
+    ap.add_argument("--max-queue", type=int_at_least(0), default=64, help="server queue depth")
+    ap.add_argument("--body-timeout", type=float_between(0.1, 3600), default=2.0, help="server body deadline (s)")
     ap.add_argument("--device", default="cuda" if harness.on_gpu() else "cpu")
     ap.add_argument("--kernels", default="auto", choices=["eager", "fused", "auto"])
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--out", type=writable_dir, help="output folder (default $OUT, else bench/results)")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.width % 64:
+        ap.error(f"--width must be a multiple of 64 (heads of 64), got {args.width}")
     args.max_concurrency = args.max_concurrency or args.clients
     if args.serve_only:
         return serve(args)

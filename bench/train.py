@@ -28,7 +28,6 @@ lm_head 83.9 M each, blocks 393 M); N = B x T tokens; one (N, C) bf16 tensor is 
      per block (70 GB) plus ~4 fp32 (N, V) logit tensors of 17.2 GB at the loss: ~140 GB, so the eager preset keeps
      16 x 2 accumulation (nanochat runs 32 x 2048 compiled on 80 GB - not measured here).
 """
-import argparse
 import os
 import threading
 import time
@@ -40,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from bench import harness
-from model.common import peak_flops, print0
+from model.common import ArgumentParser, int_at_least, peak_flops, print0, writable_dir
 from model.gpt import GPT, GPTConfig
 from train.distributed import build_model, cleanup, init_distributed
 
@@ -203,39 +202,35 @@ def _profile(mode, args, dist_info, compiled, build):
             "loss": loss.item(), "warmup_s": warmup_s, "graphs": graphs, "graph_breaks": breaks, "top_kernels": top,
             "recompiles": graphs - warm_graphs, "load_avg": os.getloadavg()[0], "telemetry": telemetry.summary()}
 
-def _csv(value, allowed, flag):
+def _csv(ap, value, allowed, flag):
     items = [v.strip() for v in value.split(",") if v.strip()]
     for v in items:
         if v not in allowed:
-            raise SystemExit(f"bench.train: unknown value {v!r} in {flag} (use {' and/or '.join(allowed)})")
+            ap.error(f"unknown value {v!r} in {flag} (use {' and/or '.join(allowed)})")
     if not items:
-        raise SystemExit(f"bench.train: {flag} is empty")
+        ap.error(f"{flag} is empty")
     return items
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="training throughput profiler (eager vs fused, compiled or not)")
-    ap.add_argument("--depth", type=int, default=20, help="model depth (width 64*depth)")
-    ap.add_argument("--device-batch-size", type=int, default=None, help="default 16 on CUDA (the d20 preset), 2 on CPU")
+    ap = ArgumentParser(description="training throughput profiler (eager vs fused, compiled or not)")
+    ap.add_argument("--depth", type=int_at_least(1), default=20, help="model depth (width 64*depth)")
+    ap.add_argument("--device-batch-size", type=int_at_least(1), help="default 16 on CUDA (the d20 preset), 2 on CPU")
     ap.add_argument("--kernels", default=None, help="comma list of modes (default eager,fused on CUDA, eager on CPU)")
     ap.add_argument("--compile", default=None, help="comma list of off/on (default off,on on CUDA, off on CPU)")
     ap.add_argument("--compile-backend", default="inductor", help="inductor, or aot_eager (CPU smoke: no C++ build)")
     ap.add_argument("--build", default="fsdp", help="comma list: fsdp and/or plain (no FSDP2, whole-model compile)")
     for flag, default in (("--seq-len", 2048), ("--vocab-size", 65536), ("--steps", 10), ("--warmup", 3)):
-        ap.add_argument(flag, type=int, default=default)
+        ap.add_argument(flag, type=int_at_least(1), default=default)  # warmup >= 1: the first step compiles
     ap.add_argument("--profile", action="store_true", help="torch.profiler trace + top kernels by time")
-    ap.add_argument("--out", default=os.environ.get("OUT") or harness.RESULTS_DIR)
+    ap.add_argument("--out", type=writable_dir, default=os.environ.get("OUT") or harness.RESULTS_DIR)
     args = ap.parse_args(argv)
-    if args.depth < 1:
-        raise SystemExit("bench.train: --depth must be >= 1")
-    if args.steps < 1 or args.warmup < 1:
-        raise SystemExit("bench.train: --steps and --warmup must be >= 1 (the first warm-up step compiles)")
     cuda = torch.cuda.is_available()  # as init_distributed picks the device
     args.device_batch_size = args.device_batch_size or (16 if cuda else 2)
-    modes = _csv(args.kernels or ("eager,fused" if cuda else "eager"), ("eager", "fused"), "--kernels")
-    compiles = [c == "on" for c in _csv(args.compile or ("off,on" if cuda else "off"), ("off", "on"), "--compile")]
-    builds = _csv(args.build, ("fsdp", "plain"), "--build")
+    modes = _csv(ap, args.kernels or ("eager,fused" if cuda else "eager"), ("eager", "fused"), "--kernels")
+    compiles = [c == "on" for c in _csv(ap, args.compile or ("off,on" if cuda else "off"), ("off", "on"), "--compile")]
+    builds = _csv(ap, args.build, ("fsdp", "plain"), "--build")
     if "plain" in builds and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("bench.train: --build plain is one process (no data parallelism); run it without torchrun")
+        ap.error("--build plain is one process (no data parallelism); run it without torchrun")
     dist_info = init_distributed()
 
     results = [profile_mode(m, args, dist_info, c, b) for b in builds for m in modes for c in compiles]

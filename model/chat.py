@@ -10,7 +10,6 @@ context is the model's trained sequence_len; --max-tokens unset = the room the c
 longer fits loses its oldest turns (the system message stays); a message too long on its own is refused with a note.
 A bad flag is one line on stderr and exit code 2. The python tool's mode (jailed, disabled, unsafe) is printed."""
 import argparse
-import math
 import sys
 
 import torch
@@ -18,47 +17,13 @@ import torch
 import kernels
 from model import sandbox
 from model.checkpoint import find_last_checkpoint, load_model
-from model.common import UserError, home_dir
+from model.common import ArgumentParser, UserError, float_between, home_dir, int_at_least
 from model.engine import Engine
 from model.tokenizer import IncrementalDecoder
 
 TRAIN_COMMANDS = {"base": "python -m train.base --preset tiny   (or `make run` for the whole tiny pipeline)",
                   "mid": "python -m train.mid", "sft": "python -m train.sft", "rl": "python -m train.rl"}
 COMMANDS = {"/help": "this list", "/clear": "start a new conversation", "/quit": "leave (also /exit or Ctrl-D)"}
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=_DefaultsOnce, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-class _DefaultsOnce(argparse.HelpFormatter):
-    def _get_help_string(self, action):
-        text = action.help or ""
-        described = action.default in (None, False, argparse.SUPPRESS) or "default" in text
-        return text if described else text + " (default: %(default)s)"
-
-def _bounded(cast, what, lo, hi, bounds):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not lo <= value <= hi:  # nan fails it too
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value if cast is int else text}")
-        return value
-    return parse
-
-def int_at_least(lo, hi=math.inf):
-    """argparse type: an int in [lo, hi]."""
-    return _bounded(int, "an integer", lo, hi, f">= {lo}" if hi == math.inf else f"between {lo} and {hi}")
-
-def float_between(lo, hi):
-    """argparse type: a finite float in [lo, hi] (nan / inf refused)."""
-    return _bounded(float, "a number", lo, hi, f"a finite number between {lo:g} and {hi:g}")
 
 def device_type(text):
     """argparse type: cpu, cuda, cuda:N or mps, and only if this machine has it."""

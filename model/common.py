@@ -1,8 +1,10 @@
 """Runtime helpers every part shares (as https://github.com/karpathy/nanochat/blob/master/nanochat/common.py): where
 artifacts live, this process's place in the process group, rank-0 printing, collectives on a few numbers, the GPU
 peak table, downloads with retries, and the versions and hardware a number was made with."""
+import argparse
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import shutil
@@ -26,6 +28,50 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NV
 class UserError(RuntimeError):
     """Bad input the user can fix (unknown preset, missing checkpoint, no disk space, ...): entry points print its
     message alone, without a traceback, and exit with status 2."""
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_DefaultsOnce, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+class _DefaultsOnce(argparse.HelpFormatter):
+    def _get_help_string(self, action):
+        text = action.help or ""
+        described = action.default in (None, False, argparse.SUPPRESS) or "default" in text
+        return text if described else text + " (default: %(default)s)"
+
+def _bounded(cast, what, lo, hi, bounds):
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not lo <= value <= hi:  # nan fails it too
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value if cast is int else text}")
+        return value
+    return parse
+
+def int_at_least(lo, hi=math.inf):
+    """argparse type: an int in [lo, hi]."""
+    return _bounded(int, "an integer", lo, hi, f">= {lo}" if hi == math.inf else f"between {lo} and {hi}")
+
+def float_between(lo, hi):
+    """argparse type: a finite float in [lo, hi] (nan / inf refused)."""
+    return _bounded(float, "a number", lo, hi, f"a finite number between {lo:g} and {hi:g}")
+
+def writable_dir(text):
+    """argparse type: a folder results can be written to, created if missing (checked before any work is done)."""
+    try:
+        os.makedirs(text, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {e.strerror}") from None
+    if not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    return text
 
 class DownloadError(UserError):
     """A download that failed for good. `status`: the HTTP status of a refused request (404, 403, ...), else None."""

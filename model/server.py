@@ -41,8 +41,8 @@ from starlette.requests import ClientDisconnect
 
 import kernels
 from model import sandbox
-from model.chat import (ArgumentParser, context_of, default_reserve, device_type, fit_conversation, float_between,
-                        int_at_least, load_chat_model)
+from model.chat import context_of, default_reserve, device_type, fit_conversation, load_chat_model
+from model.common import ArgumentParser, float_between, int_at_least
 from model.engine import Engine
 from model.tokenizer import IncrementalDecoder
 
