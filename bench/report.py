@@ -1,11 +1,11 @@
 """All JSON results -> one markdown table (what the README shows): per (suite, device) the newest full run (a quick
 smoke run only where no full run exists). `python -m bench.report [--results bench/results] [--out FILE.md]`"""
-import argparse
 import glob
 import json
 import os
 
 from bench.harness import RESULTS_DIR, fmt_case
+from model.common import ArgumentParser
 
 def load_newest(results_dir):
     newest, rank = {}, lambda d: (not d.get("quick", False), d["info"]["date"])
@@ -36,7 +36,7 @@ def to_markdown(results):
     return "\n".join(lines)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=RESULTS_DIR)
     ap.add_argument("--out", default=None, help="write the markdown here (default: print it)")
     args = ap.parse_args(argv)

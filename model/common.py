@@ -33,7 +33,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit code 2), whose help shows each default once."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=_DefaultsOnce, **kwargs)
+        super().__init__(*args, **{"formatter_class": _DefaultsOnce, **kwargs})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

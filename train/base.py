@@ -12,7 +12,6 @@ FineWeb-Edu shards, the last one validation, a vocab-65536 tokenizer trained on 
 Bits per byte (train.evaluate.evaluate_bpb) = nats / (ln 2 x UTF-8 bytes of the targets), special tokens left out (as
 nanochat's loss_eval.py). The summary is also written to $TRITONCHAT_HOME/reports/base_<run>.json.
 """
-import argparse
 import itertools
 import json
 import os
@@ -21,7 +20,7 @@ import time
 import torch
 
 import kernels
-from model.common import UserError, barrier, home_dir, print0
+from model.common import ArgumentParser, UserError, barrier, home_dir, print0
 from model.gpt import GPTConfig
 from model.tokenizer import Tokenizer, get_tokenizer
 from train import data, stage
@@ -45,7 +44,7 @@ SAMPLE_PROMPTS = ["ROMEO.", "To be, or not to be", "The capital of France is", "
 
 def parse_args(argv=None):
     """The flags below with the --preset's defaults; UserError for values that cannot work."""
-    p = argparse.ArgumentParser(description="Base pretraining (see the module docstring of train/base.py)")
+    p = ArgumentParser(description="Base pretraining (see the module docstring of train/base.py)")
     g = p.add_argument_group("model and data")
     g.add_argument("--depth", type=int, help="number of layers; width 64*depth")
     g.add_argument("--max-seq-len", type=int, help="tokens per sequence")

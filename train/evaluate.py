@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import kernels
 from model.checkpoint import load_model
-from model.common import UserError, all_reduce_sum, dist_info, home_dir, local, print0
+from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, home_dir, local, print0
 from model.engine import Engine
 from model.tokenizer import SPECIAL_TOKENS
 from train.data import TokenLoader, load_corpus
@@ -345,7 +345,7 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
     return res
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_argument(p)
     p.add_argument("--mode", choices=("base", "chat"), default="chat")
     p.add_argument("--source", help="checkpoint stage to evaluate: base|mid|sft|rl (default: base for --mode base, "

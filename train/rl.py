@@ -30,7 +30,7 @@ import torch
 
 import kernels
 from model.checkpoint import save_checkpoint, step_dir
-from model.common import UserError, all_reduce_sum, dist_info, full, local, print0
+from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, full, local, print0
 from model.engine import Engine
 from model.gpt import GPT
 from train import stage
@@ -211,7 +211,7 @@ PRESETS = {
 }
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = stage.add_stage_args(p, "rl")
     g.add_argument("--task", help="task with a verifiable reward: arithmetic | gsm8k | spelling | ...")
     g.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step, over all ranks")

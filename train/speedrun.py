@@ -25,7 +25,7 @@ import torch
 
 import kernels
 from model.checkpoint import checkpoint_dir, find_last_checkpoint, load_model
-from model.common import UserError, barrier, home_dir, is_rank0, print0, versions
+from model.common import ArgumentParser, UserError, barrier, home_dir, is_rank0, print0, versions
 from model.engine import Engine
 from model.tokenizer import Tokenizer
 from train import base, mid, rl, sft
@@ -69,7 +69,7 @@ PRESETS = {
 CHAT_PROMPT = "Tom has 12 apples and buys 3 packs of 4 apples each. How many apples does Tom have now?"
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--run", default="speedrun", help="run name of every stage's checkpoints")
     kernels.add_argument(p)

@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from model.checkpoint import checkpoint_dir, find_last_checkpoint, load_checkpoint, load_tokenizer, read_meta
-from model.common import UserError, is_rank0, print0
+from model.common import ArgumentParser, UserError, is_rank0, print0
 from model.gpt import GPTConfig
 from train.distributed import build_model, cleanup, init_distributed
 from train.loop import add_train_args, grad_accum_steps, run_main, train
@@ -37,7 +37,7 @@ def parse_args(parser, presets, argv=None):
     dropped. device_batch_size None -> D20_DEVICE_BATCH of the kernel mode ("auto" resolved as kernels.set_mode)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = argv[1:] if argv[:1] == ["--"] else argv
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny")
     name = pre.parse_known_args(argv)[0].preset
     if name not in presets:
@@ -111,7 +111,7 @@ def write_summary(stage, run, summary):
 def mixture_stage(stage, presets, loader_cls, doc):
     """-> (parse_args, run, main) of a stage that trains on a task mixture with loader_cls (train.mid, train.sft)."""
     def parse(argv=None):
-        p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = add_stage_args(p, stage)
         g.add_argument("--tasks", default=None, help="task mixture spec, e.g. 'arithmetic:2,spelling,smoltalk@10000'")
         g.add_argument("--val-batches", type=int, default=None, help="batches of the test mixture per evaluation")

@@ -6,13 +6,13 @@
 Corpus: `load_corpus("train")`, documents capped at --doc-cap characters, stopped after --max-chars (nanochat: 2 B
 characters of FineWeb-Edu); held-out: `load_corpus("val")`. Single process (rustbpe uses every core).
 """
-import argparse
 import os
 import time
 
-from model.common import home_dir, print0
-from model.tokenizer import Tokenizer
+from model.common import ArgumentParser, home_dir, int_at_least, print0
+from model.tokenizer import SPECIAL_TOKENS, Tokenizer
 from train.data import load_corpus
+from train.loop import run_main
 
 def bytes_per_token(tok, docs):
     ids = tok.encode(list(docs))
@@ -41,11 +41,12 @@ def train_tokenizer(vocab_size=65536, max_chars=None, doc_cap=10_000, out_dir=No
                  "train_bytes_per_token": round(bytes_per_token(tok, docs[:200]), 4), "dir": out_dir}
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab-size", type=int, default=65536, help="total vocabulary incl. 256 bytes + 9 specials")
-    p.add_argument("--max-chars", type=int, default=None, help="characters of training text (default: all)")
-    p.add_argument("--doc-cap", type=int, default=10_000, help="characters kept of each document")
-    p.add_argument("--num-threads", type=int, default=None, help="rustbpe threads (default: all cores)")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab-size", type=int_at_least(256 + len(SPECIAL_TOKENS)), default=65536,
+                   help="total vocabulary incl. 256 bytes + 9 specials")
+    p.add_argument("--max-chars", type=int_at_least(1), help="characters of training text (default: all)")
+    p.add_argument("--doc-cap", type=int_at_least(1), default=10_000, help="characters kept of each document")
+    p.add_argument("--num-threads", type=int_at_least(1), help="rustbpe threads (default: all cores)")
     p.add_argument("--out", default=None, help="output directory (default: $TRITONCHAT_HOME/tokenizer)")
     args = p.parse_args(argv)
     tok, s = train_tokenizer(args.vocab_size, args.max_chars, args.doc_cap, args.out, args.num_threads)
@@ -56,4 +57,4 @@ def main(argv=None):
     return s
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,12 +1,11 @@
 """Draw the embedded sample: a seeded subset of the rows of every file in SOURCES, written as compact jsonl (rows in
 source order, HF schema unchanged), plus manifest.json and README.md (which says how the rows are chosen)."""
-import argparse
 import hashlib
 import json
 import os
 import random
 
-from model.common import UserError
+from model.common import ArgumentParser, UserError, int_at_least
 from train.tasks.common import find_file, read_rows
 from train.tasks.realdata import SOURCES
 
@@ -82,10 +81,10 @@ the draw is the same everywhere. manifest.json lists the kept source-row indices
 """
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--src", required=True, help="folder with core/ and chat/ (parquet or jsonl files)")
     p.add_argument("--out", required=True, help="where to write the sample (the package folder)")
-    p.add_argument("--per-file", type=int, default=100, help="rows per file (all rows of smaller files)")
+    p.add_argument("--per-file", type=int_at_least(1), default=100, help="rows per file (all rows of smaller files)")
     p.add_argument("--seed", type=int, default=0)
     result = draw(**vars(p.parse_args(argv)))
     for name, f in result["files"].items():
