@@ -207,22 +207,25 @@ class ChatService:
     def queued(self):
         return len(self.waiters)
 
+    def _take_place(self):
+        """With self.lock held: a place now -> _Slot, or None when all are taken or others wait."""
+        if self.in_flight < self.max_concurrency and not self.waiters:
+            self.in_flight += 1
+            return _Slot(self)
+        return None
+
     def try_acquire(self):
         """A place now -> _Slot, or None when all are taken or others wait."""
         with self.lock:
-            if self.in_flight < self.max_concurrency and not self.waiters:
-                self.in_flight += 1
-                return _Slot(self)
-        return None
+            return self._take_place()
 
     async def acquire(self):
         """Wait for a place in arrival order -> _Slot; APIError(429) with Retry-After when the queue is full.
         Cancelling the wait (the client left) gives up the place in the queue."""
         fut = asyncio.get_running_loop().create_future()
         with self.lock:  # one step: a place freed between "is one free?" and "join the queue" would be lost
-            if self.in_flight < self.max_concurrency and not self.waiters:
-                self.in_flight += 1
-                return _Slot(self)
+            if slot := self._take_place():
+                return slot
             if len(self.waiters) >= self.max_queue:
                 wait = min(60, max(1, math.ceil(self.service_time * (len(self.waiters) + 1) / self.max_concurrency)))
                 raise APIError(429, f"the server is busy ({self.in_flight} requests generating, {len(self.waiters)} "
