@@ -233,6 +233,13 @@ def test_icl_tasks_parse(bundle):
     assert tasks[0]["continuation_delimiter"] == "\nAnswer: " and tasks[0]["num_fewshot"] == [1]
     assert tasks[2]["early_stopping_criteria"] == ["\n\n", "Q:"]
 
+@pytest.mark.parametrize("text, words", [("icl_tasks: [unclosed", "not valid YAML"),
+                                         ("other: 1\n", "no icl_tasks list"), ("- a list\n", "no icl_tasks list")])
+def test_a_broken_core_yaml_is_a_user_error(tmp_path, text, words):
+    (tmp_path / "core.yaml").write_text(text)
+    with pytest.raises(UserError, match=words):
+        ce._read_icl_tasks(str(tmp_path / "core.yaml"))
+
 def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="no core.yaml"):
         ce.load_bundle(str(tmp_path))

@@ -88,8 +88,8 @@ def test_in_process_fsdp_matches_plain_model_with_eval_forwards(cpu_rank, eager_
     assert (info.is_dist, info.rank, info.world_size, info.device.type) == (False, 0, 1, "cpu")
     cfg = GPTConfig(**CONFIG)
     torch.manual_seed(0)
-    model = build_model(cfg, info)
-    assert not model.cos.is_meta
+    model = build_model(cfg, info, shard_root=True)  # the managed root, as on CUDA and with more ranks
+    assert hasattr(model.lm_head.weight, "device_mesh") and not model.cos.is_meta
     plain = GPT(cfg)
     torch.manual_seed(0)
     plain.init_weights()
@@ -169,7 +169,9 @@ def test_fsdp_compiled_matches_uncompiled(cpu_rank, eager_single_thread):
             counters.clear()
             backend = CompileCounterWithBackend("aot_eager")
             torch.manual_seed(0)
-            model = build_model(cfg, info, compile="on" if compiled else "off", compile_backend=backend)
+            model = build_model(cfg, info, compile="on" if compiled else "off", compile_backend=backend,
+                                shard_root=True)  # the managed root (one CPU rank would leave it plain)
+            assert hasattr(model.lm_head.weight, "device_mesh")
             opts = model.setup_optimizers()
             losses, frames = [], []
             for step in range(3):
