@@ -119,15 +119,14 @@ def test_report_card_names_the_core_it_ran():
     assert "CORE-10 on the raw datasets in /data/realdata; all items; 1 of CORE's 22 tasks, not nanochat's CORE" in card
 
 def test_compile_flags_reach_every_training_stage(tmp_path, monkeypatch):
-    """--compile and --compile-backend go to base, mid, SFT and RL; the default (auto) is each stage's own."""
+    """--compile and --compile-backend go to base, mid, SFT and RL; without them each stage gets auto (its own pick)."""
     from train import speedrun as sr
-    from train.stage import compile_setting
     monkeypatch.setenv("TRITONCHAT_HOME", str(tmp_path))
     on = sr.parse_args(["--preset", "tiny", "--compile", "on", "--compile-backend", "aot_eager"])
     auto = sr.parse_args(["--preset", "tiny"])
     for stage in ("base", "mid", "sft", "rl"):
         mod = sr.STAGE_MODULES[stage]
         args = mod.parse_args(sr.stage_argv(on, stage))
-        assert (compile_setting(stage, args.compile), args.compile_backend) == ("on", "aot_eager"), stage
+        assert (args.compile, args.compile_backend) == ("on", "aot_eager"), stage
         args = mod.parse_args(sr.stage_argv(auto, stage))
         assert (args.compile, args.compile_backend) == ("auto", "inductor"), stage
