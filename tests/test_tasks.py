@@ -4,12 +4,12 @@ import functools
 import http.server
 import json
 import os
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stand_ins import LocalServer
 from train.tasks import TaskError, build_mixture, get_task, parse_spec
 from train.tasks.common import TaskMixture, extract_answer, hf_rows
 from train.tasks.gsm8k import solution_parts
@@ -52,13 +52,13 @@ def server(tmp_path_factory):
     for f in os.listdir(FIX):
         (root / "files" / f).write_bytes(open(os.path.join(FIX, f), "rb").read())
     (root / "files" / "garbage.parquet").write_bytes(b"not a parquet file at all")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    srv = LocalServer()
+    srv.serve(functools.partial(Quiet, directory=str(root)))
     old = {k: os.environ.get(k) for k in ("TRITONCHAT_DATA_URL", "TRITONCHAT_HOME")}
-    os.environ["TRITONCHAT_DATA_URL"] = f"http://127.0.0.1:{httpd.server_port}"
+    os.environ["TRITONCHAT_DATA_URL"] = srv.url
     os.environ["TRITONCHAT_HOME"] = str(tmp_path_factory.mktemp("home"))
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
+    with srv:
+        yield srv.url
     for k, v in old.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
