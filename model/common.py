@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,17 @@ def writable_dir(text):
     if not os.access(text, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r} is not writable")
     return text
+
+def run_main(main):
+    """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2, no traceback."""
+    try:
+        return main()
+    except UserError as e:
+        if dist_info().rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
 
 class DownloadError(UserError):
     """A download that failed for good. `status`: the HTTP status of a refused request (404, 403, ...), else None."""

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
 
 import kernels  # noqa: E402
+from model.common import run_main  # noqa: E402
 from model.gpt import GPTConfig  # noqa: E402
 from stand_ins import ByteTokenizer, synthetic_docs  # noqa: E402
 from train import loop  # noqa: E402
@@ -104,4 +105,4 @@ def main():
     cleanup()
 
 if __name__ == "__main__":
-    loop.run_main(main)
+    run_main(main)

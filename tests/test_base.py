@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from model import checkpoint as ck
-from model.common import peak_flops
+from model.common import peak_flops, run_main
 from model.gpt import GPTConfig
 from stand_ins import ByteTokenizer, Server, synthetic_docs, write_parquet
 from train import base, data, loop
@@ -223,7 +223,7 @@ def test_resume_with_another_batch_says_so(home, capsys):
 
 def expect_exit(capsys, fn, match):
     with pytest.raises(SystemExit) as e:
-        loop.run_main(fn)
+        run_main(fn)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert match in err, err

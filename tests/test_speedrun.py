@@ -87,7 +87,7 @@ def test_stage_errors_are_one_line(tmp_path):
     """An unknown task in a stage: exit status 2, one line naming the stage and the task, no traceback."""
     env = dict(os.environ, TRITONCHAT_HOME=str(tmp_path), PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", "from train.tasks import build_mixture\n"
-                        "from train.loop import run_main\n"
+                        "from model.common import run_main\n"
                         "run_main(lambda: build_mixture('arithmetic,nope', stage='mid'))"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error: [mid] unknown task 'nope'" in p.stderr and "Traceback" not in p.stderr

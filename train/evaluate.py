@@ -29,12 +29,11 @@ import torch.nn.functional as F
 
 import kernels
 from model.checkpoint import load_model
-from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, home_dir, local, print0
+from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, home_dir, local, print0, run_main
 from model.engine import Engine
 from model.tokenizer import SPECIAL_TOKENS
 from train.data import TokenLoader, load_corpus
 from train.distributed import cleanup, init_distributed
-from train.loop import run_main
 from train import core_eval
 from train.core_eval import centred
 from train.tasks import TaskError, get_task

@@ -10,7 +10,6 @@ steps (the only .item() sync), also to <run dir>/log.jsonl.
 """
 import json
 import os
-import sys
 import time
 
 import torch
@@ -256,14 +255,3 @@ def train(stage, model, optimizers, loader, args, eval_fn=None, sample_fn=None, 
     print0(f"{stage} done: {steps_done} steps in {_fmt_time(train_time)}, {summary['tokens_per_s']:,.0f} tok/s, "
            f"train loss {first_loss} -> {last_loss}" + "".join(f", {k} {v:.4f}" for k, v in last_val.items()))
     return summary
-
-def run_main(main):
-    """Call main(); a UserError prints one 'error: ...' line (rank 0) and exits 2, no traceback."""
-    try:
-        return main()
-    except UserError as e:
-        if dist_info().rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)

@@ -12,10 +12,10 @@ import torch
 
 import kernels
 from model.checkpoint import checkpoint_dir, find_last_checkpoint, load_checkpoint, load_tokenizer, read_meta
-from model.common import ArgumentParser, UserError, is_rank0, print0
+from model.common import ArgumentParser, UserError, is_rank0, print0, run_main
 from model.gpt import GPTConfig
 from train.distributed import build_model, cleanup, init_distributed
-from train.loop import add_train_args, grad_accum_steps, run_main, train
+from train.loop import add_train_args, grad_accum_steps, train
 from train.tasks import build_mixture
 
 PREVIOUS = {"mid": "base", "sft": "mid", "rl": "sft"}  # the stage whose newest checkpoint a stage starts from
@@ -26,7 +26,7 @@ COMPILE_AUTO = {"rl": "off"}
 D20_DEVICE_BATCH = {"fused": 32, "eager": 16}
 
 def main(run, argv=None):
-    """A stage's entry point: run(argv) under train.loop.run_main, then the process group is destroyed -> summary."""
+    """A stage's entry point: run(argv) under model.common.run_main, then the process group is destroyed -> summary."""
     summary = run_main(lambda: run(argv))
     cleanup()
     return summary

@@ -9,10 +9,9 @@ characters of FineWeb-Edu); held-out: `load_corpus("val")`. Single process (rust
 import os
 import time
 
-from model.common import ArgumentParser, home_dir, int_at_least, print0
+from model.common import ArgumentParser, home_dir, int_at_least, print0, run_main
 from model.tokenizer import SPECIAL_TOKENS, Tokenizer
 from train.data import load_corpus
-from train.loop import run_main
 
 def bytes_per_token(tok, docs):
     ids = tok.encode(list(docs))

@@ -5,7 +5,7 @@ import json
 import os
 import random
 
-from model.common import ArgumentParser, UserError, int_at_least
+from model.common import ArgumentParser, UserError, int_at_least, run_main
 from train.tasks.common import find_file, read_rows
 from train.tasks.realdata import SOURCES
 
@@ -92,5 +92,4 @@ def main(argv=None):
     print(f"total {sum(f['bytes'] for f in result['files'].values())} bytes")
 
 if __name__ == "__main__":
-    from train.loop import run_main
     run_main(main)  # a UserError: one line, no traceback, status 2, as the other entry points
