@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in about 12 minutes on one H100/H200 (estimated):
-#   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers, the Engine's decode (eager,
-#   fused, fused + CUDA graphs),  3. the d20 training step: eager vs fused, each with and without torch.compile; the
-#   fused preset's batch 32.
+#   1. the gpu-marked tests (bf16, real shapes),  2. every kernel suite vs its peers, the Engine's decode on a random
+#   d12 (eager, fused, fused + CUDA graphs; batch 1 and 64),  3. the d20 training step: eager vs fused, each with and
+#   without torch.compile; the fused preset's batch 32.
 # Results go to $OUT when set, else bench/results/ (JSON + PNG per suite, with device, versions and commit).
 #   bash bench/gpu_check.sh            # or: OUT=/tmp/res bash bench/gpu_check.sh
 set -uo pipefail
@@ -36,7 +36,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
 step gpu_tests 170 "$PY" -m pytest $GPU_TESTS -m gpu -v $XDIST --durations=15 --no-header -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml"
 step kernels 260 "$PY" -m bench.kernels --suite attention,relu2_mlp,newton_schulz,paged_decode,linear_cross_entropy --quick --out "$OUT"
-step engine 120 "$PY" -m bench.engine --quick --out "$OUT"
+step engine 120 "$PY" -m bench.engine --quick --depth 12 --head-dim 128 --samples 1,64 --out "$OUT"  # d12, batch 1 and 64
 # The four-way table at d20 (eager, eager+compile, fused, fused+compile, each vs eager+compile) at batch 16, which
 # all four fit: eager keeps ~21 (B*T, C) bf16 tensors per layer plus ~4 fp32 (B*T, vocab) logit tensors at the
 # loss, an estimated ~140 GB at batch 32 (bench/train.py's docstring has the arithmetic). The first warm-up step of

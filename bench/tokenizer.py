@@ -157,7 +157,7 @@ def main(argv=None):
         extra = {k: r[k] for k in keys if r.get(k) is not None}
         print(f"  {r['provider']:14s} {r['pass']:12s} vocab={r['case']['vocab']:<6d} {r['ms'] / 1e3:8.3f} s  "
               + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
-    return harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png)
+    return harness.write_results(SUITE, rows, info, None, args.out, png=not args.no_png, quick=args.quick)
 
 if __name__ == "__main__":
     main()

@@ -189,7 +189,6 @@ def _profile(mode, args, dist_info, compiled, build):
         top = [{"name": e.key[:80], "ms": getattr(e, attr, 0) / 1e3, "calls": e.count} for e in top]
         if args.profile:
             name = label(mode, compiled, build).replace(" ", "").replace("(", "-").rstrip(")")
-            os.makedirs(args.out, exist_ok=True)
             path = os.path.join(args.out, f"trace-{name}.json")
             prof.export_chrome_trace(path)
             print0(f"[{name}] trace: {path}\n[{name}] top kernels by self {'GPU' if cuda else 'CPU'} time:")
