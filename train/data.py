@@ -237,11 +237,11 @@ class ParquetSource:
         path, group = self.units[unit]
         return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
 
-def _to_device(device, x, y):
-    """(x, y) on device: pinned, non-blocking copies on CUDA."""
+def _to_device(device, *tensors):
+    """The tensors on device: pinned, non-blocking copies on CUDA."""
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tensors
 
 class TokenLoader:
     """BOS-prefixed documents packed into (B, T+1) rows; `next_batch() -> (x, y)` int64 (B, T) on `device`.
@@ -319,7 +319,8 @@ class TokenLoader:
 
     def next_batch(self):
         rows = torch.tensor(self._take(self.B * (self.T + 1)), dtype=torch.long).view(self.B, self.T + 1)
-        return _to_device(self.device, rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        rows, = _to_device(self.device, rows)  # one copy of the rows, sliced into x and y on the device
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def __iter__(self):
         return iter(self.next_batch, None)  # ends at the StopIteration of loop=False
