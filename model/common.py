@@ -117,6 +117,11 @@ def dist_info():
                     world_size=dist.get_world_size() if group else 1,
                     device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
+def rank_share(n):
+    """This rank's share of n items, as evaluation splits them: [i for i in range(n) if i % world_size == rank]."""
+    info = dist_info()
+    return list(range(info.rank, n, info.world_size))
+
 def _group():
     return dist.is_available() and dist.is_initialized()
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from model.common import UserError, all_reduce_sum, dist_info, local, print0
+from model.common import UserError, all_reduce_sum, dist_info, local, print0, rank_share
 from train.tasks.common import find_file, read_rows
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
@@ -170,7 +170,7 @@ def evaluate_task(model, tokenizer, task, *, max_per_task=None, batch_size=8, ma
     # crop length: the argument, else the model's max_seq_len (nanochat's GPT has none), else its rotary table's
     max_len = next((int(v) for v in (max_seq_len, getattr(model, "max_seq_len", None),
                                      getattr(model, "rotary_len", None)) if v), None)
-    indices = list(range(info.rank, n, info.world_size))
+    indices = rank_share(n)
     batches = _batches(_prepared(task, items, indices, tokenizer, max_len), batch_size, max_batch_tokens)
     pad = tokenizer.bos_token_id
     correct = count = 0

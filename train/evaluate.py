@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import kernels
 from model.checkpoint import load_model
-from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, home_dir, local, print0, run_main
+from model.common import (ArgumentParser, UserError, all_reduce_sum, dist_info, home_dir, local, print0, rank_share,
+                          run_main)
 from model.engine import Engine
 from model.tokenizer import SPECIAL_TOKENS
 from train.data import TokenLoader, load_corpus
@@ -47,8 +48,7 @@ def chatcore(results, chances):
 
 def _my_indices(task, max_examples):
     """This rank's share of the first max_examples (None: all) examples of task: i % world == rank."""
-    info = dist_info()
-    return list(range(info.rank, len(task) if max_examples is None else min(len(task), max_examples), info.world_size))
+    return rank_share(len(task) if max_examples is None else min(len(task), max_examples))
 
 def token_bytes(tokenizer):
     """int64 tensor (vocab,): UTF-8 byte length of every token, 0 for special tokens (not counted in bpb)."""

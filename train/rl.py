@@ -30,7 +30,7 @@ import torch
 
 import kernels
 from model.checkpoint import save_checkpoint, step_dir
-from model.common import ArgumentParser, UserError, all_reduce_sum, dist_info, full, local, print0
+from model.common import ArgumentParser, UserError, all_reduce_sum, full, local, print0, rank_share
 from model.engine import Engine
 from model.gpt import GPT
 from train import stage
@@ -197,7 +197,7 @@ def plain_copy(model):
 
 def evaluate_pass_at_k(engine, tokenizer, task, num_examples, k, max_tokens, temperature, top_k, seed):
     """pass@1 and pass@k over the first num_examples of a (test) task, k samples each, split across ranks."""
-    idx = list(range(dist_info().rank, min(num_examples, len(task)), dist_info().world_size))
+    idx = rank_share(min(num_examples, len(task)))
     samples = rollout(engine, tokenizer, task, idx, k, max_tokens, temperature, top_k, seed) if idx else []
     correct = [[int(s["reward"] > 0) for s in samples[j * k:(j + 1) * k]] for j in range(len(idx))]
     p1, pk, n = all_reduce_sum([sum(pass_at_k(c, 1) for c in correct), sum(pass_at_k(c, k) for c in correct), len(idx)])
