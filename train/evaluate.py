@@ -330,8 +330,8 @@ def evaluate_checkpoint(mode, source, run=None, tasks=None, max_examples=100, ma
     if mode == "base":
         T = meta["config"]["sequence_len"]
         loader = TokenLoader(tokenizer, load_corpus("val"), 4, T, rank=info.rank, world_size=info.world_size,
-                             device=device, loop=False)  # next_batch raises StopIteration at the corpus' end
-        batches = list(itertools.islice(iter(loader.next_batch, None), val_batches))
+                             device=device, loop=False)  # iteration ends at the corpus' end
+        batches = list(itertools.islice(loader, val_batches))
         res = run_base_eval(model, tokenizer, batches, tasks, max_examples, stage=stage, core=core,
                             max_per_task=max_per_task,
                             core_max_seq_len=T if core_max_seq_len == "trained" else core_max_seq_len)
