@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.attention import attention
+from kernels.attention import apply_rotary, attention, rms_norm
 from kernels.paged_decode import paged_decode_attention, rope_norm_write_kv, write_kv
 
 QK_NORM_EPS = 1e-6  # kernels.attention.attention's default, so the prefill and decode paths normalise alike
@@ -381,9 +381,7 @@ class PagedKVCache:
         if plan.starts is None and kernels.use_fused():
             cos, sin = self.cos[:T], self.sin[:T]                 # (T, D/2)
             y = attention(q, k, v, cos, sin, eps=QK_NORM_EPS)     # causal: right padding is never attended
-            c, s = (t[:, None].to(k.dtype) for t in (cos, sin))  # (T, 1, D/2)
-            k1, k2 = k[..., :D // 2], k[..., D // 2:]
-            k = F.rms_norm(torch.cat([k1 * c + k2 * s, k2 * c - k1 * s], dim=-1), (D,), eps=QK_NORM_EPS)
+            k = rms_norm(apply_rotary(k, cos, sin), eps=QK_NORM_EPS)  # what the kernel attended with, to cache
             write_kv(k_cache, v_cache, k[rows, cols], v[rows, cols], plan.token_tables, cols)  # (N, Hkv, D) each
             return y
         # Eager, or a cached prefix (then in both modes): q and k rotated + normalised together, once.
