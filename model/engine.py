@@ -178,10 +178,9 @@ class Engine:
     def generate(self, prompt_ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, seed=42, stop=None):
         """Yields (token_column, mask_column) per step (None: a finished sample); RuntimeError if the request fails."""
         req = self.submit(prompt_ids, num_samples, max_tokens, temperature, top_k, seed, stop)
-        threaded = self.thread is not None
         try:
-            yield from req.stream(step=None if threaded else self.step)
-            if req.error and not threaded:
+            yield from req.stream(step=None if self.thread is not None else self.step)
+            if req.error:
                 raise RuntimeError(req.error)
         finally:
             if not req.done:

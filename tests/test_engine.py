@@ -165,6 +165,8 @@ def test_background_failure_ends_requests(model, monkeypatch):
         req = engine.submit(PROMPTS[0], max_tokens=8, temperature=0)
         list(req.stream(timeout=60))  # ends instead of hanging
         assert req.done and req.finish_reasons == ["error"] and "boom" in req.error
+        with pytest.raises(RuntimeError, match="boom"):  # generate() raises with the thread stepping, as without
+            list(engine.generate(PROMPTS[0], max_tokens=8, temperature=0))
     finally:
         engine.stop()
     assert_all_free(engine)
