@@ -108,7 +108,7 @@ def _chunked(h, w, targets, scale, softcap, ignore_index, chunk_size, grad_h, gr
     targets = targets.contiguous()
     loss = torch.empty(N, device=h.device, dtype=torch.float32)
     dh = torch.empty(N, C, device=h.device, dtype=h.dtype) if grad_h else h.new_empty(0)
-    multi = N > chunk_size
+    multi = not 0 < N <= chunk_size  # several chunks (or none): dw accumulates in fp32
     dw = torch.zeros(V, C, device=w.device, dtype=torch.float32) if grad_w and multi else None
     z = torch.empty(min(N, chunk_size), V, device=h.device, dtype=h.dtype)
     scale = scale.expand(N)  # one factor for all rows (stride 0) or one per row

@@ -66,6 +66,13 @@ def test_all_targets_ignored(reduction):
         assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw)), fn.__name__
     assert torch.isnan(F.cross_entropy(h @ w.t(), targets, ignore_index=-1))  # what the guard is for
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_empty_batch(reduction):
+    """No rows at all: loss 0 and zero gradients, as the reference (no chunk runs, so dw must still be made)."""
+    h, w, targets = _inputs(0, 16, 50)
+    _compare(_run(linear_cross_entropy_triton, h, w, targets, reduction=reduction),
+             _run(linear_cross_entropy_reference, h, w, targets, reduction=reduction), 0, 0)
+
 def test_fp16():
     # z and dz are rounded to fp16 on both sides at the same points; the fp32 sums differ in order only
     h, w, targets = _inputs(21, 48, 150, dtype=torch.float16, ignored=(4,))
