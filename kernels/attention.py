@@ -42,6 +42,16 @@ def _autotune_prune(candidates, nargs, **kwargs):
     return candidates[:1] if os.environ.get("TRITONCHAT_ATTN_AUTOTUNE", "1") == "0" else candidates
 
 @triton.jit
+def _halves(x, BLOCK: tl.constexpr, HALF: tl.constexpr):
+    """(BLOCK, 2*HALF) -> x[:, :HALF], x[:, HALF:]"""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF)), (0, 2, 1)))
+
+@triton.jit
+def _cat(a, b, BLOCK: tl.constexpr, HALF: tl.constexpr):
+    """two (BLOCK, HALF) -> (BLOCK, 2*HALF) = [a | b]"""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK, 2 * HALF))
+
+@triton.jit
 def _load_cos_sin(COS, SIN, rows, row_mask, HALF: tl.constexpr):
     offs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
     cos = tl.load(COS + offs, mask=row_mask[:, None], other=1.0).to(tl.float32)
@@ -51,8 +61,8 @@ def _load_cos_sin(COS, SIN, rows, row_mask, HALF: tl.constexpr):
 @triton.jit
 def _rope_norm(x, cos, sin, eps, QK_NORM: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
     """raw rows x (BLOCK, D) fp32 -> (x_hat = rotated [and RMS-normalised] rows, rstd (BLOCK,))"""
-    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HALF)), (0, 2, 1)))  # the halves of D
-    y = tl.reshape(tl.permute(tl.join(x1 * cos + x2 * sin, x2 * cos - x1 * sin), (0, 2, 1)), (BLOCK, 2 * HALF))
+    x1, x2 = _halves(x, BLOCK, HALF)
+    y = _cat(x1 * cos + x2 * sin, x2 * cos - x1 * sin, BLOCK, HALF)
     if QK_NORM:
         rstd = tl.rsqrt(tl.sum(y * y, axis=1) / (2 * HALF) + eps)
         y = y * rstd[:, None]
@@ -67,8 +77,8 @@ def _rope_norm_bwd(dz, z, rstd, cos, sin, QK_NORM: tl.constexpr, BLOCK: tl.const
         dy = rstd[:, None] * (dz - z * (tl.sum(dz * z, axis=1) / (2 * HALF))[:, None])
     else:
         dy = dz
-    dy1, dy2 = tl.split(tl.permute(tl.reshape(dy, (BLOCK, 2, HALF)), (0, 2, 1)))
-    return tl.reshape(tl.permute(tl.join(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos), (0, 2, 1)), (BLOCK, 2 * HALF))
+    dy1, dy2 = _halves(dy, BLOCK, HALF)
+    return _cat(dy1 * cos - dy2 * sin, dy1 * sin + dy2 * cos, BLOCK, HALF)
 
 @triton.jit
 def _load(ptrs, mask, MASK: tl.constexpr):
