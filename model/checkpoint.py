@@ -74,9 +74,12 @@ def _state_dicts(model, opts):
     model_sd, optim_sd = get_state_dict(model, opts)
     return {"model": model_sd, "optim": optim_sd}
 
-def estimate_checkpoint_bytes(model, optimizers=None, state=None):
+def estimate_checkpoint_bytes(model, optimizers=None):
     """Disk bytes a checkpoint needs: its tensors' global (unsharded) size + 10 % + 1 MiB."""
-    leaves = tree_leaves(state or _state_dicts(model, list(optimizers or [])))
+    return _state_bytes(_state_dicts(model, list(optimizers or [])))
+
+def _state_bytes(state):
+    leaves = tree_leaves(state)
     return int(sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)) * 1.1) + (1 << 20)
 
 def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
@@ -85,7 +88,8 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp")
-    rank, world = dist_info().rank, dist_info().world_size
+    info = dist_info()
+    rank, world = info.rank, info.world_size
     state = _state_dicts(model, list(optimizers or []))
     gathered = [(loader_state, rng_state())] * world
     if dist.is_initialized():
@@ -94,7 +98,7 @@ def save_checkpoint(path, step, model, optimizers, meta, loader_state=None):
     ok = [True]
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
-        need, free = estimate_checkpoint_bytes(model, state=state), shutil.disk_usage(parent).free
+        need, free = _state_bytes(state), shutil.disk_usage(parent).free
         ok[0] = free >= need
         if ok[0]:
             shutil.rmtree(tmp, ignore_errors=True)
