@@ -12,13 +12,16 @@ import torch
 MODES = ("eager", "fused", "auto")
 _mode = None  # resolved mode: "eager" or "fused"
 
+def resolve(mode):
+    """'eager' or 'fused' for a mode of MODES: 'auto' is fused when CUDA is available."""
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
+    return ("fused" if torch.cuda.is_available() else "eager") if mode == "auto" else mode
+
 def set_mode(mode):
     """Set the kernel mode for the whole process: 'eager', 'fused' or 'auto' (resolved here)."""
     global _mode
-    if mode not in MODES:
-        raise ValueError(f"unknown kernel mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "auto":
-        mode = "fused" if torch.cuda.is_available() else "eager"
+    mode = resolve(mode)
     if mode == "fused" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("fused kernels need a CUDA GPU; on CPU set TRITON_INTERPRET=1 before starting Python "
                            "(slow, for tests) or use --kernels eager")

@@ -46,8 +46,7 @@ def parse_args(parser, presets, argv=None):
     parser.set_defaults(**presets[name])
     args = parser.parse_args(argv)
     if getattr(args, "device_batch_size", 0) is None:
-        fused = args.kernels == "fused" or (args.kernels == "auto" and torch.cuda.is_available())
-        args.device_batch_size = D20_DEVICE_BATCH["fused" if fused else "eager"]
+        args.device_batch_size = D20_DEVICE_BATCH[kernels.resolve(args.kernels)]
     return args
 
 def require_positive(stage, args, *names):
